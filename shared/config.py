@@ -1,0 +1,51 @@
+"""Settings: one typed object read from `ARCHFARM_*` environment variables.
+
+Infrastructure is chosen by URL, so the same code runs embedded (SQLite, local folder, in-process) and
+distributed (PostgreSQL, S3, Redis) without edits.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_models_dir() -> Path:
+    return Path.home() / ".cache" / "archfarm" / "models"
+
+
+class Settings(BaseSettings):
+    """Every knob archfarm reads from the environment, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix="ARCHFARM_", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///archfarm.db",
+        description="SQLAlchemy URL: `sqlite:///FILE` (default, in the working folder) or `postgresql+psycopg://...`.",
+    )
+    storage_url: str = Field(
+        "renders",
+        description="Where results go when a job names no `output`: a folder, `file:///abs/path` or `s3://bucket/prefix`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for non-AWS servers (MinIO, R2, Ceph, SeaweedFS); unset means AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region; credentials come from the usual AWS variables.")
+    models_dir: Path = Field(
+        default_factory=_default_models_dir,
+        description="Model cache folder: tiny presets are built here once and loaded back with from_pretrained.",
+    )
+    broker_url: str | None = Field(None, description="Celery broker (`redis://...`); unset runs tasks in-process.")
+    max_image_pixels: int = Field(
+        80_000_000, description="Largest plan image (width × height) decoded; larger ones are refused as bombs."
+    )
+    device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests build `Settings(...)` directly instead."""
+    return Settings()
