@@ -1,0 +1,154 @@
+"""`archfarm`: the command line. Errors the user can fix print one line and exit non-zero, no traceback."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shared.config import Settings
+from shared.db.models import TaskStatus
+from shared.errors import ArchfarmError
+from shared.profiles import load_profile
+from shared.spec import JobSpec, load_job, parse_model
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch-render floor plans with ControlNet.")
+db_app = typer.Typer(no_args_is_help=True, help="State database.")
+app.add_typer(db_app, name="db")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"archfarm: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _render_spec(
+    plans: list[str], styles: list[str], seeds: int | None, seed: list[int], profile: str | None,
+    out_dir: Path | None, job_file: Path | None,
+) -> JobSpec:
+    if job_file is not None:
+        if plans or styles or seeds is not None or seed:
+            _fail("--job takes the plans, styles and seeds from the file; do not give them too")
+        spec = load_job(job_file)
+        if profile is not None:
+            spec = spec.model_copy(update={"profile": load_profile(profile)})
+        return spec if out_dir is None else spec.model_copy(update={"output": str(out_dir.resolve())})
+    if not plans:
+        _fail("give at least one PLAN (or --job JOB.yaml)")
+    if not styles:
+        _fail("give at least one --style")
+    if (seeds is None) == (not seed):
+        _fail("give either --seeds N or one or more --seed S")
+    return parse_model(
+        JobSpec,
+        {
+            "name": "render",
+            "plans": plans,
+            "styles": styles,
+            "seeds": {"count": seeds} if seeds is not None else seed,
+            "profile": load_profile(profile or "tiny"),
+            "output": str((out_dir or Path("renders")).resolve()),
+        },
+    )
+
+
+@app.command()
+def render(
+    plans: Annotated[list[str] | None, typer.Argument(help="Plan images: paths, file:// or s3:// URLs.")] = None,
+    style: Annotated[list[str] | None, typer.Option("--style", help="A built-in style name; repeatable.")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Render seeds 0..N-1.")] = None,
+    seed: Annotated[list[int] | None, typer.Option("--seed", help="An explicit seed; repeatable.")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Built-in profile name or a YAML file (default: tiny).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default ./renders).")] = None,
+    job_file: Annotated[Path | None, typer.Option("--job", help="A whole job YAML/JSON file.")] = None,
+) -> None:
+    """Render every plan × style × seed in this process and write PNGs with JSON sidecars."""
+    from producer.local import render_local
+
+    try:
+        spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file)
+        settings = Settings()
+        reporter = _Reporter(interactive=out.is_terminal)
+        started = time.perf_counter()
+        with reporter:
+            report = render_local(
+                spec, settings, on_prepared=reporter.start, on_task_done=reporter.task_done, progress=reporter.step
+            )
+    except ArchfarmError as e:
+        _fail(str(e))
+    elapsed = time.perf_counter() - started
+    images = sum(len(t.seeds) for t in reporter.tasks.values())
+    out.print(f"job {report.job_id}: {images} images in {elapsed:.1f} s → {report.output_url}", markup=False)
+    if not report.ok:
+        for task_id, error in report.errors.items():
+            err.print(f"task {task_id} failed: {error}", markup=False, soft_wrap=True)
+        _fail(f"{len(report.errors)} of {len(report.statuses)} tasks failed", code=1)
+
+
+class _Reporter:
+    """A progress bar on a terminal, one plain line per finished task otherwise (logs, CI, pipes)."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.tasks: dict[str, tuple[int, ...]] = {}
+        self.done = 0
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=out, disable=not interactive,
+        )
+        self.bar = self.progress.add_task("rendering", total=None)
+
+    def __enter__(self) -> _Reporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def start(self, job) -> None:  # type: ignore[no-untyped-def]
+        self.tasks = {t.id: t.seeds for t in job.tasks}
+        self.names = {t.id: f"{t.plan.name}/{t.style}" for t in job.tasks}
+        self.total = len(job.tasks)
+        self.progress.update(self.bar, total=sum(len(s) for s in self.tasks.values()))
+        if not self.interactive:
+            out.print(f"job {job.id}: {self.total} tasks → {job.output_url}", markup=False)
+
+    def step(self, task_id: str, step: int, total: int) -> None:
+        self.progress.update(self.bar, description=f"{self.names[task_id]} step {step}/{total}")
+
+    def task_done(self, task_id: str, status: TaskStatus) -> None:
+        self.done += 1
+        self.progress.advance(self.bar, len(self.tasks[task_id]))
+        if not self.interactive:
+            seeds = ",".join(map(str, self.tasks[task_id]))
+            out.print(f"[{self.done}/{self.total}] {self.names[task_id]} seeds {seeds}: {status.value}", markup=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply the schema migrations to ARCHFARM_DATABASE_URL."""
+    from shared.db.session import make_engine, upgrade
+
+    try:
+        engine = make_engine(Settings().database_url)
+        upgrade(engine, revision)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"database at {revision}: {engine.url.render_as_string(hide_password=True)}", markup=False)
+
+
+def main() -> None:
+    app(prog_name="archfarm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

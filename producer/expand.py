@@ -1,0 +1,58 @@
+"""Expansion: a validated job becomes its complete, inspectable task list before anything runs.
+
+Pure and deterministic: the same job, plans and job id always give the same task ids and output keys.
+Output keys are derived from the inputs (plan content, style, seed, profile), so a redelivered or
+resubmitted task rewrites the same object instead of adding a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from producer.plans import Plan
+from shared.spec import JobSpec, Style
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One unit of work: one plan, one style, a chunk of `seeds_per_task` seeds."""
+
+    id: str
+    plan: Plan
+    style: str
+    seeds: tuple[int, ...]
+    outputs: tuple[str, ...]
+    """Object key of each seed's PNG, relative to the job's output prefix; the sidecar swaps `.png` for `.json`."""
+
+
+def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_digest: str) -> str:
+    """`PLAN/STYLE/seed-SEED_DIGEST.png`: readable, and unique to every input that changes the image."""
+    digest = hashlib.sha256(f"{plan.digest}:{style_digest}:{seed}:{profile_digest}".encode()).hexdigest()[:12]
+    return f"{plan.name}/{style.name}/seed-{seed}_{digest}.png"
+
+
+def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
+    """plans × styles × chunks of seeds, plan-major, in the order the job lists them."""
+    namespace = uuid.UUID(job_id)
+    profile_digest = job.profile.digest()
+    seeds = job.seed_values()
+    size = job.profile.seeds_per_task
+    chunks = [tuple(seeds[i : i + size]) for i in range(0, len(seeds), size)]
+    styles = [(style, style.digest()) for style in job.resolved_styles]
+    tasks: list[TaskSpec] = []
+    for plan in plans:
+        for style, style_digest in styles:
+            for chunk in chunks:
+                tasks.append(
+                    TaskSpec(
+                        id=str(uuid.uuid5(namespace, f"{plan.digest}:{style.name}:{chunk[0]}")),
+                        plan=plan,
+                        style=style.name,
+                        seeds=chunk,
+                        outputs=tuple(output_key(plan, style, style_digest, s, profile_digest) for s in chunk),
+                    )
+                )
+    return tasks

@@ -1,0 +1,68 @@
+"""Reading and checking plan images at submit time, so a bad plan stops the job before anything is stored."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from shared.config import Settings
+from shared.errors import InvalidInput, PlanError
+from shared.images import content_hash, decode_image
+from shared.storage import read_url
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated plan: where workers read it, a path-safe name for output keys, and its content hash."""
+
+    url: str
+    name: str
+    digest: str
+
+
+def canonical_url(plan: str) -> str:
+    """Paths become absolute `file://` URLs, so a worker started elsewhere reads the same file."""
+    if plan.startswith("s3://"):
+        return plan
+    path = Path(unquote(urlparse(plan).path)) if plan.startswith("file://") else Path(plan).expanduser()
+    return path.resolve().as_uri()
+
+
+def safe_name(url: str) -> str:
+    """The file stem reduced to a path-safe alphabet: names become key segments, never path tricks."""
+    stem = PurePosixPath(unquote(urlparse(url).path)).stem
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-")[:64]
+    return cleaned or "plan"
+
+
+def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
+    """Read and fully decode one plan; any problem is a `PlanError` naming it."""
+    url = canonical_url(plan)
+    try:
+        data = read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    except FileNotFoundError:
+        raise PlanError(f"{plan}: no such file") from None
+    except IsADirectoryError:
+        raise PlanError(f"{plan}: is a folder, not an image") from None
+    except PermissionError:
+        raise PlanError(f"{plan}: permission denied") from None
+    except InvalidInput as e:
+        raise PlanError(f"{plan}: {e}") from None
+    decode_image(data, plan, max_pixels=settings.max_image_pixels)
+    return Plan(url=url, name=safe_name(url), digest=content_hash(data)), data
+
+
+def load_plans(plans: Sequence[str], settings: Settings) -> list[Plan]:
+    """Every plan of a job, checked; the same content given twice is refused (one artifact per plan)."""
+    loaded: list[Plan] = []
+    seen: dict[str, str] = {}
+    for plan in plans:
+        ref, _ = load_plan(plan, settings)
+        if ref.digest in seen:
+            raise InvalidInput(f"plans: {plan} has the same content as {seen[ref.digest]}")
+        seen[ref.digest] = plan
+        loaded.append(ref)
+    return loaded

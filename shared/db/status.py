@@ -1,0 +1,38 @@
+"""Job status, derived from task counts rather than stored, so it is always consistent with the tasks."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from shared.db.models import TaskStatus
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PARTIALLY_SUCCEEDED = "partially_succeeded"
+
+
+def job_status(counts: Mapping[TaskStatus, int], cancelled: bool) -> JobStatus:
+    """The outcome a user sees.
+
+    Work in flight wins; a cancelled job stays `cancelled` even when some images were made before the
+    cancel; a finished job with both successes and failures is `partially_succeeded`.
+    """
+    done = {s: counts.get(s, 0) for s in TaskStatus}
+    total = sum(done.values())
+    if done[TaskStatus.RUNNING] or (done[TaskStatus.QUEUED] and total > done[TaskStatus.QUEUED]):
+        return JobStatus.RUNNING
+    if done[TaskStatus.QUEUED]:
+        return JobStatus.QUEUED
+    if cancelled or (done[TaskStatus.CANCELLED] and not done[TaskStatus.SUCCEEDED]):
+        return JobStatus.CANCELLED
+    if done[TaskStatus.SUCCEEDED] == total:
+        return JobStatus.SUCCEEDED
+    if done[TaskStatus.SUCCEEDED]:
+        return JobStatus.PARTIALLY_SUCCEEDED
+    return JobStatus.FAILED

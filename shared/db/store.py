@@ -1,0 +1,115 @@
+"""State changes on tasks and jobs.
+
+Every transition is a conditional UPDATE (`WHERE status IN (...)`) whose row count says whether this caller
+won: a duplicate delivery, a late worker or a concurrent cancel can never move a task backwards or count an
+image twice. SQLite ignores `FOR UPDATE SKIP LOCKED`, so nothing here relies on row locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from shared.db.models import Artifact, Job, Task, TaskStatus, utcnow
+from shared.db.status import JobStatus, job_status
+
+MAX_ERROR_CHARS = 4000
+
+
+def _transition(
+    session: Session, task_id: str, frm: Iterable[TaskStatus], to: TaskStatus, *, held_by: str | None = None,
+    **values: Any,
+) -> bool:
+    stmt = update(Task).where(Task.id == task_id, Task.status.in_(list(frm)))
+    if held_by is not None:
+        stmt = stmt.where(Task.worker == held_by)
+    result = session.execute(stmt.values(status=to, **values).execution_options(synchronize_session=False))
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def claim_task(session: Session, task_id: str, worker: str) -> bool:
+    """queued → running for `worker`; False when another delivery, a cancel or a finish got there first."""
+    return _transition(
+        session, task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING,
+        worker=worker, attempts=Task.attempts + 1, started_at=utcnow(), error=None,
+    )
+
+
+def finish_task(session: Session, task_id: str, worker: str) -> bool:
+    """running → succeeded, only for the worker that holds the task."""
+    return _transition(
+        session, task_id, [TaskStatus.RUNNING], TaskStatus.SUCCEEDED, held_by=worker, finished_at=utcnow()
+    )
+
+
+def fail_task(session: Session, task_id: str, worker: str, error: str) -> bool:
+    """running → failed with the reason stored on the row."""
+    return _transition(
+        session, task_id, [TaskStatus.RUNNING], TaskStatus.FAILED,
+        held_by=worker, finished_at=utcnow(), error=error[:MAX_ERROR_CHARS],
+    )
+
+
+def release_task(session: Session, task_id: str, worker: str, status: TaskStatus = TaskStatus.QUEUED) -> bool:
+    """running → queued (handed back) or cancelled (stopped by a cancel), for the holding worker."""
+    return _transition(session, task_id, [TaskStatus.RUNNING], status, held_by=worker, finished_at=None)
+
+
+def cancel_job(session: Session, job_id: str) -> int:
+    """Mark the job cancelled and cancel its queued tasks; running ones stop at their next step."""
+    session.execute(update(Job).where(Job.id == job_id, Job.cancelled_at.is_(None)).values(cancelled_at=utcnow()))
+    result = session.execute(
+        update(Task)
+        .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+        .values(status=TaskStatus.CANCELLED, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def retry_job(session: Session, job_id: str) -> list[str]:
+    """Failed and cancelled tasks back to queued; returns their ids, for the caller to enqueue."""
+    session.execute(update(Job).where(Job.id == job_id).values(cancelled_at=None))
+    ids = list(
+        session.scalars(
+            update(Task)
+            .where(Task.job_id == job_id, Task.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]))
+            .values(status=TaskStatus.QUEUED, error=None, worker=None, started_at=None, finished_at=None)
+            .returning(Task.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    return ids
+
+
+def is_cancelled(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.cancelled_at).where(Job.id == job_id)) is not None
+
+
+def task_counts(session: Session, job_id: str) -> dict[TaskStatus, int]:
+    rows = session.execute(
+        select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status)
+    ).all()
+    return {status: count for status, count in rows}
+
+
+def status_of(session: Session, job: Job) -> tuple[JobStatus, dict[TaskStatus, int]]:
+    counts = task_counts(session, job.id)
+    return job_status(counts, job.cancelled_at is not None), counts
+
+
+def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert artifact rows; a redelivered task rewrote the same objects, so a conflict updates in place."""
+    if not rows:
+        return
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
+    stmt = insert(Artifact).values(list(rows))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job_id", "plan_digest", "style", "seed"],
+        set_={c: stmt.excluded[c] for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes")},
+    )
+    session.execute(stmt)

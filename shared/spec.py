@@ -1,0 +1,262 @@
+"""The job spec: what a user submits, validated before anything is stored or queued.
+
+Loadable from YAML or JSON and buildable in Python. Every error names the field and the value (pydantic's
+`loc`), and the models forbid unknown keys so a typo is an error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import InvalidInput
+from shared.styles import CATALOG
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""Names end up in object keys and file names, so they are restricted to a path-safe alphabet."""
+
+MAX_SEED = 2**63 - 1
+MAX_IMAGES_PER_JOB = 1_000_000
+SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PLAN_SCHEMES = ("file://", "s3://")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_model_ref(ref: str) -> str:
+    """A model is a preset name, a hub id (`owner/name`) or an existing local diffusers folder."""
+    from workers.engine.presets import PRESET_NAMES
+
+    if ref in PRESET_NAMES or Path(ref).expanduser().is_dir() or _HUB_ID.match(ref):
+        return ref
+    raise ValueError(
+        f"{ref!r} is neither a preset ({', '.join(sorted(PRESET_NAMES))}), a hub id `owner/name`, "
+        "nor an existing local folder"
+    )
+
+
+ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _ControlBase(_Strict):
+    model: ModelRef | None = Field(None, description="ControlNet: preset, hub id or local folder; default per kind.")
+    scale: float = Field(1.0, ge=0.0, le=2.0, description="controlnet_conditioning_scale")
+    start: float = Field(0.0, ge=0.0, le=1.0, description="control_guidance_start, fraction of the steps")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="control_guidance_end, fraction of the steps")
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, ref: str | None) -> str | None:
+        return None if ref is None else _check_model_ref(ref)
+
+    @model_validator(mode="after")
+    def _window(self) -> _ControlBase:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        return self
+
+
+class CannyControl(_ControlBase):
+    """Edges of the plan by adaptive (median-based) Canny."""
+
+    kind: Literal["canny"]
+    sigma: float = Field(0.33, gt=0.0, le=1.0, description="threshold spread around the median")
+    blur: int = Field(5, ge=0, le=31, description="Gaussian kernel size before Canny (odd; 0 disables)")
+
+    @field_validator("blur")
+    @classmethod
+    def _odd(cls, blur: int) -> int:
+        if blur and blur % 2 == 0:
+            raise ValueError(f"blur must be 0 or odd, got {blur}")
+        return blur
+
+
+class PlanImageControl(_ControlBase):
+    """The plan image itself, fitted to the render size, as the control map."""
+
+    kind: Literal["none"]
+    model: ModelRef = Field(description="The ControlNet trained for this kind of map; there is no default.")
+
+
+ControlUnit = Annotated[Union[CannyControl, PlanImageControl], Field(discriminator="kind")]
+
+
+class Profile(_Strict):
+    """How to render: models, control units, sampler settings and batching."""
+
+    base: ModelRef = "tiny-sd15"
+    controls: list[ControlUnit] = Field(min_length=1, max_length=4)
+    steps: int = Field(20, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
+    width: int = Field(512, ge=64, le=2048)
+    height: int = Field(512, ge=64, le=2048)
+    seeds_per_task: int = Field(1, ge=1, le=64)
+    scheduler: Literal[SCHEDULERS] = "default"  # type: ignore[valid-type]
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, ref: str) -> str:
+        return _check_model_ref(ref)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"{value} is not a multiple of 8")
+        return value
+
+    def digest(self) -> str:
+        """Content hash of the settings: part of every output key, so a changed profile never overwrites."""
+        return _digest(self.model_dump(mode="json"))
+
+
+class Style(_Strict):
+    name: Name
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+
+    def digest(self) -> str:
+        return _digest(self.model_dump(mode="json"))
+
+
+class SeedRange(_Strict):
+    count: int = Field(ge=1, le=MAX_IMAGES_PER_JOB)
+    start: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class JobSpec(_Strict):
+    """A job: every plan × style × seed rendered with one profile."""
+
+    name: Name = "job"
+    priority: int = Field(50, ge=0, le=100, description="0-100, higher runs first")
+    plans: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=10_000)
+    styles: list[Union[Name, Style]] = Field(min_length=1, max_length=1000)
+    seeds: Union[SeedRange, list[Annotated[int, Field(ge=0, le=MAX_SEED)]]]
+    profile: Profile
+    output: str | None = Field(None, max_length=2048, description="file:// or s3:// prefix; default: settings")
+
+    @field_validator("plans")
+    @classmethod
+    def _plan_urls(cls, plans: list[str]) -> list[str]:
+        for plan in plans:
+            if "://" in plan and not plan.startswith(_PLAN_SCHEMES):
+                raise ValueError(f"{plan!r}: unsupported URL scheme (use a path, file:// or s3://)")
+        return plans
+
+    @field_validator("styles")
+    @classmethod
+    def _resolve_styles(cls, styles: list[str | Style]) -> list[Style]:
+        resolved = [s if isinstance(s, Style) else _builtin_style(s) for s in styles]
+        names = [s.name for s in resolved]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate style {dupes[0]!r}")
+        return resolved
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: SeedRange | list[int]) -> SeedRange | list[int]:
+        if isinstance(seeds, list):
+            if not seeds:
+                raise ValueError("no seeds")
+            seen: set[int] = set()
+            for seed in seeds:
+                if seed in seen:
+                    raise ValueError(f"duplicate seed {seed}")
+                seen.add(seed)
+        elif seeds.start + seeds.count - 1 > MAX_SEED:
+            raise ValueError(f"seeds run past {MAX_SEED}")
+        return seeds
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _named_profile(cls, profile: Any) -> Any:
+        from shared.profiles import builtin_profile
+
+        return builtin_profile(profile) if isinstance(profile, str) else profile
+
+    @model_validator(mode="after")
+    def _size_limit(self) -> JobSpec:
+        images = len(self.plans) * len(self.styles) * len(self.seed_values())
+        if images > MAX_IMAGES_PER_JOB:
+            raise ValueError(f"{images} images is over the limit of {MAX_IMAGES_PER_JOB} per job")
+        return self
+
+    def seed_values(self) -> list[int]:
+        if isinstance(self.seeds, SeedRange):
+            return list(range(self.seeds.start, self.seeds.start + self.seeds.count))
+        return list(self.seeds)
+
+    @property
+    def resolved_styles(self) -> list[Style]:
+        """Styles after catalog lookup (the validator replaced every name by its `Style`)."""
+        return [s for s in self.styles if isinstance(s, Style)]
+
+
+def _builtin_style(name: str) -> Style:
+    if name not in CATALOG:
+        raise ValueError(f"unknown style {name!r} (built-in: {', '.join(sorted(CATALOG))})")
+    prompt, negative = CATALOG[name]
+    return Style(name=name, prompt=prompt, negative_prompt=negative)
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def describe(error: ValidationError, source: str = "") -> str:
+    """One line per problem, `field.path: message (got value)`, for CLI and API errors."""
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"{source + ': ' if source else ''}{loc or 'job'}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_model(model: type[BaseModel], data: Any, source: str = "") -> Any:
+    """Validate `data` as `model`, turning pydantic's error into `InvalidInput` with a one-line message."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInput(describe(e, source)) from None
+
+
+def load_document(path: Path) -> Any:
+    """Read a YAML or JSON file (JSON is YAML) into plain data, with a one-line error if it is unreadable."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InvalidInput(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def load_job(path: Path) -> JobSpec:
+    """A job file; relative plan paths are taken relative to the file, as a user writing it expects."""
+    data = load_document(path)
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: expected a mapping of job fields")
+    plans = data.get("plans")
+    if isinstance(plans, list):
+        data["plans"] = [_relative_to(p, path.parent) for p in plans]
+    return parse_model(JobSpec, data, str(path))
+
+
+def _relative_to(plan: Any, folder: Path) -> Any:
+    if isinstance(plan, str) and "://" not in plan and not Path(plan).expanduser().is_absolute():
+        return str(folder / plan)
+    return plan

@@ -1,0 +1,139 @@
+"""Job spec validation: every bad value is refused with the field and the value named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.errors import InvalidInput
+from shared.profiles import load_profile
+from shared.spec import JobSpec, Profile, SeedRange, Style, load_job, parse_model
+
+CANNY = {"kind": "canny", "scale": 0.9, "start": 0.0, "end": 0.5}
+
+
+def job(**changes: object) -> dict:
+    base: dict = {
+        "name": "villa-overnight",
+        "priority": 50,
+        "plans": ["plans/ground.png"],
+        "styles": ["modern", "scandinavian"],
+        "seeds": {"count": 4, "start": 0},
+        "profile": {"base": "tiny-sd15", "controls": [CANNY], "steps": 20, "width": 512, "height": 512},
+    }
+    base.update(changes)
+    return base
+
+
+def profile(**changes: object) -> dict:
+    return {**job()["profile"], **changes}
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(InvalidInput) as caught:
+        parse_model(JobSpec, data)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_issue_example_is_valid_and_resolves_styles() -> None:
+    spec = parse_model(
+        JobSpec,
+        job(styles=["modern", "scandinavian", {"name": "brutalist", "prompt": "raw concrete", "negative_prompt": "x"}]),
+    )
+    assert [s.name for s in spec.resolved_styles] == ["modern", "scandinavian", "brutalist"]
+    assert spec.resolved_styles[2].prompt == "raw concrete"
+    assert "scandinavian" in spec.resolved_styles[1].prompt
+    assert spec.seed_values() == [0, 1, 2, 3]
+    assert isinstance(spec.seeds, SeedRange)
+
+
+def test_buildable_in_python_and_round_trips_through_json() -> None:
+    spec = JobSpec(
+        plans=["a.png"],
+        styles=[Style(name="x", prompt="p")],
+        seeds=[1, 7, 42],
+        profile=Profile(controls=[{"kind": "canny"}]),
+    )
+    again = JobSpec.model_validate_json(spec.model_dump_json())
+    assert again == spec
+    assert again.seed_values() == [1, 7, 42]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"styles": ["modern", "baroque"]}, "styles: unknown style 'baroque'"),
+        ({"styles": ["modern", "modern"]}, "duplicate style 'modern'"),
+        ({"styles": []}, "styles: List should have at least 1 item"),
+        ({"plans": []}, "plans: List should have at least 1 item"),
+        ({"plans": ["http://example.com/a.png"]}, "unsupported URL scheme"),
+        ({"seeds": [1, 2, 1]}, "seeds: duplicate seed 1"),
+        ({"seeds": []}, "seeds: no seeds"),
+        ({"seeds": [-1]}, "greater than or equal to 0"),
+        ({"name": "../etc"}, "name: String should match pattern"),
+        ({"name": "a/b"}, "name: String should match pattern"),
+        ({"priority": 101}, "priority: Input should be less than or equal to 100"),
+        ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
+        ({"profile": profile(steps=0)}, "profile.steps: Input should be greater than or equal to 1 (got 0)"),
+        ({"profile": profile(steps=151)}, "profile.steps: Input should be less than or equal to 150 (got 151)"),
+        ({"profile": profile(width=500)}, "profile.width: 500 is not a multiple of 8"),
+        ({"profile": profile(height=4096)}, "profile.height: Input should be less than or equal to 2048"),
+        ({"profile": profile(controls=[])}, "profile.controls: List should have at least 1 item"),
+        ({"profile": profile(controls=[{"kind": "pose"}])}, "profile.controls.0: Input tag 'pose'"),
+        ({"profile": profile(controls=[{**CANNY, "scale": 2.5}])}, "profile.controls.0.canny.scale"),
+        ({"profile": profile(controls=[{**CANNY, "start": 0.6}])}, "start (0.6) must be below end (0.5)"),
+        ({"profile": profile(controls=[{**CANNY, "blur": 4}])}, "blur must be 0 or odd"),
+        ({"profile": profile(base="not a model")}, "profile.base: 'not a model' is neither a preset"),
+        ({"profile": profile(scheduler="magic")}, "profile.scheduler"),
+        ({"profile": "nonesuch"}, "unknown profile 'nonesuch'"),
+        ({"styles": [{"name": "x y", "prompt": "p"}]}, "styles.0"),
+    ],
+)
+def test_bad_values_name_the_field(changes: dict, expected: str) -> None:
+    assert expected in error_of(job(**changes))
+
+
+def test_job_size_is_capped() -> None:
+    assert "over the limit" in error_of(job(plans=[f"p{i}.png" for i in range(1000)], seeds={"count": 1000}))
+
+
+def test_none_control_needs_a_model() -> None:
+    assert "model" in error_of(job(profile=profile(controls=[{"kind": "none"}])))
+
+
+def test_profile_digest_changes_with_any_setting() -> None:
+    a = Profile.model_validate(profile())
+    assert a.digest() == Profile.model_validate(profile()).digest()
+    assert a.digest() != Profile.model_validate(profile(steps=21)).digest()
+
+
+def test_load_job_resolves_plans_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "name: v\nplans: [plans/a.png, s3://b/k.png]\nstyles: [modern]\nseeds: [3]\nprofile: tiny\n"
+    )
+    spec = load_job(path)
+    assert spec.plans == [str(tmp_path / "plans/a.png"), "s3://b/k.png"]
+    assert spec.profile.base == "tiny-sd15"
+
+
+def test_unreadable_job_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(InvalidInput, match="job.yaml: unreadable"):
+        load_job(path)
+    with pytest.raises(InvalidInput, match="no such file"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_profile_from_name_or_yaml(tmp_path: Path) -> None:
+    assert load_profile("tiny").base == "tiny-sd15"
+    path = tmp_path / "p.yaml"
+    path.write_text("profile:\n  base: tiny-sd15\n  width: 64\n  height: 64\n  controls: [{kind: canny, scale: 0.8}]\n")
+    loaded = load_profile(str(path))
+    assert (loaded.width, loaded.controls[0].scale) == (64, 0.8)
+    with pytest.raises(InvalidInput, match="neither a built-in profile"):
+        load_profile("nope")
