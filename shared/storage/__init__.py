@@ -1,0 +1,104 @@
+"""Pick a storage backend from a URL, so the same job runs against a local folder or S3 without edits.
+
+Accepted: a plain path (`renders`, `/srv/out`), `file:///abs/path`, or `s3://bucket[/prefix]`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from shared.config import Settings
+from shared.errors import InvalidInput, StorageError
+from shared.storage.base import Storage
+from shared.storage.local import LocalStorage
+from shared.storage.s3 import S3Storage
+
+__all__ = [
+    "LocalStorage", "S3Storage", "Storage", "canonical_url", "open_storage", "open_storage_from_settings", "read_url",
+]
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+"""A URL scheme; two letters at least, so that a Windows drive (`C:`) would still read as a path."""
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+"""S3 bucket naming rules (3-63 lowercase letters, digits, dots, hyphens); also rules out `user@host:port`."""
+
+_EXPECTED = "expected a folder path, file:///abs/path or s3://bucket/prefix"
+
+
+def _parse(url: str) -> Path | tuple[str, str]:
+    """A local path, or (bucket, rest) for an s3:// URL; InvalidInput for anything else."""
+    if not url:
+        raise InvalidInput(f"storage URL is empty: {_EXPECTED}")
+    if "\x00" in url:
+        raise InvalidInput(f"storage URL {url!r} contains a NUL character")
+    if not _SCHEME.match(url):
+        return Path(url)
+    scheme, _, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "s3" and rest.startswith("//"):
+        bucket, _, key = rest[2:].partition("/")
+        if not _BUCKET.fullmatch(bucket):
+            raise InvalidInput(f"storage URL {url!r} has no valid bucket name: {_EXPECTED}")
+        # Taken verbatim, not URL-decoded: S3 keys may hold '%', '?' and '#' and s3:// URLs carry them raw.
+        return bucket, key
+    if scheme == "file" and rest.startswith("//"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidInput(f"storage URL {url!r} names a remote host; only local file:/// URLs are read")
+        if parts.query or parts.fragment or not parts.path:
+            raise InvalidInput(f"storage URL {url!r} is not a plain file:///abs/path (encode '?' and '#')")
+        path = unquote(parts.path)
+        if "\x00" in path:
+            raise InvalidInput(f"storage URL {url!r} contains a NUL character")
+        return Path(path)
+    raise InvalidInput(f"unsupported storage URL {url!r}: {_EXPECTED}")
+
+
+def canonical_url(url: str) -> str:
+    """Paths become absolute `file://` URLs (so a worker started elsewhere finds the same place); s3:// URLs
+    are kept. Raises InvalidInput for anything `open_storage` would refuse."""
+    where = _parse(url)
+    if isinstance(where, Path):
+        return where.expanduser().resolve().as_uri()
+    bucket, key = where
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+
+
+def open_storage(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    """The backend `url` names; `endpoint_url` and `region` only matter for s3:// URLs."""
+    where = _parse(url)
+    if isinstance(where, Path):
+        return LocalStorage(where)
+    bucket, prefix = where
+    return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region)
+
+
+def open_storage_from_settings(settings: Settings, url: str | None = None) -> Storage:
+    """The backend for `url` (default: the configured storage_url), with the configured S3 endpoint."""
+    return open_storage(
+        settings.storage_url if url is None else url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+    )
+
+
+def read_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+    """The bytes of ONE object named by a path, file:// URL or s3://bucket/key URL (plan images, mostly)."""
+    where = _parse(url)
+    if isinstance(where, tuple):
+        bucket, key = where
+        if not key:
+            raise InvalidInput(f"URL {url!r} names a bucket, not an object")
+        return S3Storage(bucket, endpoint_url=endpoint_url, region=region).get(key)
+    # Read directly, not through LocalStorage: a path the user names may be a symlink to anywhere.
+    try:
+        return where.read_bytes()
+    except (IsADirectoryError, NotADirectoryError) as e:
+        raise FileNotFoundError(f"no file {url!r}: {e.strerror}") from e
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot read {url!r}: {e.strerror or e}") from e

@@ -1,0 +1,128 @@
+"""Storage in an S3 bucket (AWS, or MinIO, SeaweedFS, Ceph, R2 via `endpoint_url`) for distributed runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.errors import InvalidInput, StorageError
+from shared.storage.base import check_key, check_prefix
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+"""Error codes for an absent object: GET says NoSuchKey, HEAD has no body and says only 404."""
+
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+"""SigV4 refuses presigned URLs valid for longer than a week."""
+
+
+def make_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A boto3 S3 client that retries throttling and transient faults, credentials from the AWS chain.
+
+    Non-AWS servers get path-style addressing (`host/bucket/key`), since they rarely have per-bucket DNS.
+    SigV4 is explicit because botocore may otherwise presign with SigV2, which many servers refuse.
+    """
+    config = Config(
+        signature_version="s3v4",
+        retries={"mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+class S3Storage:
+    """Objects are `prefix/key` in `bucket`; pass `client` to reuse one or to tune timeouts."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise InvalidInput(f"invalid S3 bucket name {bucket!r}")
+        prefix = prefix.removesuffix("/")
+        if prefix:
+            check_key(prefix)
+        self.bucket = bucket
+        self.prefix = prefix + "/" if prefix else ""
+        self.client = client if client is not None else make_client(endpoint_url, region)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    @contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        """Turn botocore's exceptions into archfarm's: missing → FileNotFoundError, else StorageError."""
+        where = f"s3://{self.bucket}/{self.prefix}{key}"
+        try:
+            yield
+        except ClientError as e:
+            error = e.response.get("Error", {})
+            code = error.get("Code", "")
+            if code in _MISSING:
+                raise FileNotFoundError(f"no object {where}") from e
+            detail = error.get("Message") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise StorageError(f"S3 {action} {where} failed: {code}: {detail}") from e
+        except BotoCoreError as e:  # includes EndpointConnectionError, timeouts, missing credentials
+            raise StorageError(f"S3 {action} {where} failed: {e}") from e
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """One PutObject: S3 replaces objects whole, so readers never see a partial write."""
+        name = self._key(key)
+        with self._errors("put", key):
+            self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        name = self._key(key)
+        with self._errors("get", key):
+            # The body is read inside too: a dropped connection mid-stream is a storage failure as well.
+            return self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        name = self._key(key)
+        try:
+            with self._errors("head", key):
+                self.client.head_object(Bucket=self.bucket, Key=name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All matching keys, page by page: one ListObjectsV2 call returns at most 1000."""
+        full = self.prefix + check_prefix(prefix)
+        keys: list[str] = []
+        with self._errors("list", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                keys += [item["Key"].removeprefix(self.prefix) for item in page.get("Contents", [])]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """S3 answers a delete of a missing key with success too, so no existence check is needed."""
+        name = self._key(key)
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str:
+        """An HTTP URL that lets anyone holding it GET the object for `expires` seconds, without credentials.
+
+        Signing is local: it neither checks that the object exists nor contacts the server.
+        """
+        if not 1 <= expires <= MAX_PRESIGN_SECONDS:
+            raise InvalidInput(f"presigned URL lifetime must be 1..{MAX_PRESIGN_SECONDS} s, not {expires}")
+        name = self._key(key)
+        with self._errors("presign", key):
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=expires
+            )
