@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from shared.config import Settings
 from shared.errors import InvalidInput, PlanError
 from shared.images import content_hash, decode_image
-from shared.storage import read_url
+from shared.storage import canonical_url, read_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,14 +23,6 @@ class Plan:
     digest: str
 
 
-def canonical_url(plan: str) -> str:
-    """Paths become absolute `file://` URLs, so a worker started elsewhere reads the same file."""
-    if plan.startswith("s3://"):
-        return plan
-    path = Path(unquote(urlparse(plan).path)) if plan.startswith("file://") else Path(plan).expanduser()
-    return path.resolve().as_uri()
-
-
 def safe_name(url: str) -> str:
     """The file stem reduced to a path-safe alphabet: names become key segments, never path tricks."""
     stem = PurePosixPath(unquote(urlparse(url).path)).stem
@@ -40,8 +32,8 @@ def safe_name(url: str) -> str:
 
 def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
     """Read and fully decode one plan; any problem is a `PlanError` naming it."""
-    url = canonical_url(plan)
     try:
+        url = canonical_url(plan)
         data = read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     except FileNotFoundError:
         raise PlanError(f"{plan}: no such file") from None

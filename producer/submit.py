@@ -17,7 +17,7 @@ from producer.plans import load_plans
 from shared.config import Settings
 from shared.db.models import Job, Task
 from shared.spec import JobSpec
-from shared.storage import canonical_storage_url
+from shared.storage import canonical_url
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class PreparedJob:
 def prepare(spec: JobSpec, settings: Settings) -> PreparedJob:
     """Check the plans and the output URL and expand the task list; raises `InvalidInput` on any problem."""
     job_id = str(uuid.uuid4())
-    output_url = canonical_storage_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
+    output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     plans = load_plans(spec.plans, settings)
     return PreparedJob(id=job_id, spec=spec, output_url=output_url, tasks=expand(spec, plans, job_id))
 
@@ -58,6 +58,7 @@ def persist(session: Session, job: PreparedJob) -> None:
                 {
                     "id": t.id,
                     "job_id": job.id,
+                    "ordinal": ordinal,
                     "plan_url": t.plan.url,
                     "plan_name": t.plan.name,
                     "plan_digest": t.plan.digest,
@@ -65,6 +66,6 @@ def persist(session: Session, job: PreparedJob) -> None:
                     "seeds": list(t.seeds),
                     "outputs": list(t.outputs),
                 }
-                for t in job.tasks
+                for ordinal, t in enumerate(job.tasks)
             ],
         )

@@ -65,6 +65,7 @@ class Task(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    ordinal: Mapped[int] = mapped_column(Integer, comment="position in the job's expansion order")
     plan_url: Mapped[str] = mapped_column(String(2048))
     plan_name: Mapped[str] = mapped_column(String(64))
     plan_digest: Mapped[str] = mapped_column(String(64))

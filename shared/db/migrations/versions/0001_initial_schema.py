@@ -35,6 +35,7 @@ def upgrade() -> None:
     op.create_table('tasks',
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('job_id', sa.String(length=36), nullable=False),
+    sa.Column('ordinal', sa.Integer(), nullable=False, comment="position in the job's expansion order"),
     sa.Column('plan_url', sa.String(length=2048), nullable=False),
     sa.Column('plan_name', sa.String(length=64), nullable=False),
     sa.Column('plan_digest', sa.String(length=64), nullable=False),

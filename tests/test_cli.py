@@ -1,0 +1,153 @@
+"""`archfarm render` end to end: the README command, a job file, and bad input refused with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, func, select
+from typer.testing import CliRunner
+
+from producer.cli import app
+from shared.db.models import Job, Task, TaskStatus
+
+FAST_PROFILE = "profile:\n  base: tiny-sd15\n  width: 64\n  height: 64\n  steps: 3\n  controls: [{kind: canny}]\n"
+
+
+@pytest.fixture
+def env(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A user's working folder: nothing configured but the model cache the test session built."""
+    monkeypatch.chdir(tmp_path)
+    values = {"ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    for key in [k for k in os.environ if k.startswith("ARCHFARM_")]:
+        monkeypatch.delenv(key)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, **values}
+
+
+def jobs_in(db: Path) -> int:
+    if not db.exists():
+        return 0
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        count = connection.scalar(select(func.count()).select_from(Job))
+    engine.dispose()
+    return int(count or 0)
+
+
+def test_readme_command_renders_two_styles_two_seeds(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "render", str(example_plan), "--style", "modern",
+         "--style", "scandinavian", "--seeds", "2", "--profile", "tiny", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 4
+    assert {p.parent.name for p in pngs} == {"modern", "scandinavian"}
+    for png in pngs:
+        assert Image.open(png).size == (128, 128)
+        meta = json.loads(png.with_suffix(".json").read_text())
+        assert meta["plan"]["file"] == "floorplan.png"
+        assert len(meta["plan"]["sha256"]) == 64
+        assert meta["style"]["name"] == png.parent.name and meta["style"]["prompt"]
+        assert "negative_prompt" in meta["style"]
+        assert meta["seed"] in (0, 1) and f"seed-{meta['seed']}_" in png.name
+        assert meta["profile"]["steps"] == 8 and meta["profile"]["controls"][0]["kind"] == "canny"
+        assert meta["models"]["base"]["name"] == "tiny-sd15"
+        assert meta["scheduler"]["class"]
+        assert {"torch", "diffusers", "transformers"} <= set(meta["versions"])
+        assert meta["timings"]["render_s"] > 0
+    # Plain progress lines when not on a terminal, then a summary.
+    assert "[4/4]" in result.stdout and "4 images" in result.stdout
+    engine = create_engine(f"sqlite:///{tmp_path / 'archfarm.db'}")
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Task).where(Task.status == TaskStatus.SUCCEEDED)) == 4
+    engine.dispose()
+
+
+def test_job_file_renders_the_same_way(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "ground.png").write_bytes(example_plan.read_bytes())
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: villa\nplans: [plans/ground.png]\nstyles: [industrial, {name: mine, prompt: a loft}]\n"
+        "seeds: [7]\noutput: results\n" + FAST_PROFILE
+    )
+    result = CliRunner().invoke(app, ["render", "--job", str(job), "--out", str(tmp_path / "results")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.parent.name for p in (tmp_path / "results").rglob("*.png")) == ["industrial", "mine"]
+
+
+def bomb(path: Path) -> None:
+    Image.new("1", (12000, 12000)).save(path)
+
+
+@pytest.mark.parametrize(
+    ("plan", "setup", "args", "expected"),
+    [
+        ("empty.png", lambda p: p.write_bytes(b""), [], "empty.png: not an image (empty file)"),
+        ("notes.png", lambda p: p.write_text("not a plan"), [], "notes.png: not an image"),
+        ("cut.png", lambda p: p.write_bytes(Path(p.parent / "good.png").read_bytes()[:900]), [], "cut.png: truncated"),
+        ("bomb.png", bomb, [], "bomb.png: 12000×12000 pixels is over the limit"),
+        ("missing.png", None, [], "missing.png: no such file"),
+        ("good.png", None, ["--style", "baroque"], "unknown style 'baroque'"),
+        ("good.png", None, ["--profile", "bad.yaml"], "bad.yaml: steps: Input should be greater than or equal to 1"),
+        ("good.png", None, ["--profile", "nonesuch"], "neither a built-in profile"),
+        ("good.png", None, ["--seed", "1"], "give either --seeds N or one or more --seed S"),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_stores_nothing(
+    env: dict[str, str], tmp_path: Path, example_plan: Path, monkeypatch: pytest.MonkeyPatch,
+    plan: str, setup: object, args: list[str], expected: str,
+) -> None:
+    monkeypatch.setenv("ARCHFARM_MAX_IMAGE_PIXELS", "100000000")
+    (tmp_path / "good.png").write_bytes(example_plan.read_bytes())
+    (tmp_path / "bad.yaml").write_text("steps: 0\ncontrols: [{kind: canny}]\n")
+    if callable(setup):
+        setup(tmp_path / plan)
+    if "--style" not in args:
+        args = [*args, "--style", "modern"]
+    if "--seed" not in args:
+        args = [*args, "--seeds", "1"]
+    result = CliRunner().invoke(app, ["render", plan, *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("archfarm: error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert jobs_in(tmp_path / "archfarm.db") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_render_is_reported_and_exits_non_zero(
+    env: dict[str, str], tmp_path: Path, example_plan: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan changes between submit and render: the task fails with its reason, the command says so."""
+    plan = tmp_path / "plan.png"
+    plan.write_bytes(example_plan.read_bytes())
+    from producer import local
+
+    real_prepare = local.prepare
+
+    def prepare_then_edit(spec, settings):  # type: ignore[no-untyped-def]
+        job = real_prepare(spec, settings)
+        Image.new("RGB", (64, 64), "white").save(plan)
+        return job
+
+    monkeypatch.setattr(local, "prepare", prepare_then_edit)
+    profile = tmp_path / "fast.yaml"
+    profile.write_text(FAST_PROFILE)
+    result = CliRunner().invoke(
+        app, ["render", str(plan), "--style", "modern", "--seeds", "1", "--profile", str(profile)]
+    )
+    assert result.exit_code == 1
+    assert "the plan changed after the job was submitted" in result.stderr
+    assert "1 of 1 tasks failed" in result.stderr

@@ -1,0 +1,180 @@
+"""State on SQLite and on the real PostgreSQL: persistence, conditional transitions, derived job status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.expand import expand
+from producer.plans import Plan
+from producer.submit import PreparedJob, persist
+from shared.db.models import Artifact, Base, Job, Task, TaskStatus
+from shared.db.session import make_engine
+from shared.db.status import JobStatus, job_status
+from shared.db.store import (
+    cancel_job,
+    claim_task,
+    fail_task,
+    finish_task,
+    record_artifacts,
+    release_task,
+    retry_job,
+    status_of,
+)
+from shared.spec import JobSpec
+
+JOB_ID = "0b9f6a52-8d3e-4f4e-9d0c-7a1b2c3d4e5f"
+PLAN = Plan(url="file:///plans/ground.png", name="ground", digest="d" * 64)
+
+
+def prepared(job_id: str = JOB_ID, seeds: int = 3) -> PreparedJob:
+    spec = JobSpec.model_validate(
+        {
+            "name": "villa",
+            "plans": [PLAN.url],
+            "styles": ["modern"],
+            "seeds": {"count": seeds},
+            "profile": "tiny",
+        }
+    )
+    return PreparedJob(id=job_id, spec=spec, output_url="file:///out", tasks=expand(spec, [PLAN], job_id))
+
+
+@pytest.fixture
+def job(sessions: sessionmaker[Session]) -> PreparedJob:
+    job = prepared()
+    with sessions.begin() as session:
+        persist(session, job)
+    return job
+
+
+def status(sessions: sessionmaker[Session], job_id: str = JOB_ID) -> tuple[JobStatus, dict[TaskStatus, int]]:
+    with sessions() as session:
+        return status_of(session, session.get_one(Job, job_id))
+
+
+def test_migrations_match_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_persist_stores_job_and_every_task(sessions: sessionmaker[Session], job: PreparedJob) -> None:
+    with sessions() as session:
+        tasks = session.scalars(select(Task).order_by(Task.ordinal)).all()
+        assert [t.seeds for t in tasks] == [[0], [1], [2]]
+        assert all(t.status is TaskStatus.QUEUED and t.attempts == 0 for t in tasks)
+        assert session.get_one(Job, JOB_ID).spec["styles"][0]["name"] == "modern"
+    assert status(sessions) == (JobStatus.QUEUED, {TaskStatus.QUEUED: 3})
+
+
+def test_a_task_is_claimed_once_and_finished_only_by_its_holder(
+    sessions: sessionmaker[Session], job: PreparedJob
+) -> None:
+    task_id = job.tasks[0].id
+    with sessions.begin() as session:
+        assert claim_task(session, task_id, "w1")
+        assert not claim_task(session, task_id, "w2")  # duplicate delivery
+    assert status(sessions)[0] is JobStatus.RUNNING
+    with sessions.begin() as session:
+        assert not finish_task(session, task_id, "w2")
+        assert finish_task(session, task_id, "w1")
+        assert not finish_task(session, task_id, "w1")  # a second finish changes nothing
+        assert not claim_task(session, task_id, "w2")  # done stays done
+    with sessions() as session:
+        row = session.get_one(Task, task_id)
+        assert (row.status, row.attempts, row.worker) == (TaskStatus.SUCCEEDED, 1, "w1")
+
+
+def test_outcomes(sessions: sessionmaker[Session], job: PreparedJob) -> None:
+    a, b, c = (t.id for t in job.tasks)
+    with sessions.begin() as session:
+        for task_id in (a, b, c):
+            claim_task(session, task_id, "w")
+        finish_task(session, a, "w")
+        fail_task(session, b, "w", "ModelError: no such model")
+        release_task(session, c, "w")  # handed back on shutdown
+    assert status(sessions) == (
+        JobStatus.RUNNING, {TaskStatus.SUCCEEDED: 1, TaskStatus.FAILED: 1, TaskStatus.QUEUED: 1}
+    )
+    with sessions.begin() as session:
+        assert claim_task(session, c, "w2")
+        fail_task(session, c, "w2", "boom")
+    assert status(sessions)[0] is JobStatus.PARTIALLY_SUCCEEDED
+    with sessions.begin() as session:
+        assert sorted(retry_job(session, JOB_ID)) == sorted([b, c])
+        assert session.get_one(Task, b).error is None
+    assert status(sessions)[0] is JobStatus.RUNNING
+
+
+def test_cancel_stops_queued_tasks_and_running_ones_cannot_finish_as_queued(
+    sessions: sessionmaker[Session], job: PreparedJob
+) -> None:
+    a = job.tasks[0].id
+    with sessions.begin() as session:
+        claim_task(session, a, "w")
+        assert cancel_job(session, JOB_ID) == 2
+    with sessions.begin() as session:
+        assert not claim_task(session, job.tasks[1].id, "w")  # a cancelled task never starts
+        release_task(session, a, "w", TaskStatus.CANCELLED)
+    assert status(sessions) == (JobStatus.CANCELLED, {TaskStatus.CANCELLED: 3})
+    with sessions.begin() as session:
+        assert len(retry_job(session, JOB_ID)) == 3
+    assert status(sessions)[0] is JobStatus.QUEUED
+
+
+def test_artifacts_are_unique_per_image(sessions: sessionmaker[Session], job: PreparedJob) -> None:
+    task = job.tasks[0]
+    row = {
+        "job_id": JOB_ID, "task_id": task.id, "plan_digest": PLAN.digest, "style": "modern", "seed": 0,
+        "url": "file:///out/a.png", "sidecar_url": "file:///out/a.json", "width": 8, "height": 8, "size_bytes": 1,
+    }
+    with sessions.begin() as session:
+        record_artifacts(session, [row])
+    with sessions.begin() as session:  # a redelivered task writes the same image again
+        record_artifacts(session, [{**row, "size_bytes": 2}])
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 1
+        assert session.scalar(select(Artifact.size_bytes)) == 2
+
+
+def test_two_jobs_with_identical_inputs_do_not_collide(sessions: sessionmaker[Session], job: PreparedJob) -> None:
+    other = prepared("5a4d3c2b-1a09-4876-9543-210fedcba987")
+    with sessions.begin() as session:
+        persist(session, other)
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Task)) == 6
+
+
+@pytest.mark.parametrize(
+    ("counts", "cancelled", "expected"),
+    [
+        ({TaskStatus.QUEUED: 2}, False, JobStatus.QUEUED),
+        ({TaskStatus.QUEUED: 1, TaskStatus.SUCCEEDED: 1}, False, JobStatus.RUNNING),
+        ({TaskStatus.RUNNING: 1, TaskStatus.CANCELLED: 1}, True, JobStatus.RUNNING),
+        ({TaskStatus.SUCCEEDED: 2}, False, JobStatus.SUCCEEDED),
+        ({TaskStatus.FAILED: 2}, False, JobStatus.FAILED),
+        ({TaskStatus.SUCCEEDED: 1, TaskStatus.FAILED: 1}, False, JobStatus.PARTIALLY_SUCCEEDED),
+        ({TaskStatus.SUCCEEDED: 1, TaskStatus.CANCELLED: 1}, True, JobStatus.CANCELLED),
+        ({TaskStatus.CANCELLED: 2}, True, JobStatus.CANCELLED),
+    ],
+)
+def test_job_status_is_derived(counts: dict, cancelled: bool, expected: JobStatus) -> None:
+    assert job_status(counts, cancelled) is expected
+
+
+def test_sqlite_file_upgrades_from_nothing(tmp_path: Path) -> None:
+    from producer.database import open_database
+    from shared.config import Settings
+
+    engine, sessions = open_database(Settings(database_url=f"sqlite:///{tmp_path / 'fresh.db'}"))
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    engine.dispose()
