@@ -94,17 +94,13 @@ def _window(draw: ImageDraw.ImageDraw, span: tuple[int, int, int, int]) -> None:
             draw.line((x0 - half, y, x0 + half - 1, y), fill=INK)
 
 
-def _door(
-    draw: ImageDraw.ImageDraw, hinge: tuple[int, int], along: tuple[int, int], swing: tuple[int, int]
-) -> None:
+def _door(draw: ImageDraw.ImageDraw, hinge: tuple[int, int], along: tuple[int, int], swing: tuple[int, int]) -> None:
     hx, hy = hinge
     (ax, ay), (sx, sy) = along, swing
     half = OUTER // 2  # wide enough to clear outer walls too
     # The opening: paper across the wall, from the hinge to the far jamb.
     xs, ys = (hx, hx + ax * DOOR), (hy, hy + ay * DOOR)
-    draw.rectangle(
-        (min(xs) - half * ay, min(ys) - half * ax, max(xs) + half * ay, max(ys) + half * ax), fill=PAPER
-    )
+    draw.rectangle((min(xs) - half * ay, min(ys) - half * ax, max(xs) + half * ay, max(ys) + half * ax), fill=PAPER)
     # The leaf, drawn open at right angles to the wall.
     draw.line((hx, hy, hx + sx * DOOR, hy + sy * DOOR), fill=INK, width=2)
     # The quarter circle its free edge sweeps, from the closed position to the open one. Pillow's angles

@@ -9,7 +9,14 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from shared.config import Settings
 from shared.db.models import TaskStatus
@@ -17,7 +24,12 @@ from shared.errors import ArchfarmError
 from shared.profiles import load_profile
 from shared.spec import JobSpec, load_job, parse_model
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Batch-render floor plans with ControlNet.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Batch-render floor plans with ControlNet.",
+)
 db_app = typer.Typer(no_args_is_help=True, help="State database.")
 app.add_typer(db_app, name="db")
 err = Console(stderr=True, highlight=False)
@@ -30,8 +42,13 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _render_spec(
-    plans: list[str], styles: list[str], seeds: int | None, seed: list[int], profile: str | None,
-    out_dir: Path | None, job_file: Path | None,
+    plans: list[str],
+    styles: list[str],
+    seeds: int | None,
+    seed: list[int],
+    profile: str | None,
+    out_dir: Path | None,
+    job_file: Path | None,
 ) -> JobSpec:
     if job_file is not None:
         if plans or styles or seeds is not None or seed:
@@ -86,7 +103,7 @@ def render(
     except ArchfarmError as e:
         _fail(str(e))
     elapsed = time.perf_counter() - started
-    images = sum(len(t.seeds) for t in reporter.tasks.values())
+    images = sum(len(seeds) for seeds in reporter.tasks.values())
     out.print(f"job {report.job_id}: {images} images in {elapsed:.1f} s → {report.output_url}", markup=False)
     if not report.ok:
         for task_id, error in report.errors.items():
@@ -102,8 +119,13 @@ class _Reporter:
         self.tasks: dict[str, tuple[int, ...]] = {}
         self.done = 0
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=out, disable=not interactive,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=out,
+            disable=not interactive,
         )
         self.bar = self.progress.add_task("rendering", total=None)
 

@@ -41,9 +41,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
     with _open(data, label) as image:
         width, height = image.size
         if width * height > max_pixels:
-            raise PlanError(
-                f"{label}: {width}×{height} pixels is over the limit of {max_pixels} (decompression bomb?)"
-            )
+            raise PlanError(f"{label}: {width}×{height} pixels is over the limit of {max_pixels} (decompression bomb?)")
         _load(image, label)
         return _to_rgb(image)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,7 +23,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_JOB = 1_000_000
 SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -36,14 +34,9 @@ class _Strict(BaseModel):
 
 def _check_model_ref(ref: str) -> str:
     """A model is a preset name, a hub id (`owner/name`) or an existing local diffusers folder."""
-    from workers.engine.presets import PRESET_NAMES
+    from workers.engine.presets import check_ref
 
-    if ref in PRESET_NAMES or Path(ref).expanduser().is_dir() or _HUB_ID.match(ref):
-        return ref
-    raise ValueError(
-        f"{ref!r} is neither a preset ({', '.join(sorted(PRESET_NAMES))}), a hub id `owner/name`, "
-        "nor an existing local folder"
-    )
+    return check_ref(ref)
 
 
 ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
@@ -89,7 +82,7 @@ class PlanImageControl(_ControlBase):
     model: ModelRef = Field(description="The ControlNet trained for this kind of map; there is no default.")
 
 
-ControlUnit = Annotated[Union[CannyControl, PlanImageControl], Field(discriminator="kind")]
+ControlUnit = Annotated[CannyControl | PlanImageControl, Field(discriminator="kind")]
 
 
 class Profile(_Strict):
@@ -141,8 +134,8 @@ class JobSpec(_Strict):
     name: Name = "job"
     priority: int = Field(50, ge=0, le=100, description="0-100, higher runs first")
     plans: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=10_000)
-    styles: list[Union[Name, Style]] = Field(min_length=1, max_length=1000)
-    seeds: Union[SeedRange, list[Annotated[int, Field(ge=0, le=MAX_SEED)]]]
+    styles: list[Name | Style] = Field(min_length=1, max_length=1000)
+    seeds: SeedRange | list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
     profile: Profile
     output: str | None = Field(None, max_length=2048, description="file:// or s3:// prefix; default: settings")
 

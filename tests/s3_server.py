@@ -172,9 +172,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     workdir = tmp_path_factory.mktemp("seaweedfs")
-    unbound = S3Server(
-        endpoint_url="", access_key="archfarm-test", secret_key=uuid.uuid4().hex, region="us-east-1"
-    )
+    unbound = S3Server(endpoint_url="", access_key="archfarm-test", secret_key=uuid.uuid4().hex, region="us-east-1")
     identity = {
         "name": "archfarm-test",
         "credentials": [{"accessKey": unbound.access_key, "secretKey": unbound.secret_key}],

@@ -30,15 +30,11 @@ def boxed(width: int, height: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, width - 1, height - 1), outline="black", width=max(2, min(width, height) // 20))
     side = min(width, height) // 4
-    draw.rectangle(
-        (width // 2 - side, height // 2 - side, width // 2 + side, height // 2 + side), fill="black"
-    )
+    draw.rectangle((width // 2 - side, height // 2 - side, width // 2 + side, height // 2 + side), fill="black")
     return image
 
 
-@pytest.mark.parametrize(
-    "source", [(300, 200), (200, 300), (250, 250)], ids=["landscape", "portrait", "square"]
-)
+@pytest.mark.parametrize("source", [(300, 200), (200, 300), (250, 250)], ids=["landscape", "portrait", "square"])
 @pytest.mark.parametrize("target", [(64, 64), (512, 768), (768, 512), (512, 512)])
 def test_output_is_rgb_of_exactly_the_target_size(source: tuple[int, int], target: tuple[int, int]) -> None:
     assert edges_of(boxed(*source), *target).any()

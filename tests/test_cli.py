@@ -44,9 +44,28 @@ def jobs_in(db: Path) -> int:
 def test_readme_command_renders_two_styles_two_seeds(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "render", str(example_plan), "--style", "modern",
-         "--style", "scandinavian", "--seeds", "2", "--profile", "tiny", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "render",
+            str(example_plan),
+            "--style",
+            "modern",
+            "--style",
+            "scandinavian",
+            "--seeds",
+            "2",
+            "--profile",
+            "tiny",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     pngs = sorted(out.rglob("*.png"))
@@ -101,12 +120,18 @@ def bomb(path: Path) -> None:
         ("good.png", None, ["--style", "baroque"], "unknown style 'baroque'"),
         ("good.png", None, ["--profile", "bad.yaml"], "bad.yaml: steps: Input should be greater than or equal to 1"),
         ("good.png", None, ["--profile", "nonesuch"], "neither a built-in profile"),
-        ("good.png", None, ["--seed", "1"], "give either --seeds N or one or more --seed S"),
+        ("good.png", None, ["--seed", "1", "--seeds", "2"], "give either --seeds N or one or more --seed S"),
     ],
 )
 def test_bad_input_exits_with_one_line_and_stores_nothing(
-    env: dict[str, str], tmp_path: Path, example_plan: Path, monkeypatch: pytest.MonkeyPatch,
-    plan: str, setup: object, args: list[str], expected: str,
+    env: dict[str, str],
+    tmp_path: Path,
+    example_plan: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    plan: str,
+    setup: object,
+    args: list[str],
+    expected: str,
 ) -> None:
     monkeypatch.setenv("ARCHFARM_MAX_IMAGE_PIXELS", "100000000")
     (tmp_path / "good.png").write_bytes(example_plan.read_bytes())

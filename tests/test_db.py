@@ -102,7 +102,8 @@ def test_outcomes(sessions: sessionmaker[Session], job: PreparedJob) -> None:
         fail_task(session, b, "w", "ModelError: no such model")
         release_task(session, c, "w")  # handed back on shutdown
     assert status(sessions) == (
-        JobStatus.RUNNING, {TaskStatus.SUCCEEDED: 1, TaskStatus.FAILED: 1, TaskStatus.QUEUED: 1}
+        JobStatus.RUNNING,
+        {TaskStatus.SUCCEEDED: 1, TaskStatus.FAILED: 1, TaskStatus.QUEUED: 1},
     )
     with sessions.begin() as session:
         assert claim_task(session, c, "w2")
@@ -133,8 +134,16 @@ def test_cancel_stops_queued_tasks_and_running_ones_cannot_finish_as_queued(
 def test_artifacts_are_unique_per_image(sessions: sessionmaker[Session], job: PreparedJob) -> None:
     task = job.tasks[0]
     row = {
-        "job_id": JOB_ID, "task_id": task.id, "plan_digest": PLAN.digest, "style": "modern", "seed": 0,
-        "url": "file:///out/a.png", "sidecar_url": "file:///out/a.json", "width": 8, "height": 8, "size_bytes": 1,
+        "job_id": JOB_ID,
+        "task_id": task.id,
+        "plan_digest": PLAN.digest,
+        "style": "modern",
+        "seed": 0,
+        "url": "file:///out/a.png",
+        "sidecar_url": "file:///out/a.json",
+        "width": 8,
+        "height": 8,
+        "size_bytes": 1,
     }
     with sessions.begin() as session:
         record_artifacts(session, [row])

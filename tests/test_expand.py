@@ -70,9 +70,7 @@ def test_output_keys_follow_the_inputs_not_the_job() -> None:
 
 def test_hundred_thousand_tasks() -> None:
     plans = [Plan(url=f"file:///p/{i}.png", name=f"p{i}", digest=f"{i:064x}") for i in range(50)]
-    job = JobSpec.model_validate(
-        {**spec({"count": 1000}, 1).model_dump(), "plans": [p.url for p in plans]}
-    )
+    job = JobSpec.model_validate({**spec({"count": 1000}, 1).model_dump(), "plans": [p.url for p in plans]})
     started = time.perf_counter()
     tasks = expand(job, plans, JOB_ID)
     elapsed = time.perf_counter() - started

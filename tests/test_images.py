@@ -180,9 +180,7 @@ def test_truncated(fmt: str) -> None:
 def test_bomb_is_refused_from_its_header() -> None:
     data = png_of_one_colour(9000, 9000)
     assert len(data) < 50_000
-    assert refusal(data) == (
-        "plans/a.png: 9000×9000 pixels is over the limit of 80000000 (decompression bomb?)"
-    )
+    assert refusal(data) == ("plans/a.png: 9000×9000 pixels is over the limit of 80000000 (decompression bomb?)")
 
 
 def test_max_pixels_is_the_limit() -> None:

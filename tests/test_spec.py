@@ -112,9 +112,7 @@ def test_profile_digest_changes_with_any_setting() -> None:
 
 def test_load_job_resolves_plans_relative_to_the_file(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
-    path.write_text(
-        "name: v\nplans: [plans/a.png, s3://b/k.png]\nstyles: [modern]\nseeds: [3]\nprofile: tiny\n"
-    )
+    path.write_text("name: v\nplans: [plans/a.png, s3://b/k.png]\nstyles: [modern]\nseeds: [3]\nprofile: tiny\n")
     spec = load_job(path)
     assert spec.plans == [str(tmp_path / "plans/a.png"), "s3://b/k.png"]
     assert spec.profile.base == "tiny-sd15"

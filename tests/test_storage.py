@@ -368,9 +368,7 @@ def test_s3_server_not_listening_is_a_quick_storage_error() -> None:
         region_name="us-east-1",
         aws_access_key_id="k",
         aws_secret_access_key="s",
-        config=Config(
-            connect_timeout=1, read_timeout=1, retries={"mode": "standard", "total_max_attempts": 1}
-        ),
+        config=Config(connect_timeout=1, read_timeout=1, retries={"mode": "standard", "total_max_attempts": 1}),
     )
     storage = S3Storage("some-bucket", client=client)
 
@@ -381,9 +379,7 @@ def test_s3_server_not_listening_is_a_quick_storage_error() -> None:
 
 
 @pytest.mark.s3
-def test_s3_presigned_url_serves_the_object_and_refuses_tampering(
-    s3_server: S3Server, s3_bucket: str
-) -> None:
+def test_s3_presigned_url_serves_the_object_and_refuses_tampering(s3_server: S3Server, s3_bucket: str) -> None:
     storage = _s3(s3_server, s3_bucket)
     storage.put("job 1/frame.png", ALL_BYTES)
     storage.put("job 1/other.png", b"other")
@@ -493,9 +489,7 @@ def test_bad_urls_are_invalid_input(url: str) -> None:
 
 
 def test_storage_from_settings(tmp_path: Path) -> None:
-    settings = Settings(
-        storage_url="s3://renders/p", s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1"
-    )
+    settings = Settings(storage_url="s3://renders/p", s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1")
 
     default = open_storage_from_settings(settings)
     other = open_storage_from_settings(settings, str(tmp_path))

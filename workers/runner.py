@@ -159,8 +159,15 @@ class Runner:
         return rows
 
     def _upload(
-        self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image,
-        models: dict[str, Any], scheduler: dict[str, Any], timings: dict[str, float],
+        self,
+        work: Work,
+        storage: Storage,
+        seed: int,
+        key: str,
+        image: Image.Image,
+        models: dict[str, Any],
+        scheduler: dict[str, Any],
+        timings: dict[str, float],
     ) -> dict[str, Any]:
         started = time.perf_counter()
         buffer = io.BytesIO()

@@ -7,7 +7,16 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-_PACKAGES = ("archfarm", "torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "opencv-python-headless")
+_PACKAGES = (
+    "archfarm",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+)
 
 
 @cache

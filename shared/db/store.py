@@ -21,7 +21,12 @@ MAX_ERROR_CHARS = 4000
 
 
 def _transition(
-    session: Session, task_id: str, frm: Iterable[TaskStatus], to: TaskStatus, *, held_by: str | None = None,
+    session: Session,
+    task_id: str,
+    frm: Iterable[TaskStatus],
+    to: TaskStatus,
+    *,
+    held_by: str | None = None,
     **values: Any,
 ) -> bool:
     stmt = update(Task).where(Task.id == task_id, Task.status.in_(list(frm)))
@@ -34,8 +39,14 @@ def _transition(
 def claim_task(session: Session, task_id: str, worker: str) -> bool:
     """queued → running for `worker`; False when another delivery, a cancel or a finish got there first."""
     return _transition(
-        session, task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING,
-        worker=worker, attempts=Task.attempts + 1, started_at=utcnow(), error=None,
+        session,
+        task_id,
+        [TaskStatus.QUEUED],
+        TaskStatus.RUNNING,
+        worker=worker,
+        attempts=Task.attempts + 1,
+        started_at=utcnow(),
+        error=None,
     )
 
 
@@ -49,8 +60,13 @@ def finish_task(session: Session, task_id: str, worker: str) -> bool:
 def fail_task(session: Session, task_id: str, worker: str, error: str) -> bool:
     """running → failed with the reason stored on the row."""
     return _transition(
-        session, task_id, [TaskStatus.RUNNING], TaskStatus.FAILED,
-        held_by=worker, finished_at=utcnow(), error=error[:MAX_ERROR_CHARS],
+        session,
+        task_id,
+        [TaskStatus.RUNNING],
+        TaskStatus.FAILED,
+        held_by=worker,
+        finished_at=utcnow(),
+        error=error[:MAX_ERROR_CHARS],
     )
 
 
@@ -91,9 +107,7 @@ def is_cancelled(session: Session, job_id: str) -> bool:
 
 
 def task_counts(session: Session, job_id: str) -> dict[TaskStatus, int]:
-    rows = session.execute(
-        select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status)
-    ).all()
+    rows = session.execute(select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status)).all()
     return {status: count for status, count in rows}
 
 

@@ -16,7 +16,13 @@ from shared.storage.local import LocalStorage
 from shared.storage.s3 import S3Storage
 
 __all__ = [
-    "LocalStorage", "S3Storage", "Storage", "canonical_url", "open_storage", "open_storage_from_settings", "read_url",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "canonical_url",
+    "open_storage",
+    "open_storage_from_settings",
+    "read_url",
 ]
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")

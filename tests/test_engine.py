@@ -1,0 +1,253 @@
+"""The render engine on the tiny presets: registry, model cache, and what a render promises.
+
+Tiny random models cannot draw a plan, so control plumbing is checked on float outputs and by scale 0
+against scale > 0 (DESIGN.md), never by looking for the plan in the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from shared.errors import InvalidInput, ModelError
+from workers.engine import presets
+from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
+from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput, render
+from workers.engine.presets import default_controlnet, resolve
+
+SIZE = 64
+STEPS = 4
+
+
+def plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
+    """A plan-like control map: white lines (edges, as Canny gives them) on black."""
+    image = Image.new("RGB", (SIZE, SIZE))
+    draw = ImageDraw.Draw(image)
+    for room in rooms:
+        draw.rectangle(room, outline="white", width=2)
+    return image
+
+
+PLAN_A = plan([(4, 4, 40, 30), (40, 4, 60, 60)])
+PLAN_B = plan([(8, 20, 56, 56)])
+
+
+def run(cache: ModelCache, *, seeds=(1,), controls=None, **overrides):
+    args = dict(
+        base="tiny-sd15",
+        controls=controls if controls is not None else [ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0)],
+        prompt="a bright living room, oak floor",
+        negative_prompt="blurry",
+        seeds=list(seeds),
+        steps=STEPS,
+        guidance_scale=7.5,
+        width=SIZE,
+        height=SIZE,
+    )
+    return render(cache, **{**args, **overrides})
+
+
+def floats(cache: ModelCache, control: ControlInput) -> np.ndarray:
+    return run(cache, controls=[control], output_type="np").images[0]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+# --- presets and registry ---------------------------------------------------------------------------------
+
+
+def test_presets_build_offline_and_load_with_from_pretrained(models_dir: Path) -> None:
+    base = Path(resolve("tiny-sd15", models_dir))
+    index = json.loads((base / "model_index.json").read_text())
+    assert "controlnet" not in index  # so the folder also loads with a list of ControlNets
+    assert index["safety_checker"] == [None, None]
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.in_channels == 4 and pipe.vae_scale_factor == 8
+
+    controlnet = ControlNetModel.from_pretrained(resolve("tiny-canny", models_dir))
+    assert controlnet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    assert all(conv.weight.abs().sum() > 0 for conv in zero_convs)
+
+
+def test_building_is_deterministic(models_dir: Path, tmp_path: Path) -> None:
+    for name in presets.PRESET_NAMES:
+        assert weights_sha256(Path(resolve(name, tmp_path))) == weights_sha256(Path(resolve(name, models_dir)))
+
+
+def test_second_resolve_reuses_the_folder(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = resolve("tiny-sd15", models_dir)
+
+    def must_not_build(folder: Path) -> None:
+        raise AssertionError("rebuilt a preset that was already there")
+
+    monkeypatch.setitem(presets.BUILDERS, "tiny-sd15", must_not_build)
+    assert resolve("tiny-sd15", models_dir) == first
+
+
+def test_racing_builders_both_get_one_complete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hold both threads inside the builder until both are there, so both build and one rename must lose.
+    inside = threading.Barrier(2, timeout=60)
+    build = presets.BUILDERS["tiny-canny"]
+
+    def build_together(folder: Path) -> None:
+        inside.wait()
+        build(folder)
+
+    monkeypatch.setitem(presets.BUILDERS, "tiny-canny", build_together)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(resolve("tiny-canny", tmp_path))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(results) == 2 and results[0] == results[1]
+    assert [p.name for p in tmp_path.iterdir()] == [Path(results[0]).name]  # the loser's copy is gone
+    ControlNetModel.from_pretrained(results[0])
+
+
+def test_resolve_kinds_of_reference(tmp_path: Path) -> None:
+    assert resolve("sd15", tmp_path) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert resolve("sdxl-canny", tmp_path) == "diffusers/controlnet-canny-sdxl-1.0"
+    assert resolve("someone/some-model", tmp_path) == "someone/some-model"
+    assert resolve(str(tmp_path), tmp_path / "elsewhere") == str(tmp_path.resolve())
+    with pytest.raises(ModelError, match="nope"):
+        resolve(str(tmp_path / "nope"), tmp_path)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_default_controlnet() -> None:
+    assert default_controlnet("tiny-sd15", "canny") == "tiny-canny"
+    assert default_controlnet("sd15", "canny") == "lllyasviel/sd-controlnet-canny"
+    assert default_controlnet("someone/sd15-finetune", "canny") == "lllyasviel/sd-controlnet-canny"
+    with pytest.raises(InvalidInput):
+        default_controlnet("sd15", "scribble-in-crayon")
+
+
+def test_devices() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.device("cuda", 0)) == torch.float16
+    with pytest.raises(InvalidInput):
+        pick_device("tpu:9")
+
+
+# --- model cache ------------------------------------------------------------------------------------------
+
+
+def test_cache_loads_each_model_once(models_dir: Path) -> None:
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    two_units = [
+        ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0),
+        ControlInput("tiny-canny", PLAN_B, 0.5, 0, 1),
+    ]
+    for controls in (None, None, two_units):
+        run(cache, controls=controls, steps=1)
+    assert cache.loads == Counter({resolve("tiny-sd15", models_dir): 1, resolve("tiny-canny", models_dir): 1})
+    assert sum(cache.hits.values()) == 2 + 3
+
+
+def test_unloadable_models_raise_model_error(
+    model_cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hub library reads the variable at import; set both so nothing goes to the network either way.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="missing-folder"):
+        model_cache.base(str(tmp_path / "missing-folder"))
+    with pytest.raises(ModelError, match="nobody/no-such-model"):
+        model_cache.controlnet("nobody/no-such-model")
+    with pytest.raises(ModelError, match="nobody/no-such-model"):
+        model_cache.base("nobody/no-such-model")
+    with pytest.raises(ModelError, match="tiny-sd15"):
+        model_cache.controlnet("tiny-sd15")  # a folder, but of another kind of model
+
+
+def test_identity_is_stable_and_tells_models_apart(model_cache: ModelCache, models_dir: Path) -> None:
+    base = model_cache.identity("tiny-sd15")
+    fresh = ModelCache(models_dir, torch.device("cpu"), torch.float32).identity("tiny-sd15")
+    assert base == fresh and len(base["sha256"]) == 64 and base["revision"] is None
+    assert model_cache.identity("tiny-canny")["sha256"] != base["sha256"]
+    assert model_cache.identity("sd15")["sha256"] is None  # a hub model: its commit, once it is cached
+
+
+# --- renders ----------------------------------------------------------------------------------------------
+
+
+def test_one_image_per_seed_at_the_requested_size(model_cache: ModelCache) -> None:
+    result = run(model_cache, seeds=[1, 2, 3])
+    assert [(image.size, image.mode) for image in result.images] == [((SIZE, SIZE), "RGB")] * 3
+    assert result.scheduler["class"] == "PNDMScheduler"  # SD 1.5's own, kept by "default"
+    assert json.loads(json.dumps(result.scheduler)) == result.scheduler
+
+
+def test_same_seed_is_bitwise_identical_and_seeds_differ(model_cache: ModelCache) -> None:
+    first, second, other = (run(model_cache, seeds=[seed]).images[0] for seed in (7, 7, 8))
+    assert np.array_equal(pixels(first), pixels(second))
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_control_image_matters_only_with_a_scale(model_cache: ModelCache) -> None:
+    off_a = floats(model_cache, ControlInput("tiny-canny", PLAN_A, 0.0, 0.0, 1.0))
+    off_b = floats(model_cache, ControlInput("tiny-canny", PLAN_B, 0.0, 0.0, 1.0))
+    on_a = floats(model_cache, ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0))
+    on_b = floats(model_cache, ControlInput("tiny-canny", PLAN_B, 1.0, 0.0, 1.0))
+    assert np.array_equal(off_a, off_b)
+    assert np.abs(on_a - on_b).max() > 1e-5  # small for tiny random models, but real
+    assert np.abs(on_a - off_a).max() > 0.05
+
+
+def test_two_controlnets_apply_each_unit_with_its_own_settings(model_cache: ModelCache) -> None:
+    single = floats(model_cache, ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0))
+    both = [
+        ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0),
+        ControlInput("tiny-canny", PLAN_B, 0.0, 0.0, 1.0),
+    ]
+    second_off = run(model_cache, controls=both, output_type="np").images[0]
+    assert np.allclose(second_off, single, atol=1e-6)
+    both[1] = ControlInput("tiny-canny", PLAN_B, 0.8, 0.2, 0.7)
+    second_on = run(model_cache, controls=both, output_type="np").images[0]
+    assert second_on.shape == (SIZE, SIZE, 3) and np.abs(second_on - single).max() > 0.01
+
+
+def test_batched_seeds_match_one_seed_renders(model_cache: ModelCache) -> None:
+    batched = run(model_cache, seeds=[3, 5]).images
+    alone = [run(model_cache, seeds=[seed]).images[0] for seed in (3, 5)]
+    for together, single in zip(batched, alone, strict=True):
+        assert np.abs(pixels(together) - pixels(single)).max() <= 1
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_every_scheduler_renders(model_cache: ModelCache, name: str) -> None:
+    result = run(model_cache, scheduler=name, steps=2)
+    assert len(result.images) == 1
+    assert result.scheduler["config"]["beta_end"] == 0.012  # the base's noise schedule, whatever the class
+
+
+def test_on_step_reports_each_denoising_step(model_cache: ModelCache) -> None:
+    calls: list[tuple[int, int]] = []
+    run(model_cache, scheduler="ddim", on_step=lambda step, total: calls.append((step, total)))
+    assert calls == [(step, STEPS) for step in range(1, STEPS + 1)]
+
+    calls.clear()  # PNDM (SD 1.5's default) runs one extra timestep
+    run(model_cache, on_step=lambda step, total: calls.append((step, total)))
+    assert calls == [(step, STEPS + 1) for step in range(1, STEPS + 2)]
+
+
+def test_control_map_of_the_wrong_size_is_refused(model_cache: ModelCache) -> None:
+    with pytest.raises(InvalidInput, match="32×32"):
+        run(model_cache, controls=[ControlInput("tiny-canny", PLAN_A.resize((32, 32)), 1.0, 0.0, 1.0)])

@@ -1,0 +1,155 @@
+"""Offline "tiny" models: real diffusers/transformers classes at toy size, with seeded random weights.
+
+They exist so tests and the offline demo exercise the same code path as real models: each builder saves a
+folder with `save_pretrained`, and everything downstream loads it back with `from_pretrained`. Nothing is
+downloaded, and building twice gives byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+_SEED = 1234
+# Measured (DESIGN.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
+_ZERO_CONV_STD = 0.2
+_TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
+_MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
+
+# A handful of merges so the tokenizer does real BPE work; every byte stays reachable without them.
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("r", "o"), ("o", "m</w>")]
+
+# The default init draws from torch's process-wide RNG: two threads seeding it at once would interleave.
+_build_lock = threading.Lock()
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Make module construction deterministic without disturbing the caller's RNG stream."""
+    with _build_lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _byte_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in id order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer from a generated vocabulary: any text tokenizes, nothing is fetched."""
+    chars = _byte_unicode()
+    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in _MERGES)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=_MAX_TOKENS)
+
+
+def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_TEXT_WIDTH,
+        intermediate_size=64,
+        projection_dim=_TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_TOKENS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _unet() -> UNet2DConditionModel:
+    # SD 1.5's layout at toy width: cross-attention down/up blocks, 4 latent channels, 8 "heads".
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    # Four levels as in SD 1.5, so the latent is 1/8 of the image and the ControlNet hint encoder matches.
+    levels = 4
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def _scheduler() -> PNDMScheduler:
+    # SD 1.5's published scheduler config.
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def build_sd15(folder: Path) -> None:
+    """Save an SD 1.5-shaped pipeline folder; its model_index.json names no ControlNet, no safety checker."""
+    with _seeded(_SEED):
+        unet = _unet()  # first, so build_canny can recreate it from the same seed
+        tokenizer = _tokenizer()
+        pipe = StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_canny(folder: Path) -> None:
+    """Save a ControlNet for `build_sd15`'s UNet, with live (non-zero) zero convolutions.
+
+    Like a trained ControlNet it starts from the base UNet's weights: the same seed recreates that UNet.
+    """
+    with _seeded(_SEED):
+        controlnet = ControlNetModel.from_unet(_unet(), conditioning_embedding_out_channels=(8, 16, 32, 32))
+        # diffusers zero-initialises these, which would make control image and scale no-ops.
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.normal_(0.0, _ZERO_CONV_STD)
+    controlnet.save_pretrained(folder, safe_serialization=True)
