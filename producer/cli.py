@@ -32,8 +32,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="State database.")
 app.add_typer(db_app, name="db")
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

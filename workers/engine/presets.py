@@ -17,7 +17,7 @@ from pathlib import Path
 from shared.errors import InvalidInput, ModelError
 
 # Builders are imported on first use: validating a job must not pull in torch and diffusers.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Part of each preset's folder name (`tiny-sd15-v1`): bump it when a builder changes, so stale builds are
 not reused."""
 

@@ -7,6 +7,7 @@ downloaded, and building twice gives byte-identical weights.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +23,31 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from shared.styles import CATALOG
+
 _SEED = 1234
 # Measured (DESIGN.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
 _ZERO_CONV_STD = 0.2
 _TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
 _MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
 
-# A handful of merges so the tokenizer does real BPE work; every byte stays reachable without them.
-_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("r", "o"), ("o", "m</w>")]
+
+
+def _word_merges() -> list[tuple[str, str]]:
+    """Merges that spell each word of the built-in styles, so their prompts fit CLIP's 77 tokens as they do
+    with a real vocabulary (byte by byte they would be cut); every byte stays reachable without them."""
+    words = sorted({w for texts in CATALOG.values() for text in texts for w in re.findall(r"[a-z]+", text.lower())})
+    merges: dict[tuple[str, str], None] = {}
+    for word in (w for w in words if len(w) > 1):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges[(merged, piece)] = None
+            merged += piece
+    return list(merges)
+
+
+_MERGES = _word_merges()
 
 # The default init draws from torch's process-wide RNG: two threads seeding it at once would interleave.
 _build_lock = threading.Lock()
@@ -53,7 +71,8 @@ def _byte_unicode() -> list[str]:
 def _tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP BPE tokenizer from a generated vocabulary: any text tokenizes, nothing is fetched."""
     chars = _byte_unicode()
-    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in _MERGES)]
+    merged = dict.fromkeys("".join(m) for m in _MERGES)
+    tokens = [*chars, *(c + "</w>" for c in chars), *(t for t in merged if t not in chars)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=_MAX_TOKENS)
