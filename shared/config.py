@@ -42,6 +42,21 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         80_000_000, description="Largest plan image (width × height) decoded; larger ones are refused as bombs."
     )
+    queue: str = Field("archfarm", description="Celery queue that jobs are sent to and workers consume by default.")
+    heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a worker's heartbeats.")
+    heartbeat_timeout: float = Field(
+        60.0, gt=0, description="A worker silent this long is dead: its running tasks are requeued and re-sent."
+    )
+    visibility_timeout: int = Field(
+        6 * 3600,
+        gt=0,
+        description="Redis visibility timeout (s); must exceed the longest task, so submit refuses longer ones.",
+    )
+    seconds_per_step: float = Field(
+        2.0,
+        gt=0,
+        description="Pessimistic seconds per denoising step at 512² with one ControlNet: sizes task time limits.",
+    )
     device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
 
 

@@ -1,11 +1,13 @@
-"""Running one task: claim it, render its seeds, upload images and sidecars, then mark it done.
+"""Running one task: claim it, render its seeds, then upload, record and mark it done.
 
 The contract every execution path (in-process or a Celery worker) relies on:
-- a task is claimed with a conditional UPDATE, so a duplicate delivery of a task that is running or done
-  does nothing;
-- outputs are written to keys derived from the inputs before the task is marked done, so a task killed
-  half-way is safely redone and its objects overwritten, never duplicated;
-- models stay resident in the process's `ModelCache` across tasks.
+- a task is claimed with a conditional UPDATE, so a duplicate delivery of a task that is done, cancelled or
+  held by another worker does nothing;
+- outputs go to keys derived from the inputs and the task is marked done only after they exist, so a task
+  killed half-way is safely redone and its objects overwritten, never duplicated;
+- models stay resident in the process's `ModelCache` across tasks;
+- uploads run on a background thread while the next task renders (at most one behind), so PNG encoding and
+  storage latency stay off the GPU's critical path; `flush()` waits for them.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,21 +28,42 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from shared.db.models import Job, Task, TaskStatus
-from shared.db.store import claim_task, fail_task, finish_task, is_cancelled, record_artifacts, release_task
+from shared.db.store import (
+    claim_task,
+    fail_task,
+    finish_task,
+    is_blocklisted,
+    is_cancelled,
+    record_artifacts,
+    record_failure,
+    release_task,
+    worker_progress,
+)
 from shared.errors import ArchfarmError, InvalidInput, PermanentError, TransientError
 from shared.images import content_hash, decode_image
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
 from workers.engine.models import ModelCache, default_dtype, pick_device
-from workers.engine.pipeline import ControlInput, render
+from workers.engine.pipeline import ControlInput, RenderResult, render
 from workers.engine.presets import default_controlnet
 from workers.preprocessors import control_map
 from workers.sidecar import sidecar
 
+log = logging.getLogger(__name__)
+
 ProgressFn = Callable[[str, int, int], None]
 """Called as (task_id, step, total_steps) while a task renders."""
+DoneFn = Callable[[str, TaskStatus], None]
+"""Called once a task has reached the state this runner leaves it in."""
+ResendFn = Callable[[list[str], float], None]
+"""Sends tasks again (ids, delay in seconds): set by distributed workers, absent in-process."""
 
 CANCEL_POLL_S = 0.5
+FAILED_NODES_LIMIT = 3
+"""A task that failed on this many different nodes fails for good."""
+BLOCKLIST_LIMIT = 3
+"""A node that failed this many tasks of a job stops taking that job's tasks."""
+BLOCKED_DELAY_S = 5.0
 
 
 class Cancelled(ArchfarmError):
@@ -61,48 +86,122 @@ class Work:
     profile: Profile
 
 
-class Runner:
-    """One per worker process: holds the model cache and storage clients across tasks."""
+@dataclass(frozen=True)
+class Rendered:
+    images: list[Image.Image]
+    scheduler: dict[str, Any]
+    models: dict[str, Any]
+    timings: dict[str, float]
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], worker: str) -> None:
+
+class Runner:
+    """One per worker process: holds the model cache, storage clients and the upload thread across tasks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        worker: str,
+        *,
+        node: str | None = None,
+        resend: ResendFn | None = None,
+        on_done: DoneFn | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.worker = worker
+        self.node = node or worker
+        self.resend = resend
+        self.on_done = on_done
         self.device = pick_device(settings.device)
         self.cache = ModelCache(settings.models_dir, self.device, default_dtype(self.device))
         self._storages: dict[str, Storage] = {}
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archfarm-upload")
+        self._pending: Future[None] | None = None
 
-    def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus:
-        """Execute one task to a terminal state (or hand it back on a transient error, re-raised)."""
+    def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus | None:
+        """Render one task; its upload and completion continue in the background (see `flush`).
+
+        Returns the task's state as this call leaves it: RUNNING while its upload is pending, None when the
+        task no longer exists. A TransientError is re-raised after handing the task back, for a retry.
+        """
+        blocked = False
         with self.sessions.begin() as session:
-            if not claim_task(session, task_id, self.worker):
-                return session.scalar(select(Task.status).where(Task.id == task_id)) or TaskStatus.FAILED
-            work = _load_work(session, task_id)
+            job_id = session.scalar(select(Task.job_id).where(Task.id == task_id))
+            if job_id is None:
+                return None
+            if self.resend is not None and is_blocklisted(session, job_id, self.node, BLOCKLIST_LIMIT):
+                blocked = True
+            elif not claim_task(session, task_id, self.worker):
+                return session.scalar(select(Task.status).where(Task.id == task_id))
+            else:
+                work = _load_work(session, task_id)
+                self._progress(session, current_task=task_id)
+        if blocked:
+            log.info("task %s: this node is blocklisted for job %s, handing it on", task_id, job_id)
+            self.resend([task_id], BLOCKED_DELAY_S)  # type: ignore[misc]
+            return TaskStatus.QUEUED
         try:
-            rows = self._render(work, progress)
-        except Cancelled:
-            return self._release(task_id, TaskStatus.CANCELLED)
-        except TransientError:
-            self._release(task_id, TaskStatus.QUEUED)
-            raise
-        except (PermanentError, InvalidInput) as e:
-            return self._fail(task_id, str(e))
-        except Exception as e:  # a bug or a library error: keep the reason on the row, do not kill the worker
-            return self._fail(task_id, f"{type(e).__name__}: {e}")
-        with self.sessions.begin() as session:
-            record_artifacts(session, rows)
-            finish_task(session, task_id, self.worker)
-        return TaskStatus.SUCCEEDED
+            rendered = self._render(work, progress)
+        except Exception as e:  # noqa: BLE001 - every failure is settled on the task row
+            return self._settle(work, e)
+        self._wait_for_upload()
+        self._pending = self._uploader.submit(self._complete, work, rendered)
+        return TaskStatus.RUNNING
 
-    def _release(self, task_id: str, status: TaskStatus) -> TaskStatus:
+    def flush(self) -> None:
+        """Wait until every started upload is stored and its task recorded."""
+        self._wait_for_upload()
+
+    def close(self) -> None:
+        self.flush()
+        self._uploader.shutdown(wait=True)
+
+    def _wait_for_upload(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def _settle(self, work: Work, error: Exception) -> TaskStatus:
+        """Put a task that did not complete where it belongs: cancelled, handed back, retried elsewhere, or failed."""
+        task_id = work.task_id
+        if isinstance(error, Cancelled):
+            return self._leave(task_id, TaskStatus.CANCELLED)
+        if isinstance(error, TransientError):
+            self._leave(task_id, TaskStatus.QUEUED)
+            raise error
+        reason = str(error) if isinstance(error, ArchfarmError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, PermanentError | InvalidInput) or self.resend is None:
+            return self._leave(task_id, TaskStatus.FAILED, reason)
+        log.warning("task %s failed on %s: %s", task_id, self.node, reason)
         with self.sessions.begin() as session:
-            release_task(session, task_id, self.worker, status)
+            nodes = record_failure(session, task_id, work.job_id, self.node, reason)
+        if nodes >= FAILED_NODES_LIMIT:
+            return self._leave(task_id, TaskStatus.FAILED, f"failed on {nodes} workers, last: {reason}")
+        status = self._leave(task_id, TaskStatus.QUEUED)
+        self.resend([task_id], 0)
         return status
 
-    def _fail(self, task_id: str, reason: str) -> TaskStatus:
+    def _leave(self, task_id: str, status: TaskStatus, reason: str = "") -> TaskStatus:
         with self.sessions.begin() as session:
-            fail_task(session, task_id, self.worker, reason)
-        return TaskStatus.FAILED
+            if status is TaskStatus.FAILED:
+                fail_task(session, task_id, self.worker, reason)
+            else:
+                release_task(session, task_id, self.worker, status)
+            self._progress(session, current_task=None)
+        if self.on_done is not None:
+            self.on_done(task_id, status)
+        return status
+
+    def _progress(self, session: Session, *, current_task: str | None, images: int = 0) -> None:
+        worker_progress(
+            session,
+            self.worker,
+            current_task=current_task,
+            models=self.cache.resident(),
+            images=images,
+            loads=sum(self.cache.loads.values()),
+        )
 
     def storage(self, url: str) -> Storage:
         if url not in self._storages:
@@ -111,7 +210,7 @@ class Runner:
             )
         return self._storages[url]
 
-    def _render(self, work: Work, progress: ProgressFn | None) -> list[dict[str, Any]]:
+    def _render(self, work: Work, progress: ProgressFn | None) -> Rendered:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         data = read_url(work.plan_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
@@ -132,7 +231,7 @@ class Runner:
         timings["preprocess_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        result = render(
+        result: RenderResult = render(
             self.cache,
             base=profile.base,
             controls=controls,
@@ -147,28 +246,38 @@ class Runner:
             on_step=self._step_callback(work, progress),
         )
         timings["render_s"] = time.perf_counter() - started
-
         models = {
             "base": self.cache.identity(profile.base),
             "controlnets": [self.cache.identity(c.model) for c in controls],
         }
-        storage = self.storage(work.output_url)
-        rows = []
-        for seed, key, image in zip(work.seeds, work.outputs, result.images, strict=True):
-            rows.append(self._upload(work, storage, seed, key, image, models, result.scheduler, dict(timings)))
-        return rows
+        return Rendered(list(result.images), result.scheduler, models, timings)
+
+    def _complete(self, work: Work, rendered: Rendered) -> None:
+        """Upload every image and sidecar, then record artifacts and mark the task done in one transaction."""
+        try:
+            storage = self.storage(work.output_url)
+            rows = [
+                self._upload(work, storage, seed, key, image, rendered)
+                for seed, key, image in zip(work.seeds, work.outputs, rendered.images, strict=True)
+            ]
+            with self.sessions.begin() as session:
+                record_artifacts(session, rows)
+                finish_task(session, work.task_id, self.worker)
+                self._progress(session, current_task=None, images=len(rows))
+        except Exception as e:  # noqa: BLE001 - nobody awaits this thread's errors: settle them here
+            try:
+                self._settle(work, e)
+            except TransientError:
+                if self.resend is not None:
+                    self.resend([work.task_id], BLOCKED_DELAY_S)
+            return
+        if self.on_done is not None:
+            self.on_done(work.task_id, TaskStatus.SUCCEEDED)
 
     def _upload(
-        self,
-        work: Work,
-        storage: Storage,
-        seed: int,
-        key: str,
-        image: Image.Image,
-        models: dict[str, Any],
-        scheduler: dict[str, Any],
-        timings: dict[str, float],
+        self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image, rendered: Rendered
     ) -> dict[str, Any]:
+        timings = dict(rendered.timings)
         started = time.perf_counter()
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=1)  # level 1: a quarter of the time of 6, ~10% larger
@@ -182,16 +291,14 @@ class Runner:
             style=work.style.model_dump(),
             seed=seed,
             profile=work.profile.model_dump(mode="json"),
-            models=models,
-            scheduler=scheduler,
+            models=rendered.models,
+            scheduler=rendered.scheduler,
             device=str(self.device),
             timings=timings,
             image_sha256=hashlib.sha256(png).hexdigest(),
         )
-        started = time.perf_counter()
         storage.put(key, png, "image/png")
         storage.put(side_key, json.dumps(meta, indent=2).encode(), "application/json")
-        timings["upload_s"] = time.perf_counter() - started
         return {
             "job_id": work.job_id,
             "task_id": work.task_id,

@@ -114,3 +114,42 @@ class Artifact(Base):
         UniqueConstraint("job_id", "plan_digest", "style", "seed", name="uq_artifacts_image"),
         Index("ix_artifacts_task_id", "task_id"),
     )
+
+
+class Worker(Base):
+    """One worker process incarnation (a restart is a new row), with its heartbeat.
+
+    `id` is `NODE#INCARNATION`; `node` (`archfarm-cuda0@host`) is stable across restarts, so a blocklist
+    on a node outlives a crash loop, while liveness is judged per incarnation.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    node: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(32))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    current_task: Mapped[str | None] = mapped_column(String(36), default=None)
+    models: Mapped[list[Any]] = mapped_column(default=list)
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    model_loads: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_workers_heartbeat", "stopped_at", "heartbeat_at"),)
+
+
+class TaskFailure(Base):
+    """One failed attempt: counts toward "failed on 3 nodes" (task) and "3 tasks failed here" (blocklist)."""
+
+    __tablename__ = "task_failures"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    node: Mapped[str] = mapped_column(String(255))
+    error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_task_failures_task", "task_id"), Index("ix_task_failures_job_node", "job_id", "node"))

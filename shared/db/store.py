@@ -8,13 +8,14 @@ image twice. SQLite ignores `FOR UPDATE SKIP LOCKED`, so nothing here relies on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.db.models import Artifact, Job, Task, TaskStatus, utcnow
+from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus, Worker, utcnow
 from shared.db.status import JobStatus, job_status
 
 MAX_ERROR_CHARS = 4000
@@ -37,17 +38,21 @@ def _transition(
 
 
 def claim_task(session: Session, task_id: str, worker: str) -> bool:
-    """queued → running for `worker`; False when another delivery, a cancel or a finish got there first."""
-    return _transition(
-        session,
-        task_id,
-        [TaskStatus.QUEUED],
-        TaskStatus.RUNNING,
-        worker=worker,
-        attempts=Task.attempts + 1,
-        started_at=utcnow(),
-        error=None,
+    """queued → running for `worker`; False when another worker, a cancel or a finish got there first.
+
+    A task already running *for this worker* is claimed again: a worker runs one task at a time, so being
+    handed a task it holds means its previous attempt died with its pool process.
+    """
+    stmt = (
+        update(Task)
+        .where(
+            Task.id == task_id,
+            or_(Task.status == TaskStatus.QUEUED, and_(Task.status == TaskStatus.RUNNING, Task.worker == worker)),
+        )
+        .values(status=TaskStatus.RUNNING, worker=worker, attempts=Task.attempts + 1, started_at=utcnow(), error=None)
+        .execution_options(synchronize_session=False)
     )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
 
 
 def finish_task(session: Session, task_id: str, worker: str) -> bool:
@@ -72,7 +77,43 @@ def fail_task(session: Session, task_id: str, worker: str, error: str) -> bool:
 
 def release_task(session: Session, task_id: str, worker: str, status: TaskStatus = TaskStatus.QUEUED) -> bool:
     """running → queued (handed back) or cancelled (stopped by a cancel), for the holding worker."""
-    return _transition(session, task_id, [TaskStatus.RUNNING], status, held_by=worker, finished_at=None)
+    values: dict[str, Any] = {"finished_at": utcnow() if status is TaskStatus.CANCELLED else None}
+    if status is TaskStatus.QUEUED:
+        values["worker"] = None
+    return _transition(session, task_id, [TaskStatus.RUNNING], status, held_by=worker, **values)
+
+
+def requeue_held(session: Session, worker: str) -> list[str]:
+    """Every task running for `worker` back to queued (it died or is stopping); ids to send again."""
+    return list(
+        session.scalars(
+            update(Task)
+            .where(Task.worker == worker, Task.status == TaskStatus.RUNNING)
+            .values(status=TaskStatus.QUEUED, worker=None, started_at=None)
+            .returning(Task.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+def record_failure(session: Session, task_id: str, job_id: str, node: str, error: str) -> int:
+    """Store one failed attempt; returns how many distinct nodes have now failed this task."""
+    session.add(TaskFailure(task_id=task_id, job_id=job_id, node=node, error=error[:MAX_ERROR_CHARS]))
+    session.flush()
+    return int(
+        session.scalar(select(func.count(func.distinct(TaskFailure.node))).where(TaskFailure.task_id == task_id))
+        or 0
+    )
+
+
+def is_blocklisted(session: Session, job_id: str, node: str, limit: int) -> bool:
+    """A node that failed `limit` distinct tasks of a job stops taking that job's tasks."""
+    failed = session.scalar(
+        select(func.count(func.distinct(TaskFailure.task_id))).where(
+            TaskFailure.job_id == job_id, TaskFailure.node == node
+        )
+    )
+    return int(failed or 0) >= limit
 
 
 def cancel_job(session: Session, job_id: str) -> int:
@@ -127,3 +168,51 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         set_={c: stmt.excluded[c] for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes")},
     )
     session.execute(stmt)
+
+
+def register_worker(session: Session, worker_id: str, node: str, device: str, pid: int) -> None:
+    session.add(Worker(id=worker_id, node=node, device=device, pid=pid))
+
+
+def heartbeat(session: Session, worker_id: str) -> bool:
+    """Refresh a live worker's heartbeat; False if it was declared dead meanwhile (it must stop)."""
+    result = session.execute(
+        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(heartbeat_at=utcnow())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def worker_progress(
+    session: Session, worker_id: str, *, current_task: str | None, models: list[str], images: int, loads: int
+) -> None:
+    """What a worker is doing, for `archfarm status` and the operator: task, resident models, counters."""
+    session.execute(
+        update(Worker)
+        .where(Worker.id == worker_id)
+        .values(
+            current_task=current_task, models=models, images_done=Worker.images_done + images, model_loads=loads
+        )
+    )
+
+
+def stop_worker(session: Session, worker_id: str) -> bool:
+    result = session.execute(
+        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(stopped_at=utcnow())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def reap(session: Session, timeout_s: float) -> list[str]:
+    """Declare workers silent for `timeout_s` dead and requeue their running tasks; returns the task ids.
+
+    Each dead worker is claimed by one conditional UPDATE, so concurrent reapers never double-send.
+    """
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    stale = session.scalars(
+        select(Worker.id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)
+    ).all()
+    requeued: list[str] = []
+    for worker_id in stale:
+        if stop_worker(session, worker_id):
+            requeued += requeue_held(session, worker_id)
+    return requeued

@@ -102,6 +102,10 @@ class ModelCache:
         self.loads[location] += 1
         return controlnet
 
+    def resident(self) -> list[str]:
+        """Locations of every model held in memory, for the worker's heartbeat row."""
+        return [*self._bases, *self._controlnets]
+
     def identity(self, ref: str) -> dict[str, str | None]:
         """What exactly `ref` names, for recording next to each result.
 

@@ -1,0 +1,108 @@
+"""The Celery application's configuration and the one way tasks are sent.
+
+Producers and workers build the same app from settings. Messages carry only a task id; everything else is
+read from the database, so a message can be re-sent at any time (retry, reaper, shutdown) without harm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.config import Settings
+from shared.db.models import Job, Task
+from shared.errors import InvalidInput
+from shared.limits import task_time_limit
+from shared.spec import Profile
+
+RENDER_TASK = "archfarm.render"
+PRIORITY_LEVELS = 10
+_CHUNK = 1000  # ids per IN (...) query, well under every backend's bound-parameter limit
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Celery configured for long GPU tasks: JSON only, late acks, one message per worker at a time."""
+    if not settings.broker_url:
+        raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
+    app = Celery("archfarm", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # state lives in the database, not in a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Above the longest task (submit refuses longer ones), or a running task is delivered twice.
+            "visibility_timeout": settings.visibility_timeout,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
+        },
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def broker_priority(job_priority: int) -> int:
+    """Job priority 0-100 (higher first) to the Redis transport's 0-9 (lower first)."""
+    return round((100 - job_priority) * (PRIORITY_LEVELS - 1) / 100)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What a task's message needs besides its id: where it sorts in the queue and how long it may run."""
+
+    task_id: str
+    priority: int
+    time_limit: int
+
+
+def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: Iterable[str]) -> list[Message]:
+    """Messages for stored tasks (retry, reaper, shutdown), in the order given."""
+    ids = list(task_ids)
+    found: dict[str, Message] = {}
+    limits: dict[str, int] = {}
+    with sessions() as session:
+        for start in range(0, len(ids), _CHUNK):
+            rows = session.execute(
+                select(Task.id, Task.job_id, Job.priority, Job.spec)
+                .join(Job, Job.id == Task.job_id)
+                .where(Task.id.in_(ids[start : start + _CHUNK]))
+            )
+            for task_id, job_id, priority, spec in rows:
+                if job_id not in limits:
+                    limits[job_id] = task_time_limit(Profile.model_validate(spec["profile"]), settings)
+                found[task_id] = Message(task_id, priority, limits[job_id])
+    return [found[i] for i in ids if i in found]
+
+
+def send_tasks(app: Celery, messages: Iterable[Message], countdown: float = 0) -> int:
+    """Send one message per task, in order, over one connection; returns how many were sent.
+
+    Order matters: a job's tasks share one model stack, and sending them back to back lets every worker
+    keep its stack resident instead of swapping between jobs.
+    """
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for message in messages:
+            app.send_task(
+                RENDER_TASK,
+                args=[message.task_id],
+                queue=app.conf.task_default_queue,
+                priority=broker_priority(message.priority),
+                time_limit=message.time_limit,
+                soft_time_limit=int(message.time_limit * 0.9),
+                countdown=countdown or None,
+                producer=producer,
+            )
+            sent += 1
+    return sent
