@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,160 @@ class _Reporter:
         if not self.interactive:
             seeds = ",".join(map(str, self.tasks[task_id]))
             out.print(f"[{self.done}/{self.total}] {self.names[task_id]} seeds {seeds}: {status.value}", markup=False)
+
+
+def _farm():  # type: ignore[no-untyped-def]
+    from producer.client import Farm
+
+    return Farm(Settings())
+
+
+def _print_json(data: object) -> None:
+    out.print(json.dumps(data, default=str), markup=False, highlight=False)
+
+
+@app.command()
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="Job YAML or JSON file.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job has finished.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Validate a job, store it with its tasks in one transaction, enqueue them, and print the job id."""
+    try:
+        with _farm() as farm:
+            job_id = farm.submit(job_file)
+            view = farm.wait(job_id) if wait else farm.status(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(view.to_dict())
+    else:
+        out.print(job_id if not wait else f"{job_id} {view.status.value}", markup=False)
+    if wait and view.status.value != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A job id; all recent jobs when omitted.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it finishes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """One job with per-state task counts, ETA and a progress bar, or a table of recent jobs."""
+    from producer.client import TERMINAL_JOB
+
+    try:
+        with _farm() as farm:
+            if job_id is None:
+                views = farm.jobs()
+                if as_json:
+                    _print_json([v.to_dict() for v in views])
+                else:
+                    for v in views:
+                        out.print(f"{v.id}  {v.status.value:<20} {v.done}/{v.total}  {v.name}", markup=False)
+                return
+            view = farm.status(job_id)
+            if watch and not as_json:
+                with Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA {task.fields[eta]}"),
+                    console=out,
+                    disable=not out.is_terminal,
+                ) as bar:
+                    task = bar.add_task(view.status.value, total=view.total, completed=view.done, eta="?")
+                    while view.status not in TERMINAL_JOB:
+                        time.sleep(1.0)
+                        view = farm.status(job_id)
+                        eta = "?" if view.eta_s is None else f"{view.eta_s:.0f}s"
+                        bar.update(task, completed=view.done, description=view.status.value, eta=eta)
+            elif watch:
+                view = farm.wait(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(view.to_dict())
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in view.counts.items() if v)
+    eta = "" if view.eta_s is None else f", ETA {view.eta_s:.0f} s"
+    out.print(
+        f"{view.id} {view.name}: {view.status.value} ({view.done}/{view.total} tasks: {counts}{eta})", markup=False
+    )
+    for failure in view.failures:
+        out.print(
+            f"  failed {failure['plan']}/{failure['style']} seeds {failure['seeds']}: {failure['error']}", markup=False
+        )
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) -> None:
+    """Queued tasks never start; running ones stop at their next step."""
+    try:
+        with _farm() as farm:
+            cancelled = farm.cancel(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{job_id}: cancelled {cancelled} queued task(s); running ones stop at their next step", markup=False)
+
+
+@app.command()
+def retry(job_id: Annotated[str, typer.Argument(help="The job to retry.")]) -> None:
+    """Requeue failed and cancelled tasks (and re-send queued ones)."""
+    try:
+        with _farm() as farm:
+            sent = farm.retry(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{job_id}: sent {sent} task(s)", markup=False)
+
+
+@app.command()
+def results(
+    job_id: Annotated[str, typer.Argument(help="The job.")],
+    download: Annotated[Path | None, typer.Option("--download", help="Copy images and sidecars here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List a job's images (URL, style, seed, size), or download them."""
+    try:
+        with _farm() as farm:
+            artifacts = farm.results(job_id)
+            written = farm.download(job_id, download) if download is not None else []
+    except ArchfarmError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json(
+            {"job": job_id, "artifacts": [a.to_dict() for a in artifacts], "downloaded": [str(p) for p in written]}
+        )
+        return
+    for artifact in artifacts:
+        out.print(
+            f"{artifact.style}\tseed {artifact.seed}\t{artifact.width}x{artifact.height}\t{artifact.url}", markup=False
+        )
+    if download is not None:
+        out.print(f"downloaded {len(written)} file(s) to {download}", markup=False)
+
+
+@app.command()
+def worker(
+    devices: Annotated[str, typer.Option("--devices", help="auto, cuda:0,1, cpu or cpu:N")] = "auto",
+    queues: Annotated[
+        str | None, typer.Option("--queues", help="Comma-separated queues (default: ARCHFARM_QUEUE).")
+    ] = None,
+) -> None:
+    """Run one Celery worker process per device until stopped (SIGTERM: finish the current task first)."""
+    from workers.launcher import launch, parse_devices
+
+    try:
+        settings = Settings()
+        if not settings.broker_url:
+            _fail("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
+        chosen = parse_devices(devices)
+        names = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
+    except ArchfarmError as e:
+        _fail(str(e))
+    raise typer.Exit(launch(chosen, names))
 
 
 @db_app.command("upgrade")

@@ -101,8 +101,7 @@ def record_failure(session: Session, task_id: str, job_id: str, node: str, error
     session.add(TaskFailure(task_id=task_id, job_id=job_id, node=node, error=error[:MAX_ERROR_CHARS]))
     session.flush()
     return int(
-        session.scalar(select(func.count(func.distinct(TaskFailure.node))).where(TaskFailure.task_id == task_id))
-        or 0
+        session.scalar(select(func.count(func.distinct(TaskFailure.node))).where(TaskFailure.task_id == task_id)) or 0
     )
 
 
@@ -189,9 +188,7 @@ def worker_progress(
     session.execute(
         update(Worker)
         .where(Worker.id == worker_id)
-        .values(
-            current_task=current_task, models=models, images_done=Worker.images_done + images, model_loads=loads
-        )
+        .values(current_task=current_task, models=models, images_done=Worker.images_done + images, model_loads=loads)
     )
 
 
@@ -208,9 +205,7 @@ def reap(session: Session, timeout_s: float) -> list[str]:
     Each dead worker is claimed by one conditional UPDATE, so concurrent reapers never double-send.
     """
     cutoff = utcnow() - timedelta(seconds=timeout_s)
-    stale = session.scalars(
-        select(Worker.id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)
-    ).all()
+    stale = session.scalars(select(Worker.id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)).all()
     requeued: list[str] = []
     for worker_id in stale:
         if stop_worker(session, worker_id):

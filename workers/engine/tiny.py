@@ -32,7 +32,6 @@ _TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
 _MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
 
 
-
 def _word_merges() -> list[tuple[str, str]]:
     """Merges that spell each word of the built-in styles, so their prompts fit CLIP's 77 tokens as they do
     with a real vocabulary (byte by byte they would be cut); every byte stays reachable without them."""

@@ -1,0 +1,239 @@
+"""The Python API for programs that submit work: the same operations as the CLI.
+
+    farm = Farm()                      # settings from ARCHFARM_* variables
+    job_id = farm.submit("job.yaml")   # validated, stored in one transaction, then enqueued
+    view = farm.wait(job_id)
+    for artifact in farm.results(job_id): ...
+
+With no broker configured, `submit` renders the job in this process before it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from producer.database import open_database
+from producer.submit import persist, prepare
+from shared.broker import Message, make_celery, messages_for, send_tasks
+from shared.config import Settings
+from shared.db.models import Artifact, Job, Task, TaskStatus, utcnow
+from shared.db.status import JobStatus
+from shared.db.store import cancel_job, retry_job, status_of
+from shared.errors import InvalidInput, StorageError
+from shared.limits import check_fits_visibility
+from shared.spec import JobSpec, load_job, parse_model
+from shared.storage import open_storage
+
+TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
+
+
+@dataclass(frozen=True)
+class JobView:
+    id: str
+    name: str
+    priority: int
+    status: JobStatus
+    counts: dict[str, int]
+    total: int
+    output_url: str
+    created_at: datetime
+    eta_s: float | None
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(s.value, 0) for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "priority": self.priority,
+            "status": self.status.value,
+            "counts": self.counts,
+            "total": self.total,
+            "output_url": self.output_url,
+            "created_at": self.created_at.isoformat(),
+            "eta_s": self.eta_s,
+            "failures": self.failures,
+        }
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    plan_digest: str
+    style: str
+    seed: int
+    url: str
+    sidecar_url: str
+    width: int
+    height: int
+    size_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Farm:
+    """A connection to the farm's database (and broker, when one is configured)."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.engine, self.sessions = open_database(self.settings)
+        self._celery = make_celery(self.settings) if self.settings.broker_url else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Farm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, job: JobSpec | Mapping[str, Any] | str | Path) -> str:
+        """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
+
+        Nothing is stored when validation fails. Without a broker the job is rendered here and now.
+        """
+        spec = _as_spec(job)
+        if self._celery is None:
+            from producer.local import render_local
+
+            return render_local(spec, self.settings).job_id
+        limit = check_fits_visibility(spec.profile, self.settings)
+        prepared = prepare(spec, self.settings)
+        with self.sessions.begin() as session:
+            persist(session, prepared)
+        send_tasks(self._celery, (Message(t.id, spec.priority, limit) for t in prepared.tasks))
+        return prepared.id
+
+    def status(self, job_id: str) -> JobView:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise InvalidInput(f"no job {job_id!r}")
+            status, counts = status_of(session, job)
+            first_start = session.scalar(select(func.min(Task.started_at)).where(Task.job_id == job_id))
+            failures = [
+                {
+                    "task": task_id,
+                    "plan": plan,
+                    "style": style,
+                    "seeds": ",".join(map(str, seeds)),
+                    "error": error or "",
+                }
+                for task_id, plan, style, seeds, error in session.execute(
+                    select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
+                    .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+                    .order_by(Task.ordinal)
+                    .limit(100)
+                )
+            ]
+        by_value = {s.value: counts.get(s, 0) for s in TaskStatus}
+        view = JobView(
+            id=job.id,
+            name=job.name,
+            priority=job.priority,
+            status=status,
+            counts=by_value,
+            total=sum(by_value.values()),
+            output_url=job.output_url,
+            created_at=job.created_at,
+            eta_s=None,
+            failures=failures,
+        )
+        return _with_eta(view, first_start)
+
+    def jobs(self, limit: int = 50) -> list[JobView]:
+        with self.sessions() as session:
+            ids = session.scalars(select(Job.id).order_by(Job.created_at.desc()).limit(limit)).all()
+        return [self.status(job_id) for job_id in ids]
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> JobView:
+        """Block until the job is finished (any terminal outcome) or `timeout` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.status(job_id)
+            if view.status in TERMINAL_JOB or (deadline is not None and time.monotonic() >= deadline):
+                return view
+            time.sleep(poll)
+
+    def cancel(self, job_id: str) -> int:
+        """Queued tasks never start; running ones stop at their next step. Returns tasks cancelled now."""
+        self.status(job_id)
+        with self.sessions.begin() as session:
+            return cancel_job(session, job_id)
+
+    def retry(self, job_id: str) -> int:
+        """Requeue failed and cancelled tasks and (re)send every queued task; returns how many were sent.
+
+        Re-sending tasks that are already queued is harmless (a task is claimed once) and repairs a submit
+        whose sending was cut off by a broker outage.
+        """
+        self.status(job_id)
+        with self.sessions.begin() as session:
+            retry_job(session, job_id)
+            queued = session.scalars(
+                select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
+            ).all()
+        if self._celery is None:
+            raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
+        return send_tasks(self._celery, messages_for(self.sessions, self.settings, queued))
+
+    def results(self, job_id: str) -> list[ArtifactView]:
+        self.status(job_id)
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.style, Artifact.seed, Artifact.id)
+            ).all()
+        return [
+            ArtifactView(r.plan_digest, r.style, r.seed, r.url, r.sidecar_url, r.width, r.height, r.size_bytes)
+            for r in rows
+        ]
+
+    def download(self, job_id: str, folder: Path) -> list[Path]:
+        """Copy every image and sidecar of the job into `folder`, keeping their relative keys."""
+        view = self.status(job_id)
+        storage = open_storage(
+            view.output_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
+        )
+        prefix = view.output_url.rstrip("/") + "/"
+        written: list[Path] = []
+        for artifact in self.results(job_id):
+            for url in (artifact.url, artifact.sidecar_url):
+                key = url.removeprefix(prefix)
+                target = folder / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    target.write_bytes(storage.get(key))
+                except FileNotFoundError:
+                    raise StorageError(f"{url}: recorded but missing from storage") from None
+                written.append(target)
+        return written
+
+
+def _as_spec(job: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
+    if isinstance(job, JobSpec):
+        return job
+    if isinstance(job, str | Path):
+        return load_job(Path(job))
+    return parse_model(JobSpec, dict(job))
+
+
+def _with_eta(view: JobView, first_start: datetime | None) -> JobView:
+    """Remaining tasks at the rate observed since the first task started."""
+    remaining = view.total - view.done
+    if not remaining or not view.done or first_start is None:
+        return view
+    if first_start.tzinfo is None:  # SQLite hands datetimes back naive (they are stored as UTC)
+        first_start = first_start.replace(tzinfo=utcnow().tzinfo)
+    elapsed = (utcnow() - first_start).total_seconds()
+    return JobView(**{**view.__dict__, "eta_s": remaining * elapsed / view.done})
