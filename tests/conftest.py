@@ -81,6 +81,19 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis server; tests isolate themselves with a queue name of their own."""
+    import redis
+
+    url = os.environ.get("ARCHFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        service_missing(f"Redis not reachable at {url}: {type(e).__name__}")
+    return url
+
+
 @pytest.fixture
 def example_plan() -> Path:
     return EXAMPLE_PLAN

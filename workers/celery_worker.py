@@ -34,6 +34,10 @@ from shared.db.session import make_engine, session_factory
 from shared.db.store import heartbeat, reap, record_failure, register_worker, requeue_held, stop_worker
 from shared.errors import TransientError
 
+# Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
+# a fraction of a second instead of re-importing them.
+from workers.runner import Runner
+
 log = logging.getLogger("archfarm.worker")
 
 settings = get_settings()
@@ -44,7 +48,7 @@ WORKER_ID = f"{NODE}#{uuid.uuid4().hex[:8]}"
 
 _engine = make_engine(settings.database_url)
 _sessions = session_factory(_engine)
-_runner = None
+_runner: Runner | None = None
 _stop = threading.Event()
 
 
@@ -66,12 +70,10 @@ def render(self: CeleryTask, task_id: str) -> str | None:
     return status.value if status is not None else None
 
 
-def runner():  # type: ignore[no-untyped-def]
+def runner() -> Runner:
     """The pool process's runner, created on its first task so CUDA starts in this process only."""
     global _runner
     if _runner is None:
-        from workers.runner import Runner
-
         _runner = Runner(settings, _sessions, WORKER_ID, node=NODE, resend=resend)
     return _runner
 

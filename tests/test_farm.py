@@ -1,0 +1,301 @@
+"""The distributed farm with real parts: Redis, PostgreSQL, SeaweedFS S3 and `archfarm worker` processes.
+
+Workers are real launcher processes with CPU devices; kills are real signals. Each test gets its own queue,
+database contents and bucket, so nothing leaks between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+from sqlalchemy import func, select, text
+
+from producer.client import Farm
+from shared.config import Settings
+from shared.db.models import Artifact, Base, Task, TaskStatus, Worker
+from shared.db.session import make_engine
+from shared.db.status import JobStatus
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
+
+FAST = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 4, "controls": [{"kind": "canny"}]}
+SLOW = {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 25, "controls": [{"kind": "canny"}]}
+
+
+@pytest.fixture
+def farm_env(
+    postgres_url: str, redis_url: str, s3_server, s3_bucket: str, models_dir: Path, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    queue = f"archfarm-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "ARCHFARM_BROKER_URL": redis_url,
+        "ARCHFARM_DATABASE_URL": postgres_url,
+        "ARCHFARM_STORAGE_URL": f"s3://{s3_bucket}/renders",
+        "ARCHFARM_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "ARCHFARM_S3_REGION": s3_server.region,
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+        "ARCHFARM_QUEUE": queue,
+        "ARCHFARM_HEARTBEAT_INTERVAL": "0.5",
+        "ARCHFARM_HEARTBEAT_TIMEOUT": "4",
+        "HF_HUB_OFFLINE": "1",
+    }
+    yield env
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        names = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
+        connection.execute(text(f"TRUNCATE {names} CASCADE"))
+    engine.dispose()
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{queue}*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def farm(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    with Farm(Settings()) as client:
+        yield client
+
+
+class WorkerProcess:
+    """An `archfarm worker` launcher and what it started."""
+
+    def __init__(self, env: dict[str, str], devices: str, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "--devices", devices],
+            env={**os.environ, **env},
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_workers(farm_env: dict[str, str], farm: Farm, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(devices: str = "cpu:1", expect: int = 1) -> WorkerProcess:
+        before = live_workers(farm)
+        worker = WorkerProcess(farm_env, devices, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        wait_for(lambda: live_workers(farm) >= before + expect, 60, f"workers to start ({worker.log})")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    for worker in started:
+        assert worker.proc.returncode is not None
+
+
+def live_workers(farm: Farm) -> int:
+    with farm.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Worker).where(Worker.stopped_at.is_(None))) or 0)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job(plan: Path, profile: dict, seeds: int, styles: list[str] | None = None) -> dict:
+    return {
+        "name": "farm-test",
+        "plans": [str(plan)],
+        "styles": styles or ["modern", "japandi"],
+        "seeds": {"count": seeds},
+        "profile": profile,
+    }
+
+
+def running_task(farm: Farm, job_id: str) -> tuple[str, str] | None:
+    with farm.sessions() as session:
+        row = session.execute(
+            select(Task.id, Task.worker).where(Task.job_id == job_id, Task.status == TaskStatus.RUNNING).limit(1)
+        ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def pid_of(farm: Farm, worker_id: str) -> int:
+    with farm.sessions() as session:
+        return int(session.scalar(select(Worker.pid).where(Worker.id == worker_id)))
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def assert_exactly_one_artifact_per_image(farm: Farm, job_id: str, images: int, s3_server, bucket: str) -> None:
+    with farm.sessions() as session:
+        rows = session.execute(select(Artifact.style, Artifact.seed).where(Artifact.job_id == job_id)).all()
+    assert len(rows) == len(set(rows)) == images
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(
+            Bucket=bucket, Prefix=f"renders/{job_id}/"
+        )["Contents"]
+    ]
+    assert len([k for k in keys if k.endswith(".png")]) == images
+    assert len([k for k in keys if k.endswith(".json")]) == images
+
+
+def test_submit_render_upload_status(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str, farm_env: dict[str, str]
+) -> None:
+    start_workers("cpu:2", expect=2)
+    job_id = farm.submit(job(example_plan, FAST, seeds=3))
+    view = farm.wait(job_id, timeout=120)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 6
+    assert_exactly_one_artifact_per_image(farm, job_id, 6, s3_server, s3_bucket)
+    sidecar = json.loads(
+        boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+        .get_object(Bucket=s3_bucket, Key=farm.results(job_id)[0].sidecar_url.split(f"{s3_bucket}/", 1)[1])["Body"]
+        .read()
+    )
+    assert sidecar["job"]["id"] == job_id and sidecar["models"]["base"]["name"] == "tiny-sd15"
+    with farm.sessions() as session:
+        workers = session.scalars(select(Worker).where(Worker.stopped_at.is_(None))).all()
+    assert sum(w.images_done for w in workers) == 6
+    assert all(w.model_loads <= 2 for w in workers)  # base + ControlNet, once per process
+    # The CLI's --json view of the same job, from another process.
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "status", job_id, "--json"],
+        env={**os.environ, **farm_env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shown = json.loads(result.stdout)
+    assert shown["status"] == "succeeded" and shown["counts"]["succeeded"] == 6
+
+
+def test_cancel_stops_queued_and_running_tasks(farm: Farm, start_workers, example_plan: Path) -> None:
+    start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, SLOW, seeds=4))
+    wait_for(lambda: running_task(farm, job_id), 60, "a task to start")
+    farm.cancel(job_id)
+    view = farm.wait(job_id, timeout=60)
+    assert view.status is JobStatus.CANCELLED
+    assert view.counts["running"] == view.counts["queued"] == 0
+    assert view.counts["cancelled"] >= 7  # the running one stops at its next step unless it had just finished
+    time.sleep(2)  # nothing starts after a cancel
+    assert farm.status(job_id).counts == view.counts
+
+
+def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.png"
+    plan.write_bytes(example_plan.read_bytes())
+    job_id = farm.submit(job(plan, FAST, seeds=2))
+    plan.write_bytes(b"changed after submit")  # every task now fails for good: its plan changed
+    start_workers("cpu:1")
+    view = farm.wait(job_id, timeout=60)
+    assert view.status is JobStatus.FAILED and view.counts["failed"] == 4
+    assert "the plan changed after the job was submitted" in view.failures[0]["error"]
+    plan.write_bytes(example_plan.read_bytes())
+    assert farm.retry(job_id) == 4
+    view = farm.wait(job_id, timeout=60)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4
+
+
+def test_sigkill_of_the_pool_process_mid_task(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str
+) -> None:
+    start_workers("cpu:2", expect=2)
+    job_id = farm.submit(job(example_plan, SLOW, seeds=2))
+    task = wait_for_value(lambda: running_task(farm, job_id), 60, "a task to start")
+    main_pid = pid_of(farm, task[1])
+    (child,) = children_of(main_pid)
+    os.kill(child, signal.SIGKILL)
+    view = farm.wait(job_id, timeout=120)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4
+    assert_exactly_one_artifact_per_image(farm, job_id, 4, s3_server, s3_bucket)
+    with farm.sessions() as session:
+        assert session.scalar(select(Task.attempts).where(Task.id == task[0])) >= 2
+
+
+def test_sigkill_of_a_whole_worker_mid_task(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str
+) -> None:
+    start_workers("cpu:1")
+    start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, SLOW, seeds=2))
+    task = wait_for_value(lambda: running_task(farm, job_id), 60, "a task to start")
+    main_pid = pid_of(farm, task[1])
+    (child,) = children_of(main_pid)
+    os.kill(main_pid, signal.SIGKILL)
+    wait_for(
+        lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
+        10,
+        "the orphaned pool process to die with its worker",
+    )
+    started = time.monotonic()
+    view = farm.wait(job_id, timeout=120)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4
+    assert_exactly_one_artifact_per_image(farm, job_id, 4, s3_server, s3_bucket)
+    # Recovered by the reaper (heartbeat timeout 4 s here), not by Redis's visibility timeout (hours).
+    assert time.monotonic() - started < 90
+    with farm.sessions() as session:
+        dead = session.scalar(select(Worker).where(Worker.id == task[1]))
+        assert dead is not None and dead.stopped_at is not None
+
+
+def test_bad_job_is_refused_at_submit_with_nothing_stored(
+    farm: Farm, farm_env: dict[str, str], example_plan: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(job(example_plan, FAST, seeds=2, styles=["modern", "rococo"])))
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", str(path), "--json"],
+        env={**os.environ, **farm_env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"archfarm: error: {path}: styles: unknown style 'rococo' (built-in: brutalist, industrial, japandi, "
+        "mediterranean, minimalist, modern, scandinavian)"
+    ]
+    with farm.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Task)) == 0
+    assert redis.Redis.from_url(farm_env["ARCHFARM_BROKER_URL"]).llen(farm_env["ARCHFARM_QUEUE"]) == 0
+
+
+def wait_for_value(get: Callable[[], object], timeout: float, what: str):  # type: ignore[no-untyped-def]
+    found: list[object] = []
+    wait_for(lambda: found.append(get()) or found[-1], timeout, what)
+    return found[-1]
