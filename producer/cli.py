@@ -310,6 +310,23 @@ def worker(
     raise typer.Exit(launch(chosen, names))
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the REST API (submit, status, cancel, retry, results)."""
+    import uvicorn
+
+    from producer.api import create_app
+
+    try:
+        application = create_app()
+    except ArchfarmError as e:
+        _fail(str(e))
+    uvicorn.run(application, host=host, port=port)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply the schema migrations to ARCHFARM_DATABASE_URL."""

@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from producer.client import Farm
+from shared.config import Settings
 from shared.db.models import Base
 from shared.db.session import make_engine, session_factory, upgrade
 
@@ -84,8 +87,6 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """The real Redis server; tests isolate themselves with a queue name of their own."""
-    import redis
-
     url = os.environ.get("ARCHFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
@@ -97,3 +98,46 @@ def redis_url() -> str:
 @pytest.fixture
 def example_plan() -> Path:
     return EXAMPLE_PLAN
+
+
+@pytest.fixture
+def farm_env(
+    postgres_url: str, redis_url: str, s3_server, s3_bucket: str, models_dir: Path, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    queue = f"archfarm-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "ARCHFARM_BROKER_URL": redis_url,
+        "ARCHFARM_DATABASE_URL": postgres_url,
+        "ARCHFARM_STORAGE_URL": f"s3://{s3_bucket}/renders",
+        "ARCHFARM_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "ARCHFARM_S3_REGION": s3_server.region,
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+        "ARCHFARM_QUEUE": queue,
+        "ARCHFARM_HEARTBEAT_INTERVAL": "0.5",
+        "ARCHFARM_HEARTBEAT_TIMEOUT": "4",
+        "HF_HUB_OFFLINE": "1",
+    }
+    yield env
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        names = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
+        connection.execute(text(f"TRUNCATE {names} CASCADE"))
+    engine.dispose()
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{queue}*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def farm(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    with Farm(Settings()) as client:
+        yield client
+
+
+def queued_messages(broker_url: str, queue: str) -> int:
+    """Messages waiting in a queue, over kombu's per-priority Redis lists (`QUEUE`, `QUEUE:N`)."""
+    client = redis.Redis.from_url(broker_url)
+    keys = [queue, *(f"{queue}:{level}" for level in range(1, 10))]
+    return sum(int(client.llen(key)) for key in keys)

@@ -12,61 +12,22 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-import redis
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from producer.client import Farm
-from shared.config import Settings
-from shared.db.models import Artifact, Base, Task, TaskStatus, Worker
-from shared.db.session import make_engine
+from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
+from tests.conftest import queued_messages
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
 FAST = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 4, "controls": [{"kind": "canny"}]}
 SLOW = {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 25, "controls": [{"kind": "canny"}]}
-
-
-@pytest.fixture
-def farm_env(
-    postgres_url: str, redis_url: str, s3_server, s3_bucket: str, models_dir: Path, tmp_path: Path
-) -> Iterator[dict[str, str]]:
-    queue = f"archfarm-test-{uuid.uuid4().hex[:8]}"
-    env = {
-        "ARCHFARM_BROKER_URL": redis_url,
-        "ARCHFARM_DATABASE_URL": postgres_url,
-        "ARCHFARM_STORAGE_URL": f"s3://{s3_bucket}/renders",
-        "ARCHFARM_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "ARCHFARM_S3_REGION": s3_server.region,
-        "ARCHFARM_MODELS_DIR": str(models_dir),
-        "ARCHFARM_QUEUE": queue,
-        "ARCHFARM_HEARTBEAT_INTERVAL": "0.5",
-        "ARCHFARM_HEARTBEAT_TIMEOUT": "4",
-        "HF_HUB_OFFLINE": "1",
-    }
-    yield env
-    engine = make_engine(postgres_url)
-    with engine.begin() as connection:
-        names = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
-        connection.execute(text(f"TRUNCATE {names} CASCADE"))
-    engine.dispose()
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(f"{queue}*"):
-        client.delete(key)
-
-
-@pytest.fixture
-def farm(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Farm]:
-    for key, value in farm_env.items():
-        monkeypatch.setenv(key, value)
-    with Farm(Settings()) as client:
-        yield client
 
 
 class WorkerProcess:
@@ -292,7 +253,7 @@ def test_bad_job_is_refused_at_submit_with_nothing_stored(
     ]
     with farm.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Task)) == 0
-    assert redis.Redis.from_url(farm_env["ARCHFARM_BROKER_URL"]).llen(farm_env["ARCHFARM_QUEUE"]) == 0
+    assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
 
 
 def wait_for_value(get: Callable[[], object], timeout: float, what: str):  # type: ignore[no-untyped-def]

@@ -1,0 +1,111 @@
+"""The REST API against the real services: submit, status, cancel, results with pre-signed links."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from fastapi.testclient import TestClient
+
+from producer.api import create_app
+from shared.config import Settings
+from tests.conftest import queued_messages
+from workers.runner import Runner
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
+
+PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
+
+
+@pytest.fixture
+def api(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings())) as client:
+        yield client
+
+
+@pytest.fixture
+def s3_plan(s3_server, s3_bucket: str, example_plan: Path) -> str:  # type: ignore[no-untyped-def]
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
+        Bucket=s3_bucket, Key="plans/ground.png", Body=example_plan.read_bytes()
+    )
+    return f"s3://{s3_bucket}/plans/ground.png"
+
+
+def job(plan: str, **changes: object) -> dict:
+    return {
+        "name": "api",
+        "plans": [plan],
+        "styles": ["modern", "industrial"],
+        "seeds": [1, 2],
+        "profile": PROFILE,
+        **changes,
+    }
+
+
+def test_submit_queues_every_task_and_cancel_stops_them(
+    api: TestClient, s3_plan: str, farm_env: dict[str, str]
+) -> None:
+    response = api.post("/jobs", json=job(s3_plan))
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert response.json()["status"] == "queued" and response.json()["total"] == 4
+    assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 4
+    assert api.get(f"/jobs/{job_id}").json()["counts"]["queued"] == 4
+    assert [j["id"] for j in api.get("/jobs").json()] == [job_id]
+    cancelled = api.post(f"/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["counts"]["cancelled"] == 4
+
+
+def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: dict[str, str]) -> None:
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    farm = api.app.state.farm  # type: ignore[attr-defined]
+    runner = Runner(farm.settings, farm.sessions, "test-worker")  # what a worker would do with the messages
+    with farm.sessions() as session:
+        from sqlalchemy import select
+
+        from shared.db.models import Task
+
+        for task_id in session.scalars(select(Task.id).where(Task.job_id == job_id)):
+            runner.run(task_id)
+    runner.close()
+    body = api.get(f"/jobs/{job_id}/results").json()
+    assert body["status"] == "succeeded" and len(body["artifacts"]) == 4
+    with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # noqa: S310 - loopback
+        assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"plans": ["/etc/passwd"]}, "plans: '/etc/passwd': the API takes s3:// URLs only"),
+        ({"output": "file:///tmp/x"}, "output: 'file:///tmp/x': the API takes s3:// URLs only"),
+        ({"styles": ["gothic"]}, "styles: unknown style 'gothic'"),
+        ({"profile": {**PROFILE, "width": 100}}, "profile.width: 100 is not a multiple of 8"),
+    ],
+)
+def test_bad_jobs_are_refused_with_one_line(
+    api: TestClient, s3_plan: str, changes: dict, expected: str, farm_env: dict[str, str]
+) -> None:
+    response = api.post("/jobs", json=job(s3_plan, **changes))
+    assert response.status_code == 422
+    assert expected in response.json()["detail"]
+    assert api.get("/jobs").json() == []
+    assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
+
+
+def test_missing_plan_object_and_unknown_job(api: TestClient, s3_bucket: str) -> None:
+    response = api.post("/jobs", json=job(f"s3://{s3_bucket}/plans/nope.png"))
+    assert response.status_code == 422 and "no such file" in response.json()["detail"]
+    assert api.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+
+
+def test_without_a_broker_the_api_refuses_to_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", broker_url=None)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/jobs", json=job("s3://bucket/plan.png"))
+    assert response.status_code == 503
