@@ -260,3 +260,18 @@ def wait_for_value(get: Callable[[], object], timeout: float, what: str):  # typ
     found: list[object] = []
     wait_for(lambda: found.append(get()) or found[-1], timeout, what)
     return found[-1]
+
+
+def test_sigterm_finishes_the_current_task_and_loses_nothing(farm: Farm, start_workers, example_plan: Path) -> None:
+    worker = start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, SLOW, seeds=2))
+    task_id, _ = wait_for_value(lambda: running_task(farm, job_id), 60, "a task to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0
+    with farm.sessions() as session:
+        statuses = dict(session.execute(select(Task.id, Task.status).where(Task.job_id == job_id)).all())
+    assert statuses.pop(task_id) is TaskStatus.SUCCEEDED  # finished, not abandoned
+    assert set(statuses.values()) <= {TaskStatus.QUEUED, TaskStatus.SUCCEEDED}
+    assert live_workers(farm) == 0
+    start_workers("cpu:1")  # the rest is still in the queue
+    assert farm.wait(job_id, timeout=120).status is JobStatus.SUCCEEDED

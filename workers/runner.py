@@ -201,6 +201,7 @@ class Runner:
             models=self.cache.resident(),
             images=images,
             loads=sum(self.cache.loads.values()),
+            swaps=self.cache.swaps,
         )
 
     def storage(self, url: str) -> Storage:

@@ -136,6 +136,7 @@ class Worker(Base):
     models: Mapped[list[Any]] = mapped_column(default=list)
     images_done: Mapped[int] = mapped_column(Integer, default=0)
     model_loads: Mapped[int] = mapped_column(Integer, default=0)
+    stack_swaps: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_workers_heartbeat", "stopped_at", "heartbeat_at"),)
 

@@ -182,13 +182,26 @@ def heartbeat(session: Session, worker_id: str) -> bool:
 
 
 def worker_progress(
-    session: Session, worker_id: str, *, current_task: str | None, models: list[str], images: int, loads: int
+    session: Session,
+    worker_id: str,
+    *,
+    current_task: str | None,
+    models: list[str],
+    images: int,
+    loads: int,
+    swaps: int,
 ) -> None:
     """What a worker is doing, for `archfarm status` and the operator: task, resident models, counters."""
     session.execute(
         update(Worker)
         .where(Worker.id == worker_id)
-        .values(current_task=current_task, models=models, images_done=Worker.images_done + images, model_loads=loads)
+        .values(
+            current_task=current_task,
+            models=models,
+            images_done=Worker.images_done + images,
+            model_loads=loads,
+            stack_swaps=swaps,
+        )
     )
 
 

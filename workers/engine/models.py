@@ -60,6 +60,8 @@ class ModelCache:
         self.dtype = dtype
         self.loads: Counter[str] = Counter()
         self.hits: Counter[str] = Counter()
+        self.swaps = 0
+        self._last_stack: tuple[str, ...] | None = None
         self._bases: dict[str, dict[str, Any]] = {}
         self._controlnets: dict[str, ControlNetModel] = {}
         self._identities: dict[str, dict[str, str | None]] = {}
@@ -101,6 +103,13 @@ class ModelCache:
         self._controlnets[location] = controlnet
         self.loads[location] += 1
         return controlnet
+
+    def note_stack(self, stack: tuple[str, ...]) -> None:
+        """Count a swap whenever a render uses another model stack than the one before: the number that
+        routing work by stack keeps low."""
+        if self._last_stack is not None and stack != self._last_stack:
+            self.swaps += 1
+        self._last_stack = stack
 
     def resident(self) -> list[str]:
         """Locations of every model held in memory, for the worker's heartbeat row."""

@@ -87,6 +87,7 @@ def render(
     _check(controls, seeds, width, height, scheduler, output_type)
     components = cache.base(base)
     units = [cache.controlnet(control.model) for control in controls]
+    cache.note_stack((base, *(control.model for control in controls)))
     pipe = StableDiffusionControlNetPipeline(
         **{**components, "scheduler": _fresh_scheduler(components["scheduler"], scheduler)},
         controlnet=units[0] if len(units) == 1 else MultiControlNetModel(units),

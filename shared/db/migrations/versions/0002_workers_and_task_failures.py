@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("models", sa.JSON(), nullable=False),
         sa.Column("images_done", sa.Integer(), nullable=False),
         sa.Column("model_loads", sa.Integer(), nullable=False),
+        sa.Column("stack_swaps", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("workers", schema=None) as batch_op:

@@ -1,0 +1,124 @@
+"""Failure policy of a worker's runner, on both databases with real files and storage.
+
+A failing task is retried on other workers and fails for good after three; a worker that failed three
+tasks of a job hands that job's tasks on; bad input fails at once; a storage outage hands the task back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.submit import persist, prepare
+from shared.config import Settings
+from shared.db.models import Task, TaskStatus
+from shared.spec import JobSpec
+from workers.runner import BLOCKED_DELAY_S, Runner
+
+PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
+
+
+class Resent(list):
+    """What a worker would have sent to the broker again."""
+
+    def __call__(self, task_ids: list[str], delay: float) -> None:
+        self.extend((task_id, delay) for task_id in task_ids)
+
+
+def submit(sessions: sessionmaker[Session], settings: Settings, plan: Path, seeds: int, output: str) -> list[str]:
+    spec = JobSpec.model_validate(
+        {"plans": [str(plan)], "styles": ["modern"], "seeds": {"count": seeds}, "profile": PROFILE, "output": output}
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    return [t.id for t in job.tasks]
+
+
+def task(sessions: sessionmaker[Session], task_id: str) -> Task:
+    with sessions() as session:
+        return session.get_one(Task, task_id)
+
+
+@pytest.fixture
+def settings(database_url: str, models_dir: Path) -> Settings:
+    return Settings(database_url=database_url, models_dir=models_dir, device="cpu")
+
+
+@pytest.fixture
+def plan(tmp_path: Path, example_plan: Path) -> Path:
+    path = tmp_path / "plan.png"
+    path.write_bytes(example_plan.read_bytes())
+    return path
+
+
+def runner(settings: Settings, sessions: sessionmaker[Session], node: str, resend: Resent) -> Runner:
+    return Runner(settings, sessions, f"{node}#1", node=node, resend=resend)
+
+
+def test_a_failing_task_moves_on_and_fails_for_good_after_three_workers(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.unlink()  # the plan vanished after submit: not the worker's fault, so another one tries
+    resent = Resent()
+    for attempt, node in enumerate(["gpu-a", "gpu-b", "gpu-c"], start=1):
+        runner(settings, sessions, node, resent).run(task_id)
+        row = task(sessions, task_id)
+        if attempt < 3:
+            assert row.status is TaskStatus.QUEUED and row.worker is None
+            assert resent[-1] == (task_id, 0)
+    assert row.status is TaskStatus.FAILED
+    assert row.error.startswith("failed on 3 workers, last: FileNotFoundError")
+    assert len(resent) == 2
+
+
+def test_a_worker_that_failed_three_tasks_of_a_job_hands_the_rest_on(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    ids = submit(sessions, settings, plan, 4, str(tmp_path / "out"))
+    plan.unlink()
+    resent = Resent()
+    bad = runner(settings, sessions, "gpu-bad", resent)
+    for task_id in ids[:3]:
+        bad.run(task_id)
+    assert bad.run(ids[3]) is TaskStatus.QUEUED
+    assert resent[-1] == (ids[3], BLOCKED_DELAY_S)
+    fourth = task(sessions, ids[3])
+    assert fourth.status is TaskStatus.QUEUED and fourth.attempts == 0  # never claimed by the blocklisted node
+
+
+def test_bad_input_fails_at_once(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.write_bytes(b"edited")
+    resent = Resent()
+    assert runner(settings, sessions, "gpu-a", resent).run(task_id) is TaskStatus.FAILED
+    assert "the plan changed after the job was submitted" in task(sessions, task_id).error
+    assert resent == []
+
+
+@pytest.mark.s3
+def test_a_storage_outage_hands_the_task_back_until_storage_returns(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> None:
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
+    bucket = f"late-{uuid.uuid4().hex[:12]}"
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    resent = Resent()
+    worker = runner(settings, sessions, "gpu-a", resent)
+    worker.run(task_id)
+    worker.flush()  # the upload runs behind the render
+    assert task(sessions, task_id).status is TaskStatus.QUEUED
+    assert resent == [(task_id, BLOCKED_DELAY_S)]
+    s3_server.client().create_bucket(Bucket=bucket)
+    worker.run(task_id)
+    worker.close()
+    assert task(sessions, task_id).status is TaskStatus.SUCCEEDED
+    with sessions() as session:
+        assert session.scalar(select(Task.attempts).where(Task.id == task_id)) == 2
