@@ -1,0 +1,206 @@
+"""Farm benchmark: in-process vs distributed wall time, per-task overhead, model loads and swaps per worker.
+
+    python bench/farm.py [--tasks 40] [--json]
+
+Needs PostgreSQL and Redis on 127.0.0.1 (override with ARCHFARM_BENCH_POSTGRES_URL / ARCHFARM_BENCH_REDIS_URL);
+results go to a temporary folder; tiny models are built into ARCHFARM_MODELS_DIR (or a temporary folder).
+Creates a throwaway database and queue and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from sqlalchemy import create_engine, select, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from producer.client import Farm  # noqa: E402
+from producer.local import render_local  # noqa: E402
+from shared.broker import Message, send_tasks  # noqa: E402
+from shared.config import Settings  # noqa: E402
+from shared.db.models import Task, Worker  # noqa: E402
+from shared.db.session import make_engine, upgrade  # noqa: E402
+from shared.limits import task_time_limit  # noqa: E402
+from shared.spec import JobSpec  # noqa: E402
+from workers.engine.presets import resolve  # noqa: E402
+
+PLAN = ROOT / "examples" / "floorplan.png"
+PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 4, "controls": [{"kind": "canny"}]}
+
+
+def job(seeds: int, output: Path, controlnet: str | None = None) -> JobSpec:
+    profile = dict(PROFILE)
+    if controlnet:
+        profile["controls"] = [{"kind": "canny", "model": controlnet}]
+    return JobSpec.model_validate(
+        {
+            "name": "bench",
+            "plans": [str(PLAN)],
+            "styles": ["modern", "japandi"],
+            "seeds": {"count": seeds},
+            "profile": profile,
+            "output": str(output),
+        }
+    )
+
+
+def compute_seconds(output: Path) -> float:
+    """Render + preprocess time recorded in the sidecars (per task, counted once per task)."""
+    per_task: dict[str, float] = {}
+    for sidecar in output.rglob("*.json"):
+        meta = json.loads(sidecar.read_text())
+        per_task[meta["task"]] = meta["timings"]["render_s"] + meta["timings"]["preprocess_s"]
+    return sum(per_task.values())
+
+
+def wait_done(farm: Farm, job_ids: list[str], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    for job_id in job_ids:
+        view = farm.wait(job_id, timeout=max(1.0, deadline - time.monotonic()), poll=0.05)
+        if view.status.value != "succeeded":
+            raise SystemExit(f"job {job_id} ended {view.status.value}: {view.failures[:1]}")
+
+
+def worker_counters(farm: Farm) -> dict[str, tuple[int, int]]:
+    with farm.sessions() as session:
+        rows = session.execute(
+            select(Worker.id, Worker.model_loads, Worker.stack_swaps).where(Worker.stopped_at.is_(None))
+        )
+        return {worker_id: (loads, swaps) for worker_id, loads, swaps in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=40, help="tasks per job (even)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    args = parser.parse_args()
+
+    pg = os.environ.get("ARCHFARM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    broker = os.environ.get("ARCHFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    work = Path(tempfile.mkdtemp(prefix="archfarm-bench-"))
+    db_name = f"archfarm_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{db_name}"'))
+    database_url = pg.rsplit("/", 1)[0] + f"/{db_name}"
+    engine = make_engine(database_url)
+    upgrade(engine)
+    engine.dispose()
+    models_dir = Path(os.environ.get("ARCHFARM_MODELS_DIR") or work / "models")
+    env = {
+        "ARCHFARM_DATABASE_URL": database_url,
+        "ARCHFARM_BROKER_URL": broker,
+        "ARCHFARM_QUEUE": f"bench-{uuid.uuid4().hex[:8]}",
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+        "ARCHFARM_STORAGE_URL": str(work / "out"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    os.environ.update(env)
+    # A second ControlNet (another folder, so another model to the cache) for the two-stack measurement.
+    other = work / "canny-b"
+    shutil.copytree(resolve("tiny-canny", models_dir), other)
+    seeds = args.tasks // 2
+    results: dict[str, Any] = {"tasks": args.tasks, "profile": PROFILE}
+    worker = None
+    try:
+        # In-process: the embedded path, same database, one warm-up job first so models are resident.
+        settings = Settings(broker_url=None)
+        render_local(job(2, work / "warm"), settings)
+        started = time.perf_counter()
+        render_local(job(seeds, work / "inprocess"), settings)
+        wall = time.perf_counter() - started
+        results["inprocess_wall_s"] = wall
+        results["inprocess_overhead_ms"] = (wall - compute_seconds(work / "inprocess")) / args.tasks * 1000
+
+        # Two distributed workers on this machine.
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "worker", "--devices", "cpu:2"],
+            env={**os.environ},
+            stdout=(work / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        farm = Farm(Settings())
+        deadline = time.monotonic() + 120
+        while len(worker_counters(farm)) < 2:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"workers did not start; see {work / 'worker.log'}")
+            time.sleep(0.2)
+        wait_done(farm, [farm.submit(job(4, work / "warm2"))])
+        started = time.perf_counter()
+        job_id = farm.submit(job(seeds, work / "distributed"))
+        wait_done(farm, [job_id])
+        wall = time.perf_counter() - started
+        results["distributed_2_wall_s"] = wall
+        results["distributed_2_overhead_ms"] = (2 * wall - compute_seconds(work / "distributed")) / args.tasks * 1000
+        with farm.sessions() as session:
+            rows = session.execute(select(Task.started_at, Task.finished_at).where(Task.job_id == job_id)).all()
+        results["distributed_task_db_span_ms_median"] = median(
+            (f - s).total_seconds() * 1000 for s, f in rows if s and f
+        )
+
+        # Two stacks: grouped (job A's tasks, then job B's) vs interleaved arrival (A, B, A, B, ...).
+        for order in ("grouped", "interleaved"):
+            before = worker_counters(farm)
+            prepared = []
+            for name, controlnet in (("a", None), ("b", str(other))):
+                spec = job(seeds, work / f"{order}-{name}", controlnet)
+                prepared.append(spec)
+            ids = [submit_without_sending(farm, spec) for spec in prepared]
+            messages = [
+                [Message(t, 50, task_time_limit(prepared[0].profile, farm.settings)) for t in ids_] for _, ids_ in ids
+            ]
+            if order == "grouped":
+                sequence = messages[0] + messages[1]
+            else:
+                sequence = [m for pair in zip(messages[0], messages[1], strict=True) for m in pair]
+            send_tasks(farm._celery, sequence)  # noqa: SLF001 - the bench replays arrival orders
+            wait_done(farm, [job_id for job_id, _ in ids])
+            after = worker_counters(farm)
+            results[f"{order}_loads_per_worker"] = {w: after[w][0] - before[w][0] for w in after}
+            results[f"{order}_swaps_per_worker"] = {w: after[w][1] - before[w][1] for w in after}
+        farm.close()
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(120)
+        admin.dispose()
+        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        admin.dispose()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'measure':<40} value")
+    for key, value in results.items():
+        if key != "profile":
+            shown = f"{value:.1f}" if isinstance(value, float) else value
+            print(f"{key:<40} {shown}")
+    if args.json:
+        print(json.dumps(results))
+
+
+def submit_without_sending(farm: Farm, spec: JobSpec) -> tuple[str, list[str]]:
+    from producer.submit import persist, prepare
+
+    prepared = prepare(spec, farm.settings)
+    with farm.sessions.begin() as session:
+        persist(session, prepared)
+    return prepared.id, [t.id for t in prepared.tasks]
+
+
+if __name__ == "__main__":
+    main()
