@@ -109,7 +109,7 @@ class Farm:
 
             return render_local(spec, self.settings).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
-        prepared = prepare(spec, self.settings)
+        prepared = prepare(spec, self.settings, stage=True)
         with self.sessions.begin() as session:
             persist(session, prepared)
         send_tasks(self._celery, (Message(t.id, spec.priority, limit) for t in prepared.tasks))

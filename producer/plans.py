@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse
 from shared.config import Settings
 from shared.errors import InvalidInput, PlanError
 from shared.images import content_hash, decode_image
-from shared.storage import canonical_url, read_url
+from shared.storage import Storage, canonical_url, read_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +58,20 @@ def load_plans(plans: Sequence[str], settings: Settings) -> list[Plan]:
         seen[ref.digest] = plan
         loaded.append(ref)
     return loaded
+
+
+def stage_plans(plans: Sequence[Plan], storage: Storage) -> list[Plan]:
+    """Copy local plans into `storage` under `plans/DIGEST.EXT`; s3:// plans are already shared."""
+    staged = []
+    for plan in plans:
+        if plan.url.startswith("s3://"):
+            staged.append(plan)
+            continue
+        data = read_url(plan.url)
+        if content_hash(data) != plan.digest:
+            raise PlanError(f"{plan.url}: changed while the job was being submitted")
+        key = f"plans/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"
+        if not storage.exists(key):
+            storage.put(key, data, "application/octet-stream")
+        staged.append(Plan(url=storage.url(key), name=plan.name, digest=plan.digest))
+    return staged

@@ -13,11 +13,11 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
-from producer.plans import load_plans
+from producer.plans import load_plans, stage_plans
 from shared.config import Settings
 from shared.db.models import Job, Task
 from shared.spec import JobSpec
-from shared.storage import canonical_url
+from shared.storage import canonical_url, open_storage_from_settings
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,17 @@ class PreparedJob:
     tasks: list[TaskSpec]
 
 
-def prepare(spec: JobSpec, settings: Settings) -> PreparedJob:
-    """Check the plans and the output URL and expand the task list; raises `InvalidInput` on any problem."""
+def prepare(spec: JobSpec, settings: Settings, *, stage: bool = False) -> PreparedJob:
+    """Check the plans and the output URL and expand the task list; raises `InvalidInput` on any problem.
+
+    With `stage`, local plans are copied into the configured storage once everything has been checked, so
+    workers on other machines read the same bytes (content-addressed: a plan is stored once).
+    """
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     plans = load_plans(spec.plans, settings)
+    if stage:
+        plans = stage_plans(plans, open_storage_from_settings(settings))
     return PreparedJob(id=job_id, spec=spec, output_url=output_url, tasks=expand(spec, plans, job_id))
 
 

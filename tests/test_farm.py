@@ -177,16 +177,17 @@ def test_cancel_stops_queued_and_running_tasks(farm: Farm, start_workers, exampl
     assert farm.status(job_id).counts == view.counts
 
 
-def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Path, tmp_path: Path) -> None:
-    plan = tmp_path / "plan.png"
-    plan.write_bytes(example_plan.read_bytes())
-    job_id = farm.submit(job(plan, FAST, seeds=2))
-    plan.write_bytes(b"changed after submit")  # every task now fails for good: its plan changed
+def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str) -> None:
+    job_id = farm.submit(job(example_plan, FAST, seeds=2))
+    # Local plans are staged into storage at submit; remove the copy so every attempt fails.
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    (staged,) = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="renders/plans/")["Contents"]]
+    s3.delete_object(Bucket=s3_bucket, Key=staged)
     start_workers("cpu:1")
     view = farm.wait(job_id, timeout=60)
     assert view.status is JobStatus.FAILED and view.counts["failed"] == 4
-    assert "the plan changed after the job was submitted" in view.failures[0]["error"]
-    plan.write_bytes(example_plan.read_bytes())
+    assert {"FileNotFoundError" in f["error"] or "blocklisted" in f["error"] for f in view.failures} == {True}
+    s3.put_object(Bucket=s3_bucket, Key=staged, Body=example_plan.read_bytes())
     assert farm.retry(job_id) == 4
     view = farm.wait(job_id, timeout=60)
     assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4

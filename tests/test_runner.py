@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.submit import persist, prepare
 from shared.config import Settings
 from shared.db.models import Task, TaskStatus
+from shared.db.store import register_worker, stop_worker
 from shared.spec import JobSpec
 from workers.runner import BLOCKED_DELAY_S, Runner
 
@@ -73,7 +74,7 @@ def test_a_failing_task_moves_on_and_fails_for_good_after_three_workers(
             assert row.status is TaskStatus.QUEUED and row.worker is None
             assert resent[-1] == (task_id, 0)
     assert row.status is TaskStatus.FAILED
-    assert row.error.startswith("failed on 3 workers, last: FileNotFoundError")
+    assert row.error.startswith("failed 3 times on 3 workers, last: FileNotFoundError")
     assert len(resent) == 2
 
 
@@ -84,12 +85,33 @@ def test_a_worker_that_failed_three_tasks_of_a_job_hands_the_rest_on(
     plan.unlink()
     resent = Resent()
     bad = runner(settings, sessions, "gpu-bad", resent)
+    with sessions.begin() as session:  # two live workers: the bad one and a healthy one
+        register_worker(session, "gpu-bad#1", "gpu-bad", "cuda:0", 1)
+        register_worker(session, "gpu-good#1", "gpu-good", "cuda:0", 2)
     for task_id in ids[:3]:
         bad.run(task_id)
     assert bad.run(ids[3]) is TaskStatus.QUEUED
     assert resent[-1] == (ids[3], BLOCKED_DELAY_S)
     fourth = task(sessions, ids[3])
     assert fourth.status is TaskStatus.QUEUED and fourth.attempts == 0  # never claimed by the blocklisted node
+    with sessions.begin() as session:  # the healthy worker leaves: nobody may run the job any more
+        stop_worker(session, "gpu-good#1")
+    assert bad.run(ids[3]) is TaskStatus.FAILED
+    assert task(sessions, ids[3]).error == "every live worker is blocklisted for this job"
+
+
+def test_one_worker_alone_gives_up_after_five_attempts(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.unlink()
+    resent = Resent()
+    alone = runner(settings, sessions, "gpu-a", resent)
+    for _ in range(5):
+        alone.run(task_id)
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.FAILED and row.error.startswith("failed 5 times on 1 workers")
+    assert len(resent) == 4
 
 
 def test_bad_input_fails_at_once(

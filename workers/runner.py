@@ -29,11 +29,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.config import Settings
 from shared.db.models import Job, Task, TaskStatus
 from shared.db.store import (
+    blocklisted_nodes,
     claim_task,
     fail_task,
     finish_task,
-    is_blocklisted,
     is_cancelled,
+    live_nodes,
     record_artifacts,
     record_failure,
     release_task,
@@ -61,6 +62,8 @@ ResendFn = Callable[[list[str], float], None]
 CANCEL_POLL_S = 0.5
 FAILED_NODES_LIMIT = 3
 """A task that failed on this many different nodes fails for good."""
+FAILED_ATTEMPTS_LIMIT = 5
+"""... and so does one that failed this many times in all (a farm of one or two workers)."""
 BLOCKLIST_LIMIT = 3
 """A node that failed this many tasks of a job stops taking that job's tasks."""
 BLOCKED_DELAY_S = 5.0
@@ -125,16 +128,20 @@ class Runner:
         Returns the task's state as this call leaves it: RUNNING while its upload is pending, None when the
         task no longer exists. A TransientError is re-raised after handing the task back, for a retry.
         """
-        blocked = False
         with self.sessions.begin() as session:
             job_id = session.scalar(select(Task.job_id).where(Task.id == task_id))
             if job_id is None:
                 return None
-            if self.resend is not None and is_blocklisted(session, job_id, self.node, BLOCKLIST_LIMIT):
-                blocked = True
-            elif not claim_task(session, task_id, self.worker):
-                return session.scalar(select(Task.status).where(Task.id == task_id))
-            else:
+            blocked = self.resend is not None and self.node in (
+                excluded := blocklisted_nodes(session, job_id, BLOCKLIST_LIMIT)
+            )
+            if blocked and not live_nodes(session) - excluded:
+                if claim_task(session, task_id, self.worker):
+                    fail_task(session, task_id, self.worker, "every live worker is blocklisted for this job")
+                return TaskStatus.FAILED
+            if not blocked:
+                if not claim_task(session, task_id, self.worker):
+                    return session.scalar(select(Task.status).where(Task.id == task_id))
                 work = _load_work(session, task_id)
                 self._progress(session, current_task=task_id)
         if blocked:
@@ -175,9 +182,11 @@ class Runner:
             return self._leave(task_id, TaskStatus.FAILED, reason)
         log.warning("task %s failed on %s: %s", task_id, self.node, reason)
         with self.sessions.begin() as session:
-            nodes = record_failure(session, task_id, work.job_id, self.node, reason)
-        if nodes >= FAILED_NODES_LIMIT:
-            return self._leave(task_id, TaskStatus.FAILED, f"failed on {nodes} workers, last: {reason}")
+            nodes, attempts = record_failure(session, task_id, work.job_id, self.node, reason)
+        if nodes >= FAILED_NODES_LIMIT or attempts >= FAILED_ATTEMPTS_LIMIT:
+            return self._leave(
+                task_id, TaskStatus.FAILED, f"failed {attempts} times on {nodes} workers, last: {reason}"
+            )
         status = self._leave(task_id, TaskStatus.QUEUED)
         self.resend([task_id], 0)
         return status

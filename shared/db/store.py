@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -96,23 +96,29 @@ def requeue_held(session: Session, worker: str) -> list[str]:
     )
 
 
-def record_failure(session: Session, task_id: str, job_id: str, node: str, error: str) -> int:
-    """Store one failed attempt; returns how many distinct nodes have now failed this task."""
+def record_failure(session: Session, task_id: str, job_id: str, node: str, error: str) -> tuple[int, int]:
+    """Store one failed attempt; returns (distinct nodes, attempts) that have now failed this task."""
     session.add(TaskFailure(task_id=task_id, job_id=job_id, node=node, error=error[:MAX_ERROR_CHARS]))
     session.flush()
-    return int(
-        session.scalar(select(func.count(func.distinct(TaskFailure.node))).where(TaskFailure.task_id == task_id)) or 0
-    )
+    nodes, attempts = session.execute(
+        select(func.count(func.distinct(TaskFailure.node)), func.count()).where(TaskFailure.task_id == task_id)
+    ).one()
+    return int(nodes), int(attempts)
 
 
-def is_blocklisted(session: Session, job_id: str, node: str, limit: int) -> bool:
-    """A node that failed `limit` distinct tasks of a job stops taking that job's tasks."""
-    failed = session.scalar(
-        select(func.count(func.distinct(TaskFailure.task_id))).where(
-            TaskFailure.job_id == job_id, TaskFailure.node == node
-        )
+def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
+    """Nodes that failed `limit` distinct tasks of a job: they stop taking that job's tasks."""
+    rows = session.execute(
+        select(TaskFailure.node)
+        .where(TaskFailure.job_id == job_id)
+        .group_by(TaskFailure.node)
+        .having(func.count(func.distinct(TaskFailure.task_id)) >= limit)
     )
-    return int(failed or 0) >= limit
+    return set(rows.scalars())
+
+
+def live_nodes(session: Session) -> set[str]:
+    return set(session.scalars(select(Worker.node).where(Worker.stopped_at.is_(None))))
 
 
 def cancel_job(session: Session, job_id: str) -> int:
@@ -128,8 +134,12 @@ def cancel_job(session: Session, job_id: str) -> int:
 
 
 def retry_job(session: Session, job_id: str) -> list[str]:
-    """Failed and cancelled tasks back to queued; returns their ids, for the caller to enqueue."""
+    """Failed and cancelled tasks back to queued; returns their ids, for the caller to enqueue.
+
+    The job's failure history goes too: a retry says the cause was fixed, so no worker stays blocklisted.
+    """
     session.execute(update(Job).where(Job.id == job_id).values(cancelled_at=None))
+    session.execute(delete(TaskFailure).where(TaskFailure.job_id == job_id))
     ids = list(
         session.scalars(
             update(Task)
