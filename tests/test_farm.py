@@ -276,3 +276,20 @@ def test_sigterm_finishes_the_current_task_and_loses_nothing(farm: Farm, start_w
     assert live_workers(farm) == 0
     start_workers("cpu:1")  # the rest is still in the queue
     assert farm.wait(job_id, timeout=120).status is JobStatus.SUCCEEDED
+
+
+def test_second_sigint_stops_at_once_and_the_task_runs_elsewhere(farm: Farm, start_workers, example_plan: Path) -> None:
+    slow = {**SLOW, "steps": 60}
+    worker = start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, slow, seeds=1, styles=["modern"]))
+    task_id, _ = wait_for_value(lambda: running_task(farm, job_id), 60, "the task to start")
+    worker.proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    stopped = time.monotonic()
+    worker.proc.send_signal(signal.SIGINT)
+    worker.proc.wait(60)
+    assert time.monotonic() - stopped < 20  # did not wait for the render (60 steps at 256²)
+    with farm.sessions() as session:
+        assert session.scalar(select(Task.status).where(Task.id == task_id)) is TaskStatus.QUEUED
+    start_workers("cpu:1")
+    assert farm.wait(job_id, timeout=180).status is JobStatus.SUCCEEDED
