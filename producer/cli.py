@@ -112,6 +112,23 @@ def render(
         _fail(f"{len(report.errors)} of {len(report.statuses)} tasks failed", code=1)
 
 
+@app.command()
+def rerender(
+    sidecar: Annotated[Path, typer.Argument(help="The JSON sidecar written beside an image.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the new image.")] = Path("rerendered"),
+) -> None:
+    """Render an image again from its sidecar (bitwise identical on a CPU)."""
+    from producer.rerender import rerender as rerender_image
+
+    try:
+        result = rerender_image(sidecar, out_dir, Settings())
+    except ArchfarmError as e:
+        _fail(str(e))
+    for name in result.model_changes:
+        err.print(f"archfarm: warning: model {name} has other weights than when the image was made", markup=False)
+    out.print(str(result.image), markup=False)
+
+
 class _Reporter:
     """A progress bar on a terminal, one plain line per finished task otherwise (logs, CI, pipes)."""
 

@@ -61,7 +61,7 @@ def load_plans(plans: Sequence[str], settings: Settings) -> list[Plan]:
 
 
 def stage_plans(plans: Sequence[Plan], storage: Storage) -> list[Plan]:
-    """Copy local plans into `storage` under `plans/DIGEST.EXT`; s3:// plans are already shared."""
+    """Copy local inputs (plans, control maps) into `storage` under `inputs/DIGEST.EXT`; s3:// ones are shared."""
     staged = []
     for plan in plans:
         if plan.url.startswith("s3://"):
@@ -70,7 +70,7 @@ def stage_plans(plans: Sequence[Plan], storage: Storage) -> list[Plan]:
         data = read_url(plan.url)
         if content_hash(data) != plan.digest:
             raise PlanError(f"{plan.url}: changed while the job was being submitted")
-        key = f"plans/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"
+        key = f"inputs/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"
         if not storage.exists(key):
             storage.put(key, data, "application/octet-stream")
         staged.append(Plan(url=storage.url(key), name=plan.name, digest=plan.digest))

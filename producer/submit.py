@@ -13,11 +13,11 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
-from producer.plans import load_plans, stage_plans
+from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
 from shared.db.models import Job, Task
-from shared.spec import JobSpec
-from shared.storage import canonical_url, open_storage_from_settings
+from shared.spec import ImageControl, JobSpec, Profile
+from shared.storage import Storage, canonical_url, open_storage_from_settings
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,33 @@ class PreparedJob:
 
 
 def prepare(spec: JobSpec, settings: Settings, *, stage: bool = False) -> PreparedJob:
-    """Check the plans and the output URL and expand the task list; raises `InvalidInput` on any problem.
+    """Check the plans, control images and output URL, and expand the task list; raises `InvalidInput`.
 
-    With `stage`, local plans are copied into the configured storage once everything has been checked, so
-    workers on other machines read the same bytes (content-addressed: a plan is stored once).
+    With `stage`, local plans and control images are copied into the configured storage once everything has
+    been checked, so workers on other machines read the same bytes (content-addressed: stored once).
     """
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     plans = load_plans(spec.plans, settings)
-    if stage:
-        plans = stage_plans(plans, open_storage_from_settings(settings))
+    storage = open_storage_from_settings(settings) if stage else None
+    if storage is not None:
+        plans = stage_plans(plans, storage)
+    spec = spec.model_copy(update={"profile": _with_control_images(spec.profile, settings, storage)})
     return PreparedJob(id=job_id, spec=spec, output_url=output_url, tasks=expand(spec, plans, job_id))
+
+
+def _with_control_images(profile: Profile, settings: Settings, storage: Storage | None) -> Profile:
+    """Read and check every `image` unit's map and pin its content hash into the profile (and so into
+    every output key), so a map edited later can neither go unnoticed nor overwrite earlier images."""
+    units = []
+    for unit in profile.controls:
+        if isinstance(unit, ImageControl):
+            image, _ = load_plan(unit.image, settings)
+            if storage is not None:
+                (image,) = stage_plans([image], storage)
+            unit = unit.model_copy(update={"image": image.url, "image_sha256": image.digest})
+        units.append(unit)
+    return profile.model_copy(update={"controls": units})
 
 
 def persist(session: Session, job: PreparedJob) -> None:

@@ -75,14 +75,56 @@ class CannyControl(_ControlBase):
         return blur
 
 
+class DepthControl(_ControlBase):
+    """Monocular depth of the plan image by a DPT model (what the seed's archviz pipeline uses)."""
+
+    kind: Literal["depth"]
+    depth_model: ModelRef | None = Field(
+        None, description="DPT model: preset, hub id or folder; default Intel/dpt-large (tiny-dpt for tiny bases)"
+    )
+    resolution: int = Field(384, ge=32, le=2048, description="the square input size of the depth model")
+
+    @field_validator("depth_model")
+    @classmethod
+    def _depth_model_exists(cls, ref: str | None) -> str | None:
+        return None if ref is None else _check_model_ref(ref)
+
+
+class PlanDepthControl(_ControlBase):
+    """Depth from the plan's geometry: walls near, floors receding from them, the outside far."""
+
+    kind: Literal["plan-depth"]
+    threshold: int = Field(128, ge=1, le=254, description="gray level below which a pixel is ink")
+    wall_px: int = Field(3, ge=1, le=64, description="thinnest stroke, in plan pixels, that counts as a wall")
+
+
 class PlanImageControl(_ControlBase):
     """The plan image itself, fitted to the render size, as the control map."""
 
     kind: Literal["none"]
-    model: ModelRef = Field(description="The ControlNet trained for this kind of map; there is no default.")
 
 
-ControlUnit = Annotated[CannyControl | PlanImageControl, Field(discriminator="kind")]
+class ImageControl(_ControlBase):
+    """A control map made elsewhere (pose, segmentation, line art), used as it is."""
+
+    kind: Literal["image"]
+    image: str = Field(min_length=1, max_length=2048, description="path, file:// or s3:// URL of the map")
+    image_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="set at submit: the map's content hash, part of the profile"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_url(cls, image: str) -> str:
+        if "://" in image and not image.startswith(_PLAN_SCHEMES):
+            raise ValueError(f"{image!r}: unsupported URL scheme (use a path, file:// or s3://)")
+        return image
+
+
+ControlUnit = Annotated[
+    CannyControl | DepthControl | PlanDepthControl | PlanImageControl | ImageControl, Field(discriminator="kind")
+]
+CONTROL_KINDS = ("canny", "depth", "plan-depth", "none", "image")
 
 
 class Profile(_Strict):
@@ -96,11 +138,29 @@ class Profile(_Strict):
     height: int = Field(512, ge=64, le=2048)
     seeds_per_task: int = Field(1, ge=1, le=64)
     scheduler: Literal[SCHEDULERS] = "default"  # type: ignore[valid-type]
+    vae: ModelRef | None = Field(None, description="a separate VAE, e.g. an fp16-safe SDXL VAE")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNets (once per worker and shape)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
+    quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only ControlNets (torchao)")
 
-    @field_validator("base")
+    @field_validator("base", "vae")
     @classmethod
-    def _base_exists(cls, ref: str) -> str:
-        return _check_model_ref(ref)
+    def _base_exists(cls, ref: str | None) -> str | None:
+        return None if ref is None else _check_model_ref(ref)
+
+    @model_validator(mode="after")
+    def _controlnets_known(self) -> Profile:
+        """Every unit without a `model` needs a default ControlNet for this base's family."""
+        from workers.engine.presets import default_controlnet
+
+        for index, unit in enumerate(self.controls):
+            if unit.model is None:
+                try:
+                    default_controlnet(self.base, unit.kind)
+                except InvalidInput as e:
+                    raise ValueError(f"controls.{index}.model: {e}") from None
+        return self
 
     @field_validator("width", "height")
     @classmethod

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import create_engine, func, select
@@ -176,3 +177,38 @@ def test_a_failed_render_is_reported_and_exits_non_zero(
     assert result.exit_code == 1
     assert "the plan changed after the job was submitted" in result.stderr
     assert "1 of 1 tasks failed" in result.stderr
+
+
+def test_rerender_reproduces_the_image_bitwise(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
+    profile = tmp_path / "batch.yaml"
+    profile.write_text(FAST_PROFILE.replace("steps: 3", "steps: 3\n  seeds_per_task: 2"))
+    first = CliRunner().invoke(
+        app,
+        [
+            "render",
+            str(example_plan),
+            "--style",
+            "modern",
+            "--seeds",
+            "2",
+            "--profile",
+            str(profile),
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
+    assert first.exit_code == 0, first.output
+    original = sorted((tmp_path / "a").rglob("seed-1_*.png"))[0]
+    again = CliRunner().invoke(app, ["rerender", str(original.with_suffix(".json")), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    copy = Path(again.stdout.strip())
+    assert copy.name == original.name
+    assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(original)))
+    assert "warning" not in again.stderr
+
+
+def test_rerender_refuses_what_is_not_a_sidecar(env: dict[str, str], tmp_path: Path) -> None:
+    bogus = tmp_path / "x.json"
+    bogus.write_text("{}")
+    result = CliRunner().invoke(app, ["rerender", str(bogus)])
+    assert result.exit_code == 2 and "not an archfarm sidecar" in result.stderr

@@ -181,7 +181,7 @@ def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Pa
     job_id = farm.submit(job(example_plan, FAST, seeds=2))
     # Local plans are staged into storage at submit; remove the copy so every attempt fails.
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
-    (staged,) = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="renders/plans/")["Contents"]]
+    (staged,) = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="renders/inputs/")["Contents"]]
     s3.delete_object(Bucket=s3_bucket, Key=staged)
     start_workers("cpu:1")
     view = farm.wait(job_id, timeout=60)

@@ -100,8 +100,57 @@ def test_job_size_is_capped() -> None:
     assert "over the limit" in error_of(job(plans=[f"p{i}.png" for i in range(1000)], seeds={"count": 1000}))
 
 
-def test_none_control_needs_a_model() -> None:
-    assert "model" in error_of(job(profile=profile(controls=[{"kind": "none"}])))
+def test_kinds_without_a_default_controlnet_need_a_model() -> None:
+    message = error_of(job(profile=profile(base="sd15", controls=[{"kind": "none"}])))
+    assert "profile: controls.0.model:" in message and "'none'" in message
+    named = profile(base="sd15", controls=[{"kind": "none", "model": "lllyasviel/sd-controlnet-seg"}])
+    assert parse_model(JobSpec, job(profile=named)).profile.controls[0].model == "lllyasviel/sd-controlnet-seg"
+
+
+def test_the_seed_documents_stacks_are_expressible(tmp_path: Path) -> None:
+    pose = tmp_path / "pose.png"
+    three = profile(
+        base="sd15",
+        controls=[
+            {"kind": "image", "image": str(pose), "model": "lllyasviel/sd-controlnet-openpose", "scale": 1.2},
+            {"kind": "depth", "scale": 0.7},
+            {"kind": "canny", "scale": 0.4},
+        ],
+    )
+    assert [u.scale for u in parse_model(JobSpec, job(profile=three)).profile.controls] == [1.2, 0.7, 0.4]
+    windows = profile(
+        controls=[
+            {"kind": "image", "image": str(pose), "scale": 1.0, "start": 0.0, "end": 0.5},
+            {"kind": "canny", "scale": 0.8, "start": 0.2, "end": 1.0},
+        ]
+    )
+    units = parse_model(JobSpec, job(profile=windows)).profile.controls
+    assert [(u.start, u.end) for u in units] == [(0.0, 0.5), (0.2, 1.0)]
+    archviz = profile(controls=[{"kind": "canny", "scale": 0.9}, {"kind": "plan-depth", "scale": 0.6}])
+    assert [u.kind for u in parse_model(JobSpec, job(profile=archviz)).profile.controls] == ["canny", "plan-depth"]
+
+
+@pytest.mark.parametrize(
+    ("unit", "expected"),
+    [
+        ({"kind": "depth", "resolution": 16}, "resolution: Input should be greater than or equal to 32"),
+        ({"kind": "depth", "depth_model": "no such"}, "is neither a preset"),
+        ({"kind": "plan-depth", "wall_px": 0}, "wall_px: Input should be greater than or equal to 1"),
+        ({"kind": "image"}, "image: Field required"),
+        ({"kind": "image", "image": "ftp://x/y.png"}, "unsupported URL scheme"),
+        ({"kind": "canny", "model": "../no/such/folder"}, "is neither a preset"),
+    ],
+)
+def test_bad_control_units(unit: dict, expected: str) -> None:
+    assert expected in error_of(job(profile=profile(controls=[unit])))
+
+
+def test_compile_quantize_and_vae_settings() -> None:
+    spec = parse_model(
+        JobSpec, job(profile=profile(compile=True, compile_backend="aot_eager", quantize="int8", vae="sdxl"))
+    )
+    assert (spec.profile.compile, spec.profile.compile_backend, spec.profile.quantize) == (True, "aot_eager", "int8")
+    assert "compile_mode" in error_of(job(profile=profile(compile_mode="fastest")))
 
 
 def test_profile_digest_changes_with_any_setting() -> None:

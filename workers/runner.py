@@ -297,6 +297,8 @@ class Runner:
         meta = sidecar(
             job={"id": work.job_id, "name": work.job_name},
             task_id=work.task_id,
+            key=key,
+            batch_seeds=work.seeds,
             plan={"file": work.plan_url.rsplit("/", 1)[-1], "url": work.plan_url, "sha256": work.plan_digest},
             style=work.style.model_dump(),
             seed=seed,

@@ -34,6 +34,8 @@ def sidecar(
     *,
     job: dict[str, Any],
     task_id: str,
+    key: str,
+    batch_seeds: list[int],
     plan: dict[str, Any],
     style: dict[str, Any],
     seed: int,
@@ -48,6 +50,10 @@ def sidecar(
         "format": "archfarm.sidecar/1",
         "job": job,
         "task": task_id,
+        "key": key,
+        # Seeds rendered in the same pipeline call: a batch matches one-seed renders only within 1/255, so an
+        # exact re-render repeats the whole batch.
+        "batch_seeds": batch_seeds,
         "plan": plan,
         "style": style,
         "seed": seed,
