@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Pessimistic seconds per denoising step at 512² with one ControlNet: sizes task time limits.",
     )
+    controlnet_cache_bytes: int | None = Field(
+        None, gt=0, description="ControlNets kept on the device (bytes); least recently used ones move to CPU memory."
+    )
+    offload_cache_bytes: int | None = Field(
+        None, ge=0, description="ControlNets kept in CPU memory after eviction (bytes) before they are dropped."
+    )
     device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
 
 

@@ -94,8 +94,18 @@ class PlanDepthControl(_ControlBase):
     """Depth from the plan's geometry: walls near, floors receding from them, the outside far."""
 
     kind: Literal["plan-depth"]
-    threshold: int = Field(128, ge=1, le=254, description="gray level below which a pixel is ink")
-    wall_px: int = Field(3, ge=1, le=64, description="thinnest stroke, in plan pixels, that counts as a wall")
+    threshold: int = Field(128, ge=1, le=255, description="gray level below which a pixel is ink")
+    wall_px: int = Field(4, ge=1, le=64, description="thinnest stroke that counts as a wall (plan at 1024 px)")
+    gap_px: int = Field(96, ge=0, le=512, description="openings narrower than this (doors) close the outline")
+    falloff_px: float = Field(48.0, gt=0, le=1024, description="distance over which floor falls from rim to floor")
+    floor: int = Field(96, ge=1, le=254, description="depth level of open floor")
+    rim: int = Field(176, ge=1, le=254, description="depth level of floor beside a wall")
+
+    @model_validator(mode="after")
+    def _levels(self) -> PlanDepthControl:
+        if self.rim < self.floor:
+            raise ValueError(f"rim ({self.rim}) must not be below floor ({self.floor})")
+        return self
 
 
 class PlanImageControl(_ControlBase):

@@ -1,12 +1,15 @@
-"""pytest plugin: the tiny model presets, built once per test session, and a CPU model cache over them.
+"""pytest plugin: the tiny model presets (SD 1.5- and SDXL-shaped), built once per test session, a CPU model
+cache over them, and a switch that keeps the Hugging Face hub out of a test.
 
-Listed in the root conftest's `pytest_plugins`, so any test can ask for `models_dir` or `model_cache`.
+Listed in the root conftest's `pytest_plugins`, so any test can ask for `models_dir`, `model_cache` or
+`hub_offline`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -16,7 +19,7 @@ from workers.engine.presets import PRESET_NAMES, resolve
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder holding every tiny preset, built offline (about a second) once per session."""
+    """A models folder holding every tiny preset, built offline (a few seconds) once per session."""
     folder = tmp_path_factory.mktemp("models")
     for name in sorted(PRESET_NAMES):
         resolve(name, folder)
@@ -27,3 +30,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_cache(models_dir: Path) -> ModelCache:
     """One cache for the session, as in a worker process: CPU, float32 (bitwise-reproducible there)."""
     return ModelCache(models_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub access: a hub id is looked up in the local cache only, so a test never waits on the network.
+
+    The hub library reads the variable at import; set both so nothing goes to the network either way.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -11,15 +11,16 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 from PIL import Image, ImageDraw
+from torch._dynamo.utils import counters as dynamo_counters
 
 from shared.errors import InvalidInput, ModelError
 from workers.engine import presets
+from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
 from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput, render
 from workers.engine.presets import default_controlnet, resolve
@@ -129,12 +130,23 @@ def test_resolve_kinds_of_reference(tmp_path: Path) -> None:
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_default_controlnet() -> None:
-    assert default_controlnet("tiny-sd15", "canny") == "tiny-canny"
+@pytest.mark.usefixtures("hub_offline")
+def test_default_controlnet(models_dir: Path) -> None:
+    for kind in ("canny", "depth", "plan-depth", "none", "image"):  # a tiny base's one net serves every kind
+        assert default_controlnet("tiny-sd15", kind) == "tiny-canny"
+        assert default_controlnet("tiny-sdxl", kind) == "tiny-sdxl-controlnet"
     assert default_controlnet("sd15", "canny") == "lllyasviel/sd-controlnet-canny"
+    for kind in ("depth", "plan-depth"):
+        assert default_controlnet("sd15", kind) == "lllyasviel/sd-controlnet-depth"
+    assert default_controlnet("sdxl", "canny") == "diffusers/controlnet-canny-sdxl-1.0"
+    assert default_controlnet(presets.ALIASES["sdxl"], "plan-depth") == "diffusers/controlnet-depth-sdxl-1.0"
+    # A real base's family is read from its config; one that cannot be read (not cached) counts as SD 1.5.
+    assert default_controlnet(resolve("tiny-sdxl", models_dir), "canny") == "diffusers/controlnet-canny-sdxl-1.0"
+    assert default_controlnet(resolve("tiny-sd15", models_dir), "depth") == "lllyasviel/sd-controlnet-depth"
     assert default_controlnet("someone/sd15-finetune", "canny") == "lllyasviel/sd-controlnet-canny"
-    with pytest.raises(InvalidInput):
-        default_controlnet("sd15", "scribble-in-crayon")
+    for base, kind in (("sd15", "scribble-in-crayon"), ("sdxl", "none"), ("sd15", "image")):
+        with pytest.raises(InvalidInput, match="name a model"):
+            default_controlnet(base, kind)
 
 
 def test_devices() -> None:
@@ -161,12 +173,8 @@ def test_cache_loads_each_model_once(models_dir: Path) -> None:
     assert sum(cache.hits.values()) == 2 + 3
 
 
-def test_unloadable_models_raise_model_error(
-    model_cache: ModelCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The hub library reads the variable at import; set both so nothing goes to the network either way.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+@pytest.mark.usefixtures("hub_offline")
+def test_unloadable_models_raise_model_error(model_cache: ModelCache, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="missing-folder"):
         model_cache.base(str(tmp_path / "missing-folder"))
     with pytest.raises(ModelError, match="nobody/no-such-model"):
@@ -175,6 +183,10 @@ def test_unloadable_models_raise_model_error(
         model_cache.base("nobody/no-such-model")
     with pytest.raises(ModelError, match="tiny-sd15"):
         model_cache.controlnet("tiny-sd15")  # a folder, but of another kind of model
+    with pytest.raises(ModelError, match="tiny-sd15"):
+        model_cache.vae("tiny-sd15")  # a pipeline folder, not a VAE's
+    with pytest.raises(ModelError, match="not a diffusers base model"):
+        model_cache.base(resolve("tiny-canny", model_cache.models_dir))
 
 
 def test_identity_is_stable_and_tells_models_apart(model_cache: ModelCache, models_dir: Path) -> None:
@@ -251,3 +263,122 @@ def test_on_step_reports_each_denoising_step(model_cache: ModelCache) -> None:
 def test_control_map_of_the_wrong_size_is_refused(model_cache: ModelCache) -> None:
     with pytest.raises(InvalidInput, match="32×32"):
         run(model_cache, controls=[ControlInput("tiny-canny", PLAN_A.resize((32, 32)), 1.0, 0.0, 1.0)])
+
+
+# --- ControlNets outside their guidance window ------------------------------------------------------------
+
+
+@pytest.fixture
+def canny_forwards(model_cache: ModelCache):
+    """Counts forward calls of the session cache's tiny-canny for one test."""
+    calls: list[int] = []
+    handle = model_cache.controlnet("tiny-canny").register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    "windows",
+    [[(0.0, 0.5)], [(0.0, 0.5), (0.2, 1.0)]],
+    ids=["one-net", "two-nets"],
+)
+def test_skipping_nets_outside_their_window_changes_nothing_but_the_work(
+    model_cache: ModelCache, canny_forwards: list[int], windows: list[tuple[float, float]]
+) -> None:
+    units = [("tiny-canny", PLAN_A, 1.0), ("tiny-canny", PLAN_B, 0.6)][: len(windows)]
+    controls = [ControlInput(*unit, *window) for unit, window in zip(units, windows, strict=True)]
+    # DDIM: exactly STEPS timesteps, so the windows cover whole steps: (0, .5) steps 0-1, (.2, 1) steps 1-3.
+    outputs = {}
+    forwards = {}
+    for skip in (False, True):
+        canny_forwards.clear()
+        outputs[skip] = run(
+            model_cache, controls=controls, scheduler="ddim", output_type="np", skip_outside_window=skip
+        ).images[0]
+        forwards[skip] = len(canny_forwards)
+    assert np.array_equal(outputs[True], outputs[False])
+    in_window = {1: 2, 2: 2 + 3}[len(windows)]
+    assert forwards == {False: STEPS * len(windows), True: in_window}
+
+
+def test_every_net_skipped_renders_as_without_controlnet(model_cache: ModelCache, canny_forwards: list[int]) -> None:
+    off = ControlInput("tiny-canny", PLAN_A, 0.0, 0.0, 1.0)  # scale 0: outside its window at every step
+    skipped = run(model_cache, controls=[off], scheduler="ddim", output_type="np").images[0]
+    assert canny_forwards == []
+    computed = run(model_cache, controls=[off], scheduler="ddim", output_type="np", skip_outside_window=False)
+    assert np.array_equal(skipped, computed.images[0]) and len(canny_forwards) == STEPS
+
+
+def test_each_unit_keeps_its_own_window(model_cache: ModelCache) -> None:
+    def units(first: tuple[float, float], second: tuple[float, float]) -> list[ControlInput]:
+        return [ControlInput("tiny-canny", PLAN_A, 1.0, *first), ControlInput("tiny-canny", PLAN_B, 0.5, *second)]
+
+    one = run(model_cache, controls=units((0.0, 0.5), (0.2, 1.0)), output_type="np").images[0]
+    swapped = run(model_cache, controls=units((0.2, 1.0), (0.0, 0.5)), output_type="np").images[0]
+    assert np.abs(one - swapped).max() > 0.01
+
+
+# --- running out of GPU memory ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unet_batches(model_cache: ModelCache):
+    """The UNet's batch sizes, as a stand-in for CUDA (not here) raising torch.OutOfMemoryError past a size
+    set through `limit` (with classifier-free guidance the UNet batch is twice the number of seeds)."""
+    seen: list[int] = []
+    limit = {"batch": 1 << 30}
+
+    def out_of_memory(_module: torch.nn.Module, args: tuple) -> None:
+        seen.append(args[0].shape[0])
+        if args[0].shape[0] > limit["batch"]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {args[0].shape[0]}")
+
+    handle = model_cache.base("tiny-sd15")["unet"].register_forward_pre_hook(out_of_memory)
+    yield seen, limit
+    handle.remove()
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_the_order(model_cache: ModelCache, unet_batches) -> None:
+    seen, limit = unet_batches
+    seeds = [3, 5, 7, 9]
+    alone = [run(model_cache, seeds=[seed], scheduler="ddim").images[0] for seed in seeds]
+    limit["batch"] = 2 * 2  # two seeds fit, four do not
+    seen.clear()
+    split = run(model_cache, seeds=seeds, scheduler="ddim").images
+    assert seen == [8] + [4] * STEPS * 2  # the first step of four seeds failed; then two halves of two
+    for image, single in zip(split, alone, strict=True):
+        assert np.abs(pixels(image) - pixels(single)).max() <= 1
+
+
+def test_out_of_memory_with_one_seed_fails_clearly(model_cache: ModelCache, unet_batches) -> None:
+    _, limit = unet_batches
+    limit["batch"] = 0
+    with pytest.raises(torch.OutOfMemoryError, match="rendering a single image"):
+        run(model_cache, seeds=[1, 2, 3])
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------
+
+
+def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> None:
+    # A cache of its own: the compiled wrappers it keeps do not leak into other tests.
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    options = CompileOptions(backend="aot_eager")  # inductor costs minutes on CPU (PERF.md)
+    controls = [
+        ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 0.5),
+        ControlInput("tiny-canny", PLAN_B, 0.5, 0.2, 1.0),
+    ]
+    eager = run(cache, controls=controls, steps=2, output_type="np").images[0]
+    compiled = run(cache, controls=controls, steps=2, output_type="np", compile=options).images[0]
+    graphs = dynamo_counters["stats"]["unique_graphs"]
+    again = run(cache, controls=controls, steps=2, output_type="np", compile=options).images[0]
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+    assert np.allclose(compiled, eager, atol=1e-4) and np.array_equal(again, compiled)
+    unet = cache.base("tiny-sd15")["unet"]
+    assert cache.compiled(unet, options) is cache.compiled(unet, CompileOptions(backend="aot_eager"))
+    assert torch._dynamo.config.recompile_limit >= 64
+
+
+def test_unknown_compile_backend_is_invalid_input(model_cache: ModelCache) -> None:
+    with pytest.raises(InvalidInput, match="no-such-backend"):
+        run(model_cache, compile=CompileOptions(backend="no-such-backend"))

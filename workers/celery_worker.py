@@ -33,6 +33,7 @@ from shared.db.models import Task
 from shared.db.session import make_engine, session_factory
 from shared.db.store import heartbeat, reap, record_failure, register_worker, requeue_held, stop_worker
 from shared.errors import TransientError
+from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
 # a fraction of a second instead of re-importing them.
@@ -74,7 +75,10 @@ def runner() -> Runner:
     """The pool process's runner, created on its first task so CUDA starts in this process only."""
     global _runner
     if _runner is None:
-        _runner = Runner(settings, _sessions, WORKER_ID, node=NODE, resend=resend)
+        # Control maps are cached in the shared storage, so each is computed once for the whole farm.
+        _runner = Runner(
+            settings, _sessions, WORKER_ID, node=NODE, resend=resend, map_storage=open_storage_from_settings(settings)
+        )
     return _runner
 
 

@@ -12,6 +12,7 @@ The contract every execution path (in-process or a Celery worker) relies on:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -44,10 +45,11 @@ from shared.errors import ArchfarmError, InvalidInput, PermanentError, Transient
 from shared.images import content_hash, decode_image
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
+from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device
 from workers.engine.pipeline import ControlInput, RenderResult, render
 from workers.engine.presets import default_controlnet
-from workers.preprocessors import control_map
+from workers.preprocessors import ControlMaps
 from workers.sidecar import sidecar
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class Runner:
         node: str | None = None,
         resend: ResendFn | None = None,
         on_done: DoneFn | None = None,
+        map_storage: Storage | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -117,7 +120,16 @@ class Runner:
         self.resend = resend
         self.on_done = on_done
         self.device = pick_device(settings.device)
-        self.cache = ModelCache(settings.models_dir, self.device, default_dtype(self.device))
+        self.cache = ModelCache(
+            settings.models_dir,
+            self.device,
+            default_dtype(self.device),
+            controlnet_budget_bytes=settings.controlnet_cache_bytes,
+            offload_budget_bytes=settings.offload_cache_bytes,
+        )
+        self.maps = ControlMaps(
+            map_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
+        )
         self._storages: dict[str, Storage] = {}
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archfarm-upload")
         self._pending: Future[None] | None = None
@@ -223,15 +235,12 @@ class Runner:
     def _render(self, work: Work, progress: ProgressFn | None) -> Rendered:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        data = read_url(work.plan_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
-        if content_hash(data) != work.plan_digest:
-            raise PermanentError(f"{work.plan_url}: the plan changed after the job was submitted")
-        plan = decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
         profile = work.profile
+        plan = functools.cache(lambda: self._plan(work))  # read and decoded only if a map must be computed
         controls = [
             ControlInput(
                 model=unit.model or default_controlnet(profile.base, unit.kind),
-                image=control_map(unit, plan, profile.width, profile.height),
+                image=self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height),
                 scale=unit.scale,
                 start=unit.start,
                 end=unit.end,
@@ -254,13 +263,29 @@ class Runner:
             height=profile.height,
             scheduler=profile.scheduler,
             on_step=self._step_callback(work, progress),
+            vae=profile.vae,
+            quantize=None if profile.quantize == "none" else profile.quantize,
+            compile=CompileOptions(mode=profile.compile_mode, backend=profile.compile_backend)
+            if profile.compile
+            else None,
         )
         timings["render_s"] = time.perf_counter() - started
-        models = {
+        models: dict[str, Any] = {
             "base": self.cache.identity(profile.base),
             "controlnets": [self.cache.identity(c.model) for c in controls],
         }
+        if profile.vae is not None:
+            models["vae"] = self.cache.identity(profile.vae)
         return Rendered(list(result.images), result.scheduler, models, timings)
+
+    def _plan(self, work: Work) -> Image.Image:
+        data = self._read(work.plan_url)
+        if content_hash(data) != work.plan_digest:
+            raise PermanentError(f"{work.plan_url}: the plan changed after the job was submitted")
+        return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
+
+    def _read(self, url: str) -> bytes:
+        return read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
 
     def _complete(self, work: Work, rendered: Rendered) -> None:
         """Upload every image and sidecar, then record artifacts and mark the task done in one transaction."""

@@ -1,30 +1,52 @@
 """Models resident in a worker process: each loaded once with `from_pretrained`, then reused by every render.
 
 Loading costs seconds and compiling minutes, against well under a second per image (PERF.md), so a worker
-keeps what it has loaded for its whole life; routing work by model stack keeps that set small. Nothing here
+keeps what it has loaded (ControlNets within a memory budget, see `ModelCache`); routing work by model stack
+keeps that set small. Nothing here
 touches CUDA at import: a worker initialises it itself after it starts, since CUDA does not survive fork.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    TorchAoConfig,
+)
+from diffusers.utils import logging as _diffusers_logging
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+from torch import nn
+from transformers.utils import logging as _transformers_logging
 
 from shared.errors import InvalidInput, ModelError
+from workers.engine.compile import CompileOptions, compile_module
+from workers.engine.family import Family, family
 from workers.engine.presets import resolve
 
-# What a base model contributes to a ControlNet pipeline; its safety checker and feature extractor are
-# never loaded (renders of floor plans are not screened, and it would cost memory and a download).
-BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+# A worker's log gets one line per task, not a progress bar per model load.
+_diffusers_logging.disable_progress_bar()
+_transformers_logging.disable_progress_bar()
+
+# What a base model contributes to a ControlNet pipeline; a safety checker, feature extractor or image encoder
+# is never loaded (renders of floor plans are not screened, and it would cost memory and a download).
+BASE_COMPONENTS: dict[Family, tuple[str, ...]] = {
+    "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
+    "sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
+}
+QUANTIZE_DEVICES: dict[str, tuple[str, ...]] = {"int8": ("cpu", "cuda")}
+"""Each `quantize` mode, with the device types torchao's kernels for it run on."""
 
 
 def pick_device(setting: str) -> torch.device:
@@ -47,27 +69,67 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-class ModelCache:
-    """One per worker process: base pipelines' components and ControlNets, loaded once each and kept.
+def module_bytes(module: nn.Module) -> int:
+    """Memory held by a module's parameters and buffers; a quantised weight counts its int8 data and scales."""
+    return sum(_tensor_bytes(tensor) for tensor in chain(module.parameters(), module.buffers()))
 
-    `loads` and `hits` count, per resolved location, how often a model was read from storage or served from
-    memory, so callers and tests can see that a repeated stack loads nothing.
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (torchao): the sum of the tensors it holds
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+class ModelCache:
+    """One per worker process: base pipelines' components, VAEs and ControlNets, each loaded once.
+
+    Bases and VAEs stay on the device for the process's life. ControlNets are kept in least-recently-used order
+    within `controlnet_budget_bytes` of device memory (None: no limit); past it, the least recently used net
+    not in the current render moves to CPU memory (the offload tier, within `offload_budget_bytes`), from
+    where using it again costs a copy (tens of ms on a GPU) instead of a load from disk (seconds). Only when
+    the offload tier overflows is a net dropped. On a CPU device the moves cost nothing, but the tiers and
+    counters behave the same.
+
+    Counters, per cache key (a model's location, with " (int8)" for a quantised net), so callers and tests can
+    see what a sequence of renders cost: `loads` (read from storage), `hits` (already on the device),
+    `restores` (back from the offload tier), `evictions` (device → offload tier), `drops` (offload tier →
+    gone); and `swaps`, the number of renders that used another stack than the render before.
     """
 
-    def __init__(self, models_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        controlnet_budget_bytes: int | None = None,
+        offload_budget_bytes: int | None = None,
+    ) -> None:
         self.models_dir = models_dir
         self.device = device
         self.dtype = dtype
+        self.controlnet_budget_bytes = controlnet_budget_bytes
+        self.offload_budget_bytes = offload_budget_bytes
         self.loads: Counter[str] = Counter()
         self.hits: Counter[str] = Counter()
+        self.restores: Counter[str] = Counter()
+        self.evictions: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
         self.swaps = 0
         self._last_stack: tuple[str, ...] | None = None
         self._bases: dict[str, dict[str, Any]] = {}
-        self._controlnets: dict[str, ControlNetModel] = {}
+        self._vaes: dict[str, AutoencoderKL] = {}
+        # Least recently used first in both tiers.
+        self._controlnets: OrderedDict[str, ControlNetModel] = OrderedDict()
+        self._offloaded: OrderedDict[str, ControlNetModel] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._compiled: dict[tuple[int, CompileOptions], nn.Module] = {}
         self._identities: dict[str, dict[str, str | None]] = {}
 
     def base(self, ref: str) -> dict[str, Any]:
-        """The base model's pipeline components (`BASE_COMPONENTS`), on this cache's device and dtype.
+        """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and
+        dtype. Its family comes from its own config (`family`), so a renamed SDXL folder still loads as SDXL.
 
         Callers must not mutate the scheduler: it is shared; build a fresh one from its config per call.
         """
@@ -75,34 +137,65 @@ class ModelCache:
         if location in self._bases:
             self.hits[location] += 1
             return self._bases[location]
+        kind = family(location)
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
         with _load_errors(ref, location):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                location,
-                dtype=self.dtype,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            if kind == "sdxl":
+                pipe = StableDiffusionXLPipeline.from_pretrained(location, dtype=self.dtype, add_watermarker=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    location,
+                    dtype=self.dtype,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
         pipe.to(self.device)
-        components = {name: pipe.components[name] for name in BASE_COMPONENTS}
+        components = {name: pipe.components[name] for name in BASE_COMPONENTS[kind]}
         self._bases[location] = components
         self.loads[location] += 1
         return components
 
-    def controlnet(self, ref: str) -> ControlNetModel:
-        """The ControlNet, on this cache's device and dtype."""
+    def vae(self, ref: str) -> AutoencoderKL:
+        """A VAE of its own (a folder or hub id holding an `AutoencoderKL`), to use instead of a base's: e.g. an
+        fp16-safe SDXL VAE, which spares SDXL's float32 decode in half precision."""
         location = resolve(ref, self.models_dir)
-        if location in self._controlnets:
+        if location in self._vaes:
             self.hits[location] += 1
-            return self._controlnets[location]
+            return self._vaes[location]
         with _load_errors(ref, location):
-            controlnet = ControlNetModel.from_pretrained(location, dtype=self.dtype)
-        controlnet.to(self.device)
-        self._controlnets[location] = controlnet
+            vae = AutoencoderKL.from_pretrained(location, dtype=self.dtype)
+        vae.to(self.device)
+        self._vaes[location] = vae
         self.loads[location] += 1
-        return controlnet
+        return vae
+
+    def controlnet(self, ref: str, quantize: str | None = None) -> ControlNetModel:
+        """One ControlNet on this cache's device and dtype; see `controlnets`."""
+        return self.controlnets([ref], quantize)[0]
+
+    def controlnets(self, refs: Sequence[str], quantize: str | None = None) -> list[ControlNetModel]:
+        """A render's ControlNets, on this cache's device, most recently used last.
+
+        `quantize="int8"` gives int8 weight-only copies (torchao), cached apart from the unquantised ones.
+        Making room for one never evicts another of `refs`: a stack larger than the budget stays on the device
+        (over budget) until a later render needs the room.
+        """
+        config = None if quantize is None else _quantization_config(quantize, self.device)
+        located = [(ref, resolve(ref, self.models_dir)) for ref in refs]
+        keys = [location if quantize is None else f"{location} ({quantize})" for _, location in located]
+        return [
+            self._controlnet(ref, location, key, config, frozenset(keys))
+            for (ref, location), key in zip(located, keys, strict=True)
+        ]
+
+    def compiled(self, module: nn.Module, options: CompileOptions) -> nn.Module:
+        """`module` (a UNet or ControlNet this cache holds) compiled with `options`, once per process."""
+        key = (id(module), options)  # the entry holds the module, so its id is not reused while it exists
+        if key not in self._compiled:
+            self._compiled[key] = compile_module(module, options, self.models_dir / ".inductor-cache")
+        return self._compiled[key]
 
     def note_stack(self, stack: tuple[str, ...]) -> None:
         """Count a swap whenever a render uses another model stack than the one before: the number that
@@ -112,8 +205,8 @@ class ModelCache:
         self._last_stack = stack
 
     def resident(self) -> list[str]:
-        """Locations of every model held in memory, for the worker's heartbeat row."""
-        return [*self._bases, *self._controlnets]
+        """Cache keys of every model on the device (not the offload tier), for the worker's heartbeat row."""
+        return [*self._bases, *self._vaes, *self._controlnets]
 
     def identity(self, ref: str) -> dict[str, str | None]:
         """What exactly `ref` names, for recording next to each result.
@@ -131,6 +224,65 @@ class ModelCache:
                 "revision": None if local else _cached_revision(location),
             }
         return self._identities[ref]
+
+    def _controlnet(
+        self, ref: str, location: str, key: str, config: TorchAoConfig | None, keep: frozenset[str]
+    ) -> ControlNetModel:
+        if key in self._controlnets:
+            self._controlnets.move_to_end(key)
+            self.hits[key] += 1
+            return self._controlnets[key]
+        if key in self._offloaded:
+            controlnet = self._offloaded.pop(key)
+            self._make_room(self._sizes[key], keep)
+            self.restores[key] += 1
+        else:
+            # Loaded into CPU memory first: its size is known before room is made for it on the device.
+            with _load_errors(ref, location):
+                controlnet = ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
+            self._sizes[key] = module_bytes(controlnet)
+            self._make_room(self._sizes[key], keep)
+            self.loads[key] += 1
+        controlnet.to(self.device)
+        self._controlnets[key] = controlnet
+        return controlnet
+
+    def _make_room(self, size: int, keep: frozenset[str]) -> None:
+        """Evict least recently used ControlNets, except those in `keep`, until `size` more bytes fit."""
+        if self.controlnet_budget_bytes is None:
+            return
+        for key in [k for k in self._controlnets if k not in keep]:
+            if sum(self._sizes[k] for k in self._controlnets) + size <= self.controlnet_budget_bytes:
+                return
+            self._evict(key)
+
+    def _evict(self, key: str) -> None:
+        """Move a ControlNet to the offload tier, then drop the tier's least recently used nets past its budget."""
+        self._offloaded[key] = self._controlnets.pop(key).to("cpu")
+        self.evictions[key] += 1
+        budget = self.offload_budget_bytes
+        while budget is not None and sum(self._sizes[k] for k in self._offloaded) > budget:
+            dropped_key, dropped = self._offloaded.popitem(last=False)
+            self._compiled = {k: m for k, m in self._compiled.items() if k[0] != id(dropped)}
+            self.drops[dropped_key] += 1
+
+
+def _quantization_config(quantize: str, device: torch.device) -> TorchAoConfig:
+    """diffusers' torchao config for `quantize`, or InvalidInput naming what is missing: never a silent fallback
+    to full precision."""
+    if quantize not in QUANTIZE_DEVICES:
+        raise InvalidInput(f"unknown quantisation {quantize!r}; one of {', '.join(QUANTIZE_DEVICES)}")
+    if device.type not in QUANTIZE_DEVICES[quantize]:
+        runs_on = " and ".join(QUANTIZE_DEVICES[quantize])
+        raise InvalidInput(f"{quantize} quantisation does not run on {device.type}, only on {runs_on}")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    except (ImportError, ValueError) as error:  # not installed, or older than diffusers needs
+        reason = str(error).splitlines()[0]
+        needs = f"{quantize} quantisation needs the torchao package (pip install torchao)"
+        raise InvalidInput(f"{needs}: {reason}") from None
 
 
 def weights_sha256(folder: Path) -> str:

@@ -1,4 +1,4 @@
-"""One render: a base model, one or more ControlNets, a prompt and a list of seeds in, images out.
+"""One render: a base model (SD 1.5 or SDXL), one or more ControlNets, a prompt and a list of seeds in, images out.
 
 The pipeline object is assembled per call from models the cache holds (about 0.5 ms, nothing reloaded),
 so swapping ControlNets between tasks is free once each is resident.
@@ -7,6 +7,7 @@ so swapping ControlNets between tasks is free once each is resident.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,9 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import (
+    ControlNetModel,
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -23,11 +26,16 @@ from diffusers import (
     PNDMScheduler,
     SchedulerMixin,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
 
 from shared.errors import InvalidInput
+from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache
+from workers.engine.windows import WindowedControlNets
+
+log = logging.getLogger(__name__)
 
 # "default" keeps the base model's own scheduler class; the others replace it, keeping its betas.
 _SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -78,57 +86,105 @@ def render(
     scheduler: str = "default",
     on_step: Callable[[int, int], None] | None = None,
     output_type: str = "pil",
+    vae: str | None = None,
+    quantize: str | None = None,
+    compile: CompileOptions | None = None,
+    skip_outside_window: bool = True,
 ) -> RenderResult:
-    """Render one image per seed, all in one pipeline call.
+    """Render one image per seed, in one pipeline call when memory allows.
 
-    `on_step(step, total)` follows the denoising loop: step runs 1..total, and total is the scheduler's
-    number of timesteps, which is `steps` for most but `steps + 1` for PNDM (SD 1.5's default).
+    The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. `vae` replaces the base's
+    VAE, `quantize` ("int8") loads the ControlNets quantised, `compile` runs the UNet and ControlNets compiled
+    (once per process, see `ModelCache.compiled`), and `skip_outside_window` skips each ControlNet at the steps
+    where its scale is 0 (bitwise the same images; False runs diffusers' own stack, for comparison).
+
+    A batch that runs out of GPU memory is rendered again in halves, down to one seed, so the images come back
+    as batched ones do (each within 1/255 of its one-seed render), in seed order; one seed that does not fit
+    raises torch.OutOfMemoryError. `on_step(step, total)` follows the denoising loop: step runs 1..total, and
+    total is the scheduler's number of timesteps, which is `steps` for most but `steps + 1` for PNDM (SD 1.5's
+    default); a split batch reports each part's steps.
     """
     _check(controls, seeds, width, height, scheduler, output_type)
     components = cache.base(base)
-    units = [cache.controlnet(control.model) for control in controls]
-    cache.note_stack((base, *(control.model for control in controls)))
-    pipe = StableDiffusionControlNetPipeline(
-        **{**components, "scheduler": _fresh_scheduler(components["scheduler"], scheduler)},
-        controlnet=units[0] if len(units) == 1 else MultiControlNetModel(units),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    if vae is not None:
+        components = {**components, "vae": cache.vae(vae)}
+    nets = cache.controlnets([control.model for control in controls], quantize)
+    _check_fits(base, components, controls, nets)
+    cache.note_stack((base, vae or "", quantize or "", *(control.model for control in controls)))
+    if compile is not None:
+        components = {**components, "unet": cache.compiled(components["unet"], compile)}
+        nets = [cache.compiled(net, compile) for net in nets]
+    stack = (WindowedControlNets if skip_outside_window else MultiControlNetModel)(nets)
+    chosen = _fresh_scheduler(components["scheduler"], scheduler)
+    # Known from the loaded modules, so pipeline class and components cannot disagree.
+    pipeline_class = (
+        StableDiffusionXLControlNetPipeline if "text_encoder_2" in components else StableDiffusionControlNetPipeline
     )
-    pipe.set_progress_bar_config(disable=True)
 
-    def unit_args(values: list[Any]) -> Any:
-        # The single-ControlNet pipeline takes scalars, MultiControlNetModel one entry per unit.
-        return values[0] if len(values) == 1 else values
+    def run(chunk: Sequence[int]) -> list[Any]:
+        # A scheduler per call, as each keeps per-call state (timesteps, step index).
+        pipe = _pipeline(pipeline_class, {**components, "scheduler": type(chosen).from_config(chosen.config)}, stack)
+        # CPU generators: the starting noise then depends on the seed alone, not on the device that renders.
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
+        with torch.inference_mode():
+            output = pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                # Lists, one entry per unit, also for one unit: the stack is always a MultiControlNetModel.
+                image=[control.image for control in controls],
+                controlnet_conditioning_scale=[control.scale for control in controls],
+                control_guidance_start=[control.start for control in controls],
+                control_guidance_end=[control.end for control in controls],
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                width=width,
+                height=height,
+                num_images_per_prompt=len(chunk),
+                generator=generators,
+                output_type=output_type,
+                callback_on_step_end=None if on_step is None else _step_callback(on_step),
+            )
+        return list(output.images)
 
-    # CPU generators: the starting noise then depends on the seed alone, not on the device that renders.
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    with torch.inference_mode():
-        output = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=unit_args([control.image for control in controls]),
-            controlnet_conditioning_scale=unit_args([control.scale for control in controls]),
-            control_guidance_start=unit_args([control.start for control in controls]),
-            control_guidance_end=unit_args([control.end for control in controls]),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            width=width,
-            height=height,
-            num_images_per_prompt=len(seeds),
-            generator=generators,
-            output_type=output_type,
-            callback_on_step_end=None if on_step is None else _step_callback(on_step),
-        )
-    images = output.images if output_type == "pil" else list(output.images)
-    config = json.loads(pipe.scheduler.to_json_string())
+    config = json.loads(chosen.to_json_string())
     return RenderResult(
-        images=images,
+        images=_halving_on_oom(run, list(seeds), cache.device),
         scheduler={
-            "class": type(pipe.scheduler).__name__,
+            "class": type(chosen).__name__,
             "config": {key: value for key, value in config.items() if not key.startswith("_")},
         },
     )
+
+
+def _pipeline(
+    pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: MultiControlNetModel
+) -> DiffusionPipeline:
+    """The ControlNet pipeline over cached modules: about 0.5 ms, nothing loaded or copied."""
+    if pipeline_class is StableDiffusionXLControlNetPipeline:
+        extra = {"add_watermarker": False}  # the output must not depend on whether a watermark package is installed
+    else:
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = pipeline_class(**components, controlnet=stack, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _halving_on_oom(run: Callable[[Sequence[int]], list[Any]], seeds: list[int], device: torch.device) -> list[Any]:
+    """`run(seeds)`, or, when that runs out of memory, `run` on each half of the seeds, recursively."""
+    try:
+        return run(seeds)
+    except torch.OutOfMemoryError as error:
+        if len(seeds) == 1:
+            raise torch.OutOfMemoryError(
+                f"out of memory on {device} rendering a single image; lower the resolution or the number of "
+                f"ControlNets, or use a larger GPU ({str(error).splitlines()[0]})"
+            ) from error
+    # Retried outside the except block, so the failed attempt's tensors (held by the traceback) are freed.
+    log.warning("out of memory on %s with %d seeds in one batch; rendering them in halves", device, len(seeds))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = (len(seeds) + 1) // 2
+    return _halving_on_oom(run, seeds[:half], device) + _halving_on_oom(run, seeds[half:], device)
 
 
 def _check(
@@ -156,6 +212,20 @@ def _check(
             )
 
 
+def _check_fits(
+    base: str, components: dict[str, Any], controls: Sequence[ControlInput], nets: Sequence[ControlNetModel]
+) -> None:
+    """Refuse a ControlNet or VAE made for another architecture (an SD 1.5 net under SDXL, say) with one line,
+    rather than a shape error from deep inside the first step."""
+    unet = components["unet"].config
+    if components["vae"].config.latent_channels != unet.in_channels:
+        raise InvalidInput(f"the VAE's {components['vae'].config.latent_channels} latent channels do not fit {base!r}")
+    for control, net in zip(controls, nets, strict=True):
+        wants = (net.config.cross_attention_dim, net.config.addition_embed_type)
+        if wants != (unet.cross_attention_dim, unet.addition_embed_type):
+            raise InvalidInput(f"ControlNet {control.model!r} is made for another kind of base model than {base!r}")
+
+
 def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:
     """A scheduler of its own for this call: schedulers keep per-call state (timesteps, step index)."""
     cls = type(shared) if name == "default" else _SCHEDULERS[name]
@@ -163,7 +233,7 @@ def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:
 
 
 def _step_callback(on_step: Callable[[int, int], None]) -> Callable[..., dict[str, Any]]:
-    def callback(pipe: StableDiffusionControlNetPipeline, index: int, _timestep: Any, _tensors: Any) -> dict:
+    def callback(pipe: DiffusionPipeline, index: int, _timestep: Any, _tensors: Any) -> dict:
         on_step(index + 1, pipe.num_timesteps)
         return {}  # nothing to replace in the pipeline's state
 

@@ -7,6 +7,7 @@ use), a short alias for a published model (its hub id), an existing local folder
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import InvalidInput, ModelError
+from workers.engine.family import Family, family
 
 # Builders are imported on first use: validating a job must not pull in torch and diffusers.
 FORMAT_VERSION = 2
@@ -22,38 +24,42 @@ FORMAT_VERSION = 2
 not reused."""
 
 
-def _lazy(builder: str) -> Callable[[Path], None]:
+def _lazy(module: str, builder: str) -> Callable[[Path], None]:
     def build(folder: Path) -> None:
-        from workers.engine import tiny
-
-        getattr(tiny, builder)(folder)
+        getattr(importlib.import_module(module), builder)(folder)
 
     return build
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "tiny-sd15": _lazy("build_sd15"),
-    "tiny-canny": _lazy("build_canny"),
+    "tiny-sd15": _lazy("workers.engine.tiny", "build_sd15"),
+    "tiny-canny": _lazy("workers.engine.tiny", "build_canny"),
+    "tiny-sdxl": _lazy("workers.engine.tiny_sdxl", "build_sdxl"),
+    "tiny-sdxl-controlnet": _lazy("workers.engine.tiny_sdxl", "build_controlnet"),
+    "tiny-dpt": _lazy("workers.preprocessors.tiny_dpt", "build_dpt"),
 }
 PRESET_NAMES: frozenset[str] = frozenset(BUILDERS)
 
 ALIASES: dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd15-canny": "lllyasviel/sd-controlnet-canny",
+    "sd15-depth": "lllyasviel/sd-controlnet-depth",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
+    "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
 }
 
-# Which base family a reference belongs to; anything not listed is taken to be SD 1.5-compatible.
-_FAMILIES: dict[str, str] = {
-    "tiny-sd15": "tiny-sd15",
-    "sdxl": "sdxl",
-    ALIASES["sdxl"]: "sdxl",
-}
-_DEFAULT_CONTROLNETS: dict[tuple[str, str], str] = {
-    ("tiny-sd15", "canny"): "tiny-canny",
+# A tiny base is a test and demo stand-in: its one tiny ControlNet serves every kind of control map.
+_TINY_CONTROLNETS: dict[str, str] = {"tiny-sd15": "tiny-canny", "tiny-sdxl": "tiny-sdxl-controlnet"}
+# Families of the published bases that have aliases, known without reading their configs.
+_KNOWN_FAMILIES: dict[str, Family] = {"sd15": "sd15", ALIASES["sd15"]: "sd15", "sdxl": "sdxl", ALIASES["sdxl"]: "sdxl"}
+_DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
     ("sd15", "canny"): ALIASES["sd15-canny"],
+    ("sd15", "depth"): ALIASES["sd15-depth"],
+    ("sd15", "plan-depth"): ALIASES["sd15-depth"],
     ("sdxl", "canny"): ALIASES["sdxl-canny"],
+    ("sdxl", "depth"): ALIASES["sdxl-depth"],
+    ("sdxl", "plan-depth"): ALIASES["sdxl-depth"],
 }
 
 # The hub's repo-id rule, loosely: one slash, no path tricks; a stricter check is the hub's job.
@@ -86,12 +92,32 @@ def resolve(ref: str, models_dir: Path) -> str:
 
 
 def default_controlnet(base: str, kind: str) -> str:
-    """The ControlNet of `kind` (e.g. "canny") that suits base model `base`, as a reference for `resolve`."""
-    family = _FAMILIES.get(base, "sd15")
+    """The ControlNet for control maps of `kind` (e.g. "canny") that suits base model `base`, as a reference.
+
+    A real base's family comes from its config (`family`). One whose config cannot be read counts as SD 1.5:
+    loading it fails the render anyway, with the error that says why.
+    """
+    if base in _TINY_CONTROLNETS:
+        return _TINY_CONTROLNETS[base]
     try:
-        return _DEFAULT_CONTROLNETS[family, kind]
+        return _DEFAULT_CONTROLNETS[_base_family(base), kind]
     except KeyError:
-        raise InvalidInput(f"no default {kind!r} ControlNet for base model {base!r}; name one") from None
+        raise InvalidInput(f"no default {kind!r} ControlNet for base model {base!r}; name a model") from None
+
+
+def default_depth_model(base: str) -> str:
+    """The DPT model for `depth` units: the tiny one for tiny bases (offline tests and demos), else DPT-Large."""
+    return "tiny-dpt" if base in _TINY_CONTROLNETS else "Intel/dpt-large"
+
+
+def _base_family(base: str) -> Family:
+    if base in _KNOWN_FAMILIES:
+        return _KNOWN_FAMILIES[base]
+    folder = Path(base).expanduser()
+    try:
+        return family(str(folder.resolve()) if folder.is_dir() else base)
+    except ModelError:
+        return "sd15"
 
 
 def _ensure_built(name: str, models_dir: Path) -> Path:

@@ -2,7 +2,8 @@
 
 They exist so tests and the offline demo exercise the same code path as real models: each builder saves a
 folder with `save_pretrained`, and everything downstream loads it back with `from_pretrained`. Nothing is
-downloaded, and building twice gives byte-identical weights.
+downloaded, and building twice gives byte-identical weights. The names without a leading underscore are
+shared with `tiny_sdxl`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from shared.styles import CATALOG
 
-_SEED = 1234
+SEED = 1234
 # Measured (DESIGN.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
 _ZERO_CONV_STD = 0.2
 _TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
 _MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
+HINT_CHANNELS = (8, 16, 32, 32)
+"""The ControlNet hint encoder's widths: four levels, so a control map at image size meets the 1/8 latent."""
 
 
 def _word_merges() -> list[tuple[str, str]]:
@@ -53,7 +56,7 @@ _build_lock = threading.Lock()
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Make module construction deterministic without disturbing the caller's RNG stream."""
     with _build_lock, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -67,7 +70,7 @@ def _byte_unicode() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
 
 
-def _tokenizer() -> CLIPTokenizer:
+def clip_tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP BPE tokenizer from a generated vocabulary: any text tokenizes, nothing is fetched."""
     chars = _byte_unicode()
     merged = dict.fromkeys("".join(m) for m in _MERGES)
@@ -77,8 +80,9 @@ def _tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=_MAX_TOKENS)
 
 
-def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A toy CLIP text encoder for `tokenizer`: its hidden size is what the UNet cross-attends to."""
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=_TEXT_WIDTH,
         intermediate_size=64,
@@ -90,7 +94,6 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
 
 
 def _unet() -> UNet2DConditionModel:
@@ -109,8 +112,9 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def _vae() -> AutoencoderKL:
-    # Four levels as in SD 1.5, so the latent is 1/8 of the image and the ControlNet hint encoder matches.
+def vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A toy VAE with four levels as in SD 1.5 and SDXL, so the latent is 1/8 of the image and the ControlNet
+    hint encoder matches; `scaling_factor` is the family's latent scale (SD 1.5's by default)."""
     levels = 4
     return AutoencoderKL(
         in_channels=3,
@@ -122,7 +126,7 @@ def _vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
@@ -141,12 +145,12 @@ def _scheduler() -> PNDMScheduler:
 
 def build_sd15(folder: Path) -> None:
     """Save an SD 1.5-shaped pipeline folder; its model_index.json names no ControlNet, no safety checker."""
-    with _seeded(_SEED):
+    with seeded(SEED):
         unet = _unet()  # first, so build_canny can recreate it from the same seed
-        tokenizer = _tokenizer()
+        tokenizer = clip_tokenizer()
         pipe = StableDiffusionPipeline(
-            vae=_vae(),
-            text_encoder=_text_encoder(tokenizer),
+            vae=vae(),
+            text_encoder=CLIPTextModel(text_config(tokenizer)),
             tokenizer=tokenizer,
             unet=unet,
             scheduler=_scheduler(),
@@ -162,12 +166,17 @@ def build_canny(folder: Path) -> None:
 
     Like a trained ControlNet it starts from the base UNet's weights: the same seed recreates that UNet.
     """
-    with _seeded(_SEED):
-        controlnet = ControlNetModel.from_unet(_unet(), conditioning_embedding_out_channels=(8, 16, 32, 32))
-        # diffusers zero-initialises these, which would make control image and scale no-ops.
-        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
-        zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
-        with torch.no_grad():
-            for conv in zero_convs:
-                conv.weight.normal_(0.0, _ZERO_CONV_STD)
+    with seeded(SEED):
+        controlnet = ControlNetModel.from_unet(_unet(), conditioning_embedding_out_channels=HINT_CHANNELS)
+        revive_zero_convs(controlnet)
     controlnet.save_pretrained(folder, safe_serialization=True)
+
+
+def revive_zero_convs(controlnet: ControlNetModel) -> None:
+    """Give the "zero convolutions" seeded random weights: diffusers zero-initialises them, which would make a
+    fresh ControlNet's control image and scale no-ops. Call it inside `seeded`."""
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, _ZERO_CONV_STD)

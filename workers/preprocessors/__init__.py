@@ -1,20 +1,98 @@
-"""Preprocessors turn a plan into the control map a ControlNet expects, at the render size."""
+"""Preprocessors turn a plan into the control map a ControlNet expects, at the render size.
+
+`ControlMaps` computes each map once per (plan content, preprocessor and version, parameters, size) and
+caches it in memory and, on a farm, in shared storage, so every later task, style, seed and worker reuses it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import torch
 from PIL import Image
 
-from shared.spec import CannyControl, ControlUnit, PlanImageControl
+from shared.errors import PermanentError
+from shared.images import content_hash, decode_image
+from shared.spec import CannyControl, ControlUnit, DepthControl, ImageControl, PlanDepthControl, PlanImageControl
+from shared.storage import Storage, read_url
+from workers.controlmaps import ControlMapCache
+from workers.engine.presets import default_depth_model, resolve
 from workers.preprocessors.canny import AdaptiveCanny
+from workers.preprocessors.depth import depth_estimator
+from workers.preprocessors.plan_depth import PlanDepth
 from workers.preprocessors.resize import fit_and_pad
 
+# Bump a kind's version when its algorithm changes, so maps cached in shared storage are not reused.
+VERSIONS = {"canny": 1, "depth": 1, "plan-depth": 1, "none": 1, "image": 1}
+_NOT_PARAMETERS = {"kind", "model", "scale", "start", "end"}
 
-def control_map(unit: ControlUnit, plan: Image.Image, width: int, height: int) -> Image.Image:
-    """The control image for one unit; its parameters come from the unit's own settings."""
-    if isinstance(unit, CannyControl):
-        return AdaptiveCanny(sigma=unit.sigma, blur=unit.blur)(plan, width, height)
-    if isinstance(unit, PlanImageControl):
-        # The plan as it is; padding is white, the colour of the paper around a drawing.
-        return Image.fromarray(fit_and_pad(np.asarray(plan.convert("RGB")), width, height, fill=255))
-    raise TypeError(f"no preprocessor for control kind {unit.kind!r}")
+
+class ControlMaps:
+    """The control maps of a worker process, cached across tasks."""
+
+    def __init__(
+        self,
+        storage: Storage | None,
+        models_dir: Path,
+        device: torch.device,
+        read: Callable[[str], bytes] = read_url,
+        max_pixels: int = 80_000_000,
+    ) -> None:
+        self.cache = ControlMapCache(storage)
+        self.models_dir = models_dir
+        self.device = device
+        self.read = read
+        self.max_pixels = max_pixels
+
+    def get(
+        self, unit: ControlUnit, plan_digest: str, plan: Callable[[], Image.Image], base: str, width: int, height: int
+    ) -> Image.Image:
+        """The map for `unit`; `plan` decodes the plan image, called only when a map must be computed."""
+        params: dict[str, Any] = {k: v for k, v in unit.model_dump().items() if k not in _NOT_PARAMETERS}
+        source = plan_digest
+        if isinstance(unit, DepthControl):
+            params["depth_model"] = resolve(unit.depth_model or default_depth_model(base), self.models_dir)
+        if isinstance(unit, ImageControl):
+            source = unit.image_sha256 or unit.image  # the map itself is the input, not the plan
+            params.pop("image")
+        key = {
+            "source": source,
+            "kind": unit.kind,
+            "version": VERSIONS[unit.kind],
+            "params": params,
+            "size": [width, height],
+        }
+        return self.cache.get(key, lambda: self._compute(unit, plan, params, width, height))
+
+    def _compute(
+        self, unit: ControlUnit, plan: Callable[[], Image.Image], params: dict[str, Any], width: int, height: int
+    ) -> Image.Image:
+        if isinstance(unit, CannyControl):
+            return AdaptiveCanny(sigma=unit.sigma, blur=unit.blur)(plan(), width, height)
+        if isinstance(unit, DepthControl):
+            return depth_estimator(params["depth_model"], self.device, unit.resolution)(plan(), width, height)
+        if isinstance(unit, PlanDepthControl):
+            return PlanDepth(
+                threshold=unit.threshold,
+                wall_px=unit.wall_px,
+                gap_px=unit.gap_px,
+                falloff_px=unit.falloff_px,
+                floor=unit.floor,
+                rim=unit.rim,
+            )(plan(), width, height)
+        if isinstance(unit, PlanImageControl):
+            # The plan as it is; padding is white, the colour of the paper around a drawing.
+            return _fit(plan(), width, height, fill=255)
+        if isinstance(unit, ImageControl):
+            data = self.read(unit.image)
+            if unit.image_sha256 is not None and content_hash(data) != unit.image_sha256:
+                raise PermanentError(f"{unit.image}: the control image changed after the job was submitted")
+            return _fit(decode_image(data, unit.image, max_pixels=self.max_pixels), width, height, fill=0)
+        raise TypeError(f"no preprocessor for control kind {unit.kind!r}")
+
+
+def _fit(image: Image.Image, width: int, height: int, fill: int) -> Image.Image:
+    return Image.fromarray(fit_and_pad(np.asarray(image.convert("RGB")), width, height, fill=fill))

@@ -1,0 +1,59 @@
+"""A ControlNet stack that runs only the nets whose guidance window covers the current step.
+
+diffusers runs every ControlNet at every step and multiplies its residuals by 0 outside its
+`control_guidance_start/end` window (it passes the product scale × in-window as `conditioning_scale`). A net
+whose scale is 0 at a step contributes exactly zero, so skipping it changes nothing but the time: summing
+fewer residuals drops only `+ 0` terms, and when every net is skipped the UNet gets no residuals at all, which
+it treats as "no ControlNet" (adding zeros is the identity). Outputs stay bitwise identical.
+
+Both `StableDiffusionControlNetPipeline` and `StableDiffusionXLControlNetPipeline` accept this: they take any
+`MultiControlNetModel` (lists per unit, also for one net), call it once per step with the per-unit scales,
+and pass its two results straight to the UNet, whose `None` default means no residuals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import MultiControlNetModel
+
+
+class WindowedControlNets(MultiControlNetModel):
+    """`MultiControlNetModel` that skips every net whose conditioning scale is 0 at this step."""
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: list[torch.Tensor],
+        conditioning_scale: list[float],
+        guess_mode: bool = False,
+        return_dict: bool = False,  # accepted for the pipeline's sake; a tuple either way, as the base class does
+        **kwargs: Any,
+    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        units = [unit for unit in zip(controlnet_cond, conditioning_scale, self.nets, strict=True) if unit[1] != 0]
+        if not units:
+            if not guess_mode:
+                return None, None
+            # In guess mode the pipeline pads the residuals with zeros for the unconditional half, so it needs
+            # tensors: run one net at scale 0, as diffusers would have.
+            units = [(controlnet_cond[0], 0.0, self.nets[0])]
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for image, scale, net in units:
+            net_down, net_mid = net(
+                sample=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=image,
+                conditioning_scale=scale,
+                guess_mode=guess_mode,
+                return_dict=False,
+                **kwargs,
+            )
+            # Summed in unit order, as the base class does, so the floating-point result is the same.
+            down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
+            mid = net_mid if mid is None else mid + net_mid
+        return down, mid
