@@ -17,15 +17,42 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 128,
         "height": 128,
     },
-    # The archviz pipeline of the seed document on SD 1.5 (needs the real weights).
+    # The same archviz stack as sd15-archviz (edges + depth at [0.9, 0.6]) on tiny SD 1.5 and SDXL models.
+    "tiny-archviz": {
+        "base": "tiny-sd15",
+        "controls": [{"kind": "canny", "scale": 0.9}, {"kind": "plan-depth", "scale": 0.6}],
+        "steps": 8,
+        "width": 128,
+        "height": 128,
+    },
+    "tiny-sdxl": {
+        "base": "tiny-sdxl",
+        "controls": [{"kind": "canny", "scale": 0.5}],
+        "steps": 8,
+        "width": 128,
+        "height": 128,
+    },
+    # The seed document's archviz pipeline on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
+    # Depth comes from the plan's geometry: a monocular depth model sees a drawing, not a room.
     "sd15-archviz": {
         "base": "sd15",
-        "controls": [{"kind": "canny", "scale": 0.9}],
+        "controls": [{"kind": "canny", "scale": 0.9}, {"kind": "plan-depth", "scale": 0.6}],
         "steps": 30,
         "guidance_scale": 7.5,
         "width": 512,
         "height": 512,
         "scheduler": "unipc",
+    },
+    # SDXL with one Canny ControlNet at the lower scale SDXL ControlNets want (needs the real weights).
+    "sdxl-archviz": {
+        "base": "sdxl",
+        "vae": "madebyollin/sdxl-vae-fp16-fix",
+        "controls": [{"kind": "canny", "scale": 0.5}],
+        "steps": 30,
+        "guidance_scale": 7.0,
+        "width": 1024,
+        "height": 1024,
+        "scheduler": "euler",
     },
 }
 

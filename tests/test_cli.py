@@ -212,3 +212,55 @@ def test_rerender_refuses_what_is_not_a_sidecar(env: dict[str, str], tmp_path: P
     bogus.write_text("{}")
     result = CliRunner().invoke(app, ["rerender", str(bogus)])
     assert result.exit_code == 2 and "not an archfarm sidecar" in result.stderr
+
+
+def test_every_control_kind_and_sdxl_render_end_to_end(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
+    """canny + depth + plan-depth + the plan itself + a map made elsewhere, then the tiny SDXL profile."""
+    pose = tmp_path / "pose.png"
+    Image.new("RGB", (40, 60), "black").save(pose)
+    profile = tmp_path / "all.yaml"
+    profile.write_text(
+        "base: tiny-sd15\nwidth: 64\nheight: 64\nsteps: 3\nseeds_per_task: 2\ncontrols:\n"
+        "  - {kind: canny, scale: 0.9, start: 0.0, end: 0.5}\n"
+        "  - {kind: depth, scale: 0.6, resolution: 64}\n"
+        "  - {kind: plan-depth, scale: 0.6, start: 0.2}\n"
+        f"  - {{kind: image, image: {pose}, scale: 1.2}}\n"
+    )
+    for name, args in (("all", ["--profile", str(profile)]), ("xl", ["--profile", "tiny-sdxl"])):
+        result = CliRunner().invoke(
+            app,
+            ["render", str(example_plan), "--style", "modern", "--seeds", "2", *args, "--out", str(tmp_path / name)],
+        )
+        assert result.exit_code == 0, result.output
+        sidecars = sorted((tmp_path / name).rglob("*.json"))
+        assert len(sidecars) == 2
+    meta = json.loads(sidecars[0].read_text())
+    assert meta["models"]["base"]["name"] == "tiny-sdxl"
+    combined = json.loads(sorted((tmp_path / "all").rglob("*.json"))[0].read_text())
+    assert [u["kind"] for u in combined["profile"]["controls"]] == ["canny", "depth", "plan-depth", "image"]
+    assert len(combined["profile"]["controls"][3]["image_sha256"]) == 64
+    assert len(combined["models"]["controlnets"]) == 4
+
+
+def test_a_bad_control_image_is_refused_before_anything_is_stored(
+    env: dict[str, str], tmp_path: Path, example_plan: Path
+) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"base: tiny-sd15\ncontrols: [{{kind: image, image: {tmp_path / 'nope.png'}}}]\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "render",
+            str(example_plan),
+            "--style",
+            "modern",
+            "--seeds",
+            "1",
+            "--profile",
+            str(profile),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 2 and "nope.png: no such file" in result.stderr
+    assert jobs_in(tmp_path / "archfarm.db") == 0 and not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from shared.config import Settings
 from shared.db.models import Task, TaskStatus
 from shared.db.store import register_worker, stop_worker
 from shared.spec import JobSpec
+from shared.storage import LocalStorage
 from workers.runner import BLOCKED_DELAY_S, Runner
 
 PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
@@ -144,3 +145,33 @@ def test_a_storage_outage_hands_the_task_back_until_storage_returns(
     assert task(sessions, task_id).status is TaskStatus.SUCCEEDED
     with sessions() as session:
         assert session.scalar(select(Task.attempts).where(Task.id == task_id)) == 2
+
+
+def test_control_maps_are_computed_once_per_plan_and_preprocessor(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    spec = JobSpec.model_validate(
+        {
+            "plans": [str(plan)],
+            "styles": ["modern", "japandi"],
+            "seeds": {"count": 2},
+            "output": str(tmp_path / "out"),
+            "profile": {**PROFILE, "controls": [{"kind": "canny"}, {"kind": "plan-depth", "scale": 0.6}]},
+        }
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    shared = LocalStorage(tmp_path / "shared")
+    first = Runner(settings, sessions, "w1#1", map_storage=shared)
+    for t in job.tasks[:2]:
+        first.run(t.id)
+    first.close()
+    assert (first.maps.cache.computed, first.maps.cache.memory_hits) == (2, 2)  # 2 tasks × 2 units
+    second = Runner(settings, sessions, "w2#1", map_storage=shared)  # another worker, same storage
+    for t in job.tasks[2:]:
+        second.run(t.id)
+    second.close()
+    assert second.maps.cache.computed == 0 and second.maps.cache.storage_hits == 2
+    with sessions() as session:
+        assert {s for (s,) in session.execute(select(Task.status))} == {TaskStatus.SUCCEEDED}
