@@ -11,11 +11,7 @@ batch 1 vs 4, archfarm engine vs plain `pipe(...)`, and the achieved TFLOP/s fro
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,16 +27,29 @@ TFLOP_PER_IMAGE = {"sd15": 84.7, "sdxl": 598.0}
 def sd15_configs(tiny: bool) -> dict[str, Any]:
     """SD 1.5's published shapes (runwayml/stable-diffusion-v1-5), or a tiny stand-in for smoke runs."""
     if tiny:
-        return {"unet": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                             layers_per_block=1, attention_head_dim=4, sample_size=8),
-                "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-                "vae": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)}
+        return {
+            "unet": dict(
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                layers_per_block=1,
+                attention_head_dim=4,
+                sample_size=8,
+            ),
+            "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+            "vae": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        }
     return {
-        "unet": dict(block_out_channels=(320, 640, 1280, 1280),
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                     cross_attention_dim=768, layers_per_block=2, attention_head_dim=8, sample_size=64),
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            layers_per_block=2,
+            attention_head_dim=8,
+            sample_size=64,
+        ),
         "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
     }
@@ -49,33 +58,66 @@ def sd15_configs(tiny: bool) -> dict[str, Any]:
 def sdxl_configs(tiny: bool) -> dict[str, Any]:
     """SDXL base 1.0's published shapes, or a tiny stand-in (dimensions kept consistent, see DIFFUSERS-NOTES)."""
     if tiny:
-        return {"unet": dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                             transformer_layers_per_block=(1, 1), cross_attention_dim=64, attention_head_dim=(2, 4),
-                             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                             projection_class_embeddings_input_dim=80, sample_size=8),
-                "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-                "text_2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               projection_dim=32),
-                "vae": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)}
+        return {
+            "unet": dict(
+                block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                layers_per_block=1,
+                transformer_layers_per_block=(1, 1),
+                cross_attention_dim=64,
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=80,
+                sample_size=8,
+            ),
+            "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+            "text_2": dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
+            ),
+            "vae": dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        }
     return {
-        "unet": dict(block_out_channels=(320, 640, 1280),
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                     transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                     projection_class_embeddings_input_dim=2816, sample_size=128),
+        "unet": dict(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            sample_size=128,
+        ),
         "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                       projection_dim=1280, hidden_act="gelu"),
+        "text_2": dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        ),
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2),
     }
 
 
 def build(folder: Path, family: str, controlnets: int, tiny: bool) -> tuple[Path, list[Path]]:
     """Save a random-weight base pipeline and its ControlNets with save_pretrained, as real ones would be."""
-    from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, PNDMScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from workers.engine.tiny import _tokenizer  # the offline byte-level tokenizer
@@ -84,19 +126,37 @@ def build(folder: Path, family: str, controlnets: int, tiny: bool) -> tuple[Path
     configs = sd15_configs(tiny) if family == "sd15" else sdxl_configs(tiny)
     text_defaults = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **configs["unet"])
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        latent_channels=4, **configs["vae"])
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        **configs["vae"],
+    )
     tokenizer = _tokenizer()
     text = CLIPTextModel(CLIPTextConfig(**{**text_defaults, **configs["text"]}))
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     if family == "sd15":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                       scheduler=PNDMScheduler(**betas, skip_prk_steps=True), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(**betas, skip_prk_steps=True),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     else:
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_defaults, **configs["text_2"]}))
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**betas))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text,
+            text_encoder_2=text_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**betas),
+        )
     base = folder / f"{family}-base"
     pipe.save_pretrained(base)
     nets = []
@@ -109,8 +169,15 @@ def build(folder: Path, family: str, controlnets: int, tiny: bool) -> tuple[Path
     return base, nets
 
 
-def timed(label: str, images: int, family: str, fn: Callable[[], object], results: dict[str, Any],
-          repeats: int, sync: Callable[[], None]) -> None:
+def timed(
+    label: str,
+    images: int,
+    family: str,
+    fn: Callable[[], object],
+    results: dict[str, Any],
+    repeats: int,
+    sync: Callable[[], None],
+) -> None:
     fn()  # warm-up (and compilation, when compiled)
     sync()
     started = time.perf_counter()

@@ -1,0 +1,177 @@
+"""Engine benchmark on tiny models (CPU here, any device elsewhere): batching, compile, window skipping, swaps.
+
+    python bench/engine.py [--quick] [--json] [--sizes 64,256] [--compile-backend inductor]
+
+For each size: images/s with seeds_per_task 1 vs 4; steady-state seconds per render eager vs compiled
+(the first compiled call is reported apart); with and without skipping ControlNets outside their
+control_guidance window; then ControlNet swap cost from the offload tier vs from disk, and loads, swaps and
+evictions for a sequence of tasks mixing two stacks, in archfarm's order (grouped) vs arrival order.
+All comparisons run side by side in one process; read ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.engine.compile import CompileOptions  # noqa: E402
+from workers.engine.models import ModelCache, module_bytes  # noqa: E402
+from workers.engine.pipeline import ControlInput, render  # noqa: E402
+from workers.engine.presets import resolve  # noqa: E402
+from workers.preprocessors.canny import AdaptiveCanny  # noqa: E402
+from workers.preprocessors.plan_depth import PlanDepth  # noqa: E402
+
+PLAN = Path(__file__).resolve().parents[1] / "examples" / "floorplan.png"
+PROMPT = "modern interior design, clean lines, natural light"
+
+
+def seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return median(times)
+
+
+def measure_size(
+    cache: ModelCache, plan: Image.Image, size: int, steps: int, repeats: int, backend: str
+) -> dict[str, float]:
+    """Batching, window skipping and compile at one render size."""
+    edges = AdaptiveCanny()(plan, size, size)
+    depth = PlanDepth()(plan, size, size)
+    one = [ControlInput("tiny-canny", edges, 0.9, 0.0, 1.0)]
+    windowed = [ControlInput("tiny-canny", edges, 0.9, 0.0, 0.5), ControlInput("tiny-canny", depth, 0.6, 0.5, 1.0)]
+    options = CompileOptions(backend=backend)
+
+    def run(controls: list[ControlInput], seeds: list[int], **extra: Any) -> object:
+        return render(
+            cache,
+            base="tiny-sd15",
+            controls=controls,
+            prompt=PROMPT,
+            negative_prompt="",
+            seeds=seeds,
+            steps=steps,
+            guidance_scale=7.5,
+            width=size,
+            height=size,
+            scheduler="ddim",
+            **extra,
+        )
+
+    single = seconds(lambda: run(one, [0]), repeats)
+    batch = seconds(lambda: run(one, [0, 1, 2, 3]), repeats)
+    skip = seconds(lambda: run(windowed, [0]), repeats)
+    noskip = seconds(lambda: run(windowed, [0], skip_outside_window=False), repeats)
+    started = time.perf_counter()
+    run(one, [0], compile=options)
+    first_compiled = time.perf_counter() - started
+    compiled = seconds(lambda: run(one, [0], compile=options), repeats)
+    return {
+        f"{size}_images_per_s_batch1": 1 / single,
+        f"{size}_images_per_s_batch4": 4 / batch,
+        f"{size}_batch4_speedup": single * 4 / batch,
+        f"{size}_window_skip_s": skip,
+        f"{size}_window_noskip_s": noskip,
+        f"{size}_window_saving": 1 - skip / noskip,
+        f"{size}_compile_first_call_s": first_compiled,
+        f"{size}_eager_s": single,
+        f"{size}_compiled_s": compiled,
+        f"{size}_compiled_speedup": single / compiled,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="64×64 only, aot_eager compile, few repeats")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--sizes", default="64,256", help="square render sizes")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile-backend", default="inductor", help="inductor (minutes on CPU) or aot_eager")
+    parser.add_argument("--models-dir", type=Path, default=None, help="model cache folder (default: temporary)")
+    args = parser.parse_args()
+    sizes = [64] if args.quick else [int(s) for s in args.sizes.split(",")]
+    steps = 4 if args.quick else args.steps
+    repeats = 2 if args.quick else 3
+    backend = "aot_eager" if args.quick else args.compile_backend
+    work = Path(tempfile.mkdtemp(prefix="archfarm-engine-bench-"))
+    models_dir = args.models_dir or work / "models"
+    device = torch.device("cpu")
+    results: dict[str, Any] = {"device": str(device), "steps": steps, "threads": torch.get_num_threads()}
+    try:
+        cache = ModelCache(models_dir, device, torch.float32)
+        plan = Image.open(PLAN).convert("RGB")
+        for size in sizes:
+            results.update(measure_size(cache, plan, size, steps, repeats, backend))
+        results["compile_backend"] = backend
+
+        # Swapping a ControlNet: back from the offload tier vs read from disk.
+        other = work / "canny-b"
+        shutil.copytree(resolve("tiny-canny", models_dir), other)
+        budget = module_bytes(cache.controlnet("tiny-canny"))
+        swap_cache = ModelCache(models_dir, device, torch.float32, controlnet_budget_bytes=budget)
+        swap_cache.controlnet("tiny-canny")
+        started = time.perf_counter()
+        swap_cache.controlnet(str(other))  # from disk; evicts tiny-canny to the offload tier
+        results["controlnet_from_disk_ms"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        swap_cache.controlnet("tiny-canny")  # back from the offload tier
+        results["controlnet_from_offload_ms"] = (time.perf_counter() - started) * 1000
+
+        # Two stacks, 16 tasks, a device budget of one ControlNet: grouped vs interleaved arrival.
+        size = sizes[0]
+        edges = AdaptiveCanny()(plan, size, size)
+        for order in ("grouped", "interleaved"):
+            mixed = ModelCache(
+                models_dir, device, torch.float32, controlnet_budget_bytes=budget, offload_budget_bytes=0
+            )
+            stacks = ["tiny-canny"] * 8 + [str(other)] * 8
+            if order == "interleaved":
+                stacks = [s for pair in zip(stacks[:8], stacks[8:], strict=True) for s in pair]
+            started = time.perf_counter()
+            for net in stacks:
+                render(
+                    mixed,
+                    base="tiny-sd15",
+                    controls=[ControlInput(net, edges, 0.9, 0.0, 1.0)],
+                    prompt=PROMPT,
+                    negative_prompt="",
+                    seeds=[0],
+                    steps=steps,
+                    guidance_scale=7.5,
+                    width=size,
+                    height=size,
+                    scheduler="ddim",
+                )
+            results[f"{order}_16_tasks_s"] = time.perf_counter() - started
+            results[f"{order}_controlnet_loads"] = sum(mixed.loads.values()) - 1  # minus the base
+            results[f"{order}_swaps"] = mixed.swaps
+            results[f"{order}_evictions"] = sum(mixed.evictions.values())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'measure':<36} value")
+    for key, value in results.items():
+        print(f"{key:<36} {value:.4f}" if isinstance(value, float) else f"{key:<36} {value}")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
