@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
@@ -30,6 +30,9 @@ from shared.errors import InvalidInput, StorageError
 from shared.limits import check_fits_visibility
 from shared.spec import JobSpec, load_job, parse_model
 from shared.storage import open_storage
+
+if TYPE_CHECKING:
+    from producer.local import Embedded
 
 TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
 
@@ -88,8 +91,11 @@ class Farm:
         self.settings = settings or Settings()
         self.engine, self.sessions = open_database(self.settings)
         self._celery = make_celery(self.settings) if self.settings.broker_url else None
+        self._embedded: Embedded | None = None
 
     def close(self) -> None:
+        if self._embedded is not None:
+            self._embedded.close()
         self.engine.dispose()
 
     def __enter__(self) -> Farm:
@@ -105,9 +111,11 @@ class Farm:
         """
         spec = _as_spec(job)
         if self._celery is None:
-            from producer.local import render_local
+            from producer.local import Embedded
 
-            return render_local(spec, self.settings).job_id
+            if self._embedded is None:
+                self._embedded = Embedded(self.settings, self.sessions)
+            return self._embedded.render(spec).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
         prepared = prepare(spec, self.settings, stage=True)
         with self.sessions.begin() as session:

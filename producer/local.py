@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from producer.database import open_database
 from producer.submit import PreparedJob, persist, prepare
@@ -36,23 +37,35 @@ class LocalReport:
         return all(s is TaskStatus.SUCCEEDED for s in self.statuses.values())
 
 
-def render_local(
-    spec: JobSpec,
-    settings: Settings,
-    *,
-    on_prepared: Callable[[PreparedJob], None] | None = None,
-    on_task_done: DoneFn | None = None,
-    progress: ProgressFn | None = None,
-) -> LocalReport:
-    """Validate (nothing stored on failure), persist, then run every task here in expansion order."""
-    job = prepare(spec, settings)
-    engine, sessions = open_database(settings)
-    try:
+class Embedded:
+    """The embedded farm: one database and one runner for every job rendered in this process, so models
+    stay resident from one job to the next (a program submitting many jobs loads each model once)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self._sessions = sessions
+        self._engine: Engine | None = None
+        self._runner: Runner | None = None
+
+    def render(
+        self,
+        spec: JobSpec,
+        *,
+        on_prepared: Callable[[PreparedJob], None] | None = None,
+        on_task_done: DoneFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> LocalReport:
+        """Validate (nothing stored on failure), persist, then run every task here in expansion order."""
+        job = prepare(spec, self.settings)
+        sessions = self._open()
         with sessions.begin() as session:
             persist(session, job)
         if on_prepared is not None:
             on_prepared(job)
-        runner = Runner(settings, sessions, worker="local", on_done=on_task_done)
+        if self._runner is None:
+            self._runner = Runner(self.settings, sessions, worker="local")
+        runner = self._runner
+        runner.on_done = on_task_done
         pending = [task.id for task in job.tasks]
         for round_ in range(ROUNDS):
             for task_id in pending:
@@ -61,20 +74,36 @@ def render_local(
                 except TransientError as e:
                     log.warning("task %s handed back: %s", task_id, e)
             runner.flush()
-            with sessions() as session:
-                pending = list(
-                    session.scalars(
-                        select(Task.id)
-                        .where(Task.job_id == job.id, Task.status == TaskStatus.QUEUED)
-                        .order_by(Task.ordinal)
-                    )
-                )
+            pending = self._queued(job.id)
             if not pending:
                 break
             time.sleep(BACKOFF_S * (round_ + 1))
-        runner.close()
+        return self._report(job)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    def _open(self) -> sessionmaker[Session]:
+        if self._sessions is None:
+            self._engine, self._sessions = open_database(self.settings)
+        return self._sessions
+
+    def _queued(self, job_id: str) -> list[str]:
+        with self._open()() as session:
+            return list(
+                session.scalars(
+                    select(Task.id)
+                    .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+                    .order_by(Task.ordinal)
+                )
+            )
+
+    def _report(self, job: PreparedJob) -> LocalReport:
         report = LocalReport(job_id=job.id, output_url=job.output_url)
-        with sessions() as session:
+        with self._open()() as session:
             rows = session.execute(
                 select(Task.id, Task.status, Task.error).where(Task.job_id == job.id).order_by(Task.ordinal)
             )
@@ -83,5 +112,19 @@ def render_local(
                 if status is not TaskStatus.SUCCEEDED:
                     report.errors[task_id] = error or status.value
         return report
+
+
+def render_local(
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    on_prepared: Callable[[PreparedJob], None] | None = None,
+    on_task_done: DoneFn | None = None,
+    progress: ProgressFn | None = None,
+) -> LocalReport:
+    """Render one job in this process (the `archfarm render` path)."""
+    embedded = Embedded(settings)
+    try:
+        return embedded.render(spec, on_prepared=on_prepared, on_task_done=on_task_done, progress=progress)
     finally:
-        engine.dispose()
+        embedded.close()
