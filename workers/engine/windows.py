@@ -43,16 +43,22 @@ class WindowedControlNets(MultiControlNetModel):
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for image, scale, net in units:
+            # Outside guess mode the net only multiplies its residuals by the scale at its end. Doing that here,
+            # on the net's scale-1 output, gives the same floats (x * 1.0 == x) while a compiled net sees one
+            # constant instead of one value per unit and step, each of which would be a recompile.
+            outside = not guess_mode
             net_down, net_mid = net(
                 sample=sample,
                 timestep=timestep,
                 encoder_hidden_states=encoder_hidden_states,
                 controlnet_cond=image,
-                conditioning_scale=scale,
+                conditioning_scale=1.0 if outside else scale,
                 guess_mode=guess_mode,
                 return_dict=False,
                 **kwargs,
             )
+            if outside:
+                net_down, net_mid = [d * scale for d in net_down], net_mid * scale
             # Summed in unit order, as the base class does, so the floating-point result is the same.
             down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
             mid = net_mid if mid is None else mid + net_mid
