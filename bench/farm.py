@@ -1,6 +1,6 @@
 """Farm benchmark: in-process vs distributed wall time, per-task overhead, model loads and swaps per worker.
 
-    python bench/farm.py [--tasks 40] [--json]
+    python bench/farm.py [--tasks 40 | --quick] [--json]
 
 Needs PostgreSQL and Redis on 127.0.0.1 (override with ARCHFARM_BENCH_POSTGRES_URL / ARCHFARM_BENCH_REDIS_URL);
 results go to a temporary folder; tiny models are built into ARCHFARM_MODELS_DIR (or a temporary folder).
@@ -86,8 +86,11 @@ def worker_counters(farm: Farm) -> dict[str, tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=40, help="tasks per job (even)")
+    parser.add_argument("--quick", action="store_true", help="8 tasks per job")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = parser.parse_args()
+    if args.quick:
+        args.tasks = 8
 
     pg = os.environ.get("ARCHFARM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     broker = os.environ.get("ARCHFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -1,0 +1,87 @@
+"""Each benchmark's --quick mode runs from a clean state and prints well-formed results (not timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, *args: str, models_dir: Path, timeout: int = 600) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
+        env={**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_engine_quick(models_dir: Path) -> None:
+    out = run_bench("engine.py", "--quick", "--models-dir", str(models_dir), models_dir=models_dir)
+    for key in (
+        "64_images_per_s_batch1",
+        "64_images_per_s_batch4",
+        "64_window_skip_s",
+        "64_window_noskip_s",
+        "64_eager_s",
+        "64_compiled_s",
+        "controlnet_from_disk_ms",
+        "controlnet_from_offload_ms",
+    ):
+        assert positive(out[key]), key
+    assert out["grouped_controlnet_loads"] < out["interleaved_controlnet_loads"]  # counts, not timings
+    assert out["grouped_swaps"] == 1 and out["interleaved_swaps"] == 15
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_state_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
+    out = run_bench("state.py", "--quick", models_dir=models_dir)
+    assert out["task_rows"] == 100_000 and out["dispatch_messages"] == 2000
+    for key in ("expand_100000_s", "persist_100000_s", "status_query_p50_ms", "mark_done_p95_ms", "dispatch_per_s"):
+        assert positive(out[key]), key
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_farm_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
+    out = run_bench("farm.py", "--quick", models_dir=models_dir)
+    assert out["tasks"] == 8
+    assert positive(out["inprocess_wall_s"]) and positive(out["distributed_2_wall_s"])
+    assert len(out["grouped_swaps_per_worker"]) == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
+    out = run_bench("overhead.py", "--quick", "--size", "64", "--steps", "3", models_dir=models_dir)
+    for key in ("plain_images_per_s", "inprocess_ratio", "distributed_1_ratio", "distributed_2_ratio"):
+        assert positive(out[key]), key
+
+
+def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
+    out = run_bench("gpu.py", "--quick", "--device", "cpu", "--tiny", "--only", "sd15", models_dir=models_dir)
+    assert out["device"] == "cpu"
+    for key in (
+        "sd15 plain pipeline b1",
+        "sd15 archfarm engine b1",
+        "sd15 archfarm engine b4",
+        "sd15 archfarm engine compiled b1",
+    ):
+        assert positive(out[key]["images_per_s"]) and positive(out[key]["tflops"]), key
