@@ -23,17 +23,17 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import REDIS_URL, scratch_database  # noqa: E402
 from producer.client import Farm  # noqa: E402
-from producer.local import render_local  # noqa: E402
+from producer.local import Embedded  # noqa: E402
 from shared.broker import Message, send_tasks  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db.models import Task, Worker  # noqa: E402
-from shared.db.session import make_engine, upgrade  # noqa: E402
 from shared.limits import task_time_limit  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
 from workers.engine.presets import resolve  # noqa: E402
@@ -92,21 +92,23 @@ def main() -> None:
     if args.quick:
         args.tasks = 8
 
-    pg = os.environ.get("ARCHFARM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    broker = os.environ.get("ARCHFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with scratch_database("archfarm_bench") as database_url:
+        results = measure(args, database_url)
+    print(f"{'measure':<40} value")
+    for key, value in results.items():
+        if key != "profile":
+            shown = f"{value:.1f}" if isinstance(value, float) else value
+            print(f"{key:<40} {shown}")
+    if args.json:
+        print(json.dumps(results))
+
+
+def measure(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="archfarm-bench-"))
-    db_name = f"archfarm_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{db_name}"'))
-    database_url = pg.rsplit("/", 1)[0] + f"/{db_name}"
-    engine = make_engine(database_url)
-    upgrade(engine)
-    engine.dispose()
     models_dir = Path(os.environ.get("ARCHFARM_MODELS_DIR") or work / "models")
     env = {
         "ARCHFARM_DATABASE_URL": database_url,
-        "ARCHFARM_BROKER_URL": broker,
+        "ARCHFARM_BROKER_URL": REDIS_URL,
         "ARCHFARM_QUEUE": f"bench-{uuid.uuid4().hex[:8]}",
         "ARCHFARM_MODELS_DIR": str(models_dir),
         "ARCHFARM_STORAGE_URL": str(work / "out"),
@@ -121,11 +123,12 @@ def main() -> None:
     worker = None
     try:
         # In-process: the embedded path, same database, one warm-up job first so models are resident.
-        settings = Settings(broker_url=None)
-        render_local(job(2, work / "warm"), settings)
+        embedded = Embedded(Settings(broker_url=None))
+        embedded.render(job(2, work / "warm"))
         started = time.perf_counter()
-        render_local(job(seeds, work / "inprocess"), settings)
+        embedded.render(job(seeds, work / "inprocess"))
         wall = time.perf_counter() - started
+        embedded.close()
         results["inprocess_wall_s"] = wall
         results["inprocess_overhead_ms"] = (wall - compute_seconds(work / "inprocess")) / args.tasks * 1000
 
@@ -180,20 +183,8 @@ def main() -> None:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(120)
-        admin.dispose()
-        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
         shutil.rmtree(work, ignore_errors=True)
-
-    print(f"{'measure':<40} value")
-    for key, value in results.items():
-        if key != "profile":
-            shown = f"{value:.1f}" if isinstance(value, float) else value
-            print(f"{key:<40} {shown}")
-    if args.json:
-        print(json.dumps(results))
+    return results
 
 
 def submit_without_sending(farm: Farm, spec: JobSpec) -> tuple[str, list[str]]:

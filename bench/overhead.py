@@ -30,16 +30,16 @@ from typing import Any
 
 import torch
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import REDIS_URL, scratch_database  # noqa: E402
 from producer.client import Farm  # noqa: E402
 from producer.local import Embedded  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db.models import Worker  # noqa: E402
-from shared.db.session import make_engine, upgrade  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
 from shared.styles import CATALOG  # noqa: E402
 from workers.engine.presets import resolve  # noqa: E402
@@ -142,46 +142,50 @@ def main() -> None:
     models_dir = Path(os.environ.get("ARCHFARM_MODELS_DIR") or work / "models")
     depth_net = str(work / "depth-controlnet")  # a second ControlNet folder, standing in for sd-controlnet-depth
     shutil.copytree(resolve("tiny-canny", models_dir), depth_net)
-    pg = os.environ.get("ARCHFARM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    db_name = f"archfarm_overhead_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{db_name}"'))
-    database_url = pg.rsplit("/", 1)[0] + f"/{db_name}"
-    engine = make_engine(database_url)
-    upgrade(engine)
-    engine.dispose()
+    rates: dict[str, list[float]] = {}
+    with scratch_database("archfarm_overhead") as database_url:
+        try:
+            measure(args, database_url, work, models_dir, depth_net, seeds, reps, images, rates)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    report(args, rates, images, reps)
+
+
+def measure(
+    args: argparse.Namespace,
+    database_url: str,
+    work: Path,
+    models_dir: Path,
+    depth_net: str,
+    seeds: int,
+    reps: int,
+    images: int,
+    rates: dict[str, list[float]],
+) -> None:
     env = {
         "ARCHFARM_DATABASE_URL": database_url,
-        "ARCHFARM_BROKER_URL": os.environ.get("ARCHFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "ARCHFARM_BROKER_URL": REDIS_URL,
         "ARCHFARM_QUEUE": f"overhead-{uuid.uuid4().hex[:8]}",
         "ARCHFARM_MODELS_DIR": str(models_dir),
         "ARCHFARM_STORAGE_URL": str(work / "storage"),
         "HF_HUB_OFFLINE": "1",
     }
     os.environ.update(env)
-    rates: dict[str, list[float]] = {}
-    try:
-        loop = plain_loop(models_dir, depth_net, args.size, args.steps, seeds)
-        rates["plain"] = repeat("plain loop", images, reps, lambda rep: loop(work / f"plain-{rep}"))
-        embedded = Embedded(Settings(broker_url=None))
-        rates["inprocess"] = repeat(
-            "in-process",
-            images,
-            reps,
-            lambda rep: embedded.render(job(seeds, args.size, args.steps, depth_net, work / f"inprocess-{rep}")),
-        )
-        embedded.close()
-        for workers in (1, 2):
-            rates[f"distributed_{workers}"] = distributed(workers, images, reps, seeds, args, depth_net, work)
-    finally:
-        admin.dispose()
-        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
-        shutil.rmtree(work, ignore_errors=True)
+    loop = plain_loop(models_dir, depth_net, args.size, args.steps, seeds)
+    rates["plain"] = repeat("plain loop", images, reps, lambda rep: loop(work / f"plain-{rep}"))
+    embedded = Embedded(Settings(broker_url=None))
+    rates["inprocess"] = repeat(
+        "in-process",
+        images,
+        reps,
+        lambda rep: embedded.render(job(seeds, args.size, args.steps, depth_net, work / f"inprocess-{rep}")),
+    )
+    embedded.close()
+    for workers in (1, 2):
+        rates[f"distributed_{workers}"] = distributed(workers, images, reps, seeds, args, depth_net, work)
 
+
+def report(args: argparse.Namespace, rates: dict[str, list[float]], images: int, reps: int) -> None:
     plain = median(rates["plain"])
     results: dict[str, Any] = {
         "images_per_run": images,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -21,17 +20,18 @@ from statistics import quantiles
 from typing import Any
 
 import redis
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import REDIS_URL, scratch_database  # noqa: E402
 from producer.expand import expand  # noqa: E402
 from producer.plans import Plan  # noqa: E402
 from producer.submit import PreparedJob, persist  # noqa: E402
 from shared.broker import Message, make_celery, send_tasks  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db.models import Job, Task  # noqa: E402
-from shared.db.session import make_engine, session_factory, upgrade  # noqa: E402
+from shared.db.session import make_engine, session_factory  # noqa: E402
 from shared.db.store import claim_task, finish_task, status_of  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
 
@@ -63,17 +63,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100,000 tasks and 2,000 messages only")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     args = parser.parse_args()
-    pg = os.environ.get("ARCHFARM_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    broker = os.environ.get("ARCHFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    name = f"archfarm_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(pg.rsplit("/", 1)[0] + f"/{name}")
+    with scratch_database("archfarm_bench") as url:
+        results = measure(args, url)
+    print(f"{'measure':<28} value")
+    for key, value in results.items():
+        print(f"{key:<28} {value:.3f}" if isinstance(value, float) else f"{key:<28} {value}")
+    if args.json:
+        print(json.dumps(results))
+
+
+def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    engine = make_engine(url)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     results: dict[str, Any] = {}
     try:
-        upgrade(engine)
         sessions = session_factory(engine)
         sizes = [(100, 1000)] if args.quick else [(100, 1000), (1000, 1000)]
         job_ids = []
@@ -115,25 +118,17 @@ def main() -> None:
             ids = list(
                 session.scalars(select(Task.id).where(Task.job_id == job_id).limit(2000 if args.quick else 10_000))
             )
-        app = make_celery(Settings(broker_url=broker, queue=queue))
+        app = make_celery(Settings(broker_url=REDIS_URL, queue=queue))
         started = time.perf_counter()
         send_tasks(app, (Message(task_id, 50, 3600) for task_id in ids))
         results["dispatch_messages"] = len(ids)
         results["dispatch_per_s"] = len(ids) / (time.perf_counter() - started)
     finally:
         engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        client = redis.Redis.from_url(broker)
+        client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"{queue}*"):
             client.delete(key)
-
-    print(f"{'measure':<28} value")
-    for key, value in results.items():
-        print(f"{key:<28} {value:.3f}" if isinstance(value, float) else f"{key:<28} {value}")
-    if args.json:
-        print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from workers.engine.models import ModelCache
 from workers.engine.presets import PRESET_NAMES, resolve
@@ -40,3 +41,19 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+SIZE = 64
+
+
+def control_plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
+    """A plan-like control map for engine tests: white room outlines (edges, as Canny gives them) on black."""
+    image = Image.new("RGB", (SIZE, SIZE))
+    draw = ImageDraw.Draw(image)
+    for room in rooms:
+        draw.rectangle(room, outline="white", width=2)
+    return image
+
+
+PLAN_A = control_plan([(4, 4, 40, 30), (40, 4, 60, 60)])
+PLAN_B = control_plan([(8, 20, 56, 56)])

@@ -15,31 +15,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch._dynamo.utils import counters as dynamo_counters
 
 from shared.errors import InvalidInput, ModelError
+from tests.models_fixture import PLAN_A, PLAN_B, SIZE
 from workers.engine import presets
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
 from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput, render
 from workers.engine.presets import default_controlnet, resolve
 
-SIZE = 64
 STEPS = 4
-
-
-def plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
-    """A plan-like control map: white lines (edges, as Canny gives them) on black."""
-    image = Image.new("RGB", (SIZE, SIZE))
-    draw = ImageDraw.Draw(image)
-    for room in rooms:
-        draw.rectangle(room, outline="white", width=2)
-    return image
-
-
-PLAN_A = plan([(4, 4, 40, 30), (40, 4, 60, 60)])
-PLAN_B = plan([(8, 20, 56, 56)])
 
 
 def run(cache: ModelCache, *, seeds=(1,), controls=None, **overrides):

@@ -9,29 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from shared.errors import InvalidInput, ModelError
+from tests.models_fixture import PLAN_A, PLAN_B, SIZE
 from workers.engine.family import family
 from workers.engine.models import ModelCache
 from workers.engine.pipeline import ControlInput, render
 from workers.engine.presets import resolve
 
-SIZE = 64
 STEPS = 4
 NET = "tiny-sdxl-controlnet"
-
-
-def plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE))
-    draw = ImageDraw.Draw(image)
-    for room in rooms:
-        draw.rectangle(room, outline="white", width=2)
-    return image
-
-
-PLAN_A = plan([(4, 4, 40, 30), (40, 4, 60, 60)])
-PLAN_B = plan([(8, 20, 56, 56)])
 
 
 def run(cache: ModelCache, *, controls: list[ControlInput] | None = None, seeds=(1,), **overrides):

@@ -71,18 +71,11 @@ class ControlMaps:
         self, unit: ControlUnit, plan: Callable[[], Image.Image], params: dict[str, Any], width: int, height: int
     ) -> Image.Image:
         if isinstance(unit, CannyControl):
-            return AdaptiveCanny(sigma=unit.sigma, blur=unit.blur)(plan(), width, height)
+            return AdaptiveCanny(**params)(plan(), width, height)
         if isinstance(unit, DepthControl):
             return depth_estimator(params["depth_model"], self.device, unit.resolution)(plan(), width, height)
         if isinstance(unit, PlanDepthControl):
-            return PlanDepth(
-                threshold=unit.threshold,
-                wall_px=unit.wall_px,
-                gap_px=unit.gap_px,
-                falloff_px=unit.falloff_px,
-                floor=unit.floor,
-                rim=unit.rim,
-            )(plan(), width, height)
+            return PlanDepth(**params)(plan(), width, height)
         if isinstance(unit, PlanImageControl):
             # The plan as it is; padding is white, the colour of the paper around a drawing.
             return _fit(plan(), width, height, fill=255)
