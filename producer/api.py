@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from producer.client import Farm
 from shared.config import Settings
 from shared.errors import InvalidInput
-from shared.spec import JobSpec, parse_model
+from shared.spec import ImageControl, JobSpec, parse_model
 from shared.storage import S3Storage, open_storage
 
 
@@ -98,3 +98,6 @@ def remote_only(spec: JobSpec) -> None:
             raise InvalidInput(f"plans: {plan!r}: the API takes s3:// URLs only")
     if spec.output is not None and not spec.output.startswith("s3://"):
         raise InvalidInput(f"output: {spec.output!r}: the API takes s3:// URLs only")
+    for index, unit in enumerate(spec.profile.controls):
+        if isinstance(unit, ImageControl) and not unit.image.startswith("s3://"):
+            raise InvalidInput(f"profile.controls.{index}.image: {unit.image!r}: the API takes s3:// URLs only")

@@ -187,13 +187,13 @@ class Farm:
         whose sending was cut off by a broker outage.
         """
         self.status(job_id)
+        if self._celery is None:
+            raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
         with self.sessions.begin() as session:
             retry_job(session, job_id)
             queued = session.scalars(
                 select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
             ).all()
-        if self._celery is None:
-            raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
         return send_tasks(self._celery, messages_for(self.sessions, self.settings, queued))
 
     def results(self, job_id: str) -> list[ArtifactView]:

@@ -37,8 +37,6 @@ def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
         data = read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     except FileNotFoundError:
         raise PlanError(f"{plan}: no such file") from None
-    except IsADirectoryError:
-        raise PlanError(f"{plan}: is a folder, not an image") from None
     except PermissionError:
         raise PlanError(f"{plan}: permission denied") from None
     except InvalidInput as e:

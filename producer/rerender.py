@@ -38,7 +38,10 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         str(sidecar_path),
     )
     report = render_local(spec, settings)
-    image = out_dir / meta["key"]
+    # Matched by file name: the seed and digest name the image whatever folder the plan's name gives it
+    # (a plan staged by a farm is re-read from its content-addressed copy, with another name).
+    found = sorted(out_dir.rglob(Path(meta["key"]).name))
+    image = found[0] if found else out_dir / meta["key"]
     if not report.ok or not image.exists():
         # The key is derived from the plan's content and every setting: a different key means changed inputs.
         problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"

@@ -84,6 +84,10 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
         ({"plans": ["/etc/passwd"]}, "plans: '/etc/passwd': the API takes s3:// URLs only"),
         ({"output": "file:///tmp/x"}, "output: 'file:///tmp/x': the API takes s3:// URLs only"),
         ({"styles": ["gothic"]}, "styles: unknown style 'gothic'"),
+        (
+            {"profile": {**PROFILE, "controls": [{"kind": "image", "image": "/dev/zero"}]}},
+            "profile.controls.0.image: '/dev/zero': the API takes s3:// URLs only",
+        ),
         ({"profile": {**PROFILE, "width": 100}}, "profile.width: 100 is not a multiple of 8"),
     ],
 )

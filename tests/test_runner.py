@@ -19,7 +19,7 @@ from shared.db.models import Task, TaskStatus
 from shared.db.store import register_worker, stop_worker
 from shared.spec import JobSpec
 from shared.storage import LocalStorage
-from workers.runner import BLOCKED_DELAY_S, Runner
+from workers.runner import BLOCKED_DELAY_S, TRANSIENT_ATTEMPTS_LIMIT, Runner
 
 PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
 
@@ -175,3 +175,20 @@ def test_control_maps_are_computed_once_per_plan_and_preprocessor(
     assert second.maps.cache.computed == 0 and second.maps.cache.storage_hits == 2
     with sessions() as session:
         assert {s for (s,) in session.execute(select(Task.status))} == {TaskStatus.SUCCEEDED}
+
+
+@pytest.mark.s3
+def test_a_storage_that_never_returns_fails_the_task_after_ten_attempts(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> None:
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://missing-{uuid.uuid4().hex[:12]}/out")
+    resent = Resent()
+    worker = runner(settings, sessions, "gpu-a", resent)
+    for _ in range(TRANSIENT_ATTEMPTS_LIMIT):
+        worker.run(task_id)
+        worker.flush()
+    worker.close()
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.FAILED and row.error.startswith("gave up after 10 attempts: StorageError")
+    assert len(resent) == TRANSIENT_ATTEMPTS_LIMIT - 1

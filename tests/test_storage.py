@@ -506,7 +506,7 @@ def test_read_url_reads_one_local_file(tmp_path: Path) -> None:
 
     assert read_url(str(plan)) == ALL_BYTES
     assert read_url(plan.as_uri()) == ALL_BYTES
-    for missing in (str(tmp_path / "nope.png"), (tmp_path / "nope.png").as_uri(), str(tmp_path)):
+    for missing in (str(tmp_path / "nope.png"), (tmp_path / "nope.png").as_uri()):
         with pytest.raises(FileNotFoundError):
             read_url(missing)
 
@@ -526,3 +526,10 @@ def test_read_url_reads_one_s3_object_with_credentials_from_the_environment(
     assert read_url(f"s3://{s3_bucket}/plans/plan.png", endpoint_url=s3_server.endpoint_url) == ALL_BYTES
     with pytest.raises(FileNotFoundError):
         read_url(f"s3://{s3_bucket}/plans/missing.png", endpoint_url=s3_server.endpoint_url)
+
+
+def test_read_url_refuses_devices_and_folders(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        read_url("/dev/zero")
+    with pytest.raises(InvalidInput, match="not a regular file"):
+        read_url(str(tmp_path))

@@ -21,23 +21,33 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 
 from celery import signals
 from celery.app.task import Task as CeleryTask
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import RENDER_TASK, make_celery, messages_for, send_tasks
 from shared.config import get_settings
 from shared.db.models import Task
 from shared.db.session import make_engine, session_factory
-from shared.db.store import heartbeat, reap, record_failure, register_worker, requeue_held, stop_worker
+from shared.db.store import (
+    fail_queued,
+    heartbeat,
+    reap,
+    record_failure,
+    register_worker,
+    requeue_held,
+    stop_worker,
+)
 from shared.errors import TransientError
 from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
 # a fraction of a second instead of re-importing them.
-from workers.runner import Runner
+from workers.runner import FAILED_ATTEMPTS_LIMIT, FAILED_NODES_LIMIT, Runner
 
 log = logging.getLogger("archfarm.worker")
 
@@ -60,7 +70,7 @@ def resend(task_ids: list[str], delay: float) -> None:
 @app.task(
     name=RENDER_TASK,
     bind=True,
-    autoretry_for=(TransientError,),
+    autoretry_for=(TransientError, OperationalError, InterfaceError),
     retry_backoff=5,
     retry_backoff_max=300,
     retry_jitter=True,
@@ -100,8 +110,12 @@ def _pool_process_started(**_: object) -> None:
     # It counts as a failure on this node, so a task that kills its process every time ends up failed.
     with _sessions.begin() as session:
         orphans = requeue_held(session, WORKER_ID)
-        for task_id, job_id in session.execute(select(Task.id, Task.job_id).where(Task.id.in_(orphans))):
-            record_failure(session, task_id, job_id, NODE, "the worker's pool process died while running it")
+        for task_id, job_id in session.execute(select(Task.id, Task.job_id).where(Task.id.in_(list(orphans)))):
+            reason = "the worker's pool process died while running it"
+            nodes, attempts = record_failure(session, task_id, job_id, NODE, reason)
+            if nodes >= FAILED_NODES_LIMIT or attempts >= FAILED_ATTEMPTS_LIMIT:
+                fail_queued(session, task_id, f"{reason}, {attempts} times on {nodes} workers")
+                orphans.remove(task_id)
     if orphans:
         log.warning("re-sending %d task(s) left by a dead pool process", len(orphans))
         resend(orphans, 0)
@@ -132,12 +146,19 @@ def _worker_stopping(**_: object) -> None:
 
 
 def _heartbeat_loop() -> None:
-    """Heartbeat, and reap workers whose heartbeat went stale (any live worker may do it)."""
+    """Heartbeat, and reap workers whose heartbeat went stale (any live worker may do it).
+
+    A worker reaps only once its own heartbeats have gone through for a whole timeout: after a database
+    outage every heartbeat is stale, and the first worker back must not declare all the others dead.
+    """
+    healthy_since: float | None = None
     while not _stop.wait(settings.heartbeat_interval):
         try:
             with _sessions.begin() as session:
                 alive = heartbeat(session, WORKER_ID)
-                orphans = reap(session, settings.heartbeat_timeout)
+                healthy_since = healthy_since or time.monotonic()
+                steady = time.monotonic() - healthy_since >= settings.heartbeat_timeout
+                orphans = reap(session, settings.heartbeat_timeout) if steady else []
             if orphans:
                 log.warning("re-sending %d task(s) of dead workers", len(orphans))
                 resend(orphans, 0)
@@ -145,6 +166,7 @@ def _heartbeat_loop() -> None:
                 log.error("declared dead by another worker's reaper; stopping")
                 os.kill(os.getpid(), signal.SIGTERM)
         except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat thread
+            healthy_since = None
             log.exception("heartbeat failed")
 
 

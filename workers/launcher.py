@@ -87,4 +87,5 @@ def launch(devices: list[Device], queues: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    # A child killed by a signal has a negative code: it counts as a failure too.
+    return max(abs(child.wait()) for child in children)

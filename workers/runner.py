@@ -21,10 +21,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from PIL import Image
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
@@ -69,6 +71,9 @@ FAILED_ATTEMPTS_LIMIT = 5
 BLOCKLIST_LIMIT = 3
 """A node that failed this many tasks of a job stops taking that job's tasks."""
 BLOCKED_DELAY_S = 5.0
+TRANSIENT_ATTEMPTS_LIMIT = 10
+"""A task handed back this many times for transient reasons (storage, database) fails: a misconfigured
+bucket must not keep a GPU re-rendering the same images for ever."""
 
 
 class Cancelled(ArchfarmError):
@@ -89,6 +94,7 @@ class Work:
     seeds: list[int]
     outputs: list[str]
     profile: Profile
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,8 @@ class Runner:
         self._storages: dict[str, Storage] = {}
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archfarm-upload")
         self._pending: Future[None] | None = None
+        self._pending_id: str | None = None
+        self._cache_state: tuple[list[str], int, int] = ([], 0, 0)
 
     def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus | None:
         """Render one task; its upload and completion continue in the background (see `flush`).
@@ -140,6 +148,9 @@ class Runner:
         Returns the task's state as this call leaves it: RUNNING while its upload is pending, None when the
         task no longer exists. A TransientError is re-raised after handing the task back, for a retry.
         """
+        if task_id == self._pending_id:
+            # A second delivery of the task still uploading: let it finish, and the claim below sees it done.
+            self._wait_for_upload()
         with self.sessions.begin() as session:
             job_id = session.scalar(select(Task.job_id).where(Task.id == task_id))
             if job_id is None:
@@ -166,6 +177,7 @@ class Runner:
             return self._settle(work, e)
         self._wait_for_upload()
         self._pending = self._uploader.submit(self._complete, work, rendered)
+        self._pending_id = work.task_id
         return TaskStatus.RUNNING
 
     def flush(self) -> None:
@@ -178,17 +190,22 @@ class Runner:
 
     def _wait_for_upload(self) -> None:
         if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+            try:
+                self._pending.result()
+            finally:
+                self._pending, self._pending_id = None, None
 
     def _settle(self, work: Work, error: Exception) -> TaskStatus:
         """Put a task that did not complete where it belongs: cancelled, handed back, retried elsewhere, or failed."""
         task_id = work.task_id
         if isinstance(error, Cancelled):
             return self._leave(task_id, TaskStatus.CANCELLED)
-        if isinstance(error, TransientError):
+        if isinstance(error, TransientError | OperationalError | InterfaceError):
+            if work.attempts >= TRANSIENT_ATTEMPTS_LIMIT:
+                reason = f"gave up after {work.attempts} attempts: {type(error).__name__}: {error}"
+                return self._leave(task_id, TaskStatus.FAILED, reason.splitlines()[0])
             self._leave(task_id, TaskStatus.QUEUED)
-            raise error
+            raise TransientError(str(error).splitlines()[0]) from error
         reason = str(error) if isinstance(error, ArchfarmError) else f"{type(error).__name__}: {error}"
         if isinstance(error, PermanentError | InvalidInput) or self.resend is None:
             return self._leave(task_id, TaskStatus.FAILED, reason)
@@ -214,16 +231,16 @@ class Runner:
             self.on_done(task_id, status)
         return status
 
-    def _progress(self, session: Session, *, current_task: str | None, images: int = 0) -> None:
+    def _progress(self, session: Session, *, current_task: str | None | EllipsisType = ..., images: int = 0) -> None:
+        """Report to the worker row; the cache's state is the snapshot the render thread last took, so the
+        upload thread never walks the cache while the next render changes it."""
+        models, loads, swaps = self._cache_state
         worker_progress(
-            session,
-            self.worker,
-            current_task=current_task,
-            models=self.cache.resident(),
-            images=images,
-            loads=sum(self.cache.loads.values()),
-            swaps=self.cache.swaps,
+            session, self.worker, current_task=current_task, models=models, images=images, loads=loads, swaps=swaps
         )
+
+    def _snapshot_cache(self) -> None:
+        self._cache_state = (self.cache.resident(), sum(self.cache.loads.values()), self.cache.swaps)
 
     def storage(self, url: str) -> Storage:
         if url not in self._storages:
@@ -270,6 +287,7 @@ class Runner:
             else None,
         )
         timings["render_s"] = time.perf_counter() - started
+        self._snapshot_cache()
         models: dict[str, Any] = {
             "base": self.cache.identity(profile.base),
             "controlnets": [self.cache.identity(c.model) for c in controls],
@@ -288,7 +306,10 @@ class Runner:
         return read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
 
     def _complete(self, work: Work, rendered: Rendered) -> None:
-        """Upload every image and sidecar, then record artifacts and mark the task done in one transaction."""
+        """Upload every image and sidecar, then record artifacts and mark the task done in one transaction.
+
+        Runs on the upload thread, which nobody awaits for errors: it settles every failure itself and never
+        raises, so one bad upload cannot wedge the worker."""
         try:
             storage = self.storage(work.output_url)
             rows = [
@@ -297,17 +318,18 @@ class Runner:
             ]
             with self.sessions.begin() as session:
                 record_artifacts(session, rows)
-                finish_task(session, work.task_id, self.worker)
-                self._progress(session, current_task=None, images=len(rows))
-        except Exception as e:  # noqa: BLE001 - nobody awaits this thread's errors: settle them here
+                done = finish_task(session, work.task_id, self.worker)
+                self._progress(session, images=len(rows) if done else 0)
+            if self.on_done is not None:
+                self.on_done(work.task_id, TaskStatus.SUCCEEDED)
+        except Exception as error:  # noqa: BLE001
             try:
-                self._settle(work, e)
+                self._settle(work, error)
             except TransientError:
                 if self.resend is not None:
                     self.resend([work.task_id], BLOCKED_DELAY_S)
-            return
-        if self.on_done is not None:
-            self.on_done(work.task_id, TaskStatus.SUCCEEDED)
+            except Exception:  # noqa: BLE001 - database or broker away too: the reaper or a retry takes over
+                log.exception("task %s: could not record its failure", work.task_id)
 
     def _upload(
         self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image, rendered: Rendered
@@ -382,4 +404,5 @@ def _load_work(session: Session, task_id: str) -> Work:
         seeds=list(task.seeds),
         outputs=list(task.outputs),
         profile=Profile.model_validate(spec["profile"]),
+        attempts=task.attempts,
     )

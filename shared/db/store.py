@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from types import EllipsisType
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -195,23 +196,29 @@ def worker_progress(
     session: Session,
     worker_id: str,
     *,
-    current_task: str | None,
+    current_task: str | None | EllipsisType = ...,
     models: list[str],
     images: int,
     loads: int,
     swaps: int,
 ) -> None:
-    """What a worker is doing, for `archfarm status` and the operator: task, resident models, counters."""
-    session.execute(
-        update(Worker)
-        .where(Worker.id == worker_id)
-        .values(
-            current_task=current_task,
-            models=models,
-            images_done=Worker.images_done + images,
-            model_loads=loads,
-            stack_swaps=swaps,
-        )
+    """What a worker is doing, for `archfarm status` and the operator: task (`...` keeps it), resident models,
+    counters."""
+    values: dict[str, Any] = {
+        "models": models,
+        "images_done": Worker.images_done + images,
+        "model_loads": loads,
+        "stack_swaps": swaps,
+    }
+    if current_task is not ...:
+        values["current_task"] = current_task
+    session.execute(update(Worker).where(Worker.id == worker_id).values(**values))
+
+
+def fail_queued(session: Session, task_id: str, reason: str) -> bool:
+    """queued → failed, for a task that must not be sent again (it keeps killing its worker)."""
+    return _transition(
+        session, task_id, [TaskStatus.QUEUED], TaskStatus.FAILED, finished_at=utcnow(), error=reason[:MAX_ERROR_CHARS]
     )
 
 

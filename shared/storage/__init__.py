@@ -6,6 +6,7 @@ Accepted: a plain path (`renders`, `/srv/out`), `file:///abs/path`, or `s3://buc
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -30,6 +31,9 @@ _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 """S3 bucket naming rules (3-63 lowercase letters, digits, dots, hyphens); also rules out `user@host:port`."""
+
+MAX_READ_BYTES = 512 * 1024 * 1024
+"""Largest input file read (plans and control maps): far above any real scan, far below a machine's memory."""
 
 _EXPECTED = "expected a folder path, file:///abs/path or s3://bucket/prefix"
 
@@ -99,8 +103,14 @@ def read_url(url: str, *, endpoint_url: str | None = None, region: str | None = 
         if not key:
             raise InvalidInput(f"URL {url!r} names a bucket, not an object")
         return S3Storage(bucket, endpoint_url=endpoint_url, region=region).get(key)
-    # Read directly, not through LocalStorage: a path the user names may be a symlink to anywhere.
+    # Read directly, not through LocalStorage: a path the user names may be a symlink to anywhere. Only
+    # regular files of bounded size: a device such as /dev/zero would otherwise be read until memory runs out.
     try:
+        info = where.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput(f"{url}: not a regular file")
+        if info.st_size > MAX_READ_BYTES:
+            raise InvalidInput(f"{url}: {info.st_size} bytes is over the limit of {MAX_READ_BYTES}")
         return where.read_bytes()
     except (IsADirectoryError, NotADirectoryError) as e:
         raise FileNotFoundError(f"no file {url!r}: {e.strerror}") from e
