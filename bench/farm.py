@@ -13,12 +13,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -28,10 +25,10 @@ from sqlalchemy import select
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import REDIS_URL, scratch_database  # noqa: E402
+from bench.common import cpu_workers, farm_environment, scratch_database  # noqa: E402
 from producer.client import Farm  # noqa: E402
 from producer.local import Embedded  # noqa: E402
-from shared.broker import Message, send_tasks  # noqa: E402
+from shared.broker import Message, make_celery, send_tasks  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db.models import Task, Worker  # noqa: E402
 from shared.limits import task_time_limit  # noqa: E402
@@ -106,21 +103,12 @@ def main() -> None:
 def measure(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="archfarm-bench-"))
     models_dir = Path(os.environ.get("ARCHFARM_MODELS_DIR") or work / "models")
-    env = {
-        "ARCHFARM_DATABASE_URL": database_url,
-        "ARCHFARM_BROKER_URL": REDIS_URL,
-        "ARCHFARM_QUEUE": f"bench-{uuid.uuid4().hex[:8]}",
-        "ARCHFARM_MODELS_DIR": str(models_dir),
-        "ARCHFARM_STORAGE_URL": str(work / "out"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    os.environ.update(env)
+    farm_environment(database_url, work, models_dir, "bench")
     # A second ControlNet (another folder, so another model to the cache) for the two-stack measurement.
     other = work / "canny-b"
     shutil.copytree(resolve("tiny-canny", models_dir), other)
     seeds = args.tasks // 2
     results: dict[str, Any] = {"tasks": args.tasks, "profile": PROFILE}
-    worker = None
     try:
         # In-process: the embedded path, same database, one warm-up job first so models are resident.
         embedded = Embedded(Settings(broker_url=None))
@@ -131,60 +119,42 @@ def measure(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
         embedded.close()
         results["inprocess_wall_s"] = wall
         results["inprocess_overhead_ms"] = (wall - compute_seconds(work / "inprocess")) / args.tasks * 1000
-
-        # Two distributed workers on this machine.
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--devices", "cpu:2"],
-            env={**os.environ},
-            stdout=(work / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        farm = Farm(Settings())
-        deadline = time.monotonic() + 120
-        while len(worker_counters(farm)) < 2:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"workers did not start; see {work / 'worker.log'}")
-            time.sleep(0.2)
-        wait_done(farm, [farm.submit(job(4, work / "warm2"))])
-        started = time.perf_counter()
-        job_id = farm.submit(job(seeds, work / "distributed"))
-        wait_done(farm, [job_id])
-        wall = time.perf_counter() - started
-        results["distributed_2_wall_s"] = wall
-        results["distributed_2_overhead_ms"] = (2 * wall - compute_seconds(work / "distributed")) / args.tasks * 1000
-        with farm.sessions() as session:
-            rows = session.execute(select(Task.started_at, Task.finished_at).where(Task.job_id == job_id)).all()
-        results["distributed_task_db_span_ms_median"] = median(
-            (f - s).total_seconds() * 1000 for s, f in rows if s and f
-        )
-
-        # Two stacks: grouped (job A's tasks, then job B's) vs interleaved arrival (A, B, A, B, ...).
-        for order in ("grouped", "interleaved"):
-            before = worker_counters(farm)
-            prepared = []
-            for name, controlnet in (("a", None), ("b", str(other))):
-                spec = job(seeds, work / f"{order}-{name}", controlnet)
-                prepared.append(spec)
-            ids = [submit_without_sending(farm, spec) for spec in prepared]
-            messages = [
-                [Message(t, 50, task_time_limit(prepared[0].profile, farm.settings)) for t in ids_] for _, ids_ in ids
-            ]
-            if order == "grouped":
-                sequence = messages[0] + messages[1]
-            else:
-                sequence = [m for pair in zip(messages[0], messages[1], strict=True) for m in pair]
-            send_tasks(farm._celery, sequence)  # noqa: SLF001 - the bench replays arrival orders
-            wait_done(farm, [job_id for job_id, _ in ids])
-            after = worker_counters(farm)
-            results[f"{order}_loads_per_worker"] = {w: after[w][0] - before[w][0] for w in after}
-            results[f"{order}_swaps_per_worker"] = {w: after[w][1] - before[w][1] for w in after}
-        farm.close()
+        with cpu_workers(2, work) as farm:
+            distributed(farm, args.tasks, seeds, work, other, results)
     finally:
-        if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(120)
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def distributed(farm: Farm, tasks: int, seeds: int, work: Path, other: Path, results: dict[str, Any]) -> None:
+    """Two workers on this machine: wall time and overhead, then two stacks grouped vs interleaved."""
+    wait_done(farm, [farm.submit(job(4, work / "warm2"))])
+    started = time.perf_counter()
+    job_id = farm.submit(job(seeds, work / "distributed"))
+    wait_done(farm, [job_id])
+    wall = time.perf_counter() - started
+    results["distributed_2_wall_s"] = wall
+    results["distributed_2_overhead_ms"] = (2 * wall - compute_seconds(work / "distributed")) / tasks * 1000
+    with farm.sessions() as session:
+        rows = session.execute(select(Task.started_at, Task.finished_at).where(Task.job_id == job_id)).all()
+    results["distributed_task_db_span_ms_median"] = median((f - s).total_seconds() * 1000 for s, f in rows if s and f)
+
+    celery = make_celery(farm.settings)
+    for order in ("grouped", "interleaved"):
+        before = worker_counters(farm)
+        specs = [job(seeds, work / f"{order}-{name}", net) for name, net in (("a", None), ("b", str(other)))]
+        limit = task_time_limit(specs[0].profile, farm.settings)
+        ids = [submit_without_sending(farm, spec) for spec in specs]
+        messages = [[Message(t, 50, limit) for t in task_ids] for _, task_ids in ids]
+        if order == "grouped":
+            sequence = messages[0] + messages[1]
+        else:
+            sequence = [m for pair in zip(messages[0], messages[1], strict=True) for m in pair]
+        send_tasks(celery, sequence)  # the bench replays both arrival orders
+        wait_done(farm, [job_id for job_id, _ in ids])
+        after = worker_counters(farm)
+        results[f"{order}_loads_per_worker"] = {w: after[w][0] - before[w][0] for w in after}
+        results[f"{order}_swaps_per_worker"] = {w: after[w][1] - before[w][1] for w in after}
 
 
 def submit_without_sending(farm: Farm, spec: JobSpec) -> tuple[str, list[str]]:

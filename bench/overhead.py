@@ -17,12 +17,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
@@ -30,16 +27,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from sqlalchemy import func, select
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import REDIS_URL, scratch_database  # noqa: E402
-from producer.client import Farm  # noqa: E402
+from bench.common import cpu_workers, farm_environment, scratch_database  # noqa: E402
 from producer.local import Embedded  # noqa: E402
 from shared.config import Settings  # noqa: E402
-from shared.db.models import Worker  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
 from shared.styles import CATALOG  # noqa: E402
 from workers.engine.presets import resolve  # noqa: E402
@@ -162,15 +156,7 @@ def measure(
     images: int,
     rates: dict[str, list[float]],
 ) -> None:
-    env = {
-        "ARCHFARM_DATABASE_URL": database_url,
-        "ARCHFARM_BROKER_URL": REDIS_URL,
-        "ARCHFARM_QUEUE": f"overhead-{uuid.uuid4().hex[:8]}",
-        "ARCHFARM_MODELS_DIR": str(models_dir),
-        "ARCHFARM_STORAGE_URL": str(work / "storage"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    os.environ.update(env)
+    farm_environment(database_url, work, models_dir, "overhead")
     loop = plain_loop(models_dir, depth_net, args.size, args.steps, seeds)
     rates["plain"] = repeat("plain loop", images, reps, lambda rep: loop(work / f"plain-{rep}"))
     embedded = Embedded(Settings(broker_url=None))
@@ -209,19 +195,7 @@ def report(args: argparse.Namespace, rates: dict[str, list[float]], images: int,
 def distributed(
     workers: int, images: int, reps: int, seeds: int, args: argparse.Namespace, depth_net: str, work: Path
 ) -> list[float]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "worker", "--devices", f"cpu:{workers}"],
-        env={**os.environ},
-        stdout=(work / f"worker-{workers}.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    farm = Farm(Settings())
-    try:
-        deadline = time.monotonic() + 120
-        while live(farm) < workers:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"workers did not start; see {work / f'worker-{workers}.log'}")
-            time.sleep(0.2)
+    with cpu_workers(workers, work) as farm:
 
         def run(rep: int) -> None:
             job_id = farm.submit(job(seeds, args.size, args.steps, depth_net, work / f"dist{workers}-{rep}"))
@@ -230,15 +204,6 @@ def distributed(
                 raise SystemExit(f"job ended {view.status.value}: {view.failures[:1]}")
 
         return repeat(f"{workers} worker(s)", images, reps, run)
-    finally:
-        farm.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(120)
-
-
-def live(farm: Farm) -> int:
-    with farm.sessions() as session:
-        return int(session.scalar(select(func.count()).select_from(Worker).where(Worker.stopped_at.is_(None))) or 0)
 
 
 if __name__ == "__main__":

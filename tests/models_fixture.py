@@ -44,6 +44,7 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 SIZE = 64
+STEPS = 4
 
 
 def control_plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
@@ -57,3 +58,21 @@ def control_plan(rooms: list[tuple[int, int, int, int]]) -> Image.Image:
 
 PLAN_A = control_plan([(4, 4, 40, 30), (40, 4, 60, 60)])
 PLAN_B = control_plan([(8, 20, 56, 56)])
+
+
+def tiny_render(cache, *, base: str, net: str, seeds=(1,), controls=None, **overrides):  # type: ignore[no-untyped-def]
+    """One 64×64 render with the tests' standard prompt; `overrides` replace any argument of `render`."""
+    from workers.engine.pipeline import ControlInput, render
+
+    args = dict(
+        base=base,
+        controls=controls if controls is not None else [ControlInput(net, PLAN_A, 1.0, 0.0, 1.0)],
+        prompt="a bright living room, oak floor",
+        negative_prompt="blurry",
+        seeds=list(seeds),
+        steps=STEPS,
+        guidance_scale=7.5,
+        width=SIZE,
+        height=SIZE,
+    )
+    return render(cache, **{**args, **overrides})

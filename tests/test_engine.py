@@ -6,6 +6,7 @@ against scale > 0 (DESIGN.md), never by looking for the plan in the picture.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import Counter
@@ -19,29 +20,14 @@ from PIL import Image
 from torch._dynamo.utils import counters as dynamo_counters
 
 from shared.errors import InvalidInput, ModelError
-from tests.models_fixture import PLAN_A, PLAN_B, SIZE
+from tests.models_fixture import PLAN_A, PLAN_B, SIZE, STEPS, tiny_render
 from workers.engine import presets
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
-from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput, render
+from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput
 from workers.engine.presets import default_controlnet, resolve
 
-STEPS = 4
-
-
-def run(cache: ModelCache, *, seeds=(1,), controls=None, **overrides):
-    args = dict(
-        base="tiny-sd15",
-        controls=controls if controls is not None else [ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0)],
-        prompt="a bright living room, oak floor",
-        negative_prompt="blurry",
-        seeds=list(seeds),
-        steps=STEPS,
-        guidance_scale=7.5,
-        width=SIZE,
-        height=SIZE,
-    )
-    return render(cache, **{**args, **overrides})
+run = functools.partial(tiny_render, base="tiny-sd15", net="tiny-canny")
 
 
 def floats(cache: ModelCache, control: ControlInput) -> np.ndarray:

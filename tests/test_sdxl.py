@@ -3,6 +3,7 @@ its own, and the same promises as SD 1.5 renders (scale 0 ignores the control ma
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,29 +12,16 @@ import numpy as np
 import pytest
 
 from shared.errors import InvalidInput, ModelError
-from tests.models_fixture import PLAN_A, PLAN_B, SIZE
+from tests.models_fixture import PLAN_A, PLAN_B, SIZE, STEPS, tiny_render
 from workers.engine.family import family
 from workers.engine.models import ModelCache
-from workers.engine.pipeline import ControlInput, render
+from workers.engine.pipeline import ControlInput
 from workers.engine.presets import resolve
 
-STEPS = 4
 NET = "tiny-sdxl-controlnet"
 
 
-def run(cache: ModelCache, *, controls: list[ControlInput] | None = None, seeds=(1,), **overrides):
-    args = dict(
-        base="tiny-sdxl",
-        controls=controls if controls is not None else [ControlInput(NET, PLAN_A, 1.0, 0.0, 1.0)],
-        prompt="a bright living room, oak floor",
-        negative_prompt="blurry",
-        seeds=list(seeds),
-        steps=STEPS,
-        guidance_scale=7.5,
-        width=SIZE,
-        height=SIZE,
-    )
-    return render(cache, **{**args, **overrides})
+run = functools.partial(tiny_render, base="tiny-sdxl", net=NET)
 
 
 def floats(cache: ModelCache, *controls: ControlInput, **overrides) -> np.ndarray:

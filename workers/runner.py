@@ -141,6 +141,7 @@ class Runner:
         self._pending: Future[None] | None = None
         self._pending_id: str | None = None
         self._cache_state: tuple[list[str], int, int] = ([], 0, 0)
+        self._jobs: dict[str, tuple[Profile, dict[str, Style]]] = {}
 
     def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus | None:
         """Render one task; its upload and completion continue in the background (see `flush`).
@@ -165,7 +166,7 @@ class Runner:
             if not blocked:
                 if not claim_task(session, task_id, self.worker):
                     return session.scalar(select(Task.status).where(Task.id == task_id))
-                work = _load_work(session, task_id)
+                work = _load_work(session, task_id, self._jobs)
                 self._progress(session, current_task=task_id)
         if blocked:
             log.info("task %s: this node is blocklisted for job %s, handing it on", task_id, job_id)
@@ -388,11 +389,18 @@ class Runner:
         return on_step
 
 
-def _load_work(session: Session, task_id: str) -> Work:
+def _load_work(session: Session, task_id: str, jobs: dict[str, tuple[Profile, dict[str, Style]]]) -> Work:
     task = session.get_one(Task, task_id)
     job = session.get_one(Job, task.job_id)
-    spec = job.spec
-    style = next(Style.model_validate(s) for s in spec["styles"] if s["name"] == task.style)
+    if job.id not in jobs:
+        if len(jobs) >= 256:  # a long-lived worker sees many jobs; each is small, but keep them bounded
+            jobs.clear()
+        # Parsed once per job and worker: a job's spec never changes, and validating it (model references
+        # included) on every task would sit on the render's critical path.
+        spec = job.spec
+        styles = {s["name"]: Style.model_validate(s) for s in spec["styles"]}
+        jobs[job.id] = (Profile.model_validate(spec["profile"]), styles)
+    profile, styles = jobs[job.id]
     return Work(
         task_id=task.id,
         job_id=job.id,
@@ -400,9 +408,9 @@ def _load_work(session: Session, task_id: str) -> Work:
         output_url=job.output_url,
         plan_url=task.plan_url,
         plan_digest=task.plan_digest,
-        style=style,
+        style=styles[task.style],
         seeds=list(task.seeds),
         outputs=list(task.outputs),
-        profile=Profile.model_validate(spec["profile"]),
+        profile=profile,
         attempts=task.attempts,
     )

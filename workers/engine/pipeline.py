@@ -155,22 +155,24 @@ def render(
     )
 
 
-class _ResidentSD(StableDiffusionControlNetPipeline):
+class _Resident:
     """A pipeline over resident models: their device is known, so diffusers' walk over every module looking
     for offloading hooks, which it repeats on each use of `_execution_device` (about 6 ms a call on a tiny
     model, more on real ones), is skipped. archfarm never offloads a module inside a call."""
 
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.unet.device
-
-
-class _ResidentSDXL(StableDiffusionXLControlNetPipeline):
-    __doc__ = _ResidentSD.__doc__
+    unet: torch.nn.Module
 
     @property
     def _execution_device(self) -> torch.device:
-        return self.unet.device
+        return self.unet.device  # type: ignore[return-value]
+
+
+class _ResidentSD(_Resident, StableDiffusionControlNetPipeline):
+    pass
+
+
+class _ResidentSDXL(_Resident, StableDiffusionXLControlNetPipeline):
+    pass
 
 
 def _pipeline(
