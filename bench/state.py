@@ -88,7 +88,10 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             tasks = expand(spec, refs, job_id)
             expanded = time.perf_counter()
             with sessions.begin() as session:
-                persist(session, PreparedJob(id=job_id, spec=spec, output_url="s3://bench/out", tasks=tasks))
+                persist(
+                    session,
+                    PreparedJob(id=job_id, spec=spec, output_url="s3://bench/out", queue=queue, tasks=tasks),
+                )
             stored = time.perf_counter()
             results[f"expand_{count}_s"] = expanded - started
             results[f"persist_{count}_s"] = stored - expanded
@@ -120,7 +123,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             )
         app = make_celery(Settings(broker_url=REDIS_URL, queue=queue))
         started = time.perf_counter()
-        send_tasks(app, (Message(task_id, 50, 3600) for task_id in ids))
+        send_tasks(app, (Message(task_id, queue, 50, 3600) for task_id in ids))
         results["dispatch_messages"] = len(ids)
         results["dispatch_per_s"] = len(ids) / (time.perf_counter() - started)
     finally:

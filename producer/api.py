@@ -10,14 +10,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Body, FastAPI, HTTPException, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from producer.client import Farm
 from shared.config import Settings
-from shared.errors import InvalidInput
+from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, TransientError
 from shared.spec import ImageControl, JobSpec, parse_model
 from shared.storage import S3Storage, open_storage
+
+_STATUS: dict[type[ArchfarmError], int] = {InvalidInput: 422, NotFound: 404, ConfigError: 503, TransientError: 503}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,9 +31,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="archfarm", version="0.1.0", lifespan=lifespan)
 
-    @app.exception_handler(InvalidInput)
-    async def invalid(_: Request, error: InvalidInput) -> JSONResponse:
-        status = 404 if str(error).startswith("no job ") else 422
+    @app.exception_handler(ArchfarmError)
+    async def refused(_: Request, error: ArchfarmError) -> JSONResponse:
+        """Status by the kind of error (`shared.errors`), never by its text."""
+        status = next((_STATUS[kind] for kind in type(error).__mro__ if kind in _STATUS), 500)
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     def farm(request: Request) -> Farm:
@@ -45,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def submit(request: Request, job: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
         client = farm(request)
         if client.settings.broker_url is None:
-            raise HTTPException(503, "no broker configured: the API only queues work for workers")
+            raise ConfigError("no broker configured: the API only queues work for workers")
         spec = parse_model(JobSpec, job)
         remote_only(spec)
         job_id = client.submit(spec)

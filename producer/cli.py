@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -21,7 +22,7 @@ from rich.progress import (
 
 from shared.config import Settings
 from shared.db.models import TaskStatus
-from shared.errors import ArchfarmError
+from shared.errors import ArchfarmError, SubmitWarning
 from shared.profiles import load_profile
 from shared.spec import JobSpec, load_job, parse_model
 
@@ -40,6 +41,21 @@ out = Console(highlight=False, soft_wrap=True)
 def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"archfarm: error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _warn(message: str) -> None:
+    err.print(f"archfarm: warning: {message}", markup=False, soft_wrap=True)
+
+
+@app.callback()
+def _setup() -> None:
+    """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
+
+    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        if issubclass(category, SubmitWarning):
+            _warn(str(message))
+
+    warnings.showwarning = show
 
 
 def _render_spec(
@@ -189,17 +205,25 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the job has finished.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Validate a job, store it with its tasks in one transaction, enqueue them, and print the job id."""
+    """Validate a job, store it with its tasks in one transaction, print its id, then enqueue the tasks.
+
+    A broker that is down does not lose the job: it is stored, its id printed, and the workers send its tasks
+    once the broker is back (a warning says so)."""
+
+    def stored(job_id: str, tasks: int) -> None:
+        if not as_json:
+            out.print(job_id, markup=False)
+
     try:
         with _farm() as farm:
-            job_id = farm.submit(job_file)
+            job_id = farm.submit(job_file, on_stored=stored)
             view = farm.wait(job_id) if wait else farm.status(job_id)
     except ArchfarmError as e:
         _fail(str(e))
     if as_json:
         _print_json(view.to_dict())
-    else:
-        out.print(job_id if not wait else f"{job_id} {view.status.value}", markup=False)
+    elif wait:
+        out.print(f"{job_id} {view.status.value}", markup=False)
     if wait and view.status.value != "succeeded":
         raise typer.Exit(1)
 
@@ -264,9 +288,13 @@ def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) ->
     try:
         with _farm() as farm:
             cancelled = farm.cancel(job_id)
+            view = farm.status(job_id)
     except ArchfarmError as e:
         _fail(str(e))
-    out.print(f"{job_id}: cancelled {cancelled} queued task(s); running ones stop at their next step", markup=False)
+    if cancelled is None:
+        out.print(f"{job_id}: already {view.status.value}; nothing to cancel", markup=False)
+    else:
+        out.print(f"{job_id}: cancelled {cancelled} queued task(s); running ones stop at their next step", markup=False)
 
 
 @app.command()
@@ -313,7 +341,11 @@ def worker(
         str | None, typer.Option("--queues", help="Comma-separated queues (default: ARCHFARM_QUEUE).")
     ] = None,
 ) -> None:
-    """Run one Celery worker process per device until stopped (SIGTERM: finish the current task first)."""
+    """Run one Celery worker process per device until stopped (SIGTERM: finish the current task first).
+
+    Refuses to start, in one line, without a broker, against a database schema other than this archfarm's,
+    or with a device this machine does not have."""
+    from producer.database import open_database
     from workers.launcher import launch, parse_devices
 
     try:
@@ -322,6 +354,8 @@ def worker(
             _fail("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
         chosen = parse_devices(devices)
         names = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
+        engine, _ = open_database(settings)
+        engine.dispose()
     except ArchfarmError as e:
         _fail(str(e))
     raise typer.Exit(launch(chosen, names))

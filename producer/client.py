@@ -5,28 +5,31 @@
     view = farm.wait(job_id)
     for artifact in farm.results(job_id): ...
 
-With no broker configured, `submit` renders the job in this process before it returns.
+With no broker configured, `submit` renders the job in this process before it returns. What `submit` could
+not check or do (a model folder on the workers' disks, a broker that refused the messages) is reported as
+a `SubmitWarning` through Python's warnings: the job is stored and will run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from producer.database import open_database
 from producer.submit import persist, prepare
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
-from shared.db.models import Artifact, Job, Task, TaskStatus, utcnow
+from shared.db.models import Artifact, Job, Task, TaskStatus
 from shared.db.status import JobStatus
-from shared.db.store import cancel_job, retry_job, status_of
-from shared.errors import InvalidInput, StorageError
+from shared.db.store import cancel_job, first_start, retry_job, status_of
+from shared.errors import BrokerUnavailable, ConfigError, NotFound, StorageError, SubmitWarning
 from shared.limits import check_fits_visibility
 from shared.spec import JobSpec, load_job, parse_model
 from shared.storage import open_storage
@@ -104,10 +107,18 @@ class Farm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, job: JobSpec | Mapping[str, Any] | str | Path) -> str:
+    def submit(
+        self,
+        job: JobSpec | Mapping[str, Any] | str | Path,
+        *,
+        on_stored: Callable[[str, int], None] | None = None,
+    ) -> str:
         """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
 
-        Nothing is stored when validation fails. Without a broker the job is rendered here and now.
+        Nothing is stored when validation fails. `on_stored(job_id, tasks)` is called as soon as the job is
+        stored, before its messages go out (a large job takes a while). A broker that refuses the messages
+        is a `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the
+        broker is back. Without a broker the job is rendered here and now.
         """
         spec = _as_spec(job)
         if self._celery is None:
@@ -117,19 +128,30 @@ class Farm:
                 self._embedded = Embedded(self.settings, self.sessions)
             return self._embedded.render(spec).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
-        prepared = prepare(spec, self.settings, stage=True)
+        prepared = prepare(spec, self.settings, farm=True)
         with self.sessions.begin() as session:
             persist(session, prepared)
-        send_tasks(self._celery, (Message(t.id, spec.priority, limit) for t in prepared.tasks))
+        if on_stored is not None:
+            on_stored(prepared.id, len(prepared.tasks))
+        messages = (Message(t.id, prepared.queue, spec.priority, limit) for t in prepared.tasks)
+        try:
+            send_tasks(self._celery, messages)
+        except BrokerUnavailable as error:
+            warnings.warn(
+                f"job {prepared.id} is stored with {len(prepared.tasks)} tasks, but {error}; workers send them "
+                f"once the broker is back (or run `archfarm retry {prepared.id}`)",
+                SubmitWarning,
+                stacklevel=2,
+            )
         return prepared.id
 
     def status(self, job_id: str) -> JobView:
         with self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
-                raise InvalidInput(f"no job {job_id!r}")
+                raise NotFound(f"no job {job_id!r}")
             status, counts = status_of(session, job)
-            first_start = session.scalar(select(func.min(Task.started_at)).where(Task.job_id == job_id))
+            started, now = first_start(session, job_id)
             failures = [
                 {
                     "task": task_id,
@@ -158,7 +180,7 @@ class Farm:
             eta_s=None,
             failures=failures,
         )
-        return _with_eta(view, first_start)
+        return _with_eta(view, started, now)
 
     def jobs(self, limit: int = 50) -> list[JobView]:
         with self.sessions() as session:
@@ -174,8 +196,9 @@ class Farm:
                 return view
             time.sleep(poll)
 
-    def cancel(self, job_id: str) -> int:
-        """Queued tasks never start; running ones stop at their next step. Returns tasks cancelled now."""
+    def cancel(self, job_id: str) -> int | None:
+        """Queued tasks never start; running ones stop at their next step. Returns the tasks cancelled now,
+        or None for a job that had already finished (it keeps the status it ended with)."""
         self.status(job_id)
         with self.sessions.begin() as session:
             return cancel_job(session, job_id)
@@ -188,12 +211,9 @@ class Farm:
         """
         self.status(job_id)
         if self._celery is None:
-            raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
+            raise ConfigError("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
         with self.sessions.begin() as session:
-            retry_job(session, job_id)
-            queued = session.scalars(
-                select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
-            ).all()
+            queued = retry_job(session, job_id)
         return send_tasks(self._celery, messages_for(self.sessions, self.settings, queued))
 
     def results(self, job_id: str) -> list[ArtifactView]:
@@ -236,12 +256,10 @@ def _as_spec(job: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
     return parse_model(JobSpec, dict(job))
 
 
-def _with_eta(view: JobView, first_start: datetime | None) -> JobView:
-    """Remaining tasks at the rate observed since the first task started."""
+def _with_eta(view: JobView, started: datetime | None, now: datetime) -> JobView:
+    """Remaining tasks at the rate observed since the first task started (both times the database's)."""
     remaining = view.total - view.done
-    if not remaining or not view.done or first_start is None:
+    if not remaining or not view.done or started is None:
         return view
-    if first_start.tzinfo is None:  # SQLite hands datetimes back naive (they are stored as UTC)
-        first_start = first_start.replace(tzinfo=utcnow().tzinfo)
-    elapsed = (utcnow() - first_start).total_seconds()
+    elapsed = (now - started).total_seconds()
     return JobView(**{**view.__dict__, "eta_s": remaining * elapsed / view.done})

@@ -1,9 +1,11 @@
-"""The embedded path: submit a job and render every task in this process, with no broker."""
+"""The embedded path: submit a job and render every task in this process, with no broker.
+
+The same lifecycle as a farm worker's (`workers.lifecycle`), over the in-process transport: one policy
+decides every task's fate on both paths.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,15 +16,10 @@ from producer.database import open_database
 from producer.submit import PreparedJob, persist, prepare
 from shared.config import Settings
 from shared.db.models import Task, TaskStatus
-from shared.errors import TransientError
 from shared.spec import JobSpec
-from workers.runner import DoneFn, ProgressFn, Runner
-
-log = logging.getLogger(__name__)
-
-ROUNDS = 3
-"""Passes over tasks handed back by a transient error (storage or database briefly away)."""
-BACKOFF_S = 2.0
+from workers.inprocess import InProcessQueue
+from workers.lifecycle import DoneFn, Lifecycle, ProgressFn
+from workers.policy import Limits
 
 
 @dataclass
@@ -38,14 +35,15 @@ class LocalReport:
 
 
 class Embedded:
-    """The embedded farm: one database and one runner for every job rendered in this process, so models
+    """The embedded farm: one database and one lifecycle for every job rendered in this process, so models
     stay resident from one job to the next (a program submitting many jobs loads each model once)."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self._sessions = sessions
         self._engine: Engine | None = None
-        self._runner: Runner | None = None
+        self._queue = InProcessQueue()
+        self.lifecycle: Lifecycle | None = None
 
     def render(
         self,
@@ -62,27 +60,24 @@ class Embedded:
             persist(session, job)
         if on_prepared is not None:
             on_prepared(job)
-        if self._runner is None:
-            self._runner = Runner(self.settings, sessions, worker="local")
-        runner = self._runner
-        runner.on_done = on_task_done
-        pending = [task.id for task in job.tasks]
-        for round_ in range(ROUNDS):
-            for task_id in pending:
-                try:
-                    runner.run(task_id, progress)
-                except TransientError as e:
-                    log.warning("task %s handed back: %s", task_id, e)
-            runner.flush()
-            pending = self._queued(job.id)
-            if not pending:
-                break
-            time.sleep(BACKOFF_S * (round_ + 1))
+        if self.lifecycle is None:
+            self.lifecycle = Lifecycle(
+                self.settings,
+                sessions,
+                worker="local",
+                node="local",
+                send=self._queue.send,
+                limits=Limits.in_process(self.settings.transient_budget),
+            )
+        lifecycle = self.lifecycle
+        lifecycle.on_done = on_task_done
+        self._queue.send([task.id for task in job.tasks])
+        self._queue.drain(lambda task_id: lifecycle.run(task_id, progress), lifecycle.flush)
         return self._report(job)
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.close()
+        if self.lifecycle is not None:
+            self.lifecycle.close()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -90,16 +85,6 @@ class Embedded:
         if self._sessions is None:
             self._engine, self._sessions = open_database(self.settings)
         return self._sessions
-
-    def _queued(self, job_id: str) -> list[str]:
-        with self._open()() as session:
-            return list(
-                session.scalars(
-                    select(Task.id)
-                    .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
-                    .order_by(Task.ordinal)
-                )
-            )
 
     def _report(self, job: PreparedJob) -> LocalReport:
         report = LocalReport(job_id=job.id, output_url=job.output_url)

@@ -12,7 +12,7 @@ from typing import Any
 
 from producer.local import render_local
 from shared.config import Settings
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.spec import JobSpec, parse_model
 
 
@@ -54,7 +54,7 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InvalidInput(f"{path}: no such file") from None
+        raise NotFound(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInput(f"{path}: not a sidecar ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != "archfarm.sidecar/1":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,12 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
+from producer.models import pin_models
 from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
-from shared.db.models import Job, Task, TaskStatus, utcnow
+from shared.db.clock import database_time
+from shared.db.models import Job, Task, TaskStatus
+from shared.errors import SubmitWarning
 from shared.spec import ImageControl, JobSpec, Profile
 from shared.storage import Storage, canonical_url, open_storage_from_settings
 
@@ -30,23 +34,34 @@ class PreparedJob:
     id: str
     spec: JobSpec
     output_url: str
+    queue: str
     tasks: list[TaskSpec]
 
 
-def prepare(spec: JobSpec, settings: Settings, *, stage: bool = False) -> PreparedJob:
-    """Check the plans, control images and output URL, and expand the task list; raises `InvalidInput`.
+def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> PreparedJob:
+    """Check the plans, control images, models and output URL, and expand the task list; raises `InvalidInput`.
 
-    With `stage`, local plans and control images are copied into the configured storage once everything has
-    been checked, so workers on other machines read the same bytes (content-addressed: stored once).
+    For a `farm`, local plans and control images are copied into the configured storage once everything has
+    been checked, so workers on other machines read the same bytes (content-addressed: stored once); models
+    are checked on this machine otherwise, since it is the one that renders.
     """
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
+    profile, notices = pin_models(spec.profile, here=not farm)
+    for notice in notices:
+        warnings.warn(notice, SubmitWarning, stacklevel=2)
     plans = load_plans(spec.plans, settings)
-    storage = open_storage_from_settings(settings) if stage else None
+    storage = open_storage_from_settings(settings) if farm else None
     if storage is not None:
         plans = stage_plans(plans, storage)
-    spec = spec.model_copy(update={"profile": _with_control_images(spec.profile, settings, storage)})
-    return PreparedJob(id=job_id, spec=spec, output_url=output_url, tasks=expand(spec, plans, job_id))
+    spec = spec.model_copy(update={"profile": _with_control_images(profile, settings, storage)})
+    return PreparedJob(
+        id=job_id,
+        spec=spec,
+        output_url=output_url,
+        queue=settings.queue,
+        tasks=expand(spec, plans, job_id),
+    )
 
 
 def _with_control_images(profile: Profile, settings: Settings, storage: Storage | None) -> Profile:
@@ -64,7 +79,10 @@ def _with_control_images(profile: Profile, settings: Settings, storage: Storage 
 
 
 def persist(session: Session, job: PreparedJob) -> None:
-    """Job row and task rows in the caller's transaction (the caller commits, then enqueues)."""
+    """Job row and task rows in the caller's transaction (the caller commits, then enqueues).
+
+    Every task is due now (database clock): one whose message never goes out is found by the sweeper."""
+    now = database_time(session)
     session.add(
         Job(
             id=job.id,
@@ -73,6 +91,7 @@ def persist(session: Session, job: PreparedJob) -> None:
             spec=job.spec.model_dump(mode="json"),
             profile_digest=job.spec.profile.digest(),
             output_url=job.output_url,
+            queue=job.queue,
         )
     )
     session.flush()
@@ -89,7 +108,8 @@ def persist(session: Session, job: PreparedJob) -> None:
             "outputs": list(t.outputs),
             "status": TaskStatus.QUEUED.value,
             "attempts": 0,
-            "created_at": utcnow(),
+            "created_at": now,
+            "due_at": now,
         }
         for ordinal, t in enumerate(job.tasks)
     )
@@ -121,4 +141,5 @@ _COPY_COLUMNS = (
     "status",
     "attempts",
     "created_at",
+    "due_at",
 )

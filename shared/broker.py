@@ -6,28 +6,35 @@ read from the database, so a message can be re-sent at any time (retry, reaper, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import TypeVar
 
 from celery import Celery
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from shared.db.models import Job, Task
-from shared.errors import InvalidInput
+from shared.errors import BrokerUnavailable, ConfigError
 from shared.limits import task_time_limit
 from shared.spec import Profile
 
 RENDER_TASK = "archfarm.render"
 PRIORITY_LEVELS = 10
 _CHUNK = 1000  # ids per IN (...) query, well under every backend's bound-parameter limit
+SEND_CHUNK = 1000
+"""Messages sent over one broker connection: a 200,000-task submit reports progress and fails soon."""
+T = TypeVar("T")
 
 
 def make_celery(settings: Settings) -> Celery:
     """Celery configured for long GPU tasks: JSON only, late acks, one message per worker at a time."""
     if not settings.broker_url:
-        raise InvalidInput("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
+        raise ConfigError("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
     app = Celery("archfarm", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -59,50 +66,74 @@ def broker_priority(job_priority: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """What a task's message needs besides its id: where it sorts in the queue and how long it may run."""
+    """What a task's message needs besides its id: its job's queue, where it sorts there and how long it may
+    run."""
 
     task_id: str
+    queue: str
     priority: int
     time_limit: int
 
 
 def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: Iterable[str]) -> list[Message]:
-    """Messages for stored tasks (retry, reaper, shutdown), in the order given."""
+    """Messages for stored tasks (retry, reaper, sweeper, shutdown), in the order given, each to the queue
+    recorded on its job: a re-send never moves a job to other workers."""
     ids = list(task_ids)
     found: dict[str, Message] = {}
     limits: dict[str, int] = {}
     with sessions() as session:
         for start in range(0, len(ids), _CHUNK):
             rows = session.execute(
-                select(Task.id, Task.job_id, Job.priority, Job.spec)
+                select(Task.id, Task.job_id, Job.queue, Job.priority, Job.spec)
                 .join(Job, Job.id == Task.job_id)
                 .where(Task.id.in_(ids[start : start + _CHUNK]))
             )
-            for task_id, job_id, priority, spec in rows:
+            for task_id, job_id, queue, priority, spec in rows:
                 if job_id not in limits:
                     limits[job_id] = task_time_limit(Profile.model_validate(spec["profile"]), settings)
-                found[task_id] = Message(task_id, priority, limits[job_id])
+                found[task_id] = Message(task_id, queue, priority, limits[job_id])
     return [found[i] for i in ids if i in found]
 
 
-def send_tasks(app: Celery, messages: Iterable[Message], countdown: float = 0) -> int:
-    """Send one message per task, in order, over one connection; returns how many were sent.
+def send_tasks(
+    app: Celery, messages: Iterable[Message], countdown: float = 0, on_chunk: Callable[[int], None] | None = None
+) -> int:
+    """Send one message per task, in order, a connection per chunk of `SEND_CHUNK`; returns how many were
+    sent. `on_chunk(sent_so_far)` follows a long send. Raises `BrokerUnavailable` when the broker refuses; the
+    tasks not sent stay queued in the database, and the sweeper sends them once they are overdue.
 
     Order matters: a job's tasks share one model stack, and sending them back to back lets every worker
     keep its stack resident instead of swapping between jobs.
     """
     sent = 0
+    for chunk in batched(messages, SEND_CHUNK):
+        try:
+            sent += _send_chunk(app, chunk, countdown)
+        except (OSError, KombuError, RedisError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise BrokerUnavailable(f"the broker refused messages after {sent} were sent: {reason}") from error
+        if on_chunk is not None:
+            on_chunk(sent)
+    return sent
+
+
+def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> int:
     with app.producer_or_acquire() as producer:
         for message in messages:
             app.send_task(
                 RENDER_TASK,
                 args=[message.task_id],
-                queue=app.conf.task_default_queue,
+                queue=message.queue,
                 priority=broker_priority(message.priority),
                 time_limit=message.time_limit,
                 soft_time_limit=int(message.time_limit * 0.9),
                 countdown=countdown or None,
                 producer=producer,
             )
-            sent += 1
-    return sent
+    return len(messages)
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(
         60.0, gt=0, description="A worker silent this long is dead: its running tasks are requeued and re-sent."
     )
+    stranded_after: float = Field(
+        120.0,
+        gt=0,
+        description="A queued task whose message was due this long ago, while a worker on its queue sat idle as "
+        "long, has lost its message (broker restart, interrupted submit, dead worker): it is sent again.",
+    )
+    transient_budget: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a task keeps retrying transient errors (storage, database, broker away) before it "
+        "fails: outages shorter than this are ridden out.",
+    )
     visibility_timeout: int = Field(
         6 * 3600,
         gt=0,

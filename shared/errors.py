@@ -1,14 +1,22 @@
 """One exception tree for archfarm.
 
-Callers branch on the *kind* of failure, never on message text: `InvalidInput` is the user's to fix and is
-shown as one line; `PermanentError` fails a task at once; `TransientError` is retried with backoff.
+Callers branch on the *kind* of failure, never on message text. Five kinds, each with one meaning wherever it
+is raised:
+
+- `InvalidInput`: what the user gave is wrong (job, profile, plan, name, URL); nothing was stored or queued.
+  CLI exit 2 with one line, HTTP 422.
+- `NotFound`: the job (or sidecar, or task) named does not exist. CLI exit 2, HTTP 404.
+- `ConfigError`: the farm itself is not set up to do this (no broker, an outdated schema, a device the
+  machine does not have). CLI exit 2, HTTP 503.
+- `TransientError`: storage, database or broker away for a moment; the same work may succeed later.
+- `PermanentError`: a task that cannot succeed by retrying (a missing model, a plan edited after submit).
 """
 
 from __future__ import annotations
 
 
 class ArchfarmError(Exception):
-    """Base of every error archfarm raises on purpose."""
+    """Base of every error archfarm raises on purpose; its message is one line meant for the user."""
 
 
 class InvalidInput(ArchfarmError):
@@ -17,6 +25,18 @@ class InvalidInput(ArchfarmError):
 
 class PlanError(InvalidInput):
     """A plan file is missing, unreadable, not an image, truncated or too large to decode safely."""
+
+
+class NotFound(ArchfarmError):
+    """No job (or sidecar, or task) by the name given."""
+
+
+class ConfigError(ArchfarmError):
+    """The farm's configuration or machine cannot do what was asked: fix the setup, not the job."""
+
+
+class SchemaOutdated(ConfigError):
+    """The server database is not at the schema this code expects: run `archfarm db upgrade`."""
 
 
 class PermanentError(ArchfarmError):
@@ -33,3 +53,16 @@ class TransientError(ArchfarmError):
 
 class StorageError(TransientError):
     """The storage backend failed for a reason other than a missing object."""
+
+
+class DatabaseUnavailable(TransientError):
+    """The state database did not answer."""
+
+
+class BrokerUnavailable(TransientError):
+    """The broker did not take a message; the tasks stay queued in the database and are sent later."""
+
+
+class SubmitWarning(UserWarning):
+    """Something about a stored job its submitter should know, though it will run: a model on the workers'
+    disks that cannot be checked from here, a broker that refused the messages for now."""

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidInput
+from shared.registry import SCHEDULERS, check_ref, has_default_controlnet
 from shared.styles import CATALOG
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -22,7 +23,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_JOB = 1_000_000
-SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -30,13 +30,6 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_model_ref(ref: str) -> str:
-    """A model is a preset name, a hub id (`owner/name`) or an existing local diffusers folder."""
-    from workers.engine.presets import check_ref
-
-    return check_ref(ref)
 
 
 ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
@@ -51,7 +44,7 @@ class _ControlBase(_Strict):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, ref: str | None) -> str | None:
-        return None if ref is None else _check_model_ref(ref)
+        return None if ref is None else check_ref(ref)
 
     @model_validator(mode="after")
     def _window(self) -> _ControlBase:
@@ -87,7 +80,7 @@ class DepthControl(_ControlBase):
     @field_validator("depth_model")
     @classmethod
     def _depth_model_exists(cls, ref: str | None) -> str | None:
-        return None if ref is None else _check_model_ref(ref)
+        return None if ref is None else check_ref(ref)
 
 
 class PlanDepthControl(_ControlBase):
@@ -157,19 +150,15 @@ class Profile(_Strict):
     @field_validator("base", "vae")
     @classmethod
     def _base_exists(cls, ref: str | None) -> str | None:
-        return None if ref is None else _check_model_ref(ref)
+        return None if ref is None else check_ref(ref)
 
     @model_validator(mode="after")
     def _controlnets_known(self) -> Profile:
-        """Every unit without a `model` needs a default ControlNet for this base's family."""
-        from workers.engine.presets import default_controlnet
-
+        """Every unit without a `model` needs a default ControlNet for its kind (the same kinds in each family,
+        so this holds whatever the base turns out to be)."""
         for index, unit in enumerate(self.controls):
-            if unit.model is None:
-                try:
-                    default_controlnet(self.base, unit.kind)
-                except InvalidInput as e:
-                    raise ValueError(f"controls.{index}.model: {e}") from None
+            if unit.model is None and not has_default_controlnet(self.base, unit.kind):
+                raise ValueError(f"controls.{index}.model: no default {unit.kind!r} ControlNet; name a model")
         return self
 
     @field_validator("width", "height")

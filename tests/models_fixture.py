@@ -14,15 +14,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from shared.registry import PRESETS
 from workers.engine.models import ModelCache
-from workers.engine.presets import PRESET_NAMES, resolve
+from workers.engine.presets import resolve
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder holding every tiny preset, built offline (a few seconds) once per session."""
     folder = tmp_path_factory.mktemp("models")
-    for name in sorted(PRESET_NAMES):
+    for name in sorted(PRESETS):
         resolve(name, folder)
     return folder
 

@@ -8,11 +8,14 @@ from pathlib import Path
 import boto3
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from producer.api import create_app
 from shared.config import Settings
+from shared.db.models import Task
 from tests.conftest import queued_messages
-from workers.runner import Runner
+from workers.lifecycle import Lifecycle
+from workers.policy import Limits
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
 
@@ -63,15 +66,15 @@ def test_submit_queues_every_task_and_cancel_stops_them(
 def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: dict[str, str]) -> None:
     job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
     farm = api.app.state.farm  # type: ignore[attr-defined]
-    runner = Runner(farm.settings, farm.sessions, "test-worker")  # what a worker would do with the messages
+    # What a worker would do with the messages.
+    lifecycle = Lifecycle(
+        farm.settings, farm.sessions, worker="test#1", node="test", send=lambda ids, delay: None, limits=Limits()
+    )
     with farm.sessions() as session:
-        from sqlalchemy import select
-
-        from shared.db.models import Task
-
-        for task_id in session.scalars(select(Task.id).where(Task.job_id == job_id)):
-            runner.run(task_id)
-    runner.close()
+        task_ids = list(session.scalars(select(Task.id).where(Task.job_id == job_id)))
+    for task_id in task_ids:
+        lifecycle.run(task_id)
+    lifecycle.close()
     body = api.get(f"/jobs/{job_id}/results").json()
     assert body["status"] == "succeeded" and len(body["artifacts"]) == 4
     with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # noqa: S310 - loopback

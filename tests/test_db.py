@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.expand import expand
 from producer.plans import Plan
 from producer.submit import PreparedJob, persist
-from shared.db.models import Artifact, Base, Job, Task, TaskStatus
+from shared.db.clock import db_now
+from shared.db.models import Artifact, Base, Job, Task, TaskStatus, Worker
 from shared.db.session import make_engine
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
     cancel_job,
+    cancel_task,
     claim_task,
     fail_task,
     finish_task,
+    heartbeat,
+    idle_queues,
+    reap,
     record_artifacts,
-    release_task,
+    register_worker,
+    requeue_task,
     retry_job,
     status_of,
+    sweep,
+    worker_progress,
 )
 from shared.spec import JobSpec
 
@@ -42,7 +51,9 @@ def prepared(job_id: str = JOB_ID, seeds: int = 3) -> PreparedJob:
             "profile": "tiny",
         }
     )
-    return PreparedJob(id=job_id, spec=spec, output_url="file:///out", tasks=expand(spec, [PLAN], job_id))
+    return PreparedJob(
+        id=job_id, spec=spec, output_url="file:///out", queue="archfarm", tasks=expand(spec, [PLAN], job_id)
+    )
 
 
 @pytest.fixture
@@ -100,7 +111,7 @@ def test_outcomes(sessions: sessionmaker[Session], job: PreparedJob) -> None:
             claim_task(session, task_id, "w")
         finish_task(session, a, "w")
         fail_task(session, b, "w", "ModelError: no such model")
-        release_task(session, c, "w")  # handed back on shutdown
+        requeue_task(session, c, "w")  # handed back on shutdown
     assert status(sessions) == (
         JobStatus.RUNNING,
         {TaskStatus.SUCCEEDED: 1, TaskStatus.FAILED: 1, TaskStatus.QUEUED: 1},
@@ -124,7 +135,7 @@ def test_cancel_stops_queued_tasks_and_running_ones_cannot_finish_as_queued(
         assert cancel_job(session, JOB_ID) == 2
     with sessions.begin() as session:
         assert not claim_task(session, job.tasks[1].id, "w")  # a cancelled task never starts
-        release_task(session, a, "w", TaskStatus.CANCELLED)
+        cancel_task(session, a, "w")
     assert status(sessions) == (JobStatus.CANCELLED, {TaskStatus.CANCELLED: 3})
     with sessions.begin() as session:
         assert len(retry_job(session, JOB_ID)) == 3
@@ -187,3 +198,61 @@ def test_sqlite_file_upgrades_from_nothing(tmp_path: Path) -> None:
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
     engine.dispose()
+
+
+def test_cancelling_a_finished_job_leaves_it_as_it_ended(sessions: sessionmaker[Session], job: PreparedJob) -> None:
+    with sessions.begin() as session:
+        for task in job.tasks:
+            claim_task(session, task.id, "w")
+            finish_task(session, task.id, "w")
+        assert cancel_job(session, JOB_ID) is None
+    assert status(sessions)[0] is JobStatus.SUCCEEDED
+
+
+def backdate(sessions: sessionmaker[Session], seconds: float, *, tasks: bool = False, workers: bool = False) -> None:
+    """Move due times and idle times into the past, as a stretch of waiting would."""
+    with sessions.begin() as session:
+        if tasks:
+            session.execute(update(Task).values(due_at=db_now(-seconds)))
+        if workers:
+            session.execute(update(Worker).values(idle_since=db_now(-seconds), heartbeat_at=db_now(-seconds)))
+
+
+def test_the_sweeper_resends_overdue_tasks_only_while_a_worker_on_their_queue_idles(
+    sessions: sessionmaker[Session], job: PreparedJob
+) -> None:
+    with sessions.begin() as session:
+        register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        register_worker(session, "other#1", "other", "cpu", 2, ["other-queue"])
+        assert idle_queues(session, 60) == set()  # just started: idle, but not for long
+    backdate(sessions, 600, tasks=True, workers=True)
+    with sessions.begin() as session:
+        assert idle_queues(session, 60) == {"archfarm", "other-queue"}
+        assert sweep(session, {"other-queue"}, 60, 100) == []  # the job's tasks are on another queue
+        first = sweep(session, {"archfarm"}, 60, 2)
+        second = sweep(session, {"archfarm"}, 60, 100)
+        assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
+        assert sweep(session, {"archfarm"}, 60, 100) == []  # each is due again now: nothing overdue
+        claim_task(session, job.tasks[0].id, "w#1")
+        worker_progress(session, "w#1", started=job.tasks[0].id, models=[], images=0, loads=0, swaps=0)
+        assert idle_queues(session, 60) == {"other-queue"}  # busy, so its queue proves nothing
+
+
+def test_heartbeats_and_reaping_use_the_databases_clock(
+    sessions: sessionmaker[Session], job: PreparedJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock runs an hour behind must not get its live workers reaped."""
+    import shared.db.models
+
+    skewed = shared.db.models.utcnow() - timedelta(hours=1)
+    monkeypatch.setattr(shared.db.models, "utcnow", lambda: skewed)
+    with sessions.begin() as session:
+        register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        claim_task(session, job.tasks[0].id, "w#1")
+        assert heartbeat(session, "w#1")
+    with sessions.begin() as session:
+        assert reap(session, 60) == []
+    backdate(sessions, 120, workers=True)
+    with sessions.begin() as session:
+        assert reap(session, 60) == [job.tasks[0].id]
+        assert not heartbeat(session, "w#1")  # declared dead: it must stop

@@ -19,13 +19,14 @@ from diffusers import ControlNetModel, StableDiffusionPipeline
 from PIL import Image
 from torch._dynamo.utils import counters as dynamo_counters
 
-from shared.errors import InvalidInput, ModelError
+from shared.errors import ConfigError, InvalidInput, ModelError
+from shared.registry import ALIASES, PRESETS, SCHEDULERS, default_controlnet
 from tests.models_fixture import PLAN_A, PLAN_B, SIZE, STEPS, tiny_render
 from workers.engine import presets
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
-from workers.engine.pipeline import SCHEDULER_NAMES, ControlInput
-from workers.engine.presets import default_controlnet, resolve
+from workers.engine.pipeline import ControlInput
+from workers.engine.presets import resolve
 
 run = functools.partial(tiny_render, base="tiny-sd15", net="tiny-canny")
 
@@ -57,7 +58,7 @@ def test_presets_build_offline_and_load_with_from_pretrained(models_dir: Path) -
 
 
 def test_building_is_deterministic(models_dir: Path, tmp_path: Path) -> None:
-    for name in presets.PRESET_NAMES:
+    for name in PRESETS:
         assert weights_sha256(Path(resolve(name, tmp_path))) == weights_sha256(Path(resolve(name, models_dir)))
 
 
@@ -98,28 +99,30 @@ def test_resolve_kinds_of_reference(tmp_path: Path) -> None:
     assert resolve("sdxl-canny", tmp_path) == "diffusers/controlnet-canny-sdxl-1.0"
     assert resolve("someone/some-model", tmp_path) == "someone/some-model"
     assert resolve(str(tmp_path), tmp_path / "elsewhere") == str(tmp_path.resolve())
-    with pytest.raises(ModelError, match="nope"):
-        resolve(str(tmp_path / "nope"), tmp_path)
+    # A folder missing here is still a folder: loading it fails, naming this machine's path.
+    assert resolve(str(tmp_path / "nope"), tmp_path) == str(tmp_path.resolve() / "nope")
+    with pytest.raises(ModelError, match="unknown model 'not a model'"):
+        resolve("not a model", tmp_path)
     assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.usefixtures("hub_offline")
-def test_default_controlnet(models_dir: Path) -> None:
+def test_default_controlnet(models_dir: Path, model_cache: ModelCache) -> None:
     for kind in ("canny", "depth", "plan-depth", "none", "image"):  # a tiny base's one net serves every kind
-        assert default_controlnet("tiny-sd15", kind) == "tiny-canny"
-        assert default_controlnet("tiny-sdxl", kind) == "tiny-sdxl-controlnet"
-    assert default_controlnet("sd15", "canny") == "lllyasviel/sd-controlnet-canny"
+        assert default_controlnet("tiny-sd15", kind, "sd15") == "tiny-canny"
+        assert default_controlnet("tiny-sdxl", kind, "sdxl") == "tiny-sdxl-controlnet"
+    assert default_controlnet("sd15", "canny", "sd15") == "lllyasviel/sd-controlnet-canny"
     for kind in ("depth", "plan-depth"):
-        assert default_controlnet("sd15", kind) == "lllyasviel/sd-controlnet-depth"
-    assert default_controlnet("sdxl", "canny") == "diffusers/controlnet-canny-sdxl-1.0"
-    assert default_controlnet(presets.ALIASES["sdxl"], "plan-depth") == "diffusers/controlnet-depth-sdxl-1.0"
-    # A real base's family is read from its config; one that cannot be read (not cached) counts as SD 1.5.
-    assert default_controlnet(resolve("tiny-sdxl", models_dir), "canny") == "diffusers/controlnet-canny-sdxl-1.0"
-    assert default_controlnet(resolve("tiny-sd15", models_dir), "depth") == "lllyasviel/sd-controlnet-depth"
-    assert default_controlnet("someone/sd15-finetune", "canny") == "lllyasviel/sd-controlnet-canny"
+        assert default_controlnet("sd15", kind, "sd15") == "lllyasviel/sd-controlnet-depth"
+    assert default_controlnet("sdxl", "canny", "sdxl") == "diffusers/controlnet-canny-sdxl-1.0"
+    assert default_controlnet(ALIASES["sdxl"], "plan-depth", "sdxl") == "diffusers/controlnet-depth-sdxl-1.0"
+    # A real base's family is read from its own config by the worker that loads it.
+    assert model_cache.family(resolve("tiny-sdxl", models_dir)) == "sdxl"
+    assert model_cache.family(resolve("tiny-sd15", models_dir)) == "sd15"
+    assert model_cache.family("sdxl") == "sdxl"  # known by name: nothing to read
     for base, kind in (("sd15", "scribble-in-crayon"), ("sdxl", "none"), ("sd15", "image")):
-        with pytest.raises(InvalidInput, match="name a model"):
-            default_controlnet(base, kind)
+        with pytest.raises(ValueError, match="name a model"):
+            default_controlnet(base, kind, "sd15")
 
 
 def test_devices() -> None:
@@ -127,7 +130,7 @@ def test_devices() -> None:
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype(torch.device("cuda", 0)) == torch.float16
-    with pytest.raises(InvalidInput):
+    with pytest.raises(ConfigError):
         pick_device("tpu:9")
 
 
@@ -216,7 +219,7 @@ def test_batched_seeds_match_one_seed_renders(model_cache: ModelCache) -> None:
         assert np.abs(pixels(together) - pixels(single)).max() <= 1
 
 
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_scheduler_renders(model_cache: ModelCache, name: str) -> None:
     result = run(model_cache, scheduler=name, steps=2)
     assert len(result.images) == 1

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from shared.errors import InvalidInput
+from shared.errors import ConfigError, InvalidInput
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, module_bytes
 from workers.engine.pipeline import ControlInput, render
@@ -236,9 +236,9 @@ def test_int8_controlnet_is_quantised_and_cached_apart(models_dir: Path) -> None
     assert np.isfinite(int8).all() and 0 < np.abs(int8 - full).max() < 0.1  # close, not the same numbers
 
 
-def test_quantisation_problems_are_invalid_input(model_cache: ModelCache, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantisation_problems_say_what_is_wrong(model_cache: ModelCache, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InvalidInput, match="unknown quantisation 'int4'"):
         model_cache.controlnet("tiny-canny", quantize="int4")
-    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
-    with pytest.raises(InvalidInput, match="needs the torchao package"):
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed: this node's
+    with pytest.raises(ConfigError, match="needs the torchao package"):
         model_cache.controlnet("tiny-canny", quantize="int8")

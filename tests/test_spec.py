@@ -138,11 +138,18 @@ def test_the_seed_documents_stacks_are_expressible(tmp_path: Path) -> None:
         ({"kind": "plan-depth", "wall_px": 0}, "wall_px: Input should be greater than or equal to 1"),
         ({"kind": "image"}, "image: Field required"),
         ({"kind": "image", "image": "ftp://x/y.png"}, "unsupported URL scheme"),
-        ({"kind": "canny", "model": "../no/such/folder"}, "is neither a preset"),
+        ({"kind": "canny", "model": "no/such/folder"}, "is neither a preset"),
     ],
 )
 def test_bad_control_units(unit: dict, expected: str) -> None:
     assert expected in error_of(job(profile=profile(controls=[unit])))
+
+
+def test_validation_looks_at_no_disk() -> None:
+    """A folder is checked where the job renders (submit, `producer.models`), never while parsing: a worker
+    re-reading a stored spec must not fail on its own disk."""
+    for ref in ("/models/mine", "./models/mine", "~/models/mine", "../models/mine"):
+        assert parse_model(JobSpec, job(profile=profile(base=ref))).profile.base == ref
 
 
 def test_compile_quantize_and_vae_settings() -> None:

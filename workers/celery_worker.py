@@ -1,16 +1,21 @@
 """The Celery worker process: one per device, concurrency 1, models resident in its pool process.
 
-Contract (tested in tests/test_farm.py):
-- CUDA is initialised only in the pool process, after it starts (the launcher and the main process never
+Celery is only the transport here: its task delivers a task id to the process's `Lifecycle`, which claims,
+renders, uploads and settles it; Celery retries nothing itself. Contract (tested in tests/test_farm.py and
+tests/chaos/):
+- CUDA is initialised only in the pool process, on its first task (the launcher and the main process never
   touch it); the pool process dies with its parent (PR_SET_PDEATHSIG), so an orphan never holds a GPU;
-- each model is loaded at most once while the process lives; one task runs at a time;
+- each model is loaded at most once while the process lives; one task renders at a time;
 - SIGTERM finishes the current task (Celery's warm shutdown), then hands back anything still held;
   a second SIGINT stops at once, and the task goes back to the queue;
-- a killed pool process's task is delivered again at once (`task_reject_on_worker_lost`) and re-claimed by
-  the same worker; a killed worker's tasks are re-sent by the reaper of any live worker once its heartbeat
-  is older than `ARCHFARM_HEARTBEAT_TIMEOUT`.
+- a killed pool process's task is delivered again at once (`task_reject_on_worker_lost`); the replacement
+  process settles what its predecessor held as a crash (`workers.policy`): retried, and failed only when
+  it keeps killing processes on several nodes;
+- a killed worker's tasks are handed back by the reaper of any live worker once its heartbeat is older than
+  `ARCHFARM_HEARTBEAT_TIMEOUT`; tasks left without a message are re-sent by the sweeper (`workers.upkeep`).
 
-Run by `archfarm worker`, which sets `ARCHFARM_WORKER_NODE`, `ARCHFARM_DEVICE` and `CUDA_VISIBLE_DEVICES`.
+Run by `archfarm worker`, which checks the schema and the device first and sets `ARCHFARM_WORKER_NODE`,
+`ARCHFARM_DEVICE` and `CUDA_VISIBLE_DEVICES`.
 """
 
 from __future__ import annotations
@@ -21,33 +26,21 @@ import os
 import signal
 import socket
 import threading
-import time
 import uuid
 
 from celery import signals
-from celery.app.task import Task as CeleryTask
-from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import RENDER_TASK, make_celery, messages_for, send_tasks
 from shared.config import get_settings
-from shared.db.models import Task
 from shared.db.session import make_engine, session_factory
-from shared.db.store import (
-    fail_queued,
-    heartbeat,
-    reap,
-    record_failure,
-    register_worker,
-    requeue_held,
-    stop_worker,
-)
-from shared.errors import TransientError
+from shared.db.store import register_worker, requeue_held, stop_worker
 from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
 # a fraction of a second instead of re-importing them.
-from workers.runner import FAILED_ATTEMPTS_LIMIT, FAILED_NODES_LIMIT, Runner
+from workers.lifecycle import Lifecycle
+from workers.policy import ErrorKind, Limits
+from workers.upkeep import Upkeep
 
 log = logging.getLogger("archfarm.worker")
 
@@ -59,37 +52,36 @@ WORKER_ID = f"{NODE}#{uuid.uuid4().hex[:8]}"
 
 _engine = make_engine(settings.database_url)
 _sessions = session_factory(_engine)
-_runner: Runner | None = None
+_lifecycle: Lifecycle | None = None
+_queues: list[str] = [settings.queue]
 _stop = threading.Event()
 
 
-def resend(task_ids: list[str], delay: float) -> None:
+def send(task_ids: list[str], delay: float) -> None:
     send_tasks(app, messages_for(_sessions, settings, task_ids), countdown=delay)
 
 
-@app.task(
-    name=RENDER_TASK,
-    bind=True,
-    autoretry_for=(TransientError, OperationalError, InterfaceError),
-    retry_backoff=5,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=8,
-)
-def render(self: CeleryTask, task_id: str) -> str | None:
-    status = runner().run(task_id)
+@app.task(name=RENDER_TASK)
+def render(task_id: str) -> str | None:
+    status = lifecycle().run(task_id)
     return status.value if status is not None else None
 
 
-def runner() -> Runner:
-    """The pool process's runner, created on its first task so CUDA starts in this process only."""
-    global _runner
-    if _runner is None:
-        # Control maps are cached in the shared storage, so each is computed once for the whole farm.
-        _runner = Runner(
-            settings, _sessions, WORKER_ID, node=NODE, resend=resend, map_storage=open_storage_from_settings(settings)
+def lifecycle() -> Lifecycle:
+    """The pool process's lifecycle (its renderer, and CUDA, start with the first task)."""
+    global _lifecycle
+    if _lifecycle is None:
+        _lifecycle = Lifecycle(
+            settings,
+            _sessions,
+            worker=WORKER_ID,
+            node=NODE,
+            send=send,
+            limits=Limits(transient_budget_s=settings.transient_budget),
+            # Control maps are cached in the shared storage, so each is computed once for the whole farm.
+            map_storage=open_storage_from_settings(settings),
         )
-    return _runner
+    return _lifecycle
 
 
 def _die_with_parent() -> None:
@@ -106,71 +98,57 @@ def _pool_process_started(**_: object) -> None:
     _die_with_parent()
     _engine.dispose(close=False)  # connections inherited through fork belong to the parent
     # Concurrency is 1: anything this worker still holds was being run (or uploaded) by a pool process
-    # that died. Put it back and send it again; a duplicate delivery is harmless.
-    # It counts as a failure on this node, so a task that kills its process every time ends up failed.
-    with _sessions.begin() as session:
-        orphans = requeue_held(session, WORKER_ID)
-        for task_id, job_id in session.execute(select(Task.id, Task.job_id).where(Task.id.in_(list(orphans)))):
-            reason = "the worker's pool process died while running it"
-            nodes, attempts = record_failure(session, task_id, job_id, NODE, reason)
-            if nodes >= FAILED_NODES_LIMIT or attempts >= FAILED_ATTEMPTS_LIMIT:
-                fail_queued(session, task_id, f"{reason}, {attempts} times on {nodes} workers")
-                orphans.remove(task_id)
-    if orphans:
-        log.warning("re-sending %d task(s) left by a dead pool process", len(orphans))
-        resend(orphans, 0)
+    # that died. The policy decides: usually sent again; failed if it keeps killing processes.
+    lifecycle().recover(ErrorKind.CRASH, "the worker process running it died")
 
 
 @signals.worker_process_shutdown.connect
 def _pool_process_stopping(**_: object) -> None:
-    if _runner is not None:
-        _runner.close()
+    if _lifecycle is not None:
+        _lifecycle.close()
 
 
 @signals.worker_init.connect
 def _worker_started(**_: object) -> None:
     with _sessions.begin() as session:
-        register_worker(session, WORKER_ID, NODE, settings.device, os.getpid())
-    threading.Thread(target=_heartbeat_loop, name="archfarm-heartbeat", daemon=True).start()
+        register_worker(session, WORKER_ID, NODE, settings.device, os.getpid(), _queues)
+    threading.Thread(target=_upkeep_loop, name="archfarm-upkeep", daemon=True).start()
 
 
 @signals.worker_shutdown.connect
 def _worker_stopping(**_: object) -> None:
+    """Interrupted, not failed: whatever is still held goes back to the queue with nothing counted."""
     _stop.set()
-    with _sessions.begin() as session:
-        held = requeue_held(session, WORKER_ID)
-        stop_worker(session, WORKER_ID)
+    try:
+        with _sessions.begin() as session:
+            held = requeue_held(session, WORKER_ID)
+            stop_worker(session, WORKER_ID)
+    except Exception:  # noqa: BLE001 - the database is away: the reaper hands them back later
+        log.exception("could not hand back this worker's tasks")
+        return
     if held:
         log.warning("handing back %d task(s) on shutdown", len(held))
-        resend(held, 0)
+        try:
+            send(held, 0)
+        except Exception:  # noqa: BLE001 - queued in the database: the sweeper sends them
+            log.exception("could not re-send %d handed-back task(s)", len(held))
 
 
-def _heartbeat_loop() -> None:
-    """Heartbeat, and reap workers whose heartbeat went stale (any live worker may do it).
-
-    A worker reaps only once its own heartbeats have gone through for a whole timeout: after a database
-    outage every heartbeat is stale, and the first worker back must not declare all the others dead.
-    """
-    healthy_since: float | None = None
+def _upkeep_loop() -> None:
+    upkeep = Upkeep(settings, _sessions, WORKER_ID, send)
     while not _stop.wait(settings.heartbeat_interval):
         try:
-            with _sessions.begin() as session:
-                alive = heartbeat(session, WORKER_ID)
-                healthy_since = healthy_since or time.monotonic()
-                steady = time.monotonic() - healthy_since >= settings.heartbeat_timeout
-                orphans = reap(session, settings.heartbeat_timeout) if steady else []
-            if orphans:
-                log.warning("re-sending %d task(s) of dead workers", len(orphans))
-                resend(orphans, 0)
-            if not alive:
-                log.error("declared dead by another worker's reaper; stopping")
-                os.kill(os.getpid(), signal.SIGTERM)
-        except Exception:  # noqa: BLE001 - a database blip must not kill the heartbeat thread
-            healthy_since = None
+            alive = upkeep.beat()
+        except Exception:  # noqa: BLE001 - a database or broker blip must not kill the upkeep thread
             log.exception("heartbeat failed")
+            continue
+        if not alive:
+            log.error("declared dead by another worker's reaper; stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(queues: list[str]) -> None:
+    _queues[:] = queues
     app.worker_main(
         [
             "worker",

@@ -1,21 +1,32 @@
 """`archfarm worker`: one Celery worker process per device, each pinned with CUDA_VISIBLE_DEVICES.
 
-The launcher itself never initialises CUDA (it only counts devices) and never forks a process that could
-inherit a CUDA context: workers are fresh interpreters. Children die with the launcher (SIGTERM on parent
-death: a warm shutdown), and the launcher forwards SIGTERM and SIGINT, so the second Ctrl-C stops at once.
+The launcher itself never initialises CUDA (it counts devices in a child interpreter) and never forks a
+process that could inherit a CUDA context: workers are fresh interpreters. A device this machine does not
+have is refused before anything starts. Children die with the launcher (SIGTERM on parent death: a warm
+shutdown), and the launcher forwards SIGTERM and SIGINT, so the second Ctrl-C stops at once.
+
+Each worker process is a node of its own (`archfarm-cpu0@host`, `archfarm-cpu0.1@host` for a second
+launcher of the same device on that host): blocklists are per node, and two launchers must not pool their
+failures. A node name is a slot held with a file lock for as long as the launcher or its workers live, so
+a restarted launcher takes its old name back once the old processes are gone.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from shared.errors import InvalidInput
+from shared.errors import ConfigError, InvalidInput
+
+MAX_SLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,11 @@ def parse_devices(spec: str) -> list[Device]:
         ids = [part.strip() for part in rest.split(",")]
         if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
             raise InvalidInput(f"--devices {spec!r}: expected distinct GPU indices like cuda:0,1")
+        count = _cuda_count()
+        missing = [i for i in ids if int(i) >= count]
+        if missing:
+            have = f"GPUs 0-{count - 1}" if count else "no usable CUDA GPU"
+            raise ConfigError(f"--devices {spec!r}: this machine has {have}; cannot use cuda:{','.join(missing)}")
         # Inside each worker its one visible GPU is cuda:0.
         return [Device(f"cuda{i}", {"CUDA_VISIBLE_DEVICES": i, "ARCHFARM_DEVICE": "cuda:0"}) for i in ids]
     raise InvalidInput(f"--devices {spec!r}: expected auto, cuda:0,1, cpu or cpu:N")
@@ -66,19 +82,38 @@ def _term_with_parent() -> None:
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: warm shutdown if we die
 
 
+def claim_node(device: str, host: str, folder: Path | None = None) -> tuple[str, int]:
+    """The first free node name for `device` on this host, and the descriptor of the lock that holds it."""
+    folder = folder or Path(tempfile.gettempdir()) / "archfarm-nodes"
+    folder.mkdir(parents=True, exist_ok=True)
+    for slot in range(MAX_SLOTS):
+        name = f"archfarm-{device}@{host}" if slot == 0 else f"archfarm-{device}.{slot}@{host}"
+        fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return name, fd
+    raise ConfigError(f"more than {MAX_SLOTS} workers for {device} on {host}")
+
+
 def launch(devices: list[Device], queues: list[str]) -> int:
     """Run one worker process per device until all have stopped; returns the worst exit code."""
     host = socket.gethostname()
     code = f"from workers.celery_worker import main; main({queues!r})"
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", code],
-            env={**os.environ, **device.env, "ARCHFARM_WORKER_NODE": f"archfarm-{device.name}@{host}"},
-            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we forward it once per press
-            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
+    children = []
+    for device in devices:
+        node, lock = claim_node(device.name, host)
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env={**os.environ, **device.env, "ARCHFARM_WORKER_NODE": node},
+                pass_fds=(lock,),  # the slot stays taken while the worker (or its pool) lives
+                start_new_session=True,  # a terminal's Ctrl-C reaches us only; we forward it once per press
+                preexec_fn=_term_with_parent if sys.platform == "linux" else None,
+            )
         )
-        for device in devices
-    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -65,6 +66,9 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(comment="the validated job spec, styles resolved")
     profile_digest: Mapped[str] = mapped_column(String(64))
     output_url: Mapped[str] = mapped_column(String(2048))
+    queue: Mapped[str] = mapped_column(
+        String(255), server_default="archfarm", comment="the broker queue every message of this job goes to"
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -90,8 +94,16 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    due_at: Mapped[datetime] = mapped_column(
+        server_default=text("CURRENT_TIMESTAMP"),
+        comment="when a queued task's latest message becomes deliverable (database clock); the sweeper re-sends "
+        "tasks long past it",
+    )
 
-    __table_args__ = (Index("ix_tasks_job_status", "job_id", "status"),)
+    __table_args__ = (
+        Index("ix_tasks_job_status", "job_id", "status"),
+        Index("ix_tasks_status_due", "status", "due_at"),
+    )
 
 
 class Artifact(Base):
@@ -133,6 +145,10 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
     current_task: Mapped[str | None] = mapped_column(String(36), default=None)
+    idle_since: Mapped[datetime | None] = mapped_column(
+        default=None, comment="set while the worker holds no task (database clock): the sweeper's evidence"
+    )
+    queues: Mapped[list[Any]] = mapped_column(server_default="[]")
     models: Mapped[list[Any]] = mapped_column(default=list)
     images_done: Mapped[int] = mapped_column(Integer, default=0)
     model_loads: Mapped[int] = mapped_column(Integer, default=0)
@@ -142,7 +158,8 @@ class Worker(Base):
 
 
 class TaskFailure(Base):
-    """One failed attempt: counts toward "failed on 3 nodes" (task) and "3 tasks failed here" (blocklist)."""
+    """One failed attempt, by kind (`workers.policy.COUNTED`): a task's history, and for kind "error" the
+    node's blocklist ("3 tasks of this job failed here")."""
 
     __tablename__ = "task_failures"
 
@@ -150,6 +167,7 @@ class TaskFailure(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     node: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16), server_default="error")
     error: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

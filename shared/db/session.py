@@ -6,12 +6,14 @@ from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import InvalidInput
+from shared.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
 
 
 def make_engine(url: str) -> Engine:
@@ -19,7 +21,7 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise InvalidInput(f"database URL {url!r} is not a SQLAlchemy URL") from None
+        raise ConfigError(f"database URL {url!r} is not a SQLAlchemy URL") from None
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(parsed, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -50,3 +52,23 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision`; safe to call on every start (a no-op when already there)."""
     command.upgrade(alembic_config(engine), revision)
+
+
+def require_schema(engine: Engine) -> None:
+    """Refuse a database whose schema is not the one this code was written for (one line, the fix in it).
+
+    Producers and workers alike check it before they touch a table: a worker against an old schema would
+    take tasks and fail every one of them."""
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as error:
+        where = engine.url.render_as_string(hide_password=True)
+        raise DatabaseUnavailable(
+            f"cannot reach the database {where}: {str(error.orig).strip().splitlines()[0]}"
+        ) from None
+    if current != head:
+        raise SchemaOutdated(
+            f"database schema is at {current or 'nothing'}, this archfarm needs {head}: run `archfarm db upgrade`"
+        )

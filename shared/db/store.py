@@ -1,25 +1,28 @@
-"""State changes on tasks and jobs.
+"""State changes on tasks, jobs and workers.
 
 Every transition is a conditional UPDATE (`WHERE status IN (...)`) whose row count says whether this caller
 won: a duplicate delivery, a late worker or a concurrent cancel can never move a task backwards or count an
-image twice. SQLite ignores `FOR UPDATE SKIP LOCKED`, so nothing here relies on row locks.
+image twice. SQLite ignores `FOR UPDATE SKIP LOCKED`, so nothing here relies on row locks. Every time written
+or compared comes from the database's clock (`db_now`), never from a host's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
-from types import EllipsisType
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus, Worker, utcnow
+from shared.db.clock import aware, database_time, db_now
+from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus, job_status
 
 MAX_ERROR_CHARS = 4000
+IN_FLIGHT = (TaskStatus.QUEUED, TaskStatus.RUNNING)
 
 
 def _transition(
@@ -39,79 +42,121 @@ def _transition(
 
 
 def claim_task(session: Session, task_id: str, worker: str) -> bool:
-    """queued → running for `worker`; False when another worker, a cancel or a finish got there first.
-
-    A task already running *for this worker* is claimed again: a worker runs one task at a time, so being
-    handed a task it holds means its previous attempt died with its pool process.
-    """
-    stmt = (
-        update(Task)
-        .where(
-            Task.id == task_id,
-            or_(Task.status == TaskStatus.QUEUED, and_(Task.status == TaskStatus.RUNNING, Task.worker == worker)),
-        )
-        .values(status=TaskStatus.RUNNING, worker=worker, attempts=Task.attempts + 1, started_at=utcnow(), error=None)
-        .execution_options(synchronize_session=False)
+    """queued → running for `worker`; False when another worker, a cancel or a finish got there first."""
+    return _transition(
+        session,
+        task_id,
+        [TaskStatus.QUEUED],
+        TaskStatus.RUNNING,
+        worker=worker,
+        attempts=Task.attempts + 1,
+        started_at=db_now(),
+        error=None,
     )
-    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
 
 
 def finish_task(session: Session, task_id: str, worker: str) -> bool:
     """running → succeeded, only for the worker that holds the task."""
     return _transition(
-        session, task_id, [TaskStatus.RUNNING], TaskStatus.SUCCEEDED, held_by=worker, finished_at=utcnow()
+        session, task_id, [TaskStatus.RUNNING], TaskStatus.SUCCEEDED, held_by=worker, finished_at=db_now()
     )
 
 
-def fail_task(session: Session, task_id: str, worker: str, error: str) -> bool:
-    """running → failed with the reason stored on the row."""
+def fail_task(session: Session, task_id: str, worker: str | None, error: str) -> bool:
+    """running (for `worker`) or, with no worker, queued → failed, with the reason stored on the row."""
+    frm = [TaskStatus.RUNNING] if worker is not None else [TaskStatus.QUEUED]
+    return _transition(
+        session, task_id, frm, TaskStatus.FAILED, held_by=worker, finished_at=db_now(), error=error[:MAX_ERROR_CHARS]
+    )
+
+
+def cancel_task(session: Session, task_id: str, worker: str) -> bool:
+    """running → cancelled, for the holding worker, once it has stopped rendering for a cancel."""
+    return _transition(
+        session, task_id, [TaskStatus.RUNNING], TaskStatus.CANCELLED, held_by=worker, finished_at=db_now()
+    )
+
+
+def requeue_task(session: Session, task_id: str, worker: str, delay_s: float = 0.0) -> bool:
+    """running → queued for the holding worker; its next message is due `delay_s` from now."""
     return _transition(
         session,
         task_id,
         [TaskStatus.RUNNING],
-        TaskStatus.FAILED,
+        TaskStatus.QUEUED,
         held_by=worker,
-        finished_at=utcnow(),
-        error=error[:MAX_ERROR_CHARS],
+        worker=None,
+        started_at=None,
+        due_at=db_now(delay_s),
     )
 
 
-def release_task(session: Session, task_id: str, worker: str, status: TaskStatus = TaskStatus.QUEUED) -> bool:
-    """running → queued (handed back) or cancelled (stopped by a cancel), for the holding worker."""
-    values: dict[str, Any] = {"finished_at": utcnow() if status is TaskStatus.CANCELLED else None}
-    if status is TaskStatus.QUEUED:
-        values["worker"] = None
-    return _transition(session, task_id, [TaskStatus.RUNNING], status, held_by=worker, **values)
-
-
 def requeue_held(session: Session, worker: str) -> list[str]:
-    """Every task running for `worker` back to queued (it died or is stopping); ids to send again."""
+    """Every task running for `worker` back to queued (it died or is stopping); ids to send again now."""
     return list(
         session.scalars(
             update(Task)
             .where(Task.worker == worker, Task.status == TaskStatus.RUNNING)
-            .values(status=TaskStatus.QUEUED, worker=None, started_at=None)
+            .values(status=TaskStatus.QUEUED, worker=None, started_at=None, due_at=db_now())
             .returning(Task.id)
             .execution_options(synchronize_session=False)
         )
     )
 
 
-def record_failure(session: Session, task_id: str, job_id: str, node: str, error: str) -> tuple[int, int]:
-    """Store one failed attempt; returns (distinct nodes, attempts) that have now failed this task."""
-    session.add(TaskFailure(task_id=task_id, job_id=job_id, node=node, error=error[:MAX_ERROR_CHARS]))
+def held_by(session: Session, worker: str) -> list[tuple[str, str]]:
+    """(task id, job id) of every task running for `worker`."""
+    rows = session.execute(
+        select(Task.id, Task.job_id).where(Task.worker == worker, Task.status == TaskStatus.RUNNING)
+    ).all()
+    return [(task_id, job_id) for task_id, job_id in rows]
+
+
+def record_failure(session: Session, task_id: str, job_id: str, node: str, kind: str, error: str) -> None:
+    """Store one failed attempt of `kind` (`workers.policy.COUNTED`)."""
+    session.add(
+        TaskFailure(
+            task_id=task_id, job_id=job_id, node=node, kind=kind, error=error[:MAX_ERROR_CHARS], created_at=db_now()
+        )
+    )
     session.flush()
-    nodes, attempts = session.execute(
-        select(func.count(func.distinct(TaskFailure.node)), func.count()).where(TaskFailure.task_id == task_id)
-    ).one()
-    return int(nodes), int(attempts)
+
+
+@dataclass(frozen=True)
+class FailureCounts:
+    """Per failure kind: attempts, distinct nodes, and seconds since the first of them (database clock)."""
+
+    attempts: dict[str, int]
+    nodes: dict[str, int]
+    age_s: dict[str, float]
+
+
+def failure_counts(session: Session, task_id: str) -> FailureCounts:
+    rows = session.execute(
+        select(
+            TaskFailure.kind,
+            func.count(),
+            func.count(func.distinct(TaskFailure.node)),
+            func.min(TaskFailure.created_at),
+        )
+        .where(TaskFailure.task_id == task_id)
+        .group_by(TaskFailure.kind)
+    ).all()
+    now = database_time(session) if rows else None
+    return FailureCounts(
+        attempts={kind: int(n) for kind, n, _, _ in rows},
+        nodes={kind: int(nodes) for kind, _, nodes, _ in rows},
+        age_s={kind: (now - aware(first)).total_seconds() for kind, _, _, first in rows if now is not None},
+    )
 
 
 def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
-    """Nodes that failed `limit` distinct tasks of a job: they stop taking that job's tasks."""
+    """Nodes on which `limit` distinct tasks of a job raised an error: they stop taking that job's tasks.
+
+    Only errors the tasks raised count: a crash, a shutdown or an outage says nothing about the node."""
     rows = session.execute(
         select(TaskFailure.node)
-        .where(TaskFailure.job_id == job_id)
+        .where(TaskFailure.job_id == job_id, TaskFailure.kind == "error")
         .group_by(TaskFailure.node)
         .having(func.count(func.distinct(TaskFailure.task_id)) >= limit)
     )
@@ -122,35 +167,47 @@ def live_nodes(session: Session) -> set[str]:
     return set(session.scalars(select(Worker.node).where(Worker.stopped_at.is_(None))))
 
 
-def cancel_job(session: Session, job_id: str) -> int:
-    """Mark the job cancelled and cancel its queued tasks; running ones stop at their next step."""
-    session.execute(update(Job).where(Job.id == job_id, Job.cancelled_at.is_(None)).values(cancelled_at=utcnow()))
+def cancel_job(session: Session, job_id: str) -> int | None:
+    """Mark the job cancelled and cancel its queued tasks; running ones stop at their next step.
+
+    Returns the tasks cancelled now, or None when the job had nothing left to run (it stays as it ended)."""
+    in_flight = session.scalar(
+        select(func.count()).select_from(Task).where(Task.job_id == job_id, Task.status.in_(IN_FLIGHT))
+    )
+    if not in_flight:
+        return None
+    session.execute(update(Job).where(Job.id == job_id, Job.cancelled_at.is_(None)).values(cancelled_at=db_now()))
     result = session.execute(
         update(Task)
         .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
-        .values(status=TaskStatus.CANCELLED, finished_at=utcnow())
+        .values(status=TaskStatus.CANCELLED, finished_at=db_now())
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def retry_job(session: Session, job_id: str) -> list[str]:
-    """Failed and cancelled tasks back to queued; returns their ids, for the caller to enqueue.
+    """Failed and cancelled tasks back to queued, plus every queued one; returns their ids, to be sent now.
 
     The job's failure history goes too: a retry says the cause was fixed, so no worker stays blocklisted.
     """
     session.execute(update(Job).where(Job.id == job_id).values(cancelled_at=None))
     session.execute(delete(TaskFailure).where(TaskFailure.job_id == job_id))
-    ids = list(
+    session.execute(
+        update(Task)
+        .where(Task.job_id == job_id, Task.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]))
+        .values(status=TaskStatus.QUEUED, error=None, worker=None, started_at=None, finished_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return list(
         session.scalars(
             update(Task)
-            .where(Task.job_id == job_id, Task.status.in_([TaskStatus.FAILED, TaskStatus.CANCELLED]))
-            .values(status=TaskStatus.QUEUED, error=None, worker=None, started_at=None, finished_at=None)
+            .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+            .values(due_at=db_now())
             .returning(Task.id)
             .execution_options(synchronize_session=False)
         )
     )
-    return ids
 
 
 def is_cancelled(session: Session, job_id: str) -> bool:
@@ -180,14 +237,25 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     session.execute(stmt)
 
 
-def register_worker(session: Session, worker_id: str, node: str, device: str, pid: int) -> None:
-    session.add(Worker(id=worker_id, node=node, device=device, pid=pid))
+def register_worker(session: Session, worker_id: str, node: str, device: str, pid: int, queues: list[str]) -> None:
+    session.add(
+        Worker(
+            id=worker_id,
+            node=node,
+            device=device,
+            pid=pid,
+            queues=queues,
+            started_at=db_now(),
+            heartbeat_at=db_now(),
+            idle_since=db_now(),
+        )
+    )
 
 
 def heartbeat(session: Session, worker_id: str) -> bool:
     """Refresh a live worker's heartbeat; False if it was declared dead meanwhile (it must stop)."""
     result = session.execute(
-        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(heartbeat_at=utcnow())
+        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(heartbeat_at=db_now())
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -196,35 +264,35 @@ def worker_progress(
     session: Session,
     worker_id: str,
     *,
-    current_task: str | None | EllipsisType = ...,
+    started: str | None = None,
+    finished: str | None = None,
     models: list[str],
     images: int,
     loads: int,
     swaps: int,
 ) -> None:
-    """What a worker is doing, for `archfarm status` and the operator: task (`...` keeps it), resident models,
-    counters."""
+    """What a worker is doing, for `archfarm status` and the operator: the task it `started`, or that it
+    `finished` one (idle from now, unless it has started the next meanwhile), resident models, counters."""
     values: dict[str, Any] = {
         "models": models,
         "images_done": Worker.images_done + images,
         "model_loads": loads,
         "stack_swaps": swaps,
     }
-    if current_task is not ...:
-        values["current_task"] = current_task
+    if started is not None:
+        values.update(current_task=started, idle_since=None)
     session.execute(update(Worker).where(Worker.id == worker_id).values(**values))
-
-
-def fail_queued(session: Session, task_id: str, reason: str) -> bool:
-    """queued → failed, for a task that must not be sent again (it keeps killing its worker)."""
-    return _transition(
-        session, task_id, [TaskStatus.QUEUED], TaskStatus.FAILED, finished_at=utcnow(), error=reason[:MAX_ERROR_CHARS]
-    )
+    if finished is not None:
+        session.execute(
+            update(Worker)
+            .where(Worker.id == worker_id, Worker.current_task == finished)
+            .values(current_task=None, idle_since=db_now())
+        )
 
 
 def stop_worker(session: Session, worker_id: str) -> bool:
     result = session.execute(
-        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(stopped_at=utcnow())
+        update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(stopped_at=db_now())
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -234,10 +302,55 @@ def reap(session: Session, timeout_s: float) -> list[str]:
 
     Each dead worker is claimed by one conditional UPDATE, so concurrent reapers never double-send.
     """
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
-    stale = session.scalars(select(Worker.id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < cutoff)).all()
+    stale = session.scalars(
+        select(Worker.id).where(Worker.stopped_at.is_(None), Worker.heartbeat_at < db_now(-timeout_s))
+    ).all()
     requeued: list[str] = []
     for worker_id in stale:
         if stop_worker(session, worker_id):
             requeued += requeue_held(session, worker_id)
     return requeued
+
+
+def idle_queues(session: Session, idle_s: float) -> set[str]:
+    """Queues that a live worker has consumed for `idle_s` seconds without holding a task.
+
+    Such a worker would have taken any message waiting in them, so a task queued there and due long ago
+    has no message left (it was lost with a broker, a submit or a worker): the sweeper's evidence.
+    """
+    rows = session.scalars(
+        select(Worker.queues).where(Worker.stopped_at.is_(None), Worker.idle_since < db_now(-idle_s))
+    )
+    return {queue for queues in rows for queue in queues}
+
+
+def sweep(session: Session, queues: Iterable[str], stranded_s: float, limit: int) -> list[str]:
+    """Up to `limit` queued tasks of jobs on `queues` whose message was due more than `stranded_s` ago,
+    marked due now; returns their ids, to be sent again. Concurrent sweepers never take the same task."""
+    stale = db_now(-stranded_s)
+    ids = list(
+        session.scalars(
+            select(Task.id)
+            .join(Job, Job.id == Task.job_id)
+            .where(Task.status == TaskStatus.QUEUED, Task.due_at < stale, Job.queue.in_(list(queues)))
+            .order_by(Job.priority.desc(), Task.ordinal)
+            .limit(limit)
+        )
+    )
+    if not ids:
+        return []
+    return list(
+        session.scalars(
+            update(Task)
+            .where(Task.id.in_(ids), Task.status == TaskStatus.QUEUED, Task.due_at < stale)
+            .values(due_at=db_now())
+            .returning(Task.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+
+
+def first_start(session: Session, job_id: str) -> tuple[datetime | None, datetime]:
+    """When the job's first task started, and the database's time now (for rates and ETAs)."""
+    started = session.scalar(select(func.min(Task.started_at)).where(Task.job_id == job_id))
+    return (None if started is None else aware(started)), database_time(session)

@@ -30,10 +30,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers.utils import logging as _transformers_logging
 
-from shared.errors import InvalidInput, ModelError
+from shared.errors import ConfigError, InvalidInput, ModelError
+from shared.registry import QUANTIZE_DEVICES, Family
 from workers.engine.compile import CompileOptions, compile_module
-from workers.engine.family import Family, family
-from workers.engine.presets import resolve
+from workers.engine.presets import base_family, resolve
 
 # A worker's log gets one line per task, not a progress bar per model load.
 _diffusers_logging.disable_progress_bar()
@@ -45,8 +45,6 @@ BASE_COMPONENTS: dict[Family, tuple[str, ...]] = {
     "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
     "sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
 }
-QUANTIZE_DEVICES: dict[str, tuple[str, ...]] = {"int8": ("cpu", "cuda")}
-"""Each `quantize` mode, with the device types torchao's kernels for it run on."""
 
 
 def pick_device(setting: str) -> torch.device:
@@ -56,11 +54,11 @@ def pick_device(setting: str) -> torch.device:
     try:
         device = torch.device(setting)
     except RuntimeError:
-        raise InvalidInput(f"device {setting!r} is not one of auto, cpu, cuda, cuda:N") from None
+        raise ConfigError(f"device {setting!r} is not one of auto, cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise InvalidInput(f"device {setting!r} is not one of auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"device {setting!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput(f"device {setting!r} asked for, but CUDA is not available here")
+        raise ConfigError(f"device {setting!r} asked for, but CUDA is not available here")
     return device
 
 
@@ -126,6 +124,7 @@ class ModelCache:
         self._sizes: dict[str, int] = {}
         self._compiled: dict[tuple[int, CompileOptions], nn.Module] = {}
         self._identities: dict[str, dict[str, str | None]] = {}
+        self._families: dict[str, Family] = {}
 
     def base(self, ref: str) -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and
@@ -137,7 +136,7 @@ class ModelCache:
         if location in self._bases:
             self.hits[location] += 1
             return self._bases[location]
-        kind = family(location)
+        kind = self.family(ref)
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
         with _load_errors(ref, location):
@@ -156,6 +155,12 @@ class ModelCache:
         self._bases[location] = components
         self.loads[location] += 1
         return components
+
+    def family(self, ref: str) -> Family:
+        """The architecture of base `ref`, read from its own config (a name says nothing reliable), once."""
+        if ref not in self._families:
+            self._families[ref] = base_family(resolve(ref, self.models_dir))
+        return self._families[ref]
 
     def vae(self, ref: str) -> AutoencoderKL:
         """A VAE of its own (a folder or hub id holding an `AutoencoderKL`), to use instead of a base's: e.g. an
@@ -274,7 +279,7 @@ def _quantization_config(quantize: str, device: torch.device) -> TorchAoConfig:
         raise InvalidInput(f"unknown quantisation {quantize!r}; one of {', '.join(QUANTIZE_DEVICES)}")
     if device.type not in QUANTIZE_DEVICES[quantize]:
         runs_on = " and ".join(QUANTIZE_DEVICES[quantize])
-        raise InvalidInput(f"{quantize} quantisation does not run on {device.type}, only on {runs_on}")
+        raise ConfigError(f"{quantize} quantisation does not run on {device.type}, only on {runs_on}")
     try:
         from torchao.quantization import Int8WeightOnlyConfig
 
@@ -282,7 +287,7 @@ def _quantization_config(quantize: str, device: torch.device) -> TorchAoConfig:
     except (ImportError, ValueError) as error:  # not installed, or older than diffusers needs
         reason = str(error).splitlines()[0]
         needs = f"{quantize} quantisation needs the torchao package (pip install torchao)"
-        raise InvalidInput(f"{needs}: {reason}") from None
+        raise ConfigError(f"{needs}: {reason}") from None
 
 
 def weights_sha256(folder: Path) -> str:

@@ -32,6 +32,7 @@ from diffusers import (
 )
 
 from shared.errors import InvalidInput
+from shared.registry import SCHEDULERS
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache
 from workers.engine.windows import WindowedControlNets
@@ -47,7 +48,8 @@ _SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "dpmpp_2m": DPMSolverMultistepScheduler,  # its defaults (dpmsolver++, order 2) are DPM++ 2M
     "pndm": PNDMScheduler,
 }
-SCHEDULER_NAMES: tuple[str, ...] = ("default", *_SCHEDULERS)
+if ("default", *_SCHEDULERS) != SCHEDULERS:  # the names jobs may use live in shared/, the classes here
+    raise RuntimeError("workers.engine.pipeline._SCHEDULERS out of step with shared.registry.SCHEDULERS")
 
 OUTPUT_TYPES = ("pil", "np")
 
@@ -219,8 +221,8 @@ def _check(
         raise InvalidInput("a render needs at least one ControlNet")
     if not seeds:
         raise InvalidInput("a render needs at least one seed")
-    if scheduler not in SCHEDULER_NAMES:
-        raise InvalidInput(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULER_NAMES)}")
+    if scheduler not in SCHEDULERS:
+        raise InvalidInput(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unknown output type {output_type!r}; one of {', '.join(OUTPUT_TYPES)}")
     for control in controls:

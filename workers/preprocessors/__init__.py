@@ -16,10 +16,11 @@ from PIL import Image
 
 from shared.errors import PermanentError
 from shared.images import content_hash, decode_image
+from shared.registry import default_depth_model
 from shared.spec import CannyControl, ControlUnit, DepthControl, ImageControl, PlanDepthControl, PlanImageControl
 from shared.storage import Storage, read_url
 from workers.controlmaps import ControlMapCache
-from workers.engine.presets import default_depth_model, resolve
+from workers.engine.presets import resolve
 from workers.preprocessors.canny import AdaptiveCanny
 from workers.preprocessors.depth import depth_estimator
 from workers.preprocessors.plan_depth import PlanDepth

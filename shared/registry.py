@@ -1,0 +1,102 @@
+"""Every model name a job may use, as pure data: validating a job never looks at this machine's disk.
+
+A model reference is one of: a tiny preset (built offline into each worker's model cache on first use), a
+short alias for a published model (its hub id), a hub id `owner/name`, or a local folder (an absolute path
+once the job is submitted). Whether a folder or a hub id can be loaded is a fact about the machine that runs
+the task: submit checks it where it can (`producer.models`), and a worker that cannot load one fails the
+task with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+Family = Literal["sd15", "sdxl"]
+
+PRESETS: frozenset[str] = frozenset({"tiny-sd15", "tiny-canny", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-dpt"})
+"""Tiny random models built from configs with seeded weights: the offline demo and the tests."""
+
+ALIASES: dict[str, str] = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd15-canny": "lllyasviel/sd-controlnet-canny",
+    "sd15-depth": "lllyasviel/sd-controlnet-depth",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
+    "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
+}
+
+TINY_CONTROLNETS: dict[str, str] = {"tiny-sd15": "tiny-canny", "tiny-sdxl": "tiny-sdxl-controlnet"}
+"""A tiny base is a test and demo stand-in: its one tiny ControlNet serves every kind of control map."""
+
+DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
+    ("sd15", "canny"): ALIASES["sd15-canny"],
+    ("sd15", "depth"): ALIASES["sd15-depth"],
+    ("sd15", "plan-depth"): ALIASES["sd15-depth"],
+    ("sdxl", "canny"): ALIASES["sdxl-canny"],
+    ("sdxl", "depth"): ALIASES["sdxl-depth"],
+    ("sdxl", "plan-depth"): ALIASES["sdxl-depth"],
+}
+KINDS_WITH_DEFAULT: frozenset[str] = frozenset(kind for _, kind in DEFAULT_CONTROLNETS)
+
+SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
+"""`default` keeps the base model's own scheduler class; the others replace it, keeping its betas."""
+
+QUANTIZE_DEVICES: dict[str, tuple[str, ...]] = {"int8": ("cpu", "cuda")}
+"""Each `quantize` mode, with the device types torchao's kernels for it run on."""
+
+# The hub's repo-id rule, loosely: one slash, no path tricks; a stricter check is the hub's job.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
+
+
+def is_preset(ref: str) -> bool:
+    return ref in PRESETS
+
+
+def is_hub_id(ref: str) -> bool:
+    return ref not in PRESETS and ref not in ALIASES and bool(_HUB_ID.fullmatch(ref)) and ".." not in ref
+
+
+def is_path(ref: str) -> bool:
+    """A local folder reference: absolute, home-relative or explicitly relative (`./models/x`)."""
+    return ref.startswith(("/", "~", "./", "../"))
+
+
+def check_ref(ref: str) -> str:
+    """`ref` if it can name a model (preset, alias, hub id, folder path); ValueError otherwise."""
+    if ref in PRESETS or ref in ALIASES or is_hub_id(ref) or (is_path(ref) and "\x00" not in ref):
+        return ref
+    known = ", ".join(sorted([*PRESETS, *ALIASES]))
+    raise ValueError(f"{ref!r} is neither a preset ({known}), a folder path, nor a hub id `owner/name`")
+
+
+def known_family(base: str) -> Family | None:
+    """The family of a base known by name (presets and aliases); None when only its config can tell."""
+    if base in ("tiny-sd15", "sd15", ALIASES["sd15"]):
+        return "sd15"
+    if base in ("tiny-sdxl", "sdxl", ALIASES["sdxl"]):
+        return "sdxl"
+    return None
+
+
+def default_controlnet(base: str, kind: str, family: Family) -> str:
+    """The ControlNet for control maps of `kind` that suits `base`, whose architecture is `family`.
+
+    ValueError for kinds without a published default (`none`, `image`): such a unit must name its model.
+    """
+    if base in TINY_CONTROLNETS:
+        return TINY_CONTROLNETS[base]
+    try:
+        return DEFAULT_CONTROLNETS[family, kind]
+    except KeyError:
+        raise ValueError(f"no default {kind!r} ControlNet for base model {base!r}; name a model") from None
+
+
+def has_default_controlnet(base: str, kind: str) -> bool:
+    """Whether a unit of `kind` may leave out its model (true for every family alike, so no config is read)."""
+    return base in TINY_CONTROLNETS or kind in KINDS_WITH_DEFAULT
+
+
+def default_depth_model(base: str) -> str:
+    """The DPT model for `depth` units: the tiny one for tiny bases (offline tests and demos), else DPT-Large."""
+    return "tiny-dpt" if base in TINY_CONTROLNETS else "Intel/dpt-large"

@@ -1,0 +1,335 @@
+"""A task's lifecycle in a worker process, on both databases with real files and storage.
+
+Every error a task can raise ends with a reason on its row or back on the queue, decided by the one policy:
+errors move a task to other workers and fail it after three; only errors count towards a node's blocklist;
+a process that died is a crash, held against the task, never the node; bad input fails at once; transient
+errors back off for as long as the time budget lasts; an outcome is kept through a database outage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.submit import persist, prepare
+from shared.config import Settings
+from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus
+from shared.db.session import make_engine, session_factory
+from shared.db.store import blocklisted_nodes, claim_task, register_worker, stop_worker
+from shared.spec import JobSpec
+from shared.storage import LocalStorage
+from tests.faults import TcpProxy
+from workers.lifecycle import Lifecycle
+from workers.policy import ErrorKind, Limits
+
+PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
+
+
+class Sent(list):
+    """What a worker would have sent to the broker again: (task id, delay)."""
+
+    def __call__(self, task_ids: list[str], delay: float) -> None:
+        self.extend((task_id, delay) for task_id in task_ids)
+
+
+def submit(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, seeds: int, output: str, **profile
+) -> list[str]:  # type: ignore[no-untyped-def]
+    spec = JobSpec.model_validate(
+        {
+            "plans": [str(plan)],
+            "styles": ["modern"],
+            "seeds": {"count": seeds},
+            "profile": {**PROFILE, **profile},
+            "output": output,
+        }
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    return [t.id for t in job.tasks]
+
+
+def task(sessions: sessionmaker[Session], task_id: str) -> Task:
+    with sessions() as session:
+        return session.get_one(Task, task_id)
+
+
+@pytest.fixture
+def settings(database_url: str, models_dir: Path) -> Settings:
+    return Settings(database_url=database_url, models_dir=models_dir, device="cpu", transient_budget=900)
+
+
+@pytest.fixture
+def plan(tmp_path: Path, example_plan: Path) -> Path:
+    path = tmp_path / "plan.png"
+    path.write_bytes(example_plan.read_bytes())
+    return path
+
+
+def worker(
+    settings: Settings, sessions: sessionmaker[Session], node: str, sent: Sent, limits: Limits | None = None
+) -> Lifecycle:
+    return Lifecycle(settings, sessions, worker=f"{node}#1", node=node, send=sent, limits=limits or Limits())
+
+
+def test_a_failing_task_moves_on_and_fails_for_good_after_three_workers(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.unlink()  # the plan vanished after submit: not the worker's fault, so another one tries
+    sent = Sent()
+    for attempt, node in enumerate(["gpu-a", "gpu-b", "gpu-c"], start=1):
+        worker(settings, sessions, node, sent).run(task_id)
+        row = task(sessions, task_id)
+        if attempt < 3:
+            assert row.status is TaskStatus.QUEUED and row.worker is None
+            assert sent[-1] == (task_id, 0)
+    assert row.status is TaskStatus.FAILED
+    assert row.error.startswith("failed 3 times on 3 workers, last: FileNotFoundError")
+    assert len(sent) == 2
+
+
+def test_a_worker_that_failed_three_tasks_of_a_job_hands_the_rest_on(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    ids = submit(sessions, settings, plan, 4, str(tmp_path / "out"))
+    plan.unlink()
+    sent = Sent()
+    bad = worker(settings, sessions, "gpu-bad", sent)
+    with sessions.begin() as session:  # two live workers: the bad one and a healthy one
+        register_worker(session, "gpu-bad#1", "gpu-bad", "cuda:0", 1, ["q"])
+        register_worker(session, "gpu-good#1", "gpu-good", "cuda:0", 2, ["q"])
+    for task_id in ids[:3]:
+        bad.run(task_id)
+    assert bad.run(ids[3]) is TaskStatus.QUEUED
+    assert sent[-1] == (ids[3], Limits().hand_on_delay_s)
+    fourth = task(sessions, ids[3])
+    assert fourth.status is TaskStatus.QUEUED and fourth.attempts == 0  # never claimed by the blocklisted node
+    with sessions.begin() as session:  # the healthy worker leaves: nobody may run the job any more
+        stop_worker(session, "gpu-good#1")
+    assert bad.run(ids[3]) is TaskStatus.FAILED
+    assert task(sessions, ids[3]).error == "every live worker is blocklisted for this job"
+
+
+def test_one_worker_alone_gives_up_after_five_attempts(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.unlink()
+    sent = Sent()
+    alone = worker(settings, sessions, "gpu-a", sent)
+    for _ in range(5):
+        alone.run(task_id)
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.FAILED and row.error.startswith("failed 5 times on 1 workers")
+    assert len(sent) == 4
+
+
+def test_bad_input_fails_at_once(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    plan.write_bytes(b"edited")
+    sent = Sent()
+    assert worker(settings, sessions, "gpu-a", sent).run(task_id) is TaskStatus.FAILED
+    assert "the plan changed after the job was submitted" in task(sessions, task_id).error
+    assert sent == []
+
+
+def test_a_model_folder_missing_on_the_worker_fails_the_task_with_that_reason(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path, models_dir: Path
+) -> None:
+    """The job was valid where it was submitted; the worker trusts it and says what it could not load."""
+    folder = tmp_path / "my-controlnet"
+    folder.symlink_to(next(models_dir.glob("tiny-canny-v*")), target_is_directory=True)
+    (task_id,) = submit(
+        sessions, settings, plan, 1, str(tmp_path / "out"), controls=[{"kind": "canny", "model": str(folder)}]
+    )
+    folder.unlink()  # this worker has no such folder
+    sent = Sent()
+    assert worker(settings, sessions, "gpu-a", sent).run(task_id) is TaskStatus.FAILED
+    row = task(sessions, task_id)
+    assert row.error.startswith(f"cannot load model '{folder}'") and row.worker == "gpu-a#1"
+    assert sent == []
+
+
+def test_a_stored_spec_that_no_longer_validates_fails_its_task_with_a_reason(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    with sessions.begin() as session:
+        job = session.scalars(select(Job)).one()
+        job.spec = {**job.spec, "profile": {**job.spec["profile"], "steps": 0}}
+    assert worker(settings, sessions, "gpu-a", Sent()).run(task_id) is TaskStatus.FAILED
+    assert task(sessions, task_id).error == "its stored job spec no longer validates (1 errors)"
+
+
+def test_a_device_the_worker_cannot_use_fails_tasks_with_the_reason(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    broken = settings.model_copy(update={"device": "cuda:0"})  # this machine has no CUDA
+    sent = Sent()
+    assert worker(broken, sessions, "gpu-a", sent).run(task_id) is TaskStatus.QUEUED  # another node may have it
+    assert sent == [(task_id, 0)]
+    with sessions() as session:
+        (error,) = session.scalars(select(TaskFailure.error))
+    assert error == "device 'cuda:0' asked for, but CUDA is not available here"
+
+
+@pytest.mark.s3
+def test_a_storage_outage_backs_off_until_storage_returns(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> None:
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
+    bucket = f"late-{uuid.uuid4().hex[:12]}"
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    sent = Sent()
+    lifecycle = worker(settings, sessions, "gpu-a", sent)
+    for attempt in range(1, 13):  # more attempts than any count limit: the budget is a time
+        lifecycle.run(task_id)
+        lifecycle.flush()  # the upload runs behind the render
+        assert task(sessions, task_id).status is TaskStatus.QUEUED
+        assert sent[-1] == (task_id, min(2.0 * 2 ** (attempt - 1), 60.0))
+    with sessions() as session:
+        assert blocklisted_nodes(session, task(sessions, task_id).job_id, 1) == set()  # not the node's fault
+    s3_server.client().create_bucket(Bucket=bucket)
+    lifecycle.run(task_id)
+    lifecycle.close()
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.SUCCEEDED and row.attempts == 13
+
+
+@pytest.mark.s3
+def test_transient_errors_fail_the_task_once_the_time_budget_is_spent(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> None:
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url, "transient_budget": 1.5})
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://missing-{uuid.uuid4().hex[:12]}/out")
+    lifecycle = worker(settings, sessions, "gpu-a", Sent(), Limits(transient_budget_s=1.5))
+    started = time.monotonic()
+    while task(sessions, task_id).status is TaskStatus.QUEUED:
+        lifecycle.run(task_id)
+        lifecycle.flush()
+        assert time.monotonic() - started < 60
+    lifecycle.close()
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.FAILED
+    assert row.error.startswith("gave up after 2 s of transient errors") and "StorageError" not in row.error
+    assert "NoSuchBucket" in row.error
+
+
+def test_a_crashed_process_is_held_against_the_task_not_the_node(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    ids = submit(sessions, settings, plan, 3, str(tmp_path / "out"))
+    sent = Sent()
+    for task_id in ids:  # a pool process on node gpu-a died holding each of them
+        with sessions.begin() as session:
+            claim_task(session, task_id, "gpu-a#1")
+    worker(settings, sessions, "gpu-a", sent).recover(ErrorKind.CRASH, "the worker process running it died")
+    assert {task(sessions, t).status for t in ids} == {TaskStatus.QUEUED} and sorted(sent) == sorted(
+        (t, 0) for t in ids
+    )
+    with sessions() as session:
+        assert blocklisted_nodes(session, task(sessions, ids[0]).job_id, 1) == set()
+    # The same task dying on two more nodes: it kills every process it runs in, so it fails.
+    for node in ("gpu-b", "gpu-c"):
+        with sessions.begin() as session:
+            claim_task(session, ids[0], f"{node}#1")
+        worker(settings, sessions, node, sent).recover(ErrorKind.CRASH, "the worker process running it died")
+    assert task(sessions, ids[0]).status is TaskStatus.FAILED
+    assert task(sessions, ids[0]).error == "its worker process died 3 times on 3 workers"
+
+
+def test_control_maps_are_computed_once_per_plan_and_preprocessor(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    spec = JobSpec.model_validate(
+        {
+            "plans": [str(plan)],
+            "styles": ["modern", "japandi"],
+            "seeds": {"count": 2},
+            "output": str(tmp_path / "out"),
+            "profile": {**PROFILE, "controls": [{"kind": "canny"}, {"kind": "plan-depth", "scale": 0.6}]},
+        }
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    shared = LocalStorage(tmp_path / "shared")
+    first = Lifecycle(settings, sessions, worker="w1#1", node="w1", send=Sent(), limits=Limits(), map_storage=shared)
+    for t in job.tasks[:2]:
+        first.run(t.id)
+    first.close()
+    assert first.renderer is not None
+    assert (first.renderer.maps.cache.computed, first.renderer.maps.cache.memory_hits) == (2, 2)  # 2 tasks × 2 units
+    second = Lifecycle(settings, sessions, worker="w2#1", node="w2", send=Sent(), limits=Limits(), map_storage=shared)
+    for t in job.tasks[2:]:
+        second.run(t.id)
+    second.close()
+    assert second.renderer is not None
+    assert second.renderer.maps.cache.computed == 0 and second.renderer.maps.cache.storage_hits == 2
+    with sessions() as session:
+        assert {s for (s,) in session.execute(select(Task.status))} == {TaskStatus.SUCCEEDED}
+
+
+@pytest.mark.postgres
+def test_an_outcome_is_kept_through_a_database_outage_and_recorded_after(
+    postgres_url: str, models_dir: Path, plan: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The render finishes while PostgreSQL is unreachable: the worker holds the result, never leaves the task
+    running for good, and records it once the database answers again."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import empty_postgres
+
+    settings = Settings(database_url=postgres_url, models_dir=models_dir, device="cpu")
+    direct = session_factory(make_engine(postgres_url))
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    through = session_factory(make_engine(url.set(port=proxy.port).render_as_string(hide_password=False)))
+    try:
+        (task_id,) = submit(direct, settings, plan, 2, str(tmp_path / "out"), seeds_per_task=2)
+        lifecycle = worker(settings, through, "gpu-a", Sent())
+        outage = threading.Event()
+
+        def cut_at_first_step(task: str, step: int, total: int) -> None:
+            if not outage.is_set():
+                outage.set()
+                proxy.down()
+                threading.Timer(3.0, proxy.up).start()
+
+        assert lifecycle.run(task_id, progress=cut_at_first_step) is TaskStatus.RUNNING
+        assert outage.is_set()
+        lifecycle.close()  # returns once the outcome is recorded
+        assert "database unreachable, retrying" in caplog.text  # it was held, not dropped
+        row = task(direct, task_id)
+        assert row.status is TaskStatus.SUCCEEDED
+        with direct() as session:
+            assert len(session.scalars(select(Artifact).where(Artifact.task_id == task_id)).all()) == 2
+    finally:
+        proxy.close()
+        empty_postgres(postgres_url)
+
+
+def test_a_cancel_stops_the_task_and_leaves_it_cancelled(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"), steps=40)
+    lifecycle = worker(settings, sessions, "gpu-a", Sent())
+
+    def cancel_on_first_step(task: str, step: int, total: int) -> None:
+        if step == 1:
+            with sessions.begin() as session:
+                session.execute(update(Job).values(cancelled_at=Job.created_at))
+
+    assert lifecycle.run(task_id, progress=cancel_on_first_step) is TaskStatus.CANCELLED
+    assert task(sessions, task_id).status is TaskStatus.CANCELLED

@@ -1,0 +1,439 @@
+"""A task's whole life in a worker process: claim → load → render → upload → settle, in one place.
+
+Transports (a Celery worker process, or the in-process runner of `archfarm render`) only deliver task ids to
+`Lifecycle.run` and carry out `send(task_ids, delay)`; every rule about a task's fate is
+`workers.policy.decide`, applied here. The contract every transport relies on:
+
+- a task is claimed with a conditional UPDATE, so a duplicate delivery of a task that is done, cancelled or
+  held by another worker does nothing;
+- every error a task raises (its stored spec not parsing, a device or model that will not load, a render or
+  an upload failing) is classified, recorded and decided, and leaves a reason on the task's row;
+- outputs go to keys derived from the inputs and the task is marked done only after they exist, so a task
+  killed half-way is safely redone and its objects overwritten, never duplicated;
+- uploads run on a background thread while the next task renders (at most one behind); `flush()` waits;
+- an outcome that cannot be recorded because the database is away is kept and recorded once it is back;
+- a message that cannot be sent (broker away) costs nothing: the task is queued in the database with a due
+  time, and the sweeper (`workers.upkeep`) sends it again once it is overdue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.config import Settings
+from shared.db.clock import db_now
+from shared.db.models import Job, Task, TaskStatus
+from shared.db.store import (
+    blocklisted_nodes,
+    cancel_task,
+    claim_task,
+    fail_task,
+    failure_counts,
+    finish_task,
+    held_by,
+    is_cancelled,
+    live_nodes,
+    record_artifacts,
+    record_failure,
+    requeue_task,
+    worker_progress,
+)
+from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError, TransientError
+from shared.spec import Profile, Style
+from shared.storage import Storage
+from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
+from workers.renderer import Rendered, Renderer, Work
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[list[str], float], None]
+"""Puts messages for these tasks on their queue, deliverable after `delay` seconds."""
+ProgressFn = Callable[[str, int, int], None]
+"""Called as (task_id, step, total_steps) while a task renders."""
+DoneFn = Callable[[str, TaskStatus], None]
+"""Called once a task has reached the state this worker leaves it in."""
+
+CANCEL_POLL_S = 0.5
+CLAIM_PATIENCE_S = 60.0
+"""How long a delivery waits for an unreachable database before leaving its task to the sweeper: well
+inside any task's time limit, so waiting never gets the process killed."""
+DB_RETRY_MAX_S = 5.0
+JOB_CACHE = 256
+
+DATABASE_DOWN = (OperationalError, InterfaceError)
+T = TypeVar("T")
+
+
+class Cancelled(ArchfarmError):
+    """The job was cancelled while this task was rendering."""
+
+
+def classify(error: BaseException) -> ErrorKind:
+    """The policy's kind for an exception a task raised."""
+    if isinstance(error, Cancelled):
+        return ErrorKind.CANCELLED
+    if isinstance(error, TransientError | OperationalError | InterfaceError):
+        return ErrorKind.TRANSIENT
+    if isinstance(error, PermanentError | InvalidInput | NotFound | ValidationError):
+        return ErrorKind.PERMANENT
+    return ErrorKind.ERROR  # ConfigError included: this node's setup, so another node may do better
+
+
+def one_line(error: BaseException) -> str:
+    """The reason stored on a task's row: archfarm's own message, or the type and first line of another."""
+    text = str(error).strip()
+    if isinstance(error, ValidationError):
+        text = f"its stored job spec no longer validates ({error.error_count()} errors)"
+    elif not isinstance(error, ArchfarmError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return (text.splitlines() or [type(error).__name__])[0]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A task this worker has claimed: enough to settle it, whether or not its spec parses, and the rows
+    read with the claim (None when recovering a task held by a process that died)."""
+
+    task_id: str
+    job_id: str
+    task: dict[str, Any] | None = None
+
+
+class Lifecycle:
+    """One per worker process, built once; `run` is called with each task id the transport delivers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        worker: str,
+        node: str,
+        send: SendFn,
+        limits: Limits,
+        map_storage: Storage | None = None,
+        on_done: DoneFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.worker = worker
+        self.node = node
+        self.send = send
+        self.limits = limits
+        self.map_storage = map_storage
+        self.on_done = on_done
+        self.renderer: Renderer | None = None
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archfarm-upload")
+        self._pending: dict[str, Future[None]] = {}
+        self._cache_state: tuple[list[str], int, int] = ([], 0, 0)
+        self._jobs: dict[str, _JobInfo] = {}
+        self._lock = threading.Lock()  # the render thread and the upload thread both settle tasks
+        self._recovery: tuple[ErrorKind, str] | None = None
+        self._recovery_lock = threading.Lock()
+
+    # --- delivery ----------------------------------------------------------------------------------------
+
+    def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus | None:
+        """Claim and render one task; its upload and completion continue in the background (see `flush`).
+
+        Returns the task's state as this call leaves it: RUNNING while its upload is pending, None when the
+        task does not exist or the database stayed unreachable (the sweeper re-sends it). Never raises for
+        anything the task did: every error is settled on the task's row.
+        """
+        try:
+            if self._recovery is not None:
+                self._finish_recovery(CLAIM_PATIENCE_S)
+            if task_id in self._pending:  # a second delivery of a task still uploading: it will find it done
+                self._pending[task_id].result(timeout=CLAIM_PATIENCE_S)
+            claimed = self._db(lambda session: self._claim(session, task_id), CLAIM_PATIENCE_S)
+        except (TimeoutError, *DATABASE_DOWN) as error:
+            log.error("task %s: database unreachable (%s); left queued for the sweeper", task_id, one_line(error))
+            return None
+        if not isinstance(claimed, Held):
+            return claimed
+        try:
+            work = self._work(claimed)
+            rendered = self._render(work, progress)
+        except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
+            return self._settle(claimed, error)
+        self._upload_behind(claimed, work, rendered)
+        return TaskStatus.RUNNING
+
+    def flush(self) -> None:
+        """Wait until every started upload is stored and its task recorded."""
+        for future in list(self._pending.values()):
+            future.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._uploader.shutdown(wait=True)
+
+    def recover(self, kind: ErrorKind, reason: str) -> None:
+        """Settle every task this worker still holds as `kind` (CRASH: the process that ran them died;
+        INTERRUPTED: the worker is stopping), before this process claims anything.
+
+        Done now if the database answers, else by a background thread as soon as it does; `run` waits for it
+        (for a while), so a task claimed by this process is never mistaken for one held by the dead one."""
+        self._recovery = (kind, reason)
+        try:
+            self._finish_recovery(patience=5.0)
+        except (TimeoutError, *DATABASE_DOWN):
+            threading.Thread(target=self._finish_recovery, name="archfarm-recover", daemon=True).start()
+
+    def _finish_recovery(self, patience: float | None = None) -> None:
+        if not self._recovery_lock.acquire(timeout=-1 if patience is None else patience):
+            raise TimeoutError("recovery of the tasks a dead process held is still waiting for the database")
+        try:
+            if self._recovery is None:
+                return
+            kind, reason = self._recovery
+            held = self._db(lambda session: [Held(t, j) for t, j in held_by(session, self.worker)], patience)
+            for task in held:
+                log.warning("task %s: %s", task.task_id, reason)
+                self._decide(task, kind, reason)
+            self._recovery = None
+        finally:
+            self._recovery_lock.release()
+
+    # --- the stages --------------------------------------------------------------------------------------
+
+    def _claim(self, session: Session, task_id: str) -> Held | TaskStatus | None:
+        row = session.execute(select(Task.job_id, Task.status).where(Task.id == task_id)).first()
+        if row is None:
+            return None
+        job_id, status = row
+        if status is not TaskStatus.QUEUED:
+            return TaskStatus(status)
+        if self.limits.blocklist_after is not None:
+            blocked = blocklisted_nodes(session, job_id, self.limits.blocklist_after)
+            if self.node in blocked:
+                history = History(open_nodes=len(live_nodes(session) - blocked - {self.node}))
+                decision = decide(ErrorKind.BLOCKED, history, self.limits)
+                log.info("task %s: node %s is blocklisted for job %s: %s", task_id, self.node, job_id, decision)
+                if decision.action is Action.FAIL:
+                    fail_task(session, task_id, None, decision.reason)
+                    return TaskStatus.FAILED
+                session.execute(
+                    update(Task)
+                    .where(Task.id == task_id, Task.status == TaskStatus.QUEUED)
+                    .values(due_at=db_now(decision.delay))
+                )
+                session.info["send_after_commit"] = ([task_id], decision.delay)
+                return TaskStatus.QUEUED
+        if not claim_task(session, task_id, self.worker):
+            return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
+        self._progress(session, started=task_id)
+        task = session.execute(
+            select(Task.plan_url, Task.plan_digest, Task.style, Task.seeds, Task.outputs).where(Task.id == task_id)
+        ).one()
+        if job_id not in self._jobs:
+            if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them
+                self._jobs.clear()
+            job = session.execute(select(Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
+            self._jobs[job_id] = _JobInfo(job.name, job.output_url, job.spec)
+        return Held(task_id, job_id, task._asdict())
+
+    def _work(self, held: Held) -> Work:
+        """The claimed task's inputs, its job's spec parsed once per job (pure: nothing on this machine is
+        looked at). A spec that no longer parses is a permanent failure of the task, settled like any other."""
+        job, task = self._jobs[held.job_id], held.task
+        assert task is not None  # noqa: S101 - `run` only renders what `_claim` read
+        if job.profile is None:
+            styles = {s["name"]: Style.model_validate(s) for s in job.spec["styles"]}
+            job.profile, job.styles = Profile.model_validate(job.spec["profile"]), styles
+        return Work(
+            task_id=held.task_id,
+            job_id=held.job_id,
+            job_name=job.name,
+            output_url=job.output_url,
+            plan_url=task["plan_url"],
+            plan_digest=task["plan_digest"],
+            style=job.styles[task["style"]],
+            seeds=list(task["seeds"]),
+            outputs=list(task["outputs"]),
+            profile=job.profile,
+        )
+
+    def _render(self, work: Work, progress: ProgressFn | None) -> Rendered:
+        if self.renderer is None:
+            # Built by the first task, in the process that renders (CUDA must start after any fork).
+            self.renderer = Renderer(self.settings, self.map_storage)
+        rendered = self.renderer.render(work, self._step_callback(work, progress))
+        self._cache_state = self.renderer.snapshot()
+        return rendered
+
+    def _complete(self, held: Held, work: Work, rendered: Rendered) -> None:
+        """Upload every image and sidecar, then record artifacts and mark the task done in one transaction.
+
+        Runs on the upload thread, which nobody awaits for errors: it settles every failure itself."""
+        try:
+            assert self.renderer is not None  # noqa: S101 - set by the render this upload follows
+            rows = self.renderer.upload(work, rendered)
+        except Exception as error:  # noqa: BLE001
+            self._settle(held, error)
+            return
+
+        def record(session: Session) -> bool:
+            record_artifacts(session, rows)
+            done = finish_task(session, work.task_id, self.worker)
+            self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
+            return done
+
+        try:
+            self._db(record, None)  # kept until the database is back: the task must not stay running for good
+        except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
+            log.exception("task %s: rendered and stored, but could not be recorded", work.task_id)
+            return
+        if self.on_done is not None:
+            self.on_done(work.task_id, TaskStatus.SUCCEEDED)
+
+    def _settle(self, held: Held, error: BaseException) -> TaskStatus:
+        kind = classify(error)
+        reason = one_line(error)
+        if kind in COUNTED:
+            log.warning("task %s failed on %s (%s): %s", held.task_id, self.node, kind.value, reason)
+        try:
+            return self._decide(held, kind, reason)
+        except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
+            log.exception("task %s: could not record its outcome (%s)", held.task_id, reason)
+            return TaskStatus.RUNNING
+
+    def _decide(self, held: Held, kind: ErrorKind, reason: str) -> TaskStatus:
+        """Record the attempt, decide, apply; then send the task again if it went back to the queue."""
+
+        def apply(session: Session) -> tuple[Decision, TaskStatus | None]:
+            if kind in COUNTED:
+                record_failure(session, held.task_id, held.job_id, self.node, kind.value, reason)
+            decision = decide(kind, _history(session, held.task_id), self.limits, reason)
+            if decision.action is Action.FAIL:
+                status = TaskStatus.FAILED if fail_task(session, held.task_id, self.worker, decision.reason) else None
+            elif decision.action is Action.CANCEL:
+                status = TaskStatus.CANCELLED if cancel_task(session, held.task_id, self.worker) else None
+            else:
+                moved = requeue_task(session, held.task_id, self.worker, decision.delay)
+                status = TaskStatus.QUEUED if moved else None
+            self._progress(session, finished=held.task_id)
+            return decision, status
+
+        with self._lock:
+            decision, status = self._db(apply, None)
+        if status is None:  # no longer ours (reaped meanwhile): whoever holds it now decides
+            return TaskStatus.RUNNING
+        if status is TaskStatus.QUEUED:
+            self._send([held.task_id], decision.delay)
+        if self.on_done is not None:
+            self.on_done(held.task_id, status)
+        return status
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+
+    def _send(self, task_ids: list[str], delay: float) -> None:
+        try:
+            self.send(task_ids, delay)
+        except Exception as error:  # noqa: BLE001 - the task is queued in the database: the sweeper sends it
+            log.warning("could not send %d task(s), left to the sweeper: %s", len(task_ids), one_line(error))
+
+    def _db(self, work: Callable[[Session], T], patience: float | None) -> T:
+        """`work` in a transaction, retried while the database is unreachable, for up to `patience` seconds
+        (None: for ever). A task's outcome must not be lost to an outage: it waits here until it is recorded."""
+        deadline = None if patience is None else time.monotonic() + patience
+        pause = 0.25
+        while True:
+            try:
+                with self.sessions.begin() as session:
+                    result = work(session)
+                    after = session.info.pop("send_after_commit", None)
+                if after is not None:
+                    self._send(*after)
+                return result
+            except DATABASE_DOWN as error:
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    raise
+                log.warning("database unreachable, retrying in %.1f s: %s", pause, one_line(error))
+                time.sleep(pause)
+                pause = min(pause * 2, DB_RETRY_MAX_S)
+
+    def _upload_behind(self, held: Held, work: Work, rendered: Rendered) -> None:
+        """Queue the upload behind the one before, once that one is done: at most one task's images wait in
+        memory. Only a database outage keeps an upload from finishing (its task cannot be recorded); then
+        this one queues anyway after a while, as no further task can be claimed until the database is back."""
+        for done in [t for t, f in self._pending.items() if f.done()]:
+            del self._pending[done]
+        try:
+            for future in list(self._pending.values()):
+                future.result(timeout=CLAIM_PATIENCE_S)  # never raises for the task: _complete settles it
+        except TimeoutError:
+            log.warning("task %s: the upload before it is still waiting for the database", held.task_id)
+        self._pending[held.task_id] = self._uploader.submit(self._complete, held, work, rendered)
+
+    def _progress(
+        self, session: Session, *, started: str | None = None, finished: str | None = None, images: int = 0
+    ) -> None:
+        """Report to the worker row; the cache's state is the snapshot the render thread last took, so the
+        upload thread never walks the cache while the next render changes it."""
+        models, loads, swaps = self._cache_state
+        worker_progress(
+            session,
+            self.worker,
+            started=started,
+            finished=finished,
+            models=models,
+            images=images,
+            loads=loads,
+            swaps=swaps,
+        )
+
+    def _step_callback(self, work: Work, progress: ProgressFn | None) -> Callable[[int, int], None]:
+        """Reports progress and stops the render at the next step once the job is cancelled."""
+        last_poll = time.monotonic()
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last_poll
+            if progress is not None:
+                progress(work.task_id, step, total)
+            if time.monotonic() - last_poll >= CANCEL_POLL_S:
+                last_poll = time.monotonic()
+                try:
+                    with self.sessions() as session:
+                        cancelled = is_cancelled(session, work.job_id)
+                except DATABASE_DOWN:  # an outage must not cost the render: check again at a later step
+                    return
+                if cancelled:
+                    raise Cancelled(work.job_id)
+
+        return on_step
+
+
+@dataclass
+class _JobInfo:
+    """A job as a worker needs it; its spec is parsed by the first task rendered from it."""
+
+    name: str
+    output_url: str
+    spec: dict[str, Any]
+    profile: Profile | None = None
+    styles: dict[str, Style] = field(default_factory=dict)
+
+
+def _history(session: Session, task_id: str) -> History:
+    counts = failure_counts(session, task_id)
+    return History(
+        errors=counts.attempts.get("error", 0),
+        error_nodes=counts.nodes.get("error", 0),
+        crashes=counts.attempts.get("crash", 0),
+        crash_nodes=counts.nodes.get("crash", 0),
+        transients=counts.attempts.get("transient", 0),
+        transient_s=counts.age_s.get("transient", 0.0),
+    )

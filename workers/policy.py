@@ -1,0 +1,135 @@
+"""The failure policy: what happens to a task that did not complete, decided in one pure function.
+
+`decide(kind, history, limits)` is the farm's whole rulebook; the lifecycle records the attempt, reads the
+task's history and applies the decision. The rules:
+
+- cancelled: the task stays cancelled;
+- permanent (bad input found late, a model that cannot be loaded, a stored spec that no longer parses):
+  fail now with the reason;
+- transient (storage, database or broker away): back to the queue after an exponential backoff, until
+  transient errors have gone on for longer than the budget (a time, so an outage of any number of attempts
+  is ridden out while it lasts less);
+- error (anything else the task raised): retried at once on another worker; fails after raising on
+  `error_nodes` different nodes or `error_attempts` times in all. These, and only these, count towards
+  blocklisting the node for the job: they are the failures a node can be blamed for;
+- crash (the process running the task died: killed from outside, or by the task): retried; fails once the
+  task has died with `crash_nodes` different nodes or `crash_attempts` times, so a task that kills every
+  process it runs in ends, while a kill from outside costs nothing but the render;
+- interrupted (the worker shut down, was declared dead, or lost its database): handed back, not counted;
+- blocked (this node is blocklisted for the job): handed back for another node after a short delay, or
+  failed when no live node may take it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+IN_PROCESS_TRANSIENT_S = 120.0
+
+
+class ErrorKind(str, enum.Enum):
+    CANCELLED = "cancelled"
+    PERMANENT = "permanent"
+    TRANSIENT = "transient"
+    ERROR = "error"
+    CRASH = "crash"
+    INTERRUPTED = "interrupted"
+    BLOCKED = "blocked"
+
+
+COUNTED = (ErrorKind.TRANSIENT, ErrorKind.ERROR, ErrorKind.CRASH)
+"""Kinds recorded as failed attempts in `task_failures` (and so in a task's history)."""
+
+
+class Action(str, enum.Enum):
+    FAIL = "fail"
+    RETRY = "retry"  # back to the queue after `delay`, the attempt counted
+    HAND_BACK = "hand_back"  # back to the queue after `delay`, nothing held against anyone
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The policy's knobs; `Limits()` is the farm's, `Limits.in_process()` the embedded runner's."""
+
+    error_nodes: int = 3
+    error_attempts: int = 5
+    crash_nodes: int = 3
+    crash_attempts: int = 5
+    blocklist_after: int | None = 3
+    """A node that raised on this many tasks of a job stops taking them (None: no blocklist)."""
+    transient_budget_s: float = 900.0
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    hand_on_delay_s: float = 5.0
+
+    @classmethod
+    def in_process(cls, transient_budget_s: float) -> Limits:
+        """One process is the whole farm: an error would only repeat, and there is no other node to prefer;
+        someone is usually watching, so transient errors get two minutes at most."""
+        return cls(
+            error_nodes=1,
+            error_attempts=1,
+            blocklist_after=None,
+            transient_budget_s=min(transient_budget_s, IN_PROCESS_TRANSIENT_S),
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """A task's failed attempts so far, this one included (from `task_failures`)."""
+
+    errors: int = 0
+    error_nodes: int = 0
+    crashes: int = 0
+    crash_nodes: int = 0
+    transients: int = 0
+    transient_s: float = 0.0
+    """Seconds since the first transient failure of the current run of them."""
+    open_nodes: int = 0
+    """Live nodes, other than this one, not blocklisted for the task's job (for `BLOCKED` only)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay: float = 0.0
+    reason: str = ""
+
+
+def decide(kind: ErrorKind, history: History, limits: Limits, message: str = "") -> Decision:
+    """What to do with a task whose attempt ended with an error of `kind` (`message` says what it was)."""
+    if kind is ErrorKind.CANCELLED:
+        return Decision(Action.CANCEL)
+    if kind is ErrorKind.PERMANENT:
+        return Decision(Action.FAIL, reason=message)
+    if kind is ErrorKind.INTERRUPTED:
+        return Decision(Action.HAND_BACK)
+    if kind is ErrorKind.BLOCKED:
+        if history.open_nodes == 0:
+            return Decision(Action.FAIL, reason="every live worker is blocklisted for this job")
+        return Decision(Action.HAND_BACK, delay=limits.hand_on_delay_s)
+    if kind is ErrorKind.TRANSIENT:
+        if history.transient_s >= limits.transient_budget_s:
+            return Decision(
+                Action.FAIL,
+                reason=f"gave up after {history.transient_s:.0f} s of transient errors "
+                f"({history.transients} attempts), last: {message}",
+            )
+        delay = min(limits.backoff_s * 2 ** max(history.transients - 1, 0), limits.backoff_max_s)
+        return Decision(Action.RETRY, delay=delay)
+    if kind is ErrorKind.CRASH:
+        if history.crash_nodes >= limits.crash_nodes or history.crashes >= limits.crash_attempts:
+            return Decision(
+                Action.FAIL,
+                reason=f"its worker process died {history.crashes} times on {history.crash_nodes} workers",
+            )
+        return Decision(Action.RETRY)
+    if history.error_nodes >= limits.error_nodes or history.errors >= limits.error_attempts:
+        if limits.error_attempts == 1:
+            return Decision(Action.FAIL, reason=message)
+        return Decision(
+            Action.FAIL, reason=f"failed {history.errors} times on {history.error_nodes} workers, last: {message}"
+        )
+    return Decision(Action.RETRY)

@@ -1,0 +1,192 @@
+"""What a claimed task is turned into: control maps, a render, PNGs and sidecars in storage.
+
+No database and no policy here: the lifecycle claims, hands a `Work` over, and settles whatever this raises.
+One `Renderer` per worker process holds the model cache, the control-map cache and storage clients across
+tasks, so models stay resident.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from shared.config import Settings
+from shared.errors import PermanentError
+from shared.images import content_hash, decode_image
+from shared.registry import default_controlnet
+from shared.spec import Profile, Style
+from shared.storage import Storage, open_storage, read_url
+from workers.engine.compile import CompileOptions
+from workers.engine.models import ModelCache, default_dtype, pick_device
+from workers.engine.pipeline import ControlInput, render
+from workers.preprocessors import ControlMaps
+from workers.sidecar import sidecar
+
+StepFn = Callable[[int, int], None]
+"""Called as (step, total_steps) while a task renders; may raise to stop the render."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a claimed task needs, copied out of the database so no session is held while rendering."""
+
+    task_id: str
+    job_id: str
+    job_name: str
+    output_url: str
+    plan_url: str
+    plan_digest: str
+    style: Style
+    seeds: list[int]
+    outputs: list[str]
+    profile: Profile
+
+
+@dataclass(frozen=True)
+class Rendered:
+    images: list[Image.Image]
+    scheduler: dict[str, Any]
+    models: dict[str, Any]
+    timings: dict[str, float]
+
+
+class Renderer:
+    """The rendering half of a worker process; built on its first task, so CUDA starts in that process."""
+
+    def __init__(self, settings: Settings, map_storage: Storage | None = None) -> None:
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.cache = ModelCache(
+            settings.models_dir,
+            self.device,
+            default_dtype(self.device),
+            controlnet_budget_bytes=settings.controlnet_cache_bytes,
+            offload_budget_bytes=settings.offload_cache_bytes,
+        )
+        self.maps = ControlMaps(
+            map_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
+        )
+        self._storages: dict[str, Storage] = {}
+
+    def snapshot(self) -> tuple[list[str], int, int]:
+        """Resident models, loads and stack swaps, for the worker's row."""
+        return self.cache.resident(), sum(self.cache.loads.values()), self.cache.swaps
+
+    def render(self, work: Work, on_step: StepFn | None) -> Rendered:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        profile = work.profile
+        plan = functools.cache(lambda: self._plan(work))  # read and decoded only if a map must be computed
+        family = self.cache.family(profile.base)
+        controls = [
+            ControlInput(
+                model=unit.model or default_controlnet(profile.base, unit.kind, family),
+                image=self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height),
+                scale=unit.scale,
+                start=unit.start,
+                end=unit.end,
+            )
+            for unit in profile.controls
+        ]
+        timings["preprocess_s"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        result = render(
+            self.cache,
+            base=profile.base,
+            controls=controls,
+            prompt=work.style.prompt,
+            negative_prompt=work.style.negative_prompt,
+            seeds=work.seeds,
+            steps=profile.steps,
+            guidance_scale=profile.guidance_scale,
+            width=profile.width,
+            height=profile.height,
+            scheduler=profile.scheduler,
+            on_step=on_step,
+            vae=profile.vae,
+            quantize=None if profile.quantize == "none" else profile.quantize,
+            compile=CompileOptions(mode=profile.compile_mode, backend=profile.compile_backend)
+            if profile.compile
+            else None,
+        )
+        timings["render_s"] = time.perf_counter() - started
+        models: dict[str, Any] = {
+            "base": self.cache.identity(profile.base),
+            "controlnets": [self.cache.identity(c.model) for c in controls],
+        }
+        if profile.vae is not None:
+            models["vae"] = self.cache.identity(profile.vae)
+        return Rendered(list(result.images), result.scheduler, models, timings)  # type: ignore[arg-type]
+
+    def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
+        """Every image and its sidecar into the job's output; the artifact rows to record for them."""
+        storage = self.storage(work.output_url)
+        return [
+            self._upload(work, storage, seed, key, image, rendered)
+            for seed, key, image in zip(work.seeds, work.outputs, rendered.images, strict=True)
+        ]
+
+    def storage(self, url: str) -> Storage:
+        if url not in self._storages:
+            self._storages[url] = open_storage(
+                url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
+            )
+        return self._storages[url]
+
+    def _plan(self, work: Work) -> Image.Image:
+        data = self._read(work.plan_url)
+        if content_hash(data) != work.plan_digest:
+            raise PermanentError(f"{work.plan_url}: the plan changed after the job was submitted")
+        return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
+
+    def _read(self, url: str) -> bytes:
+        return read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
+
+    def _upload(
+        self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image, rendered: Rendered
+    ) -> dict[str, Any]:
+        timings = dict(rendered.timings)
+        started = time.perf_counter()
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)  # level 1: a quarter of the time of 6, ~10% larger
+        png = buffer.getvalue()
+        timings["encode_s"] = time.perf_counter() - started
+        side_key = key.removesuffix(".png") + ".json"
+        meta = sidecar(
+            job={"id": work.job_id, "name": work.job_name},
+            task_id=work.task_id,
+            key=key,
+            batch_seeds=work.seeds,
+            plan={"file": work.plan_url.rsplit("/", 1)[-1], "url": work.plan_url, "sha256": work.plan_digest},
+            style=work.style.model_dump(),
+            seed=seed,
+            profile=work.profile.model_dump(mode="json"),
+            models=rendered.models,
+            scheduler=rendered.scheduler,
+            device=str(self.device),
+            timings=timings,
+            image_sha256=hashlib.sha256(png).hexdigest(),
+        )
+        storage.put(key, png, "image/png")
+        storage.put(side_key, json.dumps(meta, indent=2).encode(), "application/json")
+        return {
+            "job_id": work.job_id,
+            "task_id": work.task_id,
+            "plan_digest": work.plan_digest,
+            "style": work.style.name,
+            "seed": seed,
+            "url": storage.url(key),
+            "sidecar_url": storage.url(side_key),
+            "width": image.width,
+            "height": image.height,
+            "size_bytes": len(png),
+        }
