@@ -38,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     def farm(request: Request) -> Farm:
-        return request.app.state.farm  # type: ignore[no-any-return]
+        farm: Farm = request.app.state.farm
+        return farm
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -51,9 +50,13 @@ def _warn(message: str) -> None:
 def _setup() -> None:
     """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
 
-    def show(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    library = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         if issubclass(category, SubmitWarning):
             _warn(str(message))
+        else:
+            library(message, category, *args, **kwargs)
 
     warnings.showwarning = show
 
@@ -396,4 +399,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

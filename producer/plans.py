@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from shared.config import Settings
-from shared.errors import InvalidInput, PlanError
+from shared.errors import InvalidInput, PlanError, StorageError
 from shared.images import content_hash, decode_image
 from shared.storage import Storage, canonical_url, read_url
 
@@ -39,7 +39,7 @@ def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
         raise PlanError(f"{plan}: no such file") from None
     except PermissionError:
         raise PlanError(f"{plan}: permission denied") from None
-    except InvalidInput as e:
+    except (InvalidInput, StorageError) as e:
         raise PlanError(f"{plan}: {e}") from None
     decode_image(data, plan, max_pixels=settings.max_image_pixels)
     return Plan(url=url, name=safe_name(url), digest=content_hash(data)), data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,6 +39,14 @@ def decode_image(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
     label = _printable(name)
     if not data:
         raise PlanError(f"{label}: not an image (empty file)")
+    # Pillow warns about what it repairs (odd EXIF, truncated chunks): the user sees a refusal or nothing.
+    # Its bomb warning (a RuntimeWarning) is left to the caller's filters, as documented above.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, label, max_pixels)
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
     with _open(data, label) as image:
         width, height = image.size
         if width * height > max_pixels:
@@ -85,7 +94,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _to_gray8(image: Image.Image) -> Image.Image:
     """Scale wide grayscale into 0..255: Pillow's convert clips instead, so a 16-bit plan turns all white."""
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float32), copy=False)
+    pixels = np.nan_to_num(np.array(image, dtype=np.float32), copy=False)  # a copy: PIL's buffer is read-only
     if image.mode in _SIXTEEN_BIT or (image.mode == "I" and pixels.min() >= 0 and pixels.max() <= 65535):
         # 16-bit samples; Pillow has opened 16-bit PNG and TIFF as mode I, not only as I;16.
         low, high = 0.0, 65535.0

@@ -23,6 +23,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_JOB = 1_000_000
+MAX_DEPTH = 32
+MAX_VALUES = 2_500_000
+"""Room for a job listing a million seeds, 10,000 plans and 1,000 styles."""
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -267,34 +271,83 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+MAX_PROBLEMS = 5
+MAX_ECHO = 60
+
+
 def describe(error: ValidationError, source: str = "") -> str:
-    """One line per problem, `field.path: message (got value)`, for CLI and API errors."""
-    lines = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+    """Every problem as `field.path: message (got value)`, on one line, in archfarm's words: pydantic's
+    names for union members and constrained types are left out, and an echoed value is cut short."""
+    problems = []
+    for err in error.errors()[:MAX_PROBLEMS]:
+        loc = ".".join(_printable(str(p)) for p in err["loc"] if not _internal(p))
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        lines.append(f"{source + ': ' if source else ''}{loc or 'job'}: {msg}{shown}")
-    return "; ".join(lines)
+        shown = ""
+        if not isinstance(got, dict | list) and got is not None and str(got) not in msg:
+            text = repr(got)
+            shown = f" (got {text[:MAX_ECHO]}{'…' if len(text) > MAX_ECHO else ''})"
+        problems.append(f"{loc or 'job'}: {_printable(msg)}{_printable(shown)}")
+    more = error.error_count() - MAX_PROBLEMS
+    if more > 0:
+        problems.append(f"and {more} more")
+    return (f"{_printable(source)}: " if source else "") + "; ".join(problems)
+
+
+def _internal(part: str | int) -> bool:
+    """A location part pydantic adds for itself: a union member's type or class, a validator's name."""
+    text = str(part)
+    return text.startswith(("function-", "union[", "constrained-", "list[", "tagged-union[")) or text in _MODELS
+
+
+def _printable(text: str) -> str:
+    """Control characters escaped, so a message is one line however hostile the input."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_model(model: type[BaseModel], data: Any, source: str = "") -> Any:
     """Validate `data` as `model`, turning pydantic's error into `InvalidInput` with a one-line message."""
+    check_shape(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise InvalidInput(describe(e, source)) from None
 
 
+def check_shape(data: Any, source: str = "") -> None:
+    """Refuse data nested deeper or holding more values than any job can: a 1,000-level nesting would blow the
+    stack, and YAML aliases can make a few kilobytes stand for billions of values (walking them would hang).
+    Iterative, and it stops counting at the limit, so checking costs little whatever the input."""
+    where = f"{source}: " if source else ""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    seen = 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"{where}nested deeper than {MAX_DEPTH} levels")
+        if seen > MAX_VALUES:
+            raise InvalidInput(f"{where}more than {MAX_VALUES} values")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1) for item in value)
+
+
 def load_document(path: Path) -> Any:
     """Read a YAML or JSON file (JSON is YAML) into plain data, with a one-line error if it is unreadable."""
     try:
+        if path.stat().st_size > MAX_DOCUMENT_BYTES:
+            raise InvalidInput(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidInput(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise InvalidInput(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise InvalidInput(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        raise InvalidInput(
+            f"{path}: unreadable ({_printable((str(e).strip().splitlines() or [''])[0])[:200]})"
+        ) from None
 
 
 def load_job(path: Path) -> JobSpec:
@@ -312,3 +365,6 @@ def _relative_to(plan: Any, folder: Path) -> Any:
     if isinstance(plan, str) and "://" not in plan and not Path(plan).expanduser().is_absolute():
         return str(folder / plan)
     return plan
+
+
+_MODELS = {cls.__name__ for cls in (Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__())}

@@ -189,6 +189,23 @@ def test_max_pixels_is_the_limit() -> None:
     assert "1000×1000 pixels is over the limit of 999999" in refusal(data, max_pixels=999_999)
 
 
+def test_thirty_two_bit_float_is_stretched_over_its_range() -> None:
+    floats = Image.fromarray(np.array([[-1.0, 0.0, 1.0, np.nan]], dtype=np.float32))
+    decoded = np.asarray(decode(encode(floats, "TIFF")))
+    assert decoded[0, :, 0].tolist() == [0, 128, 255, 128]  # NaN counts as 0
+
+
+def test_pillows_repair_warnings_stay_quiet(recwarn: pytest.WarningsRecorder) -> None:
+    """A TIFF whose EXIF is cut short decodes, and the user's terminal sees none of Pillow's complaints."""
+    data = bytearray(encode(Image.new("RGB", (48, 32)), "TIFF"))
+    data[2] = 0x2B  # an odd tag layout that makes Pillow warn "Corrupt EXIF data"
+    try:
+        decode(bytes(data))
+    except PlanError:
+        pass
+    assert [w for w in recwarn if issubclass(w.category, UserWarning)] == []
+
+
 def test_bomb_over_pillows_own_limit() -> None:
     # 400 million pixels: Pillow refuses inside Image.open, before our check can run.
     message = refusal(png_of_one_colour(20_000, 20_000))

@@ -228,8 +228,8 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Insert artifact rows; a redelivered task rewrote the same objects, so a conflict updates in place."""
     if not rows:
         return
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[session.get_bind().dialect.name]
-    stmt = insert(Artifact).values(list(rows))
+    dialect = session.get_bind().dialect.name
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Artifact).values(list(rows))
     stmt = stmt.on_conflict_do_update(
         index_elements=["job_id", "plan_digest", "style", "seed"],
         set_={c: stmt.excluded[c] for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes")},

@@ -72,7 +72,10 @@ def canonical_url(url: str) -> str:
     are kept. Raises InvalidInput for anything `open_storage` would refuse."""
     where = _parse(url)
     if isinstance(where, Path):
-        return where.expanduser().resolve().as_uri()
+        try:
+            return where.expanduser().resolve().as_uri()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop, before Python 3.13
+            raise InvalidInput(f"{url!r} cannot be resolved: {e}") from None
     bucket, key = where
     return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 

@@ -40,6 +40,7 @@ def compile_module(module: nn.Module, options: CompileOptions, cache_dir: Path) 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     try:
-        return torch.compile(module, mode=options.mode, backend=options.backend, dynamic=options.dynamic)
+        compiled: nn.Module = torch.compile(module, mode=options.mode, backend=options.backend, dynamic=options.dynamic)  # type: ignore[assignment]
+        return compiled
     except RuntimeError as error:  # an unknown backend or mode
         raise InvalidInput(f"cannot compile with {options}: {str(error).splitlines()[0]}") from None

@@ -1,0 +1,160 @@
+"""The farm commands at their edges: a broker that is down at submit, a schema the code does not know,
+a device the machine lacks, two launchers on one host, cancelling a finished job.
+
+Real PostgreSQL and Redis; the broker that is "down" is a port nothing listens on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import create_engine, func, select, text
+
+from shared.db.models import Job, Task, TaskStatus
+from shared.db.session import make_engine, upgrade
+from tests.conftest import POSTGRES_ADMIN_URL
+from workers.launcher import claim_node
+
+FAST = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
+
+
+def archfarm(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def job_file(tmp_path: Path, example_plan: Path) -> Path:
+    path = tmp_path / "job.json"
+    path.write_text(
+        json.dumps(
+            {"name": "edge", "plans": [str(example_plan)], "styles": ["modern"], "seeds": [1, 2, 3], "profile": FAST}
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def fresh_database(postgres_url: str) -> Iterator[str]:
+    """An empty PostgreSQL database: no schema at all, as a new farm's before `archfarm db upgrade`."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"archfarm_fresh_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.postgres
+def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
+    job_file: Path, postgres_url: str, tmp_path: Path, models_dir: Path
+) -> None:
+    from tests.conftest import empty_postgres
+
+    env = {
+        "ARCHFARM_BROKER_URL": f"redis://127.0.0.1:{dead_port()}/0",
+        "ARCHFARM_DATABASE_URL": postgres_url,
+        "ARCHFARM_STORAGE_URL": str(tmp_path / "store"),
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+    }
+    try:
+        result = archfarm("submit", str(job_file), env=env)
+        assert result.returncode == 0, result.stderr
+        job_id = result.stdout.strip()
+        uuid.UUID(job_id)
+        (warning,) = result.stderr.strip().splitlines()
+        assert warning.startswith(f"archfarm: warning: job {job_id} is stored with 3 tasks, but the broker refused")
+        assert warning.endswith(f"workers send them once the broker is back (or run `archfarm retry {job_id}`)")
+        engine = make_engine(postgres_url)
+        with engine.connect() as connection:
+            statuses = connection.execute(select(Task.status).where(Task.job_id == job_id)).scalars().all()
+        engine.dispose()
+        assert statuses == [TaskStatus.QUEUED] * 3
+    finally:
+        empty_postgres(postgres_url)
+
+
+@pytest.mark.postgres
+def test_worker_and_submit_refuse_an_outdated_schema_with_the_same_line(
+    job_file: Path, fresh_database: str, tmp_path: Path, redis_url: str
+) -> None:
+    env = {"ARCHFARM_BROKER_URL": redis_url, "ARCHFARM_DATABASE_URL": fresh_database}
+    for revision in (None, "0002"):  # never upgraded, then one migration behind
+        if revision is not None:
+            engine = make_engine(fresh_database)
+            upgrade(engine, revision)
+            engine.dispose()
+        worker = archfarm("worker", "--devices", "cpu", env=env)
+        submit = archfarm("submit", str(job_file), env=env)
+        expected = f"database schema is at {revision or 'nothing'}, this archfarm needs"
+        for result in (worker, submit):
+            assert result.returncode == 2
+            (line,) = result.stderr.strip().splitlines()
+            assert line.startswith(f"archfarm: error: {expected}") and line.endswith("run `archfarm db upgrade`")
+    engine = make_engine(fresh_database)
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(Job)) == 0
+    engine.dispose()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_worker_refuses_a_device_the_machine_does_not_have(tmp_path: Path, redis_url: str) -> None:
+    env = {"ARCHFARM_BROKER_URL": redis_url, "ARCHFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'farm.db'}"}
+    result = archfarm("worker", "--devices", "cuda:0", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "archfarm: error: --devices 'cuda:0': this machine has no usable CUDA GPU; cannot use cuda:0"
+    ]
+
+
+def test_each_launcher_on_a_host_is_a_node_of_its_own(tmp_path: Path) -> None:
+    first, first_lock = claim_node("cpu0", "host", tmp_path)
+    second, second_lock = claim_node("cpu0", "host", tmp_path)
+    other, other_lock = claim_node("cuda0", "host", tmp_path)
+    assert (first, second, other) == ("archfarm-cpu0@host", "archfarm-cpu0.1@host", "archfarm-cuda0@host")
+    os.close(first_lock)  # that launcher and its workers are gone: a restart takes the name back
+    again, again_lock = claim_node("cpu0", "host", tmp_path)
+    assert again == "archfarm-cpu0@host"
+    for fd in (second_lock, other_lock, again_lock):
+        os.close(fd)
+
+
+def test_cancelling_a_finished_job_says_so_and_keeps_its_status(
+    job_file: Path, tmp_path: Path, models_dir: Path
+) -> None:
+    env = {
+        "ARCHFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'farm.db'}",
+        "ARCHFARM_STORAGE_URL": str(tmp_path / "out"),
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    rendered = archfarm("render", "--job", str(job_file), "--out", str(tmp_path / "out"), env=env)
+    assert rendered.returncode == 0, rendered.stderr
+    job_id = rendered.stdout.split()[1].rstrip(":")
+    cancel = archfarm("cancel", job_id, env=env)
+    assert cancel.returncode == 0 and cancel.stdout.strip() == f"{job_id}: already succeeded; nothing to cancel"
+    status = archfarm("status", job_id, "--json", env=env)
+    assert json.loads(status.stdout)["status"] == "succeeded"
