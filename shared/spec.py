@@ -367,4 +367,4 @@ def _relative_to(plan: Any, folder: Path) -> Any:
     return plan
 
 
-_MODELS = {cls.__name__ for cls in (Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__())}
+_MODELS: set[str] = {cls.__name__ for cls in [Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__()]}
