@@ -367,4 +367,5 @@ def _relative_to(plan: Any, folder: Path) -> Any:
     return plan
 
 
-_MODELS: set[str] = {cls.__name__ for cls in [Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__()]}
+_MODEL_CLASSES: list[type[BaseModel]] = [Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__()]
+_MODELS = {cls.__name__ for cls in _MODEL_CLASSES}
