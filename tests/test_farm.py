@@ -23,6 +23,7 @@ from producer.client import Farm
 from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
+from tests.processes import alive, children_of
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
@@ -105,19 +106,6 @@ def running_task(farm: Farm, job_id: str) -> tuple[str, str] | None:
 def pid_of(farm: Farm, worker_id: str) -> int:
     with farm.sessions() as session:
         return int(session.scalar(select(Worker.pid).where(Worker.id == worker_id)))
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def assert_exactly_one_artifact_per_image(farm: Farm, job_id: str, images: int, s3_server, bucket: str) -> None:
@@ -219,11 +207,7 @@ def test_sigkill_of_a_whole_worker_mid_task(
     main_pid = pid_of(farm, task[1])
     (child,) = children_of(main_pid)
     os.kill(main_pid, signal.SIGKILL)
-    wait_for(
-        lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2],
-        10,
-        "the orphaned pool process to die with its worker",
-    )
+    wait_for(lambda: not alive(child), 10, "the orphaned pool process to die with its worker")
     started = time.monotonic()
     view = farm.wait(job_id, timeout=120)
     assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4

@@ -73,10 +73,14 @@ def plan(tmp_path: Path, example_plan: Path) -> Path:
     return path
 
 
+IMPATIENT = Limits(upload_patience_s=0)
+"""The farm's limits, but a failed upload goes straight back to the queue, so each attempt is one call."""
+
+
 def worker(
-    settings: Settings, sessions: sessionmaker[Session], node: str, sent: Sent, limits: Limits | None = None
+    settings: Settings, sessions: sessionmaker[Session], node: str, sent: Sent, limits: Limits = IMPATIENT
 ) -> Lifecycle:
-    return Lifecycle(settings, sessions, worker=f"{node}#1", node=node, send=sent, limits=limits or Limits())
+    return Lifecycle(settings, sessions, worker=f"{node}#1", node=node, send=sent, limits=limits)
 
 
 def test_a_failing_task_moves_on_and_fails_for_good_after_three_workers(
@@ -208,12 +212,29 @@ def test_a_storage_outage_backs_off_until_storage_returns(
 
 
 @pytest.mark.s3
+def test_a_short_storage_outage_is_ridden_out_in_place(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> None:
+    """The upload waits for storage instead of sending the task round the queue again: one attempt."""
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
+    bucket = f"late-{uuid.uuid4().hex[:12]}"
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    sent = Sent()
+    lifecycle = worker(settings, sessions, "gpu-a", sent, Limits(upload_patience_s=60))
+    threading.Timer(1.5, lambda: s3_server.client().create_bucket(Bucket=bucket)).start()
+    lifecycle.run(task_id)
+    lifecycle.close()
+    row = task(sessions, task_id)
+    assert row.status is TaskStatus.SUCCEEDED and row.attempts == 1 and sent == []
+
+
+@pytest.mark.s3
 def test_transient_errors_fail_the_task_once_the_time_budget_is_spent(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
     settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url, "transient_budget": 1.5})
     (task_id,) = submit(sessions, settings, plan, 1, f"s3://missing-{uuid.uuid4().hex[:12]}/out")
-    lifecycle = worker(settings, sessions, "gpu-a", Sent(), Limits(transient_budget_s=1.5))
+    lifecycle = worker(settings, sessions, "gpu-a", Sent(), Limits(transient_budget_s=1.5, upload_patience_s=0))
     started = time.monotonic()
     while task(sessions, task_id).status is TaskStatus.QUEUED:
         lifecycle.run(task_id)

@@ -51,7 +51,9 @@ def parse_devices(spec: str) -> list[Device]:
             raise InvalidInput(f"--devices {spec!r}: cpu:N needs a whole number of workers") from None
         if not 1 <= count <= 64:
             raise InvalidInput(f"--devices {spec!r}: between 1 and 64 CPU workers")
-        threads = str(max(1, (os.cpu_count() or 1) // count))
+        # The cores shared out among this launcher's workers, unless the operator said otherwise (several
+        # launchers on one host must not each take every core: oversubscribed threads crawl).
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // count))
         env = {"CUDA_VISIBLE_DEVICES": "", "ARCHFARM_DEVICE": "cpu", "OMP_NUM_THREADS": threads}
         return [Device(f"cpu{i}", env) for i in range(count)]
     if kind == "cuda" and rest:

@@ -278,12 +278,22 @@ class Lifecycle:
         """Upload every image and sidecar, then record artifacts and mark the task done in one transaction.
 
         Runs on the upload thread, which nobody awaits for errors: it settles every failure itself."""
-        try:
-            assert self.renderer is not None  # noqa: S101 - set by the render this upload follows
-            rows = self.renderer.upload(work, rendered)
-        except Exception as error:  # noqa: BLE001
-            self._settle(held, error)
-            return
+        assert self.renderer is not None  # noqa: S101 - set by the render this upload follows
+        deadline, pause = time.monotonic() + self.limits.upload_patience_s, 0.5
+        while True:
+            try:
+                rows = self.renderer.upload(work, rendered)
+                break
+            except TransientError as error:
+                if time.monotonic() + pause > deadline:
+                    self._settle(held, error)
+                    return
+                log.warning("task %s: upload failed, retrying in %.1f s: %s", work.task_id, pause, one_line(error))
+                time.sleep(pause)
+                pause = min(pause * 2, DB_RETRY_MAX_S)
+            except Exception as error:  # noqa: BLE001
+                self._settle(held, error)
+                return
 
         def record(session: Session) -> bool:
             record_artifacts(session, rows)

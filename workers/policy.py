@@ -63,6 +63,10 @@ class Limits:
     backoff_s: float = 2.0
     backoff_max_s: float = 60.0
     hand_on_delay_s: float = 5.0
+    upload_patience_s: float = 60.0
+    """How long a finished render's upload is retried in place before its task goes back to the queue: a
+    storage outage then stalls each worker on one task instead of burning through the queue, and the
+    farm resumes within seconds of storage coming back."""
 
     @classmethod
     def in_process(cls, transient_budget_s: float) -> Limits:

@@ -1,0 +1,52 @@
+"""The chaos suite's services (its own PostgreSQL, Redis and S3 server, so they can be killed) and its
+report: per scenario, tasks lost, duplicated and stranded, and the time to recover."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.farm import HEADER, Outcome
+from tests.chaos.services import PrivatePostgres, PrivateRedis, PrivateS3
+from tests.conftest import service_missing
+
+OUTCOMES: list[Outcome] = []
+
+
+@pytest.fixture(scope="session")
+def chaos_services(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[PrivatePostgres, PrivateRedis, PrivateS3]]:
+    folder = tmp_path_factory.mktemp("chaos-services")
+    try:
+        postgres = PrivatePostgres()
+    except (FileNotFoundError, OSError) as error:
+        service_missing(f"cannot run a private PostgreSQL for the chaos suite: {error}")
+    redis = PrivateRedis(folder)
+    s3 = PrivateS3(folder)
+    yield postgres, redis, s3
+    s3.close()
+    redis.close()
+    postgres.close()
+
+
+@pytest.fixture(scope="session")
+def outcomes() -> list[Outcome]:
+    return OUTCOMES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not OUTCOMES:
+        return
+    terminalreporter.section(f"chaos ({os.environ.get('ARCHFARM_CHAOS', 'short')} form)")
+    terminalreporter.write_line(HEADER)
+    for outcome in OUTCOMES:
+        terminalreporter.write_line(outcome.row())
+    report = os.environ.get("ARCHFARM_CHAOS_REPORT")
+    if report:
+        from tests.chaos.farm import dump
+
+        Path(report).write_text(dump(OUTCOMES))
