@@ -89,15 +89,32 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+REDIS_SERVER_URL = os.environ.get("ARCHFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The real Redis server; tests isolate themselves with a queue name of their own."""
-    url = os.environ.get("ARCHFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+def redis_url() -> Iterator[str]:
+    """A database of the real Redis server for this test session alone (1-15, claimed on the server, so
+    sessions running side by side never share one), emptied before and after."""
+    server = REDIS_SERVER_URL.rstrip("/")
+    if server.count("/") > 2:  # a URL naming a database: the server is what matters here
+        server = server.rsplit("/", 1)[0]
+    claims = redis.Redis.from_url(f"{server}/0", socket_connect_timeout=2)
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        claims.ping()
     except redis.RedisError as e:
-        service_missing(f"Redis not reachable at {url}: {type(e).__name__}")
-    return url
+        service_missing(f"Redis not reachable at {server}: {type(e).__name__}")
+    for number in range(1, 16):
+        claim = f"archfarm-test:db:{number}"
+        if claims.set(claim, os.getpid(), nx=True, ex=6 * 3600):
+            break
+    else:
+        service_missing(f"every Redis database 1-15 of {server} is claimed by other test sessions")
+    url = f"{server}/{number}"
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    redis.Redis.from_url(url).flushdb()
+    claims.delete(claim)
 
 
 @pytest.fixture

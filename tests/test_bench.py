@@ -14,10 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, *args: str, models_dir: Path, timeout: int = 600) -> dict:
+def run_bench(script: str, *args: str, models_dir: Path, redis_url: str = "", timeout: int = 600) -> dict:
+    env = {**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    if redis_url:
+        env["ARCHFARM_BENCH_REDIS_URL"] = redis_url  # this test session's own Redis database
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
-        env={**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -52,7 +55,7 @@ def test_engine_quick(models_dir: Path) -> None:
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_state_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
-    out = run_bench("state.py", "--quick", models_dir=models_dir)
+    out = run_bench("state.py", "--quick", models_dir=models_dir, redis_url=redis_url)
     assert out["task_rows"] == 100_000 and out["dispatch_messages"] == 2000
     for key in ("expand_100000_s", "persist_100000_s", "status_query_p50_ms", "mark_done_p95_ms", "dispatch_per_s"):
         assert positive(out[key]), key
@@ -61,7 +64,7 @@ def test_state_quick(postgres_url: str, redis_url: str, models_dir: Path) -> Non
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_farm_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
-    out = run_bench("farm.py", "--quick", models_dir=models_dir)
+    out = run_bench("farm.py", "--quick", models_dir=models_dir, redis_url=redis_url)
     assert out["tasks"] == 8
     assert positive(out["inprocess_wall_s"]) and positive(out["distributed_2_wall_s"])
     assert len(out["grouped_swaps_per_worker"]) == 2
@@ -70,7 +73,9 @@ def test_farm_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
-    out = run_bench("overhead.py", "--quick", "--size", "64", "--steps", "3", models_dir=models_dir)
+    out = run_bench(
+        "overhead.py", "--quick", "--size", "64", "--steps", "3", models_dir=models_dir, redis_url=redis_url
+    )
     for key in ("plain_images_per_s", "inprocess_ratio", "distributed_1_ratio", "distributed_2_ratio"):
         assert positive(out[key]), key
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
@@ -256,3 +257,18 @@ def test_heartbeats_and_reaping_use_the_databases_clock(
     with sessions.begin() as session:
         assert reap(session, 60) == [job.tasks[0].id]
         assert not heartbeat(session, "w#1")  # declared dead: it must stop
+
+
+def test_resent_messages_go_to_the_queue_recorded_on_the_job(sessions: sessionmaker[Session]) -> None:
+    """A reaper, sweeper or retry in a process configured for another queue still sends a job's tasks to
+    the workers it was submitted for."""
+    from shared.broker import messages_for
+    from shared.config import Settings
+
+    job = dataclasses.replace(prepared(), queue="pool-a")
+    with sessions.begin() as session:
+        persist(session, job)
+    ids = [t.id for t in job.tasks]
+    messages = messages_for(sessions, Settings(queue="somewhere-else"), list(reversed(ids)))
+    assert [m.task_id for m in messages] == list(reversed(ids))
+    assert {m.queue for m in messages} == {"pool-a"}

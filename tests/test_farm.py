@@ -161,7 +161,9 @@ def test_cancel_stops_queued_and_running_tasks(farm: Farm, start_workers, exampl
     assert view.status is JobStatus.CANCELLED
     assert view.counts["running"] == view.counts["queued"] == 0
     assert view.counts["cancelled"] >= 7  # the running one stops at its next step unless it had just finished
-    time.sleep(2)  # nothing starts after a cancel
+    # Nothing starts after a cancel: a job sent after it runs behind the cancelled messages, which start nothing.
+    after = farm.submit(job(example_plan, FAST, seeds=1))
+    assert farm.wait(after, timeout=120).status is JobStatus.SUCCEEDED
     assert farm.status(job_id).counts == view.counts
 
 
@@ -268,7 +270,9 @@ def test_second_sigint_stops_at_once_and_the_task_runs_elsewhere(farm: Farm, sta
     job_id = farm.submit(job(example_plan, slow, seeds=1, styles=["modern"]))
     task_id, _ = wait_for_value(lambda: running_task(farm, job_id), 60, "the task to start")
     worker.proc.send_signal(signal.SIGINT)
-    time.sleep(1)
+    wait_for(
+        lambda: b"Hitting Ctrl+C again" in worker.log.read_bytes(), 60, "the first SIGINT to start a warm shutdown"
+    )
     stopped = time.monotonic()
     worker.proc.send_signal(signal.SIGINT)
     worker.proc.wait(60)

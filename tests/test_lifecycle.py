@@ -26,7 +26,7 @@ from shared.spec import JobSpec
 from shared.storage import LocalStorage
 from tests.faults import TcpProxy
 from workers.lifecycle import Lifecycle
-from workers.policy import ErrorKind, Limits
+from workers.policy import Limits
 
 PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
 
@@ -255,7 +255,7 @@ def test_a_crashed_process_is_held_against_the_task_not_the_node(
     for task_id in ids:  # a pool process on node gpu-a died holding each of them
         with sessions.begin() as session:
             claim_task(session, task_id, "gpu-a#1")
-    worker(settings, sessions, "gpu-a", sent).recover(ErrorKind.CRASH, "the worker process running it died")
+    worker(settings, sessions, "gpu-a", sent).recover_crashed("the worker process running it died")
     assert {task(sessions, t).status for t in ids} == {TaskStatus.QUEUED} and sorted(sent) == sorted(
         (t, 0) for t in ids
     )
@@ -265,7 +265,7 @@ def test_a_crashed_process_is_held_against_the_task_not_the_node(
     for node in ("gpu-b", "gpu-c"):
         with sessions.begin() as session:
             claim_task(session, ids[0], f"{node}#1")
-        worker(settings, sessions, node, sent).recover(ErrorKind.CRASH, "the worker process running it died")
+        worker(settings, sessions, node, sent).recover_crashed("the worker process running it died")
     assert task(sessions, ids[0]).status is TaskStatus.FAILED
     assert task(sessions, ids[0]).error == "its worker process died 3 times on 3 workers"
 

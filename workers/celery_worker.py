@@ -39,7 +39,7 @@ from shared.storage import open_storage_from_settings
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
 # a fraction of a second instead of re-importing them.
 from workers.lifecycle import Lifecycle
-from workers.policy import ErrorKind, Limits
+from workers.policy import Limits
 from workers.upkeep import Upkeep
 
 log = logging.getLogger("archfarm.worker")
@@ -99,7 +99,7 @@ def _pool_process_started(**_: object) -> None:
     _engine.dispose(close=False)  # connections inherited through fork belong to the parent
     # Concurrency is 1: anything this worker still holds was being run (or uploaded) by a pool process
     # that died. The policy decides: usually sent again; failed if it keeps killing processes.
-    lifecycle().recover(ErrorKind.CRASH, "the worker process running it died")
+    lifecycle().recover_crashed("the worker process running it died")
 
 
 @signals.worker_process_shutdown.connect

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
-from shared.db.clock import db_now
 from shared.db.models import Job, Task, TaskStatus
 from shared.db.store import (
     blocklisted_nodes,
@@ -44,6 +43,7 @@ from shared.db.store import (
     held_by,
     is_cancelled,
     live_nodes,
+    postpone_task,
     record_artifacts,
     record_failure,
     requeue_task,
@@ -101,6 +101,13 @@ def one_line(error: BaseException) -> str:
 
 
 @dataclass(frozen=True)
+class HandOn:
+    """This node may not run the task (blocklisted): send it on for another node after `delay`."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
 class Held:
     """A task this worker has claimed: enough to settle it, whether or not its spec parses, and the rows
     read with the claim (None when recovering a task held by a process that died)."""
@@ -139,7 +146,7 @@ class Lifecycle:
         self._cache_state: tuple[list[str], int, int] = ([], 0, 0)
         self._jobs: dict[str, _JobInfo] = {}
         self._lock = threading.Lock()  # the render thread and the upload thread both settle tasks
-        self._recovery: tuple[ErrorKind, str] | None = None
+        self._recovery: str | None = None
         self._recovery_lock = threading.Lock()
 
     # --- delivery ----------------------------------------------------------------------------------------
@@ -160,6 +167,9 @@ class Lifecycle:
         except (TimeoutError, *DATABASE_DOWN) as error:
             log.error("task %s: database unreachable (%s); left queued for the sweeper", task_id, one_line(error))
             return None
+        if isinstance(claimed, HandOn):
+            self._send([task_id], claimed.delay)
+            return TaskStatus.QUEUED
         if not isinstance(claimed, Held):
             return claimed
         try:
@@ -180,13 +190,13 @@ class Lifecycle:
         self.flush()
         self._uploader.shutdown(wait=True)
 
-    def recover(self, kind: ErrorKind, reason: str) -> None:
-        """Settle every task this worker still holds as `kind` (CRASH: the process that ran them died;
-        INTERRUPTED: the worker is stopping), before this process claims anything.
+    def recover_crashed(self, reason: str) -> None:
+        """Settle every task this worker still holds as crashed (the pool process that ran them died), before
+        this process claims anything.
 
         Done now if the database answers, else by a background thread as soon as it does; `run` waits for it
         (for a while), so a task claimed by this process is never mistaken for one held by the dead one."""
-        self._recovery = (kind, reason)
+        self._recovery = reason
         try:
             self._finish_recovery(patience=5.0)
         except (TimeoutError, *DATABASE_DOWN):
@@ -198,18 +208,18 @@ class Lifecycle:
         try:
             if self._recovery is None:
                 return
-            kind, reason = self._recovery
+            reason = self._recovery
             held = self._db(lambda session: [Held(t, j) for t, j in held_by(session, self.worker)], patience)
             for task in held:
                 log.warning("task %s: %s", task.task_id, reason)
-                self._decide(task, kind, reason)
+                self._decide(task, ErrorKind.CRASH, reason)
             self._recovery = None
         finally:
             self._recovery_lock.release()
 
     # --- the stages --------------------------------------------------------------------------------------
 
-    def _claim(self, session: Session, task_id: str) -> Held | TaskStatus | None:
+    def _claim(self, session: Session, task_id: str) -> Held | HandOn | TaskStatus | None:
         row = session.execute(select(Task.job_id, Task.status).where(Task.id == task_id)).first()
         if row is None:
             return None
@@ -225,13 +235,8 @@ class Lifecycle:
                 if decision.action is Action.FAIL:
                     fail_task(session, task_id, None, decision.reason)
                     return TaskStatus.FAILED
-                session.execute(
-                    update(Task)
-                    .where(Task.id == task_id, Task.status == TaskStatus.QUEUED)
-                    .values(due_at=db_now(decision.delay))
-                )
-                session.info["send_after_commit"] = ([task_id], decision.delay)
-                return TaskStatus.QUEUED
+                postpone_task(session, task_id, decision.delay)
+                return HandOn(decision.delay)
         if not claim_task(session, task_id, self.worker):
             return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
         self._progress(session, started=task_id)
@@ -363,11 +368,7 @@ class Lifecycle:
         while True:
             try:
                 with self.sessions.begin() as session:
-                    result = work(session)
-                    after = session.info.pop("send_after_commit", None)
-                if after is not None:
-                    self._send(*after)
-                return result
+                    return work(session)
             except DATABASE_DOWN as error:
                 if deadline is not None and time.monotonic() + pause > deadline:
                     raise

@@ -91,6 +91,17 @@ def requeue_task(session: Session, task_id: str, worker: str, delay_s: float = 0
     )
 
 
+def postpone_task(session: Session, task_id: str, delay_s: float) -> bool:
+    """A queued task's next message is due `delay_s` from now (it is being handed on with that delay)."""
+    result = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED)
+        .values(due_at=db_now(delay_s))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def requeue_held(session: Session, worker: str) -> list[str]:
     """Every task running for `worker` back to queued (it died or is stopping); ids to send again now."""
     return list(
