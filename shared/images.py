@@ -94,7 +94,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _to_gray8(image: Image.Image) -> Image.Image:
     """Scale wide grayscale into 0..255: Pillow's convert clips instead, so a 16-bit plan turns all white."""
-    pixels = np.nan_to_num(np.array(image, dtype=np.float32), copy=False)  # a copy: PIL's buffer is read-only
+    # float64: the widest float32 range still subtracts without overflow. NaN and infinities count as 0.
+    pixels = np.nan_to_num(np.array(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if image.mode in _SIXTEEN_BIT or (image.mode == "I" and pixels.min() >= 0 and pixels.max() <= 65535):
         # 16-bit samples; Pillow has opened 16-bit PNG and TIFF as mode I, not only as I;16.
         low, high = 0.0, 65535.0

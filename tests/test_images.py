@@ -190,9 +190,13 @@ def test_max_pixels_is_the_limit() -> None:
 
 
 def test_thirty_two_bit_float_is_stretched_over_its_range() -> None:
-    floats = Image.fromarray(np.array([[-1.0, 0.0, 1.0, np.nan]], dtype=np.float32))
+    floats = Image.fromarray(np.array([[-1.0, 0.0, 1.0, np.nan, np.inf]], dtype=np.float32))
     decoded = np.asarray(decode(encode(floats, "TIFF")))
-    assert decoded[0, :, 0].tolist() == [0, 128, 255, 128]  # NaN counts as 0
+    assert decoded[0, :, 0].tolist() == [0, 128, 255, 128, 128]  # NaN and infinity count as 0
+    extremes = Image.fromarray(np.array([[-3.4e38, 3.4e38]], dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way
+        assert np.asarray(decode(encode(extremes, "TIFF")))[0, :, 0].tolist() == [0, 255]
 
 
 def test_pillows_repair_warnings_stay_quiet(recwarn: pytest.WarningsRecorder) -> None:

@@ -188,13 +188,21 @@ def test_a_device_the_worker_cannot_use_fails_tasks_with_the_reason(
     assert error == "device 'cuda:0' asked for, but CUDA is not available here"
 
 
+def late_bucket(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
+) -> tuple[Settings, str, str]:  # type: ignore[no-untyped-def]
+    """A task whose output bucket does not exist yet: its uploads fail, as in an outage, until it is made."""
+    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
+    bucket = f"late-{uuid.uuid4().hex[:12]}"
+    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    return settings, bucket, task_id
+
+
 @pytest.mark.s3
 def test_a_storage_outage_backs_off_until_storage_returns(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
-    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
-    bucket = f"late-{uuid.uuid4().hex[:12]}"
-    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    settings, bucket, task_id = late_bucket(sessions, settings, plan, s3_server)
     sent = Sent()
     lifecycle = worker(settings, sessions, "gpu-a", sent)
     for attempt in range(1, 13):  # more attempts than any count limit: the budget is a time
@@ -216,9 +224,7 @@ def test_a_short_storage_outage_is_ridden_out_in_place(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
     """The upload waits for storage instead of sending the task round the queue again: one attempt."""
-    settings = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint_url})
-    bucket = f"late-{uuid.uuid4().hex[:12]}"
-    (task_id,) = submit(sessions, settings, plan, 1, f"s3://{bucket}/out")
+    settings, bucket, task_id = late_bucket(sessions, settings, plan, s3_server)
     sent = Sent()
     lifecycle = worker(settings, sessions, "gpu-a", sent, Limits(upload_patience_s=60))
     threading.Timer(1.5, lambda: s3_server.client().create_bucket(Bucket=bucket)).start()

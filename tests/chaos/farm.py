@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy import func, select
 
 from producer.client import Farm
 from shared.config import Settings
+from shared.db.clock import aware, database_time
 from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.session import make_engine, upgrade
 from shared.db.status import JobStatus
@@ -37,7 +39,8 @@ KILLS = ("pool", "main", "tree")
 
 @dataclass
 class Outcome:
-    """What a scenario did to a job: the figures the suite asserts are zero, and how long recovery took."""
+    """What a scenario did to a job: the figures the suite asserts are zero, and how the farm recovered
+    (database clock, from the end of the fault: the next task done, and the job done)."""
 
     scenario: str
     tasks: int
@@ -45,18 +48,20 @@ class Outcome:
     lost: int = 0
     duplicated: int = 0
     stranded: int = 0
-    recovery_s: float = 0.0
+    resumed_s: float = 0.0
+    finished_s: float = 0.0
     faults: list[str] = field(default_factory=list)
 
     def row(self) -> str:
         return (
             f"{self.scenario:<28} {self.tasks:>5} {self.succeeded:>9} {self.lost:>4} {self.duplicated:>10} "
-            f"{self.stranded:>8} {self.recovery_s:>10.1f}  {len(self.faults)} fault(s)"
+            f"{self.stranded:>8} {self.resumed_s:>9.1f} {self.finished_s:>10.1f}  {len(self.faults)} fault(s)"
         )
 
 
 HEADER = (
-    f"{'scenario':<28} {'tasks':>5} {'succeeded':>9} {'lost':>4} {'duplicated':>10} {'stranded':>8} {'recovery_s':>10}"
+    f"{'scenario':<28} {'tasks':>5} {'succeeded':>9} {'lost':>4} {'duplicated':>10} {'stranded':>8} "
+    f"{'resumed_s':>9} {'finished_s':>10}"
 )
 
 
@@ -181,14 +186,13 @@ class ChaosFarm:
     def counts(self, job_id: str) -> dict[str, int]:
         return self.farm.status(job_id).counts
 
-    def wait_done(self, job_id: str, timeout: float) -> float:
-        """Wait (through outages: a failed poll is retried) until the job has ended; returns when it did."""
+    def wait_done(self, job_id: str, timeout: float) -> None:
+        """Wait (through outages: a failed poll is retried) until the job has ended."""
         self.wait_for(
             lambda: self.farm.status(job_id).status not in (JobStatus.QUEUED, JobStatus.RUNNING),
             timeout,
             f"job {job_id} to end",
         )
-        return time.monotonic()
 
     def wait_for(self, condition: Callable[[], object], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -211,11 +215,21 @@ class ChaosFarm:
                 done.append(f"{how}:{self.workers.index(worker)}")
         return done
 
-    def outcome(self, scenario: str, job_id: str, recovery_s: float, faults: list[str]) -> Outcome:
+    def now(self) -> datetime:
+        """The database's time: when a fault ended, on the clock the task rows use."""
+        with self.farm.sessions() as session:
+            return database_time(session)
+
+    def outcome(self, scenario: str, job_id: str, fault_end: datetime, faults: list[str]) -> Outcome:
         """Count what the suite promises: every task succeeded once, one artifact row per seed, one object
         per output key, nothing queued or running."""
         with self.farm.sessions() as session:
             tasks = session.execute(select(Task.status, Task.outputs).where(Task.job_id == job_id)).all()
+            after = [
+                (aware(t) - fault_end).total_seconds()
+                for t in session.scalars(select(Task.finished_at).where(Task.job_id == job_id))
+                if t is not None and aware(t) > fault_end
+            ]
             artifacts = session.execute(select(Artifact.url).where(Artifact.job_id == job_id)).scalars().all()
         expected = {key for _, outputs in tasks for key in outputs}
         listing = boto3.client("s3", endpoint_url=self.s3.server.endpoint_url).get_paginator("list_objects_v2")
@@ -236,7 +250,8 @@ class ChaosFarm:
             + (len(pngs) - len(set(pngs)))
             + max(0, len(sidecars) - len(expected)),
             stranded=sum(1 for status, _ in tasks if status in (TaskStatus.QUEUED, TaskStatus.RUNNING)),
-            recovery_s=recovery_s,
+            resumed_s=min(after, default=0.0),
+            finished_s=max(after, default=0.0),
             faults=faults,
         )
 

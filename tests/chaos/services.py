@@ -122,14 +122,15 @@ class PrivateRedis:
         self.proc = subprocess.Popen([*command, "--dir", str(self.folder)], stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: redis.Redis(port=self.port, socket_connect_timeout=0.5).ping(), 20, "redis to start")
 
-    def kill(self) -> None:
+    def stop(self) -> None:
+        """SIGKILL: with no persistence, every message goes with it."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.kill()
+            self.stop()
 
 
 class PrivateS3:
