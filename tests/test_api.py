@@ -5,7 +5,6 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -32,9 +31,7 @@ def api(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):  # type: ign
 
 @pytest.fixture
 def s3_plan(s3_server, s3_bucket: str, example_plan: Path) -> str:  # type: ignore[no-untyped-def]
-    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
-        Bucket=s3_bucket, Key="plans/ground.png", Body=example_plan.read_bytes()
-    )
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plans/ground.png", Body=example_plan.read_bytes())
     return f"s3://{s3_bucket}/plans/ground.png"
 
 

@@ -122,6 +122,9 @@ def bomb(path: Path) -> None:
         ("good.png", None, ["--profile", "bad.yaml"], "bad.yaml: steps: Input should be greater than or equal to 1"),
         ("good.png", None, ["--profile", "nonesuch"], "neither a built-in profile"),
         ("good.png", None, ["--seed", "1", "--seeds", "2"], "give either --seeds N or one or more --seed S"),
+        ("loop.png", lambda p: p.symlink_to(p), [], "loop.png' cannot be resolved: Symlink loop"),
+        ("good.png", None, ["--profile", "deep.yaml"], "deep.yaml: nested deeper than 32 levels"),
+        ("good.png", None, ["--profile", "aliases.yaml"], "aliases.yaml: more than 2500000 values"),
     ],
 )
 def test_bad_input_exits_with_one_line_and_stores_nothing(
@@ -137,6 +140,11 @@ def test_bad_input_exits_with_one_line_and_stores_nothing(
     monkeypatch.setenv("ARCHFARM_MAX_IMAGE_PIXELS", "100000000")
     (tmp_path / "good.png").write_bytes(example_plan.read_bytes())
     (tmp_path / "bad.yaml").write_text("steps: 0\ncontrols: [{kind: canny}]\n")
+    (tmp_path / "deep.yaml").write_text("steps: " + "[" * 1000 + "]" * 1000 + "\n")  # blew Python's stack
+    # A few hundred bytes that stand for ten billion values: walking them would never end.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    (tmp_path / "aliases.yaml").write_text("\n".join(lines) + "\ncontrols: *a9\n")
     if callable(setup):
         setup(tmp_path / plan)
     if "--style" not in args:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 from sqlalchemy import func, select
 
@@ -113,10 +112,7 @@ def assert_exactly_one_artifact_per_image(farm: Farm, job_id: str, images: int, 
         rows = session.execute(select(Artifact.style, Artifact.seed).where(Artifact.job_id == job_id)).all()
     assert len(rows) == len(set(rows)) == images
     keys = [
-        o["Key"]
-        for o in boto3.client("s3", endpoint_url=s3_server.endpoint_url).list_objects_v2(
-            Bucket=bucket, Prefix=f"renders/{job_id}/"
-        )["Contents"]
+        o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"renders/{job_id}/")["Contents"]
     ]
     assert len([k for k in keys if k.endswith(".png")]) == images
     assert len([k for k in keys if k.endswith(".json")]) == images
@@ -131,7 +127,7 @@ def test_submit_render_upload_status(
     assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 6
     assert_exactly_one_artifact_per_image(farm, job_id, 6, s3_server, s3_bucket)
     sidecar = json.loads(
-        boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+        s3_server.client()
         .get_object(Bucket=s3_bucket, Key=farm.results(job_id)[0].sidecar_url.split(f"{s3_bucket}/", 1)[1])["Body"]
         .read()
     )
@@ -170,7 +166,7 @@ def test_cancel_stops_queued_and_running_tasks(farm: Farm, start_workers, exampl
 def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str) -> None:
     job_id = farm.submit(job(example_plan, FAST, seeds=2))
     # Local plans are staged into storage at submit; remove the copy so every attempt fails.
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    s3 = s3_server.client()
     (staged,) = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="renders/inputs/")["Contents"]]
     s3.delete_object(Bucket=s3_bucket, Key=staged)
     start_workers("cpu:1")

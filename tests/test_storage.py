@@ -528,6 +528,21 @@ def test_read_url_reads_one_s3_object_with_credentials_from_the_environment(
         read_url(f"s3://{s3_bucket}/plans/missing.png", endpoint_url=s3_server.endpoint_url)
 
 
+@pytest.mark.s3
+def test_new_clients_sign_with_the_credentials_the_environment_names_now(
+    s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived process whose keys change (rotated, or another endpoint's) must not keep signing with
+    the first ones it saw, as boto3's default session would."""
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plans/plan.png", Body=b"plan")
+    url = f"s3://{s3_bucket}/plans/plan.png"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "an-old-secret")
+    with pytest.raises(StorageError):
+        read_url(url, endpoint_url=s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    assert read_url(url, endpoint_url=s3_server.endpoint_url) == b"plan"
+
+
 def test_read_url_refuses_devices_and_folders(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not a regular file"):
         read_url("/dev/zero")

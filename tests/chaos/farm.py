@@ -20,7 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import redis
 from sqlalchemy import func, select
 
@@ -160,7 +159,11 @@ class ChaosFarm:
         self.workers: list[LauncherProcess] = []
         self._saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)  # the in-process Farm (submit, status) reads the same settings
-        self.farm = Farm(Settings())
+        try:
+            self.farm = Farm(Settings())
+        except BaseException:
+            self._restore_environment()
+            raise
 
     def start_workers(self, count: int, *, hosts: bool) -> None:
         for index in range(count):
@@ -232,7 +235,7 @@ class ChaosFarm:
             ]
             artifacts = session.execute(select(Artifact.url).where(Artifact.job_id == job_id)).scalars().all()
         expected = {key for _, outputs in tasks for key in outputs}
-        listing = boto3.client("s3", endpoint_url=self.s3.server.endpoint_url).get_paginator("list_objects_v2")
+        listing = self.s3.server.client().get_paginator("list_objects_v2")
         prefix = f"renders/{job_id}/"
         keys = [
             o["Key"] for page in listing.paginate(Bucket=self.bucket, Prefix=prefix) for o in page.get("Contents", [])
@@ -255,6 +258,13 @@ class ChaosFarm:
             faults=faults,
         )
 
+    def _restore_environment(self) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     def logs(self) -> str:
         return "\n".join(f"--- {w.log}\n{w.log.read_text(errors='replace')[-3000:]}" for w in self.workers)
 
@@ -264,11 +274,7 @@ class ChaosFarm:
         for worker in self.workers:
             worker.wait_stopped()
         self.farm.close()
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        self._restore_environment()
         empty_postgres(self.postgres.url())
         redis.Redis.from_url(self.redis.url).flushall()
 
