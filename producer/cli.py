@@ -361,7 +361,7 @@ def worker(
         engine.dispose()
     except ArchfarmError as e:
         _fail(str(e))
-    raise typer.Exit(launch(chosen, names))
+    raise typer.Exit(launch(chosen, names, settings))
 
 
 @app.command()

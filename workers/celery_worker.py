@@ -6,8 +6,8 @@ tests/chaos/):
 - CUDA is initialised only in the pool process, on its first task (the launcher and the main process never
   touch it); the pool process dies with its parent (PR_SET_PDEATHSIG), so an orphan never holds a GPU;
 - each model is loaded at most once while the process lives; one task renders at a time;
-- SIGTERM finishes the current task (Celery's warm shutdown), then hands back anything still held;
-  a second SIGINT stops at once, and the task goes back to the queue;
+- SIGTERM finishes the current task (Celery's warm shutdown); a second SIGINT stops at once; either way the
+  launcher hands back whatever the process still held once it has exited;
 - a killed pool process's task is delivered again at once (`task_reject_on_worker_lost`); the replacement
   process settles what its predecessor held as a crash (`workers.policy`): retried, and failed only when
   it keeps killing processes on several nodes;
@@ -33,7 +33,7 @@ from celery import signals
 from shared.broker import RENDER_TASK, make_celery, messages_for, send_tasks
 from shared.config import get_settings
 from shared.db.session import make_engine, session_factory
-from shared.db.store import register_worker, requeue_held, stop_worker
+from shared.db.store import register_worker
 from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
@@ -47,8 +47,9 @@ log = logging.getLogger("archfarm.worker")
 settings = get_settings()
 app = make_celery(settings)
 NODE = os.environ.get("ARCHFARM_WORKER_NODE") or f"archfarm-{settings.device}@{socket.gethostname()}"
-WORKER_ID = f"{NODE}#{uuid.uuid4().hex[:8]}"
-"""One per process start: liveness is judged per incarnation, blocklists per node."""
+WORKER_ID = os.environ.get("ARCHFARM_WORKER_ID") or f"{NODE}#{uuid.uuid4().hex[:8]}"
+"""One per process start: liveness is judged per incarnation, blocklists per node. The launcher names it,
+so that it can hand back what this process held when it exits."""
 
 _engine = make_engine(settings.database_url)
 _sessions = session_factory(_engine)
@@ -117,21 +118,9 @@ def _worker_started(**_: object) -> None:
 
 @signals.worker_shutdown.connect
 def _worker_stopping(**_: object) -> None:
-    """Interrupted, not failed: whatever is still held goes back to the queue with nothing counted."""
+    """Stop the upkeep; what is still held is handed back by the launcher once this process has exited
+    (`workers.upkeep.release`), also when a second Ctrl-C cuts the shutdown short."""
     _stop.set()
-    try:
-        with _sessions.begin() as session:
-            held = requeue_held(session, WORKER_ID)
-            stop_worker(session, WORKER_ID)
-    except Exception:  # noqa: BLE001 - the database is away: the reaper hands them back later
-        log.exception("could not hand back this worker's tasks")
-        return
-    if held:
-        log.warning("handing back %d task(s) on shutdown", len(held))
-        try:
-            send(held, 0)
-        except Exception:  # noqa: BLE001 - queued in the database: the sweeper sends them
-            log.exception("could not re-send %d handed-back task(s)", len(held))
 
 
 def _upkeep_loop() -> None:

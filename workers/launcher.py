@@ -21,10 +21,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.config import Settings
 from shared.errors import ConfigError, InvalidInput
+from workers.upkeep import release
 
 MAX_SLOTS = 64
 
@@ -100,29 +103,36 @@ def claim_node(device: str, host: str, folder: Path | None = None) -> tuple[str,
     raise ConfigError(f"more than {MAX_SLOTS} workers for {device} on {host}")
 
 
-def launch(devices: list[Device], queues: list[str]) -> int:
-    """Run one worker process per device until all have stopped; returns the worst exit code."""
+def launch(devices: list[Device], queues: list[str], settings: Settings) -> int:
+    """Run one worker process per device until all have stopped; returns the worst exit code.
+
+    Whatever a worker still holds when it exits, however it exits (a warm shutdown, a second Ctrl-C, a crash
+    of its main process), is handed back at once by the launcher, which outlives it."""
     host = socket.gethostname()
     code = f"from workers.celery_worker import main; main({queues!r})"
-    children = []
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     for device in devices:
         node, lock = claim_node(device.name, host)
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code],
-                env={**os.environ, **device.env, "ARCHFARM_WORKER_NODE": node},
-                pass_fds=(lock,),  # the slot stays taken while the worker (or its pool) lives
-                start_new_session=True,  # a terminal's Ctrl-C reaches us only; we forward it once per press
-                preexec_fn=_term_with_parent if sys.platform == "linux" else None,
-            )
+        worker = f"{node}#{uuid.uuid4().hex[:8]}"  # one per process start: liveness is judged per incarnation
+        env = {**os.environ, **device.env, "ARCHFARM_WORKER_NODE": node, "ARCHFARM_WORKER_ID": worker}
+        child = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            pass_fds=(lock,),  # the slot stays taken while the worker (or its pool) lives
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we forward it once per press
+            preexec_fn=_term_with_parent if sys.platform == "linux" else None,
         )
+        children.append((worker, child))
 
     def forward(signum: int, _frame: object) -> None:
-        for child in children:
+        for _, child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    # A child killed by a signal has a negative code: it counts as a failure too.
-    return max(abs(child.wait()) for child in children)
+    codes = []
+    for worker, child in children:
+        codes.append(abs(child.wait()))  # a child killed by a signal has a negative code: a failure too
+        release(settings, worker)
+    return max(codes)

@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.broker import make_celery, messages_for, send_tasks
 from shared.config import Settings
-from shared.db.store import heartbeat, idle_queues, reap, sweep
+from shared.db.session import make_engine, session_factory
+from shared.db.store import heartbeat, idle_queues, reap, requeue_held, stop_worker, sweep
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +79,24 @@ class Upkeep:
             self.send(chunk, 0)
             swept += chunk
         return swept
+
+
+def release(settings: Settings, worker: str) -> list[str]:
+    """A worker process that has exited: marked stopped, and what it still held back on the queue now
+    (interrupted: nothing counted). Without a database or broker at that moment, the reaper or the sweeper
+    does it later; returns the ids sent."""
+    engine = make_engine(settings.database_url)
+    sessions = session_factory(engine)
+    try:
+        with sessions.begin() as session:
+            held = requeue_held(session, worker)
+            stop_worker(session, worker)
+        if held:
+            log.warning("handing back %d task(s) held by %s", len(held), worker)
+            send_tasks(make_celery(settings), messages_for(sessions, settings, held))
+        return held
+    except Exception:  # noqa: BLE001 - the reaper (database) or the sweeper (broker) takes over
+        log.exception("could not hand back the tasks of %s", worker)
+        return []
+    finally:
+        engine.dispose()
