@@ -51,6 +51,8 @@ def _setup() -> None:
     """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
 
     library = warnings.showwarning
+    if getattr(library, "archfarm", False):  # already in place (a program invoking the CLI repeatedly)
+        return
 
     def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
         if issubclass(category, SubmitWarning):
@@ -58,6 +60,7 @@ def _setup() -> None:
         else:
             library(message, category, *args, **kwargs)
 
+    show.archfarm = True  # type: ignore[attr-defined]
     warnings.showwarning = show
 
 

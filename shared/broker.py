@@ -6,7 +6,7 @@ read from the database, so a message can be re-sent at any time (retry, reaper, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import TypeVar
@@ -95,25 +95,21 @@ def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: 
     return [found[i] for i in ids if i in found]
 
 
-def send_tasks(
-    app: Celery, messages: Iterable[Message], countdown: float = 0, on_chunk: Callable[[int], None] | None = None
-) -> int:
+def send_tasks(app: Celery, messages: Iterable[Message], countdown: float = 0) -> int:
     """Send one message per task, in order, a connection per chunk of `SEND_CHUNK`; returns how many were
-    sent. `on_chunk(sent_so_far)` follows a long send. Raises `BrokerUnavailable` when the broker refuses; the
-    tasks not sent stay queued in the database, and the sweeper sends them once they are overdue.
+    sent. Raises `BrokerUnavailable` when the broker refuses; the tasks not sent stay queued in the database,
+    and the sweeper sends them once they are overdue.
 
     Order matters: a job's tasks share one model stack, and sending them back to back lets every worker
     keep its stack resident instead of swapping between jobs.
     """
     sent = 0
-    for chunk in batched(messages, SEND_CHUNK):
+    for chunk in _batched(messages, SEND_CHUNK):
         try:
             sent += _send_chunk(app, chunk, countdown)
         except (OSError, KombuError, RedisError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BrokerUnavailable(f"the broker refused messages after {sent} were sent: {reason}") from error
-        if on_chunk is not None:
-            on_chunk(sent)
     return sent
 
 
@@ -133,7 +129,7 @@ def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> i
     return len(messages)
 
 
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
