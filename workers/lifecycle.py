@@ -307,11 +307,11 @@ class Lifecycle:
             return done
 
         try:
-            self._db(record, None)  # kept until the database is back: the task must not stay running for good
+            done = self._db(record, None)  # kept until the database is back: never left running for good
         except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: rendered and stored, but could not be recorded", work.task_id)
             return
-        if self.on_done is not None:
+        if done and self.on_done is not None:  # not done: reaped meanwhile, and whoever holds it now reports
             self.on_done(work.task_id, TaskStatus.SUCCEEDED)
 
     def _settle(self, held: Held, error: BaseException) -> TaskStatus:
