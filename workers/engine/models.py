@@ -47,6 +47,10 @@ BASE_COMPONENTS: dict[Family, tuple[str, ...]] = {
 }
 
 
+PROMPT_CACHE = 256
+"""Prompt pairs whose embeddings a worker keeps (each a few hundred KB on the device)."""
+
+
 def pick_device(setting: str) -> torch.device:
     """The torch device for a `device` setting: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     if setting == "auto":
@@ -125,6 +129,8 @@ class ModelCache:
         self._compiled: dict[tuple[int, CompileOptions], nn.Module] = {}
         self._identities: dict[str, dict[str, str | None]] = {}
         self._families: dict[str, Family] = {}
+        self._prompts: OrderedDict[tuple[Any, ...], tuple[torch.Tensor | None, ...]] = OrderedDict()
+        self.prompt_encodes = 0
 
     def base(self, ref: str) -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and
@@ -201,6 +207,31 @@ class ModelCache:
         if key not in self._compiled:
             self._compiled[key] = compile_module(module, options, self.models_dir / ".inductor-cache")
         return self._compiled[key]
+
+    def prompt_embeddings(
+        self, pipe: Any, prompt: str, negative_prompt: str, guided: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The text encoders' output for one prompt pair, as `pipe.encode_prompt` gives it for one image:
+        computed once per process and pair (the `PROMPT_CACHE` most recent are kept), since a job renders the
+        same few styles thousands of times."""
+        encoders = (id(pipe.text_encoder), id(getattr(pipe, "text_encoder_2", None)))
+        key = (*encoders, prompt, negative_prompt, guided)
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
+        with torch.inference_mode():
+            encoded = pipe.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=guided,
+                negative_prompt=negative_prompt,
+            )
+        self.prompt_encodes += 1
+        self._prompts[key] = tuple(encoded)
+        if len(self._prompts) > PROMPT_CACHE:
+            self._prompts.popitem(last=False)
+        return self._prompts[key]
 
     def note_stack(self, stack: tuple[str, ...]) -> None:
         """Count a swap whenever a render uses another model stack than the one before: the number that

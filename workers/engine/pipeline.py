@@ -56,7 +56,7 @@ OUTPUT_TYPES = ("pil", "np")
 
 @dataclass(frozen=True)
 class ControlInput:
-    """One ControlNet unit of a render."""
+    """One ControlNet unit of a render of one prompt: the net, its settings and its control map."""
 
     model: str  # ControlNet ref (preset, alias, hub id, local folder)
     image: PIL.Image.Image  # preprocessed control map, RGB, exactly width×height
@@ -66,9 +66,30 @@ class ControlInput:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """One ControlNet of a call's stack, with the settings every image of the call shares."""
+
+    model: str
+    scale: float
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a call: its prompts, its seed and its control map for each unit (in unit order). Items of
+    one call may come from different plans, styles and tasks."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    maps: tuple[PIL.Image.Image, ...]
+
+
+@dataclass(frozen=True)
 class RenderResult:
-    """Images, one per seed in the order given (PIL, or HxWx3 float arrays in [0, 1] for "np"), and the
-    scheduler actually used, as {"class": name, "config": JSON-safe dict}, to record with them."""
+    """Images, one per item (or seed) in the order given (PIL, or HxWx3 float arrays in [0, 1] for "np"), and
+    the scheduler actually used, as {"class": name, "config": JSON-safe dict}, to record with them."""
 
     images: list[PIL.Image.Image] | list[np.ndarray]
     scheduler: dict[str, Any]
@@ -77,11 +98,26 @@ class RenderResult:
 def render(
     cache: ModelCache,
     *,
-    base: str,
     controls: Sequence[ControlInput],
     prompt: str,
     negative_prompt: str,
     seeds: Sequence[int],
+    **settings: Any,
+) -> RenderResult:
+    """One prompt and one control map per unit, one image per seed: `render_batch` of a single task."""
+    units = [Unit(c.model, c.scale, c.start, c.end) for c in controls]
+    maps = tuple(c.image for c in controls)
+    return render_batch(
+        cache, units=units, items=[Item(prompt, negative_prompt, seed, maps) for seed in seeds], **settings
+    )
+
+
+def render_batch(
+    cache: ModelCache,
+    *,
+    base: str,
+    units: Sequence[Unit],
+    items: Sequence[Item],
     steps: int,
     guidance_scale: float,
     width: int,
@@ -94,26 +130,29 @@ def render(
     compile: CompileOptions | None = None,
     skip_outside_window: bool = True,
 ) -> RenderResult:
-    """Render one image per seed, in one pipeline call when memory allows.
+    """Render one image per item, in one pipeline call when memory allows.
 
     The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. `vae` replaces the base's
     VAE, `quantize` ("int8") loads the ControlNets quantised, `compile` runs the UNet and ControlNets compiled
     (once per process, see `ModelCache.compiled`), and `skip_outside_window` skips each ControlNet at the steps
     where its scale is 0 (bitwise the same images; False runs diffusers' own stack, for comparison).
 
-    A batch that runs out of GPU memory is rendered again in halves, down to one seed, so the images come back
-    as batched ones do (each within 1/255 of its one-seed render), in seed order; one seed that does not fit
-    raises torch.OutOfMemoryError. `on_step(step, total)` follows the denoising loop: step runs 1..total, and
-    total is the scheduler's number of timesteps, which is `steps` for most but `steps + 1` for PNDM (SD 1.5's
-    default); a split batch reports each part's steps.
+    Each item keeps its own starting noise (a CPU generator seeded with its seed), so an image depends on its
+    batch only through the kernels' arithmetic: within 1/255 of its render alone, and bitwise the same when
+    alone. Prompts are encoded once per process and prompt pair (`ModelCache.prompt_embeddings`).
+
+    A batch that runs out of GPU memory is rendered again in halves, down to one image, so the images come back
+    in item order; one that does not fit alone raises torch.OutOfMemoryError. `on_step(step, total)` follows
+    the denoising loop: step runs 1..total, and total is the scheduler's number of timesteps, which is `steps`
+    for most but `steps + 1` for PNDM (SD 1.5's default); a split batch reports each part's steps.
     """
-    _check(controls, seeds, width, height, scheduler, output_type)
+    _check(units, items, width, height, scheduler, output_type)
     components = cache.base(base)
     if vae is not None:
         components = {**components, "vae": cache.vae(vae)}
-    nets = cache.controlnets([control.model for control in controls], quantize)
-    _check_fits(base, components, controls, nets)
-    cache.note_stack((base, vae or "", quantize or "", *(control.model for control in controls)))
+    nets = cache.controlnets([unit.model for unit in units], quantize)
+    _check_fits(base, components, units, nets)
+    cache.note_stack((base, vae or "", quantize or "", *(unit.model for unit in units)))
     if compile is not None:
         components = {**components, "unet": cache.compiled(components["unet"], compile)}
         nets = [cache.compiled(net, compile) for net in nets]
@@ -121,26 +160,25 @@ def render(
     chosen = _fresh_scheduler(components["scheduler"], scheduler)
     # Known from the loaded modules, so pipeline class and components cannot disagree.
     pipeline_class = _ResidentSDXL if "text_encoder_2" in components else _ResidentSD
+    guided = guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
 
-    def run(chunk: Sequence[int]) -> list[Any]:
+    def run(chunk: Sequence[Item]) -> list[Any]:
         # A scheduler per call, as each keeps per-call state (timesteps, step index).
         pipe = _pipeline(pipeline_class, {**components, "scheduler": copy.deepcopy(chosen)}, stack)
-        # CPU generators: the starting noise then depends on the seed alone, not on the device that renders.
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in chunk]
+        # CPU generators: the starting noise then depends on the seed alone, not on the device or the batch.
+        generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
         with torch.inference_mode():
             output = pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                # Lists, one entry per unit, also for one unit: the stack is always a MultiControlNetModel.
-                image=[control.image for control in controls],
-                controlnet_conditioning_scale=[control.scale for control in controls],
-                control_guidance_start=[control.start for control in controls],
-                control_guidance_end=[control.end for control in controls],
+                **_embeddings(cache, pipe, chunk, guided),
+                image=_images(chunk),
+                controlnet_conditioning_scale=[unit.scale for unit in units],
+                control_guidance_start=[unit.start for unit in units],
+                control_guidance_end=[unit.end for unit in units],
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 width=width,
                 height=height,
-                num_images_per_prompt=len(chunk),
+                num_images_per_prompt=1,
                 generator=generators,
                 output_type=output_type,
                 callback_on_step_end=None if on_step is None else _step_callback(on_step),
@@ -149,12 +187,40 @@ def render(
 
     config = json.loads(chosen.to_json_string())
     return RenderResult(
-        images=_halving_on_oom(run, list(seeds), cache.device),
+        images=_halving_on_oom(run, list(items), cache.device),
         scheduler={
             "class": type(chosen).__name__,
             "config": {key: value for key, value in config.items() if not key.startswith("_")},
         },
     )
+
+
+def _images(chunk: Sequence[Item]) -> list[PIL.Image.Image | np.ndarray]:
+    """The call's control maps as both pipelines take them for a MultiControlNetModel (always used, also for one
+    unit): per unit, the one map every item shares (the pipeline repeats it, as it always has for a task's
+    seeds), or a batch of one map per item, converted exactly as diffusers converts a PIL image (the SDXL
+    pipeline refuses nested lists of images)."""
+    images: list[PIL.Image.Image | np.ndarray] = []
+    for unit, shared in enumerate(chunk[0].maps):
+        maps = [item.maps[unit] for item in chunk]
+        if all(m is shared for m in maps):
+            images.append(shared)
+        else:
+            images.append(np.stack([np.array(m).astype(np.float32) / 255.0 for m in maps]))
+    return images
+
+
+def _embeddings(cache: ModelCache, pipe: DiffusionPipeline, chunk: Sequence[Item], guided: bool) -> dict[str, Any]:
+    """The call's prompt embeddings, stacked from each item's pair, encoded once per process and pair: the same
+    tensors the pipeline would have made, without the text encoders running for every task."""
+    pairs = [cache.prompt_embeddings(pipe, item.prompt, item.negative_prompt, guided) for item in chunk]
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    stacked: dict[str, Any] = {}
+    for index, name in enumerate(names[: len(pairs[0])]):
+        tensors = [pair[index] for pair in pairs]
+        if all(tensor is not None for tensor in tensors):
+            stacked[name] = torch.cat(tensors)  # type: ignore[arg-type]
+    return stacked
 
 
 class _Resident:
@@ -191,61 +257,62 @@ def _pipeline(
     return pipe
 
 
-def _halving_on_oom(run: Callable[[Sequence[int]], list[Any]], seeds: list[int], device: torch.device) -> list[Any]:
-    """`run(seeds)`, or, when that runs out of memory, `run` on each half of the seeds, recursively."""
+def _halving_on_oom(run: Callable[[Sequence[Item]], list[Any]], items: list[Item], device: torch.device) -> list[Any]:
+    """`run(items)`, or, when that runs out of memory, `run` on each half of the items, recursively."""
     try:
-        return run(seeds)
+        return run(items)
     except torch.OutOfMemoryError as error:
-        if len(seeds) == 1:
+        if len(items) == 1:
             raise torch.OutOfMemoryError(
                 f"out of memory on {device} rendering a single image; lower the resolution or the number of "
                 f"ControlNets, or use a larger GPU ({str(error).splitlines()[0]})"
             ) from error
     # Retried outside the except block, so the failed attempt's tensors (held by the traceback) are freed.
-    log.warning("out of memory on %s with %d seeds in one batch; rendering them in halves", device, len(seeds))
+    log.warning("out of memory on %s with %d images in one batch; rendering them in halves", device, len(items))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    half = (len(seeds) + 1) // 2
-    return _halving_on_oom(run, seeds[:half], device) + _halving_on_oom(run, seeds[half:], device)
+    half = (len(items) + 1) // 2
+    return _halving_on_oom(run, items[:half], device) + _halving_on_oom(run, items[half:], device)
 
 
 def _check(
-    controls: Sequence[ControlInput],
-    seeds: Sequence[int],
+    units: Sequence[Unit],
+    items: Sequence[Item],
     width: int,
     height: int,
     scheduler: str,
     output_type: str,
 ) -> None:
     """Refuse what the pipeline would silently reinterpret (resizing control maps) or fail on deep inside."""
-    if not controls:
+    if not units:
         raise InvalidInput("a render needs at least one ControlNet")
-    if not seeds:
+    if not items:
         raise InvalidInput("a render needs at least one seed")
     if scheduler not in SCHEDULERS:
         raise InvalidInput(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unknown output type {output_type!r}; one of {', '.join(OUTPUT_TYPES)}")
-    for control in controls:
-        if control.image.size != (width, height) or control.image.mode != "RGB":
-            raise InvalidInput(
-                f"control map for {control.model!r} is {control.image.mode} {control.image.size[0]}×"
-                f"{control.image.size[1]}; the render needs RGB {width}×{height}"
-            )
+    for item in items:
+        if len(item.maps) != len(units):
+            raise InvalidInput(f"an image has {len(item.maps)} control maps for {len(units)} ControlNets")
+        for unit, image in zip(units, item.maps, strict=True):
+            if image.size != (width, height) or image.mode != "RGB":
+                raise InvalidInput(
+                    f"control map for {unit.model!r} is {image.mode} {image.size[0]}×{image.size[1]}; the render "
+                    f"needs RGB {width}×{height}"
+                )
 
 
-def _check_fits(
-    base: str, components: dict[str, Any], controls: Sequence[ControlInput], nets: Sequence[ControlNetModel]
-) -> None:
+def _check_fits(base: str, components: dict[str, Any], units: Sequence[Unit], nets: Sequence[ControlNetModel]) -> None:
     """Refuse a ControlNet or VAE made for another architecture (an SD 1.5 net under SDXL, say) with one line,
     rather than a shape error from deep inside the first step."""
     unet = components["unet"].config
     if components["vae"].config.latent_channels != unet.in_channels:
         raise InvalidInput(f"the VAE's {components['vae'].config.latent_channels} latent channels do not fit {base!r}")
-    for control, net in zip(controls, nets, strict=True):
+    for unit, net in zip(units, nets, strict=True):
         wants = (net.config.cross_attention_dim, net.config.addition_embed_type)
         if wants != (unet.cross_attention_dim, unet.addition_embed_type):
-            raise InvalidInput(f"ControlNet {control.model!r} is made for another kind of base model than {base!r}")
+            raise InvalidInput(f"ControlNet {unit.model!r} is made for another kind of base model than {base!r}")
 
 
 def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:
