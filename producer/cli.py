@@ -147,7 +147,12 @@ def rerender(
     except ArchfarmError as e:
         _fail(str(e))
     for name in result.model_changes:
-        err.print(f"archfarm: warning: model {name} has other weights than when the image was made", markup=False)
+        _warn(f"model {name} has other weights than when the image was made")
+    if result.shared_call:
+        _warn(
+            f"the image shared its pipeline call with {result.shared_call} other task(s): rendered alone, it "
+            "matches within 1/255, not bitwise"
+        )
     out.print(str(result.image), markup=False)
 
 

@@ -21,6 +21,9 @@ class Rerendered:
     image: Path
     model_changes: list[str]
     """Models whose weights differ from the ones the sidecar recorded (the image may then differ too)."""
+    shared_call: int
+    """Other tasks the original shared its pipeline call with: the re-render (alone) matches it within 1/255,
+    not bitwise, when there were any."""
 
 
 def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendered:
@@ -47,7 +50,11 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
         raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta['key']}: {problems}")
     fresh = json.loads(image.with_suffix(".json").read_text())
-    return Rerendered(image=image, model_changes=_changed_models(meta["models"], fresh["models"]))
+    return Rerendered(
+        image=image,
+        model_changes=_changed_models(meta["models"], fresh["models"]),
+        shared_call=meta.get("call", {}).get("tasks", 1) - 1,
+    )
 
 
 def _read(path: Path) -> dict[str, Any]:

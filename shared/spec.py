@@ -23,6 +23,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES_PER_JOB = 1_000_000
+MAX_BATCH_IMAGES = 64
+"""Most images one pipeline call renders (`batch: N`); `auto` stays within 16."""
 MAX_DEPTH = 32
 MAX_VALUES = 2_500_000
 """Room for a job listing a million seeds, 10,000 plans and 1,000 styles."""
@@ -143,7 +145,12 @@ class Profile(_Strict):
     guidance_scale: float = Field(7.5, ge=0.0, le=30.0)
     width: int = Field(512, ge=64, le=2048)
     height: int = Field(512, ge=64, le=2048)
-    seeds_per_task: int = Field(1, ge=1, le=64)
+    seeds_per_task: int = Field(1, ge=1, le=64, description="seeds per task: how a job is cut, not how a GPU is fed")
+    batch: Literal["auto"] | Annotated[int, Field(ge=1, le=MAX_BATCH_IMAGES)] = Field(
+        "auto",
+        description="images per pipeline call, gathered from several tasks: `auto` sizes it for the device (one "
+        "task per call on a CPU); a number caps it",
+    )
     scheduler: Literal[SCHEDULERS] = "default"  # type: ignore[valid-type]
     vae: ModelRef | None = Field(None, description="a separate VAE, e.g. an fp16-safe SDXL VAE")
     compile: bool = Field(False, description="torch.compile the UNet and ControlNets (once per worker and shape)")
@@ -173,8 +180,11 @@ class Profile(_Strict):
         return value
 
     def digest(self) -> str:
-        """Content hash of the settings: part of every output key, so a changed profile never overwrites."""
-        return _digest(self.model_dump(mode="json"))
+        """Content hash of the settings: part of every output key, so a changed profile never overwrites.
+
+        `batch` is left out: it says how a worker feeds its device, not what an image is, and a task rewrites
+        the same keys whatever batch it shares."""
+        return _digest(self.model_dump(mode="json", exclude={"batch"}))
 
 
 class Style(_Strict):

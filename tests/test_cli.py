@@ -215,6 +215,25 @@ def test_rerender_reproduces_the_image_bitwise(env: dict[str, str], tmp_path: Pa
     assert "warning" not in again.stderr
 
 
+def test_rerender_of_an_image_that_shared_its_call_is_close_and_says_so(
+    env: dict[str, str], tmp_path: Path, example_plan: Path
+) -> None:
+    profile = tmp_path / "batched.yaml"
+    profile.write_text(FAST_PROFILE.replace("steps: 3", "steps: 3\n  batch: 2"))
+    args = ["render", str(example_plan), "--style", "modern", "--seeds", "2", "--profile", str(profile)]
+    assert CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    original = sorted((tmp_path / "a").rglob("seed-1_*.png"))[0]
+    assert json.loads(original.with_suffix(".json").read_text())["call"] == {"images": 2, "tasks": 2}
+    again = CliRunner().invoke(app, ["rerender", str(original.with_suffix(".json")), "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    copy = np.asarray(Image.open(again.stdout.strip()), dtype=np.int16)
+    assert np.abs(copy - np.asarray(Image.open(original), dtype=np.int16)).max() <= 1
+    assert again.stderr.strip() == (
+        "archfarm: warning: the image shared its pipeline call with 1 other task(s): rendered alone, it matches "
+        "within 1/255, not bitwise"
+    )
+
+
 def test_rerender_refuses_what_is_not_a_sidecar(env: dict[str, str], tmp_path: Path) -> None:
     bogus = tmp_path / "x.json"
     bogus.write_text("{}")

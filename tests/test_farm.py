@@ -277,3 +277,33 @@ def test_second_sigint_stops_at_once_and_the_task_runs_elsewhere(farm: Farm, sta
         assert session.scalar(select(Task.status).where(Task.id == task_id)) is TaskStatus.QUEUED
     start_workers("cpu:1")
     assert farm.wait(job_id, timeout=180).status is JobStatus.SUCCEEDED
+
+
+def test_a_call_batching_four_tasks_killed_mid_render_loses_nothing(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str
+) -> None:
+    """`batch: 4`: a worker takes four tasks into one call; its pool process is killed while they render;
+    every one of them is rendered again, once, and the job ends by itself."""
+    batched = {**SLOW, "width": 128, "height": 128, "steps": 20, "batch": 4}
+    start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, batched, seeds=4))
+
+    def four_running() -> str | None:
+        with farm.sessions() as session:
+            holders = session.scalars(
+                select(Task.worker).where(Task.job_id == job_id, Task.status == TaskStatus.RUNNING)
+            ).all()
+        return holders[0] if len(holders) == 4 and len(set(holders)) == 1 else None
+
+    holder = wait_for_value(four_running, 60, "a call of four tasks")
+    (child,) = children_of(pid_of(farm, holder))
+    os.kill(child, signal.SIGKILL)
+    view = farm.wait(job_id, timeout=180)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 8
+    assert_exactly_one_artifact_per_image(farm, job_id, 8, s3_server, s3_bucket)
+    sidecar = json.loads(
+        s3_server.client()
+        .get_object(Bucket=s3_bucket, Key=farm.results(job_id)[0].sidecar_url.split(f"{s3_bucket}/", 1)[1])["Body"]
+        .read()
+    )
+    assert sidecar["call"]["tasks"] > 1

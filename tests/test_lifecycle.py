@@ -8,12 +8,15 @@ errors back off for as long as the time budget lasts; an outcome is kept through
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -360,3 +363,97 @@ def test_a_cancel_stops_the_task_and_leaves_it_cancelled(
 
     assert lifecycle.run(task_id, progress=cancel_on_first_step) is TaskStatus.CANCELLED
     assert task(sessions, task_id).status is TaskStatus.CANCELLED
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_a_worker_renders_several_tasks_of_a_job_in_one_call(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    """`batch: 4`: the delivered task and three more of its job in one call; each image within 1/255 of its
+    render alone, under the same key; the tasks not taken stay queued for their own messages."""
+    ids = submit(sessions, settings, plan, 6, str(tmp_path / "batched"), batch=4)
+    lifecycle = worker(settings, sessions, "gpu-a", Sent())
+    assert lifecycle.run(ids[0]) is TaskStatus.RUNNING
+    lifecycle.flush()
+    statuses = [task(sessions, t).status for t in ids]
+    assert statuses == [TaskStatus.SUCCEEDED] * 4 + [TaskStatus.QUEUED] * 2
+    assert lifecycle.run(ids[2]) is TaskStatus.SUCCEEDED  # its own message finds it done
+    lifecycle.run(ids[4])
+    lifecycle.close()
+    assert {task(sessions, t).status for t in ids} == {TaskStatus.SUCCEEDED}
+    sidecar = json.loads(next((tmp_path / "batched").rglob("seed-0_*.json")).read_text())
+    assert sidecar["call"] == {"images": 4, "tasks": 4}
+
+    alone_ids = submit(sessions, settings, plan, 6, str(tmp_path / "alone"), batch=1)
+    solo = worker(settings, sessions, "gpu-b", Sent())
+    for task_id in alone_ids:
+        solo.run(task_id)
+    solo.close()
+    batched = sorted((tmp_path / "batched").rglob("*.png"))
+    alone = sorted((tmp_path / "alone").rglob("*.png"))
+    assert [p.name for p in batched] == [p.name for p in alone]  # the same keys: batch is not in the digest
+    for together, single in zip(batched, alone, strict=True):
+        assert np.abs(pixels(together) - pixels(single)).max() <= 1
+
+
+def test_a_task_that_cannot_be_prepared_fails_alone_and_its_batch_renders(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path, example_plan: Path
+) -> None:
+    other = tmp_path / "other.png"
+    drawn = Image.open(example_plan).convert("RGB")
+    drawn.paste((0, 0, 0), (10, 10, 60, 60))  # another plan
+    drawn.save(other)
+    spec = JobSpec.model_validate(
+        {
+            "plans": [str(plan), str(other)],
+            "styles": ["modern"],
+            "seeds": {"count": 2},
+            "profile": {**PROFILE, "batch": 4},
+            "output": str(tmp_path / "out"),
+        }
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    other.unlink()  # its tasks cannot be read any more
+    sent = Sent()
+    lifecycle = worker(settings, sessions, "gpu-a", sent)
+    lifecycle.run(job.tasks[0].id)
+    lifecycle.close()
+    by_plan = {(t.plan.name, t.seeds[0]): task(sessions, t.id) for t in job.tasks}
+    assert {by_plan["plan", s].status for s in (0, 1)} == {TaskStatus.SUCCEEDED}
+    assert {by_plan["other", s].status for s in (0, 1)} == {TaskStatus.QUEUED}  # sent on, to another node
+    assert sorted(task_id for task_id, _ in sent) == sorted(t.id for t in job.tasks if t.plan.name == "other")
+
+
+def test_a_cancel_stops_every_task_of_the_call(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    ids = submit(sessions, settings, plan, 3, str(tmp_path / "out"), steps=40, batch=3)
+    lifecycle = worker(settings, sessions, "gpu-a", Sent())
+
+    def cancel_on_first_step(task: str, step: int, total: int) -> None:
+        if step == 1:
+            with sessions.begin() as session:
+                session.execute(update(Job).values(cancelled_at=Job.created_at))
+
+    assert lifecycle.run(ids[0], progress=cancel_on_first_step) is TaskStatus.CANCELLED
+    assert [task(sessions, t).status for t in ids] == [TaskStatus.CANCELLED] * 3
+
+
+def test_a_crash_mid_call_sends_every_task_of_it_again(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    from shared.db.store import claim_more
+
+    ids = submit(sessions, settings, plan, 4, str(tmp_path / "out"), batch=4)
+    with sessions.begin() as session:  # what a process rendering a batch of four holds when it is killed
+        claim_task(session, ids[0], "gpu-a#1")
+        assert claim_more(session, task(sessions, ids[0]).job_id, "gpu-a#1", 3) == ids[1:]
+    sent = Sent()
+    worker(settings, sessions, "gpu-a", sent).recover_crashed("the worker process running it died")
+    assert sorted(sent) == sorted((t, 0) for t in ids)
+    assert {task(sessions, t).status for t in ids} == {TaskStatus.QUEUED}

@@ -36,6 +36,7 @@ from shared.db.models import Job, Task, TaskStatus
 from shared.db.store import (
     blocklisted_nodes,
     cancel_task,
+    claim_more,
     claim_task,
     fail_task,
     failure_counts,
@@ -50,10 +51,11 @@ from shared.db.store import (
     worker_progress,
 )
 from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError, TransientError
+from shared.limits import batch_cap
 from shared.spec import Profile, Style
 from shared.storage import Storage
 from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
-from workers.renderer import Rendered, Renderer, Work
+from workers.renderer import Prepared, Rendered, Renderer, Work
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,13 @@ class Lifecycle:
     # --- delivery ----------------------------------------------------------------------------------------
 
     def run(self, task_id: str, progress: ProgressFn | None = None) -> TaskStatus | None:
-        """Claim and render one task; its upload and completion continue in the background (see `flush`).
+        """Claim and render one task, with as many more queued tasks of its job as the device's batch takes
+        (`batch`: one task per call on a CPU by default); uploads and completion continue in the background
+        (see `flush`).
 
-        Returns the task's state as this call leaves it: RUNNING while its upload is pending, None when the
-        task does not exist or the database stayed unreachable (the sweeper re-sends it). Never raises for
-        anything the task did: every error is settled on the task's row.
+        Returns the delivered task's state as this call leaves it: RUNNING while its upload is pending, None
+        when it does not exist or the database stayed unreachable (the sweeper re-sends it). Never raises for
+        anything a task did: every error is settled on its task's row.
         """
         try:
             if self._recovery is not None:
@@ -173,11 +177,17 @@ class Lifecycle:
         if not isinstance(claimed, Held):
             return claimed
         try:
-            work = self._work(claimed)
-            rendered = self._render(work, progress)
+            first = self._prepare(claimed)
         except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
             return self._settle(claimed, error)
-        self._upload_behind(claimed, work, rendered)
+        batch = [(claimed, first), *self._gather(claimed, first)]
+        try:
+            results = self._render([prepared for _, prepared in batch], progress)
+        except Exception as error:  # noqa: BLE001 - the whole call failed: each of its tasks is settled
+            statuses = [self._settle(held, error) for held, _ in batch]
+            return statuses[0]
+        for (held, prepared), rendered in zip(batch, results, strict=True):
+            self._upload_behind(held, prepared.work, rendered)
         return TaskStatus.RUNNING
 
     def flush(self) -> None:
@@ -240,15 +250,13 @@ class Lifecycle:
         if not claim_task(session, task_id, self.worker):
             return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
         self._progress(session, started=task_id)
-        task = session.execute(
-            select(Task.plan_url, Task.plan_digest, Task.style, Task.seeds, Task.outputs).where(Task.id == task_id)
-        ).one()
+        (held,) = self._held(session, job_id, [task_id])
         if job_id not in self._jobs:
             if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them
                 self._jobs.clear()
             job = session.execute(select(Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
             self._jobs[job_id] = _JobInfo(job.name, job.output_url, job.spec)
-        return Held(task_id, job_id, task._asdict())
+        return held
 
     def _work(self, held: Held) -> Work:
         """The claimed task's inputs, its job's spec parsed once per job (pure: nothing on this machine is
@@ -271,11 +279,47 @@ class Lifecycle:
             profile=job.profile,
         )
 
-    def _render(self, work: Work, progress: ProgressFn | None) -> Rendered:
+    def _prepare(self, held: Held) -> Prepared:
+        """The task's inputs and control maps; raises for that task alone."""
         if self.renderer is None:
             # Built by the first task, in the process that renders (CUDA must start after any fork).
             self.renderer = Renderer(self.settings, self.map_storage)
-        rendered = self.renderer.render(work, self._step_callback(work, progress))
+        return self.renderer.prepare(self._work(held))
+
+    def _gather(self, first: Held, prepared: Prepared) -> list[tuple[Held, Prepared]]:
+        """More queued tasks of the same job (one stack and shape) for the same call, up to the images the
+        device takes; each prepared on its own, so one whose plan is unreadable fails alone."""
+        assert self.renderer is not None  # noqa: S101 - `_prepare` built it
+        profile = prepared.work.profile
+        images = self.renderer.images_per_call(profile, batch_cap(profile, self.settings))
+        wanted = images // profile.seeds_per_task - 1
+        if wanted < 1:
+            return []
+        try:
+            more = self._db(lambda session: self._claim_more(session, first.job_id, wanted), CLAIM_PATIENCE_S)
+        except (TimeoutError, *DATABASE_DOWN):
+            return []  # the delivered task alone, then
+        batch = []
+        for held in more:
+            try:
+                batch.append((held, self.renderer.prepare(self._work(held))))
+            except Exception as error:  # noqa: BLE001 - settled on its own row; the others render
+                self._settle(held, error)
+        return batch
+
+    def _claim_more(self, session: Session, job_id: str, limit: int) -> list[Held]:
+        return self._held(session, job_id, claim_more(session, job_id, self.worker, limit))
+
+    @staticmethod
+    def _held(session: Session, job_id: str, ids: list[str]) -> list[Held]:
+        """Claimed tasks with the columns a render needs, in the order given."""
+        columns = (Task.id, Task.plan_url, Task.plan_digest, Task.style, Task.seeds, Task.outputs)
+        found = {row.id: row._asdict() for row in session.execute(select(*columns).where(Task.id.in_(ids)))}
+        return [Held(task_id, job_id, found[task_id]) for task_id in ids]
+
+    def _render(self, batch: list[Prepared], progress: ProgressFn | None) -> list[Rendered]:
+        assert self.renderer is not None  # noqa: S101 - `_prepare` built it
+        rendered = self.renderer.render(batch, self._step_callback(batch[0].work, progress))
         self._cache_state = self.renderer.snapshot()
         return rendered
 

@@ -24,9 +24,10 @@ from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
+from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device
-from workers.engine.pipeline import ControlInput, render
+from workers.engine.pipeline import Item, Unit, render_batch
 from workers.preprocessors import ControlMaps
 from workers.sidecar import sidecar
 
@@ -51,11 +52,22 @@ class Work:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """A task's control maps, made before its batch renders: a task whose plan cannot be read fails alone."""
+
+    work: Work
+    maps: tuple[Image.Image, ...]
+    preprocess_s: float
+
+
+@dataclass(frozen=True)
 class Rendered:
     images: list[Image.Image]
     scheduler: dict[str, Any]
     models: dict[str, Any]
     timings: dict[str, float]
+    call: dict[str, int]
+    """The pipeline call the images came from: images and tasks in it (1 task: bitwise reproducible alone)."""
 
 
 class Renderer:
@@ -74,38 +86,54 @@ class Renderer:
         self.maps = ControlMaps(
             map_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
         )
+        self.sizer = BatchSizer(self.device)
         self._storages: dict[str, Storage] = {}
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
         return self.cache.resident(), sum(self.cache.loads.values()), self.cache.swaps
 
-    def render(self, work: Work, on_step: StepFn | None) -> Rendered:
-        timings: dict[str, float] = {}
+    def images_per_call(self, profile: Profile, cap: int) -> int:
+        """How many images to gather into one call for this profile (`workers.engine.batching`)."""
+        return self.sizer.images(
+            _stack(profile),
+            profile.width * profile.height / 1e6,
+            cap,
+            auto=profile.batch == "auto",
+            one_task=profile.seeds_per_task,
+        )
+
+    def prepare(self, work: Work) -> Prepared:
+        """The task's control maps, at the render size (cached by content, see `ControlMaps`)."""
         started = time.perf_counter()
         profile = work.profile
         plan = functools.cache(lambda: self._plan(work))  # read and decoded only if a map must be computed
+        maps = tuple(
+            self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height)
+            for unit in profile.controls
+        )
+        return Prepared(work, maps, time.perf_counter() - started)
+
+    def render(self, batch: list[Prepared], on_step: StepFn | None) -> list[Rendered]:
+        """Every prepared task of one profile in one call (each of its seeds an image); per task, its images."""
+        profile = batch[0].work.profile
         family = self.cache.family(profile.base)
-        controls = [
-            ControlInput(
-                model=unit.model or default_controlnet(profile.base, unit.kind, family),
-                image=self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height),
-                scale=unit.scale,
-                start=unit.start,
-                end=unit.end,
-            )
+        units = [
+            Unit(unit.model or default_controlnet(profile.base, unit.kind, family), unit.scale, unit.start, unit.end)
             for unit in profile.controls
         ]
-        timings["preprocess_s"] = time.perf_counter() - started
-
+        items = [
+            Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps)
+            for task in batch
+            for seed in task.work.seeds
+        ]
         started = time.perf_counter()
-        result = render(
+        self.sizer.start()
+        result = render_batch(
             self.cache,
             base=profile.base,
-            controls=controls,
-            prompt=work.style.prompt,
-            negative_prompt=work.style.negative_prompt,
-            seeds=work.seeds,
+            units=units,
+            items=items,
             steps=profile.steps,
             guidance_scale=profile.guidance_scale,
             width=profile.width,
@@ -118,14 +146,26 @@ class Renderer:
             if profile.compile
             else None,
         )
-        timings["render_s"] = time.perf_counter() - started
+        self.sizer.measure(_stack(profile), len(items))
+        render_s = time.perf_counter() - started
         models: dict[str, Any] = {
             "base": self.cache.identity(profile.base),
-            "controlnets": [self.cache.identity(c.model) for c in controls],
+            "controlnets": [self.cache.identity(unit.model) for unit in units],
         }
         if profile.vae is not None:
             models["vae"] = self.cache.identity(profile.vae)
-        return Rendered(list(result.images), result.scheduler, models, timings)  # type: ignore[arg-type]
+        call = {"images": len(items), "tasks": len(batch)}
+        images = iter(result.images)
+        return [
+            Rendered(
+                images=[next(images) for _ in task.work.seeds],  # type: ignore[misc]
+                scheduler=result.scheduler,
+                models=models,
+                timings={"preprocess_s": task.preprocess_s, "render_s": render_s},
+                call=call,
+            )
+            for task in batch
+        ]
 
     def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
         """Every image and its sidecar into the job's output; the artifact rows to record for them."""
@@ -175,6 +215,7 @@ class Renderer:
             device=str(self.device),
             timings=timings,
             image_sha256=hashlib.sha256(png).hexdigest(),
+            call=rendered.call,
         )
         storage.put(key, png, "image/png")
         storage.put(side_key, json.dumps(meta, indent=2).encode(), "application/json")
@@ -190,3 +231,9 @@ class Renderer:
             "height": image.height,
             "size_bytes": len(png),
         }
+
+
+def _stack(profile: Profile) -> tuple[object, ...]:
+    """What a call's memory per image depends on: the models and the size."""
+    units = tuple((unit.kind, unit.model) for unit in profile.controls)
+    return (profile.base, profile.vae, profile.quantize, profile.width, profile.height, units)

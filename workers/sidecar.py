@@ -45,15 +45,17 @@ def sidecar(
     device: str,
     timings: dict[str, float],
     image_sha256: str,
+    call: dict[str, int],
 ) -> dict[str, Any]:
     return {
         "format": "archfarm.sidecar/1",
         "job": job,
         "task": task_id,
         "key": key,
-        # Seeds rendered in the same pipeline call: a batch matches one-seed renders only within 1/255, so an
-        # exact re-render repeats the whole batch.
+        # The task's seeds, rendered together: a re-render repeats them, bitwise the same on a CPU when the
+        # call held this task alone (`call`), within 1/255 when it shared the call with other tasks.
         "batch_seeds": batch_seeds,
+        "call": call,
         "plan": plan,
         "style": style,
         "seed": seed,

@@ -41,18 +41,38 @@ def _transition(
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def _claimed(worker: str) -> dict[str, Any]:
+    return {"worker": worker, "attempts": Task.attempts + 1, "started_at": db_now(), "error": None}
+
+
 def claim_task(session: Session, task_id: str, worker: str) -> bool:
     """queued → running for `worker`; False when another worker, a cancel or a finish got there first."""
-    return _transition(
-        session,
-        task_id,
-        [TaskStatus.QUEUED],
-        TaskStatus.RUNNING,
-        worker=worker,
-        attempts=Task.attempts + 1,
-        started_at=db_now(),
-        error=None,
+    return _transition(session, task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING, **_claimed(worker))
+
+
+def claim_more(session: Session, job_id: str, worker: str, limit: int) -> list[str]:
+    """Up to `limit` more queued tasks of a job for `worker` to render in the same call, in expansion order,
+    none that is waiting out a delay. Their own messages find them taken (or done) and do nothing."""
+    ids = list(
+        session.scalars(
+            select(Task.id)
+            .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.due_at <= db_now())
+            .order_by(Task.ordinal)
+            .limit(limit)
+        )
     )
+    if not ids:
+        return []
+    claimed = set(
+        session.scalars(
+            update(Task)
+            .where(Task.id.in_(ids), Task.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.RUNNING, **_claimed(worker))
+            .returning(Task.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    return [task_id for task_id in ids if task_id in claimed]
 
 
 def finish_task(session: Session, task_id: str, worker: str) -> bool:
