@@ -97,3 +97,21 @@ def test_prompts_are_encoded_once_per_pair(models_dir) -> None:  # type: ignore[
     assert cache.prompt_encodes == 1
     tiny_render(cache, base="tiny-sd15", net="tiny-canny", seeds=[1], prompt="another room")
     assert cache.prompt_encodes == 2
+
+
+def test_each_hint_encoder_runs_once_per_call(model_cache: ModelCache) -> None:
+    """The control image is encoded once per call, not at every step; the images are bitwise unchanged (the
+    comparison with diffusers' own pipeline above runs with the encoder cached)."""
+    encoder = model_cache.controlnet("tiny-canny").controlnet_cond_embedding
+    calls: list[int] = []
+    handle = encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        tiny_render(model_cache, base="tiny-sd15", net="tiny-canny", seeds=[1, 2])
+        first = len(calls)
+        # Two units on the same net, with two maps: each encoded once.
+        two = [ControlInput("tiny-canny", PLAN_A, 0.5, 0.0, 1.0), ControlInput("tiny-canny", PLAN_B, 0.5, 0.0, 1.0)]
+        tiny_render(model_cache, base="tiny-sd15", net="tiny-canny", seeds=[1], controls=two)
+    finally:
+        handle.remove()
+    assert (first, len(calls) - first) == (1, 2)
+    assert model_cache.controlnet("tiny-canny").controlnet_cond_embedding is encoder  # put back after the call

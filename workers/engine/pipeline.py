@@ -34,6 +34,7 @@ from diffusers import (
 from shared.errors import InvalidInput
 from shared.registry import SCHEDULERS
 from workers.engine.compile import CompileOptions
+from workers.engine.hints import hints_once
 from workers.engine.models import ModelCache
 from workers.engine.windows import WindowedControlNets
 
@@ -167,7 +168,7 @@ def render_batch(
         pipe = _pipeline(pipeline_class, {**components, "scheduler": copy.deepcopy(chosen)}, stack)
         # CPU generators: the starting noise then depends on the seed alone, not on the device or the batch.
         generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
-        with torch.inference_mode():
+        with torch.inference_mode(), hints_once(nets):
             output = pipe(
                 **_embeddings(cache, pipe, chunk, guided),
                 image=_images(chunk),
