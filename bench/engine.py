@@ -2,7 +2,8 @@
 
     python bench/engine.py [--quick] [--json] [--sizes 64,256] [--compile-backend inductor]
 
-For each size: images/s with seeds_per_task 1 vs 4; steady-state seconds per render eager vs compiled
+For each size: images/s with seeds_per_task 1 vs 4; four tasks (two plans × two styles) in one call vs a
+call each, as a worker batches them; steady-state seconds per render eager vs compiled
 (the first compiled call is reported apart); with and without skipping ControlNets outside their
 control_guidance window; then ControlNet swap cost from the offload tier vs from disk, and loads, swaps and
 evictions for a sequence of tasks mixing two stacks, in archfarm's order (grouped) vs arrival order.
@@ -29,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.engine.compile import CompileOptions  # noqa: E402
 from workers.engine.models import ModelCache, module_bytes  # noqa: E402
-from workers.engine.pipeline import ControlInput, render  # noqa: E402
+from workers.engine.pipeline import ControlInput, Item, Unit, render, render_batch  # noqa: E402
 from workers.engine.presets import resolve  # noqa: E402
 from workers.preprocessors.canny import AdaptiveCanny  # noqa: E402
 from workers.preprocessors.plan_depth import PlanDepth  # noqa: E402
 
 PLAN = Path(__file__).resolve().parents[1] / "examples" / "floorplan.png"
 PROMPT = "modern interior design, clean lines, natural light"
+OTHER_PROMPT = "industrial loft interior, exposed brick, concrete floor"
 
 
 def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -79,6 +81,29 @@ def measure_size(
         )
 
     single, batch = side_by_side(lambda: run(one, [0]), lambda: run(one, [0, 1, 2, 3]), repeats)
+    # Four tasks of a job (two plans × two styles) in one call, as a worker batches them, vs a call each.
+    tasks = [
+        Item(prompt, "", seed, (maps,))
+        for seed, (prompt, maps) in enumerate(
+            [(PROMPT, edges), (PROMPT, depth), (OTHER_PROMPT, edges), (OTHER_PROMPT, depth)]
+        )
+    ]
+    units = [Unit("tiny-canny", 0.9, 0.0, 1.0)]
+
+    def call(items: list[Item]) -> object:
+        return render_batch(
+            cache,
+            base="tiny-sd15",
+            units=units,
+            items=items,
+            steps=steps,
+            guidance_scale=7.5,
+            width=size,
+            height=size,
+            scheduler="ddim",
+        )
+
+    apart, together = side_by_side(lambda: [call([t]) for t in tasks], lambda: call(tasks), repeats)
     skip, noskip = side_by_side(
         lambda: run(windowed, [0]), lambda: run(windowed, [0], skip_outside_window=False), repeats
     )
@@ -90,6 +115,9 @@ def measure_size(
         f"{size}_images_per_s_batch1": 1 / single,
         f"{size}_images_per_s_batch4": 4 / batch,
         f"{size}_batch4_speedup": single * 4 / batch,
+        f"{size}_4_tasks_apart_s": apart,
+        f"{size}_4_tasks_one_call_s": together,
+        f"{size}_4_tasks_speedup": apart / together,
         f"{size}_window_skip_s": skip,
         f"{size}_window_noskip_s": noskip,
         f"{size}_window_saving": 1 - skip / noskip,

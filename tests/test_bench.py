@@ -40,6 +40,7 @@ def test_engine_quick(models_dir: Path) -> None:
     for key in (
         "64_images_per_s_batch1",
         "64_images_per_s_batch4",
+        "64_4_tasks_speedup",
         "64_window_skip_s",
         "64_window_noskip_s",
         "64_eager_s",
