@@ -8,7 +8,8 @@ First the device's measured fp16 matmul peak. Then, for SD 1.5 + 2 ControlNets a
 the default archviz job (2 plans × 4 styles × 4 seeds, canny + plan-depth at [0.9, 0.6]) end to end through
 the in-process farm (SQLite, local storage, the lifecycle a Celery worker runs, `batch: auto`), beside the
 plain diffusers loop of the seed document over the same 32 images on the same models. Then, per family, the
-engine alone at batch 1 and 4, eager and with CUDA graphs (`reduce-overhead`), and the plain pipeline call.
+engine alone at batch 1 and 4, eager and with CUDA graphs (`reduce-overhead`), and the plain pipeline call;
+and a worker's first compiled call with the fleet's compile cache cold and warm (`archfarm warmup`).
 Each figure with images/s and its share of the measured peak, from the FLOP counts per image: 84.7 TFLOP
 (SD 1.5 + 2 ControlNets, 512²) and 598 TFLOP (SDXL + 1 ControlNet, 1024²).
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -300,9 +303,12 @@ def bench_family(
     repeats = 1 if args.quick else 3
     if family == "sd15":
         archviz_job(args, device, work, base, nets, pipe, size, steps, results, sync)
+        fleet_first_call(args, device, work, base, nets, size, steps, results)
     timed(f"{family} plain pipeline b1", 1, family, plain(1), results, repeats, sync)
     timed(f"{family} archfarm engine b1", 1, family, engine(1), results, repeats, sync)
     timed(f"{family} archfarm engine b4", 4, family, engine(4), results, repeats, sync)
+    if args.quick and family == "sd15":  # the farm job above ran compiled already
+        return
     # CUDA graphs: the host no longer sets the pace of a small call (PERF.md: 5.1× at batch 1 on an H200).
     options = CompileOptions(mode="reduce-overhead", backend="aot_eager" if args.tiny else "inductor")
     started = time.perf_counter()
@@ -373,8 +379,11 @@ def archviz_job(  # noqa: PLR0913 - the measurement's whole setting
     )
     embedded = Embedded(settings)
     try:
-        embedded.render(spec)  # warm: models loaded, control maps computed, memory per image measured
+        started = time.perf_counter()
+        embedded.render(spec)  # warm: models loaded, compiled (`compile: auto`), memory per image measured
         sync()
+        results["sd15 archviz job first run s"] = time.perf_counter() - started
+        print(f"sd15 archviz job, first run (loads, compiles): {results['sd15 archviz job first run s']:.0f} s")
         started = time.perf_counter()
         report = embedded.render(spec)
         sync()
@@ -408,6 +417,43 @@ def archviz_job(  # noqa: PLR0913 - the measurement's whole setting
     loop()
     sync()
     record("sd15 archviz job, plain diffusers loop", images, time.perf_counter() - started, "sd15", results)
+
+
+def fleet_first_call(  # noqa: PLR0913 - the measurement's whole setting
+    args: argparse.Namespace,
+    device: torch.device,
+    work: Path,
+    base: Path,
+    nets: list[Path],
+    size: int,
+    steps: int,
+    results: dict[str, Any],
+) -> None:
+    """A worker's first compiled call, cold (nothing compiled anywhere) and warm (the fleet's compile cache holds
+    it, the worker's own inductor cache is empty): `archfarm warmup` in two fresh processes, as two machines."""
+    profile = work / "profile.json"
+    controls = [{"kind": "canny", "model": str(nets[0])}, {"kind": "plan-depth", "model": str(nets[1])}]
+    backend = "aot_eager" if args.tiny else "inductor"
+    settings = dict(base=str(base), controls=controls, steps=steps, width=size, height=size, compile=True)
+    profile.write_text(json.dumps({**settings, "compile_backend": backend}))
+    for run in ("cold", "warm"):
+        env = {
+            **os.environ,
+            "ARCHFARM_STORAGE_URL": str(work / "fleet"),
+            "ARCHFARM_MODELS_DIR": str(work / "models"),
+            "ARCHFARM_DEVICE": str(device),
+            "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{run}"),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "warmup", str(profile), "--batch", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        line = done.stdout.strip().splitlines()[-1]  # "cuda:0 batch 1: warm, loaded from the farm's cache, 9.1 s"
+        results[f"sd15 first compiled call, fleet {run} s"] = float(line.rsplit(", ", 1)[1].removesuffix(" s"))
+        print(f"sd15 first compiled call, fleet {run}: {line}", flush=True)
 
 
 def main() -> None:

@@ -373,6 +373,33 @@ def worker(
 
 
 @app.command()
+def warmup(
+    profile: Annotated[str, typer.Argument(help="Built-in profile name or a YAML file.")],
+    batch: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="Images per call to compile for; repeatable (default: what a worker here would choose).",
+        ),
+    ] = None,
+) -> None:
+    """Compile a profile on this machine's device (ARCHFARM_DEVICE) and keep the compiled code in the farm's
+    storage (ARCHFARM_STORAGE_URL): workers with the same torch version and GPU model then start warm."""
+    from workers.warmup import warmup as warm
+
+    try:
+        device, warmed = warm(load_profile(profile), batch, Settings())
+    except ArchfarmError as e:
+        _fail(str(e))
+    if not warmed:
+        _warn(f"profile {profile} does not compile on {device} (`compile: auto` compiles on CUDA only); nothing to do")
+    for each in warmed:
+        how = {"cold": "compiled and stored", "warm": "loaded from the farm's cache", "compiled": "done above"}
+        out.print(f"{device} batch {each.images}: {each.state}, {how[each.state]}, {each.seconds:.1f} s", markup=False)
+
+
+@app.command()
 def api(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,

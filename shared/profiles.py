@@ -46,7 +46,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
     # SDXL with one Canny ControlNet at the lower scale SDXL ControlNets want (needs the real weights).
     "sdxl-archviz": {
         "base": "sdxl",
-        "vae": "madebyollin/sdxl-vae-fp16-fix",
+        "vae": "sdxl-vae-fp16",  # decodes in fp16; SDXL's own VAE is upcast to fp32
         "controls": [{"kind": "canny", "scale": 0.5}],
         "steps": 30,
         "guidance_scale": 7.0,

@@ -24,6 +24,7 @@ ALIASES: dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
     "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
+    "sdxl-vae-fp16": "madebyollin/sdxl-vae-fp16-fix",  # SDXL's VAE rescaled to decode in fp16 without NaNs
 }
 
 TINY_CONTROLNETS: dict[str, str] = {"tiny-sd15": "tiny-canny", "tiny-sdxl": "tiny-sdxl-controlnet"}

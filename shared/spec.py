@@ -153,8 +153,14 @@ class Profile(_Strict):
     )
     scheduler: Literal[SCHEDULERS] = "default"  # type: ignore[valid-type]
     vae: ModelRef | None = Field(None, description="a separate VAE, e.g. an fp16-safe SDXL VAE")
-    compile: bool = Field(False, description="torch.compile the UNet and ControlNets (once per worker and shape)")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile the UNet and ControlNets (once per fleet, stack, size and batch bucket): `auto` "
+        "on CUDA devices (CUDA graphs replay each step), never on a CPU, where compiling does not pay",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        "reduce-overhead"
+    )
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
     quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only ControlNets (torchao)")
 

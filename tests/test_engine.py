@@ -355,6 +355,19 @@ def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> No
     assert torch._dynamo.config.recompile_limit >= 64
 
 
+def test_compiled_calls_are_padded_to_a_bucket_and_reuse_it(models_dir: Path) -> None:
+    """Three images render as a batch of four (the fourth dropped), so a later call of four compiles nothing."""
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    options = CompileOptions(backend="aot_eager")
+    eager = run(cache, seeds=[1, 2, 3], output_type="np").images
+    three = run(cache, seeds=[1, 2, 3], output_type="np", compile=options).images
+    graphs = dynamo_counters["stats"]["unique_graphs"]
+    four = run(cache, seeds=[4, 5, 6, 7], output_type="np", compile=options).images
+    assert dynamo_counters["stats"]["unique_graphs"] == graphs
+    assert len(three) == 3 and len(four) == 4
+    assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(three, eager, strict=True))
+
+
 def test_unknown_compile_backend_is_invalid_input(model_cache: ModelCache) -> None:
     with pytest.raises(InvalidInput, match="no-such-backend"):
         run(model_cache, compile=CompileOptions(backend="no-such-backend"))

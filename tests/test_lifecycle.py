@@ -295,13 +295,13 @@ def test_control_maps_are_computed_once_per_plan_and_preprocessor(
     with sessions.begin() as session:
         persist(session, job)
     shared = LocalStorage(tmp_path / "shared")
-    first = Lifecycle(settings, sessions, worker="w1#1", node="w1", send=Sent(), limits=Limits(), map_storage=shared)
+    first = Lifecycle(settings, sessions, worker="w1#1", node="w1", send=Sent(), limits=Limits(), farm_storage=shared)
     for t in job.tasks[:2]:
         first.run(t.id)
     first.close()
     assert first.renderer is not None
     assert (first.renderer.maps.cache.computed, first.renderer.maps.cache.memory_hits) == (2, 2)  # 2 tasks × 2 units
-    second = Lifecycle(settings, sessions, worker="w2#1", node="w2", send=Sent(), limits=Limits(), map_storage=shared)
+    second = Lifecycle(settings, sessions, worker="w2#1", node="w2", send=Sent(), limits=Limits(), farm_storage=shared)
     for t in job.tasks[2:]:
         second.run(t.id)
     second.close()

@@ -80,7 +80,7 @@ def lifecycle() -> Lifecycle:
             send=send,
             limits=Limits(transient_budget_s=settings.transient_budget),
             # Control maps are cached in the shared storage, so each is computed once for the whole farm.
-            map_storage=open_storage_from_settings(settings),
+            farm_storage=open_storage_from_settings(settings),
         )
     return _lifecycle
 

@@ -131,7 +131,7 @@ class Lifecycle:
         node: str,
         send: SendFn,
         limits: Limits,
-        map_storage: Storage | None = None,
+        farm_storage: Storage | None = None,
         on_done: DoneFn | None = None,
     ) -> None:
         self.settings = settings
@@ -140,7 +140,7 @@ class Lifecycle:
         self.node = node
         self.send = send
         self.limits = limits
-        self.map_storage = map_storage
+        self.farm_storage = farm_storage
         self.on_done = on_done
         self.renderer: Renderer | None = None
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archfarm-upload")
@@ -283,7 +283,7 @@ class Lifecycle:
         """The task's inputs and control maps; raises for that task alone."""
         if self.renderer is None:
             # Built by the first task, in the process that renders (CUDA must start after any fork).
-            self.renderer = Renderer(self.settings, self.map_storage)
+            self.renderer = Renderer(self.settings, self.farm_storage)
         return self.renderer.prepare(self._work(held))
 
     def _gather(self, first: Held, prepared: Prepared) -> list[tuple[Held, Prepared]]:

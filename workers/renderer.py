@@ -12,10 +12,12 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from PIL import Image
 
 from shared.config import Settings
@@ -24,10 +26,11 @@ from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
-from workers.engine.batching import BatchSizer
+from workers.engine.batching import BatchSizer, padded
 from workers.engine.compile import CompileOptions
+from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
-from workers.engine.pipeline import Item, Unit, render_batch
+from workers.engine.pipeline import Item, RenderResult, Unit, render_batch
 from workers.preprocessors import ControlMaps
 from workers.sidecar import sidecar
 
@@ -73,7 +76,7 @@ class Rendered:
 class Renderer:
     """The rendering half of a worker process; built on its first task, so CUDA starts in that process."""
 
-    def __init__(self, settings: Settings, map_storage: Storage | None = None) -> None:
+    def __init__(self, settings: Settings, farm_storage: Storage | None = None) -> None:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.cache = ModelCache(
@@ -84,9 +87,10 @@ class Renderer:
             offload_budget_bytes=settings.offload_cache_bytes,
         )
         self.maps = ControlMaps(
-            map_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
+            farm_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
         )
         self.sizer = BatchSizer(self.device)
+        self.fleet = FleetCompileCache(farm_storage, self.device)
         self._storages: dict[str, Storage] = {}
 
     def snapshot(self) -> tuple[list[str], int, int]:
@@ -117,36 +121,13 @@ class Renderer:
     def render(self, batch: list[Prepared], on_step: StepFn | None) -> list[Rendered]:
         """Every prepared task of one profile in one call (each of its seeds an image); per task, its images."""
         profile = batch[0].work.profile
-        family = self.cache.family(profile.base)
-        units = [
-            Unit(unit.model or default_controlnet(profile.base, unit.kind, family), unit.scale, unit.start, unit.end)
-            for unit in profile.controls
-        ]
         items = [
             Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps)
             for task in batch
             for seed in task.work.seeds
         ]
         started = time.perf_counter()
-        self.sizer.start()
-        result = render_batch(
-            self.cache,
-            base=profile.base,
-            units=units,
-            items=items,
-            steps=profile.steps,
-            guidance_scale=profile.guidance_scale,
-            width=profile.width,
-            height=profile.height,
-            scheduler=profile.scheduler,
-            on_step=on_step,
-            vae=profile.vae,
-            quantize=None if profile.quantize == "none" else profile.quantize,
-            compile=CompileOptions(mode=profile.compile_mode, backend=profile.compile_backend)
-            if profile.compile
-            else None,
-        )
-        self.sizer.measure(_stack(profile), len(items))
+        result, units, _ = self._call(profile, items, on_step)
         render_s = time.perf_counter() - started
         models: dict[str, Any] = {
             "base": self.cache.identity(profile.base),
@@ -166,6 +147,62 @@ class Renderer:
             )
             for task in batch
         ]
+
+    def warm(self, profile: Profile, images: int) -> Warmth | None:
+        """One call of `images` images on blank control maps, so the fleet's compile cache holds the profile's
+        compiled code for that batch before a job needs it (`archfarm warmup`); None when the profile does
+        not compile on this device."""
+        blank = Image.new("RGB", (profile.width, profile.height), "white")
+        items = [Item("warmup", "", seed, tuple(blank for _ in profile.controls)) for seed in range(images)]
+        return self._call(profile, items, None)[2]
+
+    def _call(
+        self, profile: Profile, items: list[Item], on_step: StepFn | None
+    ) -> tuple[RenderResult, list[Unit], Warmth | None]:
+        """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
+        family = self.cache.family(profile.base)
+        units = [
+            Unit(unit.model or default_controlnet(profile.base, unit.kind, family), unit.scale, unit.start, unit.end)
+            for unit in profile.controls
+        ]
+        options = compile_options(profile, self.device)
+        self.sizer.start()
+        stack = (profile.base, profile.vae or "", profile.quantize, *(unit.model for unit in units))
+        with self._compiled_first(profile, stack, options, len(items)) as warmth:
+            result = render_batch(
+                self.cache,
+                base=profile.base,
+                units=units,
+                items=items,
+                steps=profile.steps,
+                guidance_scale=profile.guidance_scale,
+                width=profile.width,
+                height=profile.height,
+                scheduler=profile.scheduler,
+                on_step=on_step,
+                vae=profile.vae,
+                quantize=None if profile.quantize == "none" else profile.quantize,
+                compile=options,
+            )
+        self.sizer.measure(_stack(profile), len(items))
+        return result, units, warmth
+
+    @contextmanager
+    def _compiled_first(
+        self, profile: Profile, stack: tuple[str, ...], options: CompileOptions | None, images: int
+    ) -> Iterator[Warmth | None]:
+        """Around a compiled call: the fleet cache's artefacts loaded before a key's first call and stored after a
+        cold one, and the memory its CUDA graphs keep counted against the ControlNet budget."""
+        if options is None:
+            yield None
+            return
+        key = CompileKey(stack, profile.width, profile.height, padded(images), str(self.cache.dtype), options)
+        cuda = self.device.type == "cuda"
+        with self.fleet.around(key) as warmth:
+            reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+            yield warmth
+            if cuda and warmth.state != "compiled":
+                self.cache.graph_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
 
     def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
         """Every image and its sidecar into the job's output; the artifact rows to record for them."""
@@ -231,6 +268,13 @@ class Renderer:
             "height": image.height,
             "size_bytes": len(png),
         }
+
+
+def compile_options(profile: Profile, device: torch.device) -> CompileOptions | None:
+    """How `profile` compiles on `device`: `auto` compiles on CUDA only, where CUDA graphs pay; None is eager."""
+    if profile.compile is False or (profile.compile == "auto" and device.type != "cuda"):
+        return None
+    return CompileOptions(mode=profile.compile_mode, backend=profile.compile_backend)
 
 
 def _stack(profile: Profile) -> tuple[object, ...]:

@@ -24,6 +24,12 @@ def bucket(images: int) -> int:
     return max([b for b in BUCKETS if b <= images] or [1])
 
 
+def padded(images: int) -> int:
+    """The smallest bucket holding `images`: what a compiled call renders, so each bucket compiles once (beyond
+    the largest bucket, `images` itself)."""
+    return min([b for b in BUCKETS if b >= images] or [images])
+
+
 def images_that_fit(free_bytes: int, bytes_per_image: float, cap: int) -> int:
     """Images per call: as many as fit in the usable free memory, within `cap`, rounded down to a bucket."""
     fit = int(free_bytes * USABLE // max(bytes_per_image, 1.0))

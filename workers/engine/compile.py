@@ -23,12 +23,15 @@ serving a few stacks at a few sizes passes 8 and would silently fall back to eag
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """How to compile, as `torch.compile` takes it. inductor for GPUs; "aot_eager" traces without generating
-    code (seconds, not minutes), which is what tests on CPU use."""
+    """How to compile, as `torch.compile` takes it. inductor with CUDA graphs ("reduce-overhead") for GPUs, where
+    replaying a captured step frees the pace from the host issuing kernels; "aot_eager" traces without
+    generating code (seconds, not minutes), which is what most tests on CPU use."""
 
-    mode: str = "default"
+    mode: str = "reduce-overhead"
     backend: str = "inductor"
-    dynamic: bool | None = None
+    dynamic: bool | None = False
+    """Static shapes: calls are padded to a few batch buckets (`workers.engine.batching`), each compiled (and,
+    with CUDA graphs, captured) once, rather than one dynamic graph that CUDA graphs re-record per size anyway."""
 
 
 def compile_module(module: nn.Module, options: CompileOptions, cache_dir: Path) -> nn.Module:

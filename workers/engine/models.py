@@ -87,11 +87,11 @@ class ModelCache:
     """One per worker process: base pipelines' components, VAEs and ControlNets, each loaded once.
 
     Bases and VAEs stay on the device for the process's life. ControlNets are kept in least-recently-used order
-    within `controlnet_budget_bytes` of device memory (None: no limit); past it, the least recently used net
-    not in the current render moves to CPU memory (the offload tier, within `offload_budget_bytes`), from
-    where using it again costs a copy (tens of ms on a GPU) instead of a load from disk (seconds). Only when
-    the offload tier overflows is a net dropped. On a CPU device the moves cost nothing, but the tiers and
-    counters behave the same.
+    within `controlnet_budget_bytes` of device memory (None: no limit; captured CUDA graphs count against it,
+    see `graph_bytes`); past it, the least recently used net not in the current render moves to CPU memory
+    (the offload tier, within `offload_budget_bytes`), from where using it again costs a copy (tens of ms on a
+    GPU) instead of a load from disk (seconds). Only when the offload tier overflows is a net dropped. On a
+    CPU device the moves cost nothing, but the tiers and counters behave the same.
 
     Counters, per cache key (a model's location, with " (int8)" for a quantised net), so callers and tests can
     see what a sequence of renders cost: `loads` (read from storage), `hits` (already on the device),
@@ -119,6 +119,8 @@ class ModelCache:
         self.evictions: Counter[str] = Counter()
         self.drops: Counter[str] = Counter()
         self.swaps = 0
+        self.graph_bytes = 0
+        """Device memory held by captured CUDA graphs (their private pools), taken from the ControlNet budget."""
         self._last_stack: tuple[str, ...] | None = None
         self._bases: dict[str, dict[str, Any]] = {}
         self._vaes: dict[str, AutoencoderKL] = {}
@@ -288,7 +290,8 @@ class ModelCache:
         if self.controlnet_budget_bytes is None:
             return
         for key in [k for k in self._controlnets if k not in keep]:
-            if sum(self._sizes[k] for k in self._controlnets) + size <= self.controlnet_budget_bytes:
+            held = sum(self._sizes[k] for k in self._controlnets) + self.graph_bytes
+            if held + size <= self.controlnet_budget_bytes:
                 return
             self._evict(key)
 

@@ -33,6 +33,7 @@ from diffusers import (
 
 from shared.errors import InvalidInput
 from shared.registry import SCHEDULERS
+from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
 from workers.engine.models import ModelCache
@@ -135,8 +136,10 @@ def render_batch(
 
     The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. `vae` replaces the base's
     VAE, `quantize` ("int8") loads the ControlNets quantised, `compile` runs the UNet and ControlNets compiled
-    (once per process, see `ModelCache.compiled`), and `skip_outside_window` skips each ControlNet at the steps
-    where its scale is 0 (bitwise the same images; False runs diffusers' own stack, for comparison).
+    (once per process, see `ModelCache.compiled`; batches padded to a bucket), and `skip_outside_window` skips
+    each ControlNet at the steps where its scale is 0 (bitwise the same images; False runs diffusers' own
+    stack, for comparison). Skipping is plain Python between compiled modules, so it holds compiled too: with
+    CUDA graphs, each net is its own graph, replayed only at the steps inside its window.
 
     Each item keeps its own starting noise (a CPU generator seeded with its seed), so an image depends on its
     batch only through the kernels' arithmetic: within 1/255 of its render alone, and bitwise the same when
@@ -186,9 +189,12 @@ def render_batch(
             )
         return list(output.images)
 
+    # Compiled code is specialised to its batch size: pad to a bucket with copies of the last item (their
+    # images are dropped), so a job's last, short call reuses a compiled bucket instead of compiling anew.
+    filler = [items[-1]] * (padded(len(items)) - len(items)) if compile is not None else []
     config = json.loads(chosen.to_json_string())
     return RenderResult(
-        images=_halving_on_oom(run, list(items), cache.device),
+        images=_halving_on_oom(run, [*items, *filler], cache.device)[: len(items)],
         scheduler={
             "class": type(chosen).__name__,
             "config": {key: value for key, value in config.items() if not key.startswith("_")},

@@ -1,0 +1,45 @@
+"""`archfarm warmup`: compile a profile's stack ahead of a job, so the fleet's workers start warm.
+
+Run on a machine with the fleet's torch version and GPU model, against the farm's storage: each requested
+batch size is rendered once on blank control maps, and what inductor generated is stored in the farm's
+compile cache (`workers.engine.compile_cache`), where every worker looks before its first compiled call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from shared.config import Settings
+from shared.limits import batch_cap
+from shared.spec import Profile
+from shared.storage import open_storage_from_settings
+from workers.engine.batching import padded
+from workers.renderer import Renderer, compile_options
+
+
+@dataclass(frozen=True)
+class Warmed:
+    images: int
+    """The batch bucket compiled (a requested size rounded up to its bucket)."""
+    state: str
+    """`cold` (compiled here and stored), `warm` (already in the fleet's cache), `compiled` (done earlier in
+    this run, for another requested size of the same bucket)."""
+    seconds: float
+
+
+def warmup(profile: Profile, batches: list[int] | None, settings: Settings) -> tuple[str, list[Warmed]]:
+    """This machine's device, and each batch bucket's first compiled call on it. No buckets when the profile
+    does not compile there (`compile: auto` on a CPU). Default batch: what `batch: auto` chooses here."""
+    renderer = Renderer(settings, open_storage_from_settings(settings))
+    device = str(renderer.device)
+    if compile_options(profile, renderer.device) is None:
+        return device, []
+    sizes = batches or [renderer.images_per_call(profile, batch_cap(profile, settings))]
+    warmed = []
+    for images in sizes:
+        started = time.perf_counter()
+        warmth = renderer.warm(profile, padded(images))
+        assert warmth is not None  # noqa: S101 - the profile compiles here
+        warmed.append(Warmed(padded(images), warmth.state, time.perf_counter() - started))
+    return device, warmed
