@@ -9,6 +9,7 @@ the default archviz job (2 plans × 4 styles × 4 seeds, canny + plan-depth at [
 the in-process farm (SQLite, local storage, the lifecycle a Celery worker runs, `batch: auto`), beside the
 plain diffusers loop of the seed document over the same 32 images on the same models. Then, per family, the
 engine alone at batch 1 and 4, eager and with CUDA graphs (`reduce-overhead`), and the plain pipeline call;
+the eager engine with the UNet in channels_last and with fused QKV projections (candidates, not defaults);
 and a worker's first compiled call with the fleet's compile cache cold and warm (`archfarm warmup`).
 Each figure with images/s and its share of the measured peak, from the FLOP counts per image: 84.7 TFLOP
 (SD 1.5 + 2 ControlNets, 512²) and 598 TFLOP (SDXL + 1 ControlNet, 1024²).
@@ -307,6 +308,7 @@ def bench_family(
     timed(f"{family} plain pipeline b1", 1, family, plain(1), results, repeats, sync)
     timed(f"{family} archfarm engine b1", 1, family, engine(1), results, repeats, sync)
     timed(f"{family} archfarm engine b4", 4, family, engine(4), results, repeats, sync)
+    layout_variants(family, cache, str(base), engine(4), results, repeats, sync)
     if args.quick and family == "sd15":  # the farm job above ran compiled already
         return
     # CUDA graphs: the host no longer sets the pace of a small call (PERF.md: 5.1× at batch 1 on an H200).
@@ -321,6 +323,27 @@ def bench_family(
     shutil.rmtree(work / f"{family}-base", ignore_errors=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def layout_variants(  # noqa: PLR0913 - the measurement's whole setting
+    family: str,
+    cache: Any,
+    base: str,
+    engine_b4: Callable[[], object],
+    results: dict[str, Any],
+    repeats: int,
+    sync: Callable[[], None],
+) -> None:
+    """The eager engine at batch 4 with the UNet in channels_last and with fused QKV projections, each against
+    the default layout measured above: candidates for the engine's defaults, adopted where they measure
+    faster. The modules are put back as they were afterwards."""
+    unet = cache.base(base)["unet"]
+    unet.to(memory_format=torch.channels_last)
+    timed(f"{family} archfarm engine b4, channels_last", 4, family, engine_b4, results, repeats, sync)
+    unet.to(memory_format=torch.contiguous_format)
+    unet.fuse_qkv_projections()
+    timed(f"{family} archfarm engine b4, fused QKV", 4, family, engine_b4, results, repeats, sync)
+    unet.unfuse_qkv_projections()
 
 
 STYLES = ["modern", "scandinavian", "industrial", "japandi"]

@@ -90,6 +90,8 @@ def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
         "sd15 plain pipeline b1",
         "sd15 archfarm engine b1",
         "sd15 archfarm engine b4",
+        "sd15 archfarm engine b4, channels_last",
+        "sd15 archfarm engine b4, fused QKV",
     ):
         assert positive(out[key]["images_per_s"]) and positive(out[key]["tflops"]), key
     assert all(positive(out[f"sd15 first compiled call, fleet {run} s"]) for run in ("cold", "warm"))
