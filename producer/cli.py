@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,13 +23,19 @@ from rich.progress import (
 from shared.config import Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
-from shared.profiles import load_profile
+from shared.profiles import BUILTIN, load_profile
 from shared.spec import JobSpec, load_job, parse_model
+from shared.styles import CATALOG
+
+if TYPE_CHECKING:
+    from producer.client import JobView
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's own help: typer's rich panels show every flag as `--wait <bool>`, as if it took a value.
+    rich_markup_mode=None,
     help="Batch-render floor plans with ControlNet.",
 )
 db_app = typer.Typer(no_args_is_help=True, help="State database.")
@@ -46,8 +53,18 @@ def _warn(message: str) -> None:
     err.print(f"archfarm: warning: {message}", markup=False, soft_wrap=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"archfarm {version('archfarm')}", markup=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    _: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
 
     library = warnings.showwarning
@@ -101,12 +118,25 @@ def _render_spec(
 
 @app.command()
 def render(
-    plans: Annotated[list[str] | None, typer.Argument(help="Plan images: paths, file:// or s3:// URLs.")] = None,
-    style: Annotated[list[str] | None, typer.Option("--style", help="A built-in style name; repeatable.")] = None,
-    seeds: Annotated[int | None, typer.Option("--seeds", help="Render seeds 0..N-1.")] = None,
-    seed: Annotated[list[int] | None, typer.Option("--seed", help="An explicit seed; repeatable.")] = None,
+    plans: Annotated[
+        list[str] | None, typer.Argument(metavar="PLAN", help="Plan images: paths, file:// or s3:// URLs.")
+    ] = None,
+    style: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--style", metavar="NAME", help=f"A built-in style ({', '.join(CATALOG)}; `archfarm styles`); repeatable."
+        ),
+    ] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", metavar="N", help="Render seeds 0..N-1.")] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", metavar="SEED", help="An explicit seed; repeatable.")
+    ] = None,
     profile: Annotated[
-        str | None, typer.Option("--profile", help="Built-in profile name or a YAML file (default: tiny).")
+        str | None,
+        typer.Option(
+            "--profile",
+            help=f"A built-in profile ({', '.join(BUILTIN)}; `archfarm profiles`) or a YAML file (default: tiny).",
+        ),
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default ./renders).")] = None,
     job_file: Annotated[Path | None, typer.Option("--job", help="A whole job YAML/JSON file.")] = None,
@@ -126,8 +156,10 @@ def render(
     except ArchfarmError as e:
         _fail(str(e))
     elapsed = time.perf_counter() - started
-    images = sum(len(seeds) for seeds in reporter.tasks.values())
-    out.print(f"job {report.job_id}: {images} images in {elapsed:.1f} s → {report.output_url}", markup=False)
+    total = sum(len(seeds) for seeds in reporter.tasks.values())
+    written = sum(len(reporter.tasks[task_id]) for task_id in report.succeeded)
+    count = f"{written} images" if written == total else f"{written} of {total} images"
+    out.print(f"job {report.job_id}: {count} in {elapsed:.1f} s → {report.output_url}", markup=False)
     if not report.ok:
         for task_id, error in report.errors.items():
             err.print(f"task {task_id} failed: {error}", markup=False, soft_wrap=True)
@@ -219,7 +251,8 @@ def submit(
     """Validate a job, store it with its tasks in one transaction, print its id, then enqueue the tasks.
 
     A broker that is down does not lose the job: it is stored, its id printed, and the workers send its tasks
-    once the broker is back (a warning says so)."""
+    once the broker is back (a warning says so). Without a broker configured (ARCHFARM_BROKER_URL) the job
+    renders in this process before its id is printed, as `archfarm render --job` would (a warning says so)."""
 
     def stored(job_id: str, tasks: int) -> None:
         if not as_json:
@@ -227,6 +260,11 @@ def submit(
 
     try:
         with _farm() as farm:
+            if not farm.settings.broker_url:
+                _warn(
+                    "no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
+                    f"`archfarm render --job {job_file}` would, into {farm.settings.storage_url}"
+                )
             job_id = farm.submit(job_file, on_stored=stored)
             view = farm.wait(job_id) if wait else farm.status(job_id)
     except ArchfarmError as e:
@@ -256,7 +294,8 @@ def status(
                     _print_json([v.to_dict() for v in views])
                 else:
                     for v in views:
-                        out.print(f"{v.id}  {v.status.value:<20} {v.done}/{v.total}  {v.name}", markup=False)
+                        line = f"{v.id}  {v.status.value:<20} {v.rendered}/{v.total} rendered  {v.name}"
+                        out.print(line, markup=False)
                 return
             view = farm.status(job_id)
             if watch and not as_json:
@@ -282,14 +321,48 @@ def status(
     if as_json:
         _print_json(view.to_dict())
         return
-    counts = ", ".join(f"{k} {v}" for k, v in view.counts.items() if v)
-    eta = "" if view.eta_s is None else f", ETA {view.eta_s:.0f} s"
-    out.print(
-        f"{view.id} {view.name}: {view.status.value} ({view.done}/{view.total} tasks: {counts}{eta})", markup=False
-    )
+    out.print(f"{view.id} {view.name}: {_summary(view)}", markup=False)
     for failure in view.failures:
         out.print(
             f"  failed {failure['plan']}/{failure['style']} seeds {failure['seeds']}: {failure['error']}", markup=False
+        )
+
+
+def _summary(view: JobView) -> str:
+    """`running (12/48 tasks rendered: ...; ETA 164 s)`: rendered counts what was written, not what ended, and
+    an ETA is given only while some live worker can take the job's tasks."""
+    from producer.client import TERMINAL_JOB
+
+    counts = ", ".join(f"{k} {v}" for k, v in view.counts.items() if v)
+    line = f"{view.status.value} ({view.rendered}/{view.total} tasks rendered: {counts}"
+    if view.status in TERMINAL_JOB:
+        return line + ")"
+    if view.workers == 0:
+        return line + "); no live worker can take its tasks: start `archfarm worker` on its queue"
+    return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + ")"
+
+
+@app.command()
+def styles() -> None:
+    """The built-in styles, with their prompts and negative prompts."""
+    for name, (prompt, negative) in CATALOG.items():
+        out.print(f"{name}\n  prompt: {prompt}\n  negative: {negative}", markup=False)
+
+
+@app.command()
+def profiles() -> None:
+    """The built-in profiles, with their model stacks and settings."""
+    for name in BUILTIN:
+        profile = load_profile(name)
+        units = ", ".join(
+            f"{unit.kind} {unit.scale:g} [{unit.start:g}-{unit.end:g}]" + (f" ({unit.model})" if unit.model else "")
+            for unit in profile.controls
+        )
+        vae = f", vae {profile.vae}" if profile.vae else ""
+        out.print(
+            f"{name}\n  base {profile.base}{vae}; controls: {units}\n  {profile.width}×{profile.height}, "
+            f"{profile.steps} steps, guidance {profile.guidance_scale:g}, scheduler {profile.scheduler}",
+            markup=False,
         )
 
 
@@ -380,6 +453,7 @@ def warmup(
         typer.Option(
             "--batch",
             min=1,
+            metavar="N",
             help="Images per call to compile for; repeatable (default: what a worker here would choose).",
         ),
     ] = None,

@@ -28,11 +28,12 @@ from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.models import Artifact, Job, Task, TaskStatus
 from shared.db.status import JobStatus
-from shared.db.store import cancel_job, first_start, retry_job, status_of
+from shared.db.store import cancel_job, first_start, retry_job, serving_workers, status_of
 from shared.errors import BrokerUnavailable, ConfigError, NotFound, StorageError, SubmitWarning
 from shared.limits import check_fits_visibility
 from shared.spec import JobSpec, load_job, parse_model
 from shared.storage import open_storage
+from workers.policy import Limits
 
 if TYPE_CHECKING:
     from producer.local import Embedded
@@ -52,10 +53,18 @@ class JobView:
     created_at: datetime
     eta_s: float | None
     failures: list[dict[str, str]] = field(default_factory=list)
+    workers: int | None = None
+    """Live workers that can take the job's tasks (None without a broker: this process renders it)."""
 
     @property
     def done(self) -> int:
+        """Tasks that have ended, however they ended (the progress through the job)."""
         return sum(self.counts.get(s.value, 0) for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED))
+
+    @property
+    def rendered(self) -> int:
+        """Tasks whose images were all written."""
+        return self.counts.get(TaskStatus.SUCCEEDED.value, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +78,7 @@ class JobView:
             "created_at": self.created_at.isoformat(),
             "eta_s": self.eta_s,
             "failures": self.failures,
+            "workers": self.workers,
         }
 
 
@@ -126,7 +136,8 @@ class Farm:
 
             if self._embedded is None:
                 self._embedded = Embedded(self.settings, self.sessions)
-            return self._embedded.render(spec).job_id
+            stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
+            return self._embedded.render(spec, on_prepared=stored).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
         prepared = prepare(spec, self.settings, farm=True)
         with self.sessions.begin() as session:
@@ -152,6 +163,11 @@ class Farm:
                 raise NotFound(f"no job {job_id!r}")
             status, counts = status_of(session, job)
             started, now = first_start(session, job_id)
+            workers = (
+                None
+                if self._celery is None
+                else serving_workers(session, job, self.settings.heartbeat_timeout, Limits().blocklist_after)
+            )
             failures = [
                 {
                     "task": task_id,
@@ -179,6 +195,7 @@ class Farm:
             created_at=job.created_at,
             eta_s=None,
             failures=failures,
+            workers=workers,
         )
         return _with_eta(view, started, now)
 

@@ -33,6 +33,11 @@ class LocalReport:
     def ok(self) -> bool:
         return all(s is TaskStatus.SUCCEEDED for s in self.statuses.values())
 
+    @property
+    def succeeded(self) -> list[str]:
+        """Tasks whose images were all written."""
+        return [task_id for task_id, s in self.statuses.items() if s is TaskStatus.SUCCEEDED]
+
 
 class Embedded:
     """The embedded farm: one database and one lifecycle for every job rendered in this process, so models

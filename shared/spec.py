@@ -293,27 +293,63 @@ MAX_ECHO = 60
 
 def describe(error: ValidationError, source: str = "") -> str:
     """Every problem as `field.path: message (got value)`, on one line, in archfarm's words: pydantic's
-    names for union members and constrained types are left out, and an echoed value is cut short."""
+    names for union members and constrained types are left out, a union's alternatives are said once (the
+    one the value was meant as, when it matched one's type), and an echoed value is cut short."""
+    found: dict[str, list[tuple[str, str, Any]]] = {}
+    for err in error.errors():
+        loc = ".".join(_printable(str(p)) for i, p in enumerate(err["loc"]) if not _internal(err["loc"], i))
+        found.setdefault(loc or "job", []).append((err["type"], _message(err), err.get("input")))
+    # A union reports every alternative; where one got past the type check, the others' type errors are noise.
+    deeper = {loc for loc, errs in found.items() if any(not _type_error(kind) for kind, _, _ in errs)}
     problems = []
-    for err in error.errors()[:MAX_PROBLEMS]:
-        loc = ".".join(_printable(str(p)) for p in err["loc"] if not _internal(p))
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
+    for loc, errs in found.items():
+        meant = any(other == loc or other.startswith(loc + ".") for other in deeper)
+        kept = [(m, got) for kind, m, got in errs if not (meant and _type_error(kind))]
+        if not kept:
+            continue
+        messages = list(dict.fromkeys(m for m, _ in kept))
+        if len(messages) > 1 and all(m.startswith("should be ") for m in messages):
+            messages = ["should be " + " or ".join(m.removeprefix("should be ") for m in messages)]
+        got = kept[0][1]
         shown = ""
-        if not isinstance(got, dict | list) and got is not None and str(got) not in msg:
+        if not isinstance(got, dict | list) and got is not None and not any(str(got) in m for m in messages):
             text = repr(got)
             shown = f" (got {text[:MAX_ECHO]}{'…' if len(text) > MAX_ECHO else ''})"
-        problems.append(f"{loc or 'job'}: {_printable(msg)}{_printable(shown)}")
-    more = error.error_count() - MAX_PROBLEMS
-    if more > 0:
-        problems.append(f"and {more} more")
+        problems.append(f"{loc}: {_printable(' or '.join(messages))}{_printable(shown)}")
+    more = len(problems) - MAX_PROBLEMS
+    problems = problems[:MAX_PROBLEMS] + ([f"and {more} more"] if more > 0 else [])
     return (f"{_printable(source)}: " if source else "") + "; ".join(problems)
 
 
-def _internal(part: str | int) -> bool:
-    """A location part pydantic adds for itself: a union member's type or class, a validator's name."""
-    text = str(part)
-    return text.startswith(("function-", "union[", "constrained-", "list[", "tagged-union[")) or text in _MODELS
+def _message(err: Any) -> str:
+    """pydantic's message without its own vocabulary (`Input should be a valid dictionary or instance of X`)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "should be a mapping"
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "union_tag_invalid":
+        field = str(ctx.get("discriminator", "kind")).strip("'")
+        return f"unknown {field} {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
+    return str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "should be")
+
+
+def _type_error(kind: str) -> bool:
+    """The value is not of the alternative's type at all (as opposed to breaking one of its constraints)."""
+    return kind.endswith(("_type", "_parsing")) or kind == "literal_error"
+
+
+def _internal(loc: tuple[str | int, ...], index: int) -> bool:
+    """A location part pydantic adds for itself: a union member's type or class, a validator's name, or the
+    tag of a tagged union (`controls.0.canny.scale` is `controls.0.scale` to the user)."""
+    text = str(loc[index])
+    if text.startswith(("function-", "union[", "constrained-", "list[", "tagged-union[", "literal[")):
+        return True
+    if text in _MODELS or text in ("bool", "int", "float", "str"):
+        return True
+    return index > 0 and isinstance(loc[index - 1], int) and text in CONTROL_KINDS
 
 
 def _printable(text: str) -> str:

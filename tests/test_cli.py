@@ -119,7 +119,7 @@ def bomb(path: Path) -> None:
         ("bomb.png", bomb, [], "bomb.png: 12000×12000 pixels is over the limit"),
         ("missing.png", None, [], "missing.png: no such file"),
         ("good.png", None, ["--style", "baroque"], "unknown style 'baroque'"),
-        ("good.png", None, ["--profile", "bad.yaml"], "bad.yaml: steps: Input should be greater than or equal to 1"),
+        ("good.png", None, ["--profile", "bad.yaml"], "bad.yaml: steps: should be greater than or equal to 1"),
         ("good.png", None, ["--profile", "nonesuch"], "neither a built-in profile"),
         ("good.png", None, ["--seed", "1", "--seeds", "2"], "give either --seeds N or one or more --seed S"),
         ("loop.png", lambda p: p.symlink_to(p), [], "loop.png' cannot be resolved: Symlink loop"),
@@ -185,6 +185,7 @@ def test_a_failed_render_is_reported_and_exits_non_zero(
     assert result.exit_code == 1
     assert "the plan changed after the job was submitted" in result.stderr
     assert "1 of 1 tasks failed" in result.stderr
+    assert ": 0 of 1 images in " in result.stdout  # nothing written, and it says so
 
 
 def test_rerender_reproduces_the_image_bitwise(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
@@ -291,3 +292,16 @@ def test_a_bad_control_image_is_refused_before_anything_is_stored(
     )
     assert result.exit_code == 2 and "nope.png: no such file" in result.stderr
     assert jobs_in(tmp_path / "archfarm.db") == 0 and not (tmp_path / "out").exists()
+
+
+def test_version_styles_profiles_and_plain_flags_in_help(env: dict[str, str]) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.startswith("archfarm ")
+    styles = runner.invoke(app, ["styles"]).output
+    assert "japandi\n  prompt: japandi interior" in styles and "  negative: " in styles
+    profiles = runner.invoke(app, ["profiles"]).output
+    assert "sd15-archviz\n  base sd15; controls: canny 0.9 [0-1], plan-depth 0.6 [0-1]" in profiles
+    submit_help = runner.invoke(app, ["submit", "--help"]).output
+    assert "--wait " in submit_help and "<bool>" not in submit_help
+    render_help = " ".join(runner.invoke(app, ["render", "--help"]).output.split())
+    assert "`archfarm styles`" in render_help and "sd15-archviz" in render_help

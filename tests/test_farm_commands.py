@@ -93,6 +93,14 @@ def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
             statuses = connection.execute(select(Task.status).where(Task.job_id == job_id)).scalars().all()
         engine.dispose()
         assert statuses == [TaskStatus.QUEUED] * 3
+        waiting = archfarm("status", job_id, env=env)
+        assert waiting.stdout.strip() == (
+            f"{job_id} edge: queued (0/3 tasks rendered: queued 3); no live worker can take its tasks: start "
+            "`archfarm worker` on its queue"
+        )
+        assert archfarm("cancel", job_id, env=env).returncode == 0
+        cancelled = archfarm("status", job_id, env=env)
+        assert cancelled.stdout.strip() == f"{job_id} edge: cancelled (0/3 tasks rendered: cancelled 3)"
     finally:
         empty_postgres(postgres_url)
 
@@ -142,6 +150,24 @@ def test_each_launcher_on_a_host_is_a_node_of_its_own(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_submit_without_a_broker_says_it_renders_here(job_file: Path, tmp_path: Path, models_dir: Path) -> None:
+    env = {
+        "ARCHFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'farm.db'}",
+        "ARCHFARM_STORAGE_URL": str(tmp_path / "out"),
+        "ARCHFARM_MODELS_DIR": str(models_dir),
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = archfarm("submit", str(job_file), env=env)
+    assert result.returncode == 0
+    assert result.stderr.strip().splitlines() == [
+        "archfarm: warning: no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
+        f"`archfarm render --job {job_file}` would, into {tmp_path / 'out'}"
+    ]
+    job_id = result.stdout.strip()
+    status = archfarm("status", job_id, env=env)
+    assert status.stdout.strip() == f"{job_id} edge: succeeded (3/3 tasks rendered: succeeded 3)"
+
+
 def test_cancelling_a_finished_job_says_so_and_keeps_its_status(
     job_file: Path, tmp_path: Path, models_dir: Path
 ) -> None:
@@ -152,7 +178,7 @@ def test_cancelling_a_finished_job_says_so_and_keeps_its_status(
         "HF_HUB_OFFLINE": "1",
     }
     rendered = archfarm("render", "--job", str(job_file), "--out", str(tmp_path / "out"), env=env)
-    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.returncode == 0 and rendered.stderr == ""  # no library's notices either
     job_id = rendered.stdout.split()[1].rstrip(":")
     cancel = archfarm("cancel", job_id, env=env)
     assert cancel.returncode == 0 and cancel.stdout.strip() == f"{job_id}: already succeeded; nothing to cancel"

@@ -26,12 +26,14 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 
 from celery import signals
 
 from shared.broker import RENDER_TASK, make_celery, messages_for, send_tasks
 from shared.config import get_settings
+from shared.db.models import TaskStatus
 from shared.db.session import make_engine, session_factory
 from shared.db.store import register_worker
 from shared.storage import open_storage_from_settings
@@ -43,6 +45,7 @@ from workers.policy import Limits
 from workers.upkeep import Upkeep
 
 log = logging.getLogger("archfarm.worker")
+logging.getLogger("celery.app.trace").setLevel(logging.WARNING)  # its per-delivery line; `render` logs the task's
 
 settings = get_settings()
 app = make_celery(settings)
@@ -63,9 +66,16 @@ def send(task_ids: list[str], delay: float) -> None:
 
 
 @app.task(name=RENDER_TASK)
-def render(task_id: str) -> str | None:
+def render(task_id: str) -> None:
+    """Deliver the task id to the lifecycle and log how the task ended: Celery's own line would say that its
+    delivery `succeeded` whatever became of the task (cancelled, failed, handed on)."""
+    started = time.perf_counter()
     status = lifecycle().run(task_id)
-    return status.value if status is not None else None
+    if status is None:
+        outcome = "handed on (another delivery or worker settles it)"
+    else:
+        outcome = "rendered, uploading" if status is TaskStatus.RUNNING else status.value
+    log.info("task %s: %s in %.1f s", task_id, outcome, time.perf_counter() - started)
 
 
 def lifecycle() -> Lifecycle:

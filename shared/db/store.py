@@ -194,6 +194,18 @@ def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
     return set(rows.scalars())
 
 
+def serving_workers(session: Session, job: Job, heartbeat_timeout_s: float, blocklist_after: int | None) -> int:
+    """Live workers (a recent heartbeat) that consume the job's queue and are not blocklisted for it: none
+    means the job's queued tasks wait for a worker to start, whatever an ETA would say."""
+    blocked = set() if blocklist_after is None else blocklisted_nodes(session, job.id, blocklist_after)
+    rows = session.execute(
+        select(Worker.node, Worker.queues).where(
+            Worker.stopped_at.is_(None), Worker.heartbeat_at >= db_now(-heartbeat_timeout_s)
+        )
+    )
+    return sum(1 for node, queues in rows if job.queue in queues and node not in blocked)
+
+
 def live_nodes(session: Session) -> set[str]:
     return set(session.scalars(select(Worker.node).where(Worker.stopped_at.is_(None))))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,8 +148,8 @@ def render_batch(
 
     A batch that runs out of GPU memory is rendered again in halves, down to one image, so the images come back
     in item order; one that does not fit alone raises torch.OutOfMemoryError. `on_step(step, total)` follows
-    the denoising loop: step runs 1..total, and total is the scheduler's number of timesteps, which is `steps`
-    for most but `steps + 1` for PNDM (SD 1.5's default); a split batch reports each part's steps.
+    the denoising loop in the asked-for steps: total is `steps` and step runs up to it, also under PNDM (SD
+    1.5's default), which runs one timestep more; a split batch reports each part's steps.
     """
     _check(units, items, width, height, scheduler, output_type)
     components = cache.base(base)
@@ -185,7 +186,7 @@ def render_batch(
                 num_images_per_prompt=1,
                 generator=generators,
                 output_type=output_type,
-                callback_on_step_end=None if on_step is None else _step_callback(on_step),
+                callback_on_step_end=None if on_step is None else _step_callback(on_step, steps),
             )
         return list(output.images)
 
@@ -328,9 +329,12 @@ def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:
     return cls.from_config(shared.config)
 
 
-def _step_callback(on_step: Callable[[int, int], None]) -> Callable[..., dict[str, Any]]:
+def _step_callback(on_step: Callable[[int, int], None], steps: int) -> Callable[..., dict[str, Any]]:
+    """Progress in the profile's steps: PNDM (SD 1.5's default) runs one timestep more than asked, and a user
+    who asked for 8 steps should not read `step 9/9`."""
+
     def callback(pipe: DiffusionPipeline, index: int, _timestep: Any, _tensors: Any) -> dict:
-        on_step(index + 1, pipe.num_timesteps)
+        on_step(math.ceil((index + 1) * steps / pipe.num_timesteps), steps)
         return {}  # nothing to replace in the pipeline's state
 
     return callback
