@@ -1,19 +1,29 @@
 """Re-rendering an image from its sidecar: same plan bytes, models, settings, seed batch and scheduler.
 
-On a CPU the result is bitwise identical; on a GPU it is as close as the kernels' determinism allows.
+On a CPU the result is bitwise identical (same threads, same call), also for images a farm rendered; on a GPU
+it is as close as the kernels' determinism allows.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
+
+import torch
 
 from producer.local import render_local
+from producer.plans import safe_name
 from shared.config import Settings
 from shared.errors import InvalidInput, NotFound
 from shared.spec import JobSpec, parse_model
+from shared.storage import read_url
 
 
 @dataclass(frozen=True)
@@ -27,34 +37,68 @@ class Rerendered:
 
 
 def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendered:
+    """The image again, written to `out_dir` under its original key with its new sidecar, and nothing else.
+
+    The task's seeds are rendered together as they were (a call's images depend on its batch), in a
+    scratch folder with a throwaway database, on as many CPU threads as the original (`threads`); only the
+    requested image is kept. The plan is re-read from where the job read it and named as it was, so the key
+    comes out the same."""
     meta = _read(sidecar_path)
-    spec = parse_model(
-        JobSpec,
-        {
-            "name": "rerender",
-            "plans": [meta["plan"]["url"]],
-            "styles": [meta["style"]],
-            "seeds": meta["batch_seeds"],
-            "profile": meta["profile"],
-            "output": str(out_dir.resolve()),
-        },
-        str(sidecar_path),
-    )
-    report = render_local(spec, settings)
-    # Matched by file name: the seed and digest name the image whatever folder the plan's name gives it
-    # (a plan staged by a farm is re-read from its content-addressed copy, with another name).
-    found = sorted(out_dir.rglob(Path(meta["key"]).name))
-    image = found[0] if found else out_dir / meta["key"]
-    if not report.ok or not image.exists():
-        # The key is derived from the plan's content and every setting: a different key means changed inputs.
-        problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
-        raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta['key']}: {problems}")
-    fresh = json.loads(image.with_suffix(".json").read_text())
+    with tempfile.TemporaryDirectory(prefix="archfarm-rerender-") as scratch:
+        work = Path(scratch)
+        url = meta["plan"]["url"]
+        plan = work / "plans" / f"{meta['plan'].get('name') or safe_name(url)}{_suffix(url)}"
+        plan.parent.mkdir()
+        try:
+            plan.write_bytes(read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region))
+        except FileNotFoundError:
+            raise InvalidInput(f"{sidecar_path}: the plan {meta['plan']['url']} is gone") from None
+        spec = parse_model(
+            JobSpec,
+            {
+                "name": "rerender",
+                "plans": [str(plan)],
+                "styles": [meta["style"]],
+                "seeds": meta["batch_seeds"],
+                "profile": meta["profile"],
+                "output": str(work / "out"),
+            },
+            str(sidecar_path),
+        )
+        scratch_settings = settings.model_copy(update={"database_url": f"sqlite:///{work / 'rerender.db'}"})
+        with _threads(meta.get("threads")):
+            report = render_local(spec, scratch_settings)
+        image = work / "out" / meta["key"]
+        if not report.ok or not image.exists():
+            # The key is derived from the plan's content and every setting: a different key means changed inputs.
+            problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
+            raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta['key']}: {problems}")
+        target = out_dir / meta["key"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(image, target)
+        shutil.move(image.with_suffix(".json"), target.with_suffix(".json"))
+    fresh = json.loads(target.with_suffix(".json").read_text())
     return Rerendered(
-        image=image,
+        image=target,
         model_changes=_changed_models(meta["models"], fresh["models"]),
         shared_call=meta.get("call", {}).get("tasks", 1) - 1,
     )
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run on `count` CPU threads (the original's), then on as many as before."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _suffix(url: str) -> str:
+    return PurePosixPath(urlparse(url).path).suffix.lower()
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ database contents and bucket, so nothing leaks between tests.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 
 from producer.client import Farm
@@ -118,8 +121,36 @@ def assert_exactly_one_artifact_per_image(farm: Farm, job_id: str, images: int, 
     assert len([k for k in keys if k.endswith(".json")]) == images
 
 
+def assert_rerender_is_bitwise(
+    url: str, sidecar: dict, s3_server, bucket: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`archfarm rerender` on this machine's default threads gives the farm worker's image bit for bit, under
+    under its original key, and nothing else."""
+    original = s3_server.client().get_object(Bucket=bucket, Key=url.split(f"{bucket}/", 1)[1])["Body"].read()
+    (tmp_path / "sidecar.json").write_text(json.dumps(sidecar))
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "rerender", str(tmp_path / "sidecar.json"), "--out", "again"],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    written = sorted(p.relative_to(tmp_path / "again").as_posix() for p in (tmp_path / "again").rglob("*.*"))
+    assert written == [sidecar["key"].removesuffix(".png") + ".json", sidecar["key"]]
+    again = Image.open(tmp_path / "again" / sidecar["key"])
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(io.BytesIO(original))))
+
+
 def test_submit_render_upload_status(
-    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str, farm_env: dict[str, str]
+    farm: Farm,
+    start_workers,
+    example_plan: Path,
+    s3_server,
+    s3_bucket: str,
+    farm_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     start_workers("cpu:2", expect=2)
     job_id = farm.submit(job(example_plan, FAST, seeds=3))
@@ -132,6 +163,8 @@ def test_submit_render_upload_status(
         .read()
     )
     assert sidecar["job"]["id"] == job_id and sidecar["models"]["base"]["name"] == "tiny-sd15"
+    assert sidecar["plan"]["name"] == example_plan.stem and sidecar["threads"] == 1  # two workers on two cores
+    assert_rerender_is_bitwise(farm.results(job_id)[0].url, sidecar, s3_server, s3_bucket, farm_env, tmp_path)
     with farm.sessions() as session:
         workers = session.scalars(select(Worker).where(Worker.stopped_at.is_(None))).all()
     assert sum(w.images_done for w in workers) == 6

@@ -272,6 +272,7 @@ class Lifecycle:
             job_name=job.name,
             output_url=job.output_url,
             plan_url=task["plan_url"],
+            plan_name=task["plan_name"],
             plan_digest=task["plan_digest"],
             style=job.styles[task["style"]],
             seeds=list(task["seeds"]),
@@ -313,7 +314,7 @@ class Lifecycle:
     @staticmethod
     def _held(session: Session, job_id: str, ids: list[str]) -> list[Held]:
         """Claimed tasks with the columns a render needs, in the order given."""
-        columns = (Task.id, Task.plan_url, Task.plan_digest, Task.style, Task.seeds, Task.outputs)
+        columns = (Task.id, Task.plan_url, Task.plan_name, Task.plan_digest, Task.style, Task.seeds, Task.outputs)
         found = {row.id: row._asdict() for row in session.execute(select(*columns).where(Task.id.in_(ids)))}
         return [Held(task_id, job_id, found[task_id]) for task_id in ids]
 

@@ -47,6 +47,8 @@ class Work:
     job_name: str
     output_url: str
     plan_url: str
+    plan_name: str
+    """The plan's name in output keys (its file's stem): a farm reads its plans from content-addressed copies."""
     plan_digest: str
     style: Style
     seeds: list[int]
@@ -243,13 +245,14 @@ class Renderer:
             task_id=work.task_id,
             key=key,
             batch_seeds=work.seeds,
-            plan={"file": work.plan_url.rsplit("/", 1)[-1], "url": work.plan_url, "sha256": work.plan_digest},
+            plan={"name": work.plan_name, "url": work.plan_url, "sha256": work.plan_digest},
             style=work.style.model_dump(),
             seed=seed,
             profile=work.profile.model_dump(mode="json"),
             models=rendered.models,
             scheduler=rendered.scheduler,
             device=str(self.device),
+            threads=torch.get_num_threads(),
             timings=timings,
             image_sha256=hashlib.sha256(png).hexdigest(),
             call=rendered.call,

@@ -43,6 +43,7 @@ def sidecar(
     models: dict[str, Any],
     scheduler: dict[str, Any],
     device: str,
+    threads: int,
     timings: dict[str, float],
     image_sha256: str,
     call: dict[str, int],
@@ -63,6 +64,8 @@ def sidecar(
         "models": models,
         "scheduler": scheduler,
         "device": device,
+        # CPU kernels split their sums over this many threads: the same count reproduces an image bitwise.
+        "threads": threads,
         "image_sha256": image_sha256,
         "versions": library_versions(),
         "timings": timings,
