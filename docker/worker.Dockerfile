@@ -1,13 +1,15 @@
 # syntax=docker/dockerfile:1.7
-# GPU render worker: one container per GPU, running `archfarm worker`.
+# Render worker, running `archfarm worker`: one container per GPU, or a CPU build (below).
 # Build from the repo root:  docker build -f docker/worker.Dockerfile -t archfarm/worker .
 # (worker.Dockerfile.dockerignore beside this file keeps .venv, caches and renders out of the context.)
+# The CPU build, for machines without NVIDIA (compose's worker-cpu), swaps the base and the torch wheel:
+#   --build-arg BASE_IMAGE=ubuntu:24.04 --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # The torch CUDA wheels bundle their own CUDA runtime, cuBLAS and cuDNN (nvidia-* pip packages), so a
 # cudnn-runtime base would only duplicate gigabytes; the `base` flavour still carries the NVIDIA
 # container-toolkit settings (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES) and the CUDA compat
-# libraries. Keep TORCH_INDEX's CUDA version <= the one in CUDA_BASE and supported by the host driver.
-ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# libraries. Keep TORCH_INDEX's CUDA version <= the one in BASE_IMAGE and supported by the host driver.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 # --- stage 1: build the project wheel, so the runtime image holds no source tree or build backend ---
 FROM python:3.11-slim AS wheel
@@ -21,7 +23,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip wheel --no-deps --wheel-dir /wheels .
 
 # --- stage 2: runtime ---
-FROM ${CUDA_BASE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
@@ -40,7 +42,7 @@ RUN apt-get update \
  && python3 -m venv "$VIRTUAL_ENV"
 
 # torch first and in its own layer: it is by far the largest and changes least often. The constraint
-# file stops any later install from swapping the CUDA build for PyPI's (`torch==X` matches `X+cu128`).
+# file stops any later install from swapping the chosen build for PyPI's (`torch==X` matches `X+cu128`).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}" \
  && echo "torch==${TORCH_VERSION}" > "$VIRTUAL_ENV/torch-constraint.txt"

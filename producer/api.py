@@ -80,8 +80,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Artifacts with pre-signed download links where the output is on S3."""
         client = farm(request)
         view = client.status(job_id)
+        # The links are for the caller, who may reach S3 at another address than the farm does.
         storage = open_storage(
-            view.output_url, endpoint_url=client.settings.s3_endpoint_url, region=client.settings.s3_region
+            view.output_url,
+            endpoint_url=client.settings.s3_endpoint_url,
+            region=client.settings.s3_region,
+            public_endpoint_url=client.settings.s3_public_endpoint_url,
         )
         prefix = view.output_url.rstrip("/") + "/"
         artifacts = []

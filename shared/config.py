@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="S3 endpoint for non-AWS servers (MinIO, R2, Ceph, SeaweedFS); unset means AWS."
     )
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint that pre-signed download links name, where clients reach S3 at another address "
+        "than the farm does (a published port, a proxy); unset means s3_endpoint_url.",
+    )
     s3_region: str | None = Field(None, description="S3 region; credentials come from the usual AWS variables.")
     models_dir: Path = Field(
         default_factory=_default_models_dir,

@@ -1,6 +1,7 @@
 """docker/compose.yaml: validated by `docker-compose config` (no Docker engine needed) and checked for the
-properties that matter on a GPU farm: each worker reserves exactly its own GPU, every archfarm process
-sees the same settings, and nothing starts before the database schema is upgraded.
+properties that matter on a GPU farm: each worker reserves exactly its own GPU, a plain `up` starts one GPU
+worker and a CPU one needs no GPU at all, every archfarm process sees the same settings, the bucket is the
+storage URL's, secrets come only from the env file, and nothing starts before the schema is upgraded.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -18,9 +20,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "compose.yaml"
+ENV_EXAMPLE = DOCKER_DIR / "farm.env.example"
 WORKER_GPUS = {"worker-gpu0": ["0"], "worker-gpu1": ["1"]}
+WORKERS = [*WORKER_GPUS, "worker-cpu"]
 # Variables compose would substitute: unset so the defaults in the file are what gets checked.
-INTERPOLATED = ("ARCHFARM_", "AWS_", "COMPOSE_", "DOCKER_", "SEAWEEDFS_IMAGE")
+INTERPOLATED = ("ARCHFARM_", "AWS_", "COMPOSE_", "DOCKER_", "POSTGRES_", "SEAWEEDFS_IMAGE")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
 
 
 def _compose_binary() -> str:
@@ -33,11 +38,12 @@ def _compose_binary() -> str:
     return found
 
 
-def _config(compose_file: Path) -> subprocess.CompletedProcess[str]:
+def _config(compose_file: Path, env_file: Path, **variables: str) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` on a file; relative paths in it resolve against docker/ wherever it lies."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(INTERPOLATED)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(INTERPOLATED)} | variables
     return subprocess.run(
-        [_compose_binary(), "-f", str(compose_file), "--project-directory", str(DOCKER_DIR), "config"],
+        [_compose_binary(), "-f", str(compose_file), "--project-directory", str(DOCKER_DIR)]
+        + ["--env-file", str(env_file), "config"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -46,11 +52,31 @@ def _config(compose_file: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _example_variables() -> dict[str, str]:
+    """What farm.env.example sets, leaving out the settings it only shows in comments."""
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
 @pytest.fixture(scope="module")
-def services() -> dict[str, Any]:
-    result = _config(COMPOSE_FILE)
+def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """farm.env.example with its empty secrets filled in, as a user does before the first `up`."""
+    path = tmp_path_factory.mktemp("env") / "farm.env"
+    filled = {name: value or f"test-{name.lower()}" for name, value in _example_variables().items()}
+    path.write_text("".join(f"{name}={value}\n" for name, value in filled.items()))
+    return path
+
+
+def _services(env_file: Path, **variables: str) -> dict[str, Any]:
+    result = _config(COMPOSE_FILE, env_file, **variables)
     assert result.returncode == 0, f"docker-compose config rejected {COMPOSE_FILE}:\n{result.stderr}"
-    return yaml.safe_load(result.stdout)["services"]
+    services: dict[str, Any] = yaml.safe_load(result.stdout)["services"]
+    return services
+
+
+@pytest.fixture(scope="module")
+def services(env_file: Path) -> dict[str, Any]:
+    return _services(env_file)
 
 
 def _device_ids(service: dict[str, Any]) -> list[str]:
@@ -66,8 +92,42 @@ def test_each_worker_reserves_only_its_own_gpu(services: dict[str, Any]) -> None
         assert [(d["driver"], d["capabilities"]) for d in devices] == [("nvidia", ["gpu"])]
 
 
+def test_a_plain_up_starts_one_gpu_worker(services: dict[str, Any]) -> None:
+    """`up` starts the services without a profile: on GPU 0 only, so a one-GPU machine can run it."""
+    started = {name for name, service in services.items() if not service.get("profiles")}
+    assert {name for name in started if _device_ids(services[name])} == {"worker-gpu0"}
+    assert "worker-cpu" not in started
+    # Each further GPU has a profile of its own, so a machine enables exactly the GPUs it has.
+    assert services["worker-gpu1"]["profiles"] == ["gpu1"]
+
+
+def _needs(services: dict[str, Any], names: set[str]) -> set[str]:
+    """`names` and everything they depend on, as `up NAME...` starts them."""
+    found = set(names)
+    while more := {dep for name in found for dep in services[name].get("depends_on", {})} - found:
+        found |= more
+    return found
+
+
+def test_the_cpu_worker_needs_no_gpu(services: dict[str, Any]) -> None:
+    worker = services["worker-cpu"]
+    assert worker["profiles"] == ["cpu"]
+    assert worker["command"] == ["--devices", "cpu"]
+    assert "deploy" not in worker
+    # The worker image's entrypoint is `archfarm worker`; the CPU build overrides only declared arguments.
+    assert worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    dockerfile = (DOCKER_DIR / "worker.Dockerfile").read_text()
+    assert '\nENTRYPOINT ["archfarm", "worker"]\n' in dockerfile
+    args = worker["build"]["args"]
+    assert set(args) <= set(re.findall(r"^ARG (\w+)", dockerfile, re.MULTILINE))
+    assert "nvidia" not in args["BASE_IMAGE"] and args["TORCH_INDEX"].endswith("/cpu")
+    assert worker["image"] != services["worker-gpu0"]["image"]
+    # `up api worker-cpu` on a machine without NVIDIA: nothing it starts asks for a GPU.
+    assert not any(_device_ids(services[name]) for name in _needs(services, {"api", "worker-cpu"}))
+
+
 def test_workers_stop_gracefully(services: dict[str, Any]) -> None:
-    for name in WORKER_GPUS:
+    for name in WORKERS:
         assert services[name].get("init") is True, name
         # Compose's default is 10 s; a render takes minutes. v1 prints "10m", v2 "10m0s".
         grace = services[name].get("stop_grace_period", "10s")
@@ -87,15 +147,79 @@ def _mount(volume: str | dict[str, Any]) -> tuple[str, str]:
 def test_api_migrate_and_workers_share_settings(services: dict[str, Any]) -> None:
     def settings(name: str) -> dict[str, str]:
         env = services[name]["environment"]
-        return {k: v for k, v in env.items() if k.startswith(("ARCHFARM_", "AWS_"))}
+        return {k: v for k, v in env.items() if k.startswith(("ARCHFARM_", "AWS_", "PG"))}
 
     api = settings("api")
-    assert {"ARCHFARM_BROKER_URL", "ARCHFARM_DATABASE_URL", "ARCHFARM_STORAGE_URL", "ARCHFARM_S3_ENDPOINT_URL"} <= set(
-        api
-    )
+    expected = {"ARCHFARM_BROKER_URL", "ARCHFARM_DATABASE_URL", "ARCHFARM_STORAGE_URL", "ARCHFARM_S3_ENDPOINT_URL"}
+    assert expected | {"ARCHFARM_S3_PUBLIC_ENDPOINT_URL", "PGPASSWORD"} <= set(api)
     assert api["ARCHFARM_DATABASE_URL"].startswith("postgresql+psycopg://")
-    for name in ["migrate", *WORKER_GPUS]:
+    for name in ["migrate", *WORKERS]:
         assert settings(name) == api, name
+    # The S3 server's admin is the identity archfarm signs with.
+    s3_keys = {k: v for k, v in api.items() if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    assert services["s3"]["environment"] == s3_keys
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == api["PGPASSWORD"]
+
+
+def _published(port: str | dict[str, Any]) -> tuple[str, int]:
+    """(host address, host port) of a published port in v1's short form or v2's long one."""
+    if isinstance(port, dict):
+        return port.get("host_ip", "0.0.0.0"), int(port["published"])
+    host, published, _ = port.rsplit(":", 2)
+    return host, int(published)
+
+
+def test_download_links_name_the_published_s3_port(services: dict[str, Any]) -> None:
+    """Links signed for the in-network `s3` name would not resolve outside Docker's network."""
+    public = urlsplit(services["api"]["environment"]["ARCHFARM_S3_PUBLIC_ENDPOINT_URL"])
+    assert (public.hostname, public.port) in map(_published, services["s3"]["ports"])
+
+
+def test_s3_init_creates_the_bucket_of_the_storage_url(env_file: Path, tmp_path: Path) -> None:
+    """The s3-init script itself, run with a stand-in `aws` that records its calls and finds no bucket."""
+    (tmp_path / "aws").write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n[ "$4" != head-bucket ]\n')
+    (tmp_path / "aws").chmod(0o755)
+
+    calls = tmp_path / "calls"
+
+    def init(storage_url: str) -> tuple[int, list[str]]:
+        service = _services(env_file, ARCHFARM_STORAGE_URL=storage_url)["s3-init"]
+        assert service["entrypoint"] == ["/bin/sh", "-c"]
+        script = service["command"][0].replace("$$", "$")  # v1 prints compose's escape, v2 the plain text
+        env = {**service["environment"], "PATH": f"{tmp_path}:/usr/bin:/bin", "CALLS": str(calls)}
+        calls.unlink(missing_ok=True)
+        done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+        return done.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+    endpoint = "--endpoint-url http://s3:8333"
+    created = [f"{endpoint} s3api head-bucket --bucket farm-renders", f"{endpoint} s3 mb s3://farm-renders"]
+    assert init("s3://farm-renders/jobs/2026") == (0, created)
+    assert init("s3://farm-renders") == (0, created)
+    # Renders written inside the containers would be lost: refused before anything else starts.
+    assert init("/srv/renders") == (1, [])
+
+
+def test_no_secret_is_written_in_the_compose_file() -> None:
+    """Every credential is a required variable with no default, so it can only come from the env file."""
+    text = COMPOSE_FILE.read_text()
+    raw = yaml.safe_load(text)
+    for name, service in raw["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", value), (name, key, value)
+    assert not re.search(r"://[^/\s@:]+:[^/\s@]+@", text), "a URL with a password in it"
+
+
+def test_the_env_example_names_every_required_variable_and_no_secret() -> None:
+    """Compose refuses to start until the user has chosen the secrets; the example never chooses them."""
+    settings = re.sub(r"^\s*#.*$", "", COMPOSE_FILE.read_text(), flags=re.MULTILINE)
+    required = set(re.findall(r"\$\{(\w+):\?", settings))
+    example = _example_variables()
+    assert required and required <= set(example)
+    assert {name for name in required if example[name]} == set()
+    refused = _config(COMPOSE_FILE, ENV_EXAMPLE)
+    assert refused.returncode != 0
+    assert "set it in the env file" in refused.stderr and any(name in refused.stderr for name in required)
 
 
 def test_api_waits_for_a_successful_migration(services: dict[str, Any]) -> None:
@@ -104,14 +228,14 @@ def test_api_waits_for_a_successful_migration(services: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
-def test_a_typo_is_rejected(tmp_path: Path) -> None:
+def test_a_typo_is_rejected(env_file: Path, tmp_path: Path) -> None:
     text = COMPOSE_FILE.read_text()
     assert "\n    image: redis:7\n" in text
     # The untouched copy must pass from tmp_path too, so the typo is the only reason for a rejection.
     (tmp_path / "good.yaml").write_text(text)
-    good = _config(tmp_path / "good.yaml")
+    good = _config(tmp_path / "good.yaml", env_file)
     assert good.returncode == 0, good.stderr
     (tmp_path / "bad.yaml").write_text(text.replace("\n    image: redis:7\n", "\n    imagex: redis:7\n", 1))
-    bad = _config(tmp_path / "bad.yaml")
+    bad = _config(tmp_path / "bad.yaml", env_file)
     assert bad.returncode != 0
     assert "imagex" in bad.stderr

@@ -397,6 +397,27 @@ def test_s3_presigned_url_serves_the_object_and_refuses_tampering(s3_server: S3S
         assert caught.value.code == 403
 
 
+@pytest.mark.s3
+def test_s3_presigned_url_is_signed_for_the_public_endpoint(s3_server: S3Server, s3_bucket: str) -> None:
+    """The same server under another host name: the link works only because it was signed for that host."""
+    public = s3_server.endpoint_url.replace("//127.0.0.1:", "//localhost:")
+    assert public != s3_server.endpoint_url
+    storage = S3Storage(
+        s3_bucket, "renders", endpoint_url=s3_server.endpoint_url, region=s3_server.region, public_endpoint_url=public
+    )
+    storage.put("frame.png", ALL_BYTES)
+
+    url = storage.presigned_url("frame.png", expires=60)
+
+    assert url.startswith(f"{public}/{s3_bucket}/renders/frame.png?")
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.read() == ALL_BYTES
+    # Rewriting the host after signing, instead of signing for it, voids the signature.
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url.replace(public, s3_server.endpoint_url, 1), timeout=5)
+    assert caught.value.code == 403
+
+
 def test_s3_presigned_url_lifetime_is_bounded() -> None:
     storage = S3Storage("some-bucket", endpoint_url="http://127.0.0.1:9", region="us-east-1")
 
@@ -489,7 +510,12 @@ def test_bad_urls_are_invalid_input(url: str) -> None:
 
 
 def test_storage_from_settings(tmp_path: Path) -> None:
-    settings = Settings(storage_url="s3://renders/p", s3_endpoint_url="http://127.0.0.1:9", s3_region="eu-west-1")
+    settings = Settings(
+        storage_url="s3://renders/p",
+        s3_endpoint_url="http://127.0.0.1:9",
+        s3_public_endpoint_url="http://farm.example:9",
+        s3_region="eu-west-1",
+    )
 
     default = open_storage_from_settings(settings)
     other = open_storage_from_settings(settings, str(tmp_path))
@@ -497,6 +523,7 @@ def test_storage_from_settings(tmp_path: Path) -> None:
     assert isinstance(default, S3Storage) and default.url("k") == "s3://renders/p/k"
     assert default.client.meta.endpoint_url == "http://127.0.0.1:9"
     assert default.client.meta.region_name == "eu-west-1"
+    assert default.presigned_url("k").startswith("http://farm.example:9/renders/p/k?")
     assert isinstance(other, LocalStorage) and other.root == tmp_path
 
 

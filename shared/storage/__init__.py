@@ -80,21 +80,28 @@ def canonical_url(url: str) -> str:
     return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
 
 
-def open_storage(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
-    """The backend `url` names; `endpoint_url` and `region` only matter for s3:// URLs."""
+def open_storage(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    public_endpoint_url: str | None = None,
+) -> Storage:
+    """The backend `url` names; the endpoints and `region` only matter for s3:// URLs."""
     where = _parse(url)
     if isinstance(where, Path):
         return LocalStorage(where)
     bucket, prefix = where
-    return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region)
+    return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region, public_endpoint_url=public_endpoint_url)
 
 
 def open_storage_from_settings(settings: Settings, url: str | None = None) -> Storage:
-    """The backend for `url` (default: the configured storage_url), with the configured S3 endpoint."""
+    """The backend for `url` (default: the configured storage_url), with the configured S3 endpoints."""
     return open_storage(
         settings.storage_url if url is None else url,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.s3_region,
+        public_endpoint_url=settings.s3_public_endpoint_url,
     )
 
 

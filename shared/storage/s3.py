@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import boto3
@@ -61,7 +61,11 @@ def _session_for(_credentials: tuple[str | None, ...]) -> boto3.session.Session:
 
 
 class S3Storage:
-    """Objects are `prefix/key` in `bucket`; pass `client` to reuse one or to tune timeouts."""
+    """Objects are `prefix/key` in `bucket`; pass `client` to reuse one or to tune timeouts.
+
+    `public_endpoint_url` is the endpoint that presigned URLs name, for clients that reach the server at
+    another address than this process does (a port published from a container network, a proxy).
+    """
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class S3Storage:
         endpoint_url: str | None = None,
         region: str | None = None,
         client: Any = None,
+        public_endpoint_url: str | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise InvalidInput(f"invalid S3 bucket name {bucket!r}")
@@ -80,6 +85,15 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix + "/" if prefix else ""
         self.client = client if client is not None else make_client(endpoint_url, region)
+        self.public_endpoint_url = public_endpoint_url or None
+
+    @cached_property
+    def _presigner(self) -> Any:
+        """The client that signs presigned URLs. SigV4 signs the Host header, so a URL for the public endpoint
+        must be signed for that host: rewriting the host of a URL signed for another one voids it."""
+        if self.public_endpoint_url is None:
+            return self.client
+        return make_client(self.public_endpoint_url, self.client.meta.region_name)
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -143,12 +157,13 @@ class S3Storage:
     def presigned_url(self, key: str, expires: int = 3600) -> str:
         """An HTTP URL that lets anyone holding it GET the object for `expires` seconds, without credentials.
 
-        Signing is local: it neither checks that the object exists nor contacts the server.
+        Signing is local: it neither checks that the object exists nor contacts the server. The URL names
+        `public_endpoint_url` where one is set.
         """
         if not 1 <= expires <= MAX_PRESIGN_SECONDS:
             raise InvalidInput(f"presigned URL lifetime must be 1..{MAX_PRESIGN_SECONDS} s, not {expires}")
         name = self._key(key)
         with self._errors("presign", key):
-            return self.client.generate_presigned_url(
+            return self._presigner.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=expires
             )
