@@ -24,7 +24,7 @@ from shared.config import Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
 from shared.profiles import BUILTIN, load_profile
-from shared.spec import JobSpec, load_job, parse_model
+from shared.spec import JobSpec, Profile, load_job, parse_model
 from shared.styles import CATALOG
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ def render(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default ./renders).")] = None,
     job_file: Annotated[Path | None, typer.Option("--job", help="A whole job YAML/JSON file.")] = None,
+    save_maps: Annotated[
+        bool, typer.Option("--save-maps", help="Also write each plan's control maps under OUT/maps (see `maps`).")
+    ] = False,
 ) -> None:
     """Render every plan × style × seed in this process and write PNGs with JSON sidecars."""
     from producer.local import render_local
@@ -147,6 +150,8 @@ def render(
     try:
         spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file)
         settings = Settings()
+        if save_maps:
+            _write_maps(spec.plans, spec.profile, Path(spec.output or settings.storage_url) / "maps", settings)
         reporter = _Reporter(interactive=out.is_terminal)
         started = time.perf_counter()
         with reporter:
@@ -164,6 +169,30 @@ def render(
         for task_id, error in report.errors.items():
             err.print(f"task {task_id} failed: {error}", markup=False, soft_wrap=True)
         _fail(f"{len(report.errors)} of {len(report.statuses)} tasks failed", code=1)
+
+
+@app.command()
+def maps(
+    plans: Annotated[list[str], typer.Argument(metavar="PLAN", help="Plan images: paths, file:// or s3:// URLs.")],
+    profile: Annotated[
+        str, typer.Option("--profile", help="A built-in profile or a YAML file (default: tiny).")
+    ] = "tiny",
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("maps"),
+) -> None:
+    """Write each control unit's map for each plan exactly as the ControlNets get it (render size, padding):
+    OUT/PLAN/N-KIND.png. A nearly empty map is also a warning."""
+    try:
+        _write_maps(plans, load_profile(profile), out_dir, Settings())
+    except ArchfarmError as e:
+        _fail(str(e))
+
+
+def _write_maps(plans: list[str], profile: Profile, out_dir: Path, settings: Settings) -> None:
+    from workers.maps import write_maps
+
+    for written in write_maps(plans, profile, out_dir, settings):
+        note = f" (nearly empty: {written.empty})" if written.empty else ""
+        out.print(f"{written.plan} unit {written.unit} {written.kind}: {written.path}{note}", markup=False)
 
 
 @app.command()

@@ -65,4 +65,5 @@ class BrokerUnavailable(TransientError):
 
 class SubmitWarning(UserWarning):
     """Something about a stored job its submitter should know, though it will run: a model on the workers'
-    disks that cannot be checked from here, a broker that refused the messages for now."""
+    disks that cannot be checked from here, a broker that refused the messages for now, a control map that is
+    nearly empty."""

@@ -67,6 +67,31 @@ def test_edges_found_on_the_example_plan() -> None:
         assert 0.01 < share < 0.1  # walls, doors and labels traced; not noise
 
 
+def sketch_photo() -> Image.Image:
+    """A phone photo of a sketch: 2000×1500, grey paper with grain, 3 px lines in a darker grey."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(np.clip(rng.normal(200, 6, (1500, 2000)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for y in range(200, 1300, 300):
+        draw.line((150, y, 1850, y), fill=100, width=3)
+    for x in range(150, 1900, 425):
+        draw.line((x, 200, x, 1100), fill=100, width=3)
+    return image
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_thin_lines_of_a_large_plan_survive_a_small_render(size: int) -> None:
+    """Traced before shrinking, then pooled: the pencil lines reach the map however small the render. Shrunk
+    first (as the map was made before), the lines averaged into the paper and no edge was left at either size."""
+    edges = edges_of(sketch_photo(), size, size)
+    rows, cols = edges.any(axis=1), edges.any(axis=0)
+    scale = size / 2000
+    line_rows = [round((size - 1500 * scale) / 2 + y * scale) for y in (200, 500, 800, 1100)]
+    assert all(rows[max(0, r - 2) : r + 3].any() for r in line_rows)  # every horizontal line is traced
+    assert cols.sum() > 0.7 * 1700 * scale  # along its whole length
+    assert edges.mean() < 0.2  # lines, not the paper's grain
+
+
 def test_edges_stay_thin_when_enlarging() -> None:
     # Edges found at the output size are one pixel wide; an edge map scaled up would be 2+ pixels wide,
     # and full of 2×2 blocks.

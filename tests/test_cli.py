@@ -317,3 +317,44 @@ def test_version_styles_profiles_and_plain_flags_in_help(env: dict[str, str]) ->
     assert "--wait " in submit_help and "<bool>" not in submit_help
     render_help = " ".join(runner.invoke(app, ["render", "--help"]).output.split())
     assert "`archfarm styles`" in render_help and "sd15-archviz" in render_help
+
+
+def test_maps_writes_what_the_engine_gets_and_warns_when_nearly_empty(
+    env: dict[str, str], tmp_path: Path, example_plan: Path
+) -> None:
+    from workers.preprocessors.canny import AdaptiveCanny
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (300, 200), "white").save(blank)
+    result = CliRunner().invoke(
+        app, ["maps", str(example_plan), str(blank), "--profile", "tiny-archviz", "--out", str(tmp_path / "maps")]
+    )
+    assert result.exit_code == 0, result.output
+    written = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.png"))
+    assert written == [
+        "blank/1-canny.png",
+        "blank/2-plan-depth.png",
+        "floorplan/1-canny.png",
+        "floorplan/2-plan-depth.png",
+    ]
+    canny = Image.open(tmp_path / "maps" / "floorplan" / "1-canny.png")
+    assert canny.size == (128, 128)
+    assert np.array_equal(np.asarray(canny), np.asarray(AdaptiveCanny()(Image.open(example_plan), 128, 128)))
+    assert f"floorplan unit 1 canny: {tmp_path / 'maps' / 'floorplan' / '1-canny.png'}\n" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("archfarm: warning: ")]
+    assert warnings[0] == (
+        "archfarm: warning: blank: the canny control map at 128×128 has 0 edge pixels (0.0%): the ControlNet will "
+        "see almost nothing; `archfarm maps` shows it (for canny, try `blur: 0`, a lower `sigma` or a larger render)"
+    )
+    assert not any(line.startswith("archfarm: warning: floorplan") for line in warnings)
+
+
+def test_render_save_maps_writes_the_maps_beside_the_images(
+    env: dict[str, str], tmp_path: Path, example_plan: Path
+) -> None:
+    result = CliRunner().invoke(
+        app, ["render", str(example_plan), "--style", "modern", "--seeds", "1", "--save-maps", "--out", "out"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "maps" / "floorplan" / "1-canny.png").is_file()
+    assert len(list((tmp_path / "out" / "floorplan").rglob("*.png"))) == 1

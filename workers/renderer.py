@@ -115,7 +115,7 @@ class Renderer:
         profile = work.profile
         plan = functools.cache(lambda: self._plan(work))  # read and decoded only if a map must be computed
         maps = tuple(
-            self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height)
+            self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height, work.plan_name)
             for unit in profile.controls
         )
         return Prepared(work, maps, time.perf_counter() - started)

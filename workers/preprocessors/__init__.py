@@ -6,6 +6,7 @@ caches it in memory and, on a farm, in shared storage, so every later task, styl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import PermanentError
+from shared.errors import PermanentError, SubmitWarning
 from shared.images import content_hash, decode_image
 from shared.registry import default_depth_model
 from shared.spec import CannyControl, ControlUnit, DepthControl, ImageControl, PlanDepthControl, PlanImageControl
@@ -27,7 +28,7 @@ from workers.preprocessors.plan_depth import PlanDepth
 from workers.preprocessors.resize import fit_and_pad
 
 # Bump a kind's version when its algorithm changes, so maps cached in shared storage are not reused.
-VERSIONS = {"canny": 1, "depth": 1, "plan-depth": 1, "none": 1, "image": 1}
+VERSIONS = {"canny": 2, "depth": 1, "plan-depth": 1, "none": 1, "image": 1}
 _NOT_PARAMETERS = {"kind", "model", "scale", "start", "end"}
 
 
@@ -49,9 +50,17 @@ class ControlMaps:
         self.max_pixels = max_pixels
 
     def get(
-        self, unit: ControlUnit, plan_digest: str, plan: Callable[[], Image.Image], base: str, width: int, height: int
+        self,
+        unit: ControlUnit,
+        plan_digest: str,
+        plan: Callable[[], Image.Image],
+        base: str,
+        width: int,
+        height: int,
+        label: str = "plan",
     ) -> Image.Image:
-        """The map for `unit`; `plan` decodes the plan image, called only when a map must be computed."""
+        """The map for `unit`; `plan` decodes the plan image, called only when a map must be computed. A map
+        computed nearly empty is a `SubmitWarning` naming `label` (once per map and process)."""
         params: dict[str, Any] = {k: v for k, v in unit.model_dump().items() if k not in _NOT_PARAMETERS}
         source = plan_digest
         if isinstance(unit, DepthControl):
@@ -66,7 +75,7 @@ class ControlMaps:
             "params": params,
             "size": [width, height],
         }
-        return self.cache.get(key, lambda: self._compute(unit, plan, params, width, height))
+        return self.cache.get(key, lambda: _checked(label, unit.kind, self._compute(unit, plan, params, width, height)))
 
     def _compute(
         self, unit: ControlUnit, plan: Callable[[], Image.Image], params: dict[str, Any], width: int, height: int
@@ -86,6 +95,37 @@ class ControlMaps:
                 raise PermanentError(f"{unit.image}: the control image changed after the job was submitted")
             return _fit(decode_image(data, unit.image, max_pixels=self.max_pixels), width, height, fill=0)
         raise TypeError(f"no preprocessor for control kind {unit.kind!r}")
+
+
+SPARSE_EDGES = 0.005
+"""An edge map with fewer edge pixels than this share of the render shows a ControlNet almost nothing (the
+example plan gives 10% at 128², a phone photo of a sketch gave 0.1% before edges were traced at full size)."""
+FLAT_STD = 2.0
+"""Any other map varying by less than this many grey levels is flat: a ControlNet gets no structure from it."""
+
+
+def emptiness(kind: str, image: Image.Image) -> str | None:
+    """Why `image`, a `kind` map, is nearly empty, or None when it is not."""
+    pixels = np.asarray(image.convert("L"))
+    if kind == "canny":
+        edges = int(np.count_nonzero(pixels))
+        if edges < SPARSE_EDGES * pixels.size:
+            return f"has {edges} edge pixels ({edges / pixels.size:.1%})"
+        return None
+    spread = float(pixels.std())
+    return f"is nearly flat (standard deviation {spread:.1f} grey levels)" if spread < FLAT_STD else None
+
+
+def _checked(label: str, kind: str, image: Image.Image) -> Image.Image:
+    why = emptiness(kind, image)
+    if why is not None:
+        warnings.warn(
+            f"{label}: the {kind} control map at {image.width}×{image.height} {why}: the ControlNet will see almost "
+            "nothing; `archfarm maps` shows it (for canny, try `blur: 0`, a lower `sigma` or a larger render)",
+            SubmitWarning,
+            stacklevel=2,
+        )
+    return image
 
 
 def _fit(image: Image.Image, width: int, height: int, fill: int) -> Image.Image:
