@@ -6,11 +6,12 @@ configs with random weights (no downloads), fp16, through archfarm's farm, its e
 
 First the device's measured fp16 matmul peak. Then, for SD 1.5 + 2 ControlNets at 512² (30 steps, CFG):
 the default archviz job (2 plans × 4 styles × 4 seeds, canny + plan-depth at [0.9, 0.6]) end to end through
-the in-process farm (SQLite, local storage, the lifecycle a Celery worker runs, `batch: auto`), beside the
-plain diffusers loop of the seed document over the same 32 images on the same models. Then, per family, the
-engine alone at batch 1 and 4, eager and with CUDA graphs (`reduce-overhead`), and the plain pipeline call;
-the eager engine with the UNet in channels_last and with fused QKV projections (candidates, not defaults);
-and a worker's first compiled call with the fleet's compile cache cold and warm (`archfarm warmup`).
+the in-process farm (SQLite, local storage, the lifecycle a Celery worker runs, `batch: auto`), beside a
+plain diffusers loop (one pipeline, called per plan, style and seed) over the same 32 images on the same
+models. Then, per family, the engine alone at batch 1 and 4, eager and with CUDA graphs (`reduce-overhead`),
+and the plain pipeline call; the eager engine with the UNet in channels_last and with fused QKV projections
+(candidates, not defaults); and a worker's first compiled call with the fleet's compile cache cold and warm
+(`archfarm warmup`).
 Each figure with images/s and its share of the measured peak, from the FLOP counts per image: 84.7 TFLOP
 (SD 1.5 + 2 ControlNets, 512²) and 598 TFLOP (SDXL + 1 ControlNet, 1024²).
 """
@@ -68,7 +69,7 @@ def sd15_configs(tiny: bool) -> dict[str, Any]:
 
 
 def sdxl_configs(tiny: bool) -> dict[str, Any]:
-    """SDXL base 1.0's published shapes, or a tiny stand-in (dimensions kept consistent, see DIFFUSERS-NOTES)."""
+    """SDXL base 1.0's published shapes, or a tiny stand-in (dimensions kept consistent with each other)."""
     if tiny:
         return {
             "unet": dict(
@@ -311,7 +312,7 @@ def bench_family(
     layout_variants(family, cache, str(base), engine(4), results, repeats, sync)
     if args.quick and family == "sd15":  # the farm job above ran compiled already
         return
-    # CUDA graphs: the host no longer sets the pace of a small call (PERF.md: 5.1× at batch 1 on an H200).
+    # CUDA graphs: the host no longer sets the pace of a small call (docs/performance.md: 5.1× at b1, H200).
     options = CompileOptions(mode="reduce-overhead", backend="aot_eager" if args.tiny else "inductor")
     started = time.perf_counter()
     engine(1, options)()
@@ -361,7 +362,7 @@ def archviz_job(  # noqa: PLR0913 - the measurement's whole setting
     results: dict[str, Any],
     sync: Callable[[], None],
 ) -> None:
-    """The default archviz job through the in-process farm, and the seed document's loop over the same images."""
+    """The default archviz job through the in-process farm, and a plain diffusers loop over the same images."""
     from PIL import Image, ImageOps
 
     from producer.local import Embedded

@@ -2,7 +2,7 @@
 
     python bench/overhead.py [--quick] [--json] [--reps N]
 
-The baseline is the seed document's approach written plainly: one StableDiffusionControlNetPipeline with
+The baseline is the usual archviz script written plainly: one StableDiffusionControlNetPipeline with
 Canny + depth ControlNets at [0.9, 0.6], control maps computed once, then one pipeline call per style and
 seed, each image saved as PNG. The same work (models, size, steps, plan, styles, seeds) then runs through
 (a) that loop, (b) archfarm in-process (`Embedded`, as `archfarm render`), (c) archfarm distributed with
@@ -71,7 +71,7 @@ def job(seeds: int, size: int, steps: int, depth_net: str, output: Path) -> JobS
 
 
 def plain_loop(models_dir: Path, depth_net: str, size: int, steps: int, seeds: int) -> Callable[[Path], None]:
-    """The seed document's ArchVizPipeline, with tiny models: loaded once, then called per style and seed."""
+    """A plain archviz script's pipeline, with tiny models: loaded once, then called per style and seed."""
     from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
 
     nets = [

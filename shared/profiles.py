@@ -32,7 +32,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 128,
         "height": 128,
     },
-    # The seed document's archviz pipeline on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
+    # The classic archviz stack on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
     # Depth comes from the plan's geometry: a monocular depth model sees a drawing, not a room.
     "sd15-archviz": {
         "base": "sd15",

@@ -1,7 +1,7 @@
 """The render engine on the tiny presets: registry, model cache, and what a render promises.
 
 Tiny random models cannot draw a plan, so control plumbing is checked on float outputs and by scale 0
-against scale > 0 (DESIGN.md), never by looking for the plan in the picture.
+against scale > 0 (docs/tiny-models.md), never by looking for the plan in the picture.
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def test_out_of_memory_with_one_seed_fails_clearly(model_cache: ModelCache, unet
 def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> None:
     # A cache of its own: the compiled wrappers it keeps do not leak into other tests.
     cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
-    options = CompileOptions(backend="aot_eager")  # inductor costs minutes on CPU (PERF.md)
+    options = CompileOptions(backend="aot_eager")  # inductor costs minutes on CPU (docs/performance.md)
     controls = [
         ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 0.5),
         ControlInput("tiny-canny", PLAN_B, 0.5, 0.2, 1.0),

@@ -1,6 +1,6 @@
 """torch.compile for the UNet and ControlNets: settings, and the process-wide knobs compiling needs.
 
-A compile costs minutes (PERF.md: 163–231 s on CPU with inductor) against well under a second per image, so
+A compile costs minutes (docs/performance.md: 163–231 s on CPU with inductor) against well under a second per image, so
 each module is compiled once per worker process and kept by the `ModelCache`; the same shapes then reuse it.
 """
 
@@ -38,7 +38,7 @@ def compile_module(module: nn.Module, options: CompileOptions, cache_dir: Path) 
     """`module` wrapped by torch.compile (compiling itself happens on the first call, per input shape).
 
     inductor keeps what it generates under `cache_dir` unless TORCHINDUCTOR_CACHE_DIR says otherwise: a warm
-    on-disk cache cut a first call from 163 s to 27 s (DIFFUSERS-NOTES.md).
+    on-disk cache cut a first call from 163 s to 27 s (docs/performance.md).
     """
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

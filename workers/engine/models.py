@@ -1,6 +1,6 @@
 """Models resident in a worker process: each loaded once with `from_pretrained`, then reused by every render.
 
-Loading costs seconds and compiling minutes, against well under a second per image (PERF.md), so a worker
+Loading costs seconds and compiling minutes, against well under a second per image (docs/performance.md), so a worker
 keeps what it has loaded (ControlNets within a memory budget, see `ModelCache`); routing work by model stack
 keeps that set small. Nothing here
 touches CUDA at import: a worker initialises it itself after it starts, since CUDA does not survive fork.

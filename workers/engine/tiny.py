@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from shared.styles import CATALOG
 
 SEED = 1234
-# Measured (DESIGN.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
+# Measured (docs/tiny-models.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
 _ZERO_CONV_STD = 0.2
 _TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
 _MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
