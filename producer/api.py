@@ -75,6 +75,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sent = client.retry(job_id)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
+    @app.post("/jobs/{job_id}/pause")
+    def pause(request: Request, job_id: str) -> dict[str, Any]:
+        client = farm(request)
+        client.pause(job_id)
+        return client.status(job_id).to_dict()
+
+    @app.post("/jobs/{job_id}/resume")
+    def resume(request: Request, job_id: str) -> dict[str, Any]:
+        client = farm(request)
+        sent = client.resume(job_id)
+        return {**client.status(job_id).to_dict(), "sent": sent}
+
+    @app.post("/jobs/{job_id}/priority")
+    def priority(request: Request, job_id: str, priority: int = Body(..., embed=True)) -> dict[str, Any]:  # noqa: B008
+        client = farm(request)
+        sent = client.set_priority(job_id, priority)
+        return {**client.status(job_id).to_dict(), "sent": sent}
+
+    @app.get("/workers")
+    def workers(request: Request) -> list[dict[str, Any]]:
+        return [view.to_dict() for view in farm(request).workers()]
+
     @app.get("/jobs/{job_id}/results")
     def results(request: Request, job_id: str) -> dict[str, Any]:
         """Artifacts with pre-signed download links where the output is on S3."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 from importlib.metadata import version
@@ -24,7 +25,7 @@ from shared.config import Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
 from shared.profiles import BUILTIN, load_profile
-from shared.spec import JobSpec, Profile, load_job, parse_model
+from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, parse_model
 from shared.styles import CATALOG
 
 if TYPE_CHECKING:
@@ -422,6 +423,62 @@ def retry(job_id: Annotated[str, typer.Argument(help="The job to retry.")]) -> N
 
 
 @app.command()
+def pause(job_id: Annotated[str, typer.Argument(help="The job to pause.")]) -> None:
+    """Hold a job back: its running tasks finish, its queued ones wait until `resume`."""
+    try:
+        with _farm() as farm:
+            done = farm.pause(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{job_id}: paused" if done else f"{job_id}: already paused", markup=False)
+
+
+@app.command()
+def resume(job_id: Annotated[str, typer.Argument(help="The job to resume.")]) -> None:
+    """Let a paused job's queued tasks run again."""
+    try:
+        with _farm() as farm:
+            sent = farm.resume(job_id)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{job_id}: resumed, {sent} task(s) sent", markup=False)
+
+
+@app.command()
+def priority(
+    job_id: Annotated[str, typer.Argument(help="The job.")],
+    value: Annotated[int, typer.Argument(metavar="N", help="0-100, higher first.")],
+) -> None:
+    """Change a job's priority; its queued tasks are sent again at it."""
+    try:
+        with _farm() as farm:
+            sent = farm.set_priority(job_id, value)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{job_id}: priority {value}, {sent} queued task(s) sent again", markup=False)
+
+
+@app.command()
+def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Every worker: device, pools, state (live, stale, dead, stopped), current task, images, loads, swaps."""
+    try:
+        with _farm() as farm:
+            views = farm.workers()
+    except ArchfarmError as e:
+        _fail(str(e))
+    if as_json:
+        _print_json([view.to_dict() for view in views])
+        return
+    for view in views:
+        out.print(
+            f"{view.id}  {view.state:<7} {view.device:<6} heartbeat {view.heartbeat_age_s:.0f} s ago  "
+            f"images {view.images_done}  loads {view.model_loads}  swaps {view.stack_swaps}  "
+            f"task {view.current_task or '-'}",
+            markup=False,
+        )
+
+
+@app.command()
 def results(
     job_id: Annotated[str, typer.Argument(help="The job.")],
     download: Annotated[Path | None, typer.Option("--download", help="Copy images and sidecars here.")] = None,
@@ -450,8 +507,14 @@ def results(
 @app.command()
 def worker(
     devices: Annotated[str, typer.Option("--devices", help="auto, cuda:0,1, cpu or cpu:N")] = "auto",
-    queues: Annotated[
-        str | None, typer.Option("--queues", help="Comma-separated queues (default: ARCHFARM_QUEUE).")
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pool",
+            metavar="NAME",
+            help="Render the jobs of this pool (a job's `pool:`); repeatable; `default` is the jobs without one "
+            "(the default when no --pool is given).",
+        ),
     ] = None,
 ) -> None:
     """Run one Celery worker process per device until stopped (SIGTERM: finish the current task first).
@@ -466,7 +529,10 @@ def worker(
         if not settings.broker_url:
             _fail("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
         chosen = parse_devices(devices)
-        names = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
+        for name in pool or []:
+            if not re.fullmatch(NAME_PATTERN, name):
+                _fail(f"--pool {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+        names = [settings.queue_for(None if name == "default" else name) for name in pool or ["default"]]
         engine, _ = open_database(settings)
         engine.dispose()
     except ArchfarmError as e:

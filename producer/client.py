@@ -16,26 +16,38 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from producer.database import open_database
 from producer.submit import persist, prepare
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
-from shared.db.models import Artifact, Job, Task, TaskStatus
+from shared.db.clock import aware, database_time
+from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
-from shared.db.store import cancel_job, first_start, retry_job, serving_workers, status_of
-from shared.errors import BrokerUnavailable, ConfigError, NotFound, StorageError, SubmitWarning
+from shared.db.store import (
+    cancel_job,
+    first_start,
+    pause_job,
+    resume_job,
+    retry_job,
+    serving_workers,
+    set_priority,
+    status_of,
+)
+from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning
 from shared.limits import check_fits_visibility
 from shared.spec import JobSpec, load_job, parse_model
 from shared.storage import open_storage
 from workers.policy import Limits
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from producer.local import Embedded
 
 TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
@@ -55,6 +67,9 @@ class JobView:
     failures: list[dict[str, str]] = field(default_factory=list)
     workers: int | None = None
     """Live workers that can take the job's tasks (None without a broker: this process renders it)."""
+    paused: bool = False
+    pool: str | None = None
+    """The workers it renders on (`archfarm worker --pool NAME`); None: the default pool."""
 
     @property
     def done(self) -> int:
@@ -79,7 +94,50 @@ class JobView:
             "eta_s": self.eta_s,
             "failures": self.failures,
             "workers": self.workers,
+            "paused": self.paused,
+            "pool": self.pool,
         }
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    id: str
+    node: str
+    device: str
+    pools: list[str]
+    models: list[str]
+    current_task: str | None
+    images_done: int
+    model_loads: int
+    stack_swaps: int
+    heartbeat_age_s: float
+    state: str
+    """`live`; `stale` (its heartbeat is late, not yet declared dead); `dead` (reaped); `stopped` (shut down)."""
+
+    @classmethod
+    def of(cls, row: Worker, now: datetime, timeout_s: float) -> WorkerView:
+        age = (now - aware(row.heartbeat_at)).total_seconds()
+        if row.stopped_at is not None:  # a reaper stops a worker a timeout after its last heartbeat; a shutdown at once
+            silent = (aware(row.stopped_at) - aware(row.heartbeat_at)).total_seconds()
+            state = "dead" if silent >= timeout_s else "stopped"
+        else:
+            state = "live" if age < timeout_s / 2 else "stale"
+        return cls(
+            row.id,
+            row.node,
+            row.device,
+            list(row.queues),
+            list(row.models),
+            row.current_task,
+            row.images_done,
+            row.model_loads,
+            row.stack_swaps,
+            age,
+            state,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -196,6 +254,8 @@ class Farm:
             eta_s=None,
             failures=failures,
             workers=workers,
+            paused=job.paused_at is not None,
+            pool=job.spec.get("pool"),
         )
         return _with_eta(view, started, now)
 
@@ -227,11 +287,51 @@ class Farm:
         whose sending was cut off by a broker outage.
         """
         self.status(job_id)
-        if self._celery is None:
-            raise ConfigError("no broker configured: set ARCHFARM_BROKER_URL to retry on the farm")
+        broker = self._broker("retry")
         with self.sessions.begin() as session:
             queued = retry_job(session, job_id)
-        return send_tasks(self._celery, messages_for(self.sessions, self.settings, queued))
+        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+
+    def pause(self, job_id: str) -> bool:
+        """Queued tasks wait, running ones finish; False when the job was paused already."""
+        self.status(job_id)
+        self._broker("pause")
+        with self.sessions.begin() as session:
+            return pause_job(session, job_id)
+
+    def resume(self, job_id: str) -> int:
+        """Let a paused job's queued tasks run; returns how many were sent."""
+        self.status(job_id)
+        broker = self._broker("resume")
+        with self.sessions.begin() as session:
+            queued = resume_job(session, job_id)
+        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+
+    def set_priority(self, job_id: str, priority: int) -> int:
+        """The job's priority (0-100, higher first) for its queued tasks; returns how many were sent again."""
+        if not 0 <= priority <= 100:
+            raise InvalidInput(f"priority must be 0-100, not {priority}")
+        self.status(job_id)
+        broker = self._broker("reprioritise")
+        with self.sessions.begin() as session:
+            queued = set_priority(session, job_id, priority)
+        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+
+    def workers(self) -> list[WorkerView]:
+        """Every worker incarnation not stopped long ago, live ones first: what each holds and has done."""
+        with self.sessions() as session:
+            now = database_time(session)
+            rows = session.scalars(
+                select(Worker)
+                .where(or_(Worker.stopped_at.is_(None), Worker.stopped_at > now - timedelta(hours=1)))
+                .order_by(Worker.stopped_at.is_not(None), Worker.node)
+            ).all()
+            return [WorkerView.of(row, now, self.settings.heartbeat_timeout) for row in rows]
+
+    def _broker(self, action: str) -> Celery:
+        if self._celery is None:
+            raise ConfigError(f"no broker configured: set ARCHFARM_BROKER_URL to {action} on the farm")
+        return self._celery
 
     def results(self, job_id: str) -> list[ArtifactView]:
         self.status(job_id)

@@ -59,7 +59,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> Prepare
         id=job_id,
         spec=spec,
         output_url=output_url,
-        queue=settings.queue,
+        queue=settings.queue_for(spec.pool),
         tasks=expand(spec, plans, job_id),
     )
 

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
 
+    def queue_for(self, pool: str | None) -> str:
+        """The broker queue of a pool (`archfarm worker --pool NAME`, a job's `pool:`); the default pool's is
+        `queue` itself."""
+        return self.queue if pool is None else f"{self.queue}.{pool}"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

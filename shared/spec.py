@@ -217,6 +217,9 @@ class JobSpec(_Strict):
     seeds: SeedRange | list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
     profile: Profile
     output: str | None = Field(None, max_length=2048, description="file:// or s3:// prefix; default: settings")
+    pool: Name | None = Field(
+        None, description="the workers that render it: those started with `archfarm worker --pool NAME`"
+    )
 
     @field_validator("plans")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from producer.client import Farm
 from shared.config import Settings
 from shared.db.models import Base
 from shared.db.session import make_engine, session_factory, upgrade
+from tests.processes import WorkerProcess, live_workers, wait_for
 
 pytest_plugins = ["tests.s3_server", "tests.models_fixture"]
 
@@ -159,3 +160,21 @@ def queued_messages(broker_url: str, queue: str) -> int:
     client = redis.Redis.from_url(broker_url)
     keys = [queue, *(f"{queue}:{level}" for level in range(1, 10))]
     return sum(int(client.llen(key)) for key in keys)
+
+
+@pytest.fixture
+def start_workers(farm_env: dict[str, str], farm: Farm, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(devices: str = "cpu:1", expect: int = 1, *options: str) -> WorkerProcess:
+        before = live_workers(farm)
+        worker = WorkerProcess(farm_env, devices, tmp_path / f"worker-{len(started)}.log", *options)
+        started.append(worker)
+        wait_for(lambda: live_workers(farm) >= before + expect, 60, f"workers to start ({worker.log})")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+    for worker in started:
+        assert worker.proc.returncode is not None

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,66 +24,12 @@ from producer.client import Farm
 from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
-from tests.processes import alive, children_of
+from tests.processes import alive, children_of, live_workers, wait_for, wait_for_value
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
 FAST = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 4, "controls": [{"kind": "canny"}]}
 SLOW = {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 25, "controls": [{"kind": "canny"}]}
-
-
-class WorkerProcess:
-    """An `archfarm worker` launcher and what it started."""
-
-    def __init__(self, env: dict[str, str], devices: str, log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--devices", devices],
-            env={**os.environ, **env},
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def start_workers(farm_env: dict[str, str], farm: Farm, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: list[WorkerProcess] = []
-
-    def start(devices: str = "cpu:1", expect: int = 1) -> WorkerProcess:
-        before = live_workers(farm)
-        worker = WorkerProcess(farm_env, devices, tmp_path / f"worker-{len(started)}.log")
-        started.append(worker)
-        wait_for(lambda: live_workers(farm) >= before + expect, 60, f"workers to start ({worker.log})")
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-    for worker in started:
-        assert worker.proc.returncode is not None
-
-
-def live_workers(farm: Farm) -> int:
-    with farm.sessions() as session:
-        return int(session.scalar(select(func.count()).select_from(Worker).where(Worker.stopped_at.is_(None))) or 0)
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def job(plan: Path, profile: dict, seeds: int, styles: list[str] | None = None) -> dict:
@@ -270,12 +215,6 @@ def test_bad_job_is_refused_at_submit_with_nothing_stored(
     with farm.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Task)) == 0
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
-
-
-def wait_for_value(get: Callable[[], object], timeout: float, what: str):  # type: ignore[no-untyped-def]
-    found: list[object] = []
-    wait_for(lambda: found.append(get()) or found[-1], timeout, what)
-    return found[-1]
 
 
 def test_sigterm_finishes_the_current_task_and_loses_nothing(farm: Farm, start_workers, example_plan: Path) -> None:

@@ -43,6 +43,7 @@ from shared.db.store import (
     finish_task,
     held_by,
     is_cancelled,
+    is_paused,
     live_nodes,
     postpone_task,
     record_artifacts,
@@ -236,6 +237,8 @@ class Lifecycle:
         job_id, status = row
         if status is not TaskStatus.QUEUED:
             return TaskStatus(status)
+        if is_paused(session, job_id):  # its message is spent; `resume` sends the task again
+            return TaskStatus.QUEUED
         if self.limits.blocklist_after is not None:
             blocked = blocklisted_nodes(session, job_id, self.limits.blocklist_after)
             if self.node in blocked:

@@ -71,6 +71,9 @@ class Job(Base):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
+    paused_at: Mapped[datetime | None] = mapped_column(
+        default=None, comment="set while the job is paused: its queued tasks wait, running ones finish"
+    )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 

@@ -15,16 +15,20 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     PARTIALLY_SUCCEEDED = "partially_succeeded"
+    PAUSED = "paused"
 
 
-def job_status(counts: Mapping[TaskStatus, int], cancelled: bool) -> JobStatus:
+def job_status(counts: Mapping[TaskStatus, int], cancelled: bool, paused: bool = False) -> JobStatus:
     """The outcome a user sees.
 
-    Work in flight wins; a cancelled job stays `cancelled` even when some images were made before the
-    cancel; a finished job with both successes and failures is `partially_succeeded`.
+    A paused job with work left is `paused` (its running tasks finish, its queued ones wait); otherwise work
+    in flight wins; a cancelled job stays `cancelled` even when some images were made before the cancel; a
+    finished job with both successes and failures is `partially_succeeded`.
     """
     done = {s: counts.get(s, 0) for s in TaskStatus}
     total = sum(done.values())
+    if paused and (done[TaskStatus.QUEUED] or done[TaskStatus.RUNNING]):
+        return JobStatus.PAUSED
     if done[TaskStatus.RUNNING] or (done[TaskStatus.QUEUED] and total > done[TaskStatus.QUEUED]):
         return JobStatus.RUNNING
     if done[TaskStatus.QUEUED]:

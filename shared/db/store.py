@@ -56,7 +56,13 @@ def claim_more(session: Session, job_id: str, worker: str, limit: int) -> list[s
     ids = list(
         session.scalars(
             select(Task.id)
-            .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.due_at <= db_now())
+            .join(Job, Job.id == Task.job_id)
+            .where(
+                Task.job_id == job_id,
+                Task.status == TaskStatus.QUEUED,
+                Task.due_at <= db_now(),
+                Job.paused_at.is_(None),
+            )
             .order_by(Task.ordinal)
             .limit(limit)
         )
@@ -253,6 +259,38 @@ def retry_job(session: Session, job_id: str) -> list[str]:
     )
 
 
+def pause_job(session: Session, job_id: str) -> bool:
+    """Hold the job's queued tasks back; running ones finish. False when it was paused already."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.paused_at.is_(None)).values(paused_at=db_now()))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def resume_job(session: Session, job_id: str) -> list[str]:
+    """Let the job's queued tasks run again; returns them, to be sent (their messages were dropped while it
+    was paused)."""
+    session.execute(update(Job).where(Job.id == job_id).values(paused_at=None))
+    return queued_tasks(session, job_id)
+
+
+def set_priority(session: Session, job_id: str, priority: int) -> list[str]:
+    """The job's new priority; returns its queued tasks, to be sent again at it (their old messages find the
+    tasks taken, or run them first: either way each runs once). None to send while the job is paused."""
+    session.execute(update(Job).where(Job.id == job_id).values(priority=priority))
+    return [] if is_paused(session, job_id) else queued_tasks(session, job_id)
+
+
+def queued_tasks(session: Session, job_id: str) -> list[str]:
+    return list(
+        session.scalars(
+            select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
+        )
+    )
+
+
+def is_paused(session: Session, job_id: str) -> bool:
+    return session.scalar(select(Job.paused_at).where(Job.id == job_id)) is not None
+
+
 def is_cancelled(session: Session, job_id: str) -> bool:
     return session.scalar(select(Job.cancelled_at).where(Job.id == job_id)) is not None
 
@@ -264,7 +302,7 @@ def task_counts(session: Session, job_id: str) -> dict[TaskStatus, int]:
 
 def status_of(session: Session, job: Job) -> tuple[JobStatus, dict[TaskStatus, int]]:
     counts = task_counts(session, job.id)
-    return job_status(counts, job.cancelled_at is not None), counts
+    return job_status(counts, job.cancelled_at is not None, job.paused_at is not None), counts
 
 
 def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -375,7 +413,12 @@ def sweep(session: Session, queues: Iterable[str], stranded_s: float, limit: int
         session.scalars(
             select(Task.id)
             .join(Job, Job.id == Task.job_id)
-            .where(Task.status == TaskStatus.QUEUED, Task.due_at < stale, Job.queue.in_(list(queues)))
+            .where(
+                Task.status == TaskStatus.QUEUED,
+                Task.due_at < stale,
+                Job.queue.in_(list(queues)),
+                Job.paused_at.is_(None),  # a paused job's tasks wait without messages; resume sends them
+            )
             .order_by(Job.priority.desc(), Task.ordinal)
             .limit(limit)
         )
