@@ -1,11 +1,13 @@
-"""The REST API: submit, watch, cancel, retry and fetch results over HTTP.
+"""The REST API: submit, watch, control and fetch results over HTTP.
 
-Plans and outputs must be s3:// URLs here: a remote caller must not make the farm read or write files on
-its own machines. Errors are JSON `{"detail": "..."}` with one-line messages, as in the CLI.
+A remote caller must not make the farm read or write its own files: plans, control images and outputs must
+be s3:// URLs under the allowed prefixes, model folders must lie under the allowed roots (`check_remote`).
+Errors are JSON `{"detail": "..."}` with one-line messages, as in the CLI.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,8 +17,9 @@ from fastapi.responses import JSONResponse
 
 from producer.client import Farm
 from shared.config import Settings
-from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, TransientError
-from shared.spec import ImageControl, JobSpec, parse_model
+from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, PlanError, TransientError
+from shared.registry import is_path
+from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, parse_model
 from shared.storage import S3Storage, open_storage
 
 _STATUS: dict[type[ArchfarmError], int] = {InvalidInput: 422, NotFound: 404, ConfigError: 503, TransientError: 503}
@@ -51,8 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if client.settings.broker_url is None:
             raise ConfigError("no broker configured: the API only queues work for workers")
         spec = parse_model(JobSpec, job)
-        remote_only(spec)
-        job_id = client.submit(spec)
+        check_remote(spec, client.settings)
+        try:
+            job_id = client.submit(spec)
+        except PlanError as error:  # one answer for missing, forbidden and not-an-image alike
+            raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image") from None
         return client.status(job_id).to_dict()
 
     @app.get("/jobs")
@@ -121,13 +127,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def remote_only(spec: JobSpec) -> None:
-    """Refuse local paths from remote callers: they would read or write files on the farm's machines."""
-    for plan in spec.plans:
-        if not plan.startswith("s3://"):
-            raise InvalidInput(f"plans: {plan!r}: the API takes s3:// URLs only")
-    if spec.output is not None and not spec.output.startswith("s3://"):
-        raise InvalidInput(f"output: {spec.output!r}: the API takes s3:// URLs only")
-    for index, unit in enumerate(spec.profile.controls):
-        if isinstance(unit, ImageControl) and not unit.image.startswith("s3://"):
-            raise InvalidInput(f"profile.controls.{index}.image: {unit.image!r}: the API takes s3:// URLs only")
+def check_remote(spec: JobSpec, settings: Settings) -> None:
+    """Refuse what would let a remote caller reach the farm's own files: plans, control images and outputs
+    outside the allowed S3 prefixes, and model folders outside the allowed roots. Pure: nothing is looked up,
+    so the answer says nothing about what exists."""
+    prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
+    allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
+    urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
+    urls += [
+        (f"profile.controls.{i}.image", unit.image)
+        for i, unit in enumerate(spec.profile.controls)
+        if isinstance(unit, ImageControl)
+    ]
+    if spec.output is not None:
+        urls.append(("output", spec.output))
+    for field, url in urls:
+        if ".." in url.split("/") or not any(url.startswith(prefix) for prefix in prefixes):
+            raise InvalidInput(f"{field}: {url[:MAX_ECHO]!r}: {allowed}")
+    roots = [os.path.normpath(root) for root in settings.api_model_roots]
+    for field, ref in _model_refs(spec.profile):
+        folder = os.path.normpath(os.path.expanduser(ref)) if is_path(ref) else None
+        if folder is not None and not any(folder == root or folder.startswith(root + os.sep) for root in roots):
+            raise InvalidInput(
+                f"{field}: a model folder is accepted from the API only under ARCHFARM_API_MODEL_ROOTS "
+                f"({', '.join(roots) or 'none configured'}); use a preset or a hub id"
+            )
+
+
+def _bucket_of(url: str) -> list[str]:
+    """`s3://bucket/` of an S3 storage URL; nothing for a local one."""
+    return [f"s3://{url.removeprefix('s3://').split('/', 1)[0]}/"] if url.startswith("s3://") else []
+
+
+def _model_refs(profile: Profile) -> list[tuple[str, str]]:
+    refs = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
+    for i, unit in enumerate(profile.controls):
+        if unit.model is not None:
+            refs.append((f"profile.controls.{i}.model", unit.model))
+        if isinstance(unit, DepthControl) and unit.depth_model is not None:
+            refs.append((f"profile.controls.{i}.depth_model", unit.depth_model))
+    return refs

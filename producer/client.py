@@ -12,6 +12,7 @@ a `SubmitWarning` through Python's warnings: the job is stored and will run.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -41,7 +42,7 @@ from shared.db.store import (
 )
 from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning
 from shared.limits import check_fits_visibility
-from shared.spec import JobSpec, load_job, parse_model
+from shared.spec import MAX_ECHO, JobSpec, load_job, parse_model
 from shared.storage import open_storage
 from workers.policy import Limits
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
     from producer.local import Embedded
 
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
 
 
@@ -215,6 +217,10 @@ class Farm:
         return prepared.id
 
     def status(self, job_id: str) -> JobView:
+        """The job's view; NotFound for an unknown id, also for one that is not an id at all (checked before
+        any query: a NUL or a megabyte of text never reaches the database)."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
         with self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:

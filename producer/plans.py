@@ -36,11 +36,11 @@ def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
         url = canonical_url(plan)
         data = read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
     except FileNotFoundError:
-        raise PlanError(f"{plan}: no such file") from None
+        raise PlanError(plan, "no such file") from None
     except PermissionError:
-        raise PlanError(f"{plan}: permission denied") from None
+        raise PlanError(plan, "permission denied") from None
     except (InvalidInput, StorageError) as e:
-        raise PlanError(f"{plan}: {e}") from None
+        raise PlanError(plan, str(e)) from None
     decode_image(data, plan, max_pixels=settings.max_image_pixels)
     return Plan(url=url, name=safe_name(url), digest=content_hash(data)), data
 
@@ -67,7 +67,7 @@ def stage_plans(plans: Sequence[Plan], storage: Storage) -> list[Plan]:
             continue
         data = read_url(plan.url)
         if content_hash(data) != plan.digest:
-            raise PlanError(f"{plan.url}: changed while the job was being submitted")
+            raise PlanError(plan.url, "changed while the job was being submitted")
         key = f"inputs/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"
         if not storage.exists(key):
             storage.put(key, data, "application/octet-stream")

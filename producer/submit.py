@@ -11,7 +11,10 @@ import uuid
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
@@ -22,8 +25,8 @@ from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
 from shared.db.clock import database_time
 from shared.db.models import Job, Task, TaskStatus
-from shared.errors import SubmitWarning
-from shared.spec import ImageControl, JobSpec, Profile
+from shared.errors import InvalidInput, SubmitWarning
+from shared.spec import MAX_ECHO, ImageControl, JobSpec, Profile
 from shared.storage import Storage, canonical_url, open_storage_from_settings
 
 
@@ -47,6 +50,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> Prepare
     """
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
+    _check_output(output_url)
     profile, notices = pin_models(spec.profile, here=not farm)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
@@ -62,6 +66,22 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> Prepare
         queue=settings.queue_for(spec.pool),
         tasks=expand(spec, plans, job_id),
     )
+
+
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr")
+"""Where no render belongs: a worker running as root would write into the system."""
+
+
+def _check_output(url: str) -> None:
+    """A local output must be a folder archfarm may fill (symlinks already resolved by `canonical_url`): not a
+    file or a device such as /dev/null, and nothing under the system's own folders."""
+    if not url.startswith("file://"):
+        return
+    path = Path(url2pathname(urlparse(url).path))
+    if any(path == Path(root) or Path(root) in path.parents for root in SYSTEM_FOLDERS):
+        raise InvalidInput(f"output: {url[:MAX_ECHO]!r} is a system folder")
+    if path.exists() and not path.is_dir():
+        raise InvalidInput(f"output: {url[:MAX_ECHO]!r} is not a folder")
 
 
 def _with_control_images(profile: Profile, settings: Settings, storage: Storage | None) -> Profile:

@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
 
+    api_model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders under which the REST API accepts local model references (a shared model store), "
+        'as JSON (`["/models"]`); empty: presets and hub ids only.',
+    )
+    api_storage_prefixes: list[str] = Field(
+        default_factory=list,
+        description="s3:// prefixes that the REST API's plans, control images and outputs must lie under, as JSON; "
+        "empty: the bucket of ARCHFARM_STORAGE_URL.",
+    )
+
     def queue_for(self, pool: str | None) -> str:
         """The broker queue of a pool (`archfarm worker --pool NAME`, a job's `pool:`); the default pool's is
         `queue` itself."""

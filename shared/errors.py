@@ -26,6 +26,10 @@ class InvalidInput(ArchfarmError):
 class PlanError(InvalidInput):
     """A plan file is missing, unreadable, not an image, truncated or too large to decode safely."""
 
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"{url}: {problem}")
+        self.url = url
+
 
 class NotFound(ArchfarmError):
     """No job (or sidecar, or task) by the name given."""

@@ -38,7 +38,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
     """
     label = _printable(name)
     if not data:
-        raise PlanError(f"{label}: not an image (empty file)")
+        raise PlanError(label, "not an image (empty file)")
     # Pillow warns about what it repairs (odd EXIF, truncated chunks): the user sees a refusal or nothing.
     # Its bomb warning (a RuntimeWarning) is left to the caller's filters, as documented above.
     with warnings.catch_warnings():
@@ -50,7 +50,7 @@ def _decode(data: bytes, label: str, max_pixels: int) -> Image.Image:
     with _open(data, label) as image:
         width, height = image.size
         if width * height > max_pixels:
-            raise PlanError(f"{label}: {width}×{height} pixels is over the limit of {max_pixels} (decompression bomb?)")
+            raise PlanError(label, f"{width}×{height} pixels is over the limit of {max_pixels} (decompression bomb?)")
         _load(image, label)
         return _to_rgb(image)
 
@@ -61,7 +61,7 @@ def _open(data: bytes, label: str) -> ImageFile.ImageFile:
         return Image.open(io.BytesIO(data), formats=_FORMATS)
     except UnidentifiedImageError:
         # Pillow's message names the BytesIO object, which tells the user nothing.
-        raise PlanError(f"{label}: not an image (cannot identify image file)") from None
+        raise PlanError(label, "not an image (cannot identify image file)") from None
     except Exception as exc:  # a plugin that recognised the header may still reject it, with any type
         raise _corrupt(label, exc) from None
 
@@ -78,8 +78,8 @@ def _load(image: ImageFile.ImageFile, label: str) -> None:
 def _corrupt(label: str, exc: Exception) -> PlanError:
     detail = _printable(str(exc)).strip() or type(exc).__name__
     if isinstance(exc, _PILLOW_BOMBS):
-        return PlanError(f"{label}: too many pixels to decode safely ({detail})")
-    return PlanError(f"{label}: truncated or corrupt image ({detail})")
+        return PlanError(label, f"too many pixels to decode safely ({detail})")
+    return PlanError(label, f"truncated or corrupt image ({detail})")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -35,7 +35,10 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields refused, and no coercion: `true` is not seed 1, `"2"` is not 2 (an int is still a
+    float where a float is wanted)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
@@ -216,7 +219,9 @@ class JobSpec(_Strict):
     styles: list[Name | Style] = Field(min_length=1, max_length=1000)
     seeds: SeedRange | list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
     profile: Profile
-    output: str | None = Field(None, max_length=2048, description="file:// or s3:// prefix; default: settings")
+    output: str | None = Field(
+        None, min_length=1, max_length=2048, description="file:// or s3:// prefix; default: settings"
+    )
     pool: Name | None = Field(
         None, description="the workers that render it: those started with `archfarm worker --pool NAME`"
     )
@@ -292,6 +297,8 @@ def _digest(data: Any) -> str:
 
 MAX_PROBLEMS = 5
 MAX_ECHO = 60
+MAX_MESSAGE = 300
+"""A problem's message, cut: some quote the value they refuse, and a value may be megabytes long."""
 
 
 def describe(error: ValidationError, source: str = "") -> str:
@@ -302,11 +309,12 @@ def describe(error: ValidationError, source: str = "") -> str:
     for err in error.errors():
         loc = ".".join(_printable(str(p)) for i, p in enumerate(err["loc"]) if not _internal(err["loc"], i))
         found.setdefault(loc or "job", []).append((err["type"], _message(err), err.get("input")))
-    # A union reports every alternative; where one got past the type check, the others' type errors are noise.
-    deeper = {loc for loc, errs in found.items() if any(not _type_error(kind) for kind, _, _ in errs)}
+    # A union reports every alternative; where one got past the type check (an error deeper down, or one that
+    # is not about the type), the others' type errors are noise.
+    matched = {loc for loc, errs in found.items() if any(not _type_error(kind) for kind, _, _ in errs)}
     problems = []
     for loc, errs in found.items():
-        meant = any(other == loc or other.startswith(loc + ".") for other in deeper)
+        meant = loc in matched or any(other.startswith(loc + ".") for other in found)
         kept = [(m, got) for kind, m, got in errs if not (meant and _type_error(kind))]
         if not kept:
             continue
@@ -318,7 +326,7 @@ def describe(error: ValidationError, source: str = "") -> str:
         if not isinstance(got, dict | list) and got is not None and not any(str(got) in m for m in messages):
             text = repr(got)
             shown = f" (got {text[:MAX_ECHO]}{'…' if len(text) > MAX_ECHO else ''})"
-        problems.append(f"{loc}: {_printable(' or '.join(messages))}{_printable(shown)}")
+        problems.append(f"{loc}: {_printable(' or '.join(messages))[:MAX_MESSAGE]}{_printable(shown)}")
     more = len(problems) - MAX_PROBLEMS
     problems = problems[:MAX_PROBLEMS] + ([f"and {more} more"] if more > 0 else [])
     return (f"{_printable(source)}: " if source else "") + "; ".join(problems)
@@ -329,6 +337,8 @@ def _message(err: Any) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return "should be a mapping"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == NAME_PATTERN:
+        return "should be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     if kind == "missing":
         return "required"
     if kind == "extra_forbidden":
@@ -389,12 +399,29 @@ def check_shape(data: Any, source: str = "") -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice: the later value would silently win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # a list or mapping as a key: the constructor refuses it itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:MAX_ECHO]!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_document(path: Path) -> Any:
     """Read a YAML or JSON file (JSON is YAML) into plain data, with a one-line error if it is unreadable."""
     try:
         if path.stat().st_size > MAX_DOCUMENT_BYTES:
             raise InvalidInput(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise InvalidInput(f"{path}: no such file") from None
     except RecursionError:

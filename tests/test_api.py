@@ -12,6 +12,7 @@ from sqlalchemy import select
 from producer.api import create_app
 from shared.config import Settings
 from shared.db.models import Task
+from shared.errors import InvalidInput
 from tests.conftest import queued_messages
 from workers.lifecycle import Lifecycle
 from workers.policy import Limits
@@ -81,12 +82,22 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"plans": ["/etc/passwd"]}, "plans: '/etc/passwd': the API takes s3:// URLs only"),
-        ({"output": "file:///tmp/x"}, "output: 'file:///tmp/x': the API takes s3:// URLs only"),
+        ({"plans": ["/etc/passwd"]}, "plans.0: '/etc/passwd': the API takes s3:// URLs under s3://"),
+        ({"output": "file:///tmp/x"}, "output: 'file:///tmp/x': the API takes s3:// URLs under s3://"),
+        ({"plans": ["s3://other-bucket/plan.png"]}, "plans.0: 's3://other-bucket/plan.png': the API takes s3://"),
+        ({"output": "s3://other-bucket/renders"}, "output: 's3://other-bucket/renders': the API takes s3://"),
+        ({"seeds": [True, False]}, "seeds.0: should be a valid integer (got True)"),
+        ({"seeds": ["1", "2"]}, "seeds.0: should be a valid integer (got '1')"),
+        ({"output": ""}, "output: String should have at least 1 character"),
+        ({"profile": {**PROFILE, "base": "/root"}}, "profile.base: a model folder is accepted from the API only"),
+        (
+            {"profile": {**PROFILE, "controls": [{"kind": "depth", "depth_model": "/nonexistent"}]}},
+            "profile.controls.0.depth_model: a model folder is accepted from the API only",
+        ),
         ({"styles": ["gothic"]}, "styles: unknown style 'gothic'"),
         (
             {"profile": {**PROFILE, "controls": [{"kind": "image", "image": "/dev/zero"}]}},
-            "profile.controls.0.image: '/dev/zero': the API takes s3:// URLs only",
+            "profile.controls.0.image: '/dev/zero': the API takes s3:// URLs under s3://",
         ),
         ({"profile": {**PROFILE, "width": 100}}, "profile.width: 100 is not a multiple of 8"),
     ],
@@ -101,10 +112,45 @@ def test_bad_jobs_are_refused_with_one_line(
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
 
 
-def test_missing_plan_object_and_unknown_job(api: TestClient, s3_bucket: str) -> None:
-    response = api.post("/jobs", json=job(f"s3://{s3_bucket}/plans/nope.png"))
-    assert response.status_code == 422 and "no such file" in response.json()["detail"]
+def test_missing_and_unreadable_plans_get_one_answer_and_ids_are_checked_first(
+    api: TestClient, s3_server, s3_bucket: str
+) -> None:
+    """No oracle: a missing object and an object that is no image are refused alike; a model folder outside
+    the roots is refused the same whether it exists or not."""
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plans/notes.txt", Body=b"not an image")
+    answers = {
+        url: api.post("/jobs", json=job(url)).json()["detail"]
+        for url in (f"s3://{s3_bucket}/plans/nope.png", f"s3://{s3_bucket}/plans/notes.txt")
+    }
+    assert [detail.split(": ", 1)[1] for detail in answers.values()] == ["not a readable image"] * 2
+    folders = [
+        api.post("/jobs", json=job(f"s3://{s3_bucket}/x.png", profile={**PROFILE, "base": base}))
+        for base in ("/root", "/no-such-dir")
+    ]
+    assert folders[0].json() == folders[1].json() and folders[0].status_code == 422
     assert api.get("/jobs/00000000-0000-0000-0000-000000000000").status_code == 404
+    for bad in ("a%00b", "x" * 5000, "..%2F..%2Fetc"):
+        response = api.get(f"/jobs/{bad}")
+        assert response.status_code == 404 and len(response.text) < 200
+
+
+def test_a_huge_value_is_not_echoed_back(api: TestClient, s3_plan: str) -> None:
+    response = api.post("/jobs", json=job(s3_plan, name="n" * 5_000_000))
+    assert response.status_code == 422 and len(response.content) < 500
+
+
+def test_model_roots_admit_folders_under_them_only() -> None:
+    from producer.api import check_remote
+    from shared.spec import JobSpec
+
+    settings = Settings(storage_url="s3://farm/renders", api_model_roots=["/models"])
+    for base, ok in [("/models/sd15", True), ("/models/../etc", False), ("/modelsx/a", False), ("sd15", True)]:
+        spec = JobSpec.model_validate(job("s3://farm/p.png", profile={**PROFILE, "base": base}))
+        if ok:
+            check_remote(spec, settings)
+        else:
+            with pytest.raises(InvalidInput, match="ARCHFARM_API_MODEL_ROOTS"):
+                check_remote(spec, settings)
 
 
 def test_without_a_broker_the_api_refuses_to_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,6 +126,7 @@ def bomb(path: Path) -> None:
         ("loop.png", lambda p: p.symlink_to(p), [], "loop.png' cannot be resolved: Symlink loop"),
         ("good.png", None, ["--profile", "deep.yaml"], "deep.yaml: nested deeper than 32 levels"),
         ("good.png", None, ["--profile", "aliases.yaml"], "aliases.yaml: more than 2500000 values"),
+        ("good.png", None, ["--profile", "dup.yaml"], "duplicate key 'steps'"),
     ],
 )
 def test_bad_input_exits_with_one_line_and_stores_nothing(
@@ -141,6 +142,7 @@ def test_bad_input_exits_with_one_line_and_stores_nothing(
     monkeypatch.setenv("ARCHFARM_MAX_IMAGE_PIXELS", "100000000")
     (tmp_path / "good.png").write_bytes(example_plan.read_bytes())
     (tmp_path / "bad.yaml").write_text("steps: 0\ncontrols: [{kind: canny}]\n")
+    (tmp_path / "dup.yaml").write_text("steps: 3\ncontrols: [{kind: canny}]\nsteps: 4\n")
     (tmp_path / "deep.yaml").write_text("steps: " + "[" * 1000 + "]" * 1000 + "\n")  # blew Python's stack
     # A few hundred bytes that stand for ten billion values: walking them would never end.
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
@@ -358,3 +360,20 @@ def test_render_save_maps_writes_the_maps_beside_the_images(
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "maps" / "floorplan" / "1-canny.png").is_file()
     assert len(list((tmp_path / "out" / "floorplan").rglob("*.png"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("/dev/null", "'file:///dev/null' is a system folder"),
+        ("/proc/archfarm", "is a system folder"),
+        ("file", "is not a folder"),
+    ],
+)
+def test_outputs_that_are_no_place_for_renders_are_refused(
+    env: dict[str, str], tmp_path: Path, example_plan: Path, out: str, expected: str
+) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    result = CliRunner().invoke(app, ["render", str(example_plan), "--style", "modern", "--seeds", "1", "--out", out])
+    assert result.exit_code == 2 and expected in result.stderr
+    assert jobs_in(tmp_path / "archfarm.db") == 0
