@@ -6,6 +6,7 @@ import json
 import re
 import time
 import warnings
+from contextvars import ContextVar
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -45,8 +46,15 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+_json_errors: ContextVar[bool] = ContextVar("json_errors", default=False)
+"""Set by a command run with --json: its errors are then `{"error": ...}` on stdout, for the program reading it."""
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"archfarm: error: {message}", markup=False, soft_wrap=True)
+    if _json_errors.get():
+        out.print(json.dumps({"error": message}), markup=False, highlight=False)
+    else:
+        err.print(f"archfarm: error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -67,6 +75,7 @@ def _setup(
     ] = False,
 ) -> None:
     """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
+    _json_errors.set(False)  # a program may invoke several commands in one process
 
     library = warnings.showwarning
     if getattr(library, "archfarm", False):  # already in place (a program invoking the CLI repeatedly)
@@ -283,6 +292,7 @@ def submit(
     A broker that is down does not lose the job: it is stored, its id printed, and the workers send its tasks
     once the broker is back (a warning says so). Without a broker configured (ARCHFARM_BROKER_URL) the job
     renders in this process before its id is printed, as `archfarm render --job` would (a warning says so)."""
+    _json_errors.set(as_json)
 
     def stored(job_id: str, tasks: int) -> None:
         if not as_json:
@@ -314,6 +324,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """One job with per-state task counts, ETA and a progress bar, or a table of recent jobs."""
+    _json_errors.set(as_json)
     from producer.client import TERMINAL_JOB
 
     try:
@@ -461,6 +472,7 @@ def priority(
 @app.command()
 def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Every worker: device, pools, state (live, stale, dead, stopped), current task, images, loads, swaps."""
+    _json_errors.set(as_json)
     try:
         with _farm() as farm:
             views = farm.workers()
@@ -485,6 +497,7 @@ def results(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List a job's images (URL, style, seed, size), or download them."""
+    _json_errors.set(as_json)
     try:
         with _farm() as farm:
             artifacts = farm.results(job_id)

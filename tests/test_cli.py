@@ -377,3 +377,10 @@ def test_outputs_that_are_no_place_for_renders_are_refused(
     result = CliRunner().invoke(app, ["render", str(example_plan), "--style", "modern", "--seeds", "1", "--out", out])
     assert result.exit_code == 2 and expected in result.stderr
     assert jobs_in(tmp_path / "archfarm.db") == 0
+
+
+def test_json_commands_report_errors_as_json_with_the_same_exit_code(env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, ["status", "not-a-job", "--json"])
+    assert result.exit_code == 2 and json.loads(result.stdout) == {"error": "no job 'not-a-job'"}
+    plain = CliRunner().invoke(app, ["status", "not-a-job"])
+    assert plain.exit_code == 2 and plain.stderr.strip() == "archfarm: error: no job 'not-a-job'"
