@@ -204,7 +204,7 @@ class Farm:
             persist(session, prepared)
         if on_stored is not None:
             on_stored(prepared.id, len(prepared.tasks))
-        messages = (Message(t.id, prepared.queue, spec.priority, limit) for t in prepared.tasks)
+        messages = (Message(t.id, prepared.id, prepared.queue, spec.priority, limit) for t in prepared.tasks)
         try:
             send_tasks(self._celery, messages)
         except BrokerUnavailable as error:

@@ -1,7 +1,8 @@
 """The Celery application's configuration and the one way tasks are sent.
 
-Producers and workers build the same app from settings. Messages carry only a task id; everything else is
-read from the database, so a message can be re-sent at any time (retry, reaper, shutdown) without harm.
+Producers and workers build the same app from settings (`shared.celery_app` is it alone, for Celery's own
+tools). Messages carry a task id (and its job's, for those tools); everything else is read from the database,
+so a message can be re-sent at any time (retry, reaper, shutdown) without harm.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def make_celery(settings: Settings) -> Celery:
             "priority_steps": list(range(PRIORITY_LEVELS)),
             "sep": ":",
         },
-        worker_send_task_events=False,
+        # Events and heartbeats: what Flower and `celery events` show (a few small messages per task).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
     return app
@@ -70,6 +73,9 @@ class Message:
     run."""
 
     task_id: str
+    job_id: str
+    """Not needed by the worker (it reads the task's row); there for Celery's own tools (`inspect active`,
+    Flower), which show a message's arguments."""
     queue: str
     priority: int
     time_limit: int
@@ -91,7 +97,7 @@ def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: 
             for task_id, job_id, queue, priority, spec in rows:
                 if job_id not in limits:
                     limits[job_id] = task_time_limit(Profile.model_validate(spec["profile"]), settings)
-                found[task_id] = Message(task_id, queue, priority, limits[job_id])
+                found[task_id] = Message(task_id, job_id, queue, priority, limits[job_id])
     return [found[i] for i in ids if i in found]
 
 
@@ -119,6 +125,7 @@ def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> i
             app.send_task(
                 RENDER_TASK,
                 args=[message.task_id],
+                kwargs={"job_id": message.job_id},
                 queue=message.queue,
                 priority=broker_priority(message.priority),
                 time_limit=message.time_limit,

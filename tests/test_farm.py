@@ -279,3 +279,28 @@ def test_a_call_batching_four_tasks_killed_mid_render_loses_nothing(
         .read()
     )
     assert sidecar["call"]["tasks"] > 1
+
+
+def test_celery_tools_see_the_running_task_with_its_job(
+    farm: Farm, start_workers, example_plan: Path, farm_env: dict[str, str]
+) -> None:
+    """`celery -A shared.celery_app inspect active` (what Flower builds on) lists the running task and its job;
+    the module it loads pulls in neither torch nor a database driver."""
+    env = {**os.environ, **farm_env}
+    light = "import sys, shared.celery_app; print(sorted({'torch', 'psycopg', 'diffusers'} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", light], env=env, capture_output=True, text=True, timeout=60)
+    assert imported.stdout.strip() == "[]", imported.stderr
+    start_workers("cpu:1")
+    job_id = farm.submit(job(example_plan, SLOW, seeds=1))
+    task_id, _ = wait_for_value(lambda: running_task(farm, job_id), 60, "a task to start")
+    inspect = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "shared.celery_app", "inspect", "active", "--json", "--timeout", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    active = [task for tasks in json.loads(inspect.stdout).values() for task in tasks]
+    assert any(task["args"] == [task_id] and task["kwargs"] == {"job_id": job_id} for task in active), active
+    farm.cancel(job_id)

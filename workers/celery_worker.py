@@ -66,7 +66,7 @@ def send(task_ids: list[str], delay: float) -> None:
 
 
 @app.task(name=RENDER_TASK)
-def render(task_id: str) -> None:
+def render(task_id: str, job_id: str | None = None) -> None:
     """Deliver the task id to the lifecycle and log how the task ended: Celery's own line would say that its
     delivery `succeeded` whatever became of the task (cancelled, failed, handed on)."""
     started = time.perf_counter()
@@ -158,6 +158,5 @@ def main(queues: list[str]) -> None:
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
-            "--without-heartbeat",
         ]
     )
