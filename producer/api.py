@@ -14,8 +14,10 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, make_asgi_app
 
 from producer.client import Farm
+from producer.metrics import FarmCollector
 from shared.config import Settings
 from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, PlanError, TransientError
 from shared.registry import is_path
@@ -43,6 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def farm(request: Request) -> Farm:
         farm: Farm = request.app.state.farm
         return farm
+
+    registry = CollectorRegistry()
+    registry.register(FarmCollector(lambda: app.state.farm))
+    app.mount("/metrics", make_asgi_app(registry))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -14,6 +14,7 @@ from shared.config import Settings
 from shared.db.models import Task
 from shared.errors import InvalidInput
 from tests.conftest import queued_messages
+from tests.processes import wait_for
 from workers.lifecycle import Lifecycle
 from workers.policy import Limits
 
@@ -159,3 +160,28 @@ def test_without_a_broker_the_api_refuses_to_queue(tmp_path: Path, monkeypatch: 
     with TestClient(create_app(settings)) as client:
         response = client.post("/jobs", json=job("s3://bucket/plan.png"))
     assert response.status_code == 503
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in Prometheus' text format, or None."""
+    for line in text.splitlines():
+        sample = line.split("{", 1)[0].split(" ", 1)[0]
+        if sample == name and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_follow_a_real_job(api: TestClient, start_workers, s3_plan: str) -> None:
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    queued = api.get("/metrics").text
+    assert metric(queued, "archfarm_tasks", job=job_id, status="queued") == 4
+    assert (metric(queued, "archfarm_queue_messages") or 0) >= 4
+    start_workers("cpu:1")
+    wait_for(lambda: api.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120, "the job to finish")
+    done = api.get("/metrics").text
+    assert metric(done, "archfarm_tasks", job=job_id, status="succeeded") == 4
+    assert metric(done, "archfarm_tasks", job=job_id, status="queued") is None
+    assert (metric(done, "archfarm_images_rendered_total") or 0) >= 4
+    assert metric(done, "archfarm_task_seconds_count") == 4
+    assert (metric(done, "archfarm_worker_images_total") or 0) >= 4
+    assert (metric(done, "archfarm_worker_heartbeat_age_seconds") or 0) < 60

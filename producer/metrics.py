@@ -1,0 +1,109 @@
+"""`/metrics` for Prometheus: the farm's state, read from the database and the broker at each scrape.
+
+Workers run on many machines and restart; what they did is already recorded in the database (task rows,
+artifacts, their heartbeat rows), so one exporter beside the API reports the whole farm, with no metrics
+endpoint per worker to discover. Histograms are rebuilt from the task rows of recent jobs at each scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from producer.client import Farm
+from shared.config import Settings
+from shared.db.clock import aware, database_time, db_now
+from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
+
+RENDER_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+"""Seconds per task, claim to done: a tiny CPU render takes under a second, an SDXL batch minutes."""
+RECENT_S = 24 * 3600
+"""Jobs reported: those created within this many seconds."""
+
+
+class FarmCollector(Collector):
+    """Registered once per API process; `farm` gives the API's `Farm` (created when the app starts)."""
+
+    def __init__(self, farm: Callable[[], Farm]) -> None:
+        self.farm = farm
+
+    def collect(self) -> Iterator[Metric]:
+        farm = self.farm()
+        with farm.sessions() as session:
+            yield from _tasks(session)
+            yield from _workers(session)
+        yield from _queues(farm.sessions, farm.settings)
+
+
+def _tasks(session: Session) -> Iterator[Metric]:
+    since = db_now(-RECENT_S)
+    tasks = GaugeMetricFamily("archfarm_tasks", "Tasks of recent jobs by status", labels=["job", "name", "status"])
+    rows = session.execute(
+        select(Job.id, Job.name, Task.status, func.count())
+        .join(Task, Task.job_id == Job.id)
+        .where(Job.created_at >= since)
+        .group_by(Job.id, Job.name, Task.status)
+    )
+    for job_id, name, status, count in rows:
+        tasks.add_metric([job_id, name, TaskStatus(status).value], int(count))
+    yield tasks
+    images = CounterMetricFamily("archfarm_images_rendered", "Images written, all jobs")
+    images.add_metric([], int(session.scalar(select(func.count()).select_from(Artifact)) or 0))
+    yield images
+    durations = session.execute(
+        select(Task.started_at, Task.finished_at)
+        .join(Job, Job.id == Task.job_id)
+        .where(Job.created_at >= since, Task.status == TaskStatus.SUCCEEDED, Task.started_at.is_not(None))
+    )
+    seconds = sorted((aware(done) - aware(start)).total_seconds() for start, done in durations if done is not None)
+    buckets = [(str(bound), sum(1 for s in seconds if s <= bound)) for bound in RENDER_BUCKETS]
+    histogram = HistogramMetricFamily(
+        "archfarm_task_seconds", "Seconds from claim to done of the recent jobs' succeeded tasks"
+    )
+    histogram.add_metric([], [*buckets, ("+Inf", len(seconds))], sum(seconds))
+    yield histogram
+
+
+def _workers(session: Session) -> Iterator[Metric]:
+    labels = ["worker", "node", "device"]
+    heartbeat = GaugeMetricFamily(
+        "archfarm_worker_heartbeat_age_seconds", "Since a live worker's last heartbeat", labels=labels
+    )
+    images = CounterMetricFamily("archfarm_worker_images", "Images a live worker has rendered", labels=labels)
+    loads = CounterMetricFamily("archfarm_worker_model_loads", "Models a live worker has loaded", labels=labels)
+    swaps = CounterMetricFamily("archfarm_worker_stack_swaps", "Model stack changes of a live worker", labels=labels)
+    resident = GaugeMetricFamily(
+        "archfarm_worker_resident_models", "Models resident on a live worker's device", labels=labels
+    )
+    current = database_time(session)
+    for row in session.scalars(select(Worker).where(Worker.stopped_at.is_(None))):
+        key = [row.id, row.node, row.device]
+        heartbeat.add_metric(key, (current - aware(row.heartbeat_at)).total_seconds())
+        images.add_metric(key, row.images_done)
+        loads.add_metric(key, row.model_loads)
+        swaps.add_metric(key, row.stack_swaps)
+        resident.add_metric(key, len(row.models))
+    yield from (heartbeat, images, loads, swaps, resident)
+
+
+def _queues(sessions: sessionmaker[Session], settings: Settings) -> Iterator[Metric]:
+    """Messages waiting per queue of recent jobs, over kombu's per-priority Redis lists."""
+    depth = GaugeMetricFamily("archfarm_queue_messages", "Messages waiting in a broker queue", labels=["queue"])
+    if settings.broker_url and settings.broker_url.startswith("redis"):
+        with sessions() as session:
+            queues = set(session.scalars(select(Job.queue).where(Job.created_at >= db_now(-RECENT_S))))
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        try:
+            for queue in sorted(queues | {settings.queue}):
+                keys = [queue, *(f"{queue}:{level}" for level in range(1, 10))]
+                depth.add_metric([queue], sum(int(client.llen(key)) for key in keys))
+        except redis.RedisError:
+            pass  # the broker is away: no depth this scrape, the rest still reports
+        finally:
+            client.close()
+    yield depth
