@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +83,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="Torch device for in-process rendering: `auto`, `cpu`, `cuda`, `cuda:N`.")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker logs: `text` lines, or `json`, one object per line with job and task ids."
+    )
     api_model_roots: list[Path] = Field(
         default_factory=list,
         description="Folders under which the REST API accepts local model references (a shared model store), "

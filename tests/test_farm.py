@@ -24,7 +24,7 @@ from producer.client import Farm
 from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
-from tests.processes import alive, children_of, live_workers, wait_for, wait_for_value
+from tests.processes import WorkerProcess, alive, children_of, live_workers, wait_for, wait_for_value
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
 
@@ -304,3 +304,22 @@ def test_celery_tools_see_the_running_task_with_its_job(
     active = [task for tasks in json.loads(inspect.stdout).values() for task in tasks]
     assert any(task["args"] == [task_id] and task["kwargs"] == {"job_id": job_id} for task in active), active
     farm.cancel(job_id)
+
+
+def test_json_logs_carry_the_job_and_task_of_each_line(
+    farm: Farm, farm_env: dict[str, str], example_plan: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "json-worker.log"
+    worker = WorkerProcess({**farm_env, "ARCHFARM_LOG_FORMAT": "json"}, "cpu:1", log)
+    try:
+        wait_for(lambda: live_workers(farm) >= 1, 60, "the worker to start")
+        job_id = farm.submit(job(example_plan, FAST, seeds=1))
+        assert farm.wait(job_id, timeout=120).status is JobStatus.SUCCEEDED
+    finally:
+        worker.stop()
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    done = [e for e in entries if e["logger"] == "archfarm.worker" and e["message"].startswith("task ")]
+    assert len(done) == 2 and all(
+        e["job_id"] == job_id and e["message"].startswith(f"task {e['task_id']}:") for e in done
+    )
+    assert {"time", "level", "logger"} <= set(done[0])

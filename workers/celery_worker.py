@@ -36,6 +36,8 @@ from shared.config import get_settings
 from shared.db.models import TaskStatus
 from shared.db.session import make_engine, session_factory
 from shared.db.store import register_worker
+from shared.logs import bound
+from shared.logs import configure as configure_logging
 from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
@@ -70,12 +72,14 @@ def render(task_id: str, job_id: str | None = None) -> None:
     """Deliver the task id to the lifecycle and log how the task ended: Celery's own line would say that its
     delivery `succeeded` whatever became of the task (cancelled, failed, handed on)."""
     started = time.perf_counter()
-    status = lifecycle().run(task_id)
+    with bound(job_id=job_id, task_id=task_id):
+        status = lifecycle().run(task_id)
     if status is None:
         outcome = "handed on (another delivery or worker settles it)"
     else:
         outcome = "rendered, uploading" if status is TaskStatus.RUNNING else status.value
-    log.info("task %s: %s in %.1f s", task_id, outcome, time.perf_counter() - started)
+    with bound(job_id=job_id, task_id=task_id):
+        log.info("task %s: %s in %.1f s", task_id, outcome, time.perf_counter() - started)
 
 
 def lifecycle() -> Lifecycle:
@@ -102,6 +106,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         log.warning("cannot set PR_SET_PDEATHSIG; pool processes may outlive a killed worker")
+
+
+@signals.setup_logging.connect
+def _logging(**_: object) -> None:
+    """archfarm's format (`ARCHFARM_LOG_FORMAT`) instead of Celery's, in the main and the pool processes."""
+    configure_logging(settings.log_format)
 
 
 @signals.worker_process_init.connect
