@@ -9,8 +9,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
         description="Model cache folder: tiny presets are built here once and loaded back with from_pretrained.",
     )
     broker_url: str | None = Field(None, description="Celery broker (`redis://...`); unset runs tasks in-process.")
+    broker_password: str | None = Field(
+        None,
+        description="The broker's password, put into ARCHFARM_BROKER_URL when that names none: the URL can then be "
+        "shared and logged, the secret kept apart (an env file, a secret store).",
+    )
     max_image_pixels: int = Field(
         80_000_000, description="Largest plan image (width × height) decoded; larger ones are refused as bombs."
     )
@@ -96,6 +102,15 @@ class Settings(BaseSettings):
         description="s3:// prefixes that the REST API's plans, control images and outputs must lie under, as JSON; "
         "empty: the bucket of ARCHFARM_STORAGE_URL.",
     )
+
+    @model_validator(mode="after")
+    def _broker_password(self) -> Settings:
+        if self.broker_url and self.broker_password:
+            parts = urlsplit(self.broker_url)
+            if parts.password is None:
+                netloc = f"{parts.username or ''}:{quote(self.broker_password, safe='')}@{parts.netloc}"
+                self.broker_url = urlunsplit(parts._replace(netloc=netloc))
+        return self
 
     def queue_for(self, pool: str | None) -> str:
         """The broker queue of a pool (`archfarm worker --pool NAME`, a job's `pool:`); the default pool's is

@@ -24,7 +24,17 @@ ENV_EXAMPLE = DOCKER_DIR / "farm.env.example"
 WORKER_GPUS = {"worker-gpu0": ["0"], "worker-gpu1": ["1"]}
 WORKERS = [*WORKER_GPUS, "worker-cpu"]
 # Variables compose would substitute: unset so the defaults in the file are what gets checked.
-INTERPOLATED = ("ARCHFARM_", "AWS_", "COMPOSE_", "DOCKER_", "POSTGRES_", "SEAWEEDFS_IMAGE")
+INTERPOLATED = (
+    "ARCHFARM_",
+    "AWS_",
+    "COMPOSE_",
+    "DOCKER_",
+    "POSTGRES_",
+    "REDIS_",
+    "SEAWEEDFS_IMAGE",
+    "FLOWER_",
+    "PROMETHEUS_",
+)
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN")
 
 
@@ -239,3 +249,24 @@ def test_a_typo_is_rejected(env_file: Path, tmp_path: Path) -> None:
     bad = _config(tmp_path / "bad.yaml", env_file)
     assert bad.returncode != 0
     assert "imagex" in bad.stderr
+
+
+def test_operators_get_rotated_logs_healthchecks_and_optional_monitoring(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        assert service["logging"]["driver"] == "json-file" and service["logging"]["options"]["max-size"], name
+    for name in ["api", *WORKERS]:
+        assert services[name]["healthcheck"]["test"], name
+    for name in ("flower", "prometheus"):
+        assert services[name]["profiles"] == ["monitoring"]
+    scrape = yaml.safe_load((DOCKER_DIR / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["metrics_path"] == "/metrics" and scrape["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def test_redis_requires_the_password_every_process_is_given(services: dict[str, Any]) -> None:
+    from shared.config import Settings
+
+    assert "--requirepass" in " ".join(services["redis"]["command"])
+    env = services["api"]["environment"]
+    assert env["ARCHFARM_BROKER_PASSWORD"] == services["redis"]["environment"]["REDIS_PASSWORD"]
+    settings = Settings(broker_url=env["ARCHFARM_BROKER_URL"], broker_password="p@ss/word")
+    assert settings.broker_url == "redis://:p%40ss%2Fword@redis:6379/0"
