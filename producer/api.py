@@ -10,18 +10,21 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Farm
 from producer.metrics import FarmCollector
 from shared.config import Settings
 from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, PlanError, TransientError
 from shared.registry import is_path
-from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, parse_model
+from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage
 
 _STATUS: dict[type[ArchfarmError], int] = {InvalidInput: 422, NotFound: 404, ConfigError: 503, TransientError: 503}
@@ -40,7 +43,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def refused(_: Request, error: ArchfarmError) -> JSONResponse:
         """Status by the kind of error (`shared.errors`), never by its text."""
         status = next((_STATUS[kind] for kind in type(error).__mro__ if kind in _STATUS), 500)
-        return JSONResponse({"detail": str(error)}, status_code=status)
+        return problem(status, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:
+        """A malformed query or body answers like an invalid job: one shape for every 4xx."""
+        return problem(422, describe_errors(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return problem(error.status_code, str(error.detail), dict(error.headers or {}))
 
     def farm(request: Request) -> Farm:
         farm: Farm = request.app.state.farm
@@ -52,10 +64,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """The process answers (a liveness probe)."""
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    def readyz(request: Request) -> JSONResponse:
+        """The database and the broker answer (a readiness probe): 503 with what is down otherwise."""
+        checks = farm(request).readiness()
+        down = [f"{name}: {state}" for name, state in checks.items() if state != "ok"]
+        if down:
+            return problem(503, "; ".join(down))
+        return JSONResponse({"status": "ok", **checks})
+
     @app.post("/jobs", status_code=201)
-    def submit(request: Request, job: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+    def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
         client = farm(request)
         if client.settings.broker_url is None:
             raise ConfigError("no broker configured: the API only queues work for workers")
@@ -65,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             job_id = client.submit(spec)
         except PlanError as error:  # one answer for missing, forbidden and not-an-image alike
             raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image") from None
+        response.headers["Location"] = f"/jobs/{job_id}"
         return client.status(job_id).to_dict()
 
     @app.get("/jobs")
@@ -131,6 +154,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"job": job_id, "status": view.status.value, "artifacts": artifacts}
 
     return app
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem document: the one shape of every error answer."""
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
 def check_remote(spec: JobSpec, settings: Settings) -> None:

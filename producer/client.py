@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from producer.database import open_database
 from producer.submit import persist, prepare
@@ -40,7 +41,7 @@ from shared.db.store import (
     set_priority,
     status_of,
 )
-from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning
+from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning, one_line
 from shared.limits import check_fits_visibility
 from shared.spec import MAX_ECHO, JobSpec, load_job, parse_model
 from shared.storage import open_storage
@@ -322,6 +323,24 @@ class Farm:
         with self.sessions.begin() as session:
             queued = set_priority(session, job_id, priority)
         return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+
+    def readiness(self) -> dict[str, str]:
+        """Whether the database and the broker answer now: `ok`, or why not (one line each)."""
+        checks: dict[str, str] = {}
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except SQLAlchemyError as error:
+            checks["database"] = one_line(error)
+        if self._celery is not None:
+            try:
+                with self._celery.connection_for_write() as connection:
+                    connection.ensure_connection(max_retries=1, timeout=3)
+                checks["broker"] = "ok"
+            except Exception as error:  # noqa: BLE001 - kombu raises its own and the transport's errors
+                checks["broker"] = one_line(error)
+        return checks
 
     def workers(self) -> list[WorkerView]:
         """Every worker incarnation not stopped long ago, live ones first: what each holds and has done."""

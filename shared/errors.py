@@ -14,6 +14,8 @@ is raised:
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class ArchfarmError(Exception):
     """Base of every error archfarm raises on purpose; its message is one line meant for the user."""
@@ -71,3 +73,14 @@ class SubmitWarning(UserWarning):
     """Something about a stored job its submitter should know, though it will run: a model on the workers'
     disks that cannot be checked from here, a broker that refused the messages for now, a control map that is
     nearly empty."""
+
+
+def one_line(error: BaseException) -> str:
+    """The reason stored on a task's row or shown by a probe: archfarm's own message, or the type and first
+    line of another."""
+    text = str(error).strip()
+    if isinstance(error, ValidationError):
+        text = f"its stored job spec no longer validates ({error.error_count()} errors)"
+    elif not isinstance(error, ArchfarmError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return (text.splitlines() or [type(error).__name__])[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -305,8 +306,13 @@ def describe(error: ValidationError, source: str = "") -> str:
     """Every problem as `field.path: message (got value)`, on one line, in archfarm's words: pydantic's
     names for union members and constrained types are left out, a union's alternatives are said once (the
     one the value was meant as, when it matched one's type), and an echoed value is cut short."""
+    return describe_errors(error.errors(), source)
+
+
+def describe_errors(errors: Sequence[Any], source: str = "") -> str:
+    """`describe` for pydantic's error list, also as FastAPI reports a malformed request."""
     found: dict[str, list[tuple[str, str, Any]]] = {}
-    for err in error.errors():
+    for err in errors:
         loc = ".".join(_printable(str(p)) for i, p in enumerate(err["loc"]) if not _internal(err["loc"], i))
         found.setdefault(loc or "job", []).append((err["type"], _message(err), err.get("input")))
     # A union reports every alternative; where one got past the type check (an error deeper down, or one that

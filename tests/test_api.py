@@ -185,3 +185,26 @@ def test_metrics_follow_a_real_job(api: TestClient, start_workers, s3_plan: str)
     assert metric(done, "archfarm_task_seconds_count") == 4
     assert (metric(done, "archfarm_worker_images_total") or 0) >= 4
     assert (metric(done, "archfarm_worker_heartbeat_age_seconds") or 0) < 60
+
+
+def test_every_error_is_one_problem_shape_and_created_jobs_have_a_location(api: TestClient, s3_plan: str) -> None:
+    invalid = api.post("/jobs", json=job(s3_plan, seeds=[]))
+    malformed = api.get("/jobs", params={"limit": "many"})
+    unknown = api.get("/jobs/00000000-0000-0000-0000-000000000000")
+    no_route = api.get("/nowhere")
+    for response, status in ((invalid, 422), (malformed, 422), (unknown, 404), (no_route, 404)):
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/problem+json"
+        body = response.json()
+        assert set(body) == {"type", "title", "status", "detail"} and body["status"] == status
+    assert malformed.json()["detail"].startswith("query.limit: should be a valid integer")
+    created = api.post("/jobs", json=job(s3_plan))
+    assert created.status_code == 201 and created.headers["location"] == f"/jobs/{created.json()['id']}"
+
+
+def test_readiness_says_what_is_down(api: TestClient, farm_env: dict[str, str], tmp_path: Path) -> None:
+    assert api.get("/readyz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    settings = Settings(**{"database_url": f"sqlite:///{tmp_path / 'a.db'}", "broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(settings)) as client:
+        down = client.get("/readyz")
+    assert down.status_code == 503 and down.json()["detail"].startswith("broker: ")

@@ -51,7 +51,7 @@ from shared.db.store import (
     requeue_task,
     worker_progress,
 )
-from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError, TransientError
+from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
 from shared.spec import Profile, Style
 from shared.storage import Storage
@@ -91,16 +91,6 @@ def classify(error: BaseException) -> ErrorKind:
     if isinstance(error, PermanentError | InvalidInput | NotFound | ValidationError):
         return ErrorKind.PERMANENT
     return ErrorKind.ERROR  # ConfigError included: this node's setup, so another node may do better
-
-
-def one_line(error: BaseException) -> str:
-    """The reason stored on a task's row: archfarm's own message, or the type and first line of another."""
-    text = str(error).strip()
-    if isinstance(error, ValidationError):
-        text = f"its stored job spec no longer validates ({error.error_count()} errors)"
-    elif not isinstance(error, ArchfarmError):
-        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return (text.splitlines() or [type(error).__name__])[0]
 
 
 @dataclass(frozen=True)
