@@ -8,9 +8,11 @@ Errors are JSON `{"detail": "..."}` with one-line messages, as in the CLI.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from pathlib import PurePosixPath
 from typing import Any
 
 from fastapi import Body, FastAPI, Request, Response
@@ -25,8 +27,10 @@ from shared.config import Settings
 from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, PlanError, TransientError
 from shared.registry import is_path
 from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
-from shared.storage import S3Storage, open_storage
+from shared.storage import S3Storage, open_storage, open_storage_from_settings
 
+UPLOAD_SECONDS = 3600
+UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 _STATUS: dict[type[ArchfarmError], int] = {InvalidInput: 422, NotFound: 404, ConfigError: 503, TransientError: 503}
 
 
@@ -89,6 +93,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image") from None
         response.headers["Location"] = f"/jobs/{job_id}"
         return client.status(job_id).to_dict()
+
+    @app.post("/uploads", status_code=201)
+    def upload(request: Request, name: str = Body(..., embed=True, max_length=200)) -> dict[str, Any]:
+        """Where to PUT a plan or control image without storage credentials: a presigned PUT URL (valid
+        `UPLOAD_SECONDS`) and the s3:// URL to name in a job. Each upload gets a key of its own."""
+        client = farm(request)
+        storage = open_storage_from_settings(client.settings)
+        if not isinstance(storage, S3Storage):
+            raise ConfigError("uploads need the farm's storage on S3 (ARCHFARM_STORAGE_URL=s3://...)")
+        suffix = PurePosixPath(name).suffix.lower()
+        if suffix not in UPLOAD_SUFFIXES:
+            raise InvalidInput(f"name: {name[:MAX_ECHO]!r}: uploads take {', '.join(UPLOAD_SUFFIXES)} files")
+        key = f"uploads/{uuid.uuid4()}{suffix}"
+        put = storage.presigned_url(key, UPLOAD_SECONDS, method="put_object")
+        return {"url": storage.url(key), "upload_url": put, "method": "PUT", "expires_in": UPLOAD_SECONDS}
 
     @app.get("/jobs")
     def jobs(request: Request, limit: int = 50) -> list[dict[str, Any]]:

@@ -208,3 +208,15 @@ def test_readiness_says_what_is_down(api: TestClient, farm_env: dict[str, str], 
     with TestClient(create_app(settings)) as client:
         down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["detail"].startswith("broker: ")
+
+
+def test_a_client_without_storage_credentials_uploads_its_plan_and_submits(api: TestClient, example_plan: Path) -> None:
+    ticket = api.post("/uploads", json={"name": "ground floor.png"})
+    assert ticket.status_code == 201 and ticket.json()["method"] == "PUT"
+    put = urllib.request.Request(ticket.json()["upload_url"], data=example_plan.read_bytes(), method="PUT")
+    with urllib.request.urlopen(put, timeout=10) as response:  # plain HTTP: no AWS keys, no signing here
+        assert response.status == 200
+    created = api.post("/jobs", json=job(ticket.json()["url"]))
+    assert created.status_code == 201, created.text
+    refused = api.post("/uploads", json={"name": "tool.exe"})
+    assert refused.status_code == 422 and "uploads take .png" in refused.json()["detail"]

@@ -154,8 +154,9 @@ class S3Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str:
-        """An HTTP URL that lets anyone holding it GET the object for `expires` seconds, without credentials.
+    def presigned_url(self, key: str, expires: int = 3600, method: str = "get_object") -> str:
+        """An HTTP URL that lets anyone holding it GET the object (or, with `method="put_object"`, PUT it) for
+        `expires` seconds, without credentials.
 
         Signing is local: it neither checks that the object exists nor contacts the server. The URL names
         `public_endpoint_url` where one is set.
@@ -165,5 +166,5 @@ class S3Storage:
         name = self._key(key)
         with self._errors("presign", key):
             return self._presigner.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=expires
+                method, Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=expires
             )
