@@ -80,7 +80,8 @@ def test_a_pool_job_stays_in_its_pool_also_after_a_reaper_resend(
 ) -> None:
     start_workers("cpu:1")  # the default pool's worker: alive throughout, so its reaper finds the dead one
     start_workers("cpu:1", 1, "--pool", "big")
-    job_id = farm.submit({**job(example_plan, SLOW, seeds=1), "pool": "big"})
+    medium = {**SLOW, "width": 128, "height": 128, "steps": 15}  # a task long enough to be caught running
+    job_id = farm.submit({**job(example_plan, medium, seeds=1), "pool": "big"})
     assert farm.status(job_id).pool == "big"
     _, holder = wait_for_value(lambda: running_task(farm, job_id), 60, "a task to start")
     main_pid = pid_of(farm, holder)
