@@ -1,8 +1,9 @@
 """Checking a profile's model references where the job will run, at submit.
 
 Validation (`shared.spec`) only knows names. Whether a folder or a hub id can be loaded depends on the
-machine that renders: checked here when that is this machine (`archfarm render`, `Farm` without a broker);
-on a farm, where each worker reads its own disk and cache, said in a notice instead of guessed.
+machine that renders: checked here when that is this machine (`archfarm render`, `Farm` without a broker),
+default ControlNets and depth models included; on a farm, where each worker reads its own disk and cache,
+said in a notice instead of guessed.
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import huggingface_hub.constants
-from huggingface_hub import try_to_load_from_cache
-
+from shared import hub
 from shared.errors import InvalidInput
-from shared.registry import ALIASES, PRESETS, is_path
+from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_model, is_path, known_family
 from shared.spec import DepthControl, Profile
 
 
@@ -44,21 +43,29 @@ def pin_models(profile: Profile, *, here: bool) -> tuple[Profile, list[str]]:
     if profile.vae is not None:
         updates["vae"] = pin("profile.vae", profile.vae, "config.json")
     units = []
+    family = known_family(profile.base)
     for index, unit in enumerate(profile.controls):
+        field = f"profile.controls.{index}"
         changes: dict[str, str] = {}
         if unit.model is not None:
-            changes["model"] = pin(f"profile.controls.{index}.model", unit.model, "config.json")
+            changes["model"] = pin(f"{field}.model", unit.model, "config.json")
+        elif here and family is not None:  # a default stays implicit in the profile, but must load here too
+            pin(f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family), "config.json")
         if isinstance(unit, DepthControl) and unit.depth_model is not None:
-            changes["depth_model"] = pin(f"profile.controls.{index}.depth_model", unit.depth_model, "config.json")
+            changes["depth_model"] = pin(f"{field}.depth_model", unit.depth_model, "config.json")
+        elif isinstance(unit, DepthControl) and here:
+            pin(f"{field}.depth_model (default)", default_depth_model(profile.base), "config.json")
         units.append(unit.model_copy(update=changes))
     updates["controls"] = units
     return profile.model_copy(update=updates), notices
 
 
 def _check_cached(field: str, repo_id: str, config: str, notices: list[str]) -> None:
-    """A hub model must be in the local Hugging Face cache when the hub cannot be reached."""
-    if isinstance(try_to_load_from_cache(repo_id, config), str):
+    """A hub model must be in the local Hugging Face cache when the hub cannot be reached (HF_HUB_OFFLINE, or
+    no answer to a short probe): refused now, not after the hub library's retries at render time."""
+    if hub.cached(repo_id, config):
         return
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise InvalidInput(f"{field}: {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    reason = hub.unavailable(repo_id)
+    if reason is not None:
+        raise InvalidInput(f"{field}: {reason}")
     notices.append(f"{field}: {repo_id} is not in the local Hugging Face cache; it is downloaded on first use")

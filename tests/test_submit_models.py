@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -52,17 +51,6 @@ def test_a_hub_model_must_be_cached_when_the_hub_is_off(tmp_path: Path) -> None:
         pin_models(profile(base="someone/never-downloaded"), here=True)
     _, notices = pin_models(profile(base="someone/never-downloaded"), here=False)
     assert notices == []  # a farm's workers have caches of their own
-
-
-def test_an_uncached_hub_model_is_noticed_when_the_hub_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with warnings.catch_warnings():
-        _, notices = pin_models(profile(base="someone/never-downloaded"), here=True)
-    assert notices == [
-        "profile.base: someone/never-downloaded is not in the local Hugging Face cache; it is downloaded on first use"
-    ]
 
 
 def test_shared_imports_nothing_from_workers() -> None:

@@ -30,8 +30,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers.utils import logging as _transformers_logging
 
+from shared import hub
 from shared.errors import ConfigError, InvalidInput, ModelError
-from shared.registry import QUANTIZE_DEVICES, Family
+from shared.registry import QUANTIZE_DEVICES, Family, known_family
 from workers.engine.compile import CompileOptions, compile_module
 from workers.engine.presets import base_family, resolve
 
@@ -147,7 +148,7 @@ class ModelCache:
         kind = self.family(ref)
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
-        with _load_errors(ref, location):
+        with _load_errors(ref, location, "model_index.json"):
             if kind == "sdxl":
                 pipe = StableDiffusionXLPipeline.from_pretrained(location, dtype=self.dtype, add_watermarker=False)
             else:
@@ -167,7 +168,10 @@ class ModelCache:
     def family(self, ref: str) -> Family:
         """The architecture of base `ref`, read from its own config (a name says nothing reliable), once."""
         if ref not in self._families:
-            self._families[ref] = base_family(resolve(ref, self.models_dir))
+            location = resolve(ref, self.models_dir)
+            if known_family(location) is None:  # its config is read, from the hub when it is not cached
+                _check_hub(ref, location, "model_index.json")
+            self._families[ref] = base_family(location)
         return self._families[ref]
 
     def vae(self, ref: str) -> AutoencoderKL:
@@ -177,7 +181,7 @@ class ModelCache:
         if location in self._vaes:
             self.hits[location] += 1
             return self._vaes[location]
-        with _load_errors(ref, location):
+        with _load_errors(ref, location, "config.json"):
             vae = AutoencoderKL.from_pretrained(location, dtype=self.dtype)
         vae.to(self.device)
         self._vaes[location] = vae
@@ -276,7 +280,7 @@ class ModelCache:
             self.restores[key] += 1
         else:
             # Loaded into CPU memory first: its size is known before room is made for it on the device.
-            with _load_errors(ref, location):
+            with _load_errors(ref, location, "config.json"):
                 controlnet = ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
             self._sizes[key] = module_bytes(controlnet)
             self._make_room(self._sizes[key], keep)
@@ -346,9 +350,19 @@ def _cached_revision(repo_id: str) -> str | None:
     return Path(snapshot).name  # the hub cache names each snapshot folder by its commit
 
 
+def _check_hub(ref: str, location: str, config: str) -> None:
+    """A hub model neither in the local cache nor downloadable now fails at once: the hub library would
+    retry first or, on a network that never answers, wait without end."""
+    reason = hub.unloadable(location, config)
+    if reason is not None:
+        raise ModelError(f"cannot load model {ref!r}: {reason}")
+
+
 @contextmanager
-def _load_errors(ref: str, location: str) -> Iterator[None]:
-    """Turn from_pretrained's many failure types into one ModelError naming the reference."""
+def _load_errors(ref: str, location: str, config: str) -> Iterator[None]:
+    """Turn from_pretrained's many failure types into one ModelError naming the reference, after
+    `_check_hub` (`config` is the file of the model that every load reads first)."""
+    _check_hub(ref, location, config)
     try:
         yield
     # Missing folders and hub misses are OSError; a folder holding the wrong kind of model is ValueError.

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from transformers import DPTForDepthEstimation, DPTImageProcessorPil
 
+from shared import hub
 from shared.errors import ModelError
 from workers.preprocessors.resize import fit_and_pad
 
@@ -34,7 +35,11 @@ class DepthEstimator:
     """
 
     def __init__(self, location: str, device: torch.device, resolution: int = 384) -> None:
-        """Load the model at `location` (a local folder or a hub id) onto `device`; ModelError if impossible."""
+        """Load the model at `location` (a local folder or a hub id) onto `device`; ModelError if impossible,
+        at once for a hub model neither cached nor downloadable now (the hub library would retry, or wait)."""
+        unloadable = hub.unloadable(location, "config.json")
+        if unloadable is not None:
+            raise ModelError(f"cannot load depth model {location!r}: {unloadable}")
         try:
             model = DPTForDepthEstimation.from_pretrained(location)
             processor = DPTImageProcessorPil.from_pretrained(location)
