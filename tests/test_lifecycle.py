@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import re
 import time
 import uuid
 from pathlib import Path
@@ -252,7 +253,8 @@ def test_transient_errors_fail_the_task_once_the_time_budget_is_spent(
     lifecycle.close()
     row = task(sessions, task_id)
     assert row.status is TaskStatus.FAILED
-    assert row.error.startswith("gave up after 2 s of transient errors") and "StorageError" not in row.error
+    # The budget is 1.5 s; how far past it the last attempt ends depends on the machine's load.
+    assert re.match(r"gave up after \d+ s of transient errors", row.error) and "StorageError" not in row.error
     assert "NoSuchBucket" in row.error
 
 
