@@ -9,8 +9,8 @@ errors back off for as long as the time budget lasts; an outcome is kept through
 from __future__ import annotations
 
 import json
-import threading
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
