@@ -7,9 +7,10 @@ Errors are JSON `{"detail": "..."}` with one-line messages, as in the CLI.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import PurePosixPath
@@ -19,29 +20,68 @@ from fastapi import Body, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Farm
 from producer.metrics import FarmCollector
 from shared.config import Settings
-from shared.errors import ArchfarmError, ConfigError, InvalidInput, NotFound, PlanError, TransientError
+from shared.db.tokens import Caller
+from shared.errors import (
+    ArchfarmError,
+    ConfigError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PlanError,
+    TransientError,
+    Unauthenticated,
+)
 from shared.registry import is_path
 from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
 
 UPLOAD_SECONDS = 3600
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-_STATUS: dict[type[ArchfarmError], int] = {InvalidInput: 422, NotFound: 404, ConfigError: 503, TransientError: 503}
+_STATUS: dict[type[ArchfarmError], int] = {
+    InvalidInput: 422,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    ConfigError: 503,
+    TransientError: 503,
+}
+OPEN_PATHS = ("/healthz", "/readyz")
+"""Probes answer without a token: a load balancer or orchestrator holds none."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1") -> FastAPI:
+    """The API for a farm. Tokens are required per `ARCHFARM_API_AUTH`: `auto` requires them when
+    `listen_host` is not a loopback address."""
+    settings = settings or Settings()
+    require = settings.api_auth == "on" or (settings.api_auth == "auto" and not _loopback(listen_host))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.farm = Farm(settings or Settings())
+        app.state.farm = Farm(settings)
         yield
         app.state.farm.close()
 
     app = FastAPI(title="archfarm", version="0.1.0", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Every route but the probes, mounted apps (/metrics) included: the caller is the token's holder,
+        kept on `request.state.caller` for the ownership checks; a wrong or revoked token is always refused."""
+        request.state.caller = None
+        if request.url.path not in OPEN_PATHS:
+            token = _bearer(request)
+            if token is not None:
+                request.state.caller = await run_in_threadpool(request.app.state.farm.caller, token)
+            if request.state.caller is None and (require or token is not None):
+                headers = {"WWW-Authenticate": "Bearer"}
+                return problem(401, "a valid API token is required (Authorization: Bearer ...)", headers)
+        return await call_next(request)
 
     @app.exception_handler(ArchfarmError)
     async def refused(_: Request, error: ArchfarmError) -> JSONResponse:
@@ -88,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spec = parse_model(JobSpec, job)
         check_remote(spec, client.settings)
         try:
-            job_id = client.submit(spec)
+            job_id = client.submit(spec, owner=None if request.state.caller is None else request.state.caller.name)
         except PlanError as error:  # one answer for missing, forbidden and not-an-image alike
             raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image") from None
         response.headers["Location"] = f"/jobs/{job_id}"
@@ -120,30 +160,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/jobs/{job_id}/cancel")
     def cancel(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
+        owned(request, job_id)
         client.cancel(job_id)
         return client.status(job_id).to_dict()
 
     @app.post("/jobs/{job_id}/retry")
     def retry(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
+        owned(request, job_id)
         sent = client.retry(job_id)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
     @app.post("/jobs/{job_id}/pause")
     def pause(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
+        owned(request, job_id)
         client.pause(job_id)
         return client.status(job_id).to_dict()
 
     @app.post("/jobs/{job_id}/resume")
     def resume(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
+        owned(request, job_id)
         sent = client.resume(job_id)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
     @app.post("/jobs/{job_id}/priority")
     def priority(request: Request, job_id: str, priority: int = Body(..., embed=True)) -> dict[str, Any]:  # noqa: B008
         client = farm(request)
+        owned(request, job_id)
         sent = client.set_priority(job_id, priority)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
@@ -173,6 +218,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"job": job_id, "status": view.status.value, "artifacts": artifacts}
 
     return app
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def owned(request: Request, job_id: str) -> None:
+    """Refuse a change to another owner's job: an admin token may change any, any token its own, and
+    without a token (the API not requiring one) there is no owner to tell apart."""
+    caller: Caller | None = request.state.caller
+    if caller is None or caller.admin:
+        return
+    owner = request.app.state.farm.status(job_id).owner
+    if owner != caller.name:
+        holder = repr(owner) if owner else "the farm's operator"
+        raise Forbidden(f"job {job_id} belongs to {holder}, not to {caller.name!r}")
 
 
 def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -42,6 +42,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="State database.")
 app.add_typer(db_app, name="db")
+token_app = typer.Typer(no_args_is_help=True, help="REST API tokens (run where ARCHFARM_DATABASE_URL reaches).")
+app.add_typer(token_app, name="token")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -592,10 +594,57 @@ def api(
     from producer.api import create_app
 
     try:
-        application = create_app()
+        application = create_app(listen_host=host)
     except ArchfarmError as e:
         _fail(str(e))
     uvicorn.run(application, host=host, port=port)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who holds it: a person, a pipeline, a studio.")],
+    admin: Annotated[bool, typer.Option("--admin", help="May also change other owners' jobs.")] = False,
+) -> None:
+    """Create a token and print it, once: only its SHA-256 is stored."""
+    from shared.db.tokens import create_token
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        _fail(f"token name {name[:64]!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    try:
+        with _farm() as farm, farm.sessions.begin() as session:
+            token = create_token(session, name, admin)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(token, markup=False)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """Every token's name, role, creation and revocation time (never the token)."""
+    from shared.db.tokens import tokens
+
+    try:
+        with _farm() as farm, farm.sessions() as session:
+            rows = tokens(session)
+    except ArchfarmError as e:
+        _fail(str(e))
+    for name, is_admin, created, revoked in rows:
+        state = f"revoked {revoked:%Y-%m-%d %H:%M}" if revoked else "active"
+        role = "admin" if is_admin else "user"
+        out.print(f"{name}  {role}  created {created:%Y-%m-%d %H:%M}  {state}", markup=False)
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token: requests bearing it are refused from now on."""
+    from shared.db.tokens import revoke_token
+
+    try:
+        with _farm() as farm, farm.sessions.begin() as session:
+            revoke_token(session, name)
+    except ArchfarmError as e:
+        _fail(str(e))
+    out.print(f"{name}: revoked", markup=False)
 
 
 @db_app.command("upgrade")

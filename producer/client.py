@@ -41,6 +41,7 @@ from shared.db.store import (
     set_priority,
     status_of,
 )
+from shared.db.tokens import Caller, caller_of
 from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning, one_line
 from shared.limits import check_fits_visibility
 from shared.spec import MAX_ECHO, JobSpec, load_job, parse_model
@@ -71,6 +72,8 @@ class JobView:
     workers: int | None = None
     """Live workers that can take the job's tasks (None without a broker: this process renders it)."""
     paused: bool = False
+    owner: str | None = None
+    """The API token's name that submitted it; None for this machine's CLI or Python."""
     pool: str | None = None
     """The workers it renders on (`archfarm worker --pool NAME`); None: the default pool."""
 
@@ -98,6 +101,7 @@ class JobView:
             "failures": self.failures,
             "workers": self.workers,
             "paused": self.paused,
+            "owner": self.owner,
             "pool": self.pool,
         }
 
@@ -183,6 +187,7 @@ class Farm:
         job: JobSpec | Mapping[str, Any] | str | Path,
         *,
         on_stored: Callable[[str, int], None] | None = None,
+        owner: str | None = None,
     ) -> str:
         """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
 
@@ -200,7 +205,7 @@ class Farm:
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
             return self._embedded.render(spec, on_prepared=stored).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
-        prepared = prepare(spec, self.settings, farm=True)
+        prepared = prepare(spec, self.settings, farm=True, owner=owner)
         with self.sessions.begin() as session:
             persist(session, prepared)
         if on_stored is not None:
@@ -262,6 +267,7 @@ class Farm:
             failures=failures,
             workers=workers,
             paused=job.paused_at is not None,
+            owner=job.owner,
             pool=job.spec.get("pool"),
         )
         return _with_eta(view, started, now)
@@ -323,6 +329,11 @@ class Farm:
         with self.sessions.begin() as session:
             queued = set_priority(session, job_id, priority)
         return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+
+    def caller(self, token: str) -> Caller | None:
+        """Who an API token names, or None for an unknown or revoked one."""
+        with self.sessions() as session:
+            return caller_of(session, token)
 
     def readiness(self) -> dict[str, str]:
         """Whether the database and the broker answer now: `ok`, or why not (one line each)."""

@@ -39,9 +39,10 @@ class PreparedJob:
     output_url: str
     queue: str
     tasks: list[TaskSpec]
+    owner: str | None = None
 
 
-def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> PreparedJob:
+def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str | None = None) -> PreparedJob:
     """Check the plans, control images, models and output URL, and expand the task list; raises `InvalidInput`.
 
     For a `farm`, local plans and control images are copied into the configured storage once everything has
@@ -65,6 +66,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False) -> Prepare
         output_url=output_url,
         queue=settings.queue_for(spec.pool),
         tasks=expand(spec, plans, job_id),
+        owner=owner,
     )
 
 
@@ -112,6 +114,7 @@ def persist(session: Session, job: PreparedJob) -> None:
             profile_digest=job.spec.profile.digest(),
             output_url=job.output_url,
             queue=job.queue,
+            owner=job.owner,
         )
     )
     session.flush()

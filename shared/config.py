@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Worker logs: `text` lines, or `json`, one object per line with job and task ids."
     )
+    api_auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="REST API tokens: `auto` requires one when the API listens beyond loopback, `on` always, "
+        "`off` never (a token given is still checked and names the job's owner).",
+    )
     api_model_roots: list[Path] = Field(
         default_factory=list,
         description="Folders under which the REST API accepts local model references (a shared model store), "

@@ -37,6 +37,14 @@ class NotFound(ArchfarmError):
     """No job (or sidecar, or task) by the name given."""
 
 
+class Unauthenticated(ArchfarmError):
+    """A request without a valid API token where one is required (401)."""
+
+
+class Forbidden(ArchfarmError):
+    """A valid token asking for what its holder may not do: another owner's job (403)."""
+
+
 class ConfigError(ArchfarmError):
     """The farm's configuration or machine cannot do what was asked: fix the setup, not the job."""
 

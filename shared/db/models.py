@@ -74,6 +74,9 @@ class Job(Base):
     paused_at: Mapped[datetime | None] = mapped_column(
         default=None, comment="set while the job is paused: its queued tasks wait, running ones finish"
     )
+    owner: Mapped[str | None] = mapped_column(
+        String(64), default=None, comment="the API token's name that submitted it; None: this machine's CLI or Python"
+    )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 
@@ -175,3 +178,15 @@ class TaskFailure(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_task_failures_task", "task_id"), Index("ix_task_failures_job_node", "job_id", "node"))
+
+
+class ApiToken(Base):
+    """A bearer token of the REST API, stored as its SHA-256: the token itself is shown once, at creation."""
+
+    __tablename__ = "api_tokens"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
