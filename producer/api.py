@@ -1,29 +1,33 @@
-"""The REST API: submit, watch, control and fetch results over HTTP.
+"""The REST API: submit, watch, control and fetch results over HTTP; and the dashboard (`/`).
 
 A remote caller must not make the farm read or write its own files: plans, control images and outputs must
 be s3:// URLs under the allowed prefixes, model folders must lie under the allowed roots (`check_remote`).
-Errors are JSON `{"detail": "..."}` with one-line messages, as in the CLI.
+Images are served by their artifact id alone, read from where the farm recorded them, so no caller can name
+a storage key. Errors are RFC 9457 problem documents with one-line messages, as in the CLI (a page of the
+dashboard answers with a page).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Request, Response
+from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.client import Farm
+from producer import dashboard
+from producer.client import ArtifactView, Farm, Part
 from producer.metrics import FarmCollector
 from shared.config import Settings
 from shared.db.tokens import Caller
@@ -40,6 +44,7 @@ from shared.errors import (
 from shared.registry import is_path
 from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
+from shared.thumbnails import CONTENT_TYPE
 
 UPLOAD_SECONDS = 3600
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -51,8 +56,10 @@ _STATUS: dict[type[ArchfarmError], int] = {
     ConfigError: 503,
     TransientError: 503,
 }
-OPEN_PATHS = ("/healthz", "/readyz")
-"""Probes answer without a token: a load balancer or orchestrator holds none."""
+OPEN_PATHS = ("/healthz", "/readyz", dashboard.LOGIN)
+"""Probes answer without a token (a load balancer or orchestrator holds none), and so does the sign-in page."""
+TOKEN_COOKIE = "archfarm_token"
+"""The dashboard's sign-in keeps the token here (HttpOnly, SameSite=Strict), sent with its pages and calls."""
 
 
 def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1") -> FastAPI:
@@ -74,19 +81,24 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         """Every route but the probes, mounted apps (/metrics) included: the caller is the token's holder,
         kept on `request.state.caller` for the ownership checks; a wrong or revoked token is always refused."""
         request.state.caller = None
-        if request.url.path not in OPEN_PATHS:
-            token = _bearer(request)
+        path = request.url.path
+        if path not in OPEN_PATHS and not path.startswith("/static/"):
+            token = _bearer(request) or request.cookies.get(TOKEN_COOKIE)
             if token is not None:
                 request.state.caller = await run_in_threadpool(request.app.state.farm.caller, token)
             if request.state.caller is None and (require or token is not None):
+                if dashboard.is_page(request):
+                    return dashboard.sign_in_redirect(request)
                 headers = {"WWW-Authenticate": "Bearer"}
                 return problem(401, "a valid API token is required (Authorization: Bearer ...)", headers)
         return await call_next(request)
 
     @app.exception_handler(ArchfarmError)
-    async def refused(_: Request, error: ArchfarmError) -> JSONResponse:
+    async def refused(request: Request, error: ArchfarmError) -> Response:
         """Status by the kind of error (`shared.errors`), never by its text."""
         status = next((_STATUS[kind] for kind in type(error).__mro__ if kind in _STATUS), 500)
+        if dashboard.is_page(request):
+            return dashboard.error_page(str(error), status)
         return problem(status, str(error))
 
     @app.exception_handler(RequestValidationError)
@@ -150,8 +162,12 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         return {"url": storage.url(key), "upload_url": put, "method": "PUT", "expires_in": UPLOAD_SECONDS}
 
     @app.get("/jobs")
-    def jobs(request: Request, limit: int = 50) -> list[dict[str, Any]]:
-        return [view.to_dict() for view in farm(request).jobs(limit=min(max(limit, 1), 500))]
+    def jobs(
+        request: Request, limit: int = 50, offset: Annotated[int, Query(ge=0)] = 0, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Recent jobs, newest first; `status` keeps the jobs in that status."""
+        views = farm(request).jobs(limit=min(max(limit, 1), 500), offset=offset, status=dashboard.job_status(status))
+        return [view.to_dict() for view in views]
 
     @app.get("/jobs/{job_id}")
     def status(request: Request, job_id: str) -> dict[str, Any]:
@@ -197,8 +213,13 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         return [view.to_dict() for view in farm(request).workers()]
 
     @app.get("/jobs/{job_id}/results")
-    def results(request: Request, job_id: str) -> dict[str, Any]:
-        """Artifacts with pre-signed download links where the output is on S3."""
+    def results(
+        request: Request,
+        job_id: str,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int | None, Query(ge=1)] = None,
+    ) -> dict[str, Any]:
+        """Artifacts (all, or `limit` from `offset`) with pre-signed download links where the output is on S3."""
         client = farm(request)
         view = client.status(job_id)
         # The links are for the caller, who may reach S3 at another address than the farm does.
@@ -210,14 +231,60 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         )
         prefix = view.output_url.rstrip("/") + "/"
         artifacts = []
-        for artifact in client.results(job_id):
+        for artifact in client.results(job_id, offset=offset, limit=limit):
             item = artifact.to_dict()
             if isinstance(storage, S3Storage):
                 item["download_url"] = storage.presigned_url(artifact.url.removeprefix(prefix))
             artifacts.append(item)
         return {"job": job_id, "status": view.status.value, "artifacts": artifacts}
 
+    @app.get("/jobs/{job_id}/sheet")
+    def sheet(
+        request: Request,
+        job_id: str,
+        row: Annotated[int, Query(ge=0)] = 0,
+        rows: dashboard.SheetRows = dashboard.SHEET_ROWS,
+        seed: Annotated[int, Query(ge=0)] = 0,
+        seeds: dashboard.SheetSeeds = dashboard.SHEET_SEEDS,
+    ) -> dict[str, Any]:
+        """A page of the contact sheet: plan × style rows, seed columns, each cell's image id or task state."""
+        return farm(request).sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds).to_dict()
+
+    @app.get("/artifacts/{artifact_id}")
+    def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> dict[str, Any]:
+        return farm(request).artifact(artifact_id).to_dict()
+
+    @app.get("/artifacts/{artifact_id}/image")
+    def image(request: Request, artifact_id: dashboard.ArtifactId, download: bool = False) -> Response:
+        """The PNG; `download=true` asks the browser to save it under a name that says what it is."""
+        view = farm(request).artifact(artifact_id)
+        headers = {"Content-Disposition": f'attachment; filename="{download_name(view)}"'} if download else {}
+        return stored(request, view, "image", "image/png", headers)
+
+    @app.get("/artifacts/{artifact_id}/thumbnail")
+    def thumbnail(request: Request, artifact_id: dashboard.ArtifactId) -> Response:
+        return stored(request, farm(request).artifact(artifact_id), "thumbnail", CONTENT_TYPE)
+
+    @app.get("/artifacts/{artifact_id}/sidecar")
+    def sidecar(request: Request, artifact_id: dashboard.ArtifactId) -> Response:
+        return stored(request, farm(request).artifact(artifact_id), "sidecar", "application/json")
+
+    def stored(
+        request: Request, view: ArtifactView, part: Part, media_type: str, headers: dict[str, str] | None = None
+    ) -> Response:
+        # An artifact's objects are rewritten only with the same inputs: a browser may keep them a while.
+        headers = {"Cache-Control": "private, max-age=3600", **(headers or {})}
+        return Response(farm(request).read(view, part), media_type=media_type, headers=headers)
+
+    app.include_router(dashboard.router)
+    app.mount("/static", dashboard.STATIC, name="static")
     return app
+
+
+def download_name(view: ArtifactView) -> str:
+    """`floorplan_modern_seed-3_ab12cd34ef56.png`: plan, style and the image's own file name."""
+    name = f"{view.plan}_{view.style}_{view.url.rsplit('/', 1)[-1]}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 def _bearer(request: Request) -> str | None:

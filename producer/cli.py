@@ -520,6 +520,33 @@ def results(
 
 
 @app.command()
+def sheet(
+    job_id: Annotated[str, typer.Argument(help="The job.")],
+    out_file: Annotated[
+        Path, typer.Option("--out", help="FILE.png (to mail or post) or FILE.html (images embedded, opens offline).")
+    ],
+    cell: Annotated[
+        int, typer.Option("--cell", min=32, max=256, metavar="PX", help="A PNG's cell size in pixels (default 256).")
+    ] = 256,
+) -> None:
+    """Write a job's contact sheet: a row per plan × style, a column per seed, each image labelled."""
+    from producer.sheet import write_sheet
+
+    try:
+        with _farm() as farm:
+            grid = farm.sheet(job_id)
+            images = write_sheet(grid, lambda artifact: farm.read(artifact, "thumbnail"), out_file, cell)
+    except ArchfarmError as e:
+        _fail(str(e))
+    cells = len(grid.rows) * len(grid.seeds)
+    missing = f" ({cells - images} without an image)" if images < cells else ""
+    out.print(
+        f"{out_file}: {len(grid.rows)} plan × style rows × {len(grid.seeds)} seeds, {images} images{missing}",
+        markup=False,
+    )
+
+
+@app.command()
 def worker(
     devices: Annotated[str, typer.Option("--devices", help="auto, cuda:0,1, cpu or cpu:N")] = "auto",
     pool: Annotated[
@@ -588,7 +615,7 @@ def api(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
 ) -> None:
-    """Serve the REST API (submit, status, cancel, retry, results)."""
+    """Serve the REST API (submit, status, cancel, retry, results) and the dashboard at /."""
     import uvicorn
 
     from producer.api import create_app

@@ -12,25 +12,31 @@ a `SubmitWarning` through Python's warnings: the job is stored and will run.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from producer.database import open_database
+from producer.sheet import Cell, Row, Sheet
 from producer.submit import persist, prepare
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.clock import aware, database_time
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
-from shared.db.status import JobStatus
+from shared.db.status import JobStatus, job_status
 from shared.db.store import (
     cancel_job,
     first_start,
@@ -45,7 +51,8 @@ from shared.db.tokens import Caller, caller_of
 from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning, one_line
 from shared.limits import check_fits_visibility
 from shared.spec import MAX_ECHO, JobSpec, load_job, parse_model
-from shared.storage import open_storage
+from shared.storage import Storage, open_storage
+from shared.thumbnails import CONTENT_TYPE, thumbnail_key, thumbnail_of_png
 from workers.policy import Limits
 
 if TYPE_CHECKING:
@@ -55,6 +62,13 @@ if TYPE_CHECKING:
 
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
+
+log = logging.getLogger(__name__)
+
+Part = Literal["image", "thumbnail", "sidecar"]
+
+OPEN_OUTPUTS = 32
+"""Job output storages kept open by one `Farm` (an API process serves many jobs over its life)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,9 @@ class JobView:
     """The API token's name that submitted it; None for this machine's CLI or Python."""
     pool: str | None = None
     """The workers it renders on (`archfarm worker --pool NAME`); None: the default pool."""
+    images_total: int = 0
+    images_done: int = 0
+    """Images stored so far (a task's images count as they are recorded)."""
 
     @property
     def done(self) -> int:
@@ -103,6 +120,8 @@ class JobView:
             "paused": self.paused,
             "owner": self.owner,
             "pool": self.pool,
+            "images_total": self.images_total,
+            "images_done": self.images_done,
         }
 
 
@@ -149,6 +168,10 @@ class WorkerView:
 
 @dataclass(frozen=True)
 class ArtifactView:
+    id: int
+    job_id: str
+    plan: str
+    """The plan's name, as in the image's key."""
     plan_digest: str
     style: str
     seed: int
@@ -157,6 +180,22 @@ class ArtifactView:
     width: int
     height: int
     size_bytes: int
+
+    @classmethod
+    def of(cls, row: Artifact, plan: str) -> ArtifactView:
+        return cls(
+            row.id,
+            row.job_id,
+            plan,
+            row.plan_digest,
+            row.style,
+            row.seed,
+            row.url,
+            row.sidecar_url,
+            row.width,
+            row.height,
+            row.size_bytes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -170,6 +209,10 @@ class Farm:
         self.engine, self.sessions = open_database(self.settings)
         self._celery = make_celery(self.settings) if self.settings.broker_url else None
         self._embedded: Embedded | None = None
+        self._outputs: dict[str, Storage] = {}
+        """The output storages of the jobs read most recently, least recent first: a dashboard page reads
+        hundreds of thumbnails of one job, and an S3 client is costly to make."""
+        self._outputs_lock = threading.Lock()
 
     def close(self) -> None:
         if self._embedded is not None:
@@ -238,6 +281,7 @@ class Farm:
                 if self._celery is None
                 else serving_workers(session, job, self.settings.heartbeat_timeout, Limits().blocklist_after)
             )
+            images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
             failures = [
                 {
                     "task": task_id,
@@ -269,12 +313,19 @@ class Farm:
             paused=job.paused_at is not None,
             owner=job.owner,
             pool=job.spec.get("pool"),
+            images_total=len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec)),
+            images_done=images_done or 0,
         )
         return _with_eta(view, started, now)
 
-    def jobs(self, limit: int = 50) -> list[JobView]:
+    def jobs(self, limit: int = 50, offset: int = 0, status: JobStatus | None = None) -> list[JobView]:
+        """Recent jobs, newest first; with `status`, only the jobs in that status."""
         with self.sessions() as session:
-            ids = session.scalars(select(Job.id).order_by(Job.created_at.desc()).limit(limit)).all()
+            if status is None:
+                newest = select(Job.id).order_by(Job.created_at.desc(), Job.id)
+                ids = list(session.scalars(newest.offset(offset).limit(limit)))
+            else:
+                ids = list(islice(_in_status(session, status), offset, offset + limit))
         return [self.status(job_id) for job_id in ids]
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> JobView:
@@ -369,16 +420,117 @@ class Farm:
             raise ConfigError(f"no broker configured: set ARCHFARM_BROKER_URL to {action} on the farm")
         return self._celery
 
-    def results(self, job_id: str) -> list[ArtifactView]:
+    def results(self, job_id: str, offset: int = 0, limit: int | None = None) -> list[ArtifactView]:
+        """The job's images, `limit` of them from `offset` (all by default), in a stable order."""
         self.status(job_id)
         with self.sessions() as session:
-            rows = session.scalars(
-                select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.style, Artifact.seed, Artifact.id)
+            rows = session.execute(
+                select(Artifact, Task.plan_name)
+                .join(Task, Task.id == Artifact.task_id)
+                .where(Artifact.job_id == job_id)
+                .order_by(Artifact.style, Artifact.seed, Artifact.id)
+                .offset(offset)
+                .limit(limit)
             ).all()
-        return [
-            ArtifactView(r.plan_digest, r.style, r.seed, r.url, r.sidecar_url, r.width, r.height, r.size_bytes)
-            for r in rows
+        return [ArtifactView.of(artifact, plan) for artifact, plan in rows]
+
+    def artifact(self, artifact_id: int) -> ArtifactView:
+        with self.sessions() as session:
+            row = session.execute(
+                select(Artifact, Task.plan_name)
+                .join(Task, Task.id == Artifact.task_id)
+                .where(Artifact.id == artifact_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"no image {artifact_id}")
+        return ArtifactView.of(row[0], row[1])
+
+    def read(self, artifact: ArtifactView, part: Part) -> bytes:
+        """An image's PNG, thumbnail or sidecar from the job's storage, by the keys the farm recorded for it.
+
+        An image stored before workers wrote thumbnails gets one made from its PNG now, and kept for next time."""
+        storage, prefix = self._output(artifact.job_id)
+        key = (artifact.sidecar_url if part == "sidecar" else artifact.url).removeprefix(prefix)
+        try:
+            if part != "thumbnail":
+                return storage.get(key)
+            try:
+                return storage.get(thumbnail_key(key))
+            except FileNotFoundError:
+                data = thumbnail_of_png(storage.get(key))
+        except FileNotFoundError:
+            raise NotFound(f"image {artifact.id}: {key} is recorded but missing from storage") from None
+        try:
+            storage.put(thumbnail_key(key), data, CONTENT_TYPE)
+        except StorageError as error:
+            log.warning("image %s: could not keep its thumbnail: %s", artifact.id, error)
+        return data
+
+    def sheet(
+        self, job_id: str, row_offset: int = 0, rows: int | None = None, seed_offset: int = 0, seeds: int | None = None
+    ) -> Sheet:
+        """A page of the job's contact sheet: `rows` plan × style rows from `row_offset` and `seeds` columns from
+        `seed_offset` (None: all of them), each cell with its image or its task's state."""
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r}")
+            every_seed = _seeds(job.spec)
+            columns = list(every_seed[seed_offset : None if seeds is None else seed_offset + seeds])
+            pairs = (
+                select(Task.plan_digest, Task.plan_name, Task.style)
+                .where(Task.job_id == job_id)
+                .group_by(Task.plan_digest, Task.plan_name, Task.style)
+            )
+            rows_total = session.scalar(select(func.count()).select_from(pairs.subquery())) or 0
+            page = session.execute(pairs.order_by(func.min(Task.ordinal)).offset(row_offset).limit(rows)).all()
+            digests, styles = {r.plan_digest for r in page}, {r.style for r in page}
+            found = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
+            found = found.where(
+                Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles)
+            )
+            if seeds is not None:
+                found = found.where(Artifact.seed.in_(columns))
+            images = {(a.plan_digest, a.style, a.seed): ArtifactView.of(a, plan) for a, plan in session.execute(found)}
+            states: dict[tuple[str, str, int], str] = {}
+            for digest, style, task_seeds, status in session.execute(
+                select(Task.plan_digest, Task.style, Task.seeds, Task.status).where(
+                    Task.job_id == job_id,
+                    Task.status.in_((TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED)),
+                    Task.plan_digest.in_(digests),
+                    Task.style.in_(styles),
+                )
+            ):
+                states.update({(digest, style, seed): status.value for seed in task_seeds})
+        grid = [
+            Row(
+                plan,
+                style,
+                [
+                    Cell(seed, "rendered", image)
+                    if (image := images.get((digest, style, seed)))
+                    else Cell(seed, states.get((digest, style, seed), TaskStatus.QUEUED.value))
+                    for seed in columns
+                ],
+            )
+            for digest, plan, style in page
         ]
+        return Sheet(job.id, job.name, columns, grid, row_offset, rows_total, seed_offset, len(every_seed))
+
+    def _output(self, job_id: str) -> tuple[Storage, str]:
+        """The job's output storage and the URL prefix its keys follow."""
+        with self.sessions() as session:
+            url = session.scalar(select(Job.output_url).where(Job.id == job_id))
+        if url is None:
+            raise NotFound(f"no job {job_id!r}")
+        with self._outputs_lock:
+            storage = self._outputs.pop(url, None) or open_storage(
+                url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
+            )
+            self._outputs[url] = storage
+            while len(self._outputs) > OPEN_OUTPUTS:
+                del self._outputs[next(iter(self._outputs))]
+        return storage, url.rstrip("/") + "/"
 
     def download(self, job_id: str, folder: Path) -> list[Path]:
         """Copy every image and sidecar of the job into `folder`, keeping their relative keys."""
@@ -407,6 +559,37 @@ def _as_spec(job: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
     if isinstance(job, str | Path):
         return load_job(Path(job))
     return parse_model(JobSpec, dict(job))
+
+
+def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:
+    """A stored spec's seeds, in order: a `{count, start}` range stays a range (a job may list a million)."""
+    seeds = spec["seeds"]
+    if isinstance(seeds, Mapping):
+        return range(seeds.get("start", 0), seeds.get("start", 0) + seeds["count"])
+    return list(seeds)
+
+
+def _in_status(session: Session, status: JobStatus, chunk: int = 500) -> Iterator[str]:
+    """Ids of the jobs in `status`, newest first. A job's status is derived from its tasks, so it is worked out
+    here for `chunk` jobs per query (one grouped count over the tasks index)."""
+    seen = 0
+    while jobs := session.execute(
+        select(Job.id, Job.cancelled_at, Job.paused_at)
+        .order_by(Job.created_at.desc(), Job.id)
+        .offset(seen)
+        .limit(chunk)
+    ).all():
+        counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
+        for job_id, task_status, count in session.execute(
+            select(Task.job_id, Task.status, func.count())
+            .where(Task.job_id.in_([job.id for job in jobs]))
+            .group_by(Task.job_id, Task.status)
+        ):
+            counts[job_id][task_status] = count
+        for job in jobs:
+            if job_status(counts[job.id], job.cancelled_at is not None, job.paused_at is not None) is status:
+                yield job.id
+        seen += len(jobs)
 
 
 def _with_eta(view: JobView, started: datetime | None, now: datetime) -> JobView:

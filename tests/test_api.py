@@ -78,6 +78,39 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
     assert body["status"] == "succeeded" and len(body["artifacts"]) == 4
     with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # noqa: S310 - loopback
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = api.get(f"/jobs/{job_id}/results", params={"offset": 1, "limit": 2}).json()["artifacts"]
+    assert [a["id"] for a in page] == [a["id"] for a in body["artifacts"][1:3]]
+
+
+def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(
+    api: TestClient, s3_plan: str, s3_server, s3_bucket: str
+) -> None:
+    """Workers write a thumbnail beside each PNG; the API serves all three by artifact id, and nothing else."""
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    farm = api.app.state.farm  # type: ignore[attr-defined]
+    lifecycle = Lifecycle(
+        farm.settings, farm.sessions, worker="test#1", node="test", send=lambda ids, delay: None, limits=Limits()
+    )
+    with farm.sessions() as session:
+        for task_id in list(session.scalars(select(Task.id).where(Task.job_id == job_id))):
+            lifecycle.run(task_id)
+    lifecycle.close()
+    listed = s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=f"renders/{job_id}/")["Contents"]
+    keys = sorted(o["Key"] for o in listed)
+    pngs = [k for k in keys if k.endswith(".png")]
+    assert len(pngs) == 4 and [k for k in keys if k.endswith(".thumb.jpg")] == [
+        k.removesuffix(".png") + ".thumb.jpg" for k in pngs
+    ]
+    artifact = api.get(f"/jobs/{job_id}/results").json()["artifacts"][0]
+    stored = s3_server.client().get_object(Bucket=s3_bucket, Key=artifact["url"].split(f"{s3_bucket}/", 1)[1])
+    assert api.get(f"/artifacts/{artifact['id']}/image").content == stored["Body"].read()
+    thumbnail = api.get(f"/artifacts/{artifact['id']}/thumbnail")
+    assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"  # a JPEG
+    assert api.get(f"/artifacts/{artifact['id']}/sidecar").json()["job"]["id"] == job_id
+    assert api.get(f"/artifacts/{artifact['id'] + 1000}/image").status_code == 404
+    sheet = api.get(f"/jobs/{job_id}/sheet").json()
+    assert [(r["plan"], r["style"]) for r in sheet["rows"]] == [("ground", "modern"), ("ground", "industrial")]
+    assert sheet["seeds"] == [1, 2] and all(c["state"] == "rendered" for r in sheet["rows"] for c in r["cells"])
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,10 @@ def test_every_route_refuses_a_missing_wrong_or_revoked_token(api: TestClient, t
             assert response.headers["www-authenticate"] == "Bearer"
     for path in OPEN_PATHS:
         assert api.get(path).status_code in (200, 503)
+    assert api.get("/openapi.json").status_code == 401
+    for page in ("/", "/ui/workers", f"/ui/jobs/{SOME_JOB}", "/ui/artifacts/1"):  # the dashboard: sign in first
+        response = api.get(page, headers=bearer("af_not-a-token"), follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"].startswith("/ui/login?next=")
 
 
 def test_a_user_changes_only_its_own_jobs_and_an_admin_any(

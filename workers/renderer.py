@@ -26,6 +26,7 @@ from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
+from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
 from workers.engine.batching import BatchSizer, padded
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
@@ -207,7 +208,7 @@ class Renderer:
                 self.cache.graph_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
 
     def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
-        """Every image and its sidecar into the job's output; the artifact rows to record for them."""
+        """Every image, its thumbnail and its sidecar into the job's output; the artifact rows to record for them."""
         storage = self.storage(work.output_url)
         return [
             self._upload(work, storage, seed, key, image, rendered)
@@ -258,6 +259,8 @@ class Renderer:
             call=rendered.call,
         )
         storage.put(key, png, "image/png")
+        # Here, on the upload thread: the next render does not wait for it.
+        storage.put(thumbnail_key(key), thumbnail(image), CONTENT_TYPE)
         storage.put(side_key, json.dumps(meta, indent=2).encode(), "application/json")
         return {
             "job_id": work.job_id,

@@ -1,0 +1,206 @@
+"""The dashboard served by `archfarm api`: server-rendered pages over the same `Farm` as the REST API.
+
+Each page is a template; its live parts are fragments of the same templates, which `static/dashboard.js`
+fetches again every few seconds (`?fragment=NAME`), and its buttons call the REST API. No build step, no
+client-side state: a page reloaded shows what the database says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from producer.client import TERMINAL_JOB, ArtifactView, Farm
+from producer.templating import ENV
+from shared.db.status import JobStatus
+from shared.errors import InvalidInput
+
+STATIC = StaticFiles(directory=Path(__file__).parent / "static")
+
+JOBS_PER_PAGE = 25
+SHEET_ROWS = 20
+SHEET_SEEDS = 10
+"""A sheet page: 200 thumbnails of a few kilobytes each at most by default, whatever the job's size."""
+SheetRows = Annotated[int, Query(ge=1, le=100)]
+SheetSeeds = Annotated[int, Query(ge=1, le=50)]
+
+router = APIRouter(include_in_schema=False)
+
+ArtifactId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+"""An artifact's row id: the only way an image is named over HTTP, never by a storage key."""
+
+
+def _farm(request: Request) -> Farm:
+    farm: Farm = request.app.state.farm
+    return farm
+
+
+def page(template: str, fragment: str | None = None, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """`template`, or only its part `_FRAGMENT.html` when the page's script asks for a live part again."""
+    name = template if fragment is None else f"_{fragment}.html"
+    return HTMLResponse(ENV.get_template(name).render(status_code=status_code, **context), status_code=status_code)
+
+
+def job_status(value: str | None) -> JobStatus | None:
+    """A status filter from a query string; InvalidInput names the valid ones."""
+    if not value:
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        raise InvalidInput(f"status: {value!r} is none of {', '.join(s.value for s in JobStatus)}") from None
+
+
+def is_page(request: Request) -> bool:
+    """Whether a request is the dashboard's, so an error is answered with a page rather than JSON."""
+    return request.url.path == "/" or request.url.path.startswith("/ui/")
+
+
+LOGIN = "/ui/login"
+
+
+def sign_in_redirect(request: Request) -> RedirectResponse:
+    """To the sign-in page, coming back here afterwards."""
+    return RedirectResponse(f"{LOGIN}?{urlencode({'next': request.url.path})}", status_code=303)
+
+
+@router.get(LOGIN)
+def login_form(next: str = "/", failed: bool = False) -> HTMLResponse:  # noqa: A002 - the query's name
+    return page("login.html", title="sign in", next=_local(next), failed=failed)
+
+
+@router.post(LOGIN)
+def login(
+    request: Request, token: Annotated[str, Form(max_length=200)], next: Annotated[str, Form()] = "/"
+) -> Response:  # noqa: A002
+    """Keep a valid token in an HttpOnly cookie (SameSite=Strict: other sites' pages cannot use it)."""
+    if _farm(request).caller(token.strip()) is None:
+        return RedirectResponse(f"{LOGIN}?{urlencode({'next': _local(next), 'failed': 'true'})}", status_code=303)
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie("archfarm_token", token.strip(), httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+    return response
+
+
+@router.get("/ui/logout")
+def logout() -> Response:
+    response = RedirectResponse(LOGIN, status_code=303)
+    response.delete_cookie("archfarm_token")
+    return response
+
+
+def _local(target: str) -> str:
+    """Only a path of this site to go back to: never another host (`//evil`, `https://...`)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+def error_page(message: str, status_code: int) -> HTMLResponse:
+    return page("error.html", status_code=status_code, message=message, title="error")
+
+
+@router.get("/")
+def jobs(
+    request: Request,
+    status: str | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    fragment: str | None = None,
+) -> HTMLResponse:
+    wanted = job_status(status)
+    views = _farm(request).jobs(limit=JOBS_PER_PAGE + 1, offset=offset, status=wanted)
+    return page(
+        "jobs.html",
+        _only(fragment, "jobs"),
+        title="Jobs",
+        views=views[:JOBS_PER_PAGE],
+        more=len(views) > JOBS_PER_PAGE,
+        status=wanted,
+        statuses=list(JobStatus),
+        offset=offset,
+        per_page=JOBS_PER_PAGE,
+    )
+
+
+@router.get("/ui/jobs/{job_id}")
+def job(
+    request: Request,
+    job_id: str,
+    row: Annotated[int, Query(ge=0)] = 0,
+    seed: Annotated[int, Query(ge=0)] = 0,
+    rows: SheetRows = SHEET_ROWS,
+    seeds: SheetSeeds = SHEET_SEEDS,
+    fragment: str | None = None,
+) -> HTMLResponse:
+    """The job's summary, controls and a page of its contact sheet; a live part reads only what it shows."""
+    farm = _farm(request)
+    context: dict[str, Any] = {}
+    if _only(fragment, "summary", "sheet") != "sheet":
+        view = farm.status(job_id)
+        context.update(title=view.name, view=view, active=view.status not in TERMINAL_JOB)
+    if fragment != "summary":
+        context.update(
+            sheet=farm.sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds),
+            rows=rows,
+            seeds=seeds,
+            src=lambda artifact: f"/artifacts/{artifact.id}/thumbnail",
+            href=lambda artifact: f"/ui/artifacts/{artifact.id}",
+        )
+    return page("job.html", fragment, **context)
+
+
+@router.get("/ui/workers")
+def workers(request: Request, fragment: str | None = None) -> HTMLResponse:
+    return page("workers.html", _only(fragment, "workers"), title="Workers", views=_farm(request).workers())
+
+
+@router.get("/ui/artifacts/{artifact_id}")
+def artifact(request: Request, artifact_id: ArtifactId, fragment: str | None = None) -> HTMLResponse:
+    farm = _farm(request)
+    view = farm.artifact(artifact_id)
+    meta = json.loads(farm.read(view, "sidecar"))
+    return page(
+        "artifact.html",
+        _only(fragment, "artifact"),
+        title=f"{view.plan} / {view.style} / seed {view.seed}",
+        artifact=view,
+        details=details(view, meta),
+    )
+
+
+def details(view: ArtifactView, meta: dict[str, Any]) -> dict[str, Any]:
+    """What a person checks about one image, out of its sidecar: prompt, models, control scales, seed, timings."""
+    profile = meta.get("profile", {})
+    models = meta.get("models", {})
+    style = meta.get("style", {})
+    return {
+        "prompt": style.get("prompt", ""),
+        "negative_prompt": style.get("negative_prompt", ""),
+        "seed": meta.get("seed", view.seed),
+        "base": models.get("base", {}).get("name", ""),
+        "vae": (models.get("vae") or {}).get("name"),
+        "controls": [
+            {**unit, "model": model.get("name", "")}
+            for unit, model in zip(profile.get("controls", []), models.get("controlnets", []), strict=False)
+        ],
+        "render": {
+            "size": f"{profile.get('width')}×{profile.get('height')}",
+            "steps": profile.get("steps"),
+            "guidance": profile.get("guidance_scale"),
+            "scheduler": (meta.get("scheduler") or {}).get("class", profile.get("scheduler")),
+            "device": meta.get("device"),
+            "threads": meta.get("threads"),
+        },
+        "timings": meta.get("timings", {}),
+        "key": meta.get("key", ""),
+    }
+
+
+def _only(fragment: str | None, *names: str) -> str | None:
+    if fragment is not None and fragment not in names:
+        raise InvalidInput(f"fragment: {fragment!r} is none of {', '.join(names)}")
+    return fragment

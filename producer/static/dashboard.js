@@ -1,0 +1,122 @@
+// archfarm dashboard: keeps the server-rendered pages live and wires their buttons to the REST API.
+//
+// A live part is an element with data-live="NAME": every few seconds it is fetched again as
+// ?fragment=NAME of the same page. Contact-sheet cells (data-key) are swapped one by one, so thumbnails
+// already shown are never reloaded. A part marked data-while-active stops once the job has ended.
+"use strict";
+
+const POLL_MS = 2000;
+const lastHtml = new WeakMap();
+let wasActive = true;
+
+function jobActive() {
+  return !document.querySelector('[data-active="0"]');
+}
+
+function patch(region, html) {
+  const fresh = document.createElement("template");
+  fresh.innerHTML = html;
+  const cells = fresh.content.querySelectorAll("[data-key]");
+  const current = region.querySelectorAll("[data-key]");
+  if (!cells.length || cells.length !== current.length) {
+    region.replaceChildren(fresh.content);
+    return;
+  }
+  for (const cell of cells) {
+    const old = region.querySelector(`[data-key="${CSS.escape(cell.dataset.key)}"]`);
+    if (!old) {
+      region.replaceChildren(fresh.content);
+      return;
+    }
+    if (!old.isEqualNode(cell)) old.replaceWith(cell);
+  }
+}
+
+async function refresh(region) {
+  const url = new URL(location.href);
+  url.searchParams.set("fragment", region.dataset.live);
+  const response = await fetch(url, { headers: { Accept: "text/html" } });
+  if (!response.ok) return;
+  const html = await response.text();
+  if (lastHtml.get(region) === html) return;
+  lastHtml.set(region, html);
+  patch(region, html);
+}
+
+async function refreshAll(force = false) {
+  const active = jobActive();
+  for (const region of document.querySelectorAll("[data-live]")) {
+    if ("whileActive" in region.dataset && !active && !wasActive && !force) continue;
+    try {
+      await refresh(region);
+    } catch (error) {
+      // The server is restarting or the network is away: the next round tries again.
+    }
+  }
+  wasActive = active;
+}
+
+async function tick() {
+  if (!document.hidden) await refreshAll();
+  setTimeout(tick, POLL_MS);
+}
+
+function flash(message) {
+  const box = document.getElementById("flash");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+async function post(url, body) {
+  const init = { method: "POST" };
+  if (body !== undefined) {
+    init.headers = { "Content-Type": "application/json" };
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(url, init);
+  if (response.ok) {
+    flash("");
+  } else {
+    const answer = await response.json().catch(() => ({}));
+    flash(typeof answer.detail === "string" ? answer.detail : `${response.status} ${response.statusText}`);
+  }
+  await refreshAll(true);
+}
+
+async function openDetails(href) {
+  const dialog = document.getElementById("details");
+  const url = new URL(href, location.href);
+  url.searchParams.set("fragment", "artifact");
+  const response = await fetch(url);
+  dialog.querySelector(".body").innerHTML = await response.text();
+  if (!dialog.open) dialog.showModal();
+}
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-post]");
+  if (button) {
+    event.preventDefault();
+    if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
+    button.disabled = true;
+    post(button.dataset.post);
+    return;
+  }
+  const link = event.target.closest("a[data-artifact]");
+  if (link && !(event.ctrlKey || event.metaKey || event.shiftKey)) {
+    event.preventDefault();
+    openDetails(link.href);
+  }
+});
+
+document.addEventListener("submit", (event) => {
+  const form = event.target.closest("form[data-priority]");
+  if (!form) return;
+  event.preventDefault();
+  post(form.action, { priority: Number(form.elements.priority.value) });
+});
+
+document.getElementById("details").addEventListener("click", (event) => {
+  if (event.target === event.currentTarget) event.currentTarget.close(); // a click on the backdrop
+});
+
+setTimeout(tick, POLL_MS);
