@@ -207,9 +207,10 @@ def submit_and_check(env: dict[str, str], job_file: Path) -> None:
         assert after[0] == before[0] + 1 and after[1] > before[1]
         assert all(line.startswith("archfarm: warning: ") for line in result.stderr.splitlines())
     else:
-        lines = result.stderr.splitlines()
-        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("archfarm: error: "), result.stderr
-        assert result.stdout == ""
+        # With --json the refusal is one JSON object on stdout, one line, and nothing else is said.
+        lines = result.stdout.splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and set(json.loads(lines[0])) == {"error"}, result.output
+        assert "\n" not in json.loads(lines[0])["error"] and result.stderr == ""
         assert after == before, "a refused job left rows behind"
 
 
