@@ -145,7 +145,7 @@ def distributed(farm: Farm, tasks: int, seeds: int, work: Path, other: Path, res
         specs = [job(seeds, work / f"{order}-{name}", net) for name, net in (("a", None), ("b", str(other)))]
         limit = task_time_limit(specs[0].profile, farm.settings)
         ids = [submit_without_sending(farm, spec) for spec in specs]
-        messages = [[Message(t, farm.settings.queue, 50, limit) for t in task_ids] for _, task_ids in ids]
+        messages = [[Message(t, job_id, farm.settings.queue, 50, limit) for t in task_ids] for job_id, task_ids in ids]
         if order == "grouped":
             sequence = messages[0] + messages[1]
         else:

@@ -123,7 +123,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
             )
         app = make_celery(Settings(broker_url=REDIS_URL, queue=queue))
         started = time.perf_counter()
-        send_tasks(app, (Message(task_id, queue, 50, 3600) for task_id in ids))
+        send_tasks(app, (Message(task_id, job_id, queue, 50, 3600) for task_id in ids))
         results["dispatch_messages"] = len(ids)
         results["dispatch_per_s"] = len(ids) / (time.perf_counter() - started)
     finally:

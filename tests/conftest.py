@@ -170,7 +170,7 @@ def start_workers(farm_env: dict[str, str], farm: Farm, tmp_path: Path) -> Itera
         before = live_workers(farm)
         worker = WorkerProcess(farm_env, devices, tmp_path / f"worker-{len(started)}.log", *options)
         started.append(worker)
-        wait_for(lambda: live_workers(farm) >= before + expect, 60, f"workers to start ({worker.log})")
+        wait_for(lambda: live_workers(farm) >= before + expect, 120, f"workers to start ({worker.log})")
         return worker
 
     yield start

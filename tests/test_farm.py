@@ -207,11 +207,11 @@ def test_bad_job_is_refused_at_submit_with_nothing_stored(
         text=True,
         check=False,
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"archfarm: error: {path}: styles: unknown style 'rococo' (built-in: brutalist, industrial, japandi, "
+    assert result.returncode == 2 and result.stderr == ""
+    assert json.loads(result.stdout) == {
+        "error": f"{path}: styles: unknown style 'rococo' (built-in: brutalist, industrial, japandi, "
         "mediterranean, minimalist, modern, scandinavian)"
-    ]
+    }
     with farm.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Task)) == 0
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
