@@ -75,7 +75,16 @@ def test_farm_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None
 @pytest.mark.redis
 def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
     out = run_bench(
-        "overhead.py", "--quick", "--size", "64", "--steps", "3", models_dir=models_dir, redis_url=redis_url
+        "overhead.py",
+        "--quick",
+        "--reps",
+        "1",
+        "--size",
+        "64",
+        "--steps",
+        "3",
+        models_dir=models_dir,
+        redis_url=redis_url,
     )
     for key in ("plain_images_per_s", "inprocess_ratio", "distributed_1_ratio", "distributed_2_ratio"):
         assert positive(out[key]), key
@@ -94,4 +103,3 @@ def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
         "sd15 archfarm engine b4, fused QKV",
     ):
         assert positive(out[key]["images_per_s"]) and positive(out[key]["tflops"]), key
-    assert all(positive(out[f"sd15 first compiled call, fleet {run} s"]) for run in ("cold", "warm"))
