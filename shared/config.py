@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         description="s3:// prefixes that the REST API's plans, control images and outputs must lie under, as JSON; "
         "empty: the bucket of ARCHFARM_STORAGE_URL.",
     )
+    api_notify_prefixes: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes that the REST API's job `notify` URLs must lie under, as JSON "
+        '(`["https://hooks.example/"]`); empty: a job from the API cannot name its own (the farm\'s '
+        "ARCHFARM_NOTIFY_URLS still apply).",
+    )
     notify_urls: list[str] = Field(
         default_factory=list,
         description='Where jobs whose spec has no `notify` report, as JSON (`["https://hooks.example/farm"]`): '
