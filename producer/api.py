@@ -1,7 +1,8 @@
 """The REST API: submit, watch, control and fetch results over HTTP; and the dashboard (`/`).
 
 A remote caller must not make the farm read or write its own files: plans, control images and outputs must
-be s3:// URLs under the allowed prefixes, model folders must lie under the allowed roots (`check_remote`).
+be s3:// URLs under the allowed prefixes, model folders must lie under the allowed roots, and notification URLs
+under the allowed ones (`check_remote`).
 Images are served by their artifact id alone, read from where the farm recorded them, so no caller can name
 a storage key. Errors are RFC 9457 problem documents with one-line messages, as in the CLI (a page of the
 dashboard answers with a page).
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import PurePosixPath
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -318,9 +320,9 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
 
 
 def check_remote(spec: JobSpec, settings: Settings) -> None:
-    """Refuse what would let a remote caller reach the farm's own files: plans, control images and outputs
-    outside the allowed S3 prefixes, and model folders outside the allowed roots. Pure: nothing is looked up,
-    so the answer says nothing about what exists."""
+    """Refuse what would let a remote caller reach the farm's own files or network: plans, control images and
+    outputs outside the allowed S3 prefixes, notification URLs outside the allowed ones, and model folders
+    outside the allowed roots. Pure: nothing is looked up, so the answer says nothing about what exists."""
     prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
     allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
     urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
@@ -334,6 +336,11 @@ def check_remote(spec: JobSpec, settings: Settings) -> None:
     for field, url in urls:
         if ".." in url.split("/") or not any(url.startswith(prefix) for prefix in prefixes):
             raise InvalidInput(f"{field}: {url[:MAX_ECHO]!r}: {allowed}")
+    hooks = settings.api_notify_prefixes
+    for i, url in enumerate(spec.notify.urls if spec.notify is not None else []):
+        if not any(_under(url, prefix) for prefix in hooks):
+            allowed = ", ".join(hooks) or "nothing (ARCHFARM_API_NOTIFY_PREFIXES)"
+            raise InvalidInput(f"notify.urls.{i}: {url[:MAX_ECHO]!r}: the API takes notification URLs under {allowed}")
     roots = [os.path.normpath(root) for root in settings.api_model_roots]
     for field, ref in _model_refs(spec.profile):
         folder = os.path.normpath(os.path.expanduser(ref)) if is_path(ref) else None
@@ -342,6 +349,16 @@ def check_remote(spec: JobSpec, settings: Settings) -> None:
                 f"{field}: a model folder is accepted from the API only under ARCHFARM_API_MODEL_ROOTS "
                 f"({', '.join(roots) or 'none configured'}); use a preset or a hub id"
             )
+
+
+def _under(url: str, prefix: str) -> bool:
+    """`url` on the prefix's scheme and host, its path under the prefix's, and no `..` to climb out of it."""
+    got, allowed = urlsplit(url), urlsplit(prefix)
+    return (
+        (got.scheme, got.netloc.lower()) == (allowed.scheme, allowed.netloc.lower())
+        and got.path.startswith(allowed.path)
+        and ".." not in got.path.split("/")
+    )
 
 
 def _bucket_of(url: str) -> list[str]:

@@ -36,6 +36,7 @@ from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.clock import aware, database_time
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
+from shared.db.notifications import rearm
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
     cancel_job,
@@ -345,7 +346,8 @@ class Farm:
             return cancel_job(session, job_id)
 
     def retry(self, job_id: str) -> int:
-        """Requeue failed and cancelled tasks and (re)send every queued task; returns how many were sent.
+        """Requeue failed and cancelled tasks and (re)send every queued task; returns how many were sent. The
+        job's notifications start afresh when something is requeued.
 
         Re-sending tasks that are already queued is harmless (a task is claimed once) and repairs a submit
         whose sending was cut off by a broker outage.
@@ -353,6 +355,7 @@ class Farm:
         self.status(job_id)
         broker = self._broker("retry")
         with self.sessions.begin() as session:
+            rearm(session, job_id)
             queued = retry_job(session, job_id)
         return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
 

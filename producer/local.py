@@ -6,6 +6,7 @@ decides every task's fate on both paths.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,10 +17,16 @@ from producer.database import open_database
 from producer.submit import PreparedJob, persist, prepare
 from shared.config import Settings
 from shared.db.models import Task, TaskStatus
+from shared.errors import SubmitWarning
 from shared.spec import JobSpec
 from workers.inprocess import InProcessQueue
 from workers.lifecycle import DoneFn, Lifecycle, ProgressFn
+from workers.notify import Notifier
 from workers.policy import Limits
+
+NOTIFY_PATIENCE_S = 10.0
+"""How long a render waits at its end for notifications that failed to fall due again (one retry, by default):
+someone is waiting for the command, and the database keeps the rest for a later sender."""
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Embedded:
         self._engine: Engine | None = None
         self._queue = InProcessQueue()
         self.lifecycle: Lifecycle | None = None
+        self.notifier: Notifier | None = None
 
     def render(
         self,
@@ -75,9 +83,22 @@ class Embedded:
                 limits=Limits.in_process(self.settings.transient_budget),
             )
         lifecycle = self.lifecycle
-        lifecycle.on_done = on_task_done
+        notifier = self.notifier = self.notifier or Notifier(self.settings, sessions)
+
+        def done(task_id: str, status: TaskStatus) -> None:
+            notifier.task_done(task_id, status)  # a first failure is told while the rest renders
+            if on_task_done is not None:
+                on_task_done(task_id, status)
+
+        lifecycle.on_done = done
         self._queue.send([task.id for task in job.tasks])
         self._queue.drain(lambda task_id: lifecycle.run(task_id, progress), lifecycle.flush)
+        for problem in notifier.settle(job.id, NOTIFY_PATIENCE_S):
+            warnings.warn(
+                f"job {job.id}: {problem}; retried by the next render or worker on its database",
+                SubmitWarning,
+                stacklevel=2,
+            )
         return self._report(job)
 
     def close(self) -> None:

@@ -65,7 +65,10 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
             },
             str(sidecar_path),
         )
-        scratch_settings = settings.model_copy(update={"database_url": f"sqlite:///{work / 'rerender.db'}"})
+        # A scratch job: a database of its own, and nobody to tell about it.
+        scratch_settings = settings.model_copy(
+            update={"database_url": f"sqlite:///{work / 'rerender.db'}", "notify_urls": []}
+        )
         with _threads(meta.get("threads")):
             report = render_local(spec, scratch_settings)
         image = work / "out" / meta["key"]

@@ -25,8 +25,9 @@ from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
 from shared.db.clock import database_time
 from shared.db.models import Job, Task, TaskStatus
+from shared.db.notifications import arm
 from shared.errors import InvalidInput, SubmitWarning
-from shared.spec import MAX_ECHO, ImageControl, JobSpec, Profile
+from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile
 from shared.storage import Storage, canonical_url, open_storage_from_settings
 
 
@@ -59,7 +60,9 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str
     storage = open_storage_from_settings(settings) if farm else None
     if storage is not None:
         plans = stage_plans(plans, storage)
-    spec = spec.model_copy(update={"profile": _with_control_images(profile, settings, storage)})
+    # The farm's default URLs are taken into the job now, so changing them later never reaches stored jobs.
+    notify = spec.notify or (Notify(urls=settings.notify_urls) if settings.notify_urls else None)
+    spec = spec.model_copy(update={"profile": _with_control_images(profile, settings, storage), "notify": notify})
     return PreparedJob(
         id=job_id,
         spec=spec,
@@ -101,7 +104,8 @@ def _with_control_images(profile: Profile, settings: Settings, storage: Storage 
 
 
 def persist(session: Session, job: PreparedJob) -> None:
-    """Job row and task rows in the caller's transaction (the caller commits, then enqueues).
+    """Job row, task rows and its notifications (armed) in the caller's transaction (the caller commits, then
+    enqueues).
 
     Every task is due now (database clock): one whose message never goes out is found by the sweeper."""
     now = database_time(session)
@@ -118,6 +122,8 @@ def persist(session: Session, job: PreparedJob) -> None:
         )
     )
     session.flush()
+    if job.spec.notify is not None:
+        arm(session, job.id, job.spec.notify)
     rows = (
         {
             "id": t.id,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.notify import check_url
 
 
 def _default_models_dir() -> Path:
@@ -107,6 +109,53 @@ class Settings(BaseSettings):
         description="s3:// prefixes that the REST API's plans, control images and outputs must lie under, as JSON; "
         "empty: the bucket of ARCHFARM_STORAGE_URL.",
     )
+    api_notify_prefixes: list[str] = Field(
+        default_factory=list,
+        description="URL prefixes that the REST API's job `notify` URLs must lie under, as JSON "
+        '(`["https://hooks.example/"]`); empty: a job from the API cannot name its own (the farm\'s '
+        "ARCHFARM_NOTIFY_URLS still apply).",
+    )
+    notify_urls: list[str] = Field(
+        default_factory=list,
+        description='Where jobs whose spec has no `notify` report, as JSON (`["https://hooks.example/farm"]`): '
+        "taken into each job at submit, so changing it later leaves stored jobs as they were.",
+    )
+    notify_secret: SecretStr | None = Field(
+        None,
+        description="Key of the HMAC-SHA256 signature on every notification (X-Archfarm-Signature); needed where "
+        "notifications are sent (workers; this process for `render`). Unset: sent unsigned.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="Where people reach this farm's dashboard (`archfarm api`): notifications link a job's contact "
+        "sheet, `{public_url}/ui/jobs/{id}`.",
+    )
+    notify_timeout: float = Field(
+        10.0, gt=0, description="Seconds a notification may take to connect, to send and to be answered, each."
+    )
+    notify_attempts: int = Field(8, ge=1, le=100, description="Attempts at a notification before it is given up.")
+    notify_backoff: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds before a failed notification's first retry; each later wait is six times longer, at "
+        "most two hours (5 s, 30 s, 3 min, 18 min, 1.8 h, 2 h, 2 h: 8 attempts over 6.5 hours).",
+    )
+
+    @field_validator("notify_urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        return [check_url(url) for url in urls]
+
+    @field_validator("notify_secret", "public_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """An empty variable is an unset one (`ARCHFARM_PUBLIC_URL=`)."""
+        return None if value == "" else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_url(url).rstrip("/")
 
     @model_validator(mode="after")
     def _broker_password(self) -> Settings:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidInput
+from shared.notify import Event, check_url
 from shared.registry import SCHEDULERS, check_ref, has_default_controlnet
 from shared.styles import CATALOG
 
@@ -30,6 +31,7 @@ MAX_DEPTH = 32
 MAX_VALUES = 2_500_000
 """Room for a job listing a million seeds, 10,000 plans and 1,000 styles."""
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+MAX_NOTIFY_URLS = 5
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -211,6 +213,38 @@ class SeedRange(_Strict):
     start: int = Field(0, ge=0, le=MAX_SEED)
 
 
+DEFAULT_EVENTS: tuple[Event, ...] = ("finished",)
+
+
+class Notify(_Strict):
+    """Where a job reports its events (`shared.notify`): one signed JSON POST per event and URL."""
+
+    urls: list[Annotated[str, Field(max_length=2048)]] = Field(min_length=1, max_length=MAX_NOTIFY_URLS)
+    events: list[Event] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS),
+        min_length=1,
+        max_length=3,
+        description="finished (the job ended, however), failed (ended failed or partially_succeeded), "
+        "first_failure (a task failed for good)",
+    )
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            check_url(url)
+        if len(set(urls)) < len(urls):
+            raise ValueError("a URL is named twice")
+        return urls
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, events: list[Event]) -> list[Event]:
+        if len(set(events)) < len(events):
+            raise ValueError("an event is named twice")
+        return events
+
+
 class JobSpec(_Strict):
     """A job: every plan × style × seed rendered with one profile."""
 
@@ -226,6 +260,7 @@ class JobSpec(_Strict):
     pool: Name | None = Field(
         None, description="the workers that render it: those started with `archfarm worker --pool NAME`"
     )
+    notify: Notify | None = Field(None, description="URLs told when the job ends or fails; default: settings")
 
     @field_validator("plans")
     @classmethod
@@ -455,5 +490,5 @@ def _relative_to(plan: Any, folder: Path) -> Any:
     return plan
 
 
-_MODEL_CLASSES: list[type[BaseModel]] = [Style, SeedRange, JobSpec, Profile, *_ControlBase.__subclasses__()]
+_MODEL_CLASSES: list[type[BaseModel]] = [Style, SeedRange, Notify, JobSpec, Profile, *_ControlBase.__subclasses__()]
 _MODELS = {cls.__name__ for cls in _MODEL_CLASSES}

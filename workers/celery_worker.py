@@ -13,6 +13,8 @@ tests/chaos/):
   it keeps killing processes on several nodes;
 - a killed worker's tasks are handed back by the reaper of any live worker once its heartbeat is older than
   `ARCHFARM_HEARTBEAT_TIMEOUT`; tasks left without a message are re-sent by the sweeper (`workers.upkeep`).
+- a job's notifications are fired by whoever settles the task that ends or first fails it, and any event
+  a killed worker left unfired or undelivered is sent by the upkeep of any live worker (`workers.notify`).
 
 Run by `archfarm worker`, which checks the schema and the device first and sets `ARCHFARM_WORKER_NODE`,
 `ARCHFARM_DEVICE` and `CUDA_VISIBLE_DEVICES`.
@@ -43,6 +45,7 @@ from shared.storage import open_storage_from_settings
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
 # a fraction of a second instead of re-importing them.
 from workers.lifecycle import Lifecycle
+from workers.notify import Notifier
 from workers.policy import Limits
 from workers.upkeep import Upkeep
 
@@ -95,6 +98,8 @@ def lifecycle() -> Lifecycle:
             limits=Limits(transient_budget_s=settings.transient_budget),
             # Control maps are cached in the shared storage, so each is computed once for the whole farm.
             farm_storage=open_storage_from_settings(settings),
+            # Whoever settles a task notices at once whether its job ended or failed (the upkeep catches the rest).
+            on_done=Notifier(settings, _sessions).task_done,
         )
     return _lifecycle
 

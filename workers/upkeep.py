@@ -1,4 +1,4 @@
-"""A worker's housekeeping beside its tasks, once per heartbeat: heartbeat, reaper, sweeper.
+"""A worker's housekeeping beside its tasks, once per heartbeat: heartbeat, reaper, sweeper, notifications.
 
 - The heartbeat proves this worker alive (database clock).
 - The reaper declares workers silent for `heartbeat_timeout` dead and hands their tasks back: interrupted,
@@ -7,11 +7,14 @@
   live worker has watched idle for as long. A message held by a killed worker (a countdown), lost with a
   broker restarted without persistence, never sent by an interrupted submit, or not sent because the broker
   was down when a task was requeued: each ends up here, and is sent again.
+- Notifications (`workers.notify`): the job events nobody noticed are fired and whatever is due is sent, on
+  a thread of their own, so a slow receiver never delays a heartbeat.
 
 Any live worker may do both. A worker starts reaping and sweeping only once its own heartbeats have gone
 through for a whole timeout: after a database outage every heartbeat is stale, and the first worker back
 must not declare all the others dead. Concurrent reapers and sweepers never send a task twice: each claims
-its rows with a conditional UPDATE.
+its rows with a conditional UPDATE. Notifications need no such wait: firing an event and claiming an attempt
+are conditional UPDATEs as well.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from shared.broker import make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.session import make_engine, session_factory
 from shared.db.store import heartbeat, idle_queues, reap, requeue_held, stop_worker, sweep
+from workers.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ class Upkeep:
         self.sessions = sessions
         self.worker = worker
         self.send = send
+        self.notifier = Notifier(settings, sessions)
         self._healthy_since: float | None = None
 
     def beat(self) -> bool:
@@ -52,6 +57,7 @@ class Upkeep:
             self._healthy_since = None
             raise
         self._healthy_since = self._healthy_since or time.monotonic()
+        self.notifier.kick()
         if time.monotonic() - self._healthy_since >= self.settings.heartbeat_timeout:
             self.reap()
             self.sweep()

@@ -1,4 +1,4 @@
-"""Tables `jobs`, `tasks`, `artifacts` as SQLAlchemy 2 typed models.
+"""Tables `jobs`, `tasks`, `artifacts`, `workers`, `task_failures`, `api_tokens`, `notifications` as typed models.
 
 A job's status is not stored: it is derived from its task rows (`shared.db.status`), so duplicate deliveries
 and concurrent workers cannot leave a counter out of step with reality.
@@ -190,3 +190,38 @@ class ApiToken(Base):
     admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Notification(Base):
+    """One event of a job for one URL (`shared.notify`): armed at submit, fired by whoever sees the event
+    first, each attempt claimed by one sender; every step is a conditional UPDATE, so several workers noticing
+    the same end, or one dying on the way, cannot send an event twice or lose it."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(String(2048))
+    run: Mapped[int] = mapped_column(
+        Integer, default=0, comment="0 at submit, one more each time a retry arms the job's events again"
+    )
+    state: Mapped[str] = mapped_column(
+        String(16),
+        default="armed",
+        comment="armed (waiting for the event), due, delivered; skipped (the event did not happen), abandoned "
+        "(attempts used up)",
+    )
+    body: Mapped[str | None] = mapped_column(Text, default=None, comment="the JSON sent, fixed when the event fired")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(
+        default=None, comment="when a due notification may be tried (database clock); a claim moves it past the try"
+    )
+    fired_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "event", "url", name="uq_notifications_event"),
+        Index("ix_notifications_state_due", "state", "next_attempt_at"),
+    )
