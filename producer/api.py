@@ -17,18 +17,20 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from importlib.metadata import version
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import dashboard
+from producer import dashboard, schemas
 from producer.client import ArtifactView, Farm, Part
 from producer.metrics import FarmCollector
 from shared.config import Settings
@@ -76,7 +78,8 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         yield
         app.state.farm.close()
 
-    app = FastAPI(title="archfarm", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="archfarm", version=version("archfarm"), lifespan=lifespan, responses=schemas.ERRORS)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -134,7 +137,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
             return problem(503, "; ".join(down))
         return JSONResponse({"status": "ok", **checks})
 
-    @app.post("/jobs", status_code=201)
+    @app.post("/jobs", status_code=201, response_model=schemas.Job)
     def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
         client = farm(request)
         if client.settings.broker_url is None:
@@ -148,7 +151,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         response.headers["Location"] = f"/jobs/{job_id}"
         return client.status(job_id).to_dict()
 
-    @app.post("/uploads", status_code=201)
+    @app.post("/uploads", status_code=201, response_model=schemas.Upload)
     def upload(request: Request, name: str = Body(..., embed=True, max_length=200)) -> dict[str, Any]:
         """Where to PUT a plan or control image without storage credentials: a presigned PUT URL (valid
         `UPLOAD_SECONDS`) and the s3:// URL to name in a job. Each upload gets a key of its own."""
@@ -163,7 +166,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         put = storage.presigned_url(key, UPLOAD_SECONDS, method="put_object")
         return {"url": storage.url(key), "upload_url": put, "method": "PUT", "expires_in": UPLOAD_SECONDS}
 
-    @app.get("/jobs")
+    @app.get("/jobs", response_model=list[schemas.Job])
     def jobs(
         request: Request, limit: int = 50, offset: Annotated[int, Query(ge=0)] = 0, status: str | None = None
     ) -> list[dict[str, Any]]:
@@ -171,50 +174,50 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         views = farm(request).jobs(limit=min(max(limit, 1), 500), offset=offset, status=dashboard.job_status(status))
         return [view.to_dict() for view in views]
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", response_model=schemas.Job)
     def status(request: Request, job_id: str) -> dict[str, Any]:
         return farm(request).status(job_id).to_dict()
 
-    @app.post("/jobs/{job_id}/cancel")
+    @app.post("/jobs/{job_id}/cancel", response_model=schemas.Job)
     def cancel(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
         owned(request, job_id)
         client.cancel(job_id)
         return client.status(job_id).to_dict()
 
-    @app.post("/jobs/{job_id}/retry")
+    @app.post("/jobs/{job_id}/retry", response_model=schemas.JobAction)
     def retry(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
         owned(request, job_id)
         sent = client.retry(job_id)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
-    @app.post("/jobs/{job_id}/pause")
+    @app.post("/jobs/{job_id}/pause", response_model=schemas.Job)
     def pause(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
         owned(request, job_id)
         client.pause(job_id)
         return client.status(job_id).to_dict()
 
-    @app.post("/jobs/{job_id}/resume")
+    @app.post("/jobs/{job_id}/resume", response_model=schemas.JobAction)
     def resume(request: Request, job_id: str) -> dict[str, Any]:
         client = farm(request)
         owned(request, job_id)
         sent = client.resume(job_id)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
-    @app.post("/jobs/{job_id}/priority")
+    @app.post("/jobs/{job_id}/priority", response_model=schemas.JobAction)
     def priority(request: Request, job_id: str, priority: int = Body(..., embed=True)) -> dict[str, Any]:  # noqa: B008
         client = farm(request)
         owned(request, job_id)
         sent = client.set_priority(job_id, priority)
         return {**client.status(job_id).to_dict(), "sent": sent}
 
-    @app.get("/workers")
+    @app.get("/workers", response_model=list[schemas.Worker])
     def workers(request: Request) -> list[dict[str, Any]]:
         return [view.to_dict() for view in farm(request).workers()]
 
-    @app.get("/jobs/{job_id}/results")
+    @app.get("/jobs/{job_id}/results", response_model=schemas.Results)
     def results(
         request: Request,
         job_id: str,
@@ -252,7 +255,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         """A page of the contact sheet: plan × style rows, seed columns, each cell's image id or task state."""
         return farm(request).sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds).to_dict()
 
-    @app.get("/artifacts/{artifact_id}")
+    @app.get("/artifacts/{artifact_id}", response_model=schemas.Artifact)
     def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> dict[str, Any]:
         return farm(request).artifact(artifact_id).to_dict()
 
@@ -287,6 +290,30 @@ def download_name(view: ArtifactView) -> str:
     """`floorplan_modern_seed-3_ab12cd34ef56.png`: plan, style and the image's own file name."""
     name = f"{view.plan}_{view.style}_{view.url.rsplit('/', 1)[-1]}"
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, made to say what the API does: POST /jobs takes a job spec (its handler reads the body
+    itself, for archfarm's one-line errors and size checks), and every error answer is a problem document
+    (FastAPI's own validation shape is never sent: see `malformed`)."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        components.update(spec.pop("$defs", {}))
+        components["JobSpec"] = spec
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}
+        document["paths"]["/jobs"]["post"]["requestBody"] = {"required": True, "content": body}
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path in document["paths"].values():
+            for operation in path.values():
+                for status, answer in operation.get("responses", {}).items():
+                    if int(status) >= 400:
+                        answer["content"] = problem
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def _bearer(request: Request) -> str | None:

@@ -253,3 +253,54 @@ def test_a_client_without_storage_credentials_uploads_its_plan_and_submits(api: 
     assert created.status_code == 201, created.text
     refused = api.post("/uploads", json={"name": "tool.exe"})
     assert refused.status_code == 422 and "uploads take .png" in refused.json()["detail"]
+
+
+def conforms(value: object, schema: dict, components: dict) -> bool:
+    """A hand check of a JSON value against an OpenAPI schema: refs, anyOf, types, required properties, enums."""
+    if "$ref" in schema:
+        return conforms(value, components[schema["$ref"].rsplit("/", 1)[1]], components)
+    if "anyOf" in schema:
+        return any(conforms(value, option, components) for option in schema["anyOf"])
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
+    kind = schema.get("type")
+    if kind == "null":
+        return value is None
+    if kind is not None and (not isinstance(value, kinds[kind]) or (kind == "integer" and isinstance(value, bool))):
+        return False
+    if kind == "array":
+        return all(conforms(item, schema.get("items", {}), components) for item in value)  # type: ignore[union-attr]
+    if kind == "object" and isinstance(value, dict):
+        properties = schema.get("properties", {})
+        if not set(schema.get("required", [])) <= set(value):
+            return False
+        return all(conforms(item, properties[key], components) for key, item in value.items() if key in properties)
+    return True
+
+
+def test_the_schema_describes_requests_and_answers_as_they_are(
+    api: TestClient, s3_plan: str, s3_server, s3_bucket: str
+) -> None:
+    document = api.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobSpec"}
+    assert {"plans", "styles", "seeds", "profile"} <= set(components["JobSpec"]["required"])
+    assert conforms(job(s3_plan), body, components) and not conforms({"plans": []}, body, components)
+    answers = document["paths"]["/jobs/{job_id}"]["get"]["responses"]
+    assert answers["404"]["content"] == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+    }
+    created = api.post("/jobs", json=job(s3_plan)).json()
+    live = {
+        "/jobs/{job_id}": api.get(f"/jobs/{created['id']}").json(),
+        "/jobs": api.get("/jobs").json(),
+        "/jobs/{job_id}/results": api.get(f"/jobs/{created['id']}/results").json(),
+        "/workers": api.get("/workers").json(),
+    }
+    for path, value in live.items():
+        schema = document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert conforms(value, schema, components), path
+    problem = api.get("/jobs/00000000-0000-0000-0000-000000000000").json()
+    assert conforms(problem, {"$ref": "#/components/schemas/Problem"}, components)
