@@ -168,10 +168,18 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
 
     @app.get("/jobs", response_model=list[schemas.Job])
     def jobs(
-        request: Request, limit: int = 50, offset: Annotated[int, Query(ge=0)] = 0, status: str | None = None
+        request: Request,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        status: str | None = None,
+        cursor: Annotated[str | None, Query(max_length=36)] = None,
     ) -> list[dict[str, Any]]:
-        """Recent jobs, newest first; `status` keeps the jobs in that status."""
-        views = farm(request).jobs(limit=min(max(limit, 1), 500), offset=offset, status=dashboard.job_status(status))
+        """Recent jobs, newest first; `status` keeps the jobs in that status. A full page links the next one
+        (`Link: <...>; rel="next"`), whose `cursor` is the last job of this one: pages stay steady while jobs
+        are added."""
+        views = farm(request).jobs(limit=limit, status=dashboard.job_status(status), after=cursor)
+        if len(views) == limit:
+            _link_next(request, response, views[-1].id)
         return [view.to_dict() for view in views]
 
     @app.get("/jobs/{job_id}", response_model=schemas.Job)
@@ -221,10 +229,12 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     def results(
         request: Request,
         job_id: str,
-        offset: Annotated[int, Query(ge=0)] = 0,
-        limit: Annotated[int | None, Query(ge=1)] = None,
+        response: Response,
+        limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
+        cursor: Annotated[int | None, Query(ge=1)] = None,
     ) -> dict[str, Any]:
-        """Artifacts (all, or `limit` from `offset`) with pre-signed download links where the output is on S3."""
+        """Artifacts (all, or a page of `limit`, linking the next as `Link: <...>; rel="next"` whose `cursor` is
+        this page's last image) with pre-signed download links where the output is on S3."""
         client = farm(request)
         view = client.status(job_id)
         # The links are for the caller, who may reach S3 at another address than the farm does.
@@ -236,7 +246,10 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         )
         prefix = view.output_url.rstrip("/") + "/"
         artifacts = []
-        for artifact in client.results(job_id, offset=offset, limit=limit):
+        page = client.results(job_id, limit=limit, after=cursor)
+        if limit is not None and len(page) == limit:
+            _link_next(request, response, str(page[-1].id))
+        for artifact in page:
             item = artifact.to_dict()
             if isinstance(storage, S3Storage):
                 item["download_url"] = storage.presigned_url(artifact.url.removeprefix(prefix))
@@ -314,6 +327,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                         answer["content"] = problem
         app.openapi_schema = document
     return app.openapi_schema
+
+
+def _link_next(request: Request, response: Response, cursor: str) -> None:
+    """The next page's URL in a `Link` header (RFC 8288): this request's, with `cursor` set."""
+    next_page = request.url.include_query_params(cursor=cursor)
+    response.headers["Link"] = f'<{next_page.path}?{next_page.query}>; rel="next"'
 
 
 def _bearer(request: Request) -> str | None:

@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import Select, and_, func, or_, select, text, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -319,14 +319,21 @@ class Farm:
         )
         return _with_eta(view, started, now)
 
-    def jobs(self, limit: int = 50, offset: int = 0, status: JobStatus | None = None) -> list[JobView]:
-        """Recent jobs, newest first; with `status`, only the jobs in that status."""
+    def jobs(
+        self, limit: int = 50, offset: int = 0, status: JobStatus | None = None, after: str | None = None
+    ) -> list[JobView]:
+        """Recent jobs, newest first; with `status`, only the jobs in that status. Pages go by `offset` (the
+        dashboard's numbered pages) or, steady while jobs are added, by `after`: the last job of the page
+        before (a cursor)."""
+        newest = select(Job.id, Job.cancelled_at, Job.paused_at).order_by(Job.created_at.desc(), Job.id.desc())
         with self.sessions() as session:
-            if status is None:
-                newest = select(Job.id).order_by(Job.created_at.desc(), Job.id)
-                ids = list(session.scalars(newest.offset(offset).limit(limit)))
-            else:
-                ids = list(islice(_in_status(session, status), offset, offset + limit))
+            if after is not None:
+                anchor = session.execute(select(Job.created_at, Job.id).where(Job.id == after)).first()
+                if anchor is None:
+                    raise InvalidInput(f"cursor: no job {after[:MAX_ECHO]!r}")
+                older = and_(Job.created_at == anchor.created_at, Job.id < anchor.id)
+                newest = newest.where(or_(Job.created_at < anchor.created_at, older))
+            ids = list(islice(_in_status(session, status, newest), offset, offset + limit))
         return [self.status(job_id) for job_id in ids]
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> JobView:
@@ -423,18 +430,23 @@ class Farm:
             raise ConfigError(f"no broker configured: set ARCHFARM_BROKER_URL to {action} on the farm")
         return self._celery
 
-    def results(self, job_id: str, offset: int = 0, limit: int | None = None) -> list[ArtifactView]:
-        """The job's images, `limit` of them from `offset` (all by default), in a stable order."""
+    def results(
+        self, job_id: str, offset: int = 0, limit: int | None = None, after: int | None = None
+    ) -> list[ArtifactView]:
+        """The job's images, `limit` of them (all by default) from `offset` or after the image `after` (a
+        cursor: the last of the page before), in a stable order (style, seed)."""
         self.status(job_id)
+        order = (Artifact.style, Artifact.seed, Artifact.id)
+        query = (
+            select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id).where(Artifact.job_id == job_id)
+        )
         with self.sessions() as session:
-            rows = session.execute(
-                select(Artifact, Task.plan_name)
-                .join(Task, Task.id == Artifact.task_id)
-                .where(Artifact.job_id == job_id)
-                .order_by(Artifact.style, Artifact.seed, Artifact.id)
-                .offset(offset)
-                .limit(limit)
-            ).all()
+            if after is not None:
+                anchor = session.execute(select(*order).where(Artifact.id == after, Artifact.job_id == job_id)).first()
+                if anchor is None:
+                    raise InvalidInput(f"cursor: no image {after} in job {job_id}")
+                query = query.where(tuple_(*order) > tuple_(*anchor))
+            rows = session.execute(query.order_by(*order).offset(offset).limit(limit)).all()
         return [ArtifactView.of(artifact, plan) for artifact, plan in rows]
 
     def artifact(self, artifact_id: int) -> ArtifactView:
@@ -572,16 +584,21 @@ def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:
     return list(seeds)
 
 
-def _in_status(session: Session, status: JobStatus, chunk: int = 500) -> Iterator[str]:
-    """Ids of the jobs in `status`, newest first. A job's status is derived from its tasks, so it is worked out
-    here for `chunk` jobs per query (one grouped count over the tasks index)."""
+def _in_status(
+    session: Session,
+    status: JobStatus | None,
+    jobs_query: Select[str, datetime | None, datetime | None],
+    chunk: int = 500,
+) -> Iterator[str]:
+    """Ids of the jobs `jobs_query` lists (id, cancelled_at, paused_at), in its order, those in `status` only
+    (all for None). A job's status is derived from its tasks, so it is worked out here for `chunk` jobs per
+    query (one grouped count over the tasks index)."""
     seen = 0
-    while jobs := session.execute(
-        select(Job.id, Job.cancelled_at, Job.paused_at)
-        .order_by(Job.created_at.desc(), Job.id)
-        .offset(seen)
-        .limit(chunk)
-    ).all():
+    while jobs := session.execute(jobs_query.offset(seen).limit(chunk)).all():
+        if status is None:
+            yield from (job.id for job in jobs)
+            seen += len(jobs)
+            continue
         counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
         for job_id, task_status, count in session.execute(
             select(Task.job_id, Task.status, func.count())

@@ -78,8 +78,10 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
     assert body["status"] == "succeeded" and len(body["artifacts"]) == 4
     with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # noqa: S310 - loopback
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
-    page = api.get(f"/jobs/{job_id}/results", params={"offset": 1, "limit": 2}).json()["artifacts"]
-    assert [a["id"] for a in page] == [a["id"] for a in body["artifacts"][1:3]]
+    first = api.get(f"/jobs/{job_id}/results", params={"limit": 1})
+    after = api.get(f"/jobs/{job_id}/results", params={"limit": 2, "cursor": first.json()["artifacts"][0]["id"]})
+    assert first.headers["link"] == f'</jobs/{job_id}/results?limit=1&cursor={body["artifacts"][0]["id"]}>; rel="next"'
+    assert [a["id"] for a in after.json()["artifacts"]] == [a["id"] for a in body["artifacts"][1:3]]
 
 
 def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(

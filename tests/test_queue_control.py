@@ -14,7 +14,7 @@ from producer.client import Farm
 from shared.db.models import Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
-from tests.processes import alive, children_of, wait_for, wait_for_value
+from tests.processes import alive, children_of, live_workers, wait_for, wait_for_value
 from tests.test_farm import FAST, SLOW, assert_exactly_one_artifact_per_image, job, pid_of, running_task
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3, pytest.mark.slow]
@@ -88,6 +88,7 @@ def test_a_pool_job_stays_in_its_pool_also_after_a_reaper_resend(
     pool_children = children_of(main_pid)
     os.kill(main_pid, signal.SIGKILL)  # the pool's only worker dies mid-task, with its pool process
     wait_for(lambda: not any(alive(pid) for pid in pool_children), 10, "its pool process to die")
+    wait_for(lambda: live_workers(farm) == 1, 60, "the reaper to declare the pool worker dead")
     start_workers("cpu:1", 1, "--pool", "big")  # the reaper of the worker outside the pool re-sends the task
     view = farm.wait(job_id, timeout=180)
     assert view.status is JobStatus.SUCCEEDED

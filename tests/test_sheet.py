@@ -138,7 +138,11 @@ def test_a_missing_thumbnail_is_made_from_the_png_and_kept(api: TestClient, rend
 def test_pages_of_results_sheet_and_jobs(api: TestClient, rendered: Rendered) -> None:
     job = rendered.job_id
     every = [a["id"] for a in api.get(f"/jobs/{job}/results").json()["artifacts"]]
-    pages = [api.get(f"/jobs/{job}/results", params={"offset": o, "limit": 3}).json()["artifacts"] for o in (0, 3, 6)]
+    pages, url = [], f"/jobs/{job}/results?limit=3"
+    while url:  # follow the Link headers: cursor pages
+        response = api.get(url)
+        pages.append(response.json()["artifacts"])
+        url = response.headers.get("link", "").removeprefix("<").split(">;")[0]
     assert [len(p) for p in pages] == [3, 3, 2] and [a["id"] for p in pages for a in p] == every
     sheet = api.get(f"/jobs/{job}/sheet", params={"row": 1, "rows": 2, "seed": 1, "seeds": 5}).json()
     assert (sheet["rows_total"], sheet["seeds_total"], sheet["seeds"]) == (4, 2, [1])
@@ -149,7 +153,8 @@ def test_pages_of_results_sheet_and_jobs(api: TestClient, rendered: Rendered) ->
     assert "rows ↓" in page and "↑ rows" in page and "seeds →" in page
     assert [j["id"] for j in api.get("/jobs", params={"status": "succeeded"}).json()] == [job]
     assert api.get("/jobs", params={"status": "running"}).json() == []
-    assert api.get("/jobs", params={"offset": 1}).json() == []
+    assert api.get("/jobs", params={"cursor": job}).json() == []  # nothing older than the only job
+    assert api.get("/jobs", params={"cursor": "nope"}).status_code == 422
     assert api.get("/jobs", params={"status": "done"}).status_code == 422
     listing = api.get("/", params={"status": "succeeded"}).text
     assert f"/ui/jobs/{job}" in listing and "8/8" in listing and 'aria-valuenow="100"' in listing
