@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import dashboard, schemas
-from producer.client import ArtifactView, Farm, Part
+from producer.client import ArtifactView, Farm, Part, WorkerView
 from producer.metrics import FarmCollector
 from shared.config import Settings
 from shared.db.tokens import Caller
@@ -186,42 +186,35 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     def status(request: Request, job_id: str) -> dict[str, Any]:
         return farm(request).status(job_id).to_dict()
 
-    @app.post("/jobs/{job_id}/cancel", response_model=schemas.Job)
-    def cancel(request: Request, job_id: str) -> dict[str, Any]:
+    def change(request: Request, job_id: str, act: Callable[[Farm], object]) -> dict[str, Any]:
+        """A change to a job by its owner (or an admin): the job as it is now, with what the change returned
+        as `sent` (kept by the routes whose answer says how many tasks were sent)."""
         client = farm(request)
         owned(request, job_id)
-        client.cancel(job_id)
-        return client.status(job_id).to_dict()
+        result = act(client)
+        return {**client.status(job_id).to_dict(), "sent": result}
+
+    @app.post("/jobs/{job_id}/cancel", response_model=schemas.Job)
+    def cancel(request: Request, job_id: str) -> dict[str, Any]:
+        return change(request, job_id, lambda client: client.cancel(job_id))
 
     @app.post("/jobs/{job_id}/retry", response_model=schemas.JobAction)
     def retry(request: Request, job_id: str) -> dict[str, Any]:
-        client = farm(request)
-        owned(request, job_id)
-        sent = client.retry(job_id)
-        return {**client.status(job_id).to_dict(), "sent": sent}
+        return change(request, job_id, lambda client: client.retry(job_id))
 
     @app.post("/jobs/{job_id}/pause", response_model=schemas.Job)
     def pause(request: Request, job_id: str) -> dict[str, Any]:
-        client = farm(request)
-        owned(request, job_id)
-        client.pause(job_id)
-        return client.status(job_id).to_dict()
+        return change(request, job_id, lambda client: client.pause(job_id))
 
     @app.post("/jobs/{job_id}/resume", response_model=schemas.JobAction)
     def resume(request: Request, job_id: str) -> dict[str, Any]:
-        client = farm(request)
-        owned(request, job_id)
-        sent = client.resume(job_id)
-        return {**client.status(job_id).to_dict(), "sent": sent}
+        return change(request, job_id, lambda client: client.resume(job_id))
 
     @app.post("/jobs/{job_id}/priority", response_model=schemas.JobAction)
     def priority(request: Request, job_id: str, priority: int = Body(..., embed=True)) -> dict[str, Any]:  # noqa: B008
-        client = farm(request)
-        owned(request, job_id)
-        sent = client.set_priority(job_id, priority)
-        return {**client.status(job_id).to_dict(), "sent": sent}
+        return change(request, job_id, lambda client: client.set_priority(job_id, priority))
 
-    @app.get("/workers", response_model=list[schemas.Worker])
+    @app.get("/workers", response_model=list[WorkerView])
     def workers(request: Request) -> list[dict[str, Any]]:
         return [view.to_dict() for view in farm(request).workers()]
 

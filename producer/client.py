@@ -67,6 +67,7 @@ TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobS
 log = logging.getLogger(__name__)
 
 Part = Literal["image", "thumbnail", "sidecar"]
+WorkerState = Literal["live", "stale", "dead", "stopped"]
 
 OPEN_OUTPUTS = 32
 """Job output storages kept open by one `Farm` (an API process serves many jobs over its life)."""
@@ -138,12 +139,13 @@ class WorkerView:
     model_loads: int
     stack_swaps: int
     heartbeat_age_s: float
-    state: str
+    state: WorkerState
     """`live`; `stale` (its heartbeat is late, not yet declared dead); `dead` (reaped); `stopped` (shut down)."""
 
     @classmethod
     def of(cls, row: Worker, now: datetime, timeout_s: float) -> WorkerView:
         age = (now - aware(row.heartbeat_at)).total_seconds()
+        state: WorkerState
         if row.stopped_at is not None:  # a reaper stops a worker a timeout after its last heartbeat; a shutdown at once
             silent = (aware(row.stopped_at) - aware(row.heartbeat_at)).total_seconds()
             state = "dead" if silent >= timeout_s else "stopped"

@@ -72,20 +72,6 @@ class Results(BaseModel):
     artifacts: list[Artifact]
 
 
-class Worker(BaseModel):
-    id: str
-    node: str
-    device: str
-    pools: list[str]
-    models: list[str]
-    current_task: str | None
-    images_done: int
-    model_loads: int
-    stack_swaps: int
-    heartbeat_age_s: float
-    state: Literal["live", "stale", "dead", "stopped"]
-
-
 class Upload(BaseModel):
     url: str = Field(description="the s3:// URL to name in a job once the file is PUT")
     upload_url: str = Field(description="a presigned URL to PUT the file to, without credentials")
