@@ -261,7 +261,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         """A page of the contact sheet: plan × style rows, seed columns, each cell's image id or task state."""
         return farm(request).sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds).to_dict()
 
-    @app.get("/artifacts/{artifact_id}", response_model=schemas.Artifact)
+    @app.get("/artifacts/{artifact_id}", response_model=ArtifactView)
     def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> dict[str, Any]:
         return farm(request).artifact(artifact_id).to_dict()
 

@@ -183,6 +183,8 @@ class ArtifactView:
     width: int
     height: int
     size_bytes: int
+    download_url: str | None = None
+    """A presigned GET link, set by the REST API where the output is on S3."""
 
     @classmethod
     def of(cls, row: Artifact, plan: str) -> ArtifactView:

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.client import Farm
+from shared.broker import queue_depth
 from shared.config import Settings
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
@@ -100,8 +101,7 @@ def _queues(sessions: sessionmaker[Session], settings: Settings) -> Iterator[Met
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
         try:
             for queue in sorted(queues | {settings.queue}):
-                keys = [queue, *(f"{queue}:{level}" for level in range(1, 10))]
-                depth.add_metric([queue], sum(int(client.llen(key)) for key in keys))
+                depth.add_metric([queue], queue_depth(client, queue))
         except redis.RedisError:
             pass  # the broker is away: no depth this scrape, the rest still reports
         finally:

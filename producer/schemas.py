@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from producer.client import ArtifactView
 from shared.db.status import JobStatus
 
 
@@ -51,25 +52,10 @@ class JobAction(Job):
     sent: int = Field(description="task messages sent by this action")
 
 
-class Artifact(BaseModel):
-    id: int
-    job_id: str
-    plan: str
-    plan_digest: str
-    style: str
-    seed: int
-    url: str
-    sidecar_url: str
-    width: int
-    height: int
-    size_bytes: int
-    download_url: str | None = Field(None, description="a presigned GET link, where the output is on S3")
-
-
 class Results(BaseModel):
     job: str
     status: JobStatus
-    artifacts: list[Artifact]
+    artifacts: list[ArtifactView]
 
 
 class Upload(BaseModel):

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from celery import Celery
 from kombu.exceptions import KombuError
+from redis import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +61,13 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def queue_depth(client: Redis, queue: str) -> int:
+    """Messages waiting in `queue`: kombu's Redis transport keeps one list per priority step (`QUEUE`, then
+    `QUEUE:1` ... with this app's separator)."""
+    keys = [queue, *(f"{queue}:{level}" for level in range(1, PRIORITY_LEVELS))]
+    return sum(int(client.llen(key)) for key in keys)
 
 
 def broker_priority(job_priority: int) -> int:

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.client import Farm
+from shared.broker import queue_depth
 from shared.config import Settings
 from shared.db.models import Base
 from shared.db.session import make_engine, session_factory, upgrade
@@ -157,9 +158,7 @@ def farm(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 def queued_messages(broker_url: str, queue: str) -> int:
     """Messages waiting in a queue, over kombu's per-priority Redis lists (`QUEUE`, `QUEUE:N`)."""
-    client = redis.Redis.from_url(broker_url)
-    keys = [queue, *(f"{queue}:{level}" for level in range(1, 10))]
-    return sum(int(client.llen(key)) for key in keys)
+    return queue_depth(redis.Redis.from_url(broker_url), queue)
 
 
 @pytest.fixture
