@@ -7,6 +7,7 @@ endpoint per worker to discover. Histograms are rebuilt from the task rows of re
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
 import redis
@@ -62,7 +63,7 @@ def _tasks(session: Session) -> Iterator[Metric]:
         .where(Job.created_at >= since, Task.status == TaskStatus.SUCCEEDED, Task.started_at.is_not(None))
     )
     seconds = sorted((aware(done) - aware(start)).total_seconds() for start, done in durations if done is not None)
-    buckets = [(str(bound), sum(1 for s in seconds if s <= bound)) for bound in RENDER_BUCKETS]
+    buckets = [(str(bound), bisect_right(seconds, bound)) for bound in RENDER_BUCKETS]
     histogram = HistogramMetricFamily(
         "archfarm_task_seconds", "Seconds from claim to done of the recent jobs' succeeded tasks"
     )
