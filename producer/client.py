@@ -51,9 +51,10 @@ from shared.db.store import (
 from shared.db.tokens import Caller, caller_of
 from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning, one_line
 from shared.limits import check_fits_visibility
-from shared.spec import MAX_ECHO, JobSpec, load_job, parse_model
+from shared.spec import MAX_ECHO, JobSpec, load_document, load_job, parse_model
 from shared.storage import Storage, open_storage
 from shared.thumbnails import CONTENT_TYPE, thumbnail_key, thumbnail_of_png
+from shared.training import TrainingSpec, is_training, model_url, parse_training
 from workers.policy import Limits
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ class JobView:
     images_total: int = 0
     images_done: int = 0
     """Images stored so far (a task's images count as they are recorded)."""
+    training: dict[str, Any] | None = None
+    """A training job's latest step, max_steps, loss, lr, samples_per_s and skipped_rows, and its model's URL
+    (`model_url`); None for a render job."""
 
     @property
     def done(self) -> int:
@@ -124,6 +128,7 @@ class JobView:
             "pool": self.pool,
             "images_total": self.images_total,
             "images_done": self.images_done,
+            "training": self.training,
         }
 
 
@@ -232,7 +237,7 @@ class Farm:
 
     def submit(
         self,
-        job: JobSpec | Mapping[str, Any] | str | Path,
+        job: JobSpec | TrainingSpec | Mapping[str, Any] | str | Path,
         *,
         on_stored: Callable[[str, int], None] | None = None,
         owner: str | None = None,
@@ -242,9 +247,12 @@ class Farm:
         Nothing is stored when validation fails. `on_stored(job_id, tasks)` is called as soon as the job is
         stored, before its messages go out (a large job takes a while). A broker that refuses the messages
         is a `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the
-        broker is back. Without a broker the job is rendered here and now.
+        broker is back. Without a broker the job is rendered here and now. A training spec becomes a job of
+        one task for a worker of its pool (a farm only: `archfarm train` trains in this process).
         """
         spec = _as_spec(job)
+        if isinstance(spec, TrainingSpec):
+            return self._submit_training(spec, on_stored, owner)
         if self._celery is None:
             from producer.local import Embedded
 
@@ -265,6 +273,31 @@ class Farm:
             warnings.warn(
                 f"job {prepared.id} is stored with {len(prepared.tasks)} tasks, but {error}; workers send them "
                 f"once the broker is back (or run `archfarm retry {prepared.id}`)",
+                SubmitWarning,
+                stacklevel=2,
+            )
+        return prepared.id
+
+    def _submit_training(
+        self, spec: TrainingSpec, on_stored: Callable[[str, int], None] | None, owner: str | None
+    ) -> str:
+        from producer.training import persist_training, prepare_training
+
+        if self._celery is None:
+            raise ConfigError(
+                "a training spec runs on a farm's workers (set ARCHFARM_BROKER_URL); `archfarm train SPEC` trains "
+                "in this process"
+            )
+        prepared = prepare_training(spec, self.settings, owner=owner)
+        with self.sessions.begin() as session:
+            persist_training(session, prepared)
+        if on_stored is not None:
+            on_stored(prepared.id, 1)
+        try:
+            send_tasks(self._celery, [Message(prepared.task_id, prepared.id, prepared.queue, spec.priority, None)])
+        except BrokerUnavailable as error:
+            warnings.warn(
+                f"job {prepared.id} is stored, but {error}; workers send it once the broker is back",
                 SubmitWarning,
                 stacklevel=2,
             )
@@ -318,8 +351,9 @@ class Farm:
             paused=job.paused_at is not None,
             owner=job.owner,
             pool=job.spec.get("pool"),
-            images_total=len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec)),
+            images_total=_images_total(job.spec),
             images_done=images_done or 0,
+            training=_training(session, job),
         )
         return _with_eta(view, started, now)
 
@@ -572,12 +606,31 @@ class Farm:
         return written
 
 
-def _as_spec(job: JobSpec | Mapping[str, Any] | str | Path) -> JobSpec:
-    if isinstance(job, JobSpec):
+def _as_spec(job: JobSpec | TrainingSpec | Mapping[str, Any] | str | Path) -> JobSpec | TrainingSpec:
+    """A job or training spec, told apart by the training spec's `train:` mapping."""
+    if isinstance(job, JobSpec | TrainingSpec):
         return job
     if isinstance(job, str | Path):
-        return load_job(Path(job))
+        path = Path(job)
+        data = load_document(path)
+        return parse_training(data, str(path), path.parent) if is_training(data) else load_job(path)
+    if is_training(job):
+        return parse_training(dict(job))
     return parse_model(JobSpec, dict(job))
+
+
+def _images_total(spec: Mapping[str, Any]) -> int:
+    if is_training(spec):
+        return 0
+    return len(spec["plans"]) * len(spec["styles"]) * len(_seeds(spec))
+
+
+def _training(session: Session, job: Job) -> dict[str, Any] | None:
+    """A training job's progress as its worker last wrote it, and where its model is published."""
+    if not is_training(job.spec):
+        return None
+    progress = session.scalar(select(Task.progress).where(Task.job_id == job.id)) or {}
+    return {**progress, "model_url": model_url(job.output_url)}
 
 
 def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:

@@ -52,7 +52,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str
     """
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
-    _check_output(output_url)
+    check_output(output_url)
     profile, notices = pin_models(spec.profile, here=not farm)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
@@ -77,7 +77,7 @@ SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/
 """Where no render belongs: a worker running as root would write into the system."""
 
 
-def _check_output(url: str) -> None:
+def check_output(url: str) -> None:
     """A local output must be a folder archfarm may fill (symlinks already resolved by `canonical_url`): not a
     file or a device such as /dev/null, and nothing under the system's own folders."""
     if not url.startswith("file://"):

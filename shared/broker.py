@@ -86,7 +86,8 @@ class Message:
     Flower), which show a message's arguments."""
     queue: str
     priority: int
-    time_limit: int
+    time_limit: int | None
+    """None for a training task: it runs for hours, resumable from its checkpoints, and is never cut short."""
 
 
 def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: Iterable[str]) -> list[Message]:
@@ -103,9 +104,9 @@ def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: 
                 .where(Task.id.in_(ids[start : start + _CHUNK]))
             )
             for task_id, job_id, queue, priority, spec in rows:
-                if job_id not in limits:
+                if job_id not in limits and "train" not in spec:
                     limits[job_id] = task_time_limit(Profile.model_validate(spec["profile"]), settings)
-                found[task_id] = Message(task_id, job_id, queue, priority, limits[job_id])
+                found[task_id] = Message(task_id, job_id, queue, priority, limits.get(job_id))
     return [found[i] for i in ids if i in found]
 
 
@@ -137,7 +138,7 @@ def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> i
                 queue=message.queue,
                 priority=broker_priority(message.priority),
                 time_limit=message.time_limit,
-                soft_time_limit=int(message.time_limit * 0.9),
+                soft_time_limit=None if message.time_limit is None else int(message.time_limit * 0.9),
                 countdown=countdown or None,
                 producer=producer,
             )

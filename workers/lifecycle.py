@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -48,6 +48,7 @@ from shared.db.store import (
     postpone_task,
     record_artifacts,
     record_failure,
+    record_progress,
     requeue_task,
     worker_progress,
 )
@@ -55,8 +56,11 @@ from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError,
 from shared.limits import batch_cap
 from shared.spec import Profile, Style
 from shared.storage import Storage
+from shared.training import is_training, parse_training
 from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
 from workers.renderer import Prepared, Rendered, Renderer, Work
+from workers.training.trainer import Progress as TrainingProgress
+from workers.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ DoneFn = Callable[[str, TaskStatus], None]
 """Called once a task has reached the state this worker leaves it in."""
 
 CANCEL_POLL_S = 0.5
+TRAIN_REPORT_S = 2.0
+"""How often a training task writes its progress to its row (and looks for a cancel)."""
 CLAIM_PATIENCE_S = 60.0
 """How long a delivery waits for an unreachable database before leaving its task to the sweeper: well
 inside any task's time limit, so waiting never gets the process killed."""
@@ -167,6 +173,8 @@ class Lifecycle:
             return TaskStatus.QUEUED
         if not isinstance(claimed, Held):
             return claimed
+        if is_training(self._jobs[claimed.job_id].spec):
+            return self._train(claimed)
         try:
             first = self._prepare(claimed)
         except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
@@ -300,6 +308,45 @@ class Lifecycle:
             except Exception as error:  # noqa: BLE001 - settled on its own row; the others render
                 self._settle(held, error)
         return batch
+
+    def _train(self, held: Held) -> TaskStatus:
+        """Run a training task to its end, from its latest checkpoint (`workers.training`): a delivery after a
+        crash, a kill or a cancel-then-retry goes on where the run's checkpoints left it."""
+        try:
+            spec = parse_training(self._jobs[held.job_id].spec)
+            result = train(spec, self.settings, resume=True, progress=self._training_progress(held))
+        except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
+            return self._settle(held, error)
+        log.info("task %s: trained %d steps, model at %s", held.task_id, result.steps, result.model_url)
+
+        def record(session: Session) -> bool:
+            done = finish_task(session, held.task_id, self.worker)
+            self._progress(session, finished=held.task_id)
+            return done
+
+        if self._db(record, None) and self.on_done is not None:
+            self.on_done(held.task_id, TaskStatus.SUCCEEDED)
+        return TaskStatus.SUCCEEDED
+
+    def _training_progress(self, held: Held) -> Callable[[TrainingProgress], None]:
+        """Writes the run's progress to its task row every few seconds and stops it once its job is cancelled."""
+        last = 0.0
+
+        def report(progress: TrainingProgress) -> None:
+            nonlocal last
+            if time.monotonic() - last < TRAIN_REPORT_S and progress.step < progress.max_steps:
+                return
+            last = time.monotonic()
+            try:
+                with self.sessions.begin() as session:
+                    record_progress(session, held.task_id, self.worker, asdict(progress))
+                    cancelled = is_cancelled(session, held.job_id)
+            except DATABASE_DOWN:  # an outage must not cost the run: report again later
+                return
+            if cancelled:
+                raise Cancelled(held.job_id)
+
+        return report
 
     def _claim_more(self, session: Session, job_id: str, limit: int) -> list[Held]:
         return self._held(session, job_id, claim_more(session, job_id, self.worker, limit))

@@ -105,6 +105,9 @@ class Task(Base):
         comment="when a queued task's latest message becomes deliverable (database clock); the sweeper re-sends "
         "tasks long past it",
     )
+    progress: Mapped[dict[str, Any] | None] = mapped_column(
+        default=None, comment="a training task's latest step, loss and rate, written by the worker that runs it"
+    )
 
     __table_args__ = (
         Index("ix_tasks_job_status", "job_id", "status"),

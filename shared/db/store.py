@@ -371,6 +371,16 @@ def worker_progress(
         )
 
 
+def record_progress(session: Session, task_id: str, worker: str, progress: dict[str, Any]) -> bool:
+    """A running task's progress (training: step, loss, rate), written only by the worker holding it."""
+    result = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.worker == worker, Task.status == TaskStatus.RUNNING)
+        .values(progress=progress)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def stop_worker(session: Session, worker_id: str) -> bool:
     result = session.execute(
         update(Worker).where(Worker.id == worker_id, Worker.stopped_at.is_(None)).values(stopped_at=db_now())

@@ -1,0 +1,195 @@
+"""Training custom ControlNets: specs, datasets, bad rows, checkpoints and bitwise resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from producer.cli import app
+from shared.config import Settings
+from shared.errors import InvalidInput
+from shared.training import load_training, parse_training
+from workers.training import checkpoints
+from workers.training.dataset import Dataset
+from workers.training.synthetic import write_boxes, write_metadata
+from workers.training.trainer import train
+
+SIZE = 64
+runner = CliRunner()
+
+
+@pytest.fixture
+def settings(models_dir: Path, monkeypatch: pytest.MonkeyPatch, hub_offline: None) -> Settings:
+    monkeypatch.setenv("ARCHFARM_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("ARCHFARM_DEVICE", "cpu")
+    return Settings()
+
+
+def _spec(dataset: Path, output: Path, **train: object) -> dict[str, object]:
+    fields = {
+        "base": "tiny-sd15",
+        "dataset": str(dataset),
+        "resolution": SIZE,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "max_steps": 6,
+        "checkpoint_every": 2,
+        **train,
+    }
+    return {"name": "boxes", "train": fields, "output": str(output)}
+
+
+def _break_rows(folder: Path, rows: list[dict[str, str]]) -> dict[int, str]:
+    """Spoil one row in ten, each a different way; returns row number → what is wrong with it."""
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (SIZE // 2, SIZE)).save(folder / "conditioning" / "narrow.png")
+    rows[1] = {**rows[1], "image": "images/missing.png"}
+    rows[3] = {**rows[3], "image": "images/corrupt.png"}
+    rows[5] = {**rows[5], "conditioning_image": "conditioning/narrow.png"}
+    rows[7] = {**rows[7], "text": "  "}
+    write_metadata(folder, rows)
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write('{"image": "images/00000.png"\n')  # cut short: not JSON
+    return {2: "no such file", 4: "corrupt image", 6: "aligned", 8: "empty prompt", len(rows) + 1: "not JSON"}
+
+
+def test_spec_is_validated_and_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(Path("data"), Path("out"))))
+    spec = load_training(path)
+    assert spec.train.dataset == str(tmp_path / "data") and spec.output == str(tmp_path / "out")
+    for bad, words in [
+        ({"resolution": 100}, "train.resolution: 100 is not a multiple of 8"),
+        ({"base": "ftp://x/y"}, "train.base"),
+        ({"learning_rate": 0}, "train.learning_rate"),
+        ({"lr": 1e-4}, "train.lr: unknown field"),
+        ({"validation": {"prompts": ["a", "b"], "images": ["1.png", "2.png", "3.png"]}}, "3 images for 2 prompts"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            parse_training(_spec(Path("/d"), Path("/o"), **bad))
+    # What decides the weights step by step is the run's identity; how long it runs and how often it saves is not.
+    assert parse_training(_spec(Path("/d"), Path("/o"))).digest() == parse_training(
+        _spec(Path("/d"), Path("/o"), max_steps=60, checkpoint_every=7)
+    ).digest()
+
+
+def test_dataset_check_reports_every_bad_row(tmp_path: Path, settings: Settings) -> None:
+    rows = write_boxes(tmp_path, 10, SIZE)
+    bad = _break_rows(tmp_path, rows)
+    result = runner.invoke(app, ["dataset", "check", str(tmp_path), "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == 11
+    found = {problem["row"]: problem["reason"] for problem in report["bad"]}
+    assert set(found) == set(bad)
+    for row, words in bad.items():
+        assert words in found[row], (row, found[row])
+    missing = runner.invoke(app, ["dataset", "check", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no metadata.jsonl" in missing.stderr
+
+
+def test_dataset_build_makes_aligned_pairs_with_the_farms_maps(tmp_path: Path, settings: Settings, example_plan: Path) -> None:
+    captions = tmp_path / "captions.csv"
+    captions.write_text("image,text\nfloorplan.png,a bright open-plan flat\n")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "dataset"
+    result = runner.invoke(
+        app,
+        ["dataset", "build", str(example_plan), str(broken), "--control", "canny", "--out", str(out),
+         "--resolution", "128", "--captions", str(captions)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 pairs" in result.stdout and "skipped" in result.stderr and "broken.png" in result.stderr
+    dataset = Dataset(str(out), settings)
+    assert [row.text for row in dataset.rows] == ["a bright open-plan flat"]
+    assert list(dataset.check()) == []
+    image, conditioning = dataset.images(dataset.rows[0])
+    assert image.size == conditioning.size == (128, 128)
+    edges = torch.from_numpy(__import__("numpy").asarray(conditioning.convert("L")) > 0)
+    assert 0.02 < edges.float().mean() < 0.3  # the plan's walls, as `archfarm maps` shows them
+
+
+def test_training_skips_bad_rows_counts_them_and_lowers_the_loss(tmp_path: Path, settings: Settings) -> None:
+    rows = write_boxes(tmp_path / "data", 20, SIZE)
+    bad = _break_rows(tmp_path / "data", rows)
+    spec = parse_training(_spec(tmp_path / "data", tmp_path / "out", max_steps=40, checkpoint_every=20, batch_size=8))
+    result = train(spec, settings)
+    assert result.steps == 40
+    # Every bad row met is reported once with its reason (the unparsable line never reaches the data order).
+    assert {p.row for p in result.skipped} == set(bad) - {21}
+    losses = [float(row["loss"]) for row in _metrics(tmp_path / "out")]
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    manifest = json.loads((tmp_path / "out" / "controlnet" / "archfarm-model.json").read_text())
+    assert "diffusion_pytorch_model.safetensors" in manifest["files"]
+    assert checkpoints.complete(_storage(tmp_path / "out", settings)) == [20, 40]
+
+
+def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(tmp_path: Path, settings: Settings) -> None:
+    write_boxes(tmp_path / "data", 24, SIZE)
+    validation = {"every": 5, "prompts": ["a red box on a blue ground"], "images": ["data/conditioning/00000.png"],
+                  "steps": 2}  # fmt: skip
+    fields = {"max_steps": 14, "checkpoint_every": 3, "keep_checkpoints": 2, "batch_size": 2, "validation": validation}
+    runs = {}
+    for name in ("straight", "killed"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_spec(Path("data"), Path(name), **fields)))
+        runs[name] = path
+    env = {**os.environ, "ARCHFARM_MODELS_DIR": str(settings.models_dir), "ARCHFARM_DEVICE": "cpu"}
+    straight = subprocess.run([*_train_command(runs["straight"])], env=env, capture_output=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr.decode()[-2000:]
+
+    killed = subprocess.Popen(_train_command(runs["killed"]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "killed" / "checkpoints" / "step-00000006" / "complete.json"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run ended before it could be killed: " + killed.stderr.read().decode()[-2000:]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "controlnet").exists()
+    again = subprocess.run(_train_command(runs["killed"]), env=env, capture_output=True, timeout=300)
+    assert again.returncode == 2 and b"--resume" in again.stdout  # --json: the error on stdout; never silently restarted over a run
+    resumed = subprocess.run([*_train_command(runs["killed"]), "--resume"], env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["resumed_from"] >= 6 and summary["steps"] == 14
+
+    weights = [load_file(tmp_path / name / "controlnet" / "diffusion_pytorch_model.safetensors") for name in runs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    # Validation images at every 5th step, from the engine farm workers render with; the latest 2 checkpoints.
+    for step in (5, 10):
+        assert (tmp_path / "killed" / "validation" / f"step-{step:08d}" / "0.png").is_file()
+    assert checkpoints.complete(_storage(tmp_path / "killed", settings)) == [12, 14]
+    assert [int(row["step"]) for row in _metrics(tmp_path / "killed")] == list(range(1, 15))
+
+
+def _train_command(spec: Path) -> list[str]:
+    return [sys.executable, "-m", "producer.cli", "train", str(spec), "--json"]
+
+
+def _metrics(output: Path) -> list[dict[str, str]]:
+    import csv
+
+    return list(csv.DictReader((output / "metrics.csv").open()))
+
+
+def _storage(output: Path, settings: Settings):  # type: ignore[no-untyped-def]
+    from shared.storage import open_storage_from_settings
+
+    return open_storage_from_settings(settings, str(output))
