@@ -45,7 +45,7 @@ from shared.errors import (
     TransientError,
     Unauthenticated,
 )
-from shared.registry import is_path
+from shared.registry import is_path, is_url
 from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
 from shared.thumbnails import CONTENT_TYPE
@@ -359,9 +359,10 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
 
 
 def check_remote(spec: JobSpec, settings: Settings) -> None:
-    """Refuse what would let a remote caller reach the farm's own files or network: plans, control images and
-    outputs outside the allowed S3 prefixes, notification URLs outside the allowed ones, and model folders
-    outside the allowed roots. Pure: nothing is looked up, so the answer says nothing about what exists."""
+    """Refuse what would let a remote caller reach the farm's own files or network: plans, control images,
+    published models and outputs outside the allowed S3 prefixes, notification URLs outside the allowed ones,
+    and model folders outside the allowed roots. Pure: nothing is looked up, so the answer says nothing about
+    what exists."""
     prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
     allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
     urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
@@ -369,6 +370,11 @@ def check_remote(spec: JobSpec, settings: Settings) -> None:
         (f"profile.controls.{i}.image", unit.image)
         for i, unit in enumerate(spec.profile.controls)
         if isinstance(unit, ImageControl)
+    ]
+    urls += [
+        (f"profile.controls.{i}.model", unit.model)
+        for i, unit in enumerate(spec.profile.controls)
+        if unit.model is not None and is_url(unit.model)
     ]
     if spec.output is not None:
         urls.append(("output", spec.output))

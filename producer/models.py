@@ -3,7 +3,7 @@
 Validation (`shared.spec`) only knows names. Whether a folder or a hub id can be loaded depends on the
 machine that renders: checked here when that is this machine (`archfarm render`, `Farm` without a broker),
 default ControlNets and depth models included; on a farm, where each worker reads its own disk and cache,
-said in a notice instead of guessed.
+said in a notice instead of guessed. A model published to storage is read here in every case, and pinned.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 
 from shared import hub
-from shared.errors import InvalidInput
-from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_model, is_path, known_family
+from shared.config import Settings
+from shared.errors import InvalidInput, StorageError
+from shared.published import manifest_digest
+from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_model, is_path, is_url, known_family
 from shared.spec import DepthControl, Profile
 
 
@@ -25,7 +27,7 @@ def pin_models(profile: Profile, *, here: bool) -> tuple[Profile, list[str]]:
 
     def pin(field: str, ref: str, config: str) -> str:
         folder = Path(ref).expanduser()
-        if ref in PRESETS:
+        if ref in PRESETS or is_url(ref):  # a published model is checked by `pin_published`
             return ref
         if is_path(ref) or (ref not in ALIASES and folder.is_dir()):
             # Absolute, symlinks kept: the link is what workers mount, not where it points on this machine.
@@ -58,6 +60,26 @@ def pin_models(profile: Profile, *, here: bool) -> tuple[Profile, list[str]]:
         units.append(unit.model_copy(update=changes))
     updates["controls"] = units
     return profile.model_copy(update=updates), notices
+
+
+def pin_published(profile: Profile, settings: Settings) -> Profile:
+    """The profile with each ControlNet named by URL pinned to its manifest's hash (`model_sha256`), read now:
+    the hash is part of the profile's digest, so a model published again under the same URL never overwrites
+    earlier outputs, and no worker renders the job with another version. A pin the spec already carries (a
+    re-render) must still hold."""
+    units = []
+    for index, unit in enumerate(profile.controls):
+        if unit.model is not None and is_url(unit.model):
+            field = f"profile.controls.{index}.model"
+            try:
+                digest = manifest_digest(unit.model, settings)
+            except (InvalidInput, StorageError) as error:
+                raise InvalidInput(f"{field}: {error}") from None
+            if unit.model_sha256 not in (None, digest):
+                raise InvalidInput(f"{field}: the model at {unit.model} was published again since the job pinned it")
+            unit = unit.model_copy(update={"model_sha256": digest})
+        units.append(unit)
+    return profile.model_copy(update={"controls": units})
 
 
 def _check_cached(field: str, repo_id: str, config: str, notices: list[str]) -> None:

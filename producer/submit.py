@@ -20,7 +20,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
-from producer.models import pin_models
+from producer.models import pin_models, pin_published
 from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
 from shared.db.clock import database_time
@@ -45,6 +45,7 @@ class PreparedJob:
 
 def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str | None = None) -> PreparedJob:
     """Check the plans, control images, models and output URL, and expand the task list; raises `InvalidInput`.
+    Models published to storage are pinned by their manifest's hash (`pin_published`).
 
     For a `farm`, local plans and control images are copied into the configured storage once everything has
     been checked, so workers on other machines read the same bytes (content-addressed: stored once); models
@@ -54,6 +55,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     check_output(output_url)
     profile, notices = pin_models(spec.profile, here=not farm)
+    profile = pin_published(profile, settings)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
     plans = load_plans(spec.plans, settings)

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region; credentials come from the usual AWS variables.")
     models_dir: Path = Field(
         default_factory=_default_models_dir,
-        description="Model cache folder: tiny presets are built here once and loaded back with from_pretrained.",
+        description="Model cache folder: tiny presets are built here once and loaded back with from_pretrained; "
+        "models named by URL are fetched here once per version.",
     )
     broker_url: str | None = Field(None, description="Celery broker (`redis://...`); unset runs tasks in-process.")
     broker_password: str | None = Field(

@@ -1,10 +1,11 @@
 """Every model name a job may use, as pure data: validating a job never looks at this machine's disk.
 
 A model reference is one of: a tiny preset (built offline into each worker's model cache on first use), a
-short alias for a published model (its hub id), a hub id `owner/name`, or a local folder (an absolute path
-once the job is submitted). Whether a folder or a hub id can be loaded is a fact about the machine that runs
-the task: submit checks it where it can (`producer.models`), and a worker that cannot load one fails the
-task with the reason.
+short alias for a published model (its hub id), a hub id `owner/name`, a local folder (an absolute path
+once the job is submitted), or the URL of a model published to storage (`s3://bucket/prefix`,
+`file:///abs/dir`; `shared.published`), fetched into each worker's model cache. Whether a folder or a hub
+id can be loaded is a fact about the machine that runs the task: submit checks it where it can
+(`producer.models`), and a worker that cannot load one fails the task with the reason.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm"
 QUANTIZE_DEVICES: dict[str, tuple[str, ...]] = {"int8": ("cpu", "cuda")}
 """Each `quantize` mode, with the device types torchao's kernels for it run on."""
 
+_MODEL_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*")
+"""A published model's URL: an S3 bucket (its naming rules) and prefix, or a local file:/// folder."""
+
 # The hub's repo-id rule, loosely: one slash, no path tricks; a stricter check is the hub's job.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", re.ASCII)
 
@@ -63,12 +67,21 @@ def is_path(ref: str) -> bool:
     return ref.startswith(("/", "~", "./", "../"))
 
 
+def is_url(ref: str) -> bool:
+    """A published model's URL (`shared.published`): s3://bucket/prefix or file:///abs/dir, no `..` in it."""
+    return bool(_MODEL_URL.fullmatch(ref)) and ".." not in ref.split("/") and "\x00" not in ref
+
+
 def check_ref(ref: str) -> str:
-    """`ref` if it can name a model (preset, alias, hub id, folder path); ValueError otherwise."""
-    if ref in PRESETS or ref in ALIASES or is_hub_id(ref) or (is_path(ref) and "\x00" not in ref):
+    """`ref` if it can name a model (preset, alias, hub id, folder path, published model's URL); ValueError
+    otherwise."""
+    if ref in PRESETS or ref in ALIASES or is_hub_id(ref) or (is_path(ref) and "\x00" not in ref) or is_url(ref):
         return ref
     known = ", ".join(sorted([*PRESETS, *ALIASES]))
-    raise ValueError(f"{ref!r} is neither a preset ({known}), a folder path, nor a hub id `owner/name`")
+    raise ValueError(
+        f"{ref!r} is neither a preset ({known}), a folder path, a hub id `owner/name`, nor the URL of a published "
+        "model (s3://bucket/prefix, file:///abs/dir)"
+    )
 
 
 def known_family(base: str) -> Family | None:

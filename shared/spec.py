@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InvalidInput
 from shared.notify import Event, check_url
-from shared.registry import SCHEDULERS, check_ref, has_default_controlnet
+from shared.registry import SCHEDULERS, check_ref, has_default_controlnet, is_url
 from shared.styles import CATALOG
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -48,7 +48,12 @@ ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
 
 
 class _ControlBase(_Strict):
-    model: ModelRef | None = Field(None, description="ControlNet: preset, hub id or local folder; default per kind.")
+    model: ModelRef | None = Field(
+        None, description="ControlNet: preset, hub id, local folder or published model's URL; default per kind."
+    )
+    model_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="set at submit: the published model's manifest hash"
+    )
     scale: float = Field(1.0, ge=0.0, le=2.0, description="controlnet_conditioning_scale")
     start: float = Field(0.0, ge=0.0, le=1.0, description="control_guidance_start, fraction of the steps")
     end: float = Field(1.0, ge=0.0, le=1.0, description="control_guidance_end, fraction of the steps")
@@ -62,6 +67,8 @@ class _ControlBase(_Strict):
     def _window(self) -> _ControlBase:
         if self.start >= self.end:
             raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.model_sha256 is not None and (self.model is None or not is_url(self.model)):
+            raise ValueError("model_sha256 pins a model named by URL (s3://, file:///); this unit names none")
         return self
 
 
@@ -92,7 +99,7 @@ class DepthControl(_ControlBase):
     @field_validator("depth_model")
     @classmethod
     def _depth_model_exists(cls, ref: str | None) -> str | None:
-        return None if ref is None else check_ref(ref)
+        return None if ref is None else _not_by_url(check_ref(ref))
 
 
 class PlanDepthControl(_ControlBase):
@@ -173,7 +180,7 @@ class Profile(_Strict):
     @field_validator("base", "vae")
     @classmethod
     def _base_exists(cls, ref: str | None) -> str | None:
-        return None if ref is None else check_ref(ref)
+        return None if ref is None else _not_by_url(check_ref(ref))
 
     @model_validator(mode="after")
     def _controlnets_known(self) -> Profile:
@@ -195,8 +202,10 @@ class Profile(_Strict):
         """Content hash of the settings: part of every output key, so a changed profile never overwrites.
 
         `batch` is left out: it says how a worker feeds its device, not what an image is, and a task rewrites
-        the same keys whatever batch it shares."""
-        return _digest(self.model_dump(mode="json", exclude={"batch"}))
+        the same keys whatever batch it shares. A unit's `model_sha256` counts only when set, so profiles
+        naming no model by URL keep the digests (and the output keys) they had before it existed."""
+        unpinned = {i: {"model_sha256"} for i, unit in enumerate(self.controls) if unit.model_sha256 is None}
+        return _digest(self.model_dump(mode="json", exclude={"batch": True, "controls": unpinned}))
 
 
 class Style(_Strict):
@@ -318,6 +327,13 @@ class JobSpec(_Strict):
     def resolved_styles(self) -> list[Style]:
         """Styles after catalog lookup (the validator replaced every name by its `Style`)."""
         return [s for s in self.styles if isinstance(s, Style)]
+
+
+def _not_by_url(ref: str) -> str:
+    """Only ControlNets may be published models for now: nothing pins a base, VAE or depth model's version."""
+    if is_url(ref):
+        raise ValueError(f"{ref!r}: only a ControlNet (a control unit's `model`) may be named by URL")
+    return ref
 
 
 def _builtin_style(name: str) -> Style:

@@ -23,7 +23,7 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import PermanentError
 from shared.images import content_hash, decode_image
-from shared.registry import default_controlnet
+from shared.registry import default_controlnet, is_url
 from shared.spec import Profile, Style
 from shared.storage import Storage, open_storage, read_url
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
@@ -88,6 +88,7 @@ class Renderer:
             default_dtype(self.device),
             controlnet_budget_bytes=settings.controlnet_cache_bytes,
             offload_budget_bytes=settings.offload_cache_bytes,
+            settings=settings,
         )
         self.maps = ControlMaps(
             farm_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
@@ -163,6 +164,9 @@ class Renderer:
         self, profile: Profile, items: list[Item], on_step: StepFn | None
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
+        for unit in profile.controls:
+            if unit.model is not None and is_url(unit.model):  # the version the job was submitted with
+                self.cache.pin(unit.model, unit.model_sha256)
         family = self.cache.family(profile.base)
         units = [
             Unit(unit.model or default_controlnet(profile.base, unit.kind, family), unit.scale, unit.start, unit.end)

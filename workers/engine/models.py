@@ -30,9 +30,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers.utils import logging as _transformers_logging
 
-from shared import hub
+from shared import hub, published
+from shared.config import Settings, get_settings
 from shared.errors import ConfigError, InvalidInput, ModelError
-from shared.registry import QUANTIZE_DEVICES, Family, known_family
+from shared.registry import QUANTIZE_DEVICES, Family, is_url, known_family
 from workers.engine.compile import CompileOptions, compile_module
 from workers.engine.presets import base_family, resolve
 
@@ -98,6 +99,9 @@ class ModelCache:
     see what a sequence of renders cost: `loads` (read from storage), `hits` (already on the device),
     `restores` (back from the offload tier), `evictions` (device → offload tier), `drops` (offload tier →
     gone); and `swaps`, the number of renders that used another stack than the render before.
+
+    A model named by URL (`shared.published`) is fetched into `models_dir` once per version, through the
+    storage `settings` (default: the process's), and loaded from there: the version a job pinned (`pin`).
     """
 
     def __init__(
@@ -108,8 +112,10 @@ class ModelCache:
         *,
         controlnet_budget_bytes: int | None = None,
         offload_budget_bytes: int | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.settings = settings
         self.device = device
         self.dtype = dtype
         self.controlnet_budget_bytes = controlnet_budget_bytes
@@ -130,7 +136,8 @@ class ModelCache:
         self._offloaded: OrderedDict[str, ControlNetModel] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._compiled: dict[tuple[int, CompileOptions], nn.Module] = {}
-        self._identities: dict[str, dict[str, str | None]] = {}
+        self._identities: dict[tuple[str, str], dict[str, str | None]] = {}
+        self._pins: dict[str, str | None] = {}
         self._families: dict[str, Family] = {}
         self._prompts: OrderedDict[tuple[Any, ...], tuple[torch.Tensor | None, ...]] = OrderedDict()
         self.prompt_encodes = 0
@@ -141,7 +148,7 @@ class ModelCache:
 
         Callers must not mutate the scheduler: it is shared; build a fresh one from its config per call.
         """
-        location = resolve(ref, self.models_dir)
+        location = self._resolve(ref)
         if location in self._bases:
             self.hits[location] += 1
             return self._bases[location]
@@ -168,7 +175,7 @@ class ModelCache:
     def family(self, ref: str) -> Family:
         """The architecture of base `ref`, read from its own config (a name says nothing reliable), once."""
         if ref not in self._families:
-            location = resolve(ref, self.models_dir)
+            location = self._resolve(ref)
             if known_family(location) is None:  # its config is read, from the hub when it is not cached
                 _check_hub(ref, location, "model_index.json")
             self._families[ref] = base_family(location)
@@ -177,7 +184,7 @@ class ModelCache:
     def vae(self, ref: str) -> AutoencoderKL:
         """A VAE of its own (a folder or hub id holding an `AutoencoderKL`), to use instead of a base's: e.g. an
         fp16-safe SDXL VAE, which spares SDXL's float32 decode in half precision."""
-        location = resolve(ref, self.models_dir)
+        location = self._resolve(ref)
         if location in self._vaes:
             self.hits[location] += 1
             return self._vaes[location]
@@ -200,7 +207,7 @@ class ModelCache:
         (over budget) until a later render needs the room.
         """
         config = None if quantize is None else _quantization_config(quantize, self.device)
-        located = [(ref, resolve(ref, self.models_dir)) for ref in refs]
+        located = [(ref, self._resolve(ref)) for ref in refs]
         keys = [location if quantize is None else f"{location} ({quantize})" for _, location in located]
         return [
             self._controlnet(ref, location, key, config, frozenset(keys))
@@ -254,18 +261,34 @@ class ModelCache:
         """What exactly `ref` names, for recording next to each result.
 
         A local folder (presets included) is identified by the sha256 of its weight files, a hub model by
-        the commit of its locally cached snapshot (None when it is not cached yet).
+        the commit of its locally cached snapshot (None when it is not cached yet), a published model also by
+        its manifest's sha256 (`manifest_sha256`), the version a job pins.
         """
-        if ref not in self._identities:
-            location = resolve(ref, self.models_dir)
+        location = self._resolve(ref)
+        if (ref, location) not in self._identities:
             local = Path(location).is_dir()
-            self._identities[ref] = {
+            found = {
                 "name": ref,
                 "location": location,
                 "sha256": weights_sha256(Path(location)) if local else None,
                 "revision": None if local else _cached_revision(location),
             }
-        return self._identities[ref]
+            if is_url(ref):
+                found["manifest_sha256"] = published.digest_of(Path(location))
+            self._identities[ref, location] = found
+        return self._identities[ref, location]
+
+    def pin(self, url: str, manifest_sha256: str | None) -> None:
+        """The version of the model published at `url` that renders from now on use: the manifest sha256 its job
+        was submitted with (None: whatever is published now, read at each use)."""
+        self._pins[url] = manifest_sha256
+
+    def _resolve(self, ref: str) -> str:
+        """`resolve`, with a published model's URL fetched into the models folder (once per version)."""
+        if not is_url(ref):
+            return resolve(ref, self.models_dir)
+        settings = self.settings or get_settings()
+        return str(published.fetch(ref, self.models_dir, settings, self._pins.get(ref)))
 
     def _controlnet(
         self, ref: str, location: str, key: str, config: TorchAoConfig | None, keep: frozenset[str]

@@ -29,7 +29,7 @@ from workers.preprocessors.resize import fit_and_pad
 
 # Bump a kind's version when its algorithm changes, so maps cached in shared storage are not reused.
 VERSIONS = {"canny": 2, "depth": 1, "plan-depth": 1, "none": 1, "image": 1}
-_NOT_PARAMETERS = {"kind", "model", "scale", "start", "end"}
+_NOT_PARAMETERS = {"kind", "model", "model_sha256", "scale", "start", "end"}
 
 
 class ControlMaps:
