@@ -30,8 +30,9 @@ from shared.config import Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
 from shared.profiles import BUILTIN, load_profile
-from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, parse_model
+from shared.spec import NAME_PATTERN, JobSpec, Profile, load_document, load_job, parse_model
 from shared.styles import CATALOG
+from shared.training import is_training
 
 if TYPE_CHECKING:
     from producer.client import JobView
@@ -284,7 +285,7 @@ def submit(
 
     try:
         with _farm() as farm:
-            if not farm.settings.broker_url:
+            if not farm.settings.broker_url and not is_training(load_document(job_file)):
                 _warn(
                     "no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
                     f"`archfarm render --job {job_file}` would, into {farm.settings.storage_url}"

@@ -8,10 +8,11 @@ from typing import Any
 from shared.errors import InvalidInput
 
 BUILTIN: dict[str, dict[str, Any]] = {
-    # Offline demo and tests: random tiny models built locally, seconds per image on a CPU.
+    # Offline demo and tests: tiny models built locally, seconds per image on a CPU; `tiny-plan` is trained on
+    # synthetic plans (workers.training.demo), so renders follow the plan's walls.
     "tiny": {
         "base": "tiny-sd15",
-        "controls": [{"kind": "canny", "scale": 0.9}],
+        "controls": [{"kind": "canny", "scale": 1.0, "model": "tiny-plan"}],
         "steps": 8,
         "guidance_scale": 7.5,
         "width": 128,
@@ -20,7 +21,10 @@ BUILTIN: dict[str, dict[str, Any]] = {
     # The same archviz stack as sd15-archviz (edges + depth at [0.9, 0.6]) on tiny SD 1.5 and SDXL models.
     "tiny-archviz": {
         "base": "tiny-sd15",
-        "controls": [{"kind": "canny", "scale": 0.9}, {"kind": "plan-depth", "scale": 0.6}],
+        "controls": [
+            {"kind": "canny", "scale": 0.9, "model": "tiny-plan"},
+            {"kind": "plan-depth", "scale": 0.6, "model": "tiny-plan"},
+        ],
         "steps": 8,
         "width": 128,
         "height": 128,

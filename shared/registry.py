@@ -15,8 +15,11 @@ from typing import Literal
 
 Family = Literal["sd15", "sdxl"]
 
-PRESETS: frozenset[str] = frozenset({"tiny-sd15", "tiny-canny", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-dpt"})
-"""Tiny random models built from configs with seeded weights: the offline demo and the tests."""
+PRESETS: frozenset[str] = frozenset(
+    {"tiny-sd15", "tiny-canny", "tiny-plan", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-dpt"}
+)
+"""Tiny models built from configs with seeded weights: the offline demo and the tests. `tiny-plan` is trained
+(on synthetic plans, so demo renders follow the plan); the others are random."""
 
 ALIASES: dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -76,6 +76,14 @@ class Training(_Strict):
     weight_decay: float = Field(1e-2, ge=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0, le=1e6)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    empty_prompts: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of pairs trained with an empty prompt (classifier-free guidance)"
+    )
+    timesteps: list[Annotated[int, Field(ge=0, le=999)]] | None = Field(
+        None,
+        max_length=1000,
+        description="train only at these noise timesteps (say, those a short sampler visits); default: all",
+    )
     checkpoint_every: int = Field(500, ge=1, le=MAX_STEPS)
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="the latest N checkpoints are kept")
     validation: Validation | None = None

@@ -18,7 +18,7 @@ from shared.registry import ALIASES, PRESETS, Family, is_hub_id, is_path, known_
 from workers.engine.family import family
 
 # Builders are imported on first use: validating a job must not pull in torch and diffusers.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Part of each preset's folder name (`tiny-sd15-v1`): bump it when a builder changes, so stale builds are
 not reused."""
 
@@ -33,6 +33,7 @@ def _lazy(module: str, builder: str) -> Callable[[Path], None]:
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-sd15": _lazy("workers.engine.tiny", "build_sd15"),
     "tiny-canny": _lazy("workers.engine.tiny", "build_canny"),
+    "tiny-plan": _lazy("workers.engine.tiny", "build_plan"),
     "tiny-sdxl": _lazy("workers.engine.tiny_sdxl", "build_sdxl"),
     "tiny-sdxl-controlnet": _lazy("workers.engine.tiny_sdxl", "build_controlnet"),
     "tiny-dpt": _lazy("workers.preprocessors.tiny_dpt", "build_dpt"),

@@ -25,6 +25,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from shared.styles import CATALOG
+from workers.training.demo import build_plan_controlnet, fit_decoder
 
 SEED = 1234
 # Measured (docs/tiny-models.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
@@ -140,6 +141,9 @@ def _scheduler() -> PNDMScheduler:
         set_alpha_to_one=False,
         skip_prk_steps=True,
         steps_offset=1,
+        # v-prediction: a ControlNet trained for a minute beside the random UNet learns to use its map this way,
+        # where predicting the noise does not (`workers.training.demo`).
+        prediction_type="v_prediction",
     )
 
 
@@ -148,8 +152,9 @@ def build_sd15(folder: Path) -> None:
     with seeded(SEED):
         unet = _unet()  # first, so build_canny can recreate it from the same seed
         tokenizer = clip_tokenizer()
+        autoencoder = vae()
         pipe = StableDiffusionPipeline(
-            vae=vae(),
+            vae=autoencoder,
             text_encoder=CLIPTextModel(text_config(tokenizer)),
             tokenizer=tokenizer,
             unet=unet,
@@ -158,7 +163,16 @@ def build_sd15(folder: Path) -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    fit_decoder(autoencoder)  # trained, so renders can show a plan at all
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_plan(folder: Path) -> None:
+    """Save `tiny-plan`: a ControlNet for `build_sd15`'s base trained on Canny maps of synthetic plans, so the
+    demo profiles' renders follow the plan's walls (`workers.training.demo`)."""
+    from workers.engine.presets import resolve
+
+    build_plan_controlnet(folder, Path(resolve("tiny-sd15", folder.parent)), HINT_CHANNELS)
 
 
 def build_canny(folder: Path) -> None:

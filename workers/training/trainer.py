@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -35,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from shared.config import Settings
-from shared.errors import ArchfarmError, InvalidInput
+from shared.errors import ArchfarmError, ConfigError, InvalidInput
 from shared.images import decode_image
 from shared.published import publish
 from shared.storage import open_storage_from_settings, read_url
@@ -101,14 +102,17 @@ def train(
 ) -> Result:
     """Run `spec` to its last step, from its latest checkpoint when `resume` (a fresh start when there is
     none), and publish the ControlNet under the output. Refuses an output holding another run's checkpoints."""
-    return _Run(spec, settings).run(resume, progress)
+    with tempfile.TemporaryDirectory(prefix="archfarm-train-") as logs:
+        return _Run(spec, settings, Path(logs)).run(resume, progress)
 
 
 class _Run:
-    def __init__(self, spec: TrainingSpec, settings: Settings) -> None:
+    def __init__(self, spec: TrainingSpec, settings: Settings, logs: Path) -> None:
         self.spec, self.cfg, self.settings = spec, spec.train, settings
         self.out = open_storage_from_settings(settings, spec.output)
         device = pick_device(settings.device)
+        if self.cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError('report_to: tensorboard needs the tensorboard package (pip install "archfarm[train]")')
         precision = self.cfg.mixed_precision
         if precision == "auto":
             precision = "fp16" if device.type == "cuda" else "no"
@@ -117,7 +121,7 @@ class _Run:
             mixed_precision=precision,
             gradient_accumulation_steps=self.cfg.gradient_accumulation,
             log_with="tensorboard" if self.cfg.report_to == "tensorboard" else None,
-            project_dir=tempfile.mkdtemp(prefix="archfarm-train-"),
+            project_dir=str(logs),  # TensorBoard's event files, uploaded with each checkpoint
         )
         # The frozen base in the training precision: fp16/bf16 halves its memory and time; fp32 without it.
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
@@ -221,10 +225,12 @@ class _Run:
         generator = _generator(self.cfg.seed, self.accelerator.process_index, self.state.position)
         with torch.no_grad():
             vae = base["vae"]
-            latents = vae.encode(pairs.images.to(device, dtype)).latent_dist.sample(generator=generator)
-            latents = latents * vae.config.scaling_factor
+            # The posterior's mode: a trained VAE's posterior is narrow (sampling it changes little), and an
+            # untrained one's is wide enough to drown the image in noise.
+            latents = vae.encode(pairs.images.to(device, dtype)).latent_dist.mode() * vae.config.scaling_factor
+            dropped = torch.rand(len(pairs.texts), generator=generator) < self.cfg.empty_prompts
             tokens = base["tokenizer"](
-                list(pairs.texts),
+                ["" if drop else text for text, drop in zip(pairs.texts, dropped.tolist(), strict=True)],
                 padding="max_length",
                 max_length=base["tokenizer"].model_max_length,
                 truncation=True,
@@ -232,8 +238,13 @@ class _Run:
             ).input_ids.to(device)
             embeddings = base["text_encoder"](tokens)[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
-        steps = noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+        if self.cfg.timesteps is None:
+            steps = noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
+        else:
+            chosen = torch.randint(0, len(self.cfg.timesteps), (latents.shape[0],), generator=generator)
+            timesteps = torch.tensor(self.cfg.timesteps)[chosen]
+        timesteps = timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         down, mid = controlnet(
             noisy,

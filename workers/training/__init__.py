@@ -1,0 +1,1 @@
+"""Training custom ControlNets: datasets, the training loop, checkpoints, and the demo's trained parts."""
