@@ -53,6 +53,18 @@ def test_engine_quick(models_dir: Path) -> None:
     assert out["grouped_swaps"] == 1 and out["interleaved_swaps"] == 15
 
 
+def test_train_bench_quick(models_dir: Path) -> None:
+    out = run_bench(
+        "train.py", "--quick", "--device", "cpu", "--tiny", "--models-dir", str(models_dir), models_dir=models_dir
+    )
+    assert out["device"] == "cpu" and out["models"] == "tiny-sd15"
+    assert out["resolution"] == 64 and out["batch"] == 2 and out["steps"] == 4
+    for variant in ("plain", "archfarm"):
+        assert positive(out[variant]["samples_per_s"]) and positive(out[variant]["peak_mb"]), variant
+        assert len(out[variant]["runs"]) == out["repeats"], variant
+    assert positive(out["throughput_ratio"]) and positive(out["memory_ratio"])
+
+
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_state_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
