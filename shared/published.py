@@ -42,9 +42,8 @@ def publish(folder: Path, url: str, settings: Settings) -> str:
     storage.delete(MANIFEST)
     hashes: dict[str, str] = {}
     for name in names:
-        data = (folder / name).read_bytes()
-        storage.put(name, data)
-        hashes[name] = _sha256(data)
+        storage.put_file(name, folder / name)
+        hashes[name] = _file_sha256(folder / name)
     manifest = json.dumps({"format": FORMAT, "files": hashes}, sort_keys=True, indent=1).encode()
     storage.put(MANIFEST, manifest, "application/json")
     return _sha256(manifest)
@@ -87,14 +86,13 @@ def fetch(url: str, models_dir: Path, settings: Settings, expected: str | None) 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models_dir))
     try:
         for name, want in files.items():
-            data = _get(storage, url, name)
-            if _sha256(data) != want:
+            path = staging / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _get_file(storage, url, name, path)
+            if _file_sha256(path) != want:
                 raise ModelError(
                     f"{url}: {name} does not match its sha256 in {MANIFEST} (damaged, or published again meanwhile)"
                 )
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
         os.rename(staging, target)
     except OSError:
         if not target.is_dir():
@@ -151,6 +149,23 @@ def _get(storage: Storage, url: str, name: str, missing: str | None = None) -> b
         raise ModelError(missing or f"{url}: {name}, listed in its {MANIFEST}, is missing") from None
     except InvalidInput as error:  # a local folder's symlink leading out of it
         raise ModelError(f"{url}: {error}") from None
+
+
+def _get_file(storage: Storage, url: str, name: str, path: Path) -> None:
+    try:
+        storage.get_file(name, path)
+    except FileNotFoundError:
+        raise ModelError(f"{url}: {name}, listed in its {MANIFEST}, is missing") from None
+    except InvalidInput as error:  # a local folder's symlink leading out of it
+        raise ModelError(f"{url}: {error}") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _hidden(name: str) -> bool:

@@ -79,6 +79,20 @@ def test_round_trip_keeps_every_byte(storage: Storage) -> None:
     assert storage.get("job-1/empty.bin") == b""
 
 
+def test_files_stream_in_and_out_whole(storage: Storage, tmp_path: Path) -> None:
+    """Checkpoints and models go by file (gigabytes), not through memory: the same bytes, the same contract."""
+    source = tmp_path / "optimizer.bin"
+    source.write_bytes(ALL_BYTES * 4096)  # 1 MiB
+    storage.put("run/step-1/optimizer.bin", b"an older, shorter object")
+    storage.put_file("run/step-1/optimizer.bin", source)
+    assert storage.get("run/step-1/optimizer.bin") == source.read_bytes()
+    storage.get_file("run/step-1/optimizer.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    assert storage.list("run/") == ["run/step-1/optimizer.bin"]
+    with pytest.raises(FileNotFoundError):
+        storage.get_file("run/missing.bin", tmp_path / "missing.bin")
+
+
 def test_put_replaces_the_whole_object(storage: Storage) -> None:
     storage.put("plan.png", b"first version, longer")
     storage.put("plan.png", b"second")

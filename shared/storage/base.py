@@ -7,6 +7,7 @@ backend so a key that works on S3 also works in a local folder, and no key can c
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 from typing import Protocol
 
 from shared.errors import InvalidInput
@@ -24,6 +25,14 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes:
         """The object's bytes; FileNotFoundError if there is none."""
+        ...
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """`put` of a file's contents, streamed (checkpoints and models run to gigabytes), replaced whole."""
+        ...
+
+    def get_file(self, key: str, path: Path) -> None:
+        """`get` into a file, streamed; FileNotFoundError if there is no object."""
         ...
 
     def exists(self, key: str) -> bool:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from shared.errors import InvalidInput, StorageError
 from shared.storage.base import check_key, check_prefix
 
 _PARTIAL = ".archfarm-partial-"
 """Name start of in-flight temp files: `list` hides them, so a crashed writer never shows up as a key."""
+_CHUNK = 8 << 20
 
 
 class LocalStorage:
@@ -41,6 +45,13 @@ class LocalStorage:
 
         `content_type` is not stored: a file has nowhere to keep it, and servers infer it from the name.
         """
+        self._replace(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        with path.open("rb") as source:
+            self._replace(key, lambda f: shutil.copyfileobj(source, f, _CHUNK))
+
+    def _replace(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         path = self._path(key)
         tmp = path.parent / f"{_PARTIAL}{secrets.token_hex(8)}"
         try:
@@ -48,11 +59,22 @@ class LocalStorage:
             # Not NamedTemporaryFile: its 0600 mode would stick to the result; this honours the umask.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {self.url(key)}: {e.strerror or e}") from e
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        try:
+            shutil.copyfile(source, path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            if source.is_file():  # the target's folder is missing: not the object
+                raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+            raise FileNotFoundError(f"no object {self.url(key)}") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {self.url(key)}: {e.strerror or e}") from e
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

@@ -33,7 +33,7 @@ def save(storage: Storage, step: int, local: Path) -> None:
     """Upload the checkpoint written to `local`, then mark it complete."""
     files = sorted(path for path in local.rglob("*") if path.is_file())
     for path in files:
-        storage.put(folder(step) + path.relative_to(local).as_posix(), path.read_bytes())
+        storage.put_file(folder(step) + path.relative_to(local).as_posix(), path)
     marker = {"step": step, "files": [path.relative_to(local).as_posix() for path in files]}
     storage.put(folder(step) + MARKER, json.dumps(marker).encode(), "application/json")
 
@@ -45,7 +45,7 @@ def load(storage: Storage, step: int, local: Path) -> Path:
     for name in marker["files"]:
         target = local / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.get(folder(step) + name))
+        storage.get_file(folder(step) + name, target)
     return local
 
 

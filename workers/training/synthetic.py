@@ -14,12 +14,12 @@ from PIL import Image, ImageDraw
 
 from workers.training.dataset import METADATA
 
-BOX_PROMPT = "a red box on a blue ground"
-_GROUND, _BOX = (30, 60, 200), (230, 60, 30)
+BOX_PROMPT = "a brown box on paper"
+_GROUND, _BOX = (235, 235, 230), (170, 120, 70)  # colours the tiny demo decoder can draw
 
 
 def box_pair(rng: random.Random, size: int) -> tuple[Image.Image, Image.Image]:
-    """A white rectangle on black (the control map) and the same rectangle red on blue (the target)."""
+    """A white rectangle on black (the control map) and the same rectangle brown on paper (the target)."""
     mask, target = Image.new("RGB", (size, size)), Image.new("RGB", (size, size), _GROUND)
     x0, y0 = rng.randint(0, size // 2), rng.randint(0, size // 2)
     box = (x0, y0, x0 + rng.randint(size // 4, size // 2), y0 + rng.randint(size // 4, size // 2))

@@ -44,7 +44,6 @@ from shared.training import TrainingSpec, model_url
 from workers.engine.models import ModelCache, pick_device
 from workers.engine.pipeline import Item, Unit, render_batch
 from workers.engine.presets import resolve
-from workers.preprocessors.resize import fit_and_pad
 from workers.training import checkpoints
 from workers.training.dataset import Dataset, Pair, Problem
 
@@ -221,36 +220,41 @@ class _Run:
         self, base: dict[str, Any], controlnet: torch.nn.Module, noise_scheduler: DDPMScheduler, pairs: Pairs
     ) -> torch.Tensor:
         device, dtype = self.accelerator.device, self.weight_dtype
-        # The step's randomness from (seed, process, step, micro-batch): resuming needs no generator history.
+        vae, count = base["vae"], len(pairs.texts)
+        # The step's randomness from (seed, process, data position) alone: resuming needs no generator
+        # history. All drawn on the CPU before any work is queued on the device, then copied over together,
+        # so the device never waits for the host in the middle of a step.
         generator = _generator(self.cfg.seed, self.accelerator.process_index, self.state.position)
+        dropped = torch.rand(count, generator=generator) < self.cfg.empty_prompts
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        height, width = pairs.images.shape[-2] // scale, pairs.images.shape[-1] // scale
+        noise = torch.randn((count, vae.config.latent_channels, height, width), generator=generator)
+        if self.cfg.timesteps is None:
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (count,), generator=generator)
+        else:
+            timesteps = torch.tensor(self.cfg.timesteps)[
+                torch.randint(0, len(self.cfg.timesteps), (count,), generator=generator)
+            ]
+        tokens = base["tokenizer"](
+            ["" if drop else text for text, drop in zip(pairs.texts, dropped.tolist(), strict=True)],
+            padding="max_length",
+            max_length=base["tokenizer"].model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        images, conditioning = pairs.images.to(device, dtype), pairs.conditioning.to(device, dtype)
+        noise, timesteps, tokens = noise.to(device, dtype), timesteps.to(device), tokens.to(device)
         with torch.no_grad():
-            vae = base["vae"]
             # The posterior's mode: a trained VAE's posterior is narrow (sampling it changes little), and an
             # untrained one's is wide enough to drown the image in noise.
-            latents = vae.encode(pairs.images.to(device, dtype)).latent_dist.mode() * vae.config.scaling_factor
-            dropped = torch.rand(len(pairs.texts), generator=generator) < self.cfg.empty_prompts
-            tokens = base["tokenizer"](
-                ["" if drop else text for text, drop in zip(pairs.texts, dropped.tolist(), strict=True)],
-                padding="max_length",
-                max_length=base["tokenizer"].model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+            latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
             embeddings = base["text_encoder"](tokens)[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
-        if self.cfg.timesteps is None:
-            steps = noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
-        else:
-            chosen = torch.randint(0, len(self.cfg.timesteps), (latents.shape[0],), generator=generator)
-            timesteps = torch.tensor(self.cfg.timesteps)[chosen]
-        timesteps = timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         down, mid = controlnet(
             noisy,
             timesteps,
             encoder_hidden_states=embeddings,
-            controlnet_cond=pairs.conditioning.to(device, dtype),
+            controlnet_cond=conditioning,
             return_dict=False,
         )
         predicted = base["unet"](
@@ -383,6 +387,10 @@ class _Run:
         controlnet.train()
 
     def _validation_map(self, url: str, size: int) -> Image.Image:
+        # Imported here: the preprocessors package brings OpenCV and the depth models (25 MB resident) into
+        # every training process otherwise, for a few validation maps.
+        from workers.preprocessors.resize import fit_and_pad
+
         data = read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
         image = decode_image(data, url, max_pixels=self.settings.max_image_pixels)
         return Image.fromarray(fit_and_pad(np.asarray(image.convert("RGB")), size, size))
