@@ -492,8 +492,9 @@ class Lifecycle:
         )
 
     def _step_callback(self, work: Work, progress: ProgressFn | None) -> Callable[[int, int], None]:
-        """Reports progress and stops the render at the next step once the job is cancelled."""
-        last_poll = time.monotonic()
+        """Reports progress and stops the render at the next step once the job is cancelled: looked up at the
+        first step (a short render would otherwise never look), then every `CANCEL_POLL_S`."""
+        last_poll = -CANCEL_POLL_S
 
         def on_step(step: int, total: int) -> None:
             nonlocal last_poll
