@@ -214,10 +214,19 @@ class _Run:
         """The whole parameter list in one kernel per operation (fused on CUDA, foreach elsewhere), instead of
         torch's CPU default of a loop over ~300 tensors: measured 4 ms of a 44 ms tiny CPU step."""
         params, cfg = controlnet.parameters(), self.cfg
-        fast: dict[str, bool] = {"fused": True} if self.accelerator.device.type == "cuda" else {"foreach": True}
+        fused = self.accelerator.device.type == "cuda"
         if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay, **fast)
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **fast)
+            return torch.optim.SGD(
+                params,
+                lr=cfg.learning_rate,
+                momentum=0.9,
+                weight_decay=cfg.weight_decay,
+                fused=fused,
+                foreach=not fused,
+            )
+        return torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused, foreach=not fused
+        )
 
     def _loss(
         self, base: dict[str, Any], controlnet: torch.nn.Module, noise_scheduler: DDPMScheduler, pairs: Pairs
