@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.config import Settings
 from shared.errors import InvalidInput, ModelError
+from shared.folders import built_once
 from shared.storage import Storage, open_storage_from_settings
 from shared.storage.base import check_key
 
@@ -78,13 +76,8 @@ def fetch(url: str, models_dir: Path, settings: Settings, expected: str | None) 
             f"the model at {url} changed after the job was submitted (manifest sha256 {digest[:12]}…, the job "
             f"pins {expected[:12]}…)"
         )
-    target = models_dir / f"{FOLDER_PREFIX}{digest}"
-    if target.is_dir():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    # Inside models_dir so the rename stays on one filesystem; a dot keeps it out of listings.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models_dir))
-    try:
+
+    def download(staging: Path) -> None:
         for name, want in files.items():
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,13 +86,8 @@ def fetch(url: str, models_dir: Path, settings: Settings, expected: str | None) 
                 raise ModelError(
                     f"{url}: {name} does not match its sha256 in {MANIFEST} (damaged, or published again meanwhile)"
                 )
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return built_once(models_dir / f"{FOLDER_PREFIX}{digest}", download)
 
 
 def digest_of(folder: Path) -> str | None:

@@ -7,13 +7,11 @@ becomes its absolute path; a hub id is left to diffusers (the local Hugging Face
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import ModelError
+from shared.folders import built_once
 from shared.registry import ALIASES, PRESETS, Family, is_hub_id, is_path, known_family
 from workers.engine.family import family
 
@@ -75,18 +73,4 @@ def _ensure_built(name: str, models_dir: Path) -> Path:
     renames it into place. The rename is atomic, so a reader never sees a half-written folder; a loser's
     rename fails because the target exists, and it throws its copy away (builds are deterministic).
     """
-    target = models_dir / f"{name}-v{FORMAT_VERSION}"
-    if target.is_dir():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    # Inside models_dir so the rename stays on one filesystem; a dot keeps it out of listings.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models_dir))
-    try:
-        BUILDERS[name](staging)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return built_once(models_dir / f"{name}-v{FORMAT_VERSION}", BUILDERS[name])
