@@ -335,6 +335,7 @@ class Farm:
                     .limit(100)
                 )
             ]
+            training = _training(session, job)
         by_value = {s.value: counts.get(s, 0) for s in TaskStatus}
         view = JobView(
             id=job.id,
@@ -353,7 +354,7 @@ class Farm:
             pool=job.spec.get("pool"),
             images_total=_images_total(job.spec),
             images_done=images_done or 0,
-            training=_training(session, job),
+            training=training,
         )
         return _with_eta(view, started, now)
 

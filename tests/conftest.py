@@ -64,6 +64,8 @@ def empty_postgres(url: str) -> None:
     """Remove every row, keeping the schema: far cheaper than a new database per test."""
     engine = make_engine(url)
     with engine.begin() as connection:
+        # A connection left in a transaction holds locks TRUNCATE waits on: fail the teardown, never hang it.
+        connection.execute(text("SET LOCAL lock_timeout = '30s'"))
         names = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
         connection.execute(text(f"TRUNCATE {names} CASCADE"))
     engine.dispose()

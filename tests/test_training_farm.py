@@ -17,6 +17,7 @@ from producer.client import Farm
 from shared.config import Settings
 from shared.db.models import Task
 from shared.db.status import JobStatus
+from shared.errors import SubmitWarning
 from shared.storage import open_storage_from_settings
 from tests.processes import WorkerProcess, alive, children_of, wait_for, wait_for_value
 from tests.test_farm import pid_of
@@ -94,6 +95,18 @@ def test_a_training_job_runs_on_its_pool_survives_a_killed_worker_and_its_model_
     )
     rendered = farm.wait(render, timeout=120)
     assert rendered.status is JobStatus.SUCCEEDED, rendered.failures
+
+
+def test_a_queued_training_jobs_status_names_its_model_and_holds_no_database_connection(
+    farm: Farm, tmp_path: Path
+) -> None:
+    write_boxes(tmp_path / "data", 2, 64)
+    spec = {"train": {"base": "tiny-sd15", "dataset": str(tmp_path / "data"), "resolution": 64, "max_steps": 2}}
+    with pytest.warns(SubmitWarning, match="every worker of pool 'train' must see it"):
+        job_id = farm.submit({**spec, "name": "boxes", "output": str(tmp_path / "out")})
+    assert farm.status(job_id).training == {"model_url": (tmp_path / "out").as_uri() + "/controlnet"}
+    # A connection left checked out sits idle in a transaction, and its locks stall every TRUNCATE and migration.
+    assert farm.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def _past(farm: Farm, job_id: str, step: int):  # type: ignore[no-untyped-def]

@@ -38,7 +38,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions that refuse work once closed: a query after its `with` block would otherwise begin a new
+    transaction that holds its locks until the garbage collector happens by."""
+    return sessionmaker(engine, expire_on_commit=False, close_resets_only=False)
 
 
 def alembic_config(engine: Engine) -> Config:
