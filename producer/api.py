@@ -46,9 +46,10 @@ from shared.errors import (
     Unauthenticated,
 )
 from shared.registry import is_path, is_url
-from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, Profile, describe_errors, parse_model
+from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
 from shared.thumbnails import CONTENT_TYPE
+from shared.training import TrainingSpec, is_training, parse_training
 
 UPLOAD_SECONDS = 3600
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -142,7 +143,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         client = farm(request)
         if client.settings.broker_url is None:
             raise ConfigError("no broker configured: the API only queues work for workers")
-        spec = parse_model(JobSpec, job)
+        spec = parse_training(job) if is_training(job) else parse_model(JobSpec, job)
         check_remote(spec, client.settings)
         try:
             job_id = client.submit(spec, owner=None if request.state.caller is None else request.state.caller.name)
@@ -299,18 +300,21 @@ def download_name(view: ArtifactView) -> str:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, made to say what the API does: POST /jobs takes a job spec (its handler reads the body
-    itself, for archfarm's one-line errors and size checks), and every error answer is a problem document
-    (FastAPI's own validation shape is never sent: see `malformed`)."""
+    """FastAPI's schema, made to say what the API does: POST /jobs takes a job or a training spec, told apart
+    by the training spec's `train` (its handler reads the body itself, for archfarm's one-line errors and size
+    checks), and every error answer is a problem document (FastAPI's own validation shape is never sent: see
+    `malformed`)."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        components.update(spec.pop("$defs", {}))
-        components["JobSpec"] = spec
+        for model in (JobSpec, TrainingSpec):
+            spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(spec.pop("$defs", {}))
+            components[model.__name__] = spec
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
-        body = {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}
+        either = [{"$ref": "#/components/schemas/JobSpec"}, {"$ref": "#/components/schemas/TrainingSpec"}]
+        body = {"application/json": {"schema": {"oneOf": either}}}
         document["paths"]["/jobs"]["post"]["requestBody"] = {"required": True, "content": body}
         problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for path in document["paths"].values():
@@ -358,42 +362,61 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
-def check_remote(spec: JobSpec, settings: Settings) -> None:
+def check_remote(spec: JobSpec | TrainingSpec, settings: Settings) -> None:
     """Refuse what would let a remote caller reach the farm's own files or network: plans, control images,
-    published models and outputs outside the allowed S3 prefixes, notification URLs outside the allowed ones,
-    and model folders outside the allowed roots. Pure: nothing is looked up, so the answer says nothing about
-    what exists."""
+    datasets, published models and outputs outside the allowed S3 prefixes, notification URLs outside the
+    allowed ones, and model folders outside the allowed roots. Pure: nothing is looked up, so the answer says
+    nothing about what exists."""
+    urls, refs = _training_refs(spec) if isinstance(spec, TrainingSpec) else _job_refs(spec)
     prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
     allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
-    urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
-    urls += [
-        (f"profile.controls.{i}.image", unit.image)
-        for i, unit in enumerate(spec.profile.controls)
-        if isinstance(unit, ImageControl)
-    ]
-    urls += [
-        (f"profile.controls.{i}.model", unit.model)
-        for i, unit in enumerate(spec.profile.controls)
-        if unit.model is not None and is_url(unit.model)
-    ]
-    if spec.output is not None:
-        urls.append(("output", spec.output))
-    for field, url in urls:
+    for field, url in urls + [(field, ref) for field, ref in refs if is_url(ref)]:
         if ".." in url.split("/") or not any(url.startswith(prefix) for prefix in prefixes):
             raise InvalidInput(f"{field}: {url[:MAX_ECHO]!r}: {allowed}")
     hooks = settings.api_notify_prefixes
-    for i, url in enumerate(spec.notify.urls if spec.notify is not None else []):
+    notify = spec.notify if isinstance(spec, JobSpec) else None
+    for i, url in enumerate(notify.urls if notify is not None else []):
         if not any(_under(url, prefix) for prefix in hooks):
             allowed = ", ".join(hooks) or "nothing (ARCHFARM_API_NOTIFY_PREFIXES)"
             raise InvalidInput(f"notify.urls.{i}: {url[:MAX_ECHO]!r}: the API takes notification URLs under {allowed}")
     roots = [os.path.normpath(root) for root in settings.api_model_roots]
-    for field, ref in _model_refs(spec.profile):
+    for field, ref in refs:
         folder = os.path.normpath(os.path.expanduser(ref)) if is_path(ref) else None
         if folder is not None and not any(folder == root or folder.startswith(root + os.sep) for root in roots):
             raise InvalidInput(
                 f"{field}: a model folder is accepted from the API only under ARCHFARM_API_MODEL_ROOTS "
                 f"({', '.join(roots) or 'none configured'}); use a preset or a hub id"
             )
+
+
+def _job_refs(spec: JobSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A job's storage URLs and model references, by field."""
+    urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
+    urls += [
+        (f"profile.controls.{i}.image", unit.image)
+        for i, unit in enumerate(spec.profile.controls)
+        if isinstance(unit, ImageControl)
+    ]
+    if spec.output is not None:
+        urls.append(("output", spec.output))
+    profile = spec.profile
+    refs = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
+    for i, unit in enumerate(profile.controls):
+        if unit.model is not None:
+            refs.append((f"profile.controls.{i}.model", unit.model))
+        if isinstance(unit, DepthControl) and unit.depth_model is not None:
+            refs.append((f"profile.controls.{i}.depth_model", unit.depth_model))
+    return urls, refs
+
+
+def _training_refs(spec: TrainingSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """A training spec's storage URLs and model references, by field."""
+    train = spec.train
+    urls = [("train.dataset", train.dataset), ("output", spec.output)]
+    if train.validation is not None:
+        urls += [(f"train.validation.images.{i}", image) for i, image in enumerate(train.validation.images)]
+    refs = [("train.base", train.base)] + ([("train.init", train.init)] if train.init != "base" else [])
+    return urls, refs
 
 
 def _under(url: str, prefix: str) -> bool:
@@ -409,13 +432,3 @@ def _under(url: str, prefix: str) -> bool:
 def _bucket_of(url: str) -> list[str]:
     """`s3://bucket/` of an S3 storage URL; nothing for a local one."""
     return [f"s3://{url.removeprefix('s3://').split('/', 1)[0]}/"] if url.startswith("s3://") else []
-
-
-def _model_refs(profile: Profile) -> list[tuple[str, str]]:
-    refs = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
-    for i, unit in enumerate(profile.controls):
-        if unit.model is not None:
-            refs.append((f"profile.controls.{i}.model", unit.model))
-        if isinstance(unit, DepthControl) and unit.depth_model is not None:
-            refs.append((f"profile.controls.{i}.depth_model", unit.depth_model))
-    return refs

@@ -529,6 +529,8 @@ class Farm:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}")
+            if is_training(job.spec):
+                raise InvalidInput(f"job {job_id} trains a ControlNet: it has no contact sheet")
             every_seed = _seeds(job.spec)
             columns = list(every_seed[seed_offset : None if seeds is None else seed_offset + seeds])
             pairs = (

@@ -136,13 +136,16 @@ def job(
     seeds: SheetSeeds = SHEET_SEEDS,
     fragment: str | None = None,
 ) -> HTMLResponse:
-    """The job's summary, controls and a page of its contact sheet; a live part reads only what it shows."""
+    """The job's summary, controls and a page of its contact sheet (a training job has none: its summary
+    shows steps, loss and where the model goes); a live part reads only what it shows."""
     farm = _farm(request)
     context: dict[str, Any] = {}
+    training = False
     if _only(fragment, "summary", "sheet") != "sheet":
         view = farm.status(job_id)
         context.update(title=view.name, view=view, active=view.status not in TERMINAL_JOB)
-    if fragment != "summary":
+        training = view.training is not None
+    if fragment != "summary" and not training:
         context.update(
             sheet=farm.sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds),
             rows=rows,

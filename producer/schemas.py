@@ -29,6 +29,18 @@ class Failure(BaseModel):
     error: str
 
 
+class TrainingProgress(BaseModel):
+    """A training job's progress as its worker last wrote it: the step figures appear once the run has begun."""
+
+    model_url: str = Field(description="where the trained ControlNet is published: what a profile's `model:` names")
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None
+    skipped_rows: int | None = Field(None, description="dataset rows skipped so far as unreadable or mismatched")
+
+
 class Job(BaseModel):
     id: str
     name: str
@@ -46,6 +58,7 @@ class Job(BaseModel):
     pool: str | None
     images_total: int
     images_done: int
+    training: TrainingProgress | None = Field(None, description="training jobs only")
 
 
 class JobAction(Job):

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from producer.api import create_app
 from shared.config import Settings
-from shared.db.models import Task
+from shared.db.models import Task, TaskStatus
 from shared.errors import InvalidInput
 from tests.conftest import queued_messages
 from tests.processes import wait_for
 from workers.lifecycle import Lifecycle
 from workers.policy import Limits
+from workers.training.synthetic import write_boxes
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
 
@@ -148,6 +149,78 @@ def test_bad_jobs_are_refused_with_one_line(
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], farm_env["ARCHFARM_QUEUE"]) == 0
 
 
+def training(dataset: str, output: str, **train: object) -> dict:
+    spec = {"base": "tiny-sd15", "dataset": dataset, "resolution": 64, "max_steps": 4, **train}
+    return {"name": "boxes", "train": spec, "output": output}
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"dataset": "/srv/boxes"}, "train.dataset: '/srv/boxes': the API takes s3:// URLs under s3://"),
+        ({"dataset": "s3://other-bucket/boxes"}, "train.dataset: 's3://other-bucket/boxes': the API takes s3://"),
+        ({"init": "/models/cn"}, "train.init: a model folder is accepted from the API only"),
+        ({"init": "s3://other-bucket/cn"}, "train.init: 's3://other-bucket/cn': the API takes s3://"),
+        ({"base": "/root"}, "train.base: a model folder is accepted from the API only"),
+        (
+            {"validation": {"prompts": ["a room"], "images": ["/etc/passwd"]}},
+            "train.validation.images.0: '/etc/passwd': the API takes s3:// URLs under s3://",
+        ),
+        ({"resolution": 100}, "train.resolution: 100 is not a multiple of 8"),
+    ],
+)
+def test_bad_training_specs_are_refused_with_one_line(
+    api: TestClient, s3_bucket: str, changes: dict, expected: str, farm_env: dict[str, str]
+) -> None:
+    spec = training(f"s3://{s3_bucket}/datasets/boxes", f"s3://{s3_bucket}/training/boxes")
+    spec["train"].update(changes)
+    response = api.post("/jobs", json=spec)
+    assert response.status_code == 422 and expected in response.json()["detail"]
+    local = api.post("/jobs", json={**training(f"s3://{s3_bucket}/datasets/boxes", "/tmp/out")})
+    assert local.status_code == 422 and "'/tmp/out': the API takes s3:// URLs" in local.json()["detail"]
+    assert api.get("/jobs").json() == []
+    assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], f"{farm_env['ARCHFARM_QUEUE']}.train") == 0
+
+
+def test_a_training_spec_is_queued_on_its_pool_and_its_progress_shown_in_the_api_and_the_dashboard(
+    api: TestClient, s3_server, s3_bucket: str, tmp_path: Path, farm_env: dict[str, str]
+) -> None:
+    write_boxes(tmp_path / "boxes", 2, 64)
+    for path in (p for p in (tmp_path / "boxes").rglob("*") if p.is_file()):
+        key = f"datasets/boxes/{path.relative_to(tmp_path / 'boxes').as_posix()}"
+        s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+    output = f"s3://{s3_bucket}/training/boxes"
+    spec = training(f"s3://{s3_bucket}/datasets/boxes", output)
+    response = api.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["status"] == "queued" and created["pool"] == "train" and created["total"] == 1
+    assert created["training"]["model_url"] == f"{output}/controlnet" and created["training"]["step"] is None
+    assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], f"{farm_env['ARCHFARM_QUEUE']}.train") == 1
+    assert "step 0/–" in api.get("/").text
+
+    progress = {"step": 3, "max_steps": 4, "loss": 0.25, "lr": 1e-5, "samples_per_s": 12.5, "skipped_rows": 1}
+    farm = api.app.state.farm  # type: ignore[attr-defined]
+    with farm.sessions.begin() as session:  # what the worker running it writes every few seconds
+        session.execute(
+            update(Task)
+            .where(Task.job_id == created["id"])
+            .values(status=TaskStatus.RUNNING, worker="test#1", started_at=func.now(), progress=progress)
+        )
+    view = api.get(f"/jobs/{created['id']}").json()
+    assert view["status"] == "running" and view["training"] == {**progress, "model_url": f"{output}/controlnet"}
+    page = api.get(f"/ui/jobs/{created['id']}").text
+    assert 'aria-valuenow="75"' in page and "0.2500" in page and f"{output}/controlnet" in page
+    assert "Contact sheet" not in page and "step 3/4" in api.get("/").text
+    sheet = api.get(f"/jobs/{created['id']}/sheet")
+    assert sheet.status_code == 422 and "trains a ControlNet: it has no contact sheet" in sheet.json()["detail"]
+    document = api.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    answer = document["paths"]["/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert conforms(spec, body, components) and conforms(view, answer, components)
+
+
 def test_missing_and_unreadable_plans_get_one_answer_and_ids_are_checked_first(
     api: TestClient, s3_server, s3_bucket: str
 ) -> None:
@@ -258,12 +331,15 @@ def test_a_client_without_storage_credentials_uploads_its_plan_and_submits(api: 
 
 
 def conforms(value: object, schema: dict, components: dict) -> bool:
-    """A hand check of a JSON value against an OpenAPI schema: refs, anyOf, types, required properties, enums."""
+    """A hand check of a JSON value against an OpenAPI schema: refs, anyOf, oneOf, types, required properties,
+    enums and constants."""
     if "$ref" in schema:
         return conforms(value, components[schema["$ref"].rsplit("/", 1)[1]], components)
     if "anyOf" in schema:
         return any(conforms(value, option, components) for option in schema["anyOf"])
-    if "enum" in schema and value not in schema["enum"]:
+    if "oneOf" in schema:
+        return sum(conforms(value, option, components) for option in schema["oneOf"]) == 1
+    if ("enum" in schema and value not in schema["enum"]) or ("const" in schema and value != schema["const"]):
         return False
     kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
     kind = schema.get("type")
@@ -287,7 +363,7 @@ def test_the_schema_describes_requests_and_answers_as_they_are(
     document = api.get("/openapi.json").json()
     components = document["components"]["schemas"]
     body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/JobSpec"}
+    assert body == {"oneOf": [{"$ref": "#/components/schemas/JobSpec"}, {"$ref": "#/components/schemas/TrainingSpec"}]}
     assert {"plans", "styles", "seeds", "profile"} <= set(components["JobSpec"]["required"])
     assert conforms(job(s3_plan), body, components) and not conforms({"plans": []}, body, components)
     answers = document["paths"]["/jobs/{job_id}"]["get"]["responses"]
