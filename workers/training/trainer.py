@@ -342,9 +342,11 @@ class _Run:
             accelerator.save_state(scratch, safe_serialization=True)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                # Metrics first: a checkpoint marked complete then always has its rows stored (a resume drops
+                # any rows past the step it resumes from).
+                self._write_metrics()
                 checkpoints.save(self.out, self.state.step, Path(scratch))
                 checkpoints.prune(self.out, self.cfg.keep_checkpoints)
-                self._write_metrics()
 
     def _record(self, report: Progress) -> None:
         row = {name: getattr(report, name) for name in _METRIC_FIELDS}
