@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.processes import wait_for
 from workers.lifecycle import Lifecycle
 from workers.policy import Limits
 from workers.training.synthetic import write_boxes
+from workers.training.trainer import Progress
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
 
@@ -167,17 +169,16 @@ def training(dataset: str, output: str, **train: object) -> dict:
             "train.validation.images.0: '/etc/passwd': the API takes s3:// URLs under s3://",
         ),
         ({"resolution": 100}, "train.resolution: 100 is not a multiple of 8"),
+        ({"output": "/tmp/out"}, "output: '/tmp/out': the API takes s3:// URLs under s3://"),
     ],
 )
 def test_bad_training_specs_are_refused_with_one_line(
     api: TestClient, s3_bucket: str, changes: dict, expected: str, farm_env: dict[str, str]
 ) -> None:
-    spec = training(f"s3://{s3_bucket}/datasets/boxes", f"s3://{s3_bucket}/training/boxes")
-    spec["train"].update(changes)
+    spec = training(f"s3://{s3_bucket}/datasets/boxes", changes.get("output", f"s3://{s3_bucket}/training/boxes"))
+    spec["train"].update({key: value for key, value in changes.items() if key != "output"})
     response = api.post("/jobs", json=spec)
     assert response.status_code == 422 and expected in response.json()["detail"]
-    local = api.post("/jobs", json={**training(f"s3://{s3_bucket}/datasets/boxes", "/tmp/out")})
-    assert local.status_code == 422 and "'/tmp/out': the API takes s3:// URLs" in local.json()["detail"]
     assert api.get("/jobs").json() == []
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], f"{farm_env['ARCHFARM_QUEUE']}.train") == 0
 
@@ -199,7 +200,8 @@ def test_a_training_spec_is_queued_on_its_pool_and_its_progress_shown_in_the_api
     assert queued_messages(farm_env["ARCHFARM_BROKER_URL"], f"{farm_env['ARCHFARM_QUEUE']}.train") == 1
     assert "step 0/–" in api.get("/").text
 
-    progress = {"step": 3, "max_steps": 4, "loss": 0.25, "lr": 1e-5, "samples_per_s": 12.5, "skipped_rows": 1}
+    # Every field the trainer reports: one the API's answer model lacked would be dropped from the answer.
+    progress = asdict(Progress(step=3, max_steps=4, loss=0.25, lr=1e-5, samples_per_s=12.5, skipped_rows=1))
     farm = api.app.state.farm  # type: ignore[attr-defined]
     with farm.sessions.begin() as session:  # what the worker running it writes every few seconds
         session.execute(

@@ -67,10 +67,6 @@ def base_family(location: str) -> Family:
 
 
 def _ensure_built(name: str, models_dir: Path) -> Path:
-    """The preset's folder, built on first use.
-
-    Worker processes may race to build the same preset: each builds into its own temporary folder and
-    renames it into place. The rename is atomic, so a reader never sees a half-written folder; a loser's
-    rename fails because the target exists, and it throws its copy away (builds are deterministic).
-    """
+    """The preset's folder, built on first use; worker processes racing to build it get one whole copy (builds
+    are deterministic, so the loser's is the same and thrown away)."""
     return built_once(models_dir / f"{name}-v{FORMAT_VERSION}", BUILDERS[name])
