@@ -9,7 +9,8 @@ is raised:
 - `ConfigError`: the farm itself is not set up to do this (no broker, an outdated schema, a device the
   machine does not have). CLI exit 2, HTTP 503.
 - `TransientError`: storage, database or broker away for a moment; the same work may succeed later.
-- `PermanentError`: a task that cannot succeed by retrying (a missing model, a plan edited after submit).
+- `PermanentError`: a task that cannot succeed by retrying (a missing model, a plan edited after submit); an
+  `InputError` when the task's own input is at fault, which fails every queued task sharing that input.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PlanError(InvalidInput):
     def __init__(self, url: str, problem: str) -> None:
         super().__init__(f"{url}: {problem}")
         self.url = url
+        self.problem = problem
 
 
 class NotFound(ArchfarmError):
@@ -57,7 +59,21 @@ class PermanentError(ArchfarmError):
     """A task cannot succeed by retrying (missing model, bad input discovered late): fail it now."""
 
 
-class ModelError(PermanentError):
+class InputError(PermanentError):
+    """A task's own input cannot be read or used: its plan or a control image missing from storage, unreadable
+    or not an image, a model that will not load. Every node would meet the same, so the task fails at once and
+    counts against no node, and the queued tasks sharing the input fail with it, with the same reason
+    (`archfarm retry` renders them once the input is restored).
+
+    `plan_digest` names the plan at fault (the tasks of that plan share the input); None when the input is the
+    job's own (a model, a control image of the profile), shared by every task of the job."""
+
+    def __init__(self, message: str, plan_digest: str | None = None) -> None:
+        super().__init__(message)
+        self.plan_digest = plan_digest
+
+
+class ModelError(InputError):
     """A model reference names nothing that can be loaded."""
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from producer.client import Farm
-from shared.db.models import Artifact, Task, TaskStatus, Worker
+from shared.db.models import Artifact, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
 from tests.processes import WorkerProcess, alive, children_of, live_workers, wait_for, wait_for_value
@@ -141,20 +141,43 @@ def test_cancel_stops_queued_and_running_tasks(farm: Farm, start_workers, exampl
     assert farm.status(job_id).counts == view.counts
 
 
-def test_retry_requeues_failed_tasks(farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str) -> None:
-    job_id = farm.submit(job(example_plan, FAST, seeds=2))
-    # Local plans are staged into storage at submit; remove the copy so every attempt fails.
+def test_a_vanished_plan_fails_only_its_own_tasks_and_retry_finishes_the_job(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """4 plans × 3 styles × 4 seeds on two workers, one plan's stored copy deleted before they start (a bucket
+    lifecycle rule, a clean-up script): its 12 tasks fail once, with one reason that names it; the other 36
+    render; no node is blocklisted; once the plan is back, `retry` finishes the job."""
+    plans = []
+    for i in range(4):
+        drawn = Image.open(example_plan).convert("RGB")
+        drawn.paste((0, 0, 0), (8 + 12 * i, 8, 20 + 12 * i, 20))
+        drawn.save(path := tmp_path / f"plan-{i}.png")
+        plans.append(path)
+    spec = {
+        **job(example_plan, FAST, seeds=4, styles=["modern", "japandi", "industrial"]),
+        "plans": list(map(str, plans)),
+    }
+    job_id = farm.submit(spec)
+    with farm.sessions() as session:
+        stored = session.scalar(select(Task.plan_url).where(Task.job_id == job_id, Task.plan_name == "plan-2"))
     s3 = s3_server.client()
-    (staged,) = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="renders/inputs/")["Contents"]]
-    s3.delete_object(Bucket=s3_bucket, Key=staged)
-    start_workers("cpu:1")
-    view = farm.wait(job_id, timeout=60)
-    assert view.status is JobStatus.FAILED and view.counts["failed"] == 4
-    assert {"FileNotFoundError" in f["error"] or "blocklisted" in f["error"] for f in view.failures} == {True}
-    s3.put_object(Bucket=s3_bucket, Key=staged, Body=example_plan.read_bytes())
-    assert farm.retry(job_id) == 4
-    view = farm.wait(job_id, timeout=60)
-    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4
+    key = stored.removeprefix(f"s3://{s3_bucket}/")
+    s3.delete_object(Bucket=s3_bucket, Key=key)
+    start_workers("cpu:2", expect=2)
+    view = farm.wait(job_id, timeout=300)
+    assert view.status is JobStatus.PARTIALLY_SUCCEEDED
+    assert (view.counts["succeeded"], view.counts["failed"]) == (36, 12)
+    assert {f["plan"] for f in view.failures} == {"plan-2"}
+    assert {f["error"] for f in view.failures} == {
+        f"plan 'plan-2' ({stored}): missing from storage (deleted after the job was submitted?)"
+    }
+    with farm.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(TaskFailure)) == 0  # nothing held against a node
+    assert view.workers == 2  # both still serve the job
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=plans[2].read_bytes())
+    assert farm.retry(job_id) == 12
+    view = farm.wait(job_id, timeout=300)
+    assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 48
 
 
 def test_sigkill_of_the_pool_process_mid_task(

@@ -1,9 +1,10 @@
 """A task's lifecycle in a worker process, on both databases with real files and storage.
 
 Every error a task can raise ends with a reason on its row or back on the queue, decided by the one policy:
-errors move a task to other workers and fail it after three; only errors count towards a node's blocklist;
-a process that died is a crash, held against the task, never the node; bad input fails at once; transient
-errors back off for as long as the time budget lasts; an outcome is kept through a database outage.
+errors move a task to other workers and fail it after three; only errors on plans other nodes render count
+towards a node's blocklist; a process that died is a crash, held against the task, never the node; bad input
+fails at once, with every queued task sharing it; transient errors back off for as long as the time budget
+lasts; an outcome is kept through a database outage.
 """
 
 from __future__ import annotations
@@ -87,52 +88,109 @@ def worker(
     return Lifecycle(settings, sessions, worker=f"{node}#1", node=node, send=sent, limits=limits)
 
 
+def broken(settings: Settings) -> Settings:
+    """A node whose device will not start (this machine has no CUDA): every task fails there with an error
+    another node may not have."""
+    return settings.model_copy(update={"device": "cuda:0"})
+
+
+NO_CUDA = "device 'cuda:0' asked for, but CUDA is not available here"
+
+
 def test_a_failing_task_moves_on_and_fails_for_good_after_three_workers(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
     (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
-    plan.unlink()  # the plan vanished after submit: not the worker's fault, so another one tries
     sent = Sent()
     for attempt, node in enumerate(["gpu-a", "gpu-b", "gpu-c"], start=1):
-        worker(settings, sessions, node, sent).run(task_id)
+        worker(broken(settings), sessions, node, sent).run(task_id)
         row = task(sessions, task_id)
         if attempt < 3:
             assert row.status is TaskStatus.QUEUED and row.worker is None
             assert sent[-1] == (task_id, 0)
     assert row.status is TaskStatus.FAILED
-    assert row.error.startswith("failed 3 times on 3 workers, last: FileNotFoundError")
+    assert row.error == f"failed 3 times on 3 workers, last: {NO_CUDA}"
     assert len(sent) == 2
 
 
-def test_a_worker_that_failed_three_tasks_of_a_job_hands_the_rest_on(
+def register(sessions: sessionmaker[Session], *nodes: str) -> None:
+    """Live workers on the default queue, as farm workers register themselves."""
+    with sessions.begin() as session:
+        for pid, node in enumerate(nodes, start=1):
+            register_worker(session, f"{node}#1", node, "cuda:0", pid, [Settings().queue])
+
+
+def test_a_worker_that_fails_tasks_others_render_is_blocklisted_and_hands_the_rest_on(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
-    ids = submit(sessions, settings, plan, 4, str(tmp_path / "out"))
-    plan.unlink()
+    ids = submit(sessions, settings, plan, 6, str(tmp_path / "out"))
+    register(sessions, "gpu-bad", "gpu-good")
     sent = Sent()
-    bad = worker(settings, sessions, "gpu-bad", sent)
-    with sessions.begin() as session:  # two live workers: the bad one and a healthy one
-        register_worker(session, "gpu-bad#1", "gpu-bad", "cuda:0", 1, ["q"])
-        register_worker(session, "gpu-good#1", "gpu-good", "cuda:0", 2, ["q"])
+    bad = worker(broken(settings), sessions, "gpu-bad", sent)
+    good = worker(settings, sessions, "gpu-good", sent)
     for task_id in ids[:3]:
-        bad.run(task_id)
-    assert bad.run(ids[3]) is TaskStatus.QUEUED
-    assert sent[-1] == (ids[3], Limits().hand_on_delay_s)
-    fourth = task(sessions, ids[3])
-    assert fourth.status is TaskStatus.QUEUED and fourth.attempts == 0  # never claimed by the blocklisted node
+        assert bad.run(task_id) is TaskStatus.QUEUED
+    job_id = task(sessions, ids[0]).job_id
+    with sessions() as session:
+        assert blocklisted_nodes(session, job_id, 3) == set()  # no evidence yet: nobody has rendered the plan
+    good.run(ids[3])  # the healthy node renders a task of the same plan: the failures were the node's
+    good.flush()
+    with sessions() as session:
+        assert blocklisted_nodes(session, job_id, 3) == {"gpu-bad"}
+    assert bad.run(ids[4]) is TaskStatus.QUEUED
+    assert sent[-1] == (ids[4], Limits().hand_on_delay_s)
+    fifth = task(sessions, ids[4])
+    assert fifth.status is TaskStatus.QUEUED and fifth.attempts == 0  # never claimed by the blocklisted node
     with sessions.begin() as session:  # the healthy worker leaves: nobody may run the job any more
         stop_worker(session, "gpu-good#1")
-    assert bad.run(ids[3]) is TaskStatus.FAILED
-    assert task(sessions, ids[3]).error == "every live worker is blocklisted for this job"
+    assert bad.run(ids[4]) is TaskStatus.FAILED
+    assert task(sessions, ids[4]).error == (
+        f"every live worker is blocklisted for this job; the error that blocklisted this one: {NO_CUDA}"
+    )
+
+
+def test_failures_every_node_shares_blocklist_no_node(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    """Two nodes fail every task with the same error and render nothing: the tasks are at fault (or the job),
+    not the nodes, so both keep taking the job's tasks and each task fails with its own error."""
+    ids = submit(sessions, settings, plan, 4, str(tmp_path / "out"))
+    register(sessions, "gpu-a", "gpu-b")
+    sent = Sent()
+    nodes = [worker(broken(settings), sessions, node, sent) for node in ("gpu-a", "gpu-b")]
+    for _ in range(3):
+        for task_id in ids:
+            for lifecycle in nodes:
+                lifecycle.run(task_id)
+    with sessions() as session:
+        assert blocklisted_nodes(session, task(sessions, ids[0]).job_id, 1) == set()
+    rows = [task(sessions, t) for t in ids]
+    assert {row.status for row in rows} == {TaskStatus.FAILED}
+    assert {row.error for row in rows} == {f"failed 5 times on 2 workers, last: {NO_CUDA}"}
+
+
+def test_a_task_that_failed_on_a_node_goes_to_another_while_one_is_live(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
+) -> None:
+    (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
+    register(sessions, "gpu-a", "gpu-b")
+    sent = Sent()
+    first = worker(broken(settings), sessions, "gpu-a", sent)
+    assert first.run(task_id) is TaskStatus.QUEUED
+    assert first.run(task_id) is TaskStatus.QUEUED  # handed on, not claimed: gpu-b has not tried it
+    assert sent[-1] == (task_id, Limits().hand_on_delay_s) and task(sessions, task_id).attempts == 1
+    second = worker(settings, sessions, "gpu-b", sent)
+    second.run(task_id)
+    second.close()
+    assert task(sessions, task_id).status is TaskStatus.SUCCEEDED
 
 
 def test_one_worker_alone_gives_up_after_five_attempts(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
     (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
-    plan.unlink()
     sent = Sent()
-    alone = worker(settings, sessions, "gpu-a", sent)
+    alone = worker(broken(settings), sessions, "gpu-a", sent)
     for _ in range(5):
         alone.run(task_id)
     row = task(sessions, task_id)
@@ -147,7 +205,96 @@ def test_bad_input_fails_at_once(
     plan.write_bytes(b"edited")
     sent = Sent()
     assert worker(settings, sessions, "gpu-a", sent).run(task_id) is TaskStatus.FAILED
-    assert "the plan changed after the job was submitted" in task(sessions, task_id).error
+    assert task(sessions, task_id).error == f"plan 'plan' ({plan.as_uri()}): changed after the job was submitted"
+    assert sent == []
+
+
+def two_plans(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, example_plan: Path, tmp_path: Path, **profile
+) -> tuple[Path, list[Task]]:  # type: ignore[no-untyped-def]
+    """A job of `plan` and another plan, two styles and two seeds each; returns the other plan's file and the
+    job's tasks."""
+    other = tmp_path / "other.png"
+    drawn = Image.open(example_plan).convert("RGB")
+    drawn.paste((0, 0, 0), (10, 10, 60, 60))
+    drawn.save(other)
+    spec = JobSpec.model_validate(
+        {
+            "plans": [str(plan), str(other)],
+            "styles": ["modern", "japandi"],
+            "seeds": {"count": 2},
+            "profile": {**PROFILE, **profile},
+            "output": str(tmp_path / "out"),
+        }
+    )
+    job = prepare(spec, settings)
+    with sessions.begin() as session:
+        persist(session, job)
+    with sessions() as session:
+        return other, list(session.scalars(select(Task).order_by(Task.ordinal)))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "not an image"])
+def test_a_plan_that_cannot_be_read_fails_its_own_tasks_together_and_blames_no_node(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, example_plan: Path, tmp_path: Path, damage: str
+) -> None:
+    """Every task of the unreadable plan fails once, with one reason that names the plan; the other plan's
+    tasks render; no node is held responsible; a retry once the plan is back renders the rest."""
+    other, tasks = two_plans(sessions, settings, plan, example_plan, tmp_path)
+    original = other.read_bytes()
+    if damage == "deleted":
+        other.unlink()
+    else:
+        other.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    register(sessions, "gpu-a", "gpu-b")
+    sent = Sent()
+    nodes = [worker(settings, sessions, node, sent) for node in ("gpu-a", "gpu-b")]
+    for i, row in enumerate(tasks):
+        nodes[i % 2].run(row.id)
+    for lifecycle in nodes:
+        lifecycle.flush()
+    after = {row.id: task(sessions, row.id) for row in tasks}
+    ok = [after[row.id] for row in tasks if row.plan_name == "plan"]
+    bad = [after[row.id] for row in tasks if row.plan_name == "other"]
+    assert {row.status for row in ok} == {TaskStatus.SUCCEEDED}
+    assert {row.status for row in bad} == {TaskStatus.FAILED}
+    (reason,) = {row.error for row in bad}
+    assert reason.startswith(f"plan 'other' ({other.as_uri()}): ")
+    assert ("missing from storage" in reason) == (damage == "deleted")
+    assert sent == []  # nothing was retried
+    with sessions() as session:
+        assert session.scalars(select(TaskFailure)).all() == []  # no attempt counted against any node
+    other.write_bytes(original)
+    with sessions.begin() as session:
+        from shared.db.store import retry_job
+
+        retried = retry_job(session, tasks[0].job_id)
+    assert sorted(retried) == sorted(row.id for row in bad)
+    for task_id in retried:
+        nodes[0].run(task_id)
+    for lifecycle in nodes:
+        lifecycle.close()
+    assert {task(sessions, row.id).status for row in tasks} == {TaskStatus.SUCCEEDED}
+
+
+def test_a_model_that_cannot_load_fails_the_whole_job_at_once(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, example_plan: Path, tmp_path: Path
+) -> None:
+    """Every task of the job needs the model: they fail together with its reason instead of one by one."""
+    folder = tmp_path / "broken-controlnet"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    _, tasks = two_plans(sessions, settings, plan, example_plan, tmp_path, controls=[{"kind": "canny"}])
+    with sessions.begin() as session:  # the job as a worker reads it: its ControlNet is the broken folder
+        job = session.scalars(select(Job)).one()
+        units = [{**job.spec["profile"]["controls"][0], "model": str(folder)}]
+        job.spec = {**job.spec, "profile": {**job.spec["profile"], "controls": units}}
+    sent = Sent()
+    assert worker(settings, sessions, "gpu-a", sent).run(tasks[0].id) is TaskStatus.FAILED
+    rows = [task(sessions, row.id) for row in tasks]
+    assert {row.status for row in rows} == {TaskStatus.FAILED}
+    (reason,) = {row.error for row in rows}
+    assert reason.startswith(f"cannot load model '{folder}'")
     assert sent == []
 
 
@@ -183,13 +330,14 @@ def test_a_device_the_worker_cannot_use_fails_tasks_with_the_reason(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
     (task_id,) = submit(sessions, settings, plan, 1, str(tmp_path / "out"))
-    broken = settings.model_copy(update={"device": "cuda:0"})  # this machine has no CUDA
     sent = Sent()
-    assert worker(broken, sessions, "gpu-a", sent).run(task_id) is TaskStatus.QUEUED  # another node may have it
+    assert (
+        worker(broken(settings), sessions, "gpu-a", sent).run(task_id) is TaskStatus.QUEUED
+    )  # another node may have it
     assert sent == [(task_id, 0)]
     with sessions() as session:
         (error,) = session.scalars(select(TaskFailure.error))
-    assert error == "device 'cuda:0' asked for, but CUDA is not available here"
+    assert error == NO_CUDA
 
 
 def late_bucket(
@@ -404,31 +552,16 @@ def test_a_worker_renders_several_tasks_of_a_job_in_one_call(
 def test_a_task_that_cannot_be_prepared_fails_alone_and_its_batch_renders(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path, example_plan: Path
 ) -> None:
-    other = tmp_path / "other.png"
-    drawn = Image.open(example_plan).convert("RGB")
-    drawn.paste((0, 0, 0), (10, 10, 60, 60))  # another plan
-    drawn.save(other)
-    spec = JobSpec.model_validate(
-        {
-            "plans": [str(plan), str(other)],
-            "styles": ["modern"],
-            "seeds": {"count": 2},
-            "profile": {**PROFILE, "batch": 4},
-            "output": str(tmp_path / "out"),
-        }
-    )
-    job = prepare(spec, settings)
-    with sessions.begin() as session:
-        persist(session, job)
+    other, tasks = two_plans(sessions, settings, plan, example_plan, tmp_path, batch=8)
     other.unlink()  # its tasks cannot be read any more
     sent = Sent()
     lifecycle = worker(settings, sessions, "gpu-a", sent)
-    lifecycle.run(job.tasks[0].id)
+    lifecycle.run(tasks[0].id)
     lifecycle.close()
-    by_plan = {(t.plan.name, t.seeds[0]): task(sessions, t.id) for t in job.tasks}
-    assert {by_plan["plan", s].status for s in (0, 1)} == {TaskStatus.SUCCEEDED}
-    assert {by_plan["other", s].status for s in (0, 1)} == {TaskStatus.QUEUED}  # sent on, to another node
-    assert sorted(task_id for task_id, _ in sent) == sorted(t.id for t in job.tasks if t.plan.name == "other")
+    after = [task(sessions, row.id) for row in tasks]
+    assert {row.status for row in after if row.plan_name == "plan"} == {TaskStatus.SUCCEEDED}
+    assert {row.status for row in after if row.plan_name == "other"} == {TaskStatus.FAILED}
+    assert sent == []
 
 
 def test_a_cancel_stops_every_task_of_the_call(

@@ -38,12 +38,15 @@ from shared.db.store import (
     cancel_task,
     claim_more,
     claim_task,
+    fail_queued,
     fail_task,
+    failed_on,
     failure_counts,
     finish_task,
     held_by,
     is_cancelled,
     is_paused,
+    last_error,
     live_nodes,
     postpone_task,
     record_artifacts,
@@ -52,7 +55,7 @@ from shared.db.store import (
     requeue_task,
     worker_progress,
 )
-from shared.errors import ArchfarmError, InvalidInput, NotFound, PermanentError, TransientError, one_line
+from shared.errors import ArchfarmError, InputError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
 from shared.spec import Profile, Style
 from shared.storage import Storage
@@ -237,17 +240,8 @@ class Lifecycle:
             return TaskStatus(status)
         if is_paused(session, job_id):  # its message is spent; `resume` sends the task again
             return TaskStatus.QUEUED
-        if self.limits.blocklist_after is not None:
-            blocked = blocklisted_nodes(session, job_id, self.limits.blocklist_after)
-            if self.node in blocked:
-                history = History(open_nodes=len(live_nodes(session) - blocked - {self.node}))
-                decision = decide(ErrorKind.BLOCKED, history, self.limits)
-                log.info("task %s: node %s is blocklisted for job %s: %s", task_id, self.node, job_id, decision)
-                if decision.action is Action.FAIL:
-                    fail_task(session, task_id, None, decision.reason)
-                    return TaskStatus.FAILED
-                postpone_task(session, task_id, decision.delay)
-                return HandOn(decision.delay)
+        if self.limits.blocklist_after is not None and (elsewhere := self._elsewhere(session, task_id, job_id)):
+            return elsewhere
         if not claim_task(session, task_id, self.worker):
             return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
         self._progress(session, started=task_id)
@@ -258,6 +252,29 @@ class Lifecycle:
             job = session.execute(select(Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
             self._jobs[job_id] = _JobInfo(job.name, job.output_url, job.spec)
         return held
+
+    def _elsewhere(self, session: Session, task_id: str, job_id: str) -> HandOn | TaskStatus | None:
+        """Whether this node should leave the task to others: it is blocklisted for the job (then the task fails
+        when no live node may take it, with the error that blocklisted this one), or the task has already
+        raised an error here and a node it has not failed on is live."""
+        assert self.limits.blocklist_after is not None  # noqa: S101 - only asked with a blocklist
+        queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or ""
+        others = live_nodes(session, queue) - {self.node}
+        blocked = blocklisted_nodes(session, job_id, self.limits.blocklist_after)
+        if self.node in blocked:
+            history = History(open_nodes=len(others - blocked))
+            decision = decide(ErrorKind.BLOCKED, history, self.limits, last_error(session, job_id, self.node))
+            log.info("task %s: node %s is blocklisted for job %s: %s", task_id, self.node, job_id, decision)
+            if decision.action is Action.FAIL:
+                fail_task(session, task_id, None, decision.reason)
+                return TaskStatus.FAILED
+        else:
+            tried = failed_on(session, task_id)
+            if self.node not in tried or not others - blocked - tried:
+                return None
+        delay = self.limits.hand_on_delay_s
+        postpone_task(session, task_id, delay)
+        return HandOn(delay)
 
     def _work(self, held: Held) -> Work:
         """The claimed task's inputs, its job's spec parsed once per job (pure: nothing on this machine is
@@ -404,31 +421,41 @@ class Lifecycle:
         reason = one_line(error)
         if kind in COUNTED:
             log.warning("task %s failed on %s (%s): %s", held.task_id, self.node, kind.value, reason)
+        elif isinstance(error, InputError):
+            log.warning("task %s failed, with the queued tasks sharing its input: %s", held.task_id, reason)
         try:
-            return self._decide(held, kind, reason)
+            return self._decide(held, kind, reason, error if isinstance(error, InputError) else None)
         except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: could not record its outcome (%s)", held.task_id, reason)
             return TaskStatus.RUNNING
 
-    def _decide(self, held: Held, kind: ErrorKind, reason: str) -> TaskStatus:
-        """Record the attempt, decide, apply; then send the task again if it went back to the queue."""
+    def _decide(self, held: Held, kind: ErrorKind, reason: str, shared: InputError | None = None) -> TaskStatus:
+        """Record the attempt, decide, apply; then send the task again if it went back to the queue. A failure
+        for an input (`shared`) fails the queued tasks sharing it too, with the same reason: each would only
+        meet the same error, one node after another."""
 
-        def apply(session: Session) -> tuple[Decision, TaskStatus | None]:
+        def apply(session: Session) -> tuple[Decision, TaskStatus | None, list[str]]:
             if kind in COUNTED:
                 record_failure(session, held.task_id, held.job_id, self.node, kind.value, reason)
             decision = decide(kind, _history(session, held.task_id), self.limits, reason)
+            siblings: list[str] = []
             if decision.action is Action.FAIL:
                 status = TaskStatus.FAILED if fail_task(session, held.task_id, self.worker, decision.reason) else None
+                if shared is not None:
+                    siblings = fail_queued(session, held.job_id, decision.reason, shared.plan_digest)
             elif decision.action is Action.CANCEL:
                 status = TaskStatus.CANCELLED if cancel_task(session, held.task_id, self.worker) else None
             else:
                 moved = requeue_task(session, held.task_id, self.worker, decision.delay)
                 status = TaskStatus.QUEUED if moved else None
             self._progress(session, finished=held.task_id)
-            return decision, status
+            return decision, status, siblings
 
         with self._lock:
-            decision, status = self._db(apply, None)
+            decision, status, siblings = self._db(apply, None)
+        if self.on_done is not None:
+            for task_id in siblings:
+                self.on_done(task_id, TaskStatus.FAILED)
         if status is None:  # no longer ours (reaped meanwhile): whoever holds it now decides
             return TaskStatus.RUNNING
         if status is TaskStatus.QUEUED:

@@ -4,20 +4,20 @@
 task's history and applies the decision. The rules:
 
 - cancelled: the task stays cancelled;
-- permanent (bad input found late, a model that cannot be loaded, a stored spec that no longer parses):
-  fail now with the reason;
+- permanent (bad input found late, an input that cannot be read, a model that cannot be loaded, a stored
+  spec that no longer parses): fail now with the reason, counted against no node;
 - transient (storage, database or broker away): back to the queue after an exponential backoff, until
   transient errors have gone on for longer than the budget (a time, so an outage of any number of attempts
   is ridden out while it lasts less);
 - error (anything else the task raised): retried at once on another worker; fails after raising on
-  `error_nodes` different nodes or `error_attempts` times in all. These, and only these, count towards
-  blocklisting the node for the job: they are the failures a node can be blamed for;
+  `error_nodes` different nodes or `error_attempts` times in all. These, and only these, may blocklist the
+  node for the job, once other nodes render the plans it fails on (`shared.db.store.blocklisted_nodes`);
 - crash (the process running the task died: killed from outside, or by the task): retried; fails once the
   task has died with `crash_nodes` different nodes or `crash_attempts` times, so a task that kills every
   process it runs in ends, while a kill from outside costs nothing but the render;
 - interrupted (the worker shut down, was declared dead, or lost its database): handed back, not counted;
 - blocked (this node is blocklisted for the job): handed back for another node after a short delay, or
-  failed when no live node may take it.
+  failed, with the error that blocklisted the node, when no live node may take it.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def decide(kind: ErrorKind, history: History, limits: Limits, message: str = "")
         return Decision(Action.HAND_BACK)
     if kind is ErrorKind.BLOCKED:
         if history.open_nodes == 0:
-            return Decision(Action.FAIL, reason="every live worker is blocklisted for this job")
+            cause = f"; the error that blocklisted this one: {message}" if message else ""
+            return Decision(Action.FAIL, reason=f"every live worker is blocklisted for this job{cause}")
         return Decision(Action.HAND_BACK, delay=limits.hand_on_delay_s)
     if kind is ErrorKind.TRANSIENT:
         if history.transient_s >= limits.transient_budget_s:

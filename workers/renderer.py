@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import PermanentError
+from shared.errors import InputError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_url
 from shared.spec import Profile, Style
-from shared.storage import Storage, open_storage, read_url
+from shared.storage import Storage, input_errors, open_storage, read_url
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
 from workers.engine.batching import BatchSizer, padded
 from workers.engine.compile import CompileOptions
@@ -227,10 +227,15 @@ class Renderer:
         return self._storages[url]
 
     def _plan(self, work: Work) -> Image.Image:
-        data = self._read(work.plan_url)
+        """The task's plan, decoded; an `InputError` naming it (by name and URL) when it cannot be had, which
+        fails every queued task of that plan with the same reason."""
+        where = f"plan {work.plan_name!r} ({work.plan_url})"
+        with input_errors(where, work.plan_digest):
+            data = self._read(work.plan_url)
         if content_hash(data) != work.plan_digest:
-            raise PermanentError(f"{work.plan_url}: the plan changed after the job was submitted")
-        return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
+            raise InputError(f"{where}: changed after the job was submitted", work.plan_digest)
+        with input_errors(where, work.plan_digest):
+            return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
 
     def _read(self, url: str) -> bytes:
         return read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus, Worker
@@ -188,16 +188,58 @@ def failure_counts(session: Session, task_id: str) -> FailureCounts:
 
 
 def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
-    """Nodes on which `limit` distinct tasks of a job raised an error: they stop taking that job's tasks.
+    """Nodes that failed `limit` distinct tasks of a job whose plans other nodes render: they stop taking
+    that job's tasks.
 
-    Only errors the tasks raised count: a crash, a shutdown or an outage says nothing about the node."""
+    Only evidence that the node is at fault counts: an error a task raised (a crash, a shutdown or an outage
+    says nothing about the node) on a plan of which another node has stored an image (that very task
+    retried elsewhere, or another task of the plan). A failure every node shares, such as an input no node
+    can read, blames none of them."""
+    rendered, holder = aliased(Task), aliased(Worker)
+    rendered_elsewhere = (
+        select(Artifact.id)
+        .join(rendered, rendered.id == Artifact.task_id)
+        .join(holder, holder.id == rendered.worker)
+        .where(Artifact.job_id == job_id, Artifact.plan_digest == Task.plan_digest, holder.node != TaskFailure.node)
+        .exists()
+    )
     rows = session.execute(
         select(TaskFailure.node)
-        .where(TaskFailure.job_id == job_id, TaskFailure.kind == "error")
+        .join(Task, Task.id == TaskFailure.task_id)
+        .where(TaskFailure.job_id == job_id, TaskFailure.kind == "error", rendered_elsewhere)
         .group_by(TaskFailure.node)
         .having(func.count(func.distinct(TaskFailure.task_id)) >= limit)
     )
     return set(rows.scalars())
+
+
+def failed_on(session: Session, task_id: str) -> set[str]:
+    """Nodes on which this task raised an error: its next attempt goes to another node while one may take it."""
+    rows = session.scalars(
+        select(TaskFailure.node).where(TaskFailure.task_id == task_id, TaskFailure.kind == "error").distinct()
+    )
+    return set(rows)
+
+
+def last_error(session: Session, job_id: str, node: str) -> str:
+    """The latest error a task of the job raised on `node`: why the node was blocklisted."""
+    error = session.scalar(
+        select(TaskFailure.error)
+        .where(TaskFailure.job_id == job_id, TaskFailure.node == node, TaskFailure.kind == "error")
+        .order_by(TaskFailure.id.desc())
+        .limit(1)
+    )
+    return error or ""
+
+
+def fail_queued(session: Session, job_id: str, error: str, plan_digest: str | None = None) -> list[str]:
+    """Every queued task of a job, or of one of its plans, → failed with `error`: the tasks that share an input
+    no node can read. Returns their ids."""
+    stmt = update(Task).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+    if plan_digest is not None:
+        stmt = stmt.where(Task.plan_digest == plan_digest)
+    values = {"status": TaskStatus.FAILED, "finished_at": db_now(), "error": error[:MAX_ERROR_CHARS]}
+    return list(session.scalars(stmt.values(**values).returning(Task.id).execution_options(synchronize_session=False)))
 
 
 def serving_workers(session: Session, job: Job, heartbeat_timeout_s: float, blocklist_after: int | None) -> int:
@@ -212,8 +254,10 @@ def serving_workers(session: Session, job: Job, heartbeat_timeout_s: float, bloc
     return sum(1 for node, queues in rows if job.queue in queues and node not in blocked)
 
 
-def live_nodes(session: Session) -> set[str]:
-    return set(session.scalars(select(Worker.node).where(Worker.stopped_at.is_(None))))
+def live_nodes(session: Session, queue: str) -> set[str]:
+    """Nodes with a worker that has not stopped and consumes `queue`."""
+    rows = session.execute(select(Worker.node, Worker.queues).where(Worker.stopped_at.is_(None)))
+    return {node for node, queues in rows if queue in queues}
 
 
 def cancel_job(session: Session, job_id: str) -> int | None:

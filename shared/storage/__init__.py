@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from shared.config import Settings
-from shared.errors import InvalidInput, StorageError
+from shared.errors import InputError, InvalidInput, PlanError, StorageError
 from shared.storage.base import Storage
 from shared.storage.local import LocalStorage
 from shared.storage.s3 import S3Storage
@@ -21,6 +23,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "canonical_url",
+    "input_errors",
     "open_storage",
     "open_storage_from_settings",
     "read_url",
@@ -124,7 +127,24 @@ def read_url(url: str, *, endpoint_url: str | None = None, region: str | None = 
         return where.read_bytes()
     except (IsADirectoryError, NotADirectoryError) as e:
         raise FileNotFoundError(f"no file {url!r}: {e.strerror}") from e
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         raise
     except OSError as e:
         raise StorageError(f"cannot read {url!r}: {e.strerror or e}") from e
+
+
+@contextmanager
+def input_errors(where: str, plan_digest: str | None = None) -> Iterator[None]:
+    """Reading or decoding a task's stored input: what no retry or other node can mend (the object gone,
+    unreadable, not an image) becomes an `InputError` starting with `where` (which input, by name and URL);
+    storage being away stays a `StorageError`, which is retried."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"{where}: missing from storage (deleted after the job was submitted?)", plan_digest) from None
+    except PermissionError:
+        raise InputError(f"{where}: not readable (permission denied)", plan_digest) from None
+    except PlanError as error:
+        raise InputError(f"{where}: {error.problem}", plan_digest) from None
+    except InvalidInput as error:
+        raise InputError(f"{where}: {error}", plan_digest) from None

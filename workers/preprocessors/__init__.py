@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.errors import PermanentError, SubmitWarning
+from shared.errors import InputError, SubmitWarning
 from shared.images import content_hash, decode_image
 from shared.registry import default_depth_model
 from shared.spec import CannyControl, ControlUnit, DepthControl, ImageControl, PlanDepthControl, PlanImageControl
-from shared.storage import Storage, read_url
+from shared.storage import Storage, input_errors, read_url
 from workers.controlmaps import ControlMapCache
 from workers.engine.presets import resolve
 from workers.preprocessors.canny import AdaptiveCanny
@@ -89,11 +89,15 @@ class ControlMaps:
         if isinstance(unit, PlanImageControl):
             # The plan as it is; padding is white, the colour of the paper around a drawing.
             return _fit(plan(), width, height, fill=255)
-        if isinstance(unit, ImageControl):
-            data = self.read(unit.image)
+        if isinstance(unit, ImageControl):  # the profile's, so every task of the job shares it
+            where = f"control image {unit.image}"
+            with input_errors(where):
+                data = self.read(unit.image)
             if unit.image_sha256 is not None and content_hash(data) != unit.image_sha256:
-                raise PermanentError(f"{unit.image}: the control image changed after the job was submitted")
-            return _fit(decode_image(data, unit.image, max_pixels=self.max_pixels), width, height, fill=0)
+                raise InputError(f"{where}: changed after the job was submitted")
+            with input_errors(where):
+                image = decode_image(data, unit.image, max_pixels=self.max_pixels)
+            return _fit(image, width, height, fill=0)
         raise TypeError(f"no preprocessor for control kind {unit.kind!r}")
 
 
