@@ -26,7 +26,7 @@ from producer.console import print_json as _print_json
 from producer.console import warn as _warn
 from producer.training_cli import dataset_app
 from producer.training_cli import train as train_command
-from shared.config import Settings
+from shared.config import DEFAULT_POOL, Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
 from shared.profiles import BUILTIN, load_profile
@@ -51,6 +51,11 @@ token_app = typer.Typer(no_args_is_help=True, help="REST API tokens (run where A
 app.add_typer(token_app, name="token")
 
 
+JobId = Annotated[
+    str, typer.Argument(metavar="JOB", help="A job's id, or its first characters (at least 4, as the dashboard shows).")
+]
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"archfarm {version('archfarm')}", markup=False)
@@ -63,8 +68,10 @@ def _setup(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors."""
+    """archfarm's own warnings (`SubmitWarning`) are one line on stderr, like its errors; Pillow's are not
+    shown at all (archfarm refuses what it must in its own words: a bomb's warning would precede the refusal)."""
     _json_errors.set(False)  # a program may invoke several commands in one process
+    warnings.filterwarnings("ignore", module="PIL")
 
     library = warnings.showwarning
     if getattr(library, "archfarm", False):  # already in place (a program invoking the CLI repeatedly)
@@ -199,7 +206,8 @@ def rerender(
     sidecar: Annotated[Path, typer.Argument(help="The JSON sidecar written beside an image.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the new image.")] = Path("rerendered"),
 ) -> None:
-    """Render an image again from its sidecar (bitwise identical on a CPU)."""
+    """Render an image again from its sidecar (bitwise identical on a CPU): prints where it is written and
+    whether it is identical to the original, or by how much it differs."""
     from producer.rerender import rerender as rerender_image
 
     try:
@@ -214,6 +222,7 @@ def rerender(
             "matches within 1/255, not bitwise"
         )
     out.print(str(result.image), markup=False)
+    out.print(result.verdict, markup=False)
 
 
 class _Reporter:
@@ -304,7 +313,10 @@ def submit(
 
 @app.command()
 def status(
-    job_id: Annotated[str | None, typer.Argument(help="A job id; all recent jobs when omitted.")] = None,
+    job_id: Annotated[
+        str | None,
+        typer.Argument(help="A job's id, or its first characters (at least 4); all recent jobs when omitted."),
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it finishes.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -323,6 +335,7 @@ def status(
                         line = f"{v.id}  {v.status.value:<20} {v.rendered}/{v.total} rendered  {v.name}"
                         out.print(line, markup=False)
                 return
+            job_id = farm.resolve(job_id)
             view = farm.status(job_id)
             if watch and not as_json:
                 with Progress(
@@ -406,10 +419,13 @@ def profiles() -> None:
 
 
 @app.command()
-def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) -> None:
+def cancel(
+    job_id: JobId,
+) -> None:
     """Queued tasks never start; running ones stop at their next step."""
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             cancelled = farm.cancel(job_id)
             view = farm.status(job_id)
     except ArchfarmError as e:
@@ -421,10 +437,13 @@ def cancel(job_id: Annotated[str, typer.Argument(help="The job to cancel.")]) ->
 
 
 @app.command()
-def retry(job_id: Annotated[str, typer.Argument(help="The job to retry.")]) -> None:
+def retry(
+    job_id: JobId,
+) -> None:
     """Requeue failed and cancelled tasks (and re-send queued ones)."""
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             sent = farm.retry(job_id)
     except ArchfarmError as e:
         _fail(str(e))
@@ -432,10 +451,13 @@ def retry(job_id: Annotated[str, typer.Argument(help="The job to retry.")]) -> N
 
 
 @app.command()
-def pause(job_id: Annotated[str, typer.Argument(help="The job to pause.")]) -> None:
+def pause(
+    job_id: JobId,
+) -> None:
     """Hold a job back: its running tasks finish, its queued ones wait until `resume`."""
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             done = farm.pause(job_id)
     except ArchfarmError as e:
         _fail(str(e))
@@ -443,10 +465,13 @@ def pause(job_id: Annotated[str, typer.Argument(help="The job to pause.")]) -> N
 
 
 @app.command()
-def resume(job_id: Annotated[str, typer.Argument(help="The job to resume.")]) -> None:
+def resume(
+    job_id: JobId,
+) -> None:
     """Let a paused job's queued tasks run again."""
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             sent = farm.resume(job_id)
     except ArchfarmError as e:
         _fail(str(e))
@@ -455,12 +480,13 @@ def resume(job_id: Annotated[str, typer.Argument(help="The job to resume.")]) ->
 
 @app.command()
 def priority(
-    job_id: Annotated[str, typer.Argument(help="The job.")],
+    job_id: JobId,
     value: Annotated[int, typer.Argument(metavar="N", help="0-100, higher first.")],
 ) -> None:
     """Change a job's priority; its queued tasks are sent again at it."""
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             sent = farm.set_priority(job_id, value)
     except ArchfarmError as e:
         _fail(str(e))
@@ -490,7 +516,7 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 @app.command()
 def results(
-    job_id: Annotated[str, typer.Argument(help="The job.")],
+    job_id: JobId,
     download: Annotated[Path | None, typer.Option("--download", help="Copy images and sidecars here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -498,6 +524,7 @@ def results(
     _json_errors.set(as_json)
     try:
         with _farm() as farm:
+            job_id = farm.resolve(job_id)
             artifacts = farm.results(job_id)
             written = farm.download(job_id, download) if download is not None else []
     except ArchfarmError as e:
@@ -517,7 +544,7 @@ def results(
 
 @app.command()
 def sheet(
-    job_id: Annotated[str, typer.Argument(help="The job.")],
+    job_id: JobId,
     out_file: Annotated[
         Path, typer.Option("--out", help="FILE.png (to mail or post) or FILE.html (images embedded, opens offline).")
     ],
@@ -530,7 +557,7 @@ def sheet(
 
     try:
         with _farm() as farm:
-            grid = farm.sheet(job_id)
+            grid = farm.sheet(farm.resolve(job_id))
             images = write_sheet(grid, lambda artifact: farm.read(artifact, "thumbnail"), out_file, cell)
     except ArchfarmError as e:
         _fail(str(e))
@@ -570,7 +597,7 @@ def worker(
         for name in pool or []:
             if not re.fullmatch(NAME_PATTERN, name):
                 _fail(f"--pool {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-        names = [settings.queue_for(None if name == "default" else name) for name in pool or ["default"]]
+        names = [settings.queue_for(name) for name in pool or [DEFAULT_POOL]]
         engine, _ = open_database(settings)
         engine.dispose()
     except ArchfarmError as e:
@@ -615,9 +642,13 @@ def api(
     import uvicorn
 
     from producer.api import create_app
+    from producer.database import open_database
 
     try:
-        application = create_app(listen_host=host)
+        settings = Settings()
+        engine, _ = open_database(settings)  # the schema checked here, in one line, before the server starts
+        engine.dispose()
+        application = create_app(settings, listen_host=host)
     except ArchfarmError as e:
         _fail(str(e))
     uvicorn.run(application, host=host, port=port)

@@ -63,6 +63,8 @@ if TYPE_CHECKING:
     from producer.local import Embedded
 
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MIN_PREFIX = 4
+_ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
 TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
 
 log = logging.getLogger(__name__)
@@ -357,6 +359,23 @@ class Farm:
             training=training,
         )
         return _with_eta(view, started, now)
+
+    def resolve(self, job_id: str) -> str:
+        """The full id of the job that `job_id` names: a whole id, or its first characters as the dashboard shows
+        them (8), at least `MIN_PREFIX`; NotFound when none matches, InvalidInput when several do."""
+        if _JOB_ID.fullmatch(job_id):
+            return job_id
+        if not _ID_PREFIX.fullmatch(job_id):
+            raise NotFound(
+                f"no job {job_id[:MAX_ECHO]!r} (give its id, or at least {MIN_PREFIX} of its first characters)"
+            )
+        with self.sessions() as session:
+            found = list(session.scalars(select(Job.id).where(Job.id.startswith(job_id)).limit(2)))
+        if not found:
+            raise NotFound(f"no job {job_id!r}")
+        if len(found) > 1:
+            raise InvalidInput(f"{job_id!r} is the start of several jobs' ids: give more of it")
+        return found[0]
 
     def jobs(
         self, limit: int = 50, offset: int = 0, status: JobStatus | None = None, after: str | None = None

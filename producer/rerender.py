@@ -6,6 +6,8 @@ it is as close as the kernels' determinism allows.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
 import tempfile
@@ -16,7 +18,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
+from PIL import Image
 
 from producer.local import render_local
 from producer.plans import safe_name
@@ -34,6 +38,21 @@ class Rerendered:
     shared_call: int
     """Other tasks the original shared its pipeline call with: the re-render (alone) matches it within 1/255,
     not bitwise, when there were any."""
+    comparison: dict[str, Any]
+    """How the image compares with the original (`compare`), also written into its sidecar."""
+
+    @property
+    def verdict(self) -> str:
+        """`identical to the original, bit for bit`, or by how much it differs."""
+        found = self.comparison
+        if found["identical"]:
+            return "identical to the original, bit for bit"
+        if "max_difference" not in found:
+            return "differs from the original (another sha256; the original image is not beside its sidecar)"
+        return (
+            f"differs from the original by at most {found['max_difference']}/255, in {found['pixels_differing']} of "
+            f"{found['pixels']} pixels ({found['pixels_differing'] / found['pixels']:.2%})"
+        )
 
 
 def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendered:
@@ -79,13 +98,38 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         target = out_dir / meta["key"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(image, target)
-        shutil.move(image.with_suffix(".json"), target.with_suffix(".json"))
-    fresh = json.loads(target.with_suffix(".json").read_text())
+        fresh = json.loads(image.with_suffix(".json").read_text())
+    comparison = compare(target, sidecar_path, meta)
+    # The scratch job and plan are gone: the new sidecar names the original's, and the image it describes.
+    fresh.update(job=meta["job"], task=meta["task"], plan=meta["plan"])
+    fresh["rerender"] = {"of": str(sidecar_path.resolve()), "image": str(target.resolve()), **comparison}
+    target.with_suffix(".json").write_text(json.dumps(fresh, indent=2))
     return Rerendered(
         image=target,
         model_changes=_changed_models(meta["models"], fresh["models"]),
         shared_call=meta.get("call", {}).get("tasks", 1) - 1,
+        comparison=comparison,
     )
+
+
+def compare(image: Path, sidecar_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The re-rendered image against the original: identical when their PNGs' sha256 match; otherwise, where the
+    original lies beside its sidecar, the largest difference of any channel and how many pixels differ (the same
+    profile gives the same size)."""
+    data = image.read_bytes()
+    found: dict[str, Any] = {"identical": hashlib.sha256(data).hexdigest() == meta["image_sha256"]}
+    original = sidecar_path.with_suffix(".png")
+    if found["identical"] or not original.is_file():
+        return found
+    with Image.open(original) as before, Image.open(io.BytesIO(data)) as after:
+        old, new = np.asarray(before.convert("RGB"), np.int16), np.asarray(after.convert("RGB"), np.int16)
+    delta = np.abs(old - new).max(axis=2)
+    return {
+        **found,
+        "max_difference": int(delta.max()),
+        "pixels_differing": int(np.count_nonzero(delta)),
+        "pixels": int(delta.size),
+    }
 
 
 @contextmanager

@@ -27,6 +27,8 @@ from shared.spec import Profile
 
 RENDER_TASK = "archfarm.render"
 PRIORITY_LEVELS = 10
+JOB_PRIORITIES = range(101)
+"""A job's priority, 0-100, higher first."""
 _CHUNK = 1000  # ids per IN (...) query, well under every backend's bound-parameter limit
 SEND_CHUNK = 1000
 """Messages sent over one broker connection: a 200,000-task submit reports progress and fails soon."""

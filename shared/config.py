@@ -168,9 +168,13 @@ class Settings(BaseSettings):
         return self
 
     def queue_for(self, pool: str | None) -> str:
-        """The broker queue of a pool (`archfarm worker --pool NAME`, a job's `pool:`); the default pool's is
-        `queue` itself."""
-        return self.queue if pool is None else f"{self.queue}.{pool}"
+        """The broker queue of a pool (`archfarm worker --pool NAME`, a job's `pool:`); the default pool's, named
+        `default` or not named at all, is `queue` itself."""
+        return self.queue if pool in (None, DEFAULT_POOL) else f"{self.queue}.{pool}"
+
+
+DEFAULT_POOL = "default"
+"""The pool of jobs that name none, and of workers started without `--pool`."""
 
 
 @lru_cache(maxsize=1)

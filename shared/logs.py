@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
+
+from shared.errors import one_line
 
 _context: ContextVar[dict[str, str]] = ContextVar("archfarm_log_context", default={})  # noqa: B039 - never mutated
 
@@ -58,3 +62,38 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class Outage:
+    """One dependency (the database, the broker) as this process sees it: an outage is logged once when it
+    starts and once when it ends, however many heartbeats, retries and threads meet it in between."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.log = logger
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, error: BaseException) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        self.log.error("%s unreachable, retrying until it answers: %s", self.what, one_line(error))
+
+    def answered(self) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, self._since = time.monotonic() - self._since, None
+        self.log.warning("%s answers again, after %.0f s", self.what, lasted)
+
+
+_outages: dict[str, Outage] = {}
+_outages_lock = threading.Lock()
+
+
+def outage(what: str) -> Outage:
+    """The process's one tracker for `what`, shared by every thread that talks to it."""
+    with _outages_lock:
+        return _outages.setdefault(what, Outage(what, logging.getLogger("archfarm.outage")))

@@ -483,10 +483,27 @@ def load_document(path: Path) -> Any:
         raise InvalidInput(f"{path}: no such file") from None
     except RecursionError:
         raise InvalidInput(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    except yaml.MarkedYAMLError as e:
+        raise InvalidInput(f"{path}: {_yaml_problem(e)}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
         raise InvalidInput(
             f"{path}: unreadable ({_printable((str(e).strip().splitlines() or [''])[0])[:200]})"
         ) from None
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """`line 3, column 1: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence at line 2,
+    column 11)`: where the parser stopped, counted from 1 as an editor shows it, and what it was reading."""
+    def at(mark: yaml.Mark | None) -> str:
+        return "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}"
+
+    where = at(error.problem_mark or error.context_mark)
+    problem = error.problem or error.context or "not valid YAML"
+    context = ""
+    if error.problem and error.context:
+        started = at(error.context_mark)
+        context = f" ({error.context}{' at ' + started if started and started != where else ''})"
+    return _printable(f"{where + ': ' if where else ''}{problem}{context}")[:200]
 
 
 def load_job(path: Path) -> JobSpec:

@@ -126,7 +126,14 @@ def bomb(path: Path) -> None:
         ("loop.png", lambda p: p.symlink_to(p), [], "loop.png' cannot be resolved: Symlink loop"),
         ("good.png", None, ["--profile", "deep.yaml"], "deep.yaml: nested deeper than 32 levels"),
         ("good.png", None, ["--profile", "aliases.yaml"], "aliases.yaml: more than 2500000 values"),
-        ("good.png", None, ["--profile", "dup.yaml"], "duplicate key 'steps'"),
+        ("good.png", None, ["--profile", "dup.yaml"], "dup.yaml: line 3, column 1: duplicate key 'steps'"),
+        (
+            "good.png",
+            None,
+            ["--profile", "broken.yaml"],
+            "broken.yaml: line 3, column 1: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence "
+            "at line 2, column 11)",
+        ),
     ],
 )
 def test_bad_input_exits_with_one_line_and_stores_nothing(
@@ -143,6 +150,7 @@ def test_bad_input_exits_with_one_line_and_stores_nothing(
     (tmp_path / "good.png").write_bytes(example_plan.read_bytes())
     (tmp_path / "bad.yaml").write_text("steps: 0\ncontrols: [{kind: canny}]\n")
     (tmp_path / "dup.yaml").write_text("steps: 3\ncontrols: [{kind: canny}]\nsteps: 4\n")
+    (tmp_path / "broken.yaml").write_text("steps: 3\ncontrols: [{kind: canny}, {kind: depth}\nwidth: 64\n")
     (tmp_path / "deep.yaml").write_text("steps: " + "[" * 1000 + "]" * 1000 + "\n")  # blew Python's stack
     # A few hundred bytes that stand for ten billion values: walking them would never end.
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
@@ -223,11 +231,21 @@ def test_rerender_reproduces_the_image_bitwise(env: dict[str, str], tmp_path: Pa
     assert json.loads(original.with_suffix(".json").read_text())["threads"] == 1
     again = CliRunner().invoke(app, ["rerender", str(original.with_suffix(".json")), "--out", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output
-    copy = Path(again.stdout.strip())
+    where, verdict = again.stdout.strip().splitlines()
+    copy = Path(where)
     assert copy.relative_to(tmp_path / "b") == original.relative_to(tmp_path / "a")
     assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(original)))
+    assert verdict == "identical to the original, bit for bit"
     assert sorted(p.name for p in (tmp_path / "b").rglob("*.*")) == [original.with_suffix(".json").name, original.name]
     assert "warning" not in again.stderr
+    # Its sidecar describes the new image and where it came from, not the scratch job that rendered it.
+    fresh, before = (json.loads(p.with_suffix(".json").read_text()) for p in (copy, original))
+    assert (fresh["plan"], fresh["job"], fresh["task"]) == (before["plan"], before["job"], before["task"])
+    assert fresh["rerender"] == {
+        "of": str(original.with_suffix(".json").resolve()),
+        "image": str(copy.resolve()),
+        "identical": True,
+    }
 
 
 def test_rerender_of_an_image_that_shared_its_call_is_close_and_says_so(
@@ -241,8 +259,18 @@ def test_rerender_of_an_image_that_shared_its_call_is_close_and_says_so(
     assert json.loads(original.with_suffix(".json").read_text())["call"] == {"images": 2, "tasks": 2}
     again = CliRunner().invoke(app, ["rerender", str(original.with_suffix(".json")), "--out", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output
-    copy = np.asarray(Image.open(again.stdout.strip()), dtype=np.int16)
-    assert np.abs(copy - np.asarray(Image.open(original), dtype=np.int16)).max() <= 1
+    where, verdict = again.stdout.strip().splitlines()
+    copy = np.asarray(Image.open(where), dtype=np.int16)
+    difference = np.abs(copy - np.asarray(Image.open(original), dtype=np.int16)).max(axis=2)
+    assert difference.max() <= 1
+    if difference.any():
+        differing = np.count_nonzero(difference)
+        assert verdict == (
+            f"differs from the original by at most 1/255, in {differing} of {difference.size} pixels "
+            f"({differing / difference.size:.2%})"
+        )
+    else:
+        assert verdict == "identical to the original, bit for bit"
     assert again.stderr.strip() == (
         "archfarm: warning: the image shared its pipeline call with 1 other task(s): rendered alone, it matches "
         "within 1/255, not bitwise"
@@ -384,3 +412,53 @@ def test_json_commands_report_errors_as_json_with_the_same_exit_code(env: dict[s
     assert result.exit_code == 2 and json.loads(result.stdout) == {"error": "no job 'not-a-job'"}
     plain = CliRunner().invoke(app, ["status", "not-a-job"])
     assert plain.exit_code == 2 and plain.stderr.strip() == "archfarm: error: no job 'not-a-job'"
+
+
+def test_a_job_is_named_by_the_first_characters_of_its_id(
+    env: dict[str, str], tmp_path: Path, example_plan: Path
+) -> None:
+    """The dashboard shows 8 characters of an id: every command that takes a job takes them (4 at least)."""
+    (tmp_path / "fast.yaml").write_text(FAST_PROFILE.removeprefix("profile:\n").replace("  ", ""))
+    args = ["render", str(example_plan), "--style", "modern", "--seeds", "1", "--profile", "fast.yaml"]
+    rendered = CliRunner().invoke(app, args)
+    assert rendered.exit_code == 0, rendered.output
+    job_id = rendered.stdout.split()[1].rstrip(":")
+    status = CliRunner().invoke(app, ["status", job_id[:8]])
+    assert status.exit_code == 0 and status.stdout.startswith(f"{job_id} render: succeeded")
+    assert CliRunner().invoke(app, ["results", job_id[:4], "--json"]).exit_code == 0
+    engine = create_engine(f"sqlite:///{tmp_path / 'archfarm.db'}")
+    with engine.begin() as connection:  # a second job whose id starts the same way
+        twin = job_id[:9] + ("1111" if job_id[9:13] != "1111" else "2222") + "-4000-8000-000000000000"
+        row = connection.execute(select(Job.__table__).where(Job.id == job_id)).mappings().one()
+        connection.execute(Job.__table__.insert().values({**row, "id": twin}))
+    engine.dispose()
+    for prefix, expected in [
+        (job_id[:8], f"{job_id[:8]!r} is the start of several jobs' ids: give more of it"),
+        (job_id[:9], f"{job_id[:9]!r} is the start of several jobs' ids: give more of it"),
+        (job_id[:13], None),
+        ("abc", "no job 'abc' (give its id, or at least 4 of its first characters)"),
+        ("ffff0000", "no job 'ffff0000'"),
+    ]:
+        result = CliRunner().invoke(app, ["status", prefix])
+        if expected is None:
+            assert result.exit_code == 0 and result.stdout.startswith(job_id), result.output
+        else:
+            assert result.exit_code == 2 and result.stderr.strip() == f"archfarm: error: {expected}"
+
+
+def test_pillows_own_warnings_never_reach_the_terminal(env: dict[str, str], tmp_path: Path) -> None:
+    """A plan over Pillow's own limit but under archfarm's makes Pillow warn before archfarm refuses or reads it:
+    the user sees archfarm's one line only."""
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")  # 144 M pixels: Pillow warns above 89 M
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "render", "bomb.png", "--style", "modern", "--seeds", "1"],
+        env={**env, "ARCHFARM_MAX_IMAGE_PIXELS": "100000000"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "archfarm: error: bomb.png: 12000×12000 pixels is over the limit of 100000000 (decompression bomb?)"
+    )

@@ -15,14 +15,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.expand import expand
 from producer.plans import Plan
 from producer.submit import PreparedJob, persist
-from shared.db.clock import db_now
+from shared.db.clock import database_time, db_now
 from shared.db.models import Artifact, Base, Job, Task, TaskStatus, Worker
 from shared.db.session import make_engine
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
+    Stranded,
     cancel_job,
     cancel_task,
     claim_task,
+    deliveries,
     fail_task,
     finish_task,
     heartbeat,
@@ -37,6 +39,7 @@ from shared.db.store import (
     worker_progress,
 )
 from shared.spec import JobSpec
+from workers.upkeep import stranded
 
 JOB_ID = "0b9f6a52-8d3e-4f4e-9d0c-7a1b2c3d4e5f"
 PLAN = Plan(url="file:///plans/ground.png", name="ground", digest="d" * 64)
@@ -219,6 +222,11 @@ def backdate(sessions: sessionmaker[Session], seconds: float, *, tasks: bool = F
             session.execute(update(Worker).values(idle_since=db_now(-seconds), heartbeat_at=db_now(-seconds)))
 
 
+def stranded_now(session: Session, after_s: float) -> list[Stranded]:
+    """What a worker's sweeper reads as evidence of lost messages, at this moment."""
+    return stranded(idle_queues(session, after_s), deliveries(session), database_time(session), after_s)
+
+
 def test_the_sweeper_resends_overdue_tasks_only_while_a_worker_on_their_queue_idles(
     sessions: sessionmaker[Session], job: PreparedJob
 ) -> None:
@@ -229,14 +237,51 @@ def test_the_sweeper_resends_overdue_tasks_only_while_a_worker_on_their_queue_id
     backdate(sessions, 600, tasks=True, workers=True)
     with sessions.begin() as session:
         assert idle_queues(session, 60) == {"archfarm", "other-queue"}
-        assert sweep(session, {"other-queue"}, 60, 100) == []  # the job's tasks are on another queue
-        first = sweep(session, {"archfarm"}, 60, 2)
-        second = sweep(session, {"archfarm"}, 60, 100)
+        now = database_time(session)
+        assert sweep(session, [Stranded("other-queue", now)], 100) == []  # the job's tasks are on another queue
+        where = stranded_now(session, 60)
+        first = sweep(session, where, 2)
+        second = sweep(session, where, 100)
         assert len(first) == 2 and len(second) == 1 and not set(first) & set(second)
-        assert sweep(session, {"archfarm"}, 60, 100) == []  # each is due again now: nothing overdue
+        assert sweep(session, stranded_now(session, 60), 100) == []  # each is due again now: nothing overdue
         claim_task(session, job.tasks[0].id, "w#1")
         worker_progress(session, "w#1", started=job.tasks[0].id, models=[], images=0, loads=0, swaps=0)
         assert idle_queues(session, 60) == {"other-queue"}  # busy, so its queue proves nothing
+
+
+URGENT_ID = "1c8e5b41-7c2d-4e3d-8cbf-6b0a1d2c3e4f"
+
+
+def take(session: Session, worker: str, task_id: str) -> None:
+    """A worker handed a task's message: claimed, and its current task."""
+    claim_task(session, task_id, worker)
+    worker_progress(session, worker, started=task_id, models=[], images=0, loads=0, swaps=0)
+
+
+@pytest.mark.parametrize("background_priority", [10, 90], ids=["lower-priority", "same-priority"])
+def test_tasks_a_busy_worker_passed_over_are_resent_most_urgent_first(
+    sessions: sessionmaker[Session], background_priority: int
+) -> None:
+    """An urgent job's messages were lost (a broker restarted without persistence) while the workers keep busy
+    on another job: a worker taking a message that sorts after the urgent tasks' (a lower priority, or the same
+    one sent later) proves theirs gone, so they are sent again without waiting for an idle worker."""
+    urgent = dataclasses.replace(prepared(URGENT_ID), spec=prepared().spec.model_copy(update={"priority": 90}))
+    background = dataclasses.replace(
+        prepared(seeds=4), spec=prepared().spec.model_copy(update={"priority": background_priority})
+    )
+    with sessions.begin() as session:
+        persist(session, urgent)
+        persist(session, background)
+        register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        take(session, "w#1", background.tasks[0].id)
+        assert sweep(session, stranded_now(session, 60), 100) == []  # the urgent tasks fell due just now
+    with sessions.begin() as session:  # ten minutes on: the urgent job's messages are gone
+        session.execute(update(Task).where(Task.job_id == URGENT_ID).values(due_at=db_now(-600)))
+        session.execute(update(Task).where(Task.job_id == JOB_ID).values(due_at=db_now(-120)))
+        take(session, "w#1", background.tasks[1].id)  # a message that fell due after theirs, taken before them
+        swept = sweep(session, stranded_now(session, 60), 100)
+        assert sorted(swept) == sorted(t.id for t in urgent.tasks)  # the background's own are not overdue
+        assert sweep(session, stranded_now(session, 60), 100) == []  # sent: due now
 
 
 def test_heartbeats_and_reaping_use_the_databases_clock(

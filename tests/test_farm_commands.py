@@ -106,7 +106,7 @@ def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
 
 
 @pytest.mark.postgres
-def test_worker_and_submit_refuse_an_outdated_schema_with_the_same_line(
+def test_worker_submit_and_api_refuse_an_outdated_schema_with_the_same_line(
     job_file: Path, fresh_database: str, tmp_path: Path, redis_url: str
 ) -> None:
     env = {"ARCHFARM_BROKER_URL": redis_url, "ARCHFARM_DATABASE_URL": fresh_database}
@@ -117,8 +117,9 @@ def test_worker_and_submit_refuse_an_outdated_schema_with_the_same_line(
             engine.dispose()
         worker = archfarm("worker", "--devices", "cpu", env=env)
         submit = archfarm("submit", str(job_file), env=env)
+        api = archfarm("api", "--port", str(dead_port()), env=env)
         expected = f"database schema is at {revision or 'nothing'}, this archfarm needs"
-        for result in (worker, submit):
+        for result in (worker, submit, api):
             assert result.returncode == 2
             (line,) = result.stderr.strip().splitlines()
             assert line.startswith(f"archfarm: error: {expected}") and line.endswith("run `archfarm db upgrade`")
@@ -184,3 +185,18 @@ def test_cancelling_a_finished_job_says_so_and_keeps_its_status(
     assert cancel.returncode == 0 and cancel.stdout.strip() == f"{job_id}: already succeeded; nothing to cancel"
     status = archfarm("status", job_id, "--json", env=env)
     assert json.loads(status.stdout)["status"] == "succeeded"
+
+
+@pytest.mark.postgres
+def test_db_upgrade_of_a_database_that_does_not_exist_says_how_to_create_it(postgres_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    name = f"archfarm_missing_{uuid.uuid4().hex[:10]}"
+    url = make_url(POSTGRES_ADMIN_URL).set(database=name)
+    result = archfarm("db", "upgrade", env={"ARCHFARM_DATABASE_URL": url.render_as_string(hide_password=False)})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line == (
+        f"archfarm: error: database '{name}' does not exist at {url.render_as_string(hide_password=True)}: create "
+        f"it first (createdb -h {url.host} -p {url.port or 5432} -U {url.username} {name})"
+    )

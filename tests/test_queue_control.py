@@ -8,9 +8,11 @@ import signal
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from producer.client import Farm
+from shared.broker import broker_priority
 from shared.db.models import Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from tests.conftest import queued_messages
@@ -98,3 +100,23 @@ def test_a_pool_job_stays_in_its_pool_also_after_a_reaper_resend(
             select(Worker.queues).join(Task, Task.worker == Worker.id).where(Task.job_id == job_id)
         ).all()
     assert len(rendered_by) == 2 and all(queues == [f"{farm.settings.queue}.big"] for queues in rendered_by)
+
+
+def test_an_urgent_jobs_lost_messages_are_sent_again_while_the_workers_stay_busy(
+    farm: Farm, start_workers, farm_env: dict[str, str], example_plan: Path
+) -> None:
+    """The urgent job's messages vanish from the broker (as with Redis restarted without persistence) while a
+    long, less urgent job keeps the only worker busy: the worker takes a message that sorts after them, which
+    proves theirs gone, and they are sent again and rendered before the long job ends, not after it."""
+    farm_env["ARCHFARM_STRANDED_AFTER"] = "2"
+    medium = {**FAST, "width": 128, "height": 128, "steps": 8}
+    background = farm.submit({**job(example_plan, medium, seeds=20), "priority": 10})
+    start_workers("cpu:1")
+    wait_for(lambda: counts(farm, background).get(TaskStatus.SUCCEEDED, 0) >= 2, 120, "the long job to get going")
+    urgent = farm.submit({**job(example_plan, FAST, seeds=2), "name": "urgent", "priority": 90})
+    broker = redis.Redis.from_url(farm_env["ARCHFARM_BROKER_URL"])
+    lost = f"{farm_env['ARCHFARM_QUEUE']}:{broker_priority(90)}"  # kombu's list for that priority
+    assert broker.llen(lost) >= 3 and broker.delete(lost) == 1
+    assert farm.wait(urgent, timeout=120).status is JobStatus.SUCCEEDED
+    assert counts(farm, background).get(TaskStatus.QUEUED, 0) > 0  # the long job was still going
+    assert farm.wait(background, timeout=300).status is JobStatus.SUCCEEDED

@@ -207,3 +207,12 @@ def test_profile_from_name_or_yaml(tmp_path: Path) -> None:
     assert (loaded.width, loaded.controls[0].scale) == (64, 0.8)
     with pytest.raises(InvalidInput, match="neither a built-in profile"):
         load_profile("nope")
+
+
+def test_a_job_of_pool_default_goes_to_the_default_pools_queue() -> None:
+    """`pool: default` is the pool of jobs that name none, where workers started without `--pool` listen."""
+    from shared.config import Settings
+
+    settings = Settings(queue="farm")
+    assert settings.queue_for("default") == settings.queue_for(None) == "farm"
+    assert settings.queue_for("big") == "farm.big"

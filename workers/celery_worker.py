@@ -36,9 +36,10 @@ from celery import signals
 from shared.broker import RENDER_TASK, make_celery, messages_for, send_tasks
 from shared.config import get_settings
 from shared.db.models import TaskStatus
-from shared.db.session import make_engine, session_factory
+from shared.db.session import DATABASE_DOWN, make_engine, session_factory
 from shared.db.store import register_worker
-from shared.logs import bound
+from shared.errors import BrokerUnavailable
+from shared.logs import bound, outage
 from shared.logs import configure as configure_logging
 from shared.storage import open_storage_from_settings
 
@@ -50,6 +51,7 @@ from workers.policy import Limits
 from workers.upkeep import Upkeep
 
 log = logging.getLogger("archfarm.worker")
+DATABASE, BROKER = outage("database"), outage("broker")
 logging.getLogger("celery.app.trace").setLevel(logging.WARNING)  # its per-delivery line; `render` logs the task's
 
 settings = get_settings()
@@ -67,7 +69,12 @@ _stop = threading.Event()
 
 
 def send(task_ids: list[str], delay: float) -> None:
-    send_tasks(app, messages_for(_sessions, settings, task_ids), countdown=delay)
+    try:
+        send_tasks(app, messages_for(_sessions, settings, task_ids), countdown=delay)
+    except BrokerUnavailable as error:
+        BROKER.failed(error)
+        raise
+    BROKER.answered()
 
 
 @app.task(name=RENDER_TASK)
@@ -153,9 +160,15 @@ def _upkeep_loop() -> None:
     while not _stop.wait(settings.heartbeat_interval):
         try:
             alive = upkeep.beat()
-        except Exception:  # noqa: BLE001 - a database or broker blip must not kill the upkeep thread
+        except DATABASE_DOWN as error:  # one line when an outage starts, one when it ends (`shared.logs.Outage`)
+            DATABASE.failed(error)
+            continue
+        except BrokerUnavailable:  # logged by `send`
+            continue
+        except Exception:  # noqa: BLE001 - a bug, not an outage: it must not kill the upkeep thread
             log.exception("heartbeat failed")
             continue
+        DATABASE.answered()
         if not alive:
             log.error("declared dead by another worker's reaper; stopping")
             os.kill(os.getpid(), signal.SIGTERM)

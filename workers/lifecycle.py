@@ -28,11 +28,11 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from shared.db.models import Job, Task, TaskStatus
+from shared.db.session import DATABASE_DOWN
 from shared.db.store import (
     blocklisted_nodes,
     cancel_task,
@@ -57,6 +57,7 @@ from shared.db.store import (
 )
 from shared.errors import ArchfarmError, InputError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
+from shared.logs import outage
 from shared.spec import Profile, Style
 from shared.storage import Storage
 from shared.training import is_training, parse_training
@@ -66,6 +67,7 @@ from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
 
 log = logging.getLogger(__name__)
+DATABASE = outage("database")
 
 SendFn = Callable[[list[str], float], None]
 """Puts messages for these tasks on their queue, deliverable after `delay` seconds."""
@@ -83,7 +85,6 @@ inside any task's time limit, so waiting never gets the process killed."""
 DB_RETRY_MAX_S = 5.0
 JOB_CACHE = 256
 
-DATABASE_DOWN = (OperationalError, InterfaceError)
 T = TypeVar("T")
 
 
@@ -95,7 +96,7 @@ def classify(error: BaseException) -> ErrorKind:
     """The policy's kind for an exception a task raised."""
     if isinstance(error, Cancelled):
         return ErrorKind.CANCELLED
-    if isinstance(error, TransientError | OperationalError | InterfaceError):
+    if isinstance(error, (TransientError, *DATABASE_DOWN)):
         return ErrorKind.TRANSIENT
     if isinstance(error, PermanentError | InvalidInput | NotFound | ValidationError):
         return ErrorKind.PERMANENT
@@ -480,13 +481,16 @@ class Lifecycle:
         while True:
             try:
                 with self.sessions.begin() as session:
-                    return work(session)
+                    done = work(session)
             except DATABASE_DOWN as error:
+                DATABASE.failed(error)
                 if deadline is not None and time.monotonic() + pause > deadline:
                     raise
-                log.warning("database unreachable, retrying in %.1f s: %s", pause, one_line(error))
                 time.sleep(pause)
                 pause = min(pause * 2, DB_RETRY_MAX_S)
+            else:
+                DATABASE.answered()
+                return done
 
     def _upload_behind(self, held: Held, work: Work, rendered: Rendered) -> None:
         """Queue the upload behind the one before, once that one is done: at most one task's images wait in

@@ -31,6 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.config import Settings
 from shared.db.models import TERMINAL, TaskStatus
 from shared.db.notifications import armed_job, claim, delivered, due, failed, fire, noticeable, undelivered
+from shared.db.session import DATABASE_DOWN
+from shared.logs import outage
 from shared.notify import headers, where
 
 log = logging.getLogger(__name__)
@@ -168,7 +170,9 @@ class Notifier:
             try:
                 self.sweep()
                 self.deliver()
-            except Exception as error:  # noqa: BLE001 - the database away: the next kick tries again
+            except DATABASE_DOWN as error:  # the next kick tries again; the outage is logged once
+                outage("database").failed(error)
+            except Exception as error:  # noqa: BLE001 - a bug: the next kick tries again
                 log.warning("notifications: %s; trying again at the next heartbeat", error)
             finally:
                 with self._state:

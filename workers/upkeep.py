@@ -4,9 +4,10 @@
 - The reaper declares workers silent for `heartbeat_timeout` dead and hands their tasks back: interrupted,
   not failed (the policy holds nothing against a task or node for it).
 - The sweeper re-sends tasks that have no message: queued, due more than `stranded_after` ago, on a queue a
-  live worker has watched idle for as long. A message held by a killed worker (a countdown), lost with a
-  broker restarted without persistence, never sent by an interrupted submit, or not sent because the broker
-  was down when a task was requeued: each ends up here, and is sent again.
+  live worker has watched idle for as long, or passed over by a worker that took a message sorting after
+  theirs (`stranded`). A message held by a killed worker (a countdown), lost with a broker restarted without
+  persistence, never sent by an interrupted submit, or not sent because the broker was down when a task was
+  requeued: each ends up here, and is sent again, the most urgent first.
 - Notifications (`workers.notify`): the job events nobody noticed are fired and whatever is due is sent, on
   a thread of their own, so a slow receiver never delays a heartbeat.
 
@@ -22,13 +23,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.broker import make_celery, messages_for, send_tasks
+from shared.broker import JOB_PRIORITIES, broker_priority, make_celery, messages_for, send_tasks
 from shared.config import Settings
+from shared.db.clock import database_time
 from shared.db.session import make_engine, session_factory
-from shared.db.store import heartbeat, idle_queues, reap, requeue_held, stop_worker, sweep
+from shared.db.store import (
+    Delivery,
+    Stranded,
+    deliveries,
+    heartbeat,
+    idle_queues,
+    reap,
+    requeue_held,
+    stop_worker,
+    sweep,
+)
 from workers.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -72,19 +85,46 @@ class Upkeep:
         return orphans
 
     def sweep(self) -> list[str]:
-        """Send again every task found stranded; stops at the first chunk the broker refuses."""
+        """Send again every task found stranded, highest priority first; stops at the first chunk the broker
+        refuses."""
         swept: list[str] = []
-        with self.sessions.begin() as session:
-            queues = idle_queues(session, self.settings.stranded_after)  # once: the first chunk ends the idling
-        while queues:
+        after = self.settings.stranded_after
+        with self.sessions.begin() as session:  # once: the first chunk sent ends the idling
+            where = stranded(idle_queues(session, after), deliveries(session), database_time(session), after)
+        while where:
             with self.sessions.begin() as session:
-                chunk = sweep(session, queues, self.settings.stranded_after, SWEEP_CHUNK)
+                chunk = sweep(session, where, SWEEP_CHUNK)
             if not chunk:
                 break
             log.warning("re-sending %d queued task(s) that had no message", len(chunk))
             self.send(chunk, 0)
             swept += chunk
         return swept
+
+
+def stranded(idle: set[str], taken: list[Delivery], now: datetime, after_s: float) -> list[Stranded]:
+    """Where the tasks without a message are, from two kinds of evidence, each `after_s` old at least:
+
+    - a live worker has consumed a queue without holding a task: any task due there before has no message;
+    - a live worker took a message that its queue sorts after a task's (the broker hands out a queue's higher
+      priorities first, and each priority's messages in the order they fell due): a message of a lower
+      priority, or of the same priority that fell due later, so the task's message is gone. This holds
+      while every worker is busy, so lost messages of an urgent job are sent again within `after_s` or so,
+      not once a long, less urgent job has drained.
+
+    A false alarm only sends a task twice, which is harmless: a task is claimed once."""
+    grace = timedelta(seconds=after_s)
+    bounds: dict[tuple[str, int, int], datetime] = {(queue, 0, 100): now - grace for queue in idle}
+    for delivery in taken:
+        level = broker_priority(delivery.priority)
+        for priorities, due_before in (
+            ([p for p in JOB_PRIORITIES if broker_priority(p) < level], delivery.taken_at - grace),
+            ([p for p in JOB_PRIORITIES if broker_priority(p) == level], delivery.due_at - grace),
+        ):
+            if priorities:
+                key = (delivery.queue, min(priorities), max(priorities))
+                bounds[key] = max(due_before, bounds.get(key, due_before))
+    return [Stranded(queue, due_before, lowest, highest) for (queue, lowest, highest), due_before in bounds.items()]
 
 
 def release(settings: Settings, worker: str) -> list[str]:

@@ -8,12 +8,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
+
+DATABASE_DOWN = (OperationalError, InterfaceError)
+"""What SQLAlchemy raises when the database does not answer (as opposed to a query it refuses)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -53,7 +56,40 @@ def alembic_config(engine: Engine) -> Config:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision`; safe to call on every start (a no-op when already there)."""
-    command.upgrade(alembic_config(engine), revision)
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except OperationalError as error:
+        raise unreachable(engine, error) from None
+
+
+def unreachable(engine: Engine, error: OperationalError) -> DatabaseUnavailable:
+    """One line for a database that does not answer, saying how to create it when the server answers but has no
+    database by that name (a new farm's first `archfarm db upgrade`)."""
+    url = engine.url
+    where = url.render_as_string(hide_password=True)
+    if _missing_database(url):
+        create = f"createdb -h {url.host or 'localhost'} -p {url.port or 5432} -U {url.username or 'postgres'}"
+        return DatabaseUnavailable(
+            f"database {url.database!r} does not exist at {where}: create it first ({create} {url.database})"
+        )
+    return DatabaseUnavailable(f"cannot reach the database {where}: {str(error.orig).strip().splitlines()[0]}")
+
+
+def _missing_database(url: URL) -> bool:
+    """Whether a PostgreSQL server answers on its maintenance database but holds none named as `url` says."""
+    if url.get_backend_name() != "postgresql" or not url.database:
+        return False
+    probe = create_engine(url.set(database="postgres"))
+    try:
+        with probe.connect() as connection:
+            found = connection.scalar(
+                text("SELECT count(*) FROM pg_database WHERE datname = :name"), {"name": url.database}
+            )
+    except SQLAlchemyError:
+        return False
+    finally:
+        probe.dispose()
+    return found == 0
 
 
 def require_schema(engine: Engine) -> None:
@@ -66,10 +102,7 @@ def require_schema(engine: Engine) -> None:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except OperationalError as error:
-        where = engine.url.render_as_string(hide_password=True)
-        raise DatabaseUnavailable(
-            f"cannot reach the database {where}: {str(error.orig).strip().splitlines()[0]}"
-        ) from None
+        raise unreachable(engine, error) from None
     if current != head:
         raise SchemaOutdated(
             f"database schema is at {current or 'nothing'}, this archfarm needs {head}: run `archfarm db upgrade`"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -324,6 +324,14 @@ def set_priority(session: Session, job_id: str, priority: int) -> list[str]:
 
 
 def queued_tasks(session: Session, job_id: str) -> list[str]:
+    """The job's queued tasks in expansion order, their messages due now: they are about to be sent (a due
+    time says when a task's latest message became deliverable, which the sweeper reads)."""
+    session.execute(
+        update(Task)
+        .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+        .values(due_at=db_now())
+        .execution_options(synchronize_session=False)
+    )
     return list(
         session.scalars(
             select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
@@ -459,19 +467,60 @@ def idle_queues(session: Session, idle_s: float) -> set[str]:
     return {queue for queues in rows for queue in queues}
 
 
-def sweep(session: Session, queues: Iterable[str], stranded_s: float, limit: int) -> list[str]:
-    """Up to `limit` queued tasks of jobs on `queues` whose message was due more than `stranded_s` ago,
-    marked due now; returns their ids, to be sent again. Concurrent sweepers never take the same task."""
-    stale = db_now(-stranded_s)
+@dataclass(frozen=True)
+class Delivery:
+    """The task a live worker was handed last and renders now: the queue it came from, its job's priority,
+    when its message fell due and when the worker took it (database clock)."""
+
+    queue: str
+    priority: int
+    due_at: datetime
+    taken_at: datetime
+
+
+def deliveries(session: Session) -> list[Delivery]:
+    """What each busy live worker took last: the broker hands out messages in order, so a message taken after
+    another fell due says that one was gone (the sweeper's evidence while the workers are busy)."""
+    rows = session.execute(
+        select(Job.queue, Job.priority, Task.due_at, Task.started_at)
+        .select_from(Worker)
+        .join(Task, Task.id == Worker.current_task)
+        .join(Job, Job.id == Task.job_id)
+        .where(Worker.stopped_at.is_(None), Task.status == TaskStatus.RUNNING, Task.worker == Worker.id)
+    )
+    return [Delivery(queue, priority, aware(due), aware(taken)) for queue, priority, due, taken in rows if taken]
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Where tasks without a message are: queued on `queue`, of jobs at priorities `lowest`-`highest`, due
+    before `due_before` (database clock)."""
+
+    queue: str
+    due_before: datetime
+    lowest: int = 0
+    highest: int = 100
+
+
+def sweep(session: Session, stranded: Sequence[Stranded], limit: int) -> list[str]:
+    """Up to `limit` queued tasks that `stranded` describes, highest priority first, marked due now; returns
+    their ids, to be sent again. Concurrent sweepers never take the same task."""
+    if not stranded:
+        return []
+    where = or_(
+        *(
+            and_(Job.queue == s.queue, Task.due_at < s.due_before, Job.priority.between(s.lowest, s.highest))
+            for s in stranded
+        )
+    )
     ids = list(
         session.scalars(
             select(Task.id)
             .join(Job, Job.id == Task.job_id)
             .where(
                 Task.status == TaskStatus.QUEUED,
-                Task.due_at < stale,
-                Job.queue.in_(list(queues)),
                 Job.paused_at.is_(None),  # a paused job's tasks wait without messages; resume sends them
+                where,
             )
             .order_by(Job.priority.desc(), Task.ordinal)
             .limit(limit)
@@ -479,10 +528,11 @@ def sweep(session: Session, queues: Iterable[str], stranded_s: float, limit: int
     )
     if not ids:
         return []
+    latest = max(s.due_before for s in stranded)  # a concurrent sweeper marks its tasks due now, past it
     return list(
         session.scalars(
             update(Task)
-            .where(Task.id.in_(ids), Task.status == TaskStatus.QUEUED, Task.due_at < stale)
+            .where(Task.id.in_(ids), Task.status == TaskStatus.QUEUED, Task.due_at < latest)
             .values(due_at=db_now())
             .returning(Task.id)
             .execution_options(synchronize_session=False)

@@ -106,6 +106,7 @@ def test_a_service_down_mid_job(
     down = {"redis": survivors.redis, "postgres": survivors.postgres, "s3": survivors.s3}[service]
     job_id = survivors.submit(example_plan, SEEDS, PROFILE)
     survivors.wait_for(lambda: survivors.counts(job_id)["succeeded"] >= 5, 120, "the job to get going")
+    logged = {worker.log: worker.log.stat().st_size for worker in survivors.workers}
     down.stop()
     time.sleep(OUTAGES[service])
     down.start()
@@ -113,6 +114,11 @@ def test_a_service_down_mid_job(
     back = survivors.now()
     survivors.wait_done(job_id, JOB_TIMEOUT_S)
     settle(survivors.outcome(f"{service} down {OUTAGES[service]} s", job_id, back, [service]), outcomes)
+    if service == "postgres":  # a line when the outage starts and one when it ends, per process: no tracebacks
+        for log, size in logged.items():
+            during = log.read_bytes()[size:].decode(errors="replace")
+            assert "Traceback" not in during, during
+            assert during.count("database unreachable, retrying until it answers") <= 2, during  # main and pool
 
 
 def test_a_worker_with_a_wrong_device_takes_nothing(
