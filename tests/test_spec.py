@@ -193,7 +193,7 @@ def test_load_job_resolves_plans_relative_to_the_file(tmp_path: Path) -> None:
 def test_unreadable_job_file_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("name: [unclosed\n")
-    with pytest.raises(InvalidInput, match="job.yaml: unreadable"):
+    with pytest.raises(InvalidInput, match=r"job.yaml: line 2, column 1: expected ',' or '\]', but got '<stream end>'"):
         load_job(path)
     with pytest.raises(InvalidInput, match="no such file"):
         load_job(tmp_path / "missing.yaml")
