@@ -80,10 +80,10 @@ def check_ref(ref: str) -> str:
     otherwise."""
     if ref in PRESETS or ref in ALIASES or is_hub_id(ref) or (is_path(ref) and "\x00" not in ref) or is_url(ref):
         return ref
-    known = ", ".join(sorted([*PRESETS, *ALIASES]))
     raise ValueError(
-        f"{ref!r} is neither a preset ({known}), a folder path, a hub id `owner/name`, nor the URL of a published "
-        "model (s3://bucket/prefix, file:///abs/dir)"
+        f"{ref[:60]!r} names no model: give a folder (absolute, or relative as ./runs/x), a hub id owner/name, the "
+        "URL of a published model (s3://bucket/prefix, file:///abs/dir) or a preset such as sd15, sdxl or tiny-sd15 "
+        "(docs/weights.md lists them)"
     )
 
 

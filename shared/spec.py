@@ -494,6 +494,7 @@ def load_document(path: Path) -> Any:
 def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
     """`line 3, column 1: expected ',' or ']', but got '<scalar>' (while parsing a flow sequence at line 2,
     column 11)`: where the parser stopped, counted from 1 as an editor shows it, and what it was reading."""
+
     def at(mark: yaml.Mark | None) -> str:
         return "" if mark is None else f"line {mark.line + 1}, column {mark.column + 1}"
 

@@ -194,7 +194,7 @@ def test_a_failed_render_is_reported_and_exits_non_zero(
         app, ["render", str(plan), "--style", "modern", "--seeds", "1", "--profile", str(profile)]
     )
     assert result.exit_code == 1
-    assert "the plan changed after the job was submitted" in result.stderr
+    assert f"plan 'plan' ({(tmp_path / 'plan.png').as_uri()}): changed after the job was submitted" in result.stderr
     assert "1 of 1 tasks failed" in result.stderr
     assert ": 0 of 1 images in " in result.stdout  # nothing written, and it says so
 
@@ -408,10 +408,11 @@ def test_outputs_that_are_no_place_for_renders_are_refused(
 
 
 def test_json_commands_report_errors_as_json_with_the_same_exit_code(env: dict[str, str]) -> None:
+    expected = "no job 'not-a-job' (give its id, or at least 4 of its first characters)"
     result = CliRunner().invoke(app, ["status", "not-a-job", "--json"])
-    assert result.exit_code == 2 and json.loads(result.stdout) == {"error": "no job 'not-a-job'"}
+    assert result.exit_code == 2 and json.loads(result.stdout) == {"error": expected}
     plain = CliRunner().invoke(app, ["status", "not-a-job"])
-    assert plain.exit_code == 2 and plain.stderr.strip() == "archfarm: error: no job 'not-a-job'"
+    assert plain.exit_code == 2 and plain.stderr.strip() == f"archfarm: error: {expected}"
 
 
 def test_a_job_is_named_by_the_first_characters_of_its_id(

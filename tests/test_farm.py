@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -207,15 +206,15 @@ def test_sigkill_of_a_whole_worker_mid_task(
     (child,) = children_of(main_pid)
     os.kill(main_pid, signal.SIGKILL)
     wait_for(lambda: not alive(child), 10, "the orphaned pool process to die with its worker")
-    started = time.monotonic()
-    view = farm.wait(job_id, timeout=120)
+    # Recovered by the reaper (heartbeat timeout 4 s here): Redis's visibility timeout is hours, so the job
+    # ending at all within the wait says the reaper handed the task back.
+    view = farm.wait(job_id, timeout=300)
     assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == 4
     assert_exactly_one_artifact_per_image(farm, job_id, 4, s3_server, s3_bucket)
-    # Recovered by the reaper (heartbeat timeout 4 s here), not by Redis's visibility timeout (hours).
-    assert time.monotonic() - started < 90
     with farm.sessions() as session:
         dead = session.scalar(select(Worker).where(Worker.id == task[1]))
         assert dead is not None and dead.stopped_at is not None
+        assert session.scalar(select(Task.worker).where(Task.id == task[0])) != task[1]  # rendered by the other
 
 
 def test_bad_job_is_refused_at_submit_with_nothing_stored(
@@ -264,11 +263,9 @@ def test_second_sigint_stops_at_once_and_the_task_runs_elsewhere(farm: Farm, sta
     wait_for(
         lambda: b"Hitting Ctrl+C again" in worker.log.read_bytes(), 60, "the first SIGINT to start a warm shutdown"
     )
-    stopped = time.monotonic()
     worker.proc.send_signal(signal.SIGINT)
-    worker.proc.wait(60)
-    assert time.monotonic() - stopped < 20  # did not wait for the render (60 steps at 256²)
-    with farm.sessions() as session:
+    worker.proc.wait(120)
+    with farm.sessions() as session:  # handed back unfinished: it did not wait for the render (60 steps at 256²)
         assert session.scalar(select(Task.status).where(Task.id == task_id)) is TaskStatus.QUEUED
     start_workers("cpu:1")
     assert farm.wait(job_id, timeout=180).status is JobStatus.SUCCEEDED

@@ -182,9 +182,9 @@ def test_only_controlnets_take_urls_and_the_pin_is_in_the_digest() -> None:
     pinned = Profile.model_validate({"controls": [{**unit, "model_sha256": "a" * 64}]})
     assert pinned.digest() != Profile.model_validate({"controls": [{**unit, "model_sha256": "b" * 64}]}).digest()
     bad = [
-        ({"controls": [{"kind": "canny", "model": "https://example.com/canny"}]}, "neither a preset"),
+        ({"controls": [{"kind": "canny", "model": "https://example.com/canny"}]}, "names no model"),
         ({"base": "s3://models/base", "controls": [{"kind": "canny"}]}, "only a ControlNet"),
-        ({"controls": [{"kind": "canny", "model": "s3://models/../etc"}]}, "neither a preset"),
+        ({"controls": [{"kind": "canny", "model": "s3://models/../etc"}]}, "names no model"),
         ({"controls": [{"kind": "canny", "model_sha256": "a" * 64}]}, "model_sha256 pins a model named by URL"),
     ]
     for profile, message in bad:

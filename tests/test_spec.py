@@ -86,7 +86,7 @@ def test_buildable_in_python_and_round_trips_through_json() -> None:
         ({"profile": profile(controls=[{**CANNY, "scale": 2.5}])}, "profile.controls.0.scale: should be less"),
         ({"profile": profile(controls=[{**CANNY, "start": 0.6}])}, "start (0.6) must be below end (0.5)"),
         ({"profile": profile(controls=[{**CANNY, "blur": 4}])}, "blur must be 0 or odd"),
-        ({"profile": profile(base="not a model")}, "profile.base: 'not a model' is neither a preset"),
+        ({"profile": profile(base="not a model")}, "profile.base: 'not a model' names no model: give a folder"),
         ({"profile": profile(scheduler="magic")}, "profile.scheduler"),
         ({"profile": "nonesuch"}, "unknown profile 'nonesuch'"),
         ({"styles": [{"name": "x y", "prompt": "p"}]}, "styles.0"),
@@ -150,11 +150,14 @@ def test_the_seed_documents_stacks_are_expressible(tmp_path: Path) -> None:
     ("unit", "expected"),
     [
         ({"kind": "depth", "resolution": 16}, "resolution: should be greater than or equal to 32"),
-        ({"kind": "depth", "depth_model": "no such"}, "is neither a preset"),
+        ({"kind": "depth", "depth_model": "no such"}, "names no model"),
         ({"kind": "plan-depth", "wall_px": 0}, "wall_px: should be greater than or equal to 1"),
         ({"kind": "image"}, "image: required"),
         ({"kind": "image", "image": "ftp://x/y.png"}, "unsupported URL scheme"),
-        ({"kind": "canny", "model": "no/such/folder"}, "is neither a preset"),
+        (
+            {"kind": "canny", "model": "no/such/folder"},
+            "names no model: give a folder (absolute, or relative as ./runs/x)",
+        ),
     ],
 )
 def test_bad_control_units(unit: dict, expected: str) -> None:
