@@ -54,15 +54,17 @@ class Gate:
         return self.required
 
     async def authenticate(self, request: Request, call_next: Next) -> Response:
-        """Every route but the probes, mounted apps included: the caller is the token's (or the session's)
+        """Every route but the probes and the static files: the caller is the token's (or the session's)
         holder, kept on `request.state.caller` for the ownership checks; a wrong or revoked token is always
         refused. On the probes a caller is only told apart (it sees more of `/readyz`)."""
+        request.state.caller = None
+        if request.url.path.startswith("/static/"):
+            return await call_next(request)
         farm: Farm = request.app.state.farm
         token = _bearer(request)
         secret = request.cookies.get(dashboard.SESSION_COOKIE) if token is None else None
         request.state.caller = await run_in_threadpool(_caller, farm, token, secret)
-        path = request.url.path
-        if path in OPEN_PATHS or path.startswith("/static/") or request.state.caller is not None:
+        if request.url.path in OPEN_PATHS or request.state.caller is not None:
             return await call_next(request)
         if token is not None or await run_in_threadpool(self._required, farm):
             if dashboard.is_page(request):
