@@ -1,8 +1,9 @@
 """The REST API: submit, watch, control and fetch results over HTTP; and the dashboard (`/`).
 
 A remote caller must not make the farm read or write its own files: plans, control images and outputs must
-be s3:// URLs under the allowed prefixes, model folders must lie under the allowed roots, and notification URLs
-under the allowed ones (`check_remote`).
+be s3:// URLs under the allowed prefixes, model folders absolute paths under the allowed roots, and
+notification URLs under the allowed ones (`check_remote`). Who calls, and what a browser may make it do, is
+`producer.auth`'s.
 Images are served by their artifact id alone, read from where the farm recorded them, so no caller can name
 a storage key. Errors are RFC 9457 problem documents with one-line messages, as in the CLI (a page of the
 dashboard answers with a page).
@@ -10,29 +11,29 @@ dashboard answers with a page).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from importlib.metadata import version
 from pathlib import PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
 from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, make_asgi_app
-from starlette.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import dashboard, schemas
+from producer import auth, dashboard, schemas
 from producer.client import ArtifactView, Farm, Part, WorkerView
 from producer.metrics import FarmCollector
+from producer.plans import safe_stem
+from producer.schemas import problem
 from shared.config import Settings
 from shared.db.tokens import Caller
 from shared.errors import (
@@ -61,17 +62,14 @@ _STATUS: dict[type[ArchfarmError], int] = {
     ConfigError: 503,
     TransientError: 503,
 }
-OPEN_PATHS = ("/healthz", "/readyz", dashboard.LOGIN)
-"""Probes answer without a token (a load balancer or orchestrator holds none), and so does the sign-in page."""
-TOKEN_COOKIE = "archfarm_token"
-"""The dashboard's sign-in keeps the token here (HttpOnly, SameSite=Strict), sent with its pages and calls."""
+OPEN_PATHS = auth.OPEN_PATHS
+Digest = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="a plan's SHA-256, as its tasks carry it")]
 
 
 def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1") -> FastAPI:
-    """The API for a farm. Tokens are required per `ARCHFARM_API_AUTH`: `auto` requires them when
-    `listen_host` is not a loopback address."""
+    """The API for a farm. Tokens are required per `ARCHFARM_API_AUTH` (`producer.auth.Gate`): `auto` requires
+    them when `listen_host` is not a loopback address, or once any token exists."""
     settings = settings or Settings()
-    require = settings.api_auth == "on" or (settings.api_auth == "auto" and not _loopback(listen_host))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,22 +80,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     app = FastAPI(title="archfarm", version=version("archfarm"), lifespan=lifespan, responses=schemas.ERRORS)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Every route but the probes, mounted apps (/metrics) included: the caller is the token's holder,
-        kept on `request.state.caller` for the ownership checks; a wrong or revoked token is always refused."""
-        request.state.caller = None
-        path = request.url.path
-        if path not in OPEN_PATHS and not path.startswith("/static/"):
-            token = _bearer(request) or request.cookies.get(TOKEN_COOKIE)
-            if token is not None:
-                request.state.caller = await run_in_threadpool(request.app.state.farm.caller, token)
-            if request.state.caller is None and (require or token is not None):
-                if dashboard.is_page(request):
-                    return dashboard.sign_in_redirect(request)
-                headers = {"WWW-Authenticate": "Bearer"}
-                return problem(401, "a valid API token is required (Authorization: Bearer ...)", headers)
-        return await call_next(request)
+    auth.install(app, settings, listen_host)
 
     @app.exception_handler(ArchfarmError)
     async def refused(request: Request, error: ArchfarmError) -> Response:
@@ -122,7 +105,11 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
 
     registry = CollectorRegistry()
     registry.register(FarmCollector(lambda: app.state.farm))
-    app.mount("/metrics", make_asgi_app(registry))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus' text format, answered at /metrics itself (a mounted app redirects to /metrics/)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -131,8 +118,11 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
 
     @app.get("/readyz")
     def readyz(request: Request) -> JSONResponse:
-        """The database and the broker answer (a readiness probe): 503 with what is down otherwise."""
+        """The database, the broker and the storage answer (a readiness probe): 503 with what is down otherwise.
+        Why it is down names hosts and ports, so only a token's holder is told; anyone else reads `down`."""
         checks = farm(request).readiness()
+        if request.state.caller is None:
+            checks = {name: state if state == "ok" else "down" for name, state in checks.items()}
         down = [f"{name}: {state}" for name, state in checks.items() if state != "ok"]
         if down:
             return problem(503, "; ".join(down))
@@ -145,27 +135,40 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
             raise ConfigError("no broker configured: the API only queues work for workers")
         spec = parse_training(job) if is_training(job) else parse_model(JobSpec, job)
         check_remote(spec, client.settings)
+        owner = None if request.state.caller is None else request.state.caller.name
         try:
-            job_id = client.submit(spec, owner=None if request.state.caller is None else request.state.caller.name)
-        except PlanError as error:  # one answer for missing, forbidden and not-an-image alike
-            raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image") from None
+            job_id = client.submit(spec, owner=owner, remote=True)
+        except PlanError as error:  # one answer for missing, forbidden, too large and not-an-image alike
+            limit = f"{client.settings.max_plan_bytes / 2**20:g} MiB"
+            raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image of at most {limit}") from None
         response.headers["Location"] = f"/jobs/{job_id}"
         return client.status(job_id).to_dict()
 
     @app.post("/uploads", status_code=201, response_model=schemas.Upload)
-    def upload(request: Request, name: str = Body(..., embed=True, max_length=200)) -> dict[str, Any]:
+    def upload(request: Request, body: schemas.UploadRequest) -> dict[str, Any]:
         """Where to PUT a plan or control image without storage credentials: a presigned PUT URL (valid
-        `UPLOAD_SECONDS`) and the s3:// URL to name in a job. Each upload gets a key of its own."""
+        `UPLOAD_SECONDS`) for exactly `size` bytes (the signature covers the Content-Length, so S3 itself refuses
+        any other size), and the s3:// URL to name in a job. Each upload gets a folder of its own, holding the
+        file under its own name, made safe: the plan keeps that name in keys, sheets and results."""
         client = farm(request)
         storage = open_storage_from_settings(client.settings)
         if not isinstance(storage, S3Storage):
             raise ConfigError("uploads need the farm's storage on S3 (ARCHFARM_STORAGE_URL=s3://...)")
+        name = PurePosixPath(body.name.replace("\\", "/")).name
         suffix = PurePosixPath(name).suffix.lower()
         if suffix not in UPLOAD_SUFFIXES:
-            raise InvalidInput(f"name: {name[:MAX_ECHO]!r}: uploads take {', '.join(UPLOAD_SUFFIXES)} files")
-        key = f"uploads/{uuid.uuid4()}{suffix}"
-        put = storage.presigned_url(key, UPLOAD_SECONDS, method="put_object")
-        return {"url": storage.url(key), "upload_url": put, "method": "PUT", "expires_in": UPLOAD_SECONDS}
+            raise InvalidInput(f"name: {body.name[:MAX_ECHO]!r}: uploads take {', '.join(UPLOAD_SUFFIXES)} files")
+        if body.size > client.settings.max_plan_bytes:
+            raise InvalidInput(f"size: {body.size} bytes is over this farm's limit of {client.settings.max_plan_bytes}")
+        key = f"uploads/{uuid.uuid4()}/{safe_stem(PurePosixPath(name).stem)}{suffix}"
+        put = storage.presigned_url(key, UPLOAD_SECONDS, method="put_object", content_length=body.size)
+        return {
+            "url": storage.url(key),
+            "upload_url": put,
+            "method": "PUT",
+            "size": body.size,
+            "expires_in": UPLOAD_SECONDS,
+        }
 
     @app.get("/jobs", response_model=list[schemas.Job])
     def jobs(
@@ -212,8 +215,8 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         return change(request, job_id, lambda client: client.resume(job_id))
 
     @app.post("/jobs/{job_id}/priority", response_model=schemas.JobAction)
-    def priority(request: Request, job_id: str, priority: int = Body(..., embed=True)) -> dict[str, Any]:  # noqa: B008
-        return change(request, job_id, lambda client: client.set_priority(job_id, priority))
+    def priority(request: Request, job_id: str, body: schemas.Priority) -> dict[str, Any]:
+        return change(request, job_id, lambda client: client.set_priority(job_id, body.priority))
 
     @app.get("/workers", response_model=list[WorkerView])
     def workers(request: Request) -> list[dict[str, Any]]:
@@ -225,7 +228,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         job_id: str,
         response: Response,
         limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
-        cursor: Annotated[int | None, Query(ge=1)] = None,
+        cursor: Annotated[int | None, Query(ge=1, le=dashboard.MAX_ROW_ID)] = None,
     ) -> dict[str, Any]:
         """Artifacts (all, or a page of `limit`, linking the next as `Link: <...>; rel="next"` whose `cursor` is
         this page's last image) with pre-signed download links where the output is on S3."""
@@ -254,13 +257,20 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     def sheet(
         request: Request,
         job_id: str,
-        row: Annotated[int, Query(ge=0)] = 0,
+        row: dashboard.Offset = 0,
         rows: dashboard.SheetRows = dashboard.SHEET_ROWS,
-        seed: Annotated[int, Query(ge=0)] = 0,
+        seed: dashboard.Offset = 0,
         seeds: dashboard.SheetSeeds = dashboard.SHEET_SEEDS,
     ) -> dict[str, Any]:
         """A page of the contact sheet: plan × style rows, seed columns, each cell's image id or task state."""
         return farm(request).sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds).to_dict()
+
+    @app.get("/jobs/{job_id}/plans/{digest}", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def plan(request: Request, job_id: str, digest: Digest) -> Response:
+        """A preview (JPEG) of one of the job's plans, by its content hash: read from where the job's tasks
+        read it, never from a location the caller names."""
+        headers = {"Cache-Control": "private, max-age=86400, immutable"}  # named by content: never another image
+        return Response(farm(request).plan(job_id, digest), media_type=CONTENT_TYPE, headers=headers)
 
     @app.get("/artifacts/{artifact_id}", response_model=ArtifactView)
     def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> dict[str, Any]:
@@ -332,18 +342,6 @@ def _link_next(request: Request, response: Response, cursor: str) -> None:
     response.headers["Link"] = f'<{next_page.path}?{next_page.query}>; rel="next"'
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def owned(request: Request, job_id: str) -> None:
     """Refuse a change to another owner's job: an admin token may change any, any token its own, and
     without a token (the API not requiring one) there is no owner to tell apart."""
@@ -356,37 +354,41 @@ def owned(request: Request, job_id: str) -> None:
         raise Forbidden(f"job {job_id} belongs to {holder}, not to {caller.name!r}")
 
 
-def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An RFC 9457 problem document: the one shape of every error answer."""
-    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
-    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
-
-
 def check_remote(spec: JobSpec | TrainingSpec, settings: Settings) -> None:
     """Refuse what would let a remote caller reach the farm's own files or network: plans, control images,
     datasets, published models and outputs outside the allowed S3 prefixes, notification URLs outside the
-    allowed ones, and model folders outside the allowed roots. Pure: nothing is looked up, so the answer says
-    nothing about what exists."""
+    allowed ones, and model folders that are not absolute paths under the allowed roots (a relative one would
+    be read from wherever this process runs). Pure: nothing is looked up, so the answer says nothing about
+    what exists, and a refusal names no folder of this machine."""
     urls, refs = _training_refs(spec) if isinstance(spec, TrainingSpec) else _job_refs(spec)
     prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
     allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
     for field, url in urls + [(field, ref) for field, ref in refs if is_url(ref)]:
-        if ".." in url.split("/") or not any(url.startswith(prefix) for prefix in prefixes):
+        if not any(within(url, prefix) for prefix in prefixes):
             raise InvalidInput(f"{field}: {url[:MAX_ECHO]!r}: {allowed}")
     hooks = settings.api_notify_prefixes
     notify = spec.notify if isinstance(spec, JobSpec) else None
     for i, url in enumerate(notify.urls if notify is not None else []):
-        if not any(_under(url, prefix) for prefix in hooks):
+        if not any(within(url, prefix) for prefix in hooks):
             allowed = ", ".join(hooks) or "nothing (ARCHFARM_API_NOTIFY_PREFIXES)"
             raise InvalidInput(f"notify.urls.{i}: {url[:MAX_ECHO]!r}: the API takes notification URLs under {allowed}")
-    roots = [os.path.normpath(root) for root in settings.api_model_roots]
+    roots = [PurePosixPath(os.path.normpath(root)) for root in settings.api_model_roots]
     for field, ref in refs:
-        folder = os.path.normpath(os.path.expanduser(ref)) if is_path(ref) else None
-        if folder is not None and not any(folder == root or folder.startswith(root + os.sep) for root in roots):
+        folder = PurePosixPath(os.path.normpath(ref))
+        if is_path(ref) and not (folder.is_absolute() and any(folder.is_relative_to(root) for root in roots)):
             raise InvalidInput(
-                f"{field}: a model folder is accepted from the API only under ARCHFARM_API_MODEL_ROOTS "
-                f"({', '.join(roots) or 'none configured'}); use a preset or a hub id"
+                f"{field}: the API takes a model folder only as an absolute path under the farm's model roots "
+                "(ARCHFARM_API_MODEL_ROOTS); use a preset or a hub id"
             )
+
+
+def within(url: str, prefix: str) -> bool:
+    """Whether `url` lies under `prefix` by whole path segments, as written (`s3://farm/in` admits
+    `s3://farm/in/a.png`, never `s3://farm/inbox/a.png` nor `s3://farm/in?/a.png`), with no `.` or `..`
+    segment, encoded or not, to climb out of it."""
+    base = prefix.rstrip("/").split("/")
+    parts = url.split("/")
+    return parts[: len(base)] == base and not {".", ".."} & {unquote(part) for part in parts}
 
 
 def _job_refs(spec: JobSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -417,16 +419,6 @@ def _training_refs(spec: TrainingSpec) -> tuple[list[tuple[str, str]], list[tupl
         urls += [(f"train.validation.images.{i}", image) for i, image in enumerate(train.validation.images)]
     refs = [("train.base", train.base)] + ([("train.init", train.init)] if train.init != "base" else [])
     return urls, refs
-
-
-def _under(url: str, prefix: str) -> bool:
-    """`url` on the prefix's scheme and host, its path under the prefix's, and no `..` to climb out of it."""
-    got, allowed = urlsplit(url), urlsplit(prefix)
-    return (
-        (got.scheme, got.netloc.lower()) == (allowed.scheme, allowed.netloc.lower())
-        and got.path.startswith(allowed.path)
-        and ".." not in got.path.split("/")
-    )
 
 
 def _bucket_of(url: str) -> list[str]:

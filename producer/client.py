@@ -49,11 +49,21 @@ from shared.db.store import (
     status_of,
 )
 from shared.db.tokens import Caller, caller_of
-from shared.errors import BrokerUnavailable, ConfigError, InvalidInput, NotFound, StorageError, SubmitWarning, one_line
+from shared.errors import (
+    ArchfarmError,
+    BrokerUnavailable,
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+    SubmitWarning,
+    one_line,
+)
+from shared.images import content_hash, decode_image
 from shared.limits import check_fits_visibility
 from shared.spec import MAX_ECHO, JobSpec, load_document, load_job, parse_model
-from shared.storage import Storage, open_storage
-from shared.thumbnails import CONTENT_TYPE, thumbnail_key, thumbnail_of_png
+from shared.storage import Storage, open_storage, open_storage_from_settings, read_url
+from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
 from shared.training import TrainingSpec, is_training, model_url, parse_training
 from workers.policy import Limits
 
@@ -72,6 +82,11 @@ log = logging.getLogger(__name__)
 Part = Literal["image", "thumbnail", "sidecar"]
 WorkerState = Literal["live", "stale", "dead", "stopped"]
 
+READINESS_PREFIX = "readyz/"
+"""Listed by the readiness probe: a prefix nothing is stored under, so the answer is empty and quick."""
+MAX_FAILURES = 100
+MAX_FAILURE_GROUPS = 50
+"""A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
 OPEN_OUTPUTS = 32
 """Job output storages kept open by one `Farm` (an API process serves many jobs over its life)."""
 
@@ -88,8 +103,14 @@ class JobView:
     created_at: datetime
     eta_s: float | None
     failures: list[dict[str, str]] = field(default_factory=list)
+    """The first `MAX_FAILURES` failed tasks, one by one (kept for programs written against it)."""
+    failure_groups: list[dict[str, Any]] = field(default_factory=list)
+    """Every failed task, counted by plan and reason (`plan`, `error`, `count`), most frequent first: 71 tasks
+    failing for one reason read as one line."""
     workers: int | None = None
     """Live workers that can take the job's tasks (None without a broker: this process renders it)."""
+    workers_live: int | None = None
+    """Live workers on the job's pool, blocklisted for it or not: `workers_live - workers` are blocklisted."""
     paused: bool = False
     owner: str | None = None
     """The API token's name that submitted it; None for this machine's CLI or Python."""
@@ -124,7 +145,9 @@ class JobView:
             "created_at": self.created_at.isoformat(),
             "eta_s": self.eta_s,
             "failures": self.failures,
+            "failure_groups": self.failure_groups,
             "workers": self.workers,
+            "workers_live": self.workers_live,
             "paused": self.paused,
             "owner": self.owner,
             "pool": self.pool,
@@ -243,6 +266,7 @@ class Farm:
         *,
         on_stored: Callable[[str, int], None] | None = None,
         owner: str | None = None,
+        remote: bool = False,
     ) -> str:
         """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
 
@@ -250,7 +274,9 @@ class Farm:
         stored, before its messages go out (a large job takes a while). A broker that refuses the messages
         is a `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the
         broker is back. Without a broker the job is rendered here and now. A training spec becomes a job of
-        one task for a worker of its pool (a farm only: `archfarm train` trains in this process).
+        one task for a worker of its pool (a farm only: `archfarm train` trains in this process). A `remote`
+        job (the REST API's, checked by `producer.api.check_remote`) never has a model name taken for a folder
+        relative to this process.
         """
         spec = _as_spec(job)
         if isinstance(spec, TrainingSpec):
@@ -263,7 +289,7 @@ class Farm:
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
             return self._embedded.render(spec, on_prepared=stored).job_id
         limit = check_fits_visibility(spec.profile, self.settings)
-        prepared = prepare(spec, self.settings, farm=True, owner=owner)
+        prepared = prepare(spec, self.settings, farm=True, owner=owner, remote=remote)
         with self.sessions.begin() as session:
             persist(session, prepared)
         if on_stored is not None:
@@ -306,20 +332,22 @@ class Farm:
         return prepared.id
 
     def status(self, job_id: str) -> JobView:
-        """The job's view; NotFound for an unknown id, also for one that is not an id at all (checked before
-        any query: a NUL or a megabyte of text never reaches the database)."""
-        if not _JOB_ID.fullmatch(job_id):
-            raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
+        """The job's view; NotFound for an unknown id, also for one that is not an id at all."""
+        _check_id(job_id)
         with self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}")
             status, counts = status_of(session, job)
             started, now = first_start(session, job_id)
-            workers = (
-                None
+            timeout = self.settings.heartbeat_timeout
+            workers, live = (
+                (None, None)
                 if self._celery is None
-                else serving_workers(session, job, self.settings.heartbeat_timeout, Limits().blocklist_after)
+                else (
+                    serving_workers(session, job, timeout, Limits().blocklist_after),
+                    serving_workers(session, job, timeout, None),
+                )
             )
             images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
             failures = [
@@ -334,7 +362,17 @@ class Farm:
                     select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
                     .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
                     .order_by(Task.ordinal)
-                    .limit(100)
+                    .limit(MAX_FAILURES)
+                )
+            ]
+            groups = [
+                {"plan": plan, "error": error or "", "count": count}
+                for plan, error, count in session.execute(
+                    select(Task.plan_name, Task.error, func.count())
+                    .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+                    .group_by(Task.plan_digest, Task.plan_name, Task.error)
+                    .order_by(func.count().desc(), func.min(Task.ordinal))
+                    .limit(MAX_FAILURE_GROUPS)
                 )
             ]
             training = _training(session, job)
@@ -350,7 +388,9 @@ class Farm:
             created_at=job.created_at,
             eta_s=None,
             failures=failures,
+            failure_groups=groups,
             workers=workers,
+            workers_live=live,
             paused=job.paused_at is not None,
             owner=job.owner,
             pool=job.spec.get("pool"),
@@ -386,7 +426,9 @@ class Farm:
         newest = select(Job.id, Job.cancelled_at, Job.paused_at).order_by(Job.created_at.desc(), Job.id.desc())
         with self.sessions() as session:
             if after is not None:
-                anchor = session.execute(select(Job.created_at, Job.id).where(Job.id == after)).first()
+                # A cursor that is no job id is refused like an unknown one, without a query.
+                found = select(Job.created_at, Job.id).where(Job.id == after)
+                anchor = session.execute(found).first() if _JOB_ID.fullmatch(after) else None
                 if anchor is None:
                     raise InvalidInput(f"cursor: no job {after[:MAX_ECHO]!r}")
                 older = and_(Job.created_at == anchor.created_at, Job.id < anchor.id)
@@ -455,7 +497,8 @@ class Farm:
             return caller_of(session, token)
 
     def readiness(self) -> dict[str, str]:
-        """Whether the database and the broker answer now: `ok`, or why not (one line each)."""
+        """Whether the database, the broker and the farm's storage answer now: `ok`, or why not (one line
+        each)."""
         checks: dict[str, str] = {}
         try:
             with self.sessions() as session:
@@ -470,6 +513,11 @@ class Farm:
                 checks["broker"] = "ok"
             except Exception as error:  # noqa: BLE001 - kombu raises its own and the transport's errors
                 checks["broker"] = one_line(error)
+        try:
+            open_storage_from_settings(self.settings).list(READINESS_PREFIX)  # a bucket gone fails as well
+            checks["storage"] = "ok"
+        except (ArchfarmError, OSError) as error:
+            checks["storage"] = one_line(error)
         return checks
 
     def workers(self) -> list[WorkerView]:
@@ -539,11 +587,34 @@ class Farm:
             log.warning("image %s: could not keep its thumbnail: %s", artifact.id, error)
         return data
 
+    def plan(self, job_id: str, digest: str) -> bytes:
+        """A JPEG preview of one of the job's plans, named by its content hash: read from where the job's tasks
+        read it (never from a location the caller names), at most `max_plan_bytes`, and only while it still
+        holds the content the job was submitted with."""
+        _check_id(job_id)
+        with self.sessions() as session:
+            url = session.scalar(
+                select(Task.plan_url).where(Task.job_id == job_id, Task.plan_digest == digest).limit(1)
+            )
+        if url is None:
+            raise NotFound(f"job {job_id} has no plan {digest[:12]}")
+        settings = self.settings
+        try:
+            data = read_url(
+                url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, max_bytes=settings.max_plan_bytes
+            )
+        except (FileNotFoundError, PermissionError, InvalidInput):
+            raise NotFound(f"job {job_id}: plan {digest[:12]} is no longer readable where it was stored") from None
+        if content_hash(data) != digest:
+            raise NotFound(f"job {job_id}: plan {digest[:12]} has changed since the job was submitted")
+        return thumbnail(decode_image(data, digest[:12], max_pixels=settings.max_image_pixels))
+
     def sheet(
         self, job_id: str, row_offset: int = 0, rows: int | None = None, seed_offset: int = 0, seeds: int | None = None
     ) -> Sheet:
         """A page of the job's contact sheet: `rows` plan × style rows from `row_offset` and `seeds` columns from
         `seed_offset` (None: all of them), each cell with its image or its task's state."""
+        _check_id(job_id)
         with self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -587,6 +658,7 @@ class Farm:
                     else Cell(seed, states.get((digest, style, seed), TaskStatus.QUEUED.value))
                     for seed in columns
                 ],
+                digest,
             )
             for digest, plan, style in page
         ]
@@ -626,6 +698,13 @@ class Farm:
                     raise StorageError(f"{url}: recorded but missing from storage") from None
                 written.append(target)
         return written
+
+
+def _check_id(job_id: str) -> None:
+    """NotFound for what is not a job id at all, before any query: a NUL or a megabyte of text never reaches
+    the database, and the answer echoes a short prefix of it only."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
 
 
 def _as_spec(job: JobSpec | TrainingSpec | Mapping[str, Any] | str | Path) -> JobSpec | TrainingSpec:

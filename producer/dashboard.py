@@ -3,6 +3,9 @@
 Each page is a template; its live parts are fragments of the same templates, which `static/dashboard.js`
 fetches again every few seconds (`?fragment=NAME`), and its buttons call the REST API. No build step, no
 client-side state: a page reloaded shows what the database says.
+
+Signing in trades a token for a session (`shared.db.tokens`): the cookie holds the session's own secret,
+never the token, lasts `SESSION_SECONDS`, is `Secure` when the page came over HTTPS, and sign-out ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from fastapi.staticfiles import StaticFiles
 from producer.client import TERMINAL_JOB, ArtifactView, Farm
 from producer.templating import ENV
 from shared.db.status import JobStatus
+from shared.db.tokens import SESSION_SECONDS, end_session, start_session
 from shared.errors import InvalidInput
+from shared.spec import MAX_ECHO
 
 STATIC = StaticFiles(directory=Path(__file__).parent / "static")
 
@@ -30,11 +35,17 @@ SHEET_SEEDS = 10
 """A sheet page: 200 thumbnails of a few kilobytes each at most by default, whatever the job's size."""
 SheetRows = Annotated[int, Query(ge=1, le=100)]
 SheetSeeds = Annotated[int, Query(ge=1, le=50)]
+MAX_OFFSET = 2**31 - 1
+"""Far past any job's rows or seeds, and with a page added still inside a bigint and `islice`'s range."""
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+MAX_ROW_ID = 2**63 - 1
+"""The largest bigint: an id past it is refused before it reaches the database."""
 
 router = APIRouter(include_in_schema=False)
 
-ArtifactId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+ArtifactId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 """An artifact's row id: the only way an image is named over HTTP, never by a storage key."""
+SESSION_COOKIE = "archfarm_session"
 
 
 def _farm(request: Request) -> Farm:
@@ -55,7 +66,7 @@ def job_status(value: str | None) -> JobStatus | None:
     try:
         return JobStatus(value)
     except ValueError:
-        raise InvalidInput(f"status: {value!r} is none of {', '.join(s.value for s in JobStatus)}") from None
+        raise InvalidInput(f"status: {value[:MAX_ECHO]!r} is none of {', '.join(s.value for s in JobStatus)}") from None
 
 
 def is_page(request: Request) -> bool:
@@ -80,24 +91,38 @@ def login_form(next: str = "/", failed: bool = False) -> HTMLResponse:  # noqa: 
 def login(
     request: Request, token: Annotated[str, Form(max_length=200)], next: Annotated[str, Form()] = "/"
 ) -> Response:  # noqa: A002
-    """Keep a valid token in an HttpOnly cookie (SameSite=Strict: other sites' pages cannot use it)."""
-    if _farm(request).caller(token.strip()) is None:
+    """A valid token starts a session, kept in an HttpOnly, SameSite=Strict cookie (`Secure` over HTTPS)."""
+    with _farm(request).sessions.begin() as session:
+        secret = start_session(session, token.strip())
+    if secret is None:
         return RedirectResponse(f"{LOGIN}?{urlencode({'next': _local(next), 'failed': 'true'})}", status_code=303)
     response = RedirectResponse(_local(next), status_code=303)
-    response.set_cookie("archfarm_token", token.strip(), httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+    response.set_cookie(SESSION_COOKIE, secret, max_age=SESSION_SECONDS, **_cookie(request))
     return response
 
 
-@router.get("/ui/logout")
-def logout() -> Response:
+@router.post("/ui/logout")
+def logout(request: Request) -> Response:
+    """Ends the session where it is kept, so a copy of the cookie is worth nothing afterwards."""
+    secret = request.cookies.get(SESSION_COOKIE)
+    if secret:
+        with _farm(request).sessions.begin() as session:
+            end_session(session, secret)
     response = RedirectResponse(LOGIN, status_code=303)
-    response.delete_cookie("archfarm_token")
+    response.delete_cookie(SESSION_COOKIE, **_cookie(request))
     return response
+
+
+def _cookie(request: Request) -> dict[str, Any]:
+    """The session cookie's attributes: out of scripts' reach, never sent from another site's pages, and over
+    HTTPS only where the dashboard is served over HTTPS (behind a proxy, as its X-Forwarded-Proto says)."""
+    return {"httponly": True, "samesite": "strict", "secure": request.url.scheme == "https", "path": "/"}
 
 
 def _local(target: str) -> str:
-    """Only a path of this site to go back to: never another host (`//evil`, `https://...`)."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """Only a path of this site to go back to: never another host (`//evil`, `https://...`), nor a page's worth."""
+    local = target.startswith("/") and not target.startswith(("//", "/\\")) and len(target) <= 1000
+    return target if local else "/"
 
 
 def error_page(message: str, status_code: int) -> HTMLResponse:
@@ -105,12 +130,7 @@ def error_page(message: str, status_code: int) -> HTMLResponse:
 
 
 @router.get("/")
-def jobs(
-    request: Request,
-    status: str | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    fragment: str | None = None,
-) -> HTMLResponse:
+def jobs(request: Request, status: str | None = None, offset: Offset = 0, fragment: str | None = None) -> HTMLResponse:
     wanted = job_status(status)
     views = _farm(request).jobs(limit=JOBS_PER_PAGE + 1, offset=offset, status=wanted)
     return page(
@@ -130,30 +150,33 @@ def jobs(
 def job(
     request: Request,
     job_id: str,
-    row: Annotated[int, Query(ge=0)] = 0,
-    seed: Annotated[int, Query(ge=0)] = 0,
+    row: Offset = 0,
+    seed: Offset = 0,
     rows: SheetRows = SHEET_ROWS,
     seeds: SheetSeeds = SHEET_SEEDS,
     fragment: str | None = None,
 ) -> HTMLResponse:
-    """The job's summary, controls and a page of its contact sheet (a training job has none: its summary
-    shows steps, loss and where the model goes); a live part reads only what it shows."""
+    """The job's summary, controls, a page of its contact sheet (each row beside its plan) and its failures by
+    plan and reason (a training job has no sheet: its summary shows steps, loss and where the model goes); a
+    live part reads only what it shows."""
     farm = _farm(request)
+    part = _only(fragment, "summary", "sheet", "failures")
     context: dict[str, Any] = {}
     training = False
-    if _only(fragment, "summary", "sheet") != "sheet":
+    if part != "sheet":
         view = farm.status(job_id)
         context.update(title=view.name, view=view, active=view.status not in TERMINAL_JOB)
         training = view.training is not None
-    if fragment != "summary" and not training:
+    if part in (None, "sheet") and not training:
         context.update(
             sheet=farm.sheet(job_id, row_offset=row, rows=rows, seed_offset=seed, seeds=seeds),
             rows=rows,
             seeds=seeds,
             src=lambda artifact: f"/artifacts/{artifact.id}/thumbnail",
             href=lambda artifact: f"/ui/artifacts/{artifact.id}",
+            plan_src=lambda row: f"/jobs/{job_id}/plans/{row.plan_digest}",
         )
-    return page("job.html", fragment, **context)
+    return page("job.html", part, **context)
 
 
 @router.get("/ui/workers")
@@ -205,5 +228,5 @@ def details(view: ArtifactView, meta: dict[str, Any]) -> dict[str, Any]:
 
 def _only(fragment: str | None, *names: str) -> str | None:
     if fragment is not None and fragment not in names:
-        raise InvalidInput(f"fragment: {fragment!r} is none of {', '.join(names)}")
+        raise InvalidInput(f"fragment: {fragment[:MAX_ECHO]!r} is none of {', '.join(names)}")
     return fragment

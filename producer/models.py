@@ -19,17 +19,20 @@ from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_
 from shared.spec import DepthControl, Profile
 
 
-def pin_models(profile: Profile, *, here: bool) -> tuple[Profile, list[str]]:
+def pin_models(profile: Profile, *, here: bool, relative: bool = True) -> tuple[Profile, list[str]]:
     """The profile with every local folder made absolute (a worker started elsewhere finds the same path),
     and notices for what cannot be known from here. Raises InvalidInput for a model that cannot load here
-    when the job renders here."""
+    when the job renders here.
+
+    `relative`: whether a bare name that is a folder of this process's working folder names that folder (the
+    CLI's convenience); False for the REST API, where `owner/name` is a hub id whatever this disk holds."""
     notices: list[str] = []
 
     def pin(field: str, ref: str, config: str) -> str:
         folder = Path(ref).expanduser()
         if ref in PRESETS or is_url(ref):  # a published model is checked by `pin_published`
             return ref
-        if is_path(ref) or (ref not in ALIASES and folder.is_dir()):
+        if is_path(ref) or (relative and ref not in ALIASES and folder.is_dir()):
             # Absolute, symlinks kept: the link is what workers mount, not where it points on this machine.
             absolute = Path(os.path.abspath(folder))
             if here and not absolute.is_dir():

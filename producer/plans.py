@@ -24,8 +24,12 @@ class Plan:
 
 
 def safe_name(url: str) -> str:
-    """The file stem reduced to a path-safe alphabet: names become key segments, never path tricks."""
-    stem = PurePosixPath(unquote(urlparse(url).path)).stem
+    """The file stem of a plan's URL, made safe (`safe_stem`)."""
+    return safe_stem(PurePosixPath(unquote(urlparse(url).path)).stem)
+
+
+def safe_stem(stem: str) -> str:
+    """A name reduced to a path-safe alphabet: names become key segments, never path tricks."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-")[:64]
     return cleaned or "plan"
 
@@ -34,7 +38,9 @@ def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
     """Read and fully decode one plan; any problem is a `PlanError` naming it."""
     try:
         url = canonical_url(plan)
-        data = read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+        data = read_url(
+            url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, max_bytes=settings.max_plan_bytes
+        )
     except FileNotFoundError:
         raise PlanError(plan, "no such file") from None
     except PermissionError:

@@ -4,12 +4,21 @@ client can be generated from it, and FastAPI checks each answer against its mode
 from __future__ import annotations
 
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from producer.client import ArtifactView
 from shared.db.status import JobStatus
+
+
+class _Request(BaseModel):
+    """A request body as job specs are read: unknown fields refused, no coercion (`true` is not 1, `"90"` not
+    90)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Problem(BaseModel):
@@ -27,6 +36,12 @@ class Failure(BaseModel):
     style: str
     seeds: str
     error: str
+
+
+class FailureGroup(BaseModel):
+    plan: str
+    error: str
+    count: int = Field(description="failed tasks of this plan with this reason")
 
 
 class TrainingProgress(BaseModel):
@@ -52,7 +67,14 @@ class Job(BaseModel):
     created_at: datetime
     eta_s: float | None
     failures: list[Failure] = Field(description="the first 100 failed tasks, with their reasons")
+    failure_groups: list[FailureGroup] = Field(
+        description="every failed task counted by plan and reason, most frequent first (50 groups at most)"
+    )
     workers: int | None = Field(description="live workers that can take its tasks; null without a broker")
+    workers_live: int | None = Field(
+        description="live workers of its pool, blocklisted for it or not (those beyond `workers` are); null "
+        "without a broker"
+    )
     paused: bool
     owner: str | None = Field(description="the token's name that submitted it; null from the CLI or Python")
     pool: str | None
@@ -71,10 +93,22 @@ class Results(BaseModel):
     artifacts: list[ArtifactView]
 
 
+class Priority(_Request):
+    priority: int = Field(ge=0, le=100, description="higher runs first")
+
+
+class UploadRequest(_Request):
+    name: str = Field(
+        min_length=1, max_length=200, description="the file's name: its stem names the plan in keys and sheets"
+    )
+    size: int = Field(ge=1, description="the file's size in bytes, at most the farm's ARCHFARM_MAX_PLAN_BYTES")
+
+
 class Upload(BaseModel):
     url: str = Field(description="the s3:// URL to name in a job once the file is PUT")
     upload_url: str = Field(description="a presigned URL to PUT the file to, without credentials")
     method: Literal["PUT"]
+    size: int = Field(description="the PUT must carry exactly this many bytes: its Content-Length is signed")
     expires_in: int
 
 
@@ -82,10 +116,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": why}
     for status, why in (
         (401, "no valid token where one is required"),
-        (403, "another owner's job"),
+        (403, "another owner's job, or a browser's request from another site or port"),
         (404, "no such job or image"),
         (422, "invalid input: the detail names the field and the value"),
-        (503, "the broker or the database is away, or the farm is not set up for this"),
+        (503, "the broker, the database or the storage is away, or the farm is not set up for this"),
     )
 }
 """The error answers every route may give, for the schema."""
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem document: the one shape of every error answer."""
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")

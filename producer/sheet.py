@@ -41,6 +41,8 @@ class Row:
     plan: str
     style: str
     cells: list[Cell]
+    plan_digest: str = ""
+    """The plan's content hash: the dashboard shows the plan beside its row by it."""
 
     @property
     def label(self) -> str:
@@ -76,6 +78,7 @@ class Sheet:
             "rows": [
                 {
                     "plan": row.plan,
+                    "plan_digest": row.plan_digest,
                     "style": row.style,
                     "cells": [
                         {"seed": c.seed, "state": c.state, "artifact": c.artifact.id if c.artifact else None}

@@ -43,9 +43,12 @@ class PreparedJob:
     owner: str | None = None
 
 
-def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str | None = None) -> PreparedJob:
+def prepare(
+    spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str | None = None, remote: bool = False
+) -> PreparedJob:
     """Check the plans, control images, models and output URL, and expand the task list; raises `InvalidInput`.
-    Models published to storage are pinned by their manifest's hash (`pin_published`).
+    Models published to storage are pinned by their manifest's hash (`pin_published`). A `remote` job (the
+    REST API's) never has a bare model name taken for a folder of this process.
 
     For a `farm`, local plans and control images are copied into the configured storage once everything has
     been checked, so workers on other machines read the same bytes (content-addressed: stored once); models
@@ -54,7 +57,7 @@ def prepare(spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     check_output(output_url)
-    profile, notices = pin_models(spec.profile, here=not farm)
+    profile, notices = pin_models(spec.profile, here=not farm, relative=not remote)
     profile = pin_published(profile, settings)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         80_000_000, description="Largest plan image (width × height) decoded; larger ones are refused as bombs."
     )
+    max_plan_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        le=512 * 1024 * 1024,
+        description="Largest plan or control image file (bytes) that submit reads; larger ones are refused by "
+        "their size, before anything is decoded. Also the most a REST API upload may carry.",
+    )
     queue: str = Field("archfarm", description="Celery queue that jobs are sent to and workers consume by default.")
     heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a worker's heartbeats.")
     heartbeat_timeout: float = Field(

@@ -364,7 +364,7 @@ def describe_errors(errors: Sequence[Any], source: str = "") -> str:
     """`describe` for pydantic's error list, also as FastAPI reports a malformed request."""
     found: dict[str, list[tuple[str, str, Any]]] = {}
     for err in errors:
-        loc = ".".join(_printable(str(p)) for i, p in enumerate(err["loc"]) if not _internal(err["loc"], i))
+        loc = ".".join(_printable(_cut(str(p))) for i, p in enumerate(err["loc"]) if not _internal(err["loc"], i))
         found.setdefault(loc or "job", []).append((err["type"], _message(err), err.get("input")))
     # A union reports every alternative; where one got past the type check (an error deeper down, or one that
     # is not about the type), the others' type errors are noise.
@@ -381,12 +381,16 @@ def describe_errors(errors: Sequence[Any], source: str = "") -> str:
         got = kept[0][1]
         shown = ""
         if not isinstance(got, dict | list) and got is not None and not any(str(got) in m for m in messages):
-            text = repr(got)
-            shown = f" (got {text[:MAX_ECHO]}{'…' if len(text) > MAX_ECHO else ''})"
+            shown = f" (got {_cut(repr(got))})"
         problems.append(f"{loc}: {_printable(' or '.join(messages))[:MAX_MESSAGE]}{_printable(shown)}")
     more = len(problems) - MAX_PROBLEMS
     problems = problems[:MAX_PROBLEMS] + ([f"and {more} more"] if more > 0 else [])
     return (f"{_printable(source)}: " if source else "") + "; ".join(problems)
+
+
+def _cut(text: str) -> str:
+    """At most `MAX_ECHO` characters of what the user sent (a value, or a key: an unknown key may be megabytes)."""
+    return text[:MAX_ECHO] + ("…" if len(text) > MAX_ECHO else "")
 
 
 def _message(err: Any) -> str:
@@ -402,7 +406,7 @@ def _message(err: Any) -> str:
         return "unknown field"
     if kind == "union_tag_invalid":
         field = str(ctx.get("discriminator", "kind")).strip("'")
-        return f"unknown {field} {ctx.get('tag')!r}; one of {ctx.get('expected_tags')}"
+        return f"unknown {field} {_cut(repr(ctx.get('tag')))}; one of {ctx.get('expected_tags')}"
     return str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "should be")
 
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import io
+import json
+import re
+import tracemalloc
+import urllib.error
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import func, select, update
+from typer.testing import CliRunner
 
-from producer.api import create_app
+from producer.api import check_remote, create_app
+from producer.cli import app as cli
+from producer.dashboard import MAX_OFFSET, MAX_ROW_ID
 from shared.config import Settings
-from shared.db.models import Task, TaskStatus
+from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
+from shared.db.store import record_failure, register_worker
+from shared.db.tokens import create_token
 from shared.errors import InvalidInput
+from shared.spec import MAX_ECHO, JobSpec
+from shared.storage import read_url
 from tests.conftest import queued_messages
 from tests.processes import wait_for
 from workers.lifecycle import Lifecycle
@@ -113,6 +126,8 @@ def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(
     assert thumbnail.status_code == 200 and thumbnail.content[:3] == b"\xff\xd8\xff"  # a JPEG
     assert api.get(f"/artifacts/{artifact['id']}/sidecar").json()["job"]["id"] == job_id
     assert api.get(f"/artifacts/{artifact['id'] + 1000}/image").status_code == 404
+    details = api.get(f"/ui/artifacts/{artifact['id']}", params={"fragment": "artifact"}).text
+    assert f'src="/jobs/{job_id}/plans/{artifact["plan_digest"]}"' in details  # the plan beside the render
     sheet = api.get(f"/jobs/{job_id}/sheet").json()
     assert [(r["plan"], r["style"]) for r in sheet["rows"]] == [("ground", "modern"), ("ground", "industrial")]
     assert sheet["seeds"] == [1, 2] and all(c["state"] == "rendered" for r in sheet["rows"] for c in r["cells"])
@@ -128,10 +143,10 @@ def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(
         ({"seeds": [True, False]}, "seeds.0: should be a valid integer (got True)"),
         ({"seeds": ["1", "2"]}, "seeds.0: should be a valid integer (got '1')"),
         ({"output": ""}, "output: String should have at least 1 character"),
-        ({"profile": {**PROFILE, "base": "/root"}}, "profile.base: a model folder is accepted from the API only"),
+        ({"profile": {**PROFILE, "base": "/root"}}, "profile.base: the API takes a model folder only as an absolute"),
         (
             {"profile": {**PROFILE, "controls": [{"kind": "depth", "depth_model": "/nonexistent"}]}},
-            "profile.controls.0.depth_model: a model folder is accepted from the API only",
+            "profile.controls.0.depth_model: the API takes a model folder only as an absolute path",
         ),
         ({"styles": ["gothic"]}, "styles: unknown style 'gothic'"),
         (
@@ -161,9 +176,9 @@ def training(dataset: str, output: str, **train: object) -> dict:
     [
         ({"dataset": "/srv/boxes"}, "train.dataset: '/srv/boxes': the API takes s3:// URLs under s3://"),
         ({"dataset": "s3://other-bucket/boxes"}, "train.dataset: 's3://other-bucket/boxes': the API takes s3://"),
-        ({"init": "/models/cn"}, "train.init: a model folder is accepted from the API only"),
+        ({"init": "/models/cn"}, "train.init: the API takes a model folder only as an absolute path"),
         ({"init": "s3://other-bucket/cn"}, "train.init: 's3://other-bucket/cn': the API takes s3://"),
-        ({"base": "/root"}, "train.base: a model folder is accepted from the API only"),
+        ({"base": "/root"}, "train.base: the API takes a model folder only as an absolute path"),
         (
             {"validation": {"prompts": ["a room"], "images": ["/etc/passwd"]}},
             "train.validation.images.0: '/etc/passwd': the API takes s3:// URLs under s3://",
@@ -233,7 +248,7 @@ def test_missing_and_unreadable_plans_get_one_answer_and_ids_are_checked_first(
         url: api.post("/jobs", json=job(url)).json()["detail"]
         for url in (f"s3://{s3_bucket}/plans/nope.png", f"s3://{s3_bucket}/plans/notes.txt")
     }
-    assert [detail.split(": ", 1)[1] for detail in answers.values()] == ["not a readable image"] * 2
+    assert [detail.split(": ", 1)[1] for detail in answers.values()] == ["not a readable image of at most 64 MiB"] * 2
     folders = [
         api.post("/jobs", json=job(f"s3://{s3_bucket}/x.png", profile={**PROFILE, "base": base}))
         for base in ("/root", "/no-such-dir")
@@ -245,23 +260,104 @@ def test_missing_and_unreadable_plans_get_one_answer_and_ids_are_checked_first(
         assert response.status_code == 404 and len(response.text) < 200
 
 
-def test_a_huge_value_is_not_echoed_back(api: TestClient, s3_plan: str) -> None:
-    response = api.post("/jobs", json=job(s3_plan, name="n" * 5_000_000))
-    assert response.status_code == 422 and len(response.content) < 500
+def test_no_answer_echoes_more_than_a_short_prefix_of_a_value_or_a_key(
+    api: TestClient, s3_plan: str, s3_bucket: str
+) -> None:
+    huge = "k" * 5_000_000
+    bodies = [
+        job(s3_plan, name=huge),
+        {**job(s3_plan), huge: 1},
+        job(s3_plan, profile={**PROFILE, "controls": [{"kind": "canny", huge: 1}]}),
+        job(s3_plan, profile={**PROFILE, "controls": [{"kind": huge}]}),
+        {**training(f"s3://{s3_bucket}/datasets/boxes", f"s3://{s3_bucket}/training/boxes"), huge: 1},
+    ]
+    bodies[-1]["train"][huge] = 1
+    for body in bodies:
+        response = api.post("/jobs", json=body)
+        assert response.status_code == 422 and len(response.content) < 1000, response.text[:300]
+        assert "k" * (MAX_ECHO + 1) not in response.text
+    for path in ("/", "/?fragment=jobs", "/jobs"):
+        response = api.get(path, params={"status": "s" * 12_000})
+        assert response.status_code == 422 and "s" * (MAX_ECHO + 1) not in response.text, path
 
 
-def test_model_roots_admit_folders_under_them_only() -> None:
-    from producer.api import check_remote
-    from shared.spec import JobSpec
-
+def test_model_folders_are_taken_only_as_absolute_paths_under_the_roots() -> None:
     settings = Settings(storage_url="s3://farm/renders", api_model_roots=["/models"])
-    for base, ok in [("/models/sd15", True), ("/models/../etc", False), ("/modelsx/a", False), ("sd15", True)]:
+    cases = [
+        ("/models/sd15", True),
+        ("/models", True),
+        ("sd15", True),
+        ("owner/name", True),  # a hub id, whatever a folder of that name holds where the API runs
+        ("/models/../etc", False),
+        ("/modelsx/a", False),
+        ("./models/sd15", False),
+        ("../models/sd15", False),
+        ("~/models/sd15", False),
+    ]
+    for base, ok in cases:
         spec = JobSpec.model_validate(job("s3://farm/p.png", profile={**PROFILE, "base": base}))
         if ok:
             check_remote(spec, settings)
-        else:
-            with pytest.raises(InvalidInput, match="ARCHFARM_API_MODEL_ROOTS"):
-                check_remote(spec, settings)
+            continue
+        with pytest.raises(InvalidInput, match="ARCHFARM_API_MODEL_ROOTS") as refused:
+            check_remote(spec, settings)
+        assert "/models" not in str(refused.value).replace(base, ""), "a refusal names no folder of the server"
+
+
+def test_a_bare_name_is_never_a_folder_where_the_api_runs(
+    api: TestClient, s3_plan: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`srv/secretnet` beside the API process is a hub id to the API: it is neither read nor pinned as a folder,
+    and the answer is the same whether such a folder exists, holds a model or not."""
+    (tmp_path / "srv" / "secretnet").mkdir(parents=True)
+    (tmp_path / "srv" / "secretnet" / "config.json").write_text("{}")
+    (tmp_path / "srv" / "notamodel").mkdir()
+    monkeypatch.chdir(tmp_path)
+    profiles = [
+        {**PROFILE, "controls": [{"kind": "canny", "model": name}]}
+        for name in ("srv/secretnet", "srv/notamodel", "srv/nosuchdir")
+    ] + [{**PROFILE, "base": "srv/notamodel"}]
+    farm = api.app.state.farm  # type: ignore[attr-defined]
+    for profile in profiles:
+        created = api.post("/jobs", json=job(s3_plan, profile=profile))
+        assert created.status_code == 201, created.text
+        with farm.sessions() as session:
+            stored = session.get(Job, created.json()["id"]).spec["profile"]
+        assert (stored["base"], stored["controls"][0].get("model")) == (
+            profile["base"],
+            profile["controls"][0].get("model"),
+        )
+
+
+def test_prefixes_admit_whole_path_segments_only() -> None:
+    settings = Settings(
+        storage_url="s3://farm/renders",
+        api_storage_prefixes=["s3://farm/in", "s3://farm/out/"],
+        api_notify_prefixes=["https://hooks.example/farm"],
+    )
+    for url in ("s3://farm/in/a.png", "s3://farm/in/deep/a.png", "s3://farm/out/b.png"):
+        check_remote(JobSpec.model_validate(job(url)), settings)
+    for url in (
+        "s3://farm/inbox/a.png",
+        "s3://farm/in-other/a.png",
+        "s3://farm/in?/a.png",
+        "s3://farmhouse/in/a.png",
+        "s3://farm/output/a.png",
+        "s3://farm/in/../x/a.png",
+        "s3://farm/in/%2e%2e/x/a.png",
+    ):
+        with pytest.raises(InvalidInput, match="the API takes s3:// URLs under"):
+            check_remote(JobSpec.model_validate(job(url)), settings)
+    plan = "s3://farm/in/a.png"
+    check_remote(JobSpec.model_validate(job(plan, notify={"urls": ["https://hooks.example/farm/job"]})), settings)
+    for hook in (
+        "https://hooks.example/farmer",
+        "https://hooks.example/farm.evil/x",
+        "https://hooks.example.evil/farm/x",
+        "https://hooks.example/farm/%2e%2e/admin",
+    ):
+        with pytest.raises(InvalidInput, match="the API takes notification URLs under"):
+            check_remote(JobSpec.model_validate(job(plan, notify={"urls": [hook]})), settings)
 
 
 def test_without_a_broker_the_api_refuses_to_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,24 +408,220 @@ def test_every_error_is_one_problem_shape_and_created_jobs_have_a_location(api: 
     assert created.status_code == 201 and created.headers["location"] == f"/jobs/{created.json()['id']}"
 
 
-def test_readiness_says_what_is_down(api: TestClient, farm_env: dict[str, str], tmp_path: Path) -> None:
-    assert api.get("/readyz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
-    settings = Settings(**{"database_url": f"sqlite:///{tmp_path / 'a.db'}", "broker_url": "redis://127.0.0.1:1/0"})
+def test_readiness_covers_storage_and_tells_why_only_to_a_token_holder(
+    api: TestClient, tmp_path: Path, s3_bucket: str
+) -> None:
+    assert api.get("/readyz").json() == {"status": "ok", "database": "ok", "broker": "ok", "storage": "ok"}
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'a.db'}",
+        broker_url=None,
+        storage_url=f"s3://{s3_bucket}/renders",
+        s3_endpoint_url="http://127.0.0.1:1",  # nothing listens there: S3 is down
+    )
     with TestClient(create_app(settings)) as client:
-        down = client.get("/readyz")
-    assert down.status_code == 503 and down.json()["detail"].startswith("broker: ")
+        anonymous = client.get("/readyz")
+        with client.app.state.farm.sessions.begin() as session:  # type: ignore[attr-defined]
+            token = create_token(session, "ops", admin=True)
+        told = client.get("/readyz", headers={"Authorization": f"Bearer {token}"})
+    assert anonymous.status_code == 503 and anonymous.json()["detail"] == "storage: down"
+    assert told.status_code == 503 and told.json()["detail"].startswith("storage: ") and "127.0.0.1:1" in told.text
 
 
-def test_a_client_without_storage_credentials_uploads_its_plan_and_submits(api: TestClient, example_plan: Path) -> None:
-    ticket = api.post("/uploads", json={"name": "ground floor.png"})
-    assert ticket.status_code == 201 and ticket.json()["method"] == "PUT"
-    put = urllib.request.Request(ticket.json()["upload_url"], data=example_plan.read_bytes(), method="PUT")
-    with urllib.request.urlopen(put, timeout=10) as response:  # plain HTTP: no AWS keys, no signing here
-        assert response.status == 200
-    created = api.post("/jobs", json=job(ticket.json()["url"]))
+def test_metrics_answer_at_their_own_path(api: TestClient) -> None:
+    response = api.get("/metrics", follow_redirects=False)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert "archfarm_images_rendered_total" in response.text
+
+
+def put(url: str, body: bytes) -> int:
+    """PUT `body` to a presigned URL as a client without AWS keys would: plain HTTP, Content-Length set."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT"), timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_client_without_storage_credentials_uploads_its_plan_under_its_name_and_submits(
+    api: TestClient, example_plan: Path, s3_bucket: str
+) -> None:
+    data = example_plan.read_bytes()
+    ticket = api.post("/uploads", json={"name": "../Ground floor.PNG", "size": len(data)})
+    assert ticket.status_code == 201 and ticket.json()["method"] == "PUT" and ticket.json()["size"] == len(data)
+    url = ticket.json()["url"]
+    assert re.fullmatch(rf"s3://{s3_bucket}/renders/uploads/[0-9a-f-]{{36}}/Ground-floor\.png", url), url
+    # S3 itself holds the client to the size it stated: the signature covers the Content-Length.
+    assert [put(ticket.json()["upload_url"], body) for body in (data + b"\0" * 600, data[:-1])] == [403, 403]
+    assert put(ticket.json()["upload_url"], data) == 200
+    created = api.post("/jobs", json=job(url))
     assert created.status_code == 201, created.text
-    refused = api.post("/uploads", json={"name": "tool.exe"})
-    assert refused.status_code == 422 and "uploads take .png" in refused.json()["detail"]
+    sheet = api.get(f"/jobs/{created.json()['id']}/sheet").json()
+    assert {row["plan"] for row in sheet["rows"]} == {"Ground-floor"}  # the user's name, not the upload's id
+    for name, stem in [("..\\..\\a b.png", "a-b"), ("/etc/passwd.png", "passwd"), ("x/.hidden.jpg", "hidden")]:
+        key = api.post("/uploads", json={"name": name, "size": 10}).json()["url"].split("/uploads/", 1)[1]
+        assert re.fullmatch(rf"[0-9a-f-]{{36}}/{stem}\.(png|jpg)", key), (name, key)
+    for body, expected in [
+        ({"name": "tool.exe", "size": 10}, "uploads take .png"),
+        ({"name": "plan.png", "size": 64 * 2**20 + 1}, "over this farm's limit of 67108864"),
+        ({"name": "plan.png", "size": 0}, "size: should be greater than or equal to 1"),
+        ({"name": "plan.png", "size": "10"}, "size: should be a valid integer"),
+        ({"name": "plan.png"}, "size: required"),
+    ]:
+        refused = api.post("/uploads", json=body)
+        assert refused.status_code == 422 and expected in refused.json()["detail"], refused.text
+
+
+def test_a_plan_over_the_size_limit_is_refused_by_its_size_without_being_read(
+    farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_server, s3_bucket: str, example_plan: Path
+) -> None:
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="plans/huge.png", Body=b"\0" * (40 * 2**20))
+    client.put_object(Bucket=s3_bucket, Key="plans/small.png", Body=example_plan.read_bytes())
+    endpoint = {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
+    read_url(f"s3://{s3_bucket}/plans/small.png", **endpoint)  # the S3 client is made and cached before measuring
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput, match="larger than the limit of 1048576 bytes"):
+            read_url(f"s3://{s3_bucket}/plans/huge.png", **endpoint, max_bytes=2**20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak} bytes allocated to refuse a 40 MiB object"
+    with TestClient(create_app(Settings(max_plan_bytes=2**20))) as api:
+        refused = api.post("/jobs", json=job(f"s3://{s3_bucket}/plans/huge.png"))
+        assert refused.status_code == 422
+        assert refused.json()["detail"].endswith(": not a readable image of at most 1 MiB")
+        assert api.post("/jobs", json=job(f"s3://{s3_bucket}/plans/small.png")).status_code == 201
+
+
+def test_no_id_cursor_offset_or_row_reaches_the_database_unchecked(api: TestClient, s3_plan: str) -> None:
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    past = str(2**64)
+    answers = {
+        "/jobs/a%00b/sheet": 404,
+        "/ui/jobs/a%00b?fragment=sheet": 404,
+        "/ui/jobs/a%00b": 404,
+        "/jobs?cursor=a%00b": 422,
+        f"/?offset={past}": 422,
+        f"/ui/jobs/{job_id}?row={past}": 422,
+        f"/ui/jobs/{job_id}?fragment=sheet&seed={past}": 422,
+        f"/jobs/{job_id}/sheet?row={past}": 422,
+        f"/jobs/{job_id}/results?cursor={past}": 422,
+        f"/jobs/{job_id}/results?cursor={2**63}": 422,
+        f"/jobs/{job_id}/results?cursor={MAX_ROW_ID}": 422,  # a valid id that names no image of the job
+        f"/jobs/{job_id}/plans/{'0' * 64}": 404,
+        f"/jobs/{job_id}/plans/..%2F..%2Fetc%2Fpasswd": 404,
+        f"/artifacts/{2**63}": 422,
+    }
+    for path, status in answers.items():
+        response = api.get(path)
+        assert response.status_code == status, (path, response.text[:300])
+        assert "\x00" not in response.text and past not in response.text.replace(f"got '{past}'", "")
+    # The largest offsets accepted are answered with empty pages.
+    assert api.get(f"/jobs/{job_id}/sheet", params={"row": MAX_OFFSET, "seed": MAX_OFFSET}).json()["rows"] == []
+    assert 'data-job="' not in api.get("/", params={"offset": MAX_OFFSET}).text
+
+
+def test_priority_takes_an_integer_from_0_to_100_and_nothing_else(api: TestClient, s3_plan: str) -> None:
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    for body in ({"priority": True}, {"priority": "90"}, {"priority": 90.0}, {"priority": 101}, {"priority": None}, {}):
+        refused = api.post(f"/jobs/{job_id}/priority", json=body)
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("body.priority: "), body
+    refused = api.post(f"/jobs/{job_id}/priority", json={"priority": 90, "urgent": True})
+    assert refused.status_code == 422 and "body.urgent: unknown field" in refused.json()["detail"]
+    assert api.get(f"/jobs/{job_id}").json()["priority"] == 50
+    changed = api.post(f"/jobs/{job_id}/priority", json={"priority": 90})
+    assert changed.status_code == 200 and changed.json()["priority"] == 90 and changed.json()["sent"] == 4
+
+
+def test_a_plan_is_served_by_its_digest_from_where_its_tasks_read_it(
+    api: TestClient, s3_plan: str, s3_server, s3_bucket: str, example_plan: Path
+) -> None:
+    job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    digest = api.get(f"/jobs/{job_id}/sheet").json()["rows"][0]["plan_digest"]
+    preview = api.get(f"/jobs/{job_id}/plans/{digest}")
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/jpeg"
+    assert "immutable" in preview.headers["cache-control"]
+    assert max(Image.open(io.BytesIO(preview.content)).size) == 256
+    assert f'src="/jobs/{job_id}/plans/{digest}"' in api.get(f"/ui/jobs/{job_id}").text  # beside its sheet rows
+    assert api.get(f"/jobs/{job_id}/plans/{'f' * 64}").status_code == 404  # no plan of this job
+    # A plan overwritten since: its digest no longer holds, and nothing else is shown under it.
+    flipped = io.BytesIO()
+    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped, format="PNG")
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plans/ground.png", Body=flipped.getvalue())
+    changed = api.get(f"/jobs/{job_id}/plans/{digest}")
+    assert changed.status_code == 404 and "changed since the job was submitted" in changed.json()["detail"]
+
+
+def test_failures_are_grouped_and_blocklisted_workers_said_as_such_everywhere(
+    api: TestClient, s3_plan: str, s3_server, s3_bucket: str, example_plan: Path, farm_env: dict[str, str]
+) -> None:
+    flipped = io.BytesIO()
+    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped, format="PNG")
+    s3_server.client().put_object(Bucket=s3_bucket, Key="plans/first.png", Body=flipped.getvalue())
+    created = api.post("/jobs", json=job(s3_plan, plans=[s3_plan, f"s3://{s3_bucket}/plans/first.png"]))
+    job_id = created.json()["id"]
+    farm = api.app.state.farm  # type: ignore[attr-defined]
+    reasons = {"ground": ["plan unreadable"] * 3, "first": ["out of memory", "out of memory", "lost device"]}
+    queue = farm_env["ARCHFARM_QUEUE"]
+    with farm.sessions.begin() as session:  # what workers record as the tasks run and fail
+        tasks = session.execute(select(Task).where(Task.job_id == job_id).order_by(Task.ordinal)).scalars().all()
+        # One task of `ground` rendered by a worker since stopped: that plan renders, the nodes are at fault.
+        done = tasks[0]
+        register_worker(session, "gpu-c#1", "gpu-c", "cpu", 1, [queue])
+        session.execute(update(Worker).where(Worker.id == "gpu-c#1").values(stopped_at=func.now()))
+        session.execute(update(Task).where(Task.id == done.id).values(status=TaskStatus.SUCCEEDED, worker="gpu-c#1"))
+        session.add(
+            Artifact(
+                job_id=job_id,
+                task_id=done.id,
+                plan_digest=done.plan_digest,
+                style=done.style,
+                seed=done.seeds[0],
+                url=f"s3://{s3_bucket}/renders/x.png",
+                sidecar_url=f"s3://{s3_bucket}/renders/x.json",
+                width=64,
+                height=64,
+                size_bytes=1,
+            )
+        )
+        failing = [(task.id, reasons[task.plan_name].pop()) for task in tasks[1:] if reasons[task.plan_name]]
+        for task_id, reason in failing:
+            session.execute(update(Task).where(Task.id == task_id).values(status=TaskStatus.FAILED, error=reason))
+        for node in ("gpu-a", "gpu-b"):  # two live workers of the job's pool, each failing three tasks of `ground`
+            register_worker(session, f"{node}#1", node, "cpu", 1, [queue])
+            for task_id, reason in failing[:3]:
+                record_failure(session, task_id, job_id, node, "error", reason)
+    groups = [
+        {"plan": "ground", "error": "plan unreadable", "count": 3},
+        {"plan": "first", "error": "out of memory", "count": 2},
+        {"plan": "first", "error": "lost device", "count": 1},
+    ]
+    view = api.get(f"/jobs/{job_id}").json()
+    assert view["failure_groups"] == groups and len(view["failures"]) == 6
+    assert (view["workers"], view["workers_live"]) == (0, 2)
+    cli_view = json.loads(CliRunner().invoke(cli, ["status", job_id, "--json"]).stdout)
+    assert cli_view["failure_groups"] == groups and cli_view["workers_live"] == 2
+    page = api.get(f"/ui/jobs/{job_id}").text
+    assert "0 of 2 live workers may take it: 2 blocklisted for this job" in page
+    failures = page[page.index("Contact sheet") :]  # below the sheet
+    rows = re.findall(
+        r"<tr><td>(\w+)</td><td class=\"reason\">([\w ]+)</td><td class=\"num\">(\d+)</td></tr>", failures
+    )
+    assert rows == [(g["plan"], g["error"], str(g["count"])) for g in groups]
+    assert "6 failed tasks by plan and reason" in failures
+    with farm.sessions.begin() as session:  # the last task fails too: the job has ended, partly failed
+        session.execute(
+            update(Task)
+            .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.FAILED, error="lost device")
+        )
+    summary = api.get(f"/ui/jobs/{job_id}", params={"fragment": "summary"}).text
+    assert "partially succeeded" in summary
+    assert "1/8 ok · 7 failed" in summary and "100%" not in summary
+    assert "1/8 ok · 7 failed" in api.get("/", params={"fragment": "jobs"}).text
 
 
 def conforms(value: object, schema: dict, components: dict) -> bool:

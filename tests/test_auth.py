@@ -1,5 +1,6 @@
-"""API tokens and job owners against the real services: every route refuses a missing, wrong or revoked token
-(401, never 500, never success), a user changes only its own jobs (403 otherwise), an admin any."""
+"""API tokens, dashboard sessions and job owners against the real services: every route refuses a missing, wrong
+or revoked token (401, never 500, never success), a user changes only its own jobs (403 otherwise), an admin
+any; a browser's request from another origin changes nothing, and no page of the farm can be framed."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from pathlib import Path
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from starlette.routing import Mount
 from typer.testing import CliRunner
 
 from producer.api import OPEN_PATHS, create_app
+from producer.auth import FRAMING
 from producer.cli import app as cli
 from producer.client import Farm
+from producer.dashboard import SESSION_COOKIE
 from shared.config import Settings
-from shared.db.tokens import create_token, revoke_token
+from shared.db.clock import db_now
+from shared.db.models import ApiSession
+from shared.db.tokens import SESSION_SECONDS, create_token, revoke_token
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.s3]
 
@@ -108,6 +114,106 @@ def test_tokens_are_required_beyond_loopback_unless_configured(farm_env: dict[st
     ]:
         with TestClient(create_app(Settings(api_auth=auth), listen_host=host)) as client:  # type: ignore[arg-type]
             assert client.get("/jobs").status_code == status, (host, auth)
+
+
+def test_auto_requires_a_token_on_loopback_too_once_one_exists(
+    farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, farm: Farm
+) -> None:
+    """Once the farm has owners, a local process is no operator by default: `auto` stops trusting loopback."""
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    with TestClient(create_app(Settings(api_auth="auto"), listen_host="127.0.0.1")) as client:
+        assert client.get("/jobs").status_code == 200
+        with farm.sessions.begin() as session:
+            token = create_token(session, "alice", admin=False)
+        assert client.get("/jobs").status_code == 401
+        assert client.get("/jobs", headers=bearer(token)).status_code == 200
+        with farm.sessions.begin() as session:
+            revoke_token(session, "alice")
+        assert client.get("/jobs").status_code == 401  # a revoked token still says the farm has owners
+        assert client.get("/healthz").status_code == 200
+    with TestClient(create_app(Settings(api_auth="off"), listen_host="127.0.0.1")) as client:
+        assert client.get("/jobs").status_code == 200  # what an operator chooses explicitly
+
+
+def sign_in(client: TestClient, token: str) -> str:
+    """The dashboard's sign-in form, posted; the Set-Cookie header it answers."""
+    answer = client.post("/ui/login", data={"token": token, "next": "/"}, follow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+    return answer.headers["set-cookie"]
+
+
+def test_the_session_cookie_is_not_the_token_is_short_lived_and_ends_with_sign_out(
+    api: TestClient, tokens: dict[str, str], farm: Farm
+) -> None:
+    cookie = sign_in(api, tokens["alice"])
+    secret = api.cookies[SESSION_COOKIE]
+    attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert tokens["alice"] not in cookie and secret.startswith("afs_")
+    assert {"httponly", "samesite=strict", f"max-age={SESSION_SECONDS}", "path=/"} <= attributes
+    assert "secure" not in attributes  # served over plain HTTP here: a Secure cookie would never come back
+    assert api.get("/jobs").status_code == 200 and api.get("/").status_code == 200
+    signed_out = api.post("/ui/logout", follow_redirects=False)
+    assert signed_out.status_code == 303 and SESSION_COOKIE not in api.cookies
+    replayed = {"Cookie": f"{SESSION_COOKIE}={secret}"}  # a copy kept from before is worth nothing now
+    assert api.get("/jobs", headers=replayed).status_code == 401
+    assert api.get("/", headers=replayed, follow_redirects=False).headers["location"].startswith("/ui/login")
+
+    with TestClient(api.app, base_url="https://farm.example") as https:
+        assert "secure" in {part.strip().lower() for part in sign_in(https, tokens["bob"]).split(";")}
+    sign_in(api, tokens["bob"])
+    assert api.get("/jobs").status_code == 200
+    with farm.sessions.begin() as session:  # the session has lived its hours
+        session.execute(update(ApiSession).values(expires_at=db_now(-1)))
+    assert api.get("/jobs").status_code == 401
+    sign_in(api, tokens["bob"])
+    with farm.sessions.begin() as session:
+        revoke_token(session, "bob")  # a revoked token's sessions end with it
+    assert api.get("/jobs").status_code == 401
+    failed = api.post("/ui/login", data={"token": tokens["gone"]}, follow_redirects=False)
+    assert failed.headers["location"].startswith("/ui/login?") and "set-cookie" not in failed.headers
+
+
+def test_a_browser_request_from_another_origin_changes_nothing(
+    api: TestClient, tokens: dict[str, str], s3_plan: str
+) -> None:
+    """Same-site is not same-origin: a page on another port of the same host is refused like another site's."""
+    job_id = api.post("/jobs", json=job(s3_plan), headers=bearer(tokens["alice"])).json()["id"]
+    sign_in(api, tokens["alice"])
+    foreign = [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": "http://testserver:8001"},
+        {"Origin": "http://testserver:8001"},  # a browser too old to send Sec-Fetch-Site
+        {"Origin": "null"},
+    ]
+    for headers in foreign:
+        for action in ("pause", "cancel", "retry", "resume"):
+            refused = api.post(f"/jobs/{job_id}/{action}", headers=headers)
+            assert refused.status_code == 403 and "another site or port" in refused.json()["detail"], headers
+        assert api.post(f"/jobs/{job_id}/priority", json={"priority": 90}, headers=headers).status_code == 403
+        assert api.post("/ui/logout", headers=headers).status_code == 403
+        assert api.post("/ui/login", data={"token": tokens["bob"]}, headers=headers).status_code == 403
+    view = api.get(f"/jobs/{job_id}").json()
+    assert (view["status"], view["paused"], view["priority"]) == ("queued", False, 50)
+    same = {"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"}
+    assert api.post(f"/jobs/{job_id}/pause", headers=same).json()["paused"]
+    assert api.post(f"/jobs/{job_id}/resume", headers={"Origin": "http://testserver"}).status_code == 200
+    assert api.post(f"/jobs/{job_id}/cancel", headers=bearer(tokens["alice"])).json()["status"] == "cancelled"
+
+
+def test_no_answer_may_be_framed(api: TestClient, tokens: dict[str, str]) -> None:
+    answers = [
+        api.get("/ui/login"),
+        api.get("/", follow_redirects=False),
+        api.get("/jobs"),
+        api.get("/healthz"),
+        api.get(f"/jobs/{SOME_JOB}", headers=bearer(tokens["alice"])),
+        api.get("/", headers=bearer(tokens["alice"])),
+        api.get("/static/dashboard.css"),
+        api.post("/jobs/x/cancel", headers={"Sec-Fetch-Site": "cross-site"}),
+    ]
+    for answer in answers:
+        assert {name: answer.headers.get(name) for name in FRAMING} == FRAMING, answer.request.url
 
 
 def test_token_commands(farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, farm: Farm) -> None:

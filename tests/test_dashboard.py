@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Debian's Chromium driven by Playwright) against a running `archfarm api`, real
-`archfarm worker` processes, Redis, PostgreSQL and S3: progress to 100%, the contact sheet's thumbnails, one
-image's details, pause and resume, cancel. Screenshots go to the test's temporary folder."""
+`archfarm worker` processes, Redis, PostgreSQL and S3: progress to 100%, the contact sheet's thumbnails beside
+their plans, one image's details, pause and resume, cancel; pages of another port that try to change a job, and
+sign-out. Screenshots go to the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from producer.client import Farm
+from producer.dashboard import SESSION_COOKIE
+from shared.db.status import JobStatus
 from shared.db.tokens import create_token
 from tests.conftest import queued_messages, service_missing
 from tests.processes import wait_for
@@ -66,6 +72,44 @@ def dashboard(farm_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     yield base
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture
+def other_port() -> Iterator[Callable[[str], str]]:
+    """Pages served from another port of 127.0.0.1: the dashboard's site, another origin. `serve(html)` answers
+    `html` at a path of its own and returns its URL."""
+    pages: dict[str, bytes] = {}
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+            body = pages.get(self.path, b"")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(html: str) -> str:
+        path = f"/{len(pages)}"
+        pages[path] = html.encode()
+        return f"http://127.0.0.1:{server.server_port}{path}"
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+
+
+def sign_in(page: Any, dashboard: str, token: str) -> None:
+    page.goto(dashboard)  # sent to sign in first
+    page.get_by_label("Token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("table.jobs").wait_for(timeout=10_000)
 
 
 def job(plan: Path, name: str, plans: int = 1, seeds: int = 2) -> dict:
@@ -132,23 +176,31 @@ def test_progress_sheet_details_pause_resume_and_cancel_in_a_browser(
     assert sheet.locator("thead th").all_inner_texts()[1:] == ["seed 0", "seed 1"]
     rows = [text.replace("\n", " / ") for text in sheet.locator("tbody th").all_inner_texts()]
     assert rows == ["ground / modern", "ground / japandi", "first / modern", "first / japandi"]
-    thumbnails = sheet.locator("img")
+    thumbnails = sheet.locator("td img")
     assert thumbnails.count() == 8
     for index in range(8):
         thumbnail = thumbnails.nth(index)
         thumbnail.scroll_into_view_if_needed()
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle())
+    plans_shown = sheet.locator("tbody th img.plan")  # each row beside its plan
+    assert plans_shown.count() == 4
+    for index in range(4):
+        page.wait_for_function(
+            "img => img.complete && img.naturalWidth > 0", arg=plans_shown.nth(index).element_handle()
+        )
     page.screenshot(path=screens / "sheet.png", full_page=True)
 
     # One image's details: the full image, its sidecar's facts and a download link.
     thumbnails.nth(3).click()
     details = page.locator("dialog#details[open]")
-    details.locator("img").wait_for()
+    details.locator(".pair > a img").wait_for()
     page.wait_for_function("() => document.querySelector('dialog#details img').naturalWidth === 64")
     assert "japandi interior" in details.locator(".prompt").inner_text()
     assert "seed 1" in details.locator("h2").inner_text()
     assert "tiny-canny" in details.locator("table.controls").inner_text()
     assert "render_s" in details.inner_text()
+    page.wait_for_function("() => document.querySelector('dialog#details figure.plan img').naturalWidth > 0")
+    assert details.locator("figure.plan figcaption").inner_text() == "plan ground"
     download = details.get_by_role("link", name="Download PNG")
     response = page.request.get(dashboard + download.get_attribute("href"))
     assert response.ok and response.body()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -173,3 +225,46 @@ def test_progress_sheet_details_pause_resume_and_cancel_in_a_browser(
     assert live.count() == 1 and "tiny-sd15" in live.inner_text() and "cpu" in live.inner_text()
     page.screenshot(path=screens / "workers.png")
     assert not problems
+
+
+def test_a_page_of_another_port_cannot_change_a_job_while_the_dashboard_can_and_sign_out_ends_the_session(
+    browser: Any, farm: Farm, dashboard: str, other_port: Callable[[str], str], example_plan: Path
+) -> None:
+    """The page on another port is same-site: the browser sends the session cookie with its requests (SameSite=
+    Strict lets it through), so only the server's refusal of another origin keeps the job running."""
+    target = farm.submit(job(example_plan, "target"))  # no worker runs: it stays queued
+    with farm.sessions.begin() as session:
+        token = create_token(session, "ops", admin=True)
+    page = browser.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    sign_in(page, dashboard, token)
+    cancel = f"{dashboard}/jobs/{target}/cancel"
+
+    # A script's no-cors fetch: sent with the cookie, its answer unreadable to the page.
+    script = f'fetch("{cancel}", {{method: "POST", mode: "no-cors", credentials: "include"}})'
+    page.goto(other_port(f"<script>{script}.then(() => document.title = 'sent')</script>"))
+    page.wait_for_function("document.title === 'sent'")
+    assert farm.status(target).status is JobStatus.QUEUED
+    # A form a script posts: the browser goes to the answer.
+    with page.expect_response(cancel) as answer:
+        page.goto(
+            other_port(f'<form method="post" action="{cancel}"></form><script>document.forms[0].submit()</script>')
+        )
+    assert answer.value.status == 403 and "another site or port" in answer.value.text()
+    assert farm.status(target).status is JobStatus.QUEUED
+
+    # The dashboard's own button, on its own origin, cancels.
+    page.goto(f"{dashboard}/ui/jobs/{target}")
+    page.get_by_role("button", name="Cancel").click()
+    page.locator(".summary h1 .status").filter(has_text="cancelled").wait_for(timeout=15_000)
+    assert farm.status(target).status is JobStatus.CANCELLED
+
+    # Sign-out ends the session: the cookie the browser held opens nothing afterwards.
+    secret = next(cookie["value"] for cookie in page.context.cookies() if cookie["name"] == SESSION_COOKIE)
+    assert secret != token
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("Token").wait_for(timeout=10_000)
+    replayed = urllib.request.Request(f"{dashboard}/jobs", headers={"Cookie": f"{SESSION_COOKIE}={secret}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(replayed, timeout=10)  # noqa: S310 - loopback
+    assert refused.value.code == 401

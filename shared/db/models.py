@@ -1,4 +1,5 @@
-"""Tables `jobs`, `tasks`, `artifacts`, `workers`, `task_failures`, `api_tokens`, `notifications` as typed models.
+"""Tables `jobs`, `tasks`, `artifacts`, `workers`, `task_failures`, `api_tokens`, `api_sessions`, `notifications` as
+typed models.
 
 A job's status is not stored: it is derived from its task rows (`shared.db.status`), so duplicate deliveries
 and concurrent workers cannot leave a counter out of step with reality.
@@ -193,6 +194,20 @@ class ApiToken(Base):
     admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ApiSession(Base):
+    """A dashboard sign-in: the browser's cookie holds a random value of its own, never the token, stored here as
+    its SHA-256. It lasts a few hours, ends with sign-out, and with its token's revocation."""
+
+    __tablename__ = "api_sessions"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token: Mapped[str] = mapped_column(ForeignKey("api_tokens.name", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (Index("ix_api_sessions_expires_at", "expires_at"),)
 
 
 class Notification(Base):

@@ -108,22 +108,25 @@ def open_storage_from_settings(settings: Settings, url: str | None = None) -> St
     )
 
 
-def read_url(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
-    """The bytes of ONE object named by a path, file:// URL or s3://bucket/key URL (plan images, mostly)."""
+def read_url(
+    url: str, *, endpoint_url: str | None = None, region: str | None = None, max_bytes: int = MAX_READ_BYTES
+) -> bytes:
+    """The bytes of ONE object named by a path, file:// URL or s3://bucket/key URL (plan images, mostly); one
+    larger than `max_bytes` is refused by its size, never read into memory whole."""
     where = _parse(url)
     if isinstance(where, tuple):
         bucket, key = where
         if not key:
             raise InvalidInput(f"URL {url!r} names a bucket, not an object")
-        return S3Storage(bucket, endpoint_url=endpoint_url, region=region).get(key)
+        return S3Storage(bucket, endpoint_url=endpoint_url, region=region).get(key, limit=max_bytes)
     # Read directly, not through LocalStorage: a path the user names may be a symlink to anywhere. Only
     # regular files of bounded size: a device such as /dev/zero would otherwise be read until memory runs out.
     try:
         info = where.stat()
         if not stat.S_ISREG(info.st_mode):
             raise InvalidInput(f"{url}: not a regular file")
-        if info.st_size > MAX_READ_BYTES:
-            raise InvalidInput(f"{url}: {info.st_size} bytes is over the limit of {MAX_READ_BYTES}")
+        if info.st_size > max_bytes:
+            raise InvalidInput(f"{url}: {info.st_size} bytes is over the limit of {max_bytes}")
         return where.read_bytes()
     except (IsADirectoryError, NotADirectoryError) as e:
         raise FileNotFoundError(f"no file {url!r}: {e.strerror}") from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -132,11 +132,21 @@ class S3Storage:
         with self._errors("get", key):
             self.client.download_file(self.bucket, name, str(path))
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, an object larger than that is refused (InvalidInput) by the size S3
+        states, and its body is never read past the limit, whatever the size said."""
         name = self._key(key)
         with self._errors("get", key):
             # The body is read inside too: a dropped connection mid-stream is a storage failure as well.
-            return self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+            answer = self.client.get_object(Bucket=self.bucket, Key=name)
+            with closing(answer["Body"]) as body:
+                if limit is None:
+                    return bytes(body.read())
+                too_big = answer["ContentLength"] > limit
+                data = b"" if too_big else bytes(body.read(limit + 1))
+        if too_big or len(data) > limit:
+            raise InvalidInput(f"s3://{self.bucket}/{name}: larger than the limit of {limit} bytes")
+        return data
 
     def exists(self, key: str) -> bool:
         name = self._key(key)
@@ -166,17 +176,20 @@ class S3Storage:
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def presigned_url(self, key: str, expires: int = 3600, method: str = "get_object") -> str:
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "get_object", content_length: int | None = None
+    ) -> str:
         """An HTTP URL that lets anyone holding it GET the object (or, with `method="put_object"`, PUT it) for
-        `expires` seconds, without credentials.
+        `expires` seconds, without credentials. A PUT's `content_length` is signed: S3 refuses a body of any
+        other size.
 
         Signing is local: it neither checks that the object exists nor contacts the server. The URL names
         `public_endpoint_url` where one is set.
         """
         if not 1 <= expires <= MAX_PRESIGN_SECONDS:
             raise InvalidInput(f"presigned URL lifetime must be 1..{MAX_PRESIGN_SECONDS} s, not {expires}")
-        name = self._key(key)
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if content_length is not None:
+            params["ContentLength"] = content_length
         with self._errors("presign", key):
-            return self._presigner.generate_presigned_url(
-                method, Params={"Bucket": self.bucket, "Key": name}, ExpiresIn=expires
-            )
+            return self._presigner.generate_presigned_url(method, Params=params, ExpiresIn=expires)
