@@ -385,9 +385,12 @@ def check_remote(spec: JobSpec | TrainingSpec, settings: Settings) -> None:
 def within(url: str, prefix: str) -> bool:
     """Whether `url` lies under `prefix` by whole path segments, as written (`s3://farm/in` admits
     `s3://farm/in/a.png`, never `s3://farm/inbox/a.png` nor `s3://farm/in?/a.png`), with no `.` or `..`
-    segment, encoded or not, to climb out of it."""
+    segment, encoded or not, to climb out of it. The scheme and the host are compared in any case, as they
+    mean the same in any case."""
     base = prefix.rstrip("/").split("/")
     parts = url.split("/")
+    for segments in (base, parts):
+        segments[:3] = [segment.lower() for segment in segments[:3]]  # `scheme:`, ``, `host`
     return parts[: len(base)] == base and not {".", ".."} & {unquote(part) for part in parts}
 
 

@@ -44,16 +44,17 @@ def resolve(ref: str, models_dir: Path) -> str:
     """Where `from_pretrained` should load `ref` from: a local folder's absolute path, or a hub id.
 
     The job was validated at submit; this only maps the name. A folder missing here stays a path, so
-    loading it fails with a `ModelError` that names this machine's view of it.
+    loading it fails with a `ModelError` that names this machine's view of it. Only a path is a folder (submit
+    made the CLI's bare relative folders absolute): a bare `owner/name` is a hub id, whatever folder of that
+    name lies where this worker runs.
     """
     if ref in BUILDERS:
         return str(_ensure_built(ref, models_dir))
     if ref in ALIASES:
         return ALIASES[ref]
-    folder = Path(ref).expanduser()
-    if is_path(ref) or folder.is_dir():
+    if is_path(ref):
         try:
-            return str(folder.resolve())
+            return str(Path(ref).expanduser().resolve())
         except (OSError, RuntimeError) as error:  # a symlink loop, a path too long
             raise ModelError(f"cannot load model {ref!r}: {error}") from None
     if not is_hub_id(ref):
