@@ -65,7 +65,6 @@ from shared.spec import MAX_ECHO, JobSpec, load_document, load_job, parse_model
 from shared.storage import Storage, open_storage, open_storage_from_settings, read_url
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
 from shared.training import TrainingSpec, is_training, model_url, parse_training
-from workers.policy import Limits
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -345,7 +344,7 @@ class Farm:
                 (None, None)
                 if self._celery is None
                 else (
-                    serving_workers(session, job, timeout, Limits().blocklist_after),
+                    serving_workers(session, job, timeout, self.settings.blocklist_after or None),
                     serving_workers(session, job, timeout, None),
                 )
             )

@@ -80,7 +80,7 @@ class Embedded:
                 worker="local",
                 node="local",
                 send=self._queue.send,
-                limits=Limits.in_process(self.settings.transient_budget),
+                limits=Limits.in_process(self.settings),
             )
         lifecycle = self.lifecycle
         notifier = self.notifier = self.notifier or Notifier(self.settings, sessions)

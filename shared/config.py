@@ -81,6 +81,20 @@ class Settings(BaseSettings):
         description="Seconds a task keeps retrying transient errors (storage, database, broker away) before it "
         "fails: outages shorter than this are ridden out.",
     )
+    error_nodes: int = Field(3, ge=1, description="A task fails once errors it raised came from this many nodes.")
+    error_attempts: int = Field(5, ge=1, description="A task fails once it has raised errors this many times.")
+    crash_nodes: int = Field(
+        3, ge=1, description="A task fails once the process running it has died on this many nodes."
+    )
+    crash_attempts: int = Field(
+        5, ge=1, description="A task fails once the process running it has died this many times."
+    )
+    blocklist_after: int = Field(
+        3,
+        ge=0,
+        description="A node that failed this many tasks of a job whose plans other nodes render takes no more of "
+        "them; 0: no blocklist.",
+    )
     visibility_timeout: int = Field(
         6 * 3600,
         gt=0,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from shared.config import Settings
 from workers.policy import Action, ErrorKind, History, Limits, decide
 
 FARM = Limits(transient_budget_s=900)
-ALONE = Limits.in_process(transient_budget_s=120)
+ALONE = Limits.in_process(Settings(transient_budget=120))
 
 K = ErrorKind
 A = Action
@@ -16,7 +17,6 @@ TABLE = [
     # kind, history, limits, action, delay, reason starts with
     (K.CANCELLED, History(), FARM, A.CANCEL, 0, ""),
     (K.PERMANENT, History(), FARM, A.FAIL, 0, "boom"),
-    (K.INTERRUPTED, History(errors=4, crashes=4), FARM, A.HAND_BACK, 0, ""),
     # transient: backoff doubles from 2 s to a 60 s cap, then a time budget, not a count, ends it
     (K.TRANSIENT, History(transients=1, transient_s=0), FARM, A.RETRY, 2, ""),
     (K.TRANSIENT, History(transients=2, transient_s=3), FARM, A.RETRY, 4, ""),
@@ -56,5 +56,17 @@ def test_decision_table(
 
 
 def test_in_process_limits_keep_the_farm_budget_when_it_is_shorter() -> None:
-    assert Limits.in_process(transient_budget_s=30).transient_budget_s == 30
-    assert Limits.in_process(transient_budget_s=900).transient_budget_s == 120
+    assert Limits.in_process(Settings(transient_budget=30)).transient_budget_s == 30
+    assert Limits.in_process(Settings(transient_budget=900)).transient_budget_s == 120
+
+
+def test_a_farms_limits_are_its_settings() -> None:
+    """Every process reads the same limits (workers decide by them, `status` counts blocklists by them)."""
+    limits = Limits.farm(Settings(error_nodes=2, crash_attempts=9, blocklist_after=0, transient_budget=60))
+    assert (limits.error_nodes, limits.crash_attempts, limits.blocklist_after, limits.transient_budget_s) == (
+        2,
+        9,
+        None,
+        60,
+    )
+    assert Limits() == Limits.farm(Settings())

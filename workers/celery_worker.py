@@ -102,7 +102,7 @@ def lifecycle() -> Lifecycle:
             worker=WORKER_ID,
             node=NODE,
             send=send,
-            limits=Limits(transient_budget_s=settings.transient_budget),
+            limits=Limits.farm(settings),
             # Control maps are cached in the shared storage, so each is computed once for the whole farm.
             farm_storage=open_storage_from_settings(settings),
             # Whoever settles a task notices at once whether its job ended or failed (the upkeep catches the rest).

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
-from shared.db.models import Job, Task, TaskStatus
+from shared.db.models import FailureKind, Job, Task, TaskStatus
 from shared.db.session import DATABASE_DOWN
 from shared.db.store import (
     blocklisted_nodes,
@@ -437,7 +437,7 @@ class Lifecycle:
 
         def apply(session: Session) -> tuple[Decision, TaskStatus | None, list[str]]:
             if kind in COUNTED:
-                record_failure(session, held.task_id, held.job_id, self.node, kind.value, reason)
+                record_failure(session, held.task_id, held.job_id, self.node, COUNTED[kind], reason)
             decision = decide(kind, _history(session, held.task_id), self.limits, reason)
             siblings: list[str] = []
             if decision.action is Action.FAIL:
@@ -558,10 +558,10 @@ class _JobInfo:
 def _history(session: Session, task_id: str) -> History:
     counts = failure_counts(session, task_id)
     return History(
-        errors=counts.attempts.get("error", 0),
-        error_nodes=counts.nodes.get("error", 0),
-        crashes=counts.attempts.get("crash", 0),
-        crash_nodes=counts.nodes.get("crash", 0),
-        transients=counts.attempts.get("transient", 0),
-        transient_s=counts.age_s.get("transient", 0.0),
+        errors=counts.attempts.get(FailureKind.ERROR, 0),
+        error_nodes=counts.nodes.get(FailureKind.ERROR, 0),
+        crashes=counts.attempts.get(FailureKind.CRASH, 0),
+        crash_nodes=counts.nodes.get(FailureKind.CRASH, 0),
+        transients=counts.attempts.get(FailureKind.TRANSIENT, 0),
+        transient_s=counts.age_s.get(FailureKind.TRANSIENT, 0.0),
     )

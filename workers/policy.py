@@ -15,7 +15,6 @@ task's history and applies the decision. The rules:
 - crash (the process running the task died: killed from outside, or by the task): retried; fails once the
   task has died with `crash_nodes` different nodes or `crash_attempts` times, so a task that kills every
   process it runs in ends, while a kill from outside costs nothing but the render;
-- interrupted (the worker shut down, was declared dead, or lost its database): handed back, not counted;
 - blocked (this node is blocklisted for the job): handed back for another node after a short delay, or
   failed, with the error that blocklisted the node, when no live node may take it.
 """
@@ -24,6 +23,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+from shared.config import Settings
+from shared.db.models import FailureKind
 
 IN_PROCESS_TRANSIENT_S = 120.0
 
@@ -34,12 +36,15 @@ class ErrorKind(str, enum.Enum):
     TRANSIENT = "transient"
     ERROR = "error"
     CRASH = "crash"
-    INTERRUPTED = "interrupted"
     BLOCKED = "blocked"
 
 
-COUNTED = (ErrorKind.TRANSIENT, ErrorKind.ERROR, ErrorKind.CRASH)
-"""Kinds recorded as failed attempts in `task_failures` (and so in a task's history)."""
+COUNTED = {
+    ErrorKind.TRANSIENT: FailureKind.TRANSIENT,
+    ErrorKind.ERROR: FailureKind.ERROR,
+    ErrorKind.CRASH: FailureKind.CRASH,
+}
+"""Kinds recorded as failed attempts in `task_failures` (and so in a task's history), as what they are stored as."""
 
 
 class Action(str, enum.Enum):
@@ -49,17 +54,22 @@ class Action(str, enum.Enum):
     CANCEL = "cancel"
 
 
+_DEFAULTS = Settings.model_fields
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The policy's knobs; `Limits()` is the farm's, `Limits.in_process()` the embedded runner's."""
+    """The policy's knobs: `Limits.farm(settings)` a farm worker's, `Limits.in_process(settings)` the embedded
+    runner's; the defaults are the settings' defaults."""
 
-    error_nodes: int = 3
-    error_attempts: int = 5
-    crash_nodes: int = 3
-    crash_attempts: int = 5
-    blocklist_after: int | None = 3
-    """A node that raised on this many tasks of a job stops taking them (None: no blocklist)."""
-    transient_budget_s: float = 900.0
+    error_nodes: int = _DEFAULTS["error_nodes"].default
+    error_attempts: int = _DEFAULTS["error_attempts"].default
+    crash_nodes: int = _DEFAULTS["crash_nodes"].default
+    crash_attempts: int = _DEFAULTS["crash_attempts"].default
+    blocklist_after: int | None = _DEFAULTS["blocklist_after"].default
+    """A node that failed this many tasks of a job whose plans others render stops taking them (None: no
+    blocklist)."""
+    transient_budget_s: float = _DEFAULTS["transient_budget"].default
     backoff_s: float = 2.0
     backoff_max_s: float = 60.0
     hand_on_delay_s: float = 5.0
@@ -69,14 +79,26 @@ class Limits:
     farm resumes within seconds of storage coming back."""
 
     @classmethod
-    def in_process(cls, transient_budget_s: float) -> Limits:
+    def farm(cls, settings: Settings) -> Limits:
+        """A farm worker's, from the settings every process reads (`archfarm status` shows what they give)."""
+        return cls(
+            error_nodes=settings.error_nodes,
+            error_attempts=settings.error_attempts,
+            crash_nodes=settings.crash_nodes,
+            crash_attempts=settings.crash_attempts,
+            blocklist_after=settings.blocklist_after or None,
+            transient_budget_s=settings.transient_budget,
+        )
+
+    @classmethod
+    def in_process(cls, settings: Settings) -> Limits:
         """One process is the whole farm: an error would only repeat, and there is no other node to prefer;
         someone is usually watching, so transient errors get two minutes at most."""
         return cls(
             error_nodes=1,
             error_attempts=1,
             blocklist_after=None,
-            transient_budget_s=min(transient_budget_s, IN_PROCESS_TRANSIENT_S),
+            transient_budget_s=min(settings.transient_budget, IN_PROCESS_TRANSIENT_S),
         )
 
 
@@ -108,8 +130,6 @@ def decide(kind: ErrorKind, history: History, limits: Limits, message: str = "")
         return Decision(Action.CANCEL)
     if kind is ErrorKind.PERMANENT:
         return Decision(Action.FAIL, reason=message)
-    if kind is ErrorKind.INTERRUPTED:
-        return Decision(Action.HAND_BACK)
     if kind is ErrorKind.BLOCKED:
         if history.open_nodes == 0:
             cause = f"; the error that blocklisted this one: {message}" if message else ""

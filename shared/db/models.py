@@ -42,20 +42,47 @@ class TaskStatus(str, enum.Enum):
 TERMINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
+class FailureKind(str, enum.Enum):
+    """A failed attempt recorded in `task_failures`: what a task's history and a node's blocklist count."""
+
+    TRANSIENT = "transient"
+    """Storage, database or broker away: counted against the task's time budget, never against a node."""
+    ERROR = "error"
+    """An error the task raised: another node tries it; the only kind that may blocklist a node."""
+    CRASH = "crash"
+    """The process running it died: held against the task, never the node."""
+
+
+class NotificationState(str, enum.Enum):
+    """A notification row's life: armed at submit, then due (the event happened) or skipped (it did not), then
+    delivered or abandoned (its attempts used up)."""
+
+    ARMED = "armed"
+    DUE = "due"
+    DELIVERED = "delivered"
+    SKIPPED = "skipped"
+    ABANDONED = "abandoned"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list[Any]: JSON}
 
 
-# Stored by value ("queued"), as a VARCHAR with a CHECK, so adding a state is a plain migration.
-_status = Enum(
-    TaskStatus,
-    name="task_status",
-    native_enum=False,
-    length=16,
-    values_callable=lambda e: [m.value for m in e],
-    validate_strings=True,
-    create_constraint=True,
-)
+def _stored(kind: type[enum.Enum], name: str, constraint: bool = True) -> Enum:
+    """An enum stored by value ("queued") as a VARCHAR, with a CHECK where the table was made with one: adding
+    a member is then a plain migration."""
+    return Enum(
+        kind,
+        name=name,
+        native_enum=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+        create_constraint=constraint,
+    )
+
+
+_status = _stored(TaskStatus, "task_status")
 
 
 class Job(Base):
@@ -177,7 +204,7 @@ class TaskFailure(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     node: Mapped[str] = mapped_column(String(255))
-    kind: Mapped[str] = mapped_column(String(16), server_default="error")
+    kind: Mapped[FailureKind] = mapped_column(_stored(FailureKind, "failure_kind", False), server_default="error")
     error: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -224,9 +251,9 @@ class Notification(Base):
     run: Mapped[int] = mapped_column(
         Integer, default=0, comment="0 at submit, one more each time a retry arms the job's events again"
     )
-    state: Mapped[str] = mapped_column(
-        String(16),
-        default="armed",
+    state: Mapped[NotificationState] = mapped_column(
+        _stored(NotificationState, "notification_state", False),
+        default=NotificationState.ARMED,
         comment="armed (waiting for the event), due, delivered; skipped (the event did not happen), abandoned "
         "(attempts used up)",
     )

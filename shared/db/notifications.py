@@ -17,13 +17,13 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Exists
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Job, Notification, Task, TaskStatus
+from shared.db.models import Job, Notification, NotificationState, Task, TaskStatus
 from shared.db.status import JobStatus
 from shared.db.store import IN_FLIGHT, MAX_ERROR_CHARS, status_of
 from shared.notify import body
 from shared.spec import Notify
 
-ARMED, DUE, DELIVERED, SKIPPED, ABANDONED = "armed", "due", "delivered", "skipped", "abandoned"
+State = NotificationState
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def delivery_id(notification: int, run: int) -> str:
 def arm(session: Session, job_id: str, notify: Notify) -> None:
     """One row per event and URL, in the caller's transaction (the job's submit)."""
     rows = [
-        {"job_id": job_id, "event": e, "url": u, "run": 0, "state": ARMED} for e in notify.events for u in notify.urls
+        {"job_id": job_id, "event": e, "url": u, "run": 0, "state": State.ARMED}
+        for e in notify.events
+        for u in notify.urls
     ]
     session.execute(insert(Notification), rows)
 
@@ -64,9 +66,9 @@ def rearm(session: Session, job_id: str) -> None:
         return
     session.execute(
         update(Notification)
-        .where(Notification.job_id == job_id, Notification.state != ARMED)
+        .where(Notification.job_id == job_id, Notification.state != State.ARMED)
         .values(
-            state=ARMED,
+            state=State.ARMED,
             run=Notification.run + 1,
             body=None,
             attempts=0,
@@ -94,7 +96,7 @@ def armed_job(session: Session, task_id: str) -> str | None:
     return session.scalar(
         select(Notification.job_id)
         .join(Task, Task.job_id == Notification.job_id)
-        .where(Task.id == task_id, Notification.state == ARMED)
+        .where(Task.id == task_id, Notification.state == State.ARMED)
         .limit(1)
     )
 
@@ -110,7 +112,7 @@ def noticeable(session: Session, limit: int) -> list[str]:
         session.scalars(
             select(Notification.job_id)
             .where(
-                Notification.state == ARMED,
+                Notification.state == State.ARMED,
                 or_(
                     ~tasks_in(IN_FLIGHT),
                     and_(Notification.event == "first_failure", tasks_in((TaskStatus.FAILED,))),
@@ -127,7 +129,7 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
     returns how many this call fired. Whoever fires a row first wins it; the others change nothing."""
     armed = session.execute(
         select(Notification.id, Notification.event, Notification.run)
-        .where(Notification.job_id == job_id, Notification.state == ARMED)
+        .where(Notification.job_id == job_id, Notification.state == State.ARMED)
         .order_by(Notification.id)  # every noticer locks a job's rows in one order
     ).all()
     if not armed:
@@ -154,7 +156,7 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
     now = database_time(session)
     fired = 0
     for row_id, event, run, happened in decided:
-        values: dict[str, object] = {"state": SKIPPED}
+        values: dict[str, object] = {"state": State.SKIPPED}
         if happened:
             sent = body(
                 event=event,
@@ -167,10 +169,10 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
                 public_url=public_url,
                 error=None if event != "first_failure" or failure is None else failure[0] or "",
             )
-            values = {"state": DUE, "body": sent, "fired_at": db_now(), "next_attempt_at": db_now()}
+            values = {"state": State.DUE, "body": sent, "fired_at": db_now(), "next_attempt_at": db_now()}
         result = session.execute(
             update(Notification)
-            .where(Notification.id == row_id, Notification.run == run, Notification.state == ARMED)
+            .where(Notification.id == row_id, Notification.run == run, Notification.state == State.ARMED)
             .values(**values)
             .execution_options(synchronize_session=False)
         )
@@ -182,7 +184,7 @@ def due(session: Session, limit: int) -> list[tuple[int, int, int]]:
     """(id, run, attempts) of notifications whose next attempt is due, the longest waiting first."""
     rows = session.execute(
         select(Notification.id, Notification.run, Notification.attempts)
-        .where(Notification.state == DUE, Notification.next_attempt_at <= db_now())
+        .where(Notification.state == State.DUE, Notification.next_attempt_at <= db_now())
         .order_by(Notification.next_attempt_at)
         .limit(limit)
     )
@@ -195,7 +197,7 @@ def undelivered(session: Session, job_id: str) -> list[tuple[str, str, str | Non
     now = database_time(session)
     rows = session.execute(
         select(Notification.event, Notification.url, Notification.last_error, Notification.next_attempt_at)
-        .where(Notification.job_id == job_id, Notification.state.in_([DUE, ABANDONED]))
+        .where(Notification.job_id == job_id, Notification.state.in_([State.DUE, State.ABANDONED]))
         .order_by(Notification.id)
     )
     return [
@@ -213,7 +215,7 @@ def claim(session: Session, row: tuple[int, int, int], lease_s: float) -> Claim 
             Notification.id == row_id,
             Notification.run == run,
             Notification.attempts == attempts,
-            Notification.state == DUE,
+            Notification.state == State.DUE,
             Notification.next_attempt_at <= db_now(),
         )
         .values(attempts=attempts + 1, next_attempt_at=db_now(lease_s))
@@ -227,13 +229,13 @@ def claim(session: Session, row: tuple[int, int, int], lease_s: float) -> Claim 
 
 
 def delivered(session: Session, held: Claim) -> bool:
-    return _record(session, held, state=DELIVERED, delivered_at=db_now(), next_attempt_at=None)
+    return _record(session, held, state=State.DELIVERED, delivered_at=db_now(), next_attempt_at=None)
 
 
 def failed(session: Session, held: Claim, error: str, retry_in: float | None) -> bool:
     """Record a failed attempt: tried again in `retry_in` seconds, or given up (None)."""
     if retry_in is None:
-        return _record(session, held, state=ABANDONED, next_attempt_at=None, last_error=error[:MAX_ERROR_CHARS])
+        return _record(session, held, state=State.ABANDONED, next_attempt_at=None, last_error=error[:MAX_ERROR_CHARS])
     return _record(session, held, next_attempt_at=db_now(retry_in), last_error=error[:MAX_ERROR_CHARS])
 
 
@@ -244,7 +246,7 @@ def _record(session: Session, held: Claim, **values: object) -> bool:
             Notification.id == held.id,
             Notification.run == held.run,
             Notification.attempts == held.attempt,
-            Notification.state == DUE,
+            Notification.state == State.DUE,
         )
         .values(**values)
         .execution_options(synchronize_session=False)

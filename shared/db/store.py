@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Artifact, Job, Task, TaskFailure, TaskStatus, Worker
+from shared.db.models import Artifact, FailureKind, Job, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus, job_status
 
 MAX_ERROR_CHARS = 4000
@@ -149,8 +149,8 @@ def held_by(session: Session, worker: str) -> list[tuple[str, str]]:
     return [(task_id, job_id) for task_id, job_id in rows]
 
 
-def record_failure(session: Session, task_id: str, job_id: str, node: str, kind: str, error: str) -> None:
-    """Store one failed attempt of `kind` (`workers.policy.COUNTED`)."""
+def record_failure(session: Session, task_id: str, job_id: str, node: str, kind: FailureKind, error: str) -> None:
+    """Store one failed attempt of `kind`."""
     session.add(
         TaskFailure(
             task_id=task_id, job_id=job_id, node=node, kind=kind, error=error[:MAX_ERROR_CHARS], created_at=db_now()
@@ -163,9 +163,9 @@ def record_failure(session: Session, task_id: str, job_id: str, node: str, kind:
 class FailureCounts:
     """Per failure kind: attempts, distinct nodes, and seconds since the first of them (database clock)."""
 
-    attempts: dict[str, int]
-    nodes: dict[str, int]
-    age_s: dict[str, float]
+    attempts: dict[FailureKind, int]
+    nodes: dict[FailureKind, int]
+    age_s: dict[FailureKind, float]
 
 
 def failure_counts(session: Session, task_id: str) -> FailureCounts:
@@ -181,9 +181,11 @@ def failure_counts(session: Session, task_id: str) -> FailureCounts:
     ).all()
     now = database_time(session) if rows else None
     return FailureCounts(
-        attempts={kind: int(n) for kind, n, _, _ in rows},
-        nodes={kind: int(nodes) for kind, _, nodes, _ in rows},
-        age_s={kind: (now - aware(first)).total_seconds() for kind, _, _, first in rows if now is not None},
+        attempts={FailureKind(kind): int(n) for kind, n, _, _ in rows},
+        nodes={FailureKind(kind): int(nodes) for kind, _, nodes, _ in rows},
+        age_s={
+            FailureKind(kind): (now - aware(first)).total_seconds() for kind, _, _, first in rows if now is not None
+        },
     )
 
 
@@ -206,7 +208,7 @@ def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
     rows = session.execute(
         select(TaskFailure.node)
         .join(Task, Task.id == TaskFailure.task_id)
-        .where(TaskFailure.job_id == job_id, TaskFailure.kind == "error", rendered_elsewhere)
+        .where(TaskFailure.job_id == job_id, TaskFailure.kind == FailureKind.ERROR, rendered_elsewhere)
         .group_by(TaskFailure.node)
         .having(func.count(func.distinct(TaskFailure.task_id)) >= limit)
     )
@@ -216,7 +218,7 @@ def blocklisted_nodes(session: Session, job_id: str, limit: int) -> set[str]:
 def failed_on(session: Session, task_id: str) -> set[str]:
     """Nodes on which this task raised an error: its next attempt goes to another node while one may take it."""
     rows = session.scalars(
-        select(TaskFailure.node).where(TaskFailure.task_id == task_id, TaskFailure.kind == "error").distinct()
+        select(TaskFailure.node).where(TaskFailure.task_id == task_id, TaskFailure.kind == FailureKind.ERROR).distinct()
     )
     return set(rows)
 
@@ -225,7 +227,7 @@ def last_error(session: Session, job_id: str, node: str) -> str:
     """The latest error a task of the job raised on `node`: why the node was blocklisted."""
     error = session.scalar(
         select(TaskFailure.error)
-        .where(TaskFailure.job_id == job_id, TaskFailure.node == node, TaskFailure.kind == "error")
+        .where(TaskFailure.job_id == job_id, TaskFailure.node == node, TaskFailure.kind == FailureKind.ERROR)
         .order_by(TaskFailure.id.desc())
         .limit(1)
     )
