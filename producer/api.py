@@ -30,10 +30,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer import auth, dashboard, schemas
-from producer.client import ArtifactView, Farm, Part, WorkerView
+from producer.client import Farm, Part
 from producer.metrics import FarmCollector
-from producer.plans import safe_stem
 from producer.schemas import problem
+from producer.views import ArtifactView, JobView, WorkerView
 from shared.config import Settings
 from shared.db.tokens import Caller
 from shared.errors import (
@@ -46,6 +46,7 @@ from shared.errors import (
     TransientError,
     Unauthenticated,
 )
+from shared.plans import safe_stem
 from shared.registry import is_path, is_url
 from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, describe_errors, parse_model
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
@@ -128,8 +129,8 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
             return problem(503, "; ".join(down))
         return JSONResponse({"status": "ok", **checks})
 
-    @app.post("/jobs", status_code=201, response_model=schemas.Job)
-    def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+    @app.post("/jobs", status_code=201)
+    def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)) -> JobView:  # noqa: B008
         client = farm(request)
         if client.settings.broker_url is None:
             raise ConfigError("no broker configured: the API only queues work for workers")
@@ -142,7 +143,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
             limit = f"{client.settings.max_plan_bytes / 2**20:g} MiB"
             raise InvalidInput(f"{error.url[:MAX_ECHO]!r}: not a readable image of at most {limit}") from None
         response.headers["Location"] = f"/jobs/{job_id}"
-        return client.status(job_id).to_dict()
+        return client.status(job_id)
 
     @app.post("/uploads", status_code=201, response_model=schemas.Upload)
     def upload(request: Request, body: schemas.UploadRequest) -> dict[str, Any]:
@@ -170,25 +171,25 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
             "expires_in": UPLOAD_SECONDS,
         }
 
-    @app.get("/jobs", response_model=list[schemas.Job])
+    @app.get("/jobs")
     def jobs(
         request: Request,
         response: Response,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         status: str | None = None,
         cursor: Annotated[str | None, Query(max_length=36)] = None,
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobView]:
         """Recent jobs, newest first; `status` keeps the jobs in that status. A full page links the next one
         (`Link: <...>; rel="next"`), whose `cursor` is the last job of this one: pages stay steady while jobs
         are added."""
         views = farm(request).jobs(limit=limit, status=dashboard.job_status(status), after=cursor)
         if len(views) == limit:
             _link_next(request, response, views[-1].id)
-        return [view.to_dict() for view in views]
+        return views
 
-    @app.get("/jobs/{job_id}", response_model=schemas.Job)
-    def status(request: Request, job_id: str) -> dict[str, Any]:
-        return farm(request).status(job_id).to_dict()
+    @app.get("/jobs/{job_id}")
+    def status(request: Request, job_id: str) -> JobView:
+        return farm(request).status(job_id)
 
     def change(request: Request, job_id: str, act: Callable[[Farm], object]) -> dict[str, Any]:
         """A change to a job by its owner (or an admin): the job as it is now, with what the change returned
@@ -196,9 +197,9 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         client = farm(request)
         owned(request, job_id)
         result = act(client)
-        return {**client.status(job_id).to_dict(), "sent": result}
+        return {**client.status(job_id).model_dump(), "sent": result}
 
-    @app.post("/jobs/{job_id}/cancel", response_model=schemas.Job)
+    @app.post("/jobs/{job_id}/cancel", response_model=JobView)
     def cancel(request: Request, job_id: str) -> dict[str, Any]:
         return change(request, job_id, lambda client: client.cancel(job_id))
 
@@ -206,7 +207,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     def retry(request: Request, job_id: str) -> dict[str, Any]:
         return change(request, job_id, lambda client: client.retry(job_id))
 
-    @app.post("/jobs/{job_id}/pause", response_model=schemas.Job)
+    @app.post("/jobs/{job_id}/pause", response_model=JobView)
     def pause(request: Request, job_id: str) -> dict[str, Any]:
         return change(request, job_id, lambda client: client.pause(job_id))
 
@@ -218,9 +219,9 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
     def priority(request: Request, job_id: str, body: schemas.Priority) -> dict[str, Any]:
         return change(request, job_id, lambda client: client.set_priority(job_id, body.priority))
 
-    @app.get("/workers", response_model=list[WorkerView])
-    def workers(request: Request) -> list[dict[str, Any]]:
-        return [view.to_dict() for view in farm(request).workers()]
+    @app.get("/workers")
+    def workers(request: Request) -> list[WorkerView]:
+        return farm(request).workers()
 
     @app.get("/jobs/{job_id}/results", response_model=schemas.Results)
     def results(
@@ -247,10 +248,10 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         if limit is not None and len(page) == limit:
             _link_next(request, response, str(page[-1].id))
         for artifact in page:
-            item = artifact.to_dict()
             if isinstance(storage, S3Storage):
-                item["download_url"] = storage.presigned_url(artifact.url.removeprefix(prefix))
-            artifacts.append(item)
+                link = storage.presigned_url(artifact.url.removeprefix(prefix))
+                artifact = artifact.model_copy(update={"download_url": link})
+            artifacts.append(artifact)
         return {"job": job_id, "status": view.status.value, "artifacts": artifacts}
 
     @app.get("/jobs/{job_id}/sheet")
@@ -272,9 +273,9 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         headers = {"Cache-Control": "private, max-age=86400, immutable"}  # named by content: never another image
         return Response(farm(request).plan(job_id, digest), media_type=CONTENT_TYPE, headers=headers)
 
-    @app.get("/artifacts/{artifact_id}", response_model=ArtifactView)
-    def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> dict[str, Any]:
-        return farm(request).artifact(artifact_id).to_dict()
+    @app.get("/artifacts/{artifact_id}")
+    def artifact(request: Request, artifact_id: dashboard.ArtifactId) -> ArtifactView:
+        return farm(request).artifact(artifact_id)
 
     @app.get("/artifacts/{artifact_id}/image")
     def image(request: Request, artifact_id: dashboard.ArtifactId, download: bool = False) -> Response:

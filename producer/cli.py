@@ -29,13 +29,13 @@ from producer.training_cli import train as train_command
 from shared.config import DEFAULT_POOL, Settings
 from shared.db.models import TaskStatus
 from shared.errors import ArchfarmError, SubmitWarning
-from shared.profiles import BUILTIN, load_profile
-from shared.spec import NAME_PATTERN, JobSpec, Profile, load_document, load_job, parse_model
+from shared.profiles import BUILTIN
+from shared.spec import NAME_PATTERN, JobSpec, Profile, load_document, load_job, load_profile, parse_model
 from shared.styles import CATALOG
 from shared.training import is_training
 
 if TYPE_CHECKING:
-    from producer.client import JobView
+    from producer.views import JobView, TrainingProgress
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -304,7 +304,7 @@ def submit(
     except ArchfarmError as e:
         _fail(str(e))
     if as_json:
-        _print_json(view.to_dict())
+        _print_json(view.model_dump(mode="json"))
     elif wait:
         out.print(f"{job_id} {view.status.value}", markup=False)
     if wait and view.status.value != "succeeded":
@@ -322,14 +322,12 @@ def status(
 ) -> None:
     """One job with per-state task counts, ETA and a progress bar, or a table of recent jobs."""
     _json_errors.set(as_json)
-    from producer.client import TERMINAL_JOB
-
     try:
         with _farm() as farm:
             if job_id is None:
                 views = farm.jobs()
                 if as_json:
-                    _print_json([v.to_dict() for v in views])
+                    _print_json([v.model_dump(mode="json") for v in views])
                 else:
                     for v in views:
                         line = f"{v.id}  {v.status.value:<20} {v.rendered}/{v.total} rendered  {v.name}"
@@ -348,7 +346,7 @@ def status(
                     disable=not out.is_terminal,
                 ) as bar:
                     task = bar.add_task(view.status.value, total=view.total, completed=view.done, eta="?")
-                    while view.status not in TERMINAL_JOB:
+                    while not view.status.ended:
                         time.sleep(1.0)
                         view = farm.status(job_id)
                         eta = "?" if view.eta_s is None else f"{view.eta_s:.0f}s"
@@ -358,7 +356,7 @@ def status(
     except ArchfarmError as e:
         _fail(str(e))
     if as_json:
-        _print_json(view.to_dict())
+        _print_json(view.model_dump(mode="json"))
         return
     out.print(f"{view.id} {view.name}: {_summary(view)}", markup=False)
     for failure in view.failures:
@@ -370,27 +368,24 @@ def status(
 def _summary(view: JobView) -> str:
     """`running (12/48 tasks rendered: ...; ETA 164 s)`: rendered counts what was written, not what ended, and
     an ETA is given only while some live worker can take the job's tasks."""
-    from producer.client import TERMINAL_JOB
-
     counts = ", ".join(f"{k} {v}" for k, v in view.counts.items() if v)
     if view.training is not None:
         return f"{view.status.value} ({_training_line(view.training)})"
     line = f"{view.status.value} ({view.rendered}/{view.total} tasks rendered: {counts}"
-    if view.status in TERMINAL_JOB:
+    if view.status.ended:
         return line + ")"
     if view.workers == 0:
         return line + "); no live worker can take its tasks: start `archfarm worker` on its queue"
     return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + ")"
 
 
-def _training_line(training: dict[str, Any]) -> str:
+def _training_line(training: TrainingProgress) -> str:
     """`training step 120/1000, loss 0.0831, 31.2 samples/s → file:///…/controlnet`."""
-    if "step" not in training:
-        return f"training not started → {training['model_url']}"
+    if training.step is None:
+        return f"training not started → {training.model_url}"
     return (
-        f"training step {training['step']}/{training['max_steps']}, loss {training['loss']:.4f}, "
-        f"{training['samples_per_s']:.1f} samples/s, {training['skipped_rows']} bad rows skipped → "
-        f"{training['model_url']}"
+        f"training step {training.step}/{training.max_steps}, loss {training.loss:.4f}, "
+        f"{training.samples_per_s:.1f} samples/s, {training.skipped_rows} bad rows skipped → {training.model_url}"
     )
 
 
@@ -503,7 +498,7 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     except ArchfarmError as e:
         _fail(str(e))
     if as_json:
-        _print_json([view.to_dict() for view in views])
+        _print_json([view.model_dump(mode="json") for view in views])
         return
     for view in views:
         out.print(
@@ -531,7 +526,11 @@ def results(
         _fail(str(e))
     if as_json:
         _print_json(
-            {"job": job_id, "artifacts": [a.to_dict() for a in artifacts], "downloaded": [str(p) for p in written]}
+            {
+                "job": job_id,
+                "artifacts": [a.model_dump(mode="json") for a in artifacts],
+                "downloaded": [str(p) for p in written],
+            }
         )
         return
     for artifact in artifacts:

@@ -19,7 +19,6 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 from pathlib import Path
@@ -32,9 +31,10 @@ from sqlalchemy.orm import Session
 from producer.database import open_database
 from producer.sheet import Cell, Row, Sheet
 from producer.submit import persist, prepare
+from producer.views import ArtifactView, Failure, FailureGroup, JobView, TrainingProgress, WorkerView
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
-from shared.db.clock import aware, database_time
+from shared.db.clock import database_time
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
 from shared.db.notifications import rearm
 from shared.db.status import JobStatus, job_status
@@ -74,12 +74,10 @@ if TYPE_CHECKING:
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MIN_PREFIX = 4
 _ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
-TERMINAL_JOB = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED}
 
 log = logging.getLogger(__name__)
 
 Part = Literal["image", "thumbnail", "sidecar"]
-WorkerState = Literal["live", "stale", "dead", "stopped"]
 
 READINESS_PREFIX = "readyz/"
 """Listed by the readiness probe: a prefix nothing is stored under, so the answer is empty and quick."""
@@ -88,151 +86,6 @@ MAX_FAILURE_GROUPS = 50
 """A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
 OPEN_OUTPUTS = 32
 """Job output storages kept open by one `Farm` (an API process serves many jobs over its life)."""
-
-
-@dataclass(frozen=True)
-class JobView:
-    id: str
-    name: str
-    priority: int
-    status: JobStatus
-    counts: dict[str, int]
-    total: int
-    output_url: str
-    created_at: datetime
-    eta_s: float | None
-    failures: list[dict[str, str]] = field(default_factory=list)
-    """The first `MAX_FAILURES` failed tasks, one by one (kept for programs written against it)."""
-    failure_groups: list[dict[str, Any]] = field(default_factory=list)
-    """Every failed task, counted by plan and reason (`plan`, `error`, `count`), most frequent first: 71 tasks
-    failing for one reason read as one line."""
-    workers: int | None = None
-    """Live workers that can take the job's tasks (None without a broker: this process renders it)."""
-    workers_live: int | None = None
-    """Live workers on the job's pool, blocklisted for it or not: `workers_live - workers` are blocklisted."""
-    paused: bool = False
-    owner: str | None = None
-    """The API token's name that submitted it; None for this machine's CLI or Python."""
-    pool: str | None = None
-    """The workers it renders on (`archfarm worker --pool NAME`); None: the default pool."""
-    images_total: int = 0
-    images_done: int = 0
-    """Images stored so far (a task's images count as they are recorded)."""
-    training: dict[str, Any] | None = None
-    """A training job's latest step, max_steps, loss, lr, samples_per_s and skipped_rows, and its model's URL
-    (`model_url`); None for a render job."""
-
-    @property
-    def done(self) -> int:
-        """Tasks that have ended, however they ended (the progress through the job)."""
-        return sum(self.counts.get(s.value, 0) for s in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED))
-
-    @property
-    def rendered(self) -> int:
-        """Tasks whose images were all written."""
-        return self.counts.get(TaskStatus.SUCCEEDED.value, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "priority": self.priority,
-            "status": self.status.value,
-            "counts": self.counts,
-            "total": self.total,
-            "output_url": self.output_url,
-            "created_at": self.created_at.isoformat(),
-            "eta_s": self.eta_s,
-            "failures": self.failures,
-            "failure_groups": self.failure_groups,
-            "workers": self.workers,
-            "workers_live": self.workers_live,
-            "paused": self.paused,
-            "owner": self.owner,
-            "pool": self.pool,
-            "images_total": self.images_total,
-            "images_done": self.images_done,
-            "training": self.training,
-        }
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    id: str
-    node: str
-    device: str
-    pools: list[str]
-    models: list[str]
-    current_task: str | None
-    images_done: int
-    model_loads: int
-    stack_swaps: int
-    heartbeat_age_s: float
-    state: WorkerState
-    """`live`; `stale` (its heartbeat is late, not yet declared dead); `dead` (reaped); `stopped` (shut down)."""
-
-    @classmethod
-    def of(cls, row: Worker, now: datetime, timeout_s: float) -> WorkerView:
-        age = (now - aware(row.heartbeat_at)).total_seconds()
-        state: WorkerState
-        if row.stopped_at is not None:  # a reaper stops a worker a timeout after its last heartbeat; a shutdown at once
-            silent = (aware(row.stopped_at) - aware(row.heartbeat_at)).total_seconds()
-            state = "dead" if silent >= timeout_s else "stopped"
-        else:
-            state = "live" if age < timeout_s / 2 else "stale"
-        return cls(
-            row.id,
-            row.node,
-            row.device,
-            list(row.queues),
-            list(row.models),
-            row.current_task,
-            row.images_done,
-            row.model_loads,
-            row.stack_swaps,
-            age,
-            state,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class ArtifactView:
-    id: int
-    job_id: str
-    plan: str
-    """The plan's name, as in the image's key."""
-    plan_digest: str
-    style: str
-    seed: int
-    url: str
-    sidecar_url: str
-    width: int
-    height: int
-    size_bytes: int
-    download_url: str | None = None
-    """A presigned GET link, set by the REST API where the output is on S3."""
-
-    @classmethod
-    def of(cls, row: Artifact, plan: str) -> ArtifactView:
-        return cls(
-            row.id,
-            row.job_id,
-            plan,
-            row.plan_digest,
-            row.style,
-            row.seed,
-            row.url,
-            row.sidecar_url,
-            row.width,
-            row.height,
-            row.size_bytes,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 class Farm:
@@ -350,13 +203,7 @@ class Farm:
             )
             images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
             failures = [
-                {
-                    "task": task_id,
-                    "plan": plan,
-                    "style": style,
-                    "seeds": ",".join(map(str, seeds)),
-                    "error": error or "",
-                }
+                Failure(task=task_id, plan=plan, style=style, seeds=",".join(map(str, seeds)), error=error or "")
                 for task_id, plan, style, seeds, error in session.execute(
                     select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
                     .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
@@ -365,7 +212,7 @@ class Farm:
                 )
             ]
             groups = [
-                {"plan": plan, "error": error or "", "count": count}
+                FailureGroup(plan=plan, error=error or "", count=count)
                 for plan, error, count in session.execute(
                     select(Task.plan_name, Task.error, func.count())
                     .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
@@ -440,7 +287,7 @@ class Farm:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             view = self.status(job_id)
-            if view.status in TERMINAL_JOB or (deadline is not None and time.monotonic() >= deadline):
+            if view.status.ended or (deadline is not None and time.monotonic() >= deadline):
                 return view
             time.sleep(poll)
 
@@ -725,12 +572,12 @@ def _images_total(spec: Mapping[str, Any]) -> int:
     return len(spec["plans"]) * len(spec["styles"]) * len(_seeds(spec))
 
 
-def _training(session: Session, job: Job) -> dict[str, Any] | None:
+def _training(session: Session, job: Job) -> TrainingProgress | None:
     """A training job's progress as its worker last wrote it, and where its model is published."""
     if not is_training(job.spec):
         return None
     progress = session.scalar(select(Task.progress).where(Task.job_id == job.id)) or {}
-    return {**progress, "model_url": model_url(job.output_url)}
+    return TrainingProgress.model_validate({**progress, "model_url": model_url(job.output_url)})
 
 
 def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:
@@ -775,4 +622,4 @@ def _with_eta(view: JobView, started: datetime | None, now: datetime) -> JobView
     if not remaining or not view.done or started is None:
         return view
     elapsed = (now - started).total_seconds()
-    return JobView(**{**view.__dict__, "eta_s": remaining * elapsed / view.done})
+    return view.model_copy(update={"eta_s": remaining * elapsed / view.done})

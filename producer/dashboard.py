@@ -20,8 +20,9 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from producer.client import TERMINAL_JOB, ArtifactView, Farm
+from producer.client import Farm
 from producer.templating import ENV
+from producer.views import ArtifactView
 from shared.db.status import JobStatus
 from shared.db.tokens import SESSION_SECONDS, end_session, start_session
 from shared.errors import InvalidInput
@@ -165,7 +166,7 @@ def job(
     training = False
     if part != "sheet":
         view = farm.status(job_id)
-        context.update(title=view.name, view=view, active=view.status not in TERMINAL_JOB)
+        context.update(title=view.name, view=view, active=not view.status.ended)
         training = view.training is not None
     if part in (None, "sheet") and not training:
         context.update(

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from producer.plans import Plan
+from shared.plans import Plan
 from shared.spec import JobSpec, Style
 
 

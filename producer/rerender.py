@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from producer.local import render_local
-from producer.plans import safe_name
 from shared.config import Settings
 from shared.errors import InvalidInput, NotFound
+from shared.plans import safe_name
 from shared.spec import JobSpec, parse_model
 from shared.storage import read_url
 

@@ -3,14 +3,13 @@ client can be generated from it, and FastAPI checks each answer against its mode
 
 from __future__ import annotations
 
-from datetime import datetime
 from http import HTTPStatus
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from producer.client import ArtifactView
+from producer.views import ArtifactView, JobView
 from shared.db.status import JobStatus
 
 
@@ -30,60 +29,7 @@ class Problem(BaseModel):
     detail: str
 
 
-class Failure(BaseModel):
-    task: str
-    plan: str
-    style: str
-    seeds: str
-    error: str
-
-
-class FailureGroup(BaseModel):
-    plan: str
-    error: str
-    count: int = Field(description="failed tasks of this plan with this reason")
-
-
-class TrainingProgress(BaseModel):
-    """A training job's progress as its worker last wrote it: the step figures appear once the run has begun."""
-
-    model_url: str = Field(description="where the trained ControlNet is published: what a profile's `model:` names")
-    step: int | None = None
-    max_steps: int | None = None
-    loss: float | None = None
-    lr: float | None = None
-    samples_per_s: float | None = None
-    skipped_rows: int | None = Field(None, description="dataset rows skipped so far as unreadable or mismatched")
-
-
-class Job(BaseModel):
-    id: str
-    name: str
-    priority: int = Field(ge=0, le=100)
-    status: JobStatus
-    counts: dict[str, int] = Field(description="tasks per state: queued, running, succeeded, failed, cancelled")
-    total: int
-    output_url: str
-    created_at: datetime
-    eta_s: float | None
-    failures: list[Failure] = Field(description="the first 100 failed tasks, with their reasons")
-    failure_groups: list[FailureGroup] = Field(
-        description="every failed task counted by plan and reason, most frequent first (50 groups at most)"
-    )
-    workers: int | None = Field(description="live workers that can take its tasks; null without a broker")
-    workers_live: int | None = Field(
-        description="live workers of its pool, blocklisted for it or not (those beyond `workers` are); null "
-        "without a broker"
-    )
-    paused: bool
-    owner: str | None = Field(description="the token's name that submitted it; null from the CLI or Python")
-    pool: str | None
-    images_total: int
-    images_done: int
-    training: TrainingProgress | None = Field(None, description="training jobs only")
-
-
-class JobAction(Job):
+class JobAction(JobView):
     sent: int = Field(description="task messages sent by this action")
 
 

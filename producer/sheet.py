@@ -22,7 +22,7 @@ from shared.errors import InvalidInput
 from shared.thumbnails import THUMBNAIL_PX
 
 if TYPE_CHECKING:
-    from producer.client import ArtifactView
+    from producer.views import ArtifactView
 
 MAX_SHEET_PIXELS = 150_000_000
 """Largest PNG sheet drawn (about 450 MB of memory while it is drawn); an HTML sheet has no such limit."""

@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
 from producer.models import pin_models, pin_published
-from producer.plans import load_plan, load_plans, stage_plans
 from shared.config import Settings
 from shared.db.clock import database_time
 from shared.db.models import Job, Task, TaskStatus
 from shared.db.notifications import arm
 from shared.errors import InvalidInput, SubmitWarning
+from shared.plans import load_plan, load_plans, stage_plans
 from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile
 from shared.storage import Storage, canonical_url, open_storage_from_settings
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-from shared.errors import InvalidInput
 
 BUILTIN: dict[str, dict[str, Any]] = {
     # Offline demo and tests: tiny models built locally, seconds per image on a CPU; `tiny-plan` is trained on
@@ -66,20 +63,3 @@ def builtin_profile(name: str) -> dict[str, Any]:
     if name not in BUILTIN:
         raise ValueError(f"unknown profile {name!r} (built-in: {', '.join(sorted(BUILTIN))})")
     return BUILTIN[name]
-
-
-def load_profile(name_or_path: str) -> Any:
-    """`--profile`: a built-in name, or a YAML file holding just the profile mapping."""
-    from shared.spec import Profile, load_document, parse_model
-
-    if name_or_path in BUILTIN:
-        return parse_model(Profile, BUILTIN[name_or_path], f"profile {name_or_path}")
-    path = Path(name_or_path)
-    if path.suffix.lower() not in (".yaml", ".yml", ".json") and not path.exists():
-        raise InvalidInput(
-            f"--profile: {name_or_path!r} is neither a built-in profile ({', '.join(sorted(BUILTIN))}) nor a file"
-        )
-    data = load_document(path)
-    if isinstance(data, dict) and set(data) == {"profile"}:
-        data = data["profile"]
-    return parse_model(Profile, data, str(path))

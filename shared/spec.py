@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import InvalidInput
 from shared.notify import Event, check_url
+from shared.profiles import BUILTIN, builtin_profile
 from shared.registry import SCHEDULERS, check_ref, has_default_controlnet, is_url
 from shared.styles import CATALOG
 
@@ -307,8 +308,6 @@ class JobSpec(_Strict):
     @field_validator("profile", mode="before")
     @classmethod
     def _named_profile(cls, profile: Any) -> Any:
-        from shared.profiles import builtin_profile
-
         return builtin_profile(profile) if isinstance(profile, str) else profile
 
     @model_validator(mode="after")
@@ -530,3 +529,18 @@ def _relative_to(plan: Any, folder: Path) -> Any:
 
 _MODEL_CLASSES: list[type[BaseModel]] = [Style, SeedRange, Notify, JobSpec, Profile, *_ControlBase.__subclasses__()]
 _MODELS = {cls.__name__ for cls in _MODEL_CLASSES}
+
+
+def load_profile(name_or_path: str) -> Any:
+    """`--profile`: a built-in name, or a YAML file holding just the profile mapping."""
+    if name_or_path in BUILTIN:
+        return parse_model(Profile, BUILTIN[name_or_path], f"profile {name_or_path}")
+    path = Path(name_or_path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json") and not path.exists():
+        raise InvalidInput(
+            f"--profile: {name_or_path!r} is neither a built-in profile ({', '.join(sorted(BUILTIN))}) nor a file"
+        )
+    data = load_document(path)
+    if isinstance(data, dict) and set(data) == {"profile"}:
+        data = data["profile"]
+    return parse_model(Profile, data, str(path))

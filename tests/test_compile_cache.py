@@ -19,8 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from producer.cli import app
-from shared.profiles import load_profile
-from shared.spec import Profile
+from shared.spec import Profile, load_profile
 from shared.storage.local import LocalStorage
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import PREFIX, CompileKey, FleetCompileCache

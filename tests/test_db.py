@@ -13,7 +13,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.expand import expand
-from producer.plans import Plan
 from producer.submit import PreparedJob, persist
 from shared.db.clock import database_time, db_now
 from shared.db.models import Artifact, Base, Job, Task, TaskStatus, Worker
@@ -38,6 +37,7 @@ from shared.db.store import (
     sweep,
     worker_progress,
 )
+from shared.plans import Plan
 from shared.spec import JobSpec
 from workers.upkeep import stranded
 

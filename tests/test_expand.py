@@ -6,7 +6,7 @@ import time
 import uuid
 
 from producer.expand import expand
-from producer.plans import Plan
+from shared.plans import Plan
 from shared.spec import JobSpec
 
 JOB_ID = "6f0c1e8a-2b7d-4c1e-9a55-0e4f3c2b1a00"

@@ -24,9 +24,8 @@ from producer.cli import app
 from producer.models import pin_models
 from shared import hub
 from shared.errors import InvalidInput, ModelError
-from shared.profiles import load_profile
 from shared.registry import ALIASES
-from shared.spec import Profile
+from shared.spec import Profile, load_profile
 from workers.engine.models import ModelCache
 from workers.engine.presets import resolve
 from workers.preprocessors.depth import DepthEstimator

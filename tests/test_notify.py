@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.api import check_remote
 from producer.expand import expand
 from producer.local import render_local
-from producer.plans import Plan
 from producer.submit import PreparedJob, persist
 from shared.config import Settings
 from shared.db.models import Notification, TaskStatus
@@ -36,6 +35,7 @@ from shared.db.session import make_engine, session_factory
 from shared.db.store import claim_task, fail_task, finish_task, register_worker, retry_job
 from shared.errors import InvalidInput, SubmitWarning
 from shared.notify import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, verify
+from shared.plans import Plan
 from shared.spec import JobSpec, parse_model
 from tests.processes import alive, children_of, wait_for
 from tests.test_farm import FAST

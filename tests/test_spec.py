@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import InvalidInput
-from shared.profiles import load_profile
-from shared.spec import JobSpec, Profile, SeedRange, Style, load_job, parse_model
+from shared.spec import JobSpec, Profile, SeedRange, Style, load_job, load_profile, parse_model
 
 CANNY = {"kind": "canny", "scale": 0.9, "start": 0.0, "end": 0.5}
 

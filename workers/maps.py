@@ -11,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from producer.plans import load_plan
 from shared.config import Settings
 from shared.images import decode_image
+from shared.plans import load_plan
 from shared.spec import Profile
 from workers.engine.models import pick_device
 from workers.preprocessors import ControlMaps, emptiness

@@ -17,6 +17,11 @@ class JobStatus(str, enum.Enum):
     PARTIALLY_SUCCEEDED = "partially_succeeded"
     PAUSED = "paused"
 
+    @property
+    def ended(self) -> bool:
+        """Whether the job has ended, however it ended: nothing of it is queued or running."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PARTIALLY_SUCCEEDED)
+
 
 def job_status(counts: Mapping[TaskStatus, int], cancelled: bool, paused: bool = False) -> JobStatus:
     """The outcome a user sees.

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from producer.plans import load_plan
 from shared.config import Settings
 from shared.errors import InvalidInput, PlanError
 from shared.images import decode_image
+from shared.plans import load_plan
 from shared.spec import CannyControl, ControlUnit, DepthControl, PlanDepthControl
 from shared.storage import open_storage_from_settings
 from workers.engine.models import pick_device
