@@ -107,11 +107,11 @@ def peak_mb(device: torch.device) -> float:
 
 def run_archfarm(args: argparse.Namespace, device: torch.device, marks: Marks, work: Path) -> None:
     from shared.config import Settings
-    from shared.training import parse_training
+    from shared.training import TrainingSpec
     from workers.training.trainer import Progress, train
 
     total = args.warmup + args.steps
-    spec = parse_training(
+    spec = TrainingSpec.from_document(
         {
             "name": "bench",
             "train": {

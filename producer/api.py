@@ -2,7 +2,7 @@
 
 A remote caller must not make the farm read or write its own files: plans, control images and outputs must
 be s3:// URLs under the allowed prefixes, model folders absolute paths under the allowed roots, and
-notification URLs under the allowed ones (`check_remote`). Who calls, and what a browser may make it do, is
+notification URLs under the allowed ones (`producer.remote`). Who calls, and what a browser may make it do, is
 `producer.auth`'s.
 Images are served by their artifact id alone, read from where the farm recorded them, so no caller can name
 a storage key. Errors are RFC 9457 problem documents with one-line messages, as in the CLI (a page of the
@@ -11,7 +11,6 @@ dashboard answers with a page).
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +18,6 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 from pathlib import PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import unquote
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
@@ -32,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from producer import auth, dashboard, schemas
 from producer.client import Farm, Part
 from producer.metrics import FarmCollector
+from producer.remote import check_remote
 from producer.schemas import problem
 from producer.views import ArtifactView, JobView, WorkerView
 from shared.config import Settings
@@ -46,12 +45,11 @@ from shared.errors import (
     TransientError,
     Unauthenticated,
 )
+from shared.kinds import SPECS, parse_spec
 from shared.plans import safe_stem
-from shared.registry import is_path, is_url
-from shared.spec import MAX_ECHO, DepthControl, ImageControl, JobSpec, describe_errors, parse_model
+from shared.spec import MAX_ECHO, describe_errors
 from shared.storage import S3Storage, open_storage, open_storage_from_settings
 from shared.thumbnails import CONTENT_TYPE
-from shared.training import TrainingSpec, is_training, parse_training
 
 UPLOAD_SECONDS = 3600
 UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -134,7 +132,7 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         client = farm(request)
         if client.settings.broker_url is None:
             raise ConfigError("no broker configured: the API only queues work for workers")
-        spec = parse_training(job) if is_training(job) else parse_model(JobSpec, job)
+        spec = parse_spec(job)
         check_remote(spec, client.settings)
         owner = None if request.state.caller is None else request.state.caller.name
         try:
@@ -311,21 +309,26 @@ def download_name(view: ArtifactView) -> str:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, made to say what the API does: POST /jobs takes a job or a training spec, told apart
-    by the training spec's `train` (its handler reads the body itself, for archfarm's one-line errors and size
-    checks), and every error answer is a problem document (FastAPI's own validation shape is never sent: see
-    `malformed`)."""
+    """FastAPI's schema, made to say what the API does: POST /jobs takes a spec of any kind, told apart by its
+    `kind` (render when it names none; its handler reads the body itself, for archfarm's one-line errors and
+    size checks), and every error answer is a problem document (FastAPI's own validation shape is never sent:
+    see `malformed`)."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (JobSpec, TrainingSpec):
+        refs = {}
+        for kind, model in SPECS.items():
             spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(spec.pop("$defs", {}))
             components[model.__name__] = spec
+            refs[kind.value] = f"#/components/schemas/{model.__name__}"
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
-        either = [{"$ref": "#/components/schemas/JobSpec"}, {"$ref": "#/components/schemas/TrainingSpec"}]
-        body = {"application/json": {"schema": {"oneOf": either}}}
+        union = {
+            "oneOf": [{"$ref": ref} for ref in refs.values()],
+            "discriminator": {"propertyName": "kind", "mapping": refs},
+        }
+        body = {"application/json": {"schema": union}}
         document["paths"]["/jobs"]["post"]["requestBody"] = {"required": True, "content": body}
         problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for path in document["paths"].values():
@@ -353,78 +356,3 @@ def owned(request: Request, job_id: str) -> None:
     if owner != caller.name:
         holder = repr(owner) if owner else "the farm's operator"
         raise Forbidden(f"job {job_id} belongs to {holder}, not to {caller.name!r}")
-
-
-def check_remote(spec: JobSpec | TrainingSpec, settings: Settings) -> None:
-    """Refuse what would let a remote caller reach the farm's own files or network: plans, control images,
-    datasets, published models and outputs outside the allowed S3 prefixes, notification URLs outside the
-    allowed ones, and model folders that are not absolute paths under the allowed roots (a relative one would
-    be read from wherever this process runs). Pure: nothing is looked up, so the answer says nothing about
-    what exists, and a refusal names no folder of this machine."""
-    urls, refs = _training_refs(spec) if isinstance(spec, TrainingSpec) else _job_refs(spec)
-    prefixes = settings.api_storage_prefixes or _bucket_of(settings.storage_url)
-    allowed = f"the API takes s3:// URLs under {', '.join(prefixes) or 'nothing (the farm storage is not S3)'}"
-    for field, url in urls + [(field, ref) for field, ref in refs if is_url(ref)]:
-        if not any(within(url, prefix) for prefix in prefixes):
-            raise InvalidInput(f"{field}: {url[:MAX_ECHO]!r}: {allowed}")
-    hooks = settings.api_notify_prefixes
-    notify = spec.notify if isinstance(spec, JobSpec) else None
-    for i, url in enumerate(notify.urls if notify is not None else []):
-        if not any(within(url, prefix) for prefix in hooks):
-            allowed = ", ".join(hooks) or "nothing (ARCHFARM_API_NOTIFY_PREFIXES)"
-            raise InvalidInput(f"notify.urls.{i}: {url[:MAX_ECHO]!r}: the API takes notification URLs under {allowed}")
-    roots = [PurePosixPath(os.path.normpath(root)) for root in settings.api_model_roots]
-    for field, ref in refs:
-        folder = PurePosixPath(os.path.normpath(ref))
-        if is_path(ref) and not (folder.is_absolute() and any(folder.is_relative_to(root) for root in roots)):
-            raise InvalidInput(
-                f"{field}: the API takes a model folder only as an absolute path under the farm's model roots "
-                "(ARCHFARM_API_MODEL_ROOTS); use a preset or a hub id"
-            )
-
-
-def within(url: str, prefix: str) -> bool:
-    """Whether `url` lies under `prefix` by whole path segments, as written (`s3://farm/in` admits
-    `s3://farm/in/a.png`, never `s3://farm/inbox/a.png` nor `s3://farm/in?/a.png`), with no `.` or `..`
-    segment, encoded or not, to climb out of it. The scheme and the host are compared in any case, as they
-    mean the same in any case."""
-    base = prefix.rstrip("/").split("/")
-    parts = url.split("/")
-    for segments in (base, parts):
-        segments[:3] = [segment.lower() for segment in segments[:3]]  # `scheme:`, ``, `host`
-    return parts[: len(base)] == base and not {".", ".."} & {unquote(part) for part in parts}
-
-
-def _job_refs(spec: JobSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """A job's storage URLs and model references, by field."""
-    urls = [(f"plans.{i}", plan) for i, plan in enumerate(spec.plans)]
-    urls += [
-        (f"profile.controls.{i}.image", unit.image)
-        for i, unit in enumerate(spec.profile.controls)
-        if isinstance(unit, ImageControl)
-    ]
-    if spec.output is not None:
-        urls.append(("output", spec.output))
-    profile = spec.profile
-    refs = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
-    for i, unit in enumerate(profile.controls):
-        if unit.model is not None:
-            refs.append((f"profile.controls.{i}.model", unit.model))
-        if isinstance(unit, DepthControl) and unit.depth_model is not None:
-            refs.append((f"profile.controls.{i}.depth_model", unit.depth_model))
-    return urls, refs
-
-
-def _training_refs(spec: TrainingSpec) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """A training spec's storage URLs and model references, by field."""
-    train = spec.train
-    urls = [("train.dataset", train.dataset), ("output", spec.output)]
-    if train.validation is not None:
-        urls += [(f"train.validation.images.{i}", image) for i, image in enumerate(train.validation.images)]
-    refs = [("train.base", train.base)] + ([("train.init", train.init)] if train.init != "base" else [])
-    return urls, refs
-
-
-def _bucket_of(url: str) -> list[str]:
-    """`s3://bucket/` of an S3 storage URL; nothing for a local one."""
-    return [f"s3://{url.removeprefix('s3://').split('/', 1)[0]}/"] if url.startswith("s3://") else []

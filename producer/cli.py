@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producer.console import err, out
+from producer.console import Commands, err, out
 from producer.console import fail as _fail
 from producer.console import json_errors as _json_errors
 from producer.console import print_json as _print_json
@@ -27,17 +27,17 @@ from producer.console import warn as _warn
 from producer.training_cli import dataset_app
 from producer.training_cli import train as train_command
 from shared.config import DEFAULT_POOL, Settings
-from shared.db.models import TaskStatus
-from shared.errors import ArchfarmError, SubmitWarning
+from shared.db.models import JobKind, TaskStatus
+from shared.errors import SubmitWarning
+from shared.kinds import load_spec
 from shared.profiles import BUILTIN
-from shared.spec import NAME_PATTERN, JobSpec, Profile, load_document, load_job, load_profile, parse_model
+from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, load_profile, parse_model
 from shared.styles import CATALOG
-from shared.training import is_training
 
 if TYPE_CHECKING:
     from producer.views import JobView, TrainingProgress
 
-app = typer.Typer(
+app = Commands(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,9 +45,9 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Batch-render floor plans with ControlNet.",
 )
-db_app = typer.Typer(no_args_is_help=True, help="State database.")
+db_app = Commands(no_args_is_help=True, help="State database.")
 app.add_typer(db_app, name="db")
-token_app = typer.Typer(no_args_is_help=True, help="REST API tokens (run where ARCHFARM_DATABASE_URL reaches).")
+token_app = Commands(no_args_is_help=True, help="REST API tokens (run where ARCHFARM_DATABASE_URL reaches).")
 app.add_typer(token_app, name="token")
 
 
@@ -153,19 +153,16 @@ def render(
     """Render every plan × style × seed in this process and write PNGs with JSON sidecars."""
     from producer.local import render_local
 
-    try:
-        spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file)
-        settings = Settings()
-        if save_maps:
-            _write_maps(spec.plans, spec.profile, Path(spec.output or settings.storage_url) / "maps", settings)
-        reporter = _Reporter(interactive=out.is_terminal)
-        started = time.perf_counter()
-        with reporter:
-            report = render_local(
-                spec, settings, on_prepared=reporter.start, on_task_done=reporter.task_done, progress=reporter.step
-            )
-    except ArchfarmError as e:
-        _fail(str(e))
+    spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file)
+    settings = Settings()
+    if save_maps:
+        _write_maps(spec.plans, spec.profile, Path(spec.output or settings.storage_url) / "maps", settings)
+    reporter = _Reporter(interactive=out.is_terminal)
+    started = time.perf_counter()
+    with reporter:
+        report = render_local(
+            spec, settings, on_prepared=reporter.start, on_task_done=reporter.task_done, progress=reporter.step
+        )
     elapsed = time.perf_counter() - started
     total = sum(len(seeds) for seeds in reporter.tasks.values())
     written = sum(len(reporter.tasks[task_id]) for task_id in report.succeeded)
@@ -187,10 +184,7 @@ def maps(
 ) -> None:
     """Write each control unit's map for each plan exactly as the ControlNets get it (render size, padding):
     OUT/PLAN/N-KIND.png. A nearly empty map is also a warning."""
-    try:
-        _write_maps(plans, load_profile(profile), out_dir, Settings())
-    except ArchfarmError as e:
-        _fail(str(e))
+    _write_maps(plans, load_profile(profile), out_dir, Settings())
 
 
 def _write_maps(plans: list[str], profile: Profile, out_dir: Path, settings: Settings) -> None:
@@ -210,10 +204,7 @@ def rerender(
     whether it is identical to the original, or by how much it differs."""
     from producer.rerender import rerender as rerender_image
 
-    try:
-        result = rerender_image(sidecar, out_dir, Settings())
-    except ArchfarmError as e:
-        _fail(str(e))
+    result = rerender_image(sidecar, out_dir, Settings())
     for name in result.model_changes:
         _warn(f"model {name} has other weights than when the image was made")
     if result.shared_call:
@@ -292,17 +283,15 @@ def submit(
         if not as_json:
             out.print(job_id, markup=False)
 
-    try:
-        with _farm() as farm:
-            if not farm.settings.broker_url and not is_training(load_document(job_file)):
-                _warn(
-                    "no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
-                    f"`archfarm render --job {job_file}` would, into {farm.settings.storage_url}"
-                )
-            job_id = farm.submit(job_file, on_stored=stored)
-            view = farm.wait(job_id) if wait else farm.status(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    spec = load_spec(job_file)
+    with _farm() as farm:
+        if not farm.settings.broker_url and spec.kind == JobKind.RENDER:
+            _warn(
+                "no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
+                f"`archfarm render --job {job_file}` would, into {farm.settings.storage_url}"
+            )
+        job_id = farm.submit(spec, on_stored=stored)
+        view = farm.wait(job_id) if wait else farm.status(job_id)
     if as_json:
         _print_json(view.model_dump(mode="json"))
     elif wait:
@@ -322,39 +311,36 @@ def status(
 ) -> None:
     """One job with per-state task counts, ETA and a progress bar, or a table of recent jobs."""
     _json_errors.set(as_json)
-    try:
-        with _farm() as farm:
-            if job_id is None:
-                views = farm.jobs()
-                if as_json:
-                    _print_json([v.model_dump(mode="json") for v in views])
-                else:
-                    for v in views:
-                        line = f"{v.id}  {v.status.value:<20} {v.rendered}/{v.total} rendered  {v.name}"
-                        out.print(line, markup=False)
-                return
-            job_id = farm.resolve(job_id)
-            view = farm.status(job_id)
-            if watch and not as_json:
-                with Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    TextColumn("ETA {task.fields[eta]}"),
-                    console=out,
-                    disable=not out.is_terminal,
-                ) as bar:
-                    task = bar.add_task(view.status.value, total=view.total, completed=view.done, eta="?")
-                    while not view.status.ended:
-                        time.sleep(1.0)
-                        view = farm.status(job_id)
-                        eta = "?" if view.eta_s is None else f"{view.eta_s:.0f}s"
-                        bar.update(task, completed=view.done, description=view.status.value, eta=eta)
-            elif watch:
-                view = farm.wait(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        if job_id is None:
+            views = farm.jobs()
+            if as_json:
+                _print_json([v.model_dump(mode="json") for v in views])
+            else:
+                for v in views:
+                    line = f"{v.id}  {v.status.value:<20} {v.rendered}/{v.total} rendered  {v.name}"
+                    out.print(line, markup=False)
+            return
+        job_id = farm.resolve(job_id)
+        view = farm.status(job_id)
+        if watch and not as_json:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=out,
+                disable=not out.is_terminal,
+            ) as bar:
+                task = bar.add_task(view.status.value, total=view.total, completed=view.done, eta="?")
+                while not view.status.ended:
+                    time.sleep(1.0)
+                    view = farm.status(job_id)
+                    eta = "?" if view.eta_s is None else f"{view.eta_s:.0f}s"
+                    bar.update(task, completed=view.done, description=view.status.value, eta=eta)
+        elif watch:
+            view = farm.wait(job_id)
     if as_json:
         _print_json(view.model_dump(mode="json"))
         return
@@ -418,13 +404,10 @@ def cancel(
     job_id: JobId,
 ) -> None:
     """Queued tasks never start; running ones stop at their next step."""
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            cancelled = farm.cancel(job_id)
-            view = farm.status(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        cancelled = farm.cancel(job_id)
+        view = farm.status(job_id)
     if cancelled is None:
         out.print(f"{job_id}: already {view.status.value}; nothing to cancel", markup=False)
     else:
@@ -436,12 +419,9 @@ def retry(
     job_id: JobId,
 ) -> None:
     """Requeue failed and cancelled tasks (and re-send queued ones)."""
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            sent = farm.retry(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        sent = farm.retry(job_id)
     out.print(f"{job_id}: sent {sent} task(s)", markup=False)
 
 
@@ -450,12 +430,9 @@ def pause(
     job_id: JobId,
 ) -> None:
     """Hold a job back: its running tasks finish, its queued ones wait until `resume`."""
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            done = farm.pause(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        done = farm.pause(job_id)
     out.print(f"{job_id}: paused" if done else f"{job_id}: already paused", markup=False)
 
 
@@ -464,12 +441,9 @@ def resume(
     job_id: JobId,
 ) -> None:
     """Let a paused job's queued tasks run again."""
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            sent = farm.resume(job_id)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        sent = farm.resume(job_id)
     out.print(f"{job_id}: resumed, {sent} task(s) sent", markup=False)
 
 
@@ -479,12 +453,9 @@ def priority(
     value: Annotated[int, typer.Argument(metavar="N", help="0-100, higher first.")],
 ) -> None:
     """Change a job's priority; its queued tasks are sent again at it."""
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            sent = farm.set_priority(job_id, value)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        sent = farm.set_priority(job_id, value)
     out.print(f"{job_id}: priority {value}, {sent} queued task(s) sent again", markup=False)
 
 
@@ -492,11 +463,8 @@ def priority(
 def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Every worker: device, pools, state (live, stale, dead, stopped), current task, images, loads, swaps."""
     _json_errors.set(as_json)
-    try:
-        with _farm() as farm:
-            views = farm.workers()
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        views = farm.workers()
     if as_json:
         _print_json([view.model_dump(mode="json") for view in views])
         return
@@ -517,13 +485,10 @@ def results(
 ) -> None:
     """List a job's images (URL, style, seed, size), or download them."""
     _json_errors.set(as_json)
-    try:
-        with _farm() as farm:
-            job_id = farm.resolve(job_id)
-            artifacts = farm.results(job_id)
-            written = farm.download(job_id, download) if download is not None else []
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        artifacts = farm.results(job_id)
+        written = farm.download(job_id, download) if download is not None else []
     if as_json:
         _print_json(
             {
@@ -554,12 +519,9 @@ def sheet(
     """Write a job's contact sheet: a row per plan × style, a column per seed, each image labelled."""
     from producer.sheet import write_sheet
 
-    try:
-        with _farm() as farm:
-            grid = farm.sheet(farm.resolve(job_id))
-            images = write_sheet(grid, lambda artifact: farm.read(artifact, "thumbnail"), out_file, cell)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm:
+        grid = farm.sheet(farm.resolve(job_id))
+        images = write_sheet(grid, lambda artifact: farm.read(artifact, "thumbnail"), out_file, cell)
     cells = len(grid.rows) * len(grid.seeds)
     missing = f" ({cells - images} without an image)" if images < cells else ""
     out.print(
@@ -588,19 +550,16 @@ def worker(
     from producer.database import open_database
     from workers.launcher import launch, parse_devices
 
-    try:
-        settings = Settings()
-        if not settings.broker_url:
-            _fail("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
-        chosen = parse_devices(devices)
-        for name in pool or []:
-            if not re.fullmatch(NAME_PATTERN, name):
-                _fail(f"--pool {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-        names = [settings.queue_for(name) for name in pool or [DEFAULT_POOL]]
-        engine, _ = open_database(settings)
-        engine.dispose()
-    except ArchfarmError as e:
-        _fail(str(e))
+    settings = Settings()
+    if not settings.broker_url:
+        _fail("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
+    chosen = parse_devices(devices)
+    for name in pool or []:
+        if not re.fullmatch(NAME_PATTERN, name):
+            _fail(f"--pool {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    names = [settings.queue_for(name) for name in pool or [DEFAULT_POOL]]
+    engine, _ = open_database(settings)
+    engine.dispose()
     raise typer.Exit(launch(chosen, names, settings))
 
 
@@ -621,10 +580,7 @@ def warmup(
     storage (ARCHFARM_STORAGE_URL): workers with the same torch version and GPU model then start warm."""
     from workers.warmup import warmup as warm
 
-    try:
-        device, warmed = warm(load_profile(profile), batch, Settings())
-    except ArchfarmError as e:
-        _fail(str(e))
+    device, warmed = warm(load_profile(profile), batch, Settings())
     if not warmed:
         _warn(f"profile {profile} does not compile on {device} (`compile: auto` compiles on CUDA only); nothing to do")
     for each in warmed:
@@ -643,13 +599,10 @@ def api(
     from producer.api import create_app
     from producer.database import open_database
 
-    try:
-        settings = Settings()
-        engine, _ = open_database(settings)  # the schema checked here, in one line, before the server starts
-        engine.dispose()
-        application = create_app(settings, listen_host=host)
-    except ArchfarmError as e:
-        _fail(str(e))
+    settings = Settings()
+    engine, _ = open_database(settings)  # the schema checked here, in one line, before the server starts
+    engine.dispose()
+    application = create_app(settings, listen_host=host)
     uvicorn.run(application, host=host, port=port)
 
 
@@ -663,11 +616,8 @@ def token_create(
 
     if not re.fullmatch(NAME_PATTERN, name):
         _fail(f"token name {name[:64]!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-    try:
-        with _farm() as farm, farm.sessions.begin() as session:
-            token = create_token(session, name, admin)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm, farm.sessions.begin() as session:
+        token = create_token(session, name, admin)
     out.print(token, markup=False)
 
 
@@ -676,11 +626,8 @@ def token_list() -> None:
     """Every token's name, role, creation and revocation time (never the token)."""
     from shared.db.tokens import tokens
 
-    try:
-        with _farm() as farm, farm.sessions() as session:
-            rows = tokens(session)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm, farm.sessions() as session:
+        rows = tokens(session)
     for name, is_admin, created, revoked in rows:
         state = f"revoked {revoked:%Y-%m-%d %H:%M}" if revoked else "active"
         role = "admin" if is_admin else "user"
@@ -692,11 +639,8 @@ def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")])
     """Revoke a token: requests bearing it are refused from now on."""
     from shared.db.tokens import revoke_token
 
-    try:
-        with _farm() as farm, farm.sessions.begin() as session:
-            revoke_token(session, name)
-    except ArchfarmError as e:
-        _fail(str(e))
+    with _farm() as farm, farm.sessions.begin() as session:
+        revoke_token(session, name)
     out.print(f"{name}: revoked", markup=False)
 
 
@@ -705,11 +649,8 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     """Apply the schema migrations to ARCHFARM_DATABASE_URL."""
     from shared.db.session import make_engine, upgrade
 
-    try:
-        engine = make_engine(Settings().database_url)
-        upgrade(engine, revision)
-    except ArchfarmError as e:
-        _fail(str(e))
+    engine = make_engine(Settings().database_url)
+    upgrade(engine, revision)
     out.print(f"database at {revision}: {engine.url.render_as_string(hide_password=True)}", markup=False)
 
 

@@ -29,13 +29,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from producer.database import open_database
+from producer.kinds import prepare_for_farm
 from producer.sheet import Cell, Row, Sheet
-from producer.submit import persist, prepare
 from producer.views import ArtifactView, Failure, FailureGroup, JobView, TrainingProgress, WorkerView
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
+from shared.db.models import Artifact, Job, JobKind, Task, TaskStatus, Worker
 from shared.db.notifications import rearm
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
@@ -60,11 +60,11 @@ from shared.errors import (
     one_line,
 )
 from shared.images import content_hash, decode_image
-from shared.limits import check_fits_visibility
-from shared.spec import MAX_ECHO, JobSpec, load_document, load_job, parse_model
+from shared.kinds import Spec, load_spec, parse_spec, time_limit
+from shared.spec import MAX_ECHO, JobSpec
 from shared.storage import Storage, open_storage, open_storage_from_settings, read_url
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
-from shared.training import TrainingSpec, is_training, model_url, parse_training
+from shared.training import TrainingSpec, model_url
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -114,7 +114,7 @@ class Farm:
 
     def submit(
         self,
-        job: JobSpec | TrainingSpec | Mapping[str, Any] | str | Path,
+        job: Spec | Mapping[str, Any] | str | Path,
         *,
         on_stored: Callable[[str, int], None] | None = None,
         owner: str | None = None,
@@ -122,62 +122,41 @@ class Farm:
     ) -> str:
         """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
 
-        Nothing is stored when validation fails. `on_stored(job_id, tasks)` is called as soon as the job is
-        stored, before its messages go out (a large job takes a while). A broker that refuses the messages
-        is a `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the
-        broker is back. Without a broker the job is rendered here and now. A training spec becomes a job of
-        one task for a worker of its pool (a farm only: `archfarm train` trains in this process). A `remote`
-        job (the REST API's, checked by `producer.api.check_remote`) never has a model name taken for a folder
-        relative to this process.
+        `job`: a spec of any kind (`shared.kinds`), a document naming its `kind` (render when it names none), or a
+        file. Nothing is stored when validation fails. `on_stored(job_id, tasks)` is called as soon as the job is
+        stored, before its messages go out (a large job takes a while). A broker that refuses the messages is a
+        `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the broker
+        is back. Without a broker a render job is rendered here and now; other kinds run on a farm's workers
+        only (`archfarm train SPEC` trains in this process). A `remote` job (the REST API's, checked by
+        `producer.remote`) never has a model name taken for a folder relative to this process.
         """
         spec = _as_spec(job)
-        if isinstance(spec, TrainingSpec):
-            return self._submit_training(spec, on_stored, owner)
         if self._celery is None:
+            if not isinstance(spec, JobSpec):
+                raise ConfigError(
+                    f"a {spec.kind} job runs on a farm's workers (set ARCHFARM_BROKER_URL); `archfarm train SPEC` "
+                    "trains in this process"
+                )
             from producer.local import Embedded
 
             if self._embedded is None:
                 self._embedded = Embedded(self.settings, self.sessions)
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
             return self._embedded.render(spec, on_prepared=stored).job_id
-        limit = check_fits_visibility(spec.profile, self.settings)
-        prepared = prepare(spec, self.settings, farm=True, owner=owner, remote=remote)
+        limit = time_limit(spec, self.settings)
+        prepared = prepare_for_farm(spec, self.settings, owner=owner, remote=remote)
         with self.sessions.begin() as session:
-            persist(session, prepared)
+            prepared.persist(session)
+        tasks = prepared.task_ids
         if on_stored is not None:
-            on_stored(prepared.id, len(prepared.tasks))
-        messages = (Message(t.id, prepared.id, prepared.queue, spec.priority, limit) for t in prepared.tasks)
+            on_stored(prepared.id, len(tasks))
+        messages = (Message(task_id, prepared.id, prepared.queue, spec.priority, limit) for task_id in tasks)
         try:
             send_tasks(self._celery, messages)
         except BrokerUnavailable as error:
             warnings.warn(
-                f"job {prepared.id} is stored with {len(prepared.tasks)} tasks, but {error}; workers send them "
-                f"once the broker is back (or run `archfarm retry {prepared.id}`)",
-                SubmitWarning,
-                stacklevel=2,
-            )
-        return prepared.id
-
-    def _submit_training(
-        self, spec: TrainingSpec, on_stored: Callable[[str, int], None] | None, owner: str | None
-    ) -> str:
-        from producer.training import persist_training, prepare_training
-
-        if self._celery is None:
-            raise ConfigError(
-                "a training spec runs on a farm's workers (set ARCHFARM_BROKER_URL); `archfarm train SPEC` trains "
-                "in this process"
-            )
-        prepared = prepare_training(spec, self.settings, owner=owner)
-        with self.sessions.begin() as session:
-            persist_training(session, prepared)
-        if on_stored is not None:
-            on_stored(prepared.id, 1)
-        try:
-            send_tasks(self._celery, [Message(prepared.task_id, prepared.id, prepared.queue, spec.priority, None)])
-        except BrokerUnavailable as error:
-            warnings.warn(
-                f"job {prepared.id} is stored, but {error}; workers send it once the broker is back",
+                f"job {prepared.id} is stored with {len(tasks)} task(s), but {error}; workers send them once the "
+                f"broker is back (or run `archfarm retry {prepared.id}`)",
                 SubmitWarning,
                 stacklevel=2,
             )
@@ -240,7 +219,7 @@ class Farm:
             paused=job.paused_at is not None,
             owner=job.owner,
             pool=job.spec.get("pool"),
-            images_total=_images_total(job.spec),
+            images_total=_images_total(job),
             images_done=images_done or 0,
             training=training,
         )
@@ -465,8 +444,8 @@ class Farm:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id!r}")
-            if is_training(job.spec):
-                raise InvalidInput(f"job {job_id} trains a ControlNet: it has no contact sheet")
+            if job.kind is not JobKind.RENDER:
+                raise InvalidInput(f"job {job_id} is a {job.kind.value} job: only render jobs have a contact sheet")
             every_seed = _seeds(job.spec)
             columns = list(every_seed[seed_offset : None if seeds is None else seed_offset + seeds])
             pairs = (
@@ -553,28 +532,25 @@ def _check_id(job_id: str) -> None:
         raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
 
 
-def _as_spec(job: JobSpec | TrainingSpec | Mapping[str, Any] | str | Path) -> JobSpec | TrainingSpec:
-    """A job or training spec, told apart by the training spec's `train:` mapping."""
+def _as_spec(job: Spec | Mapping[str, Any] | str | Path) -> Spec:
+    """A spec of any kind: given, a document naming its kind, or a file holding one."""
     if isinstance(job, JobSpec | TrainingSpec):
         return job
     if isinstance(job, str | Path):
-        path = Path(job)
-        data = load_document(path)
-        return parse_training(data, str(path), path.parent) if is_training(data) else load_job(path)
-    if is_training(job):
-        return parse_training(dict(job))
-    return parse_model(JobSpec, dict(job))
+        return load_spec(Path(job))
+    return parse_spec(dict(job))
 
 
-def _images_total(spec: Mapping[str, Any]) -> int:
-    if is_training(spec):
+def _images_total(job: Job) -> int:
+    """The images a render job makes (plans × styles × seeds); other kinds make none."""
+    if job.kind is not JobKind.RENDER:
         return 0
-    return len(spec["plans"]) * len(spec["styles"]) * len(_seeds(spec))
+    return len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec))
 
 
 def _training(session: Session, job: Job) -> TrainingProgress | None:
     """A training job's progress as its worker last wrote it, and where its model is published."""
-    if not is_training(job.spec):
+    if job.kind is not JobKind.TRAIN:
         return None
     progress = session.scalar(select(Task.progress).where(Task.job_id == job.id)) or {}
     return TrainingProgress.model_validate({**progress, "model_url": model_url(job.output_url)})

@@ -3,12 +3,16 @@ with --json, errors as `{"error": ...}` on stdout for the program reading it).""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+
+from shared.errors import ArchfarmError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -31,3 +35,27 @@ def warn(message: str) -> None:
 
 def print_json(data: object) -> None:
     out.print(json.dumps(data, default=str), markup=False, highlight=False)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Commands(typer.Typer):
+    """A group of commands whose errors the user can fix (`ArchfarmError`) end the same way: one line (or, under
+    --json, `{"error": ...}` on stdout) and exit 2, never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[F], F]:
+        register = super().command(*args, **kwargs)
+
+        def decorate(function: F) -> F:
+            @functools.wraps(function)
+            def run(*call_args: Any, **call_kwargs: Any) -> Any:
+                try:
+                    return function(*call_args, **call_kwargs)
+                except ArchfarmError as error:
+                    fail(str(error))
+
+            register(run)
+            return function
+
+        return decorate

@@ -23,9 +23,11 @@ from producer.expand import TaskSpec, expand
 from producer.models import pin_models, pin_published
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.models import Job, Task, TaskStatus
+from shared.db.models import JobKind, Task, TaskStatus
 from shared.db.notifications import arm
+from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
+from shared.limits import check_fits_visibility
 from shared.plans import load_plan, load_plans, stage_plans
 from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile
 from shared.storage import Storage, canonical_url, open_storage_from_settings
@@ -33,7 +35,7 @@ from shared.storage import Storage, canonical_url, open_storage_from_settings
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """A job that passed every check: ready to be stored and sent."""
+    """A render job that passed every check: ready to be stored and sent."""
 
     id: str
     spec: JobSpec
@@ -41,6 +43,13 @@ class PreparedJob:
     queue: str
     tasks: list[TaskSpec]
     owner: str | None = None
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [task.id for task in self.tasks]
+
+    def persist(self, session: Session) -> None:
+        persist(session, self)
 
 
 def prepare(
@@ -54,6 +63,8 @@ def prepare(
     been checked, so workers on other machines read the same bytes (content-addressed: stored once); models
     are checked on this machine otherwise, since it is the one that renders.
     """
+    if farm:  # a task outliving the broker's visibility timeout would be delivered twice while it runs
+        check_fits_visibility(spec.profile, settings)
     job_id = str(uuid.uuid4())
     output_url = canonical_url(spec.output or f"{settings.storage_url.rstrip('/')}/{job_id}")
     check_output(output_url)
@@ -114,19 +125,18 @@ def persist(session: Session, job: PreparedJob) -> None:
 
     Every task is due now (database clock): one whose message never goes out is found by the sweeper."""
     now = database_time(session)
-    session.add(
-        Job(
-            id=job.id,
-            name=job.spec.name,
-            priority=job.spec.priority,
-            spec=job.spec.model_dump(mode="json"),
-            profile_digest=job.spec.profile.digest(),
-            output_url=job.output_url,
-            queue=job.queue,
-            owner=job.owner,
-        )
+    add_job(
+        session,
+        job_id=job.id,
+        kind=JobKind.RENDER,
+        name=job.spec.name,
+        priority=job.spec.priority,
+        spec=job.spec.model_dump(mode="json"),
+        digest=job.spec.digest(),
+        output_url=job.output_url,
+        queue=job.queue,
+        owner=job.owner,
     )
-    session.flush()
     if job.spec.notify is not None:
         arm(session, job.id, job.spec.notify)
     rows = (

@@ -16,18 +16,18 @@ from sqlalchemy.orm import Session
 from producer.submit import check_output
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.models import Job, Task, TaskStatus
+from shared.db.models import JobKind, Task, TaskStatus
+from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
 from shared.storage import canonical_url
 from shared.training import TrainingSpec
 from workers.training.dataset import Dataset
 
-TRAIN_STYLE = "train"
-"""A training task's `style` column: what lists and sheets show in place of a style."""
-
 
 @dataclass(frozen=True)
 class PreparedTraining:
+    """A training job that passed every check: one task, ready to be stored and sent."""
+
     id: str
     task_id: str
     spec: TrainingSpec
@@ -35,8 +35,19 @@ class PreparedTraining:
     queue: str
     owner: str | None = None
 
+    @property
+    def task_ids(self) -> list[str]:
+        return [self.task_id]
 
-def prepare_training(spec: TrainingSpec, settings: Settings, owner: str | None = None) -> PreparedTraining:
+    def persist(self, session: Session) -> None:
+        persist_training(session, self)
+
+
+def prepare_training(
+    spec: TrainingSpec, settings: Settings, *, owner: str | None = None, remote: bool = False
+) -> PreparedTraining:
+    """Checked: the output, and the dataset's metadata from here (`remote` changes nothing: a training spec's
+    model references are checked by the worker that trains)."""
     output_url = canonical_url(spec.output)
     check_output(output_url)
     dataset = Dataset(spec.train.dataset, settings)  # its metadata must be readable from here
@@ -59,35 +70,21 @@ def prepare_training(spec: TrainingSpec, settings: Settings, owner: str | None =
 
 
 def persist_training(session: Session, job: PreparedTraining) -> None:
-    """The job row and its one task, in the caller's transaction."""
+    """The job row and its one task, in the caller's transaction. The task names no plan, style or seed: what
+    it does is its job's spec."""
     now = database_time(session)
-    session.add(
-        Job(
-            id=job.id,
-            name=job.spec.name,
-            priority=job.spec.priority,
-            spec=job.spec.model_dump(mode="json"),
-            profile_digest=job.spec.digest(),
-            output_url=job.output_url,
-            queue=job.queue,
-            owner=job.owner,
-        )
+    add_job(
+        session,
+        job_id=job.id,
+        kind=JobKind.TRAIN,
+        name=job.spec.name,
+        priority=job.spec.priority,
+        spec=job.spec.model_dump(mode="json"),
+        digest=job.spec.digest(),
+        output_url=job.output_url,
+        queue=job.queue,
+        owner=job.owner,
     )
-    session.flush()
     session.add(
-        Task(
-            id=job.task_id,
-            job_id=job.id,
-            ordinal=0,
-            plan_url=job.spec.train.dataset,
-            plan_name="dataset",
-            plan_digest=job.spec.digest(),
-            style=TRAIN_STYLE,
-            seeds=[job.spec.train.seed],
-            outputs=[job.output_url],
-            status=TaskStatus.QUEUED,
-            attempts=0,
-            created_at=now,
-            due_at=now,
-        )
+        Task(id=job.task_id, job_id=job.id, ordinal=0, status=TaskStatus.QUEUED, attempts=0, created_at=now, due_at=now)
     )

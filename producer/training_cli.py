@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from producer.console import fail, json_errors, out, print_json, warn
+from producer.console import Commands, json_errors, out, print_json, warn
 from shared.config import Settings
-from shared.errors import ArchfarmError
 
-dataset_app = typer.Typer(
+dataset_app = Commands(
     no_args_is_help=True, help="Training datasets: folders or s3:// prefixes holding metadata.jsonl pairs."
 )
 
@@ -37,19 +36,16 @@ def dataset_build(
     a prompt, as metadata.jsonl rows (the layout of diffusers' ControlNet training script)."""
     from workers.training.build import build, read_captions
 
-    try:
-        built = build(
-            images,
-            control,
-            out_dir,
-            Settings(),
-            resolution=resolution,
-            prompt=prompt,
-            captions=None if captions is None else read_captions(captions),
-            depth_model=depth_model,
-        )
-    except ArchfarmError as e:
-        fail(str(e))
+    built = build(
+        images,
+        control,
+        out_dir,
+        Settings(),
+        resolution=resolution,
+        prompt=prompt,
+        captions=None if captions is None else read_captions(captions),
+        depth_model=depth_model,
+    )
     for line in built.skipped:
         warn(f"skipped {line}")
     if built.uncaptioned:
@@ -67,11 +63,8 @@ def dataset_check(
     json_errors.set(as_json)
     from workers.training.dataset import Dataset
 
-    try:
-        data = Dataset(dataset, Settings())
-        problems = list(data.check())
-    except ArchfarmError as e:
-        fail(str(e))
+    data = Dataset(dataset, Settings())
+    problems = list(data.check())
     rows = len(data.rows) + len(data.problems)
     if as_json:
         print_json({"rows": rows, "bad": [{"row": p.row, "reason": p.reason} for p in problems]})
@@ -94,12 +87,9 @@ def train(
     from shared.training import load_training
     from workers.training.trainer import train as run
 
-    try:
-        spec = load_training(spec_file)
-        with _Bar(spec.train.max_steps, interactive=out.is_terminal, quiet=as_json) as bar:
-            result = run(spec, Settings(), resume=resume, progress=bar.update)
-    except ArchfarmError as e:
-        fail(str(e))
+    spec = load_training(spec_file)
+    with _Bar(spec.train.max_steps, interactive=out.is_terminal, quiet=as_json) as bar:
+        result = run(spec, Settings(), resume=resume, progress=bar.update)
     for problem in result.skipped:
         warn(f"dataset {spec.train.dataset}: skipped {problem}")
     summary = {

@@ -22,8 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.config import Settings
 from shared.db.models import Job, Task
 from shared.errors import BrokerUnavailable, ConfigError
-from shared.limits import task_time_limit
-from shared.spec import Profile
+from shared.kinds import stored_spec, time_limit
 
 RENDER_TASK = "archfarm.render"
 PRIORITY_LEVELS = 10
@@ -97,18 +96,18 @@ def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: 
     recorded on its job: a re-send never moves a job to other workers."""
     ids = list(task_ids)
     found: dict[str, Message] = {}
-    limits: dict[str, int] = {}
+    limits: dict[str, int | None] = {}
     with sessions() as session:
         for start in range(0, len(ids), _CHUNK):
             rows = session.execute(
-                select(Task.id, Task.job_id, Job.queue, Job.priority, Job.spec)
+                select(Task.id, Task.job_id, Job.queue, Job.priority, Job.kind, Job.spec)
                 .join(Job, Job.id == Task.job_id)
                 .where(Task.id.in_(ids[start : start + _CHUNK]))
             )
-            for task_id, job_id, queue, priority, spec in rows:
-                if job_id not in limits and "train" not in spec:
-                    limits[job_id] = task_time_limit(Profile.model_validate(spec["profile"]), settings)
-                found[task_id] = Message(task_id, job_id, queue, priority, limits.get(job_id))
+            for task_id, job_id, queue, priority, kind, spec in rows:
+                if job_id not in limits:
+                    limits[job_id] = time_limit(stored_spec(kind, spec), settings)
+                found[task_id] = Message(task_id, job_id, queue, priority, limits[job_id])
     return [found[i] for i in ids if i in found]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +37,17 @@ MAX_NOTIFY_URLS = 5
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+@dataclass(frozen=True)
+class References:
+    """What a spec points at, by field (`plans.0`, `profile.base`): storage URLs (plans, control images,
+    datasets, outputs), model references and notification URLs. A remote caller's job may name these only
+    within what the farm allows (`producer.remote`), and submit pins the models."""
+
+    urls: list[tuple[str, str]]
+    models: list[tuple[str, str]]
+    hooks: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Strict(BaseModel):
@@ -199,6 +211,16 @@ class Profile(_Strict):
             raise ValueError(f"{value} is not a multiple of 8")
         return value
 
+    def models(self) -> list[tuple[str, str]]:
+        """The models the profile names, by field (defaults, for units naming none, are not named here)."""
+        found = [("base", self.base)] + ([("vae", self.vae)] if self.vae else [])
+        for i, unit in enumerate(self.controls):
+            if unit.model is not None:
+                found.append((f"controls.{i}.model", unit.model))
+            if isinstance(unit, DepthControl) and unit.depth_model is not None:
+                found.append((f"controls.{i}.depth_model", unit.depth_model))
+        return found
+
     def digest(self) -> str:
         """Content hash of the settings: part of every output key, so a changed profile never overwrites.
 
@@ -256,8 +278,9 @@ class Notify(_Strict):
 
 
 class JobSpec(_Strict):
-    """A job: every plan × style × seed rendered with one profile."""
+    """A render job: every plan × style × seed rendered with one profile (the default kind of job)."""
 
+    kind: Literal["render"] = "render"
     name: Name = "job"
     priority: int = Field(50, ge=0, le=100, description="0-100, higher runs first")
     plans: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=10_000)
@@ -271,6 +294,34 @@ class JobSpec(_Strict):
         None, description="the workers that render it: those started with `archfarm worker --pool NAME`"
     )
     notify: Notify | None = Field(None, description="URLs told when the job ends or fails; default: settings")
+
+    @classmethod
+    def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:
+        """Validate a loaded document; relative plan paths in it are taken relative to `folder` (the file's), as a
+        user writing it expects."""
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{source}: expected a mapping of job fields")
+        plans = data.get("plans")
+        if folder is not None and isinstance(plans, list):
+            data = {**data, "plans": [_relative_to(p, folder) for p in plans]}
+        spec: JobSpec = parse_model(cls, data, source)
+        return spec
+
+    def digest(self) -> str:
+        """What decides its images besides plan, style and seed: the profile's digest."""
+        return self.profile.digest()
+
+    def references(self) -> References:
+        urls = [(f"plans.{i}", plan) for i, plan in enumerate(self.plans)]
+        urls += [
+            (f"profile.controls.{i}.image", unit.image)
+            for i, unit in enumerate(self.profile.controls)
+            if isinstance(unit, ImageControl)
+        ]
+        if self.output is not None:
+            urls.append(("output", self.output))
+        hooks = [(f"notify.urls.{i}", url) for i, url in enumerate(self.notify.urls if self.notify else [])]
+        return References(urls, [(f"profile.{name}", ref) for name, ref in self.profile.models()], hooks)
 
     @field_validator("plans")
     @classmethod
@@ -511,14 +562,8 @@ def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
 
 
 def load_job(path: Path) -> JobSpec:
-    """A job file; relative plan paths are taken relative to the file, as a user writing it expects."""
-    data = load_document(path)
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{path}: expected a mapping of job fields")
-    plans = data.get("plans")
-    if isinstance(plans, list):
-        data["plans"] = [_relative_to(p, path.parent) for p in plans]
-    return parse_model(JobSpec, data, str(path))
+    """A render job file; relative plan paths are taken relative to the file."""
+    return JobSpec.from_document(load_document(path), str(path), path.parent)
 
 
 def _relative_to(plan: Any, folder: Path) -> Any:

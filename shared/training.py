@@ -1,7 +1,7 @@
 """The training spec: how to train a ControlNet, validated like a job before anything runs or is queued.
 
-A spec file is told from a job file by its `train:` mapping (`archfarm submit` takes either). Pure data:
-validating one reads no disk and imports no torch.
+A job of kind `train` (`kind: train` in a document `archfarm submit` takes; `archfarm train` takes nothing
+else). Pure data: validating one reads no disk and imports no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,17 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.errors import InvalidInput
 from shared.registry import check_ref
-from shared.spec import MAX_SEED, ModelRef, Name, _digest, _relative_to, _Strict, load_document, parse_model
+from shared.spec import (
+    MAX_SEED,
+    ModelRef,
+    Name,
+    References,
+    _digest,
+    _relative_to,
+    _Strict,
+    load_document,
+    parse_model,
+)
 
 _URL_SCHEMES = ("file://", "s3://")
 MODEL = "controlnet"
@@ -114,6 +124,7 @@ _OPERATIONAL = {"max_steps", "checkpoint_every", "keep_checkpoints", "validation
 class TrainingSpec(_Strict):
     """A training job: its name, where the result and checkpoints go, and on a farm which workers run it."""
 
+    kind: Literal["train"] = "train"
     name: Name = "controlnet"
     train: Training
     output: Location = Field(description="folder, file:// or s3:// prefix for checkpoints, validation and the model")
@@ -125,10 +136,28 @@ class TrainingSpec(_Strict):
     def _output(cls, output: str) -> str:
         return _check_location(output)
 
+    @classmethod
+    def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> TrainingSpec:
+        """Validate a loaded document; relative paths in it are taken relative to `folder` (the file's)."""
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{source}: expected a mapping of training fields")
+        if folder is not None:
+            data = _paths_relative_to(data, folder)
+        spec: TrainingSpec = parse_model(cls, data, source)
+        return spec
+
     def digest(self) -> str:
         """Content hash of what decides the weights step by step: a run may be resumed with more steps, other
         intervals or validation, never with another dataset, model or optimiser setting."""
         return _digest(self.train.model_dump(mode="json", exclude=_OPERATIONAL))
+
+    def references(self) -> References:
+        train = self.train
+        urls = [("train.dataset", train.dataset), ("output", self.output)]
+        if train.validation is not None:
+            urls += [(f"train.validation.images.{i}", image) for i, image in enumerate(train.validation.images)]
+        models = [("train.base", train.base)] + ([("train.init", train.init)] if train.init != "base" else [])
+        return References(urls, models)
 
 
 def model_url(output: str) -> str:
@@ -136,24 +165,9 @@ def model_url(output: str) -> str:
     return output.rstrip("/") + "/" + MODEL
 
 
-def is_training(data: Any) -> bool:
-    """Whether a loaded document is a training spec rather than a job."""
-    return isinstance(data, dict) and "train" in data
-
-
-def parse_training(data: Any, source: str = "", folder: Path | None = None) -> TrainingSpec:
-    """Validate a loaded document; relative paths in it are taken relative to `folder` (the file's)."""
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{source}: expected a mapping of training fields")
-    if folder is not None:
-        data = _paths_relative_to(data, folder)
-    spec: TrainingSpec = parse_model(TrainingSpec, data, source)
-    return spec
-
-
 def load_training(path: Path) -> TrainingSpec:
-    """A training spec file (YAML or JSON)."""
-    return parse_training(load_document(path), str(path), path.parent)
+    """A training spec file (YAML or JSON), for `archfarm train`: `kind` may be left out there."""
+    return TrainingSpec.from_document(load_document(path), str(path), path.parent)
 
 
 def _paths_relative_to(data: dict[str, Any], folder: Path) -> dict[str, Any]:

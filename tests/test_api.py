@@ -17,9 +17,10 @@ from PIL import Image
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from producer.api import check_remote, create_app
+from producer.api import create_app
 from producer.cli import app as cli
 from producer.dashboard import MAX_OFFSET, MAX_ROW_ID
+from producer.remote import check_remote
 from shared.config import Settings
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
 from shared.db.store import record_failure, register_worker
@@ -168,7 +169,7 @@ def test_bad_jobs_are_refused_with_one_line(
 
 def training(dataset: str, output: str, **train: object) -> dict:
     spec = {"base": "tiny-sd15", "dataset": dataset, "resolution": 64, "max_steps": 4, **train}
-    return {"name": "boxes", "train": spec, "output": output}
+    return {"kind": "train", "name": "boxes", "train": spec, "output": output}
 
 
 @pytest.mark.parametrize(
@@ -230,7 +231,8 @@ def test_a_training_spec_is_queued_on_its_pool_and_its_progress_shown_in_the_api
     assert 'aria-valuenow="75"' in page and "0.2500" in page and f"{output}/controlnet" in page
     assert "Contact sheet" not in page and "step 3/4" in api.get("/").text
     sheet = api.get(f"/jobs/{created['id']}/sheet")
-    assert sheet.status_code == 422 and "trains a ControlNet: it has no contact sheet" in sheet.json()["detail"]
+    assert sheet.status_code == 422
+    assert "is a train job: only render jobs have a contact sheet" in sheet.json()["detail"]
     document = api.get("/openapi.json").json()
     components = document["components"]["schemas"]
     body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -657,7 +659,11 @@ def test_the_schema_describes_requests_and_answers_as_they_are(
     document = api.get("/openapi.json").json()
     components = document["components"]["schemas"]
     body = document["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"oneOf": [{"$ref": "#/components/schemas/JobSpec"}, {"$ref": "#/components/schemas/TrainingSpec"}]}
+    refs = {"render": "#/components/schemas/JobSpec", "train": "#/components/schemas/TrainingSpec"}
+    assert body == {
+        "oneOf": [{"$ref": ref} for ref in refs.values()],
+        "discriminator": {"propertyName": "kind", "mapping": refs},
+    }
     assert {"plans", "styles", "seeds", "profile"} <= set(components["JobSpec"]["required"])
     assert conforms(job(s3_plan), body, components) and not conforms({"plans": []}, body, components)
     answers = document["paths"]["/jobs/{job_id}"]["get"]["responses"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.expand import expand
 from producer.submit import PreparedJob, persist
 from shared.db.clock import database_time, db_now
-from shared.db.models import Artifact, Base, Job, Task, TaskStatus, Worker
-from shared.db.session import make_engine
+from shared.db.models import Artifact, Base, Job, JobKind, Task, TaskStatus, Worker
+from shared.db.session import make_engine, session_factory, upgrade
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
     Stranded,
@@ -79,6 +80,55 @@ def test_migrations_match_the_models(database_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_upgrading_gives_every_stored_job_its_kind_and_drops_training_placeholders(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Jobs stored before kinds existed: a training job (told by its spec's `train` mapping, once, by the
+    migration) becomes kind train and its task loses the plan, style and seed it stood in with; every row
+    survives SQLite's rebuilding of the tables."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("fresh_database")
+    engine = make_engine(url)
+    upgrade(engine, "0008")
+    with engine.begin() as connection:
+        for job_id, spec, style in (("j-render", {"plans": []}, "modern"), ("j-train", {"train": {}}, "train")):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, name, priority, spec, profile_digest, output_url, queue, created_at) "
+                    "VALUES (:id, 'old', 50, :spec, 'd', 'file:///out', 'archfarm', CURRENT_TIMESTAMP)"
+                ),
+                {"id": job_id, "spec": json.dumps(spec)},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO tasks (id, job_id, ordinal, plan_url, plan_name, plan_digest, style, seeds, outputs, "
+                    "status, attempts, created_at, due_at) VALUES (:id, :job, 0, 'file:///p.png', 'dataset', 'x', "
+                    ":style, '[0]', '[]', 'queued', 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                ),
+                {"id": f"t-{job_id}", "job": job_id, "style": style},
+            )
+        connection.execute(
+            text(
+                "INSERT INTO artifacts (job_id, task_id, plan_digest, style, seed, url, sidecar_url, width, height, "
+                "size_bytes, created_at) VALUES ('j-render', 't-j-render', 'x', 'modern', 0, 'u', 's', 8, 8, 1, "
+                "CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade(engine)  # rebuilds tables on SQLite: nothing that refers to them may go with the old copies
+    with session_factory(engine)() as session:
+        assert dict(session.execute(select(Job.id, Job.kind)).tuples().all()) == {
+            "j-render": JobKind.RENDER,
+            "j-train": JobKind.TRAIN,
+        }
+        rows = dict(session.execute(select(Task.job_id, Task.style)).tuples().all())
+        assert rows == {"j-render": "modern", "j-train": None}
+        assert session.scalar(select(Job.digest).where(Job.id == "j-render")) == "d"
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 1
+    engine.dispose()
 
 
 def test_persist_stores_job_and_every_task(sessions: sessionmaker[Session], job: PreparedJob) -> None:

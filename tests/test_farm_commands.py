@@ -12,12 +12,11 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from shared.db.models import Job, Task, TaskStatus
 from shared.db.session import make_engine, upgrade
@@ -53,19 +52,6 @@ def job_file(tmp_path: Path, example_plan: Path) -> Path:
         )
     )
     return path
-
-
-@pytest.fixture
-def fresh_database(postgres_url: str) -> Iterator[str]:
-    """An empty PostgreSQL database: no schema at all, as a new farm's before `archfarm db upgrade`."""
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"archfarm_fresh_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.mark.postgres

@@ -24,9 +24,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from producer.api import check_remote
 from producer.expand import expand
 from producer.local import render_local
+from producer.remote import check_remote
 from producer.submit import PreparedJob, persist
 from shared.config import Settings
 from shared.db.models import Notification, TaskStatus

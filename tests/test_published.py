@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from producer.api import check_remote
 from producer.local import Embedded
+from producer.remote import check_remote
 from producer.submit import prepare
 from shared.config import Settings
 from shared.errors import InvalidInput, ModelError

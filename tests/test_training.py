@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from producer.cli import app
 from shared.config import Settings
 from shared.errors import InvalidInput
-from shared.training import load_training, parse_training
+from shared.training import TrainingSpec, load_training
 from workers.engine.models import ModelCache
 from workers.engine.pipeline import Item, Unit, render_batch
 from workers.engine.tiny import HINT_CHANNELS
@@ -91,11 +91,11 @@ def test_spec_is_validated_and_paths_are_relative_to_the_file(tmp_path: Path) ->
         ({"validation": {"prompts": ["a", "b"], "images": ["1.png", "2.png", "3.png"]}}, "3 images for 2 prompts"),
     ]:
         with pytest.raises(InvalidInput, match=words):
-            parse_training(_spec(Path("/d"), Path("/o"), **bad))
+            TrainingSpec.from_document(_spec(Path("/d"), Path("/o"), **bad))
     # What decides the weights step by step is the run's identity; how long it runs and how often it saves is not.
     assert (
-        parse_training(_spec(Path("/d"), Path("/o"))).digest()
-        == parse_training(_spec(Path("/d"), Path("/o"), max_steps=60, checkpoint_every=7)).digest()
+        TrainingSpec.from_document(_spec(Path("/d"), Path("/o"))).digest()
+        == TrainingSpec.from_document(_spec(Path("/d"), Path("/o"), max_steps=60, checkpoint_every=7)).digest()
     )
 
 
@@ -144,7 +144,7 @@ def test_training_skips_bad_rows_counts_them_and_lowers_the_loss(tmp_path: Path,
     bad = _break_rows(tmp_path / "data", rows)
     fields = {"max_steps": STEPS, "checkpoint_every": STEPS, "batch_size": 8, "weight_decay": 0.0}
     fields["report_to"] = "tensorboard"  # metrics.csv is written either way
-    spec = parse_training(_spec(tmp_path / "data", tmp_path / "out", **fields, timesteps=SAMPLER_TIMESTEPS))
+    spec = TrainingSpec.from_document(_spec(tmp_path / "data", tmp_path / "out", **fields, timesteps=SAMPLER_TIMESTEPS))
     result = train(spec, settings)
     assert result.steps == STEPS
     # Every bad row met is reported once with its reason (the unparsable line never reaches the data order).

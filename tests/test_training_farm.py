@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from producer.cli import app
 from producer.client import Farm
+from producer.views import TrainingProgress
 from shared.config import Settings
-from shared.db.models import Task
+from shared.db.models import Job, JobKind, Task
 from shared.db.status import JobStatus
 from shared.errors import SubmitWarning
 from shared.storage import open_storage_from_settings
@@ -37,6 +38,7 @@ def test_a_training_job_runs_on_its_pool_survives_a_killed_worker_and_its_model_
         dataset.put(path.relative_to(tmp_path / "data").as_posix(), path.read_bytes())
     output = f"s3://{s3_bucket}/training/boxes"
     spec = {
+        "kind": "train",
         "name": "boxes",
         "train": {
             "base": "tiny-sd15",
@@ -50,8 +52,13 @@ def test_a_training_job_runs_on_its_pool_survives_a_killed_worker_and_its_model_
         "output": output,
     }
     job_id = farm.submit(spec)
-    with farm.sessions() as session:
-        assert session.scalar(select(Task.style).where(Task.job_id == job_id)) == "train"
+    with farm.sessions() as session:  # a job of its own kind, whose one task names no plan, style or seed
+        assert session.scalar(select(Job.kind).where(Job.id == job_id)) is JobKind.TRAIN
+        assert session.execute(select(Task.plan_url, Task.style, Task.seeds).where(Task.job_id == job_id)).one() == (
+            None,
+            None,
+            None,
+        )
 
     first = start_workers("cpu:1", 1, "--pool", "train")
     view = wait_for_value(lambda: _past(farm, job_id, 6), 120, "training to pass its first checkpoint")
@@ -64,12 +71,12 @@ def test_a_training_job_runs_on_its_pool_survives_a_killed_worker_and_its_model_
     first.proc.wait()
     os.kill(main, signal.SIGKILL)
     wait_for(lambda: not any(alive(pid) for pid in pool), 10, "the pool process to die with its worker")
-    reached = view.training["step"]
+    reached = view.training.step
 
     second = start_workers("cpu:1", 1, "--pool", "train")
     done = farm.wait(job_id, timeout=240)
     assert done.status is JobStatus.SUCCEEDED, (done.failures, second.log.read_text()[-3000:])
-    assert done.training["step"] == 60 and done.training["model_url"] == f"{output}/controlnet"
+    assert done.training.step == 60 and done.training.model_url == f"{output}/controlnet"
     log = second.log.read_text()
     assert "resumed boxes from step" in log
     resumed_from = int(log.split("resumed boxes from step ", 1)[1].split()[0])
@@ -86,7 +93,7 @@ def test_a_training_job_runs_on_its_pool_survives_a_killed_worker_and_its_model_
             "pool": "train",
             "profile": {
                 "base": "tiny-sd15",
-                "controls": [{"kind": "canny", "model": done.training["model_url"]}],
+                "controls": [{"kind": "canny", "model": done.training.model_url}],
                 "steps": 2,
                 "width": 64,
                 "height": 64,
@@ -101,17 +108,20 @@ def test_a_queued_training_jobs_status_names_its_model_and_holds_no_database_con
     farm: Farm, tmp_path: Path
 ) -> None:
     write_boxes(tmp_path / "data", 2, 64)
-    spec = {"train": {"base": "tiny-sd15", "dataset": str(tmp_path / "data"), "resolution": 64, "max_steps": 2}}
+    spec = {
+        "kind": "train",
+        "train": {"base": "tiny-sd15", "dataset": str(tmp_path / "data"), "resolution": 64, "max_steps": 2},
+    }
     with pytest.warns(SubmitWarning, match="every worker of pool 'train' must see it"):
         job_id = farm.submit({**spec, "name": "boxes", "output": str(tmp_path / "out")})
-    assert farm.status(job_id).training == {"model_url": (tmp_path / "out").as_uri() + "/controlnet"}
+    assert farm.status(job_id).training == TrainingProgress(model_url=(tmp_path / "out").as_uri() + "/controlnet")
     # A connection left checked out sits idle in a transaction, and its locks stall every TRUNCATE and migration.
     assert farm.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def _past(farm: Farm, job_id: str, step: int):  # type: ignore[no-untyped-def]
     view = farm.status(job_id)
-    return view if view.training and view.training.get("step", 0) >= step else None
+    return view if view.training and (view.training.step or 0) >= step else None
 
 
 def _holder(farm: Farm, job_id: str) -> str | None:

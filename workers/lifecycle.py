@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
-from shared.db.models import FailureKind, Job, Task, TaskStatus
+from shared.db.models import FailureKind, Job, JobKind, Task, TaskStatus
 from shared.db.session import DATABASE_DOWN
 from shared.db.store import (
     blocklisted_nodes,
@@ -60,7 +60,7 @@ from shared.limits import batch_cap
 from shared.logs import outage
 from shared.spec import Profile, Style
 from shared.storage import Storage
-from shared.training import is_training, parse_training
+from shared.training import TrainingSpec
 from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
 from workers.renderer import Prepared, Rendered, Renderer, Work
 from workers.training.trainer import Progress as TrainingProgress
@@ -177,7 +177,7 @@ class Lifecycle:
             return TaskStatus.QUEUED
         if not isinstance(claimed, Held):
             return claimed
-        if is_training(self._jobs[claimed.job_id].spec):
+        if self._jobs[claimed.job_id].kind is JobKind.TRAIN:
             return self._train(claimed)
         try:
             first = self._prepare(claimed)
@@ -250,8 +250,8 @@ class Lifecycle:
         if job_id not in self._jobs:
             if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them
                 self._jobs.clear()
-            job = session.execute(select(Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
-            self._jobs[job_id] = _JobInfo(job.name, job.output_url, job.spec)
+            job = session.execute(select(Job.kind, Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
+            self._jobs[job_id] = _JobInfo(job.kind, job.name, job.output_url, job.spec)
         return held
 
     def _elsewhere(self, session: Session, task_id: str, job_id: str) -> HandOn | TaskStatus | None:
@@ -331,7 +331,7 @@ class Lifecycle:
         """Run a training task to its end, from its latest checkpoint (`workers.training`): a delivery after a
         crash, a kill or a cancel-then-retry goes on where the run's checkpoints left it."""
         try:
-            spec = parse_training(self._jobs[held.job_id].spec)
+            spec = TrainingSpec.model_validate(self._jobs[held.job_id].spec)
             result = train(spec, self.settings, resume=True, progress=self._training_progress(held))
         except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
             return self._settle(held, error)
@@ -548,6 +548,7 @@ class Lifecycle:
 class _JobInfo:
     """A job as a worker needs it; its spec is parsed by the first task rendered from it."""
 
+    kind: JobKind
     name: str
     output_url: str
     spec: dict[str, Any]

@@ -42,6 +42,15 @@ class TaskStatus(str, enum.Enum):
 TERMINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
+class JobKind(str, enum.Enum):
+    """What a job does; each kind has its own spec (`shared.kinds`), submission and worker handler."""
+
+    RENDER = "render"
+    """Plans × styles × seeds rendered through a ControlNet stack: a task per plan, style and seed chunk."""
+    TRAIN = "train"
+    """A ControlNet trained on a dataset: one task, resumed from its checkpoints wherever it is delivered."""
+
+
 class FailureKind(str, enum.Enum):
     """A failed attempt recorded in `task_failures`: what a task's history and a node's blocklist count."""
 
@@ -89,10 +98,17 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(
+        _stored(JobKind, "job_kind"), server_default=JobKind.RENDER.value, comment="what the job does"
+    )
     name: Mapped[str] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(Integer, default=50)
     spec: Mapped[dict[str, Any]] = mapped_column(comment="the validated job spec, styles resolved")
-    profile_digest: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(
+        String(64),
+        comment="content hash of what decides the job's outputs: a render's profile, a training run's data, model "
+        "and optimiser settings",
+    )
     output_url: Mapped[str] = mapped_column(String(2048))
     queue: Mapped[str] = mapped_column(
         String(255), server_default="archfarm", comment="the broker queue every message of this job goes to"
@@ -115,12 +131,14 @@ class Task(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     ordinal: Mapped[int] = mapped_column(Integer, comment="position in the job's expansion order")
-    plan_url: Mapped[str] = mapped_column(String(2048))
-    plan_name: Mapped[str] = mapped_column(String(64))
-    plan_digest: Mapped[str] = mapped_column(String(64))
-    style: Mapped[str] = mapped_column(String(64))
-    seeds: Mapped[list[Any]] = mapped_column()
-    outputs: Mapped[list[Any]] = mapped_column()
+    # What a render task renders. Null for a task of another kind (its job's spec says what it does), which
+    # only render code reads: typed as render code sees them.
+    plan_url: Mapped[str] = mapped_column(String(2048), nullable=True)
+    plan_name: Mapped[str] = mapped_column(String(64), nullable=True)
+    plan_digest: Mapped[str] = mapped_column(String(64), nullable=True)
+    style: Mapped[str] = mapped_column(String(64), nullable=True)
+    seeds: Mapped[list[Any]] = mapped_column(nullable=True)
+    outputs: Mapped[list[Any]] = mapped_column(nullable=True)
     status: Mapped[TaskStatus] = mapped_column(_status, default=TaskStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)

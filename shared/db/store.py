@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Artifact, FailureKind, Job, Task, TaskFailure, TaskStatus, Worker
+from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus, job_status
 
 MAX_ERROR_CHARS = 4000
@@ -43,6 +43,36 @@ def _transition(
 
 def _claimed(worker: str) -> dict[str, Any]:
     return {"worker": worker, "attempts": Task.attempts + 1, "started_at": db_now(), "error": None}
+
+
+def add_job(
+    session: Session,
+    *,
+    job_id: str,
+    kind: JobKind,
+    name: str,
+    priority: int,
+    spec: dict[str, Any],
+    digest: str,
+    output_url: str,
+    queue: str,
+    owner: str | None,
+) -> None:
+    """The job row, of any kind, in the caller's transaction (its tasks follow in the same one)."""
+    session.add(
+        Job(
+            id=job_id,
+            kind=kind,
+            name=name,
+            priority=priority,
+            spec=spec,
+            digest=digest,
+            output_url=output_url,
+            queue=queue,
+            owner=owner,
+        )
+    )
+    session.flush()
 
 
 def claim_task(session: Session, task_id: str, worker: str) -> bool:

@@ -139,7 +139,7 @@ def build_plan_controlnet(folder: Path, base: Path, hint_channels: tuple[int, ..
 def train_plan_controlnet(base: Path, controlnet: ControlNetModel, folder: Path, steps: int = 700) -> None:
     """`archfarm train` on synthetic plans: Canny maps in, coloured rooms out; the result saved to `folder`."""
     from shared.config import Settings
-    from shared.training import parse_training
+    from shared.training import TrainingSpec
     from workers.preprocessors.canny import AdaptiveCanny
     from workers.training.synthetic import write_metadata, write_pair
     from workers.training.trainer import train
@@ -153,7 +153,7 @@ def train_plan_controlnet(base: Path, controlnet: ControlNetModel, folder: Path,
             rows.append(write_pair(work / "data", f"{index:05d}", target, AdaptiveCanny()(plan, SIZE, SIZE), PROMPT))
         write_metadata(work / "data", rows)
         controlnet.save_pretrained(work / "init", safe_serialization=True)
-        spec = parse_training(
+        spec = TrainingSpec.from_document(
             {
                 "name": "tiny-plan",
                 "train": {
