@@ -48,7 +48,6 @@ from shared.errors import (
 from shared.kinds import SPECS, parse_spec
 from shared.plans import safe_stem
 from shared.spec import MAX_ECHO, describe_errors
-from shared.storage import S3Storage, open_storage, open_storage_from_settings
 from shared.thumbnails import CONTENT_TYPE
 
 UPLOAD_SECONDS = 3600
@@ -150,8 +149,8 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         any other size), and the s3:// URL to name in a job. Each upload gets a folder of its own, holding the
         file under its own name, made safe: the plan keeps that name in keys, sheets and results."""
         client = farm(request)
-        storage = open_storage_from_settings(client.settings)
-        if not isinstance(storage, S3Storage):
+        storage = client.storages.open()
+        if not storage.presigns:
             raise ConfigError("uploads need the farm's storage on S3 (ARCHFARM_STORAGE_URL=s3://...)")
         name = PurePosixPath(body.name.replace("\\", "/")).name
         suffix = PurePosixPath(name).suffix.lower()
@@ -233,20 +232,15 @@ def create_app(settings: Settings | None = None, listen_host: str = "127.0.0.1")
         this page's last image) with pre-signed download links where the output is on S3."""
         client = farm(request)
         view = client.status(job_id)
-        # The links are for the caller, who may reach S3 at another address than the farm does.
-        storage = open_storage(
-            view.output_url,
-            endpoint_url=client.settings.s3_endpoint_url,
-            region=client.settings.s3_region,
-            public_endpoint_url=client.settings.s3_public_endpoint_url,
-        )
+        # Links are signed for ARCHFARM_S3_PUBLIC_ENDPOINT_URL: the caller may reach S3 at another address.
+        storage = client.storages.open(view.output_url)
         prefix = view.output_url.rstrip("/") + "/"
         artifacts = []
         page = client.results(job_id, limit=limit, after=cursor)
         if limit is not None and len(page) == limit:
             _link_next(request, response, str(page[-1].id))
         for artifact in page:
-            if isinstance(storage, S3Storage):
+            if storage.presigns:
                 link = storage.presigned_url(artifact.url.removeprefix(prefix))
                 artifact = artifact.model_copy(update={"download_url": link})
             artifacts.append(artifact)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import warnings
 from collections import defaultdict
@@ -62,7 +61,7 @@ from shared.errors import (
 from shared.images import content_hash, decode_image
 from shared.kinds import Spec, load_spec, parse_spec, time_limit
 from shared.spec import MAX_ECHO, JobSpec
-from shared.storage import Storage, open_storage, open_storage_from_settings, read_url
+from shared.storage import Storage, Storages
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
 from shared.training import TrainingSpec, model_url
 
@@ -84,8 +83,8 @@ READINESS_PREFIX = "readyz/"
 MAX_FAILURES = 100
 MAX_FAILURE_GROUPS = 50
 """A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
-OPEN_OUTPUTS = 32
-"""Job output storages kept open by one `Farm` (an API process serves many jobs over its life)."""
+OPEN_STORAGES = 32
+"""Storages kept open by one `Farm` (an API process serves many jobs' outputs over its life)."""
 
 
 class Farm:
@@ -96,10 +95,9 @@ class Farm:
         self.engine, self.sessions = open_database(self.settings)
         self._celery = make_celery(self.settings) if self.settings.broker_url else None
         self._embedded: Embedded | None = None
-        self._outputs: dict[str, Storage] = {}
-        """The output storages of the jobs read most recently, least recent first: a dashboard page reads
-        hundreds of thumbnails of one job, and an S3 client is costly to make."""
-        self._outputs_lock = threading.Lock()
+        self.storages = Storages(self.settings, keep=OPEN_STORAGES)
+        """Every storage this process reads: the farm's, the jobs' outputs (a dashboard page reads hundreds of
+        thumbnails of one job), plans shown beside their renders."""
 
     def close(self) -> None:
         if self._embedded is not None:
@@ -339,7 +337,7 @@ class Farm:
             except Exception as error:  # noqa: BLE001 - kombu raises its own and the transport's errors
                 checks["broker"] = one_line(error)
         try:
-            open_storage_from_settings(self.settings).list(READINESS_PREFIX)  # a bucket gone fails as well
+            self.storages.open().list(READINESS_PREFIX)  # a bucket gone fails as well
             checks["storage"] = "ok"
         except (ArchfarmError, OSError) as error:
             checks["storage"] = one_line(error)
@@ -425,9 +423,7 @@ class Farm:
             raise NotFound(f"job {job_id} has no plan {digest[:12]}")
         settings = self.settings
         try:
-            data = read_url(
-                url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, max_bytes=settings.max_plan_bytes
-            )
+            data = self.storages.read(url, max_bytes=settings.max_plan_bytes)
         except (FileNotFoundError, PermissionError, InvalidInput):
             raise NotFound(f"job {job_id}: plan {digest[:12]} is no longer readable where it was stored") from None
         if content_hash(data) != digest:
@@ -495,22 +491,11 @@ class Farm:
             url = session.scalar(select(Job.output_url).where(Job.id == job_id))
         if url is None:
             raise NotFound(f"no job {job_id!r}")
-        with self._outputs_lock:
-            storage = self._outputs.pop(url, None) or open_storage(
-                url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
-            )
-            self._outputs[url] = storage
-            while len(self._outputs) > OPEN_OUTPUTS:
-                del self._outputs[next(iter(self._outputs))]
-        return storage, url.rstrip("/") + "/"
+        return self.storages.open(url), url.rstrip("/") + "/"
 
     def download(self, job_id: str, folder: Path) -> list[Path]:
         """Copy every image and sidecar of the job into `folder`, keeping their relative keys."""
-        view = self.status(job_id)
-        storage = open_storage(
-            view.output_url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
-        )
-        prefix = view.output_url.rstrip("/") + "/"
+        storage, prefix = self._output(job_id)
         written: list[Path] = []
         for artifact in self.results(job_id):
             for url in (artifact.url, artifact.sidecar_url):

@@ -27,7 +27,7 @@ from shared.config import Settings
 from shared.errors import InvalidInput, NotFound
 from shared.plans import safe_name
 from shared.spec import JobSpec, parse_model
-from shared.storage import read_url
+from shared.storage import Storages
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         plan = work / "plans" / f"{meta['plan'].get('name') or safe_name(url)}{_suffix(url)}"
         plan.parent.mkdir()
         try:
-            plan.write_bytes(read_url(url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region))
+            plan.write_bytes(Storages(settings).read(url))
         except FileNotFoundError:
             raise InvalidInput(f"{sidecar_path}: the plan {meta['plan']['url']} is gone") from None
         spec = parse_model(

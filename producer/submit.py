@@ -30,7 +30,7 @@ from shared.errors import InvalidInput, SubmitWarning
 from shared.limits import check_fits_visibility
 from shared.plans import load_plan, load_plans, stage_plans
 from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile
-from shared.storage import Storage, canonical_url, open_storage_from_settings
+from shared.storage import Storages, canonical_url
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,13 @@ class PreparedJob:
 
 
 def prepare(
-    spec: JobSpec, settings: Settings, *, farm: bool = False, owner: str | None = None, remote: bool = False
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    farm: bool = False,
+    owner: str | None = None,
+    remote: bool = False,
+    storages: Storages | None = None,
 ) -> PreparedJob:
     """Check the plans, control images, models and output URL, and expand the task list; raises `InvalidInput`.
     Models published to storage are pinned by their manifest's hash (`pin_published`). A `remote` job (the
@@ -72,13 +78,14 @@ def prepare(
     profile = pin_published(profile, settings)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
-    plans = load_plans(spec.plans, settings)
-    storage = open_storage_from_settings(settings) if farm else None
-    if storage is not None:
-        plans = stage_plans(plans, storage)
+    storages = storages or Storages(settings)
+    plans = load_plans(spec.plans, storages)
+    if farm:
+        plans = stage_plans(plans, storages)
     # The farm's default URLs are taken into the job now, so changing them later never reaches stored jobs.
     notify = spec.notify or (Notify(urls=settings.notify_urls) if settings.notify_urls else None)
-    spec = spec.model_copy(update={"profile": _with_control_images(profile, settings, storage), "notify": notify})
+    profile = _with_control_images(profile, storages, farm)
+    spec = spec.model_copy(update={"profile": profile, "notify": notify})
     return PreparedJob(
         id=job_id,
         spec=spec,
@@ -105,15 +112,15 @@ def check_output(url: str) -> None:
         raise InvalidInput(f"output: {url[:MAX_ECHO]!r} is not a folder")
 
 
-def _with_control_images(profile: Profile, settings: Settings, storage: Storage | None) -> Profile:
+def _with_control_images(profile: Profile, storages: Storages, farm: bool) -> Profile:
     """Read and check every `image` unit's map and pin its content hash into the profile (and so into
     every output key), so a map edited later can neither go unnoticed nor overwrite earlier images."""
     units = []
     for unit in profile.controls:
         if isinstance(unit, ImageControl):
-            image, _ = load_plan(unit.image, settings)
-            if storage is not None:
-                (image,) = stage_plans([image], storage)
+            image, _ = load_plan(unit.image, storages)
+            if farm:
+                (image,) = stage_plans([image], storages)
             unit = unit.model_copy(update={"image": image.url, "image_sha256": image.digest})
         units.append(unit)
     return profile.model_copy(update={"controls": units})

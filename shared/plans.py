@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from shared.config import Settings
 from shared.errors import InvalidInput, PlanError, StorageError
 from shared.images import content_hash, decode_image
-from shared.storage import Storage, canonical_url, read_url
+from shared.storage import Storages, canonical_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,13 +33,13 @@ def safe_stem(stem: str) -> str:
     return cleaned or "plan"
 
 
-def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
-    """Read and fully decode one plan; any problem is a `PlanError` naming it."""
+def load_plan(plan: str, storages: Storages) -> tuple[Plan, bytes]:
+    """Read and fully decode one plan (at most ARCHFARM_MAX_PLAN_BYTES of it); any problem is a `PlanError`
+    naming it."""
+    settings = storages.settings
     try:
         url = canonical_url(plan)
-        data = read_url(
-            url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region, max_bytes=settings.max_plan_bytes
-        )
+        data = storages.read(url, max_bytes=settings.max_plan_bytes)
     except FileNotFoundError:
         raise PlanError(plan, "no such file") from None
     except PermissionError:
@@ -51,12 +50,12 @@ def load_plan(plan: str, settings: Settings) -> tuple[Plan, bytes]:
     return Plan(url=url, name=safe_name(url), digest=content_hash(data)), data
 
 
-def load_plans(plans: Sequence[str], settings: Settings) -> list[Plan]:
+def load_plans(plans: Sequence[str], storages: Storages) -> list[Plan]:
     """Every plan of a job, checked; the same content given twice is refused (one artifact per plan)."""
     loaded: list[Plan] = []
     seen: dict[str, str] = {}
     for plan in plans:
-        ref, _ = load_plan(plan, settings)
+        ref, _ = load_plan(plan, storages)
         if ref.digest in seen:
             raise InvalidInput(f"plans: {plan} has the same content as {seen[ref.digest]}")
         seen[ref.digest] = plan
@@ -64,14 +63,16 @@ def load_plans(plans: Sequence[str], settings: Settings) -> list[Plan]:
     return loaded
 
 
-def stage_plans(plans: Sequence[Plan], storage: Storage) -> list[Plan]:
-    """Copy local inputs (plans, control maps) into `storage` under `inputs/DIGEST.EXT`; s3:// ones are shared."""
+def stage_plans(plans: Sequence[Plan], storages: Storages) -> list[Plan]:
+    """Copy local inputs (plans, control maps) into the farm's storage under `inputs/DIGEST.EXT`; s3:// ones
+    are shared already."""
     staged = []
+    storage = storages.open()
     for plan in plans:
         if plan.url.startswith("s3://"):
             staged.append(plan)
             continue
-        data = read_url(plan.url)
+        data = storages.read(plan.url, max_bytes=storages.settings.max_plan_bytes)
         if content_hash(data) != plan.digest:
             raise PlanError(plan.url, "changed while the job was being submitted")
         key = f"inputs/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"

@@ -27,7 +27,7 @@ from shared.db.store import record_failure, register_worker
 from shared.db.tokens import create_token
 from shared.errors import InvalidInput
 from shared.spec import MAX_ECHO, JobSpec
-from shared.storage import read_url
+from shared.storage import Storages
 from tests.conftest import queued_messages
 from tests.processes import wait_for
 from workers.lifecycle import Lifecycle
@@ -481,12 +481,12 @@ def test_a_plan_over_the_size_limit_is_refused_by_its_size_without_being_read(
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="plans/huge.png", Body=b"\0" * (40 * 2**20))
     client.put_object(Bucket=s3_bucket, Key="plans/small.png", Body=example_plan.read_bytes())
-    endpoint = {"endpoint_url": s3_server.endpoint_url, "region": s3_server.region}
-    read_url(f"s3://{s3_bucket}/plans/small.png", **endpoint)  # the S3 client is made and cached before measuring
+    storages = Storages(Settings(s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region))
+    storages.read(f"s3://{s3_bucket}/plans/small.png")  # the S3 client is made and cached before measuring
     tracemalloc.start()
     try:
         with pytest.raises(InvalidInput, match="larger than the limit of 1048576 bytes"):
-            read_url(f"s3://{s3_bucket}/plans/huge.png", **endpoint, max_bytes=2**20)
+            storages.read(f"s3://{s3_bucket}/plans/huge.png", max_bytes=2**20)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

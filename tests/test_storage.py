@@ -19,9 +19,9 @@ from shared.storage import (
     LocalStorage,
     S3Storage,
     Storage,
+    Storages,
     open_storage,
     open_storage_from_settings,
-    read_url,
 )
 from shared.storage.base import check_key
 from tests.s3_server import S3Server, free_port
@@ -152,7 +152,7 @@ def test_url_names_the_object_and_reads_back(storage: Storage, s3_endpoint: str 
         assert url.startswith("file:///")
     else:
         assert url == f"s3://{storage.bucket}/renders/run-1/job 1/plan #1.png"
-    assert read_url(url, endpoint_url=s3_endpoint) == b"png"
+    assert reader(s3_endpoint).read(url) == b"png"
 
 
 @pytest.fixture
@@ -520,7 +520,7 @@ def test_bad_urls_are_invalid_input(url: str) -> None:
     with pytest.raises(InvalidInput):
         open_storage(url)
     with pytest.raises(InvalidInput):
-        read_url(url)
+        reader().read(url)
 
 
 def test_storage_from_settings(tmp_path: Path) -> None:
@@ -541,32 +541,30 @@ def test_storage_from_settings(tmp_path: Path) -> None:
     assert isinstance(other, LocalStorage) and other.root == tmp_path
 
 
-def test_read_url_reads_one_local_file(tmp_path: Path) -> None:
+def test_reading_reads_one_local_file(tmp_path: Path) -> None:
     plan = tmp_path / "plan #1.png"
     plan.write_bytes(ALL_BYTES)
 
-    assert read_url(str(plan)) == ALL_BYTES
-    assert read_url(plan.as_uri()) == ALL_BYTES
+    assert reader().read(str(plan)) == ALL_BYTES
+    assert reader().read(plan.as_uri()) == ALL_BYTES
     for missing in (str(tmp_path / "nope.png"), (tmp_path / "nope.png").as_uri()):
         with pytest.raises(FileNotFoundError):
-            read_url(missing)
+            reader().read(missing)
 
 
 @pytest.mark.parametrize("url", ["s3://renders", "s3://renders/", "s3://renders/dir/", "s3://renders/a//b"])
-def test_read_url_needs_an_object_key(url: str) -> None:
+def test_reading_needs_an_object_key(url: str) -> None:
     with pytest.raises(InvalidInput):
-        read_url(url, endpoint_url="http://127.0.0.1:9")
+        reader("http://127.0.0.1:9").read(url)
 
 
 @pytest.mark.s3
-def test_read_url_reads_one_s3_object_with_credentials_from_the_environment(
-    s3_server: S3Server, s3_bucket: str
-) -> None:
+def test_reading_reads_one_s3_object_with_credentials_from_the_environment(s3_server: S3Server, s3_bucket: str) -> None:
     s3_server.client().put_object(Bucket=s3_bucket, Key="plans/plan.png", Body=ALL_BYTES)
 
-    assert read_url(f"s3://{s3_bucket}/plans/plan.png", endpoint_url=s3_server.endpoint_url) == ALL_BYTES
+    assert reader(s3_server.endpoint_url).read(f"s3://{s3_bucket}/plans/plan.png") == ALL_BYTES
     with pytest.raises(FileNotFoundError):
-        read_url(f"s3://{s3_bucket}/plans/missing.png", endpoint_url=s3_server.endpoint_url)
+        reader(s3_server.endpoint_url).read(f"s3://{s3_bucket}/plans/missing.png")
 
 
 @pytest.mark.s3
@@ -579,13 +577,18 @@ def test_new_clients_sign_with_the_credentials_the_environment_names_now(
     url = f"s3://{s3_bucket}/plans/plan.png"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "an-old-secret")
     with pytest.raises(StorageError):
-        read_url(url, endpoint_url=s3_server.endpoint_url)
+        reader(s3_server.endpoint_url).read(url)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    assert read_url(url, endpoint_url=s3_server.endpoint_url) == b"plan"
+    assert reader(s3_server.endpoint_url).read(url) == b"plan"
 
 
-def test_read_url_refuses_devices_and_folders(tmp_path: Path) -> None:
+def test_reading_refuses_devices_and_folders(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not a regular file"):
-        read_url("/dev/zero")
+        reader().read("/dev/zero")
     with pytest.raises(InvalidInput, match="not a regular file"):
-        read_url(str(tmp_path))
+        reader().read(str(tmp_path))
+
+
+def reader(endpoint_url: str | None = None) -> Storages:
+    """A process's storages, reading from the S3 endpoint given."""
+    return Storages(Settings(s3_endpoint_url=endpoint_url))

@@ -15,6 +15,7 @@ from shared.config import Settings
 from shared.images import decode_image
 from shared.plans import load_plan
 from shared.spec import Profile
+from shared.storage import Storages
 from workers.engine.models import pick_device
 from workers.preprocessors import ControlMaps, emptiness
 
@@ -32,8 +33,10 @@ class MapFile:
 
 def write_maps(plans: list[str], profile: Profile, out_dir: Path, settings: Settings) -> list[MapFile]:
     """`OUT/PLAN/N-KIND.png` for every plan and unit N; plans are checked as at submit (a bad one stops all)."""
-    loaded = [load_plan(plan, settings) for plan in plans]
-    maps = ControlMaps(None, settings.models_dir, pick_device(settings.device), max_pixels=settings.max_image_pixels)
+    storages = Storages(settings)
+    loaded = [load_plan(plan, storages) for plan in plans]
+    device = pick_device(settings.device)
+    maps = ControlMaps(None, settings.models_dir, device, read=storages.read, max_pixels=settings.max_image_pixels)
     written: list[MapFile] = []
     names: set[str] = set()
     for plan, data in loaded:

@@ -25,7 +25,7 @@ from shared.errors import InputError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_url
 from shared.spec import Profile, Style
-from shared.storage import Storage, input_errors, open_storage, read_url
+from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
 from workers.engine.batching import BatchSizer, padded
 from workers.engine.compile import CompileOptions
@@ -90,12 +90,16 @@ class Renderer:
             offload_budget_bytes=settings.offload_cache_bytes,
             settings=settings,
         )
+        self.storages = Storages(settings)
         self.maps = ControlMaps(
-            farm_storage, settings.models_dir, self.device, read=self._read, max_pixels=settings.max_image_pixels
+            farm_storage,
+            settings.models_dir,
+            self.device,
+            read=self.storages.read,
+            max_pixels=settings.max_image_pixels,
         )
         self.sizer = BatchSizer(self.device)
         self.fleet = FleetCompileCache(farm_storage, self.device)
-        self._storages: dict[str, Storage] = {}
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
@@ -213,32 +217,22 @@ class Renderer:
 
     def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
         """Every image, its thumbnail and its sidecar into the job's output; the artifact rows to record for them."""
-        storage = self.storage(work.output_url)
+        storage = self.storages.open(work.output_url)
         return [
             self._upload(work, storage, seed, key, image, rendered)
             for seed, key, image in zip(work.seeds, work.outputs, rendered.images, strict=True)
         ]
-
-    def storage(self, url: str) -> Storage:
-        if url not in self._storages:
-            self._storages[url] = open_storage(
-                url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region
-            )
-        return self._storages[url]
 
     def _plan(self, work: Work) -> Image.Image:
         """The task's plan, decoded; an `InputError` naming it (by name and URL) when it cannot be had, which
         fails every queued task of that plan with the same reason."""
         where = f"plan {work.plan_name!r} ({work.plan_url})"
         with input_errors(where, work.plan_digest):
-            data = self._read(work.plan_url)
+            data = self.storages.read(work.plan_url)
         if content_hash(data) != work.plan_digest:
             raise InputError(f"{where}: changed after the job was submitted", work.plan_digest)
         with input_errors(where, work.plan_digest):
             return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
-
-    def _read(self, url: str) -> bytes:
-        return read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
 
     def _upload(
         self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image, rendered: Rendered

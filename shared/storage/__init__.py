@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,7 @@ __all__ = [
     "input_errors",
     "open_storage",
     "open_storage_from_settings",
-    "read_url",
+    "Storages",
 ]
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
@@ -99,7 +101,8 @@ def open_storage(
 
 
 def open_storage_from_settings(settings: Settings, url: str | None = None) -> Storage:
-    """The backend for `url` (default: the configured storage_url), with the configured S3 endpoints."""
+    """The backend for `url` (default: the configured storage_url), with the configured S3 endpoints, opened
+    anew: for one-off use (a training run's output). A process that keeps reading and writing uses `Storages`."""
     return open_storage(
         settings.storage_url if url is None else url,
         endpoint_url=settings.s3_endpoint_url,
@@ -108,17 +111,40 @@ def open_storage_from_settings(settings: Settings, url: str | None = None) -> St
     )
 
 
-def read_url(
-    url: str, *, endpoint_url: str | None = None, region: str | None = None, max_bytes: int = MAX_READ_BYTES
-) -> bytes:
-    """The bytes of ONE object named by a path, file:// URL or s3://bucket/key URL (plan images, mostly); one
-    larger than `max_bytes` is refused by its size, never read into memory whole."""
-    where = _parse(url)
-    if isinstance(where, tuple):
-        bucket, key = where
-        if not key:
-            raise InvalidInput(f"URL {url!r} names a bucket, not an object")
-        return S3Storage(bucket, endpoint_url=endpoint_url, region=region).get(key, limit=max_bytes)
+class Storages:
+    """The storages one process reads and writes, opened from its settings (endpoints, region) and kept, the
+    most recently used `keep`: an API serving thousands of thumbnails, a worker reading plans and writing
+    renders, each opens a URL's backend once (an S3 client is costly to make)."""
+
+    def __init__(self, settings: Settings, keep: int = 32) -> None:
+        self.settings = settings
+        self.keep = keep
+        self._open: OrderedDict[str, Storage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self, url: str | None = None) -> Storage:
+        """The backend for `url` (default: the farm's storage, ARCHFARM_STORAGE_URL)."""
+        url = self.settings.storage_url if url is None else url
+        with self._lock:
+            storage = self._open.pop(url, None) or open_storage_from_settings(self.settings, url)
+            self._open[url] = storage
+            while len(self._open) > self.keep:
+                self._open.popitem(last=False)
+        return storage
+
+    def read(self, url: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        """The bytes of ONE object named by a path, file:// URL or s3://bucket/key URL (plan images, mostly); one
+        larger than `max_bytes` is refused by its size, never read into memory whole."""
+        where = _parse(url)
+        if isinstance(where, tuple):
+            bucket, key = where
+            if not key:
+                raise InvalidInput(f"URL {url!r} names a bucket, not an object")
+            return self.open(f"s3://{bucket}").get(key, limit=max_bytes)
+        return _read_file(where, url, max_bytes)
+
+
+def _read_file(where: Path, url: str, max_bytes: int) -> bytes:
     # Read directly, not through LocalStorage: a path the user names may be a symlink to anywhere. Only
     # regular files of bounded size: a device such as /dev/zero would otherwise be read until memory runs out.
     try:

@@ -19,12 +19,22 @@ MAX_KEY_BYTES = 1024
 class Storage(Protocol):
     """Where results and inputs live: a local folder or an S3 bucket prefix."""
 
+    presigns: bool
+    """Whether `presigned_url` hands out links that work without credentials: S3 does, a local folder cannot."""
+
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "get_object", content_length: int | None = None
+    ) -> str:
+        """A URL that lets anyone holding it GET (or PUT) the object for `expires` seconds (`presigns` only)."""
+        ...
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Store `data` under `key`, replacing any previous object whole (readers never see half of it)."""
         ...
 
-    def get(self, key: str) -> bytes:
-        """The object's bytes; FileNotFoundError if there is none."""
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes; FileNotFoundError if there is none. With `limit`, an object larger than that is
+        refused (InvalidInput) by its size, never read whole."""
         ...
 
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.errors import InvalidInput, StorageError
+from shared.errors import ConfigError, InvalidInput, StorageError
 from shared.storage.base import check_key, check_prefix
 
 _PARTIAL = ".archfarm-partial-"
@@ -22,6 +22,8 @@ class LocalStorage:
 
     A key cannot be both an object and a prefix of others here (`a` and `a/b`), unlike on S3.
     """
+
+    presigns = False
 
     def __init__(self, root: Path) -> None:
         # Resolved once so that a later chdir or a symlinked root cannot move where keys land.
@@ -76,14 +78,21 @@ class LocalStorage:
         except OSError as e:
             raise StorageError(f"cannot read {self.url(key)}: {e.strerror or e}") from e
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         path = self._path(key)
         try:
+            if limit is not None and path.stat().st_size > limit:
+                raise InvalidInput(f"{self.url(key)}: {path.stat().st_size} bytes is over the limit of {limit}")
             return path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
             raise FileNotFoundError(f"no object {self.url(key)}") from e
         except OSError as e:
             raise StorageError(f"cannot read {self.url(key)}: {e.strerror or e}") from e
+
+    def presigned_url(
+        self, key: str, expires: int = 3600, method: str = "get_object", content_length: int | None = None
+    ) -> str:
+        raise ConfigError(f"{self.url(key)}: a local folder cannot sign links; a farm whose storage is S3 can")
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

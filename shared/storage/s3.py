@@ -68,6 +68,8 @@ class S3Storage:
     another address than this process does (a port published from a container network, a proxy).
     """
 
+    presigns = True
+
     def __init__(
         self,
         bucket: str,

@@ -19,7 +19,7 @@ from shared.errors import InputError, SubmitWarning
 from shared.images import content_hash, decode_image
 from shared.registry import default_depth_model
 from shared.spec import CannyControl, ControlUnit, DepthControl, ImageControl, PlanDepthControl, PlanImageControl
-from shared.storage import Storage, input_errors, read_url
+from shared.storage import Storage, input_errors
 from workers.controlmaps import ControlMapCache
 from workers.engine.presets import resolve
 from workers.preprocessors.canny import AdaptiveCanny
@@ -40,7 +40,7 @@ class ControlMaps:
         storage: Storage | None,
         models_dir: Path,
         device: torch.device,
-        read: Callable[[str], bytes] = read_url,
+        read: Callable[[str], bytes],
         max_pixels: int = 80_000_000,
     ) -> None:
         self.cache = ControlMapCache(storage)

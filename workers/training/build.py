@@ -24,7 +24,7 @@ from shared.errors import InvalidInput, PlanError
 from shared.images import decode_image
 from shared.plans import load_plan
 from shared.spec import CannyControl, ControlUnit, DepthControl, PlanDepthControl
-from shared.storage import open_storage_from_settings
+from shared.storage import Storages
 from workers.engine.models import pick_device
 from workers.preprocessors import ControlMaps
 from workers.preprocessors.resize import fit_and_pad
@@ -74,13 +74,15 @@ def build(
     if "{" in prompt.replace("{name}", ""):
         raise InvalidInput(f"--prompt {prompt!r}: the only placeholder is {{name}}")
     unit = _unit(control, depth_model)
-    maps = ControlMaps(None, settings.models_dir, pick_device(settings.device), max_pixels=settings.max_image_pixels)
-    storage = open_storage_from_settings(settings, out)
+    storages = Storages(settings)
+    device = pick_device(settings.device)
+    maps = ControlMaps(None, settings.models_dir, device, read=storages.read, max_pixels=settings.max_image_pixels)
+    storage = storages.open(out)
     rows, skipped, names = [], [], set()
     uncaptioned = 0
     for url in images:
         try:
-            plan, data = load_plan(url, settings)
+            plan, data = load_plan(url, storages)
         except (PlanError, InvalidInput) as error:
             skipped.append(str(error))
             continue

@@ -39,7 +39,7 @@ from shared.config import Settings
 from shared.errors import ArchfarmError, ConfigError, InvalidInput
 from shared.images import decode_image
 from shared.published import publish
-from shared.storage import open_storage_from_settings, read_url
+from shared.storage import Storages
 from shared.training import TrainingSpec, model_url
 from workers.engine.models import ModelCache, pick_device
 from workers.engine.pipeline import Item, Unit, render_batch
@@ -108,7 +108,8 @@ def train(
 class _Run:
     def __init__(self, spec: TrainingSpec, settings: Settings, logs: Path) -> None:
         self.spec, self.cfg, self.settings = spec, spec.train, settings
-        self.out = open_storage_from_settings(settings, spec.output)
+        self.storages = Storages(settings)
+        self.out = self.storages.open(spec.output)
         device = pick_device(settings.device)
         if self.cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError('report_to: tensorboard needs the tensorboard package (pip install "archfarm[train]")')
@@ -405,7 +406,7 @@ class _Run:
         # every training process otherwise, for a few validation maps.
         from workers.preprocessors.resize import fit_and_pad
 
-        data = read_url(url, endpoint_url=self.settings.s3_endpoint_url, region=self.settings.s3_region)
+        data = self.storages.read(url)
         image = decode_image(data, url, max_pixels=self.settings.max_image_pixels)
         return Image.fromarray(fit_and_pad(np.asarray(image.convert("RGB")), size, size))
 
