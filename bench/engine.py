@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.engine.compile import CompileOptions  # noqa: E402
 from workers.engine.models import ModelCache, module_bytes  # noqa: E402
-from workers.engine.pipeline import ControlInput, Item, Unit, render, render_batch  # noqa: E402
+from workers.engine.pipeline import ControlInput, Item, Request, Unit, render, render_batch  # noqa: E402
 from workers.engine.presets import resolve  # noqa: E402
 from workers.preprocessors.canny import AdaptiveCanny  # noqa: E402
 from workers.preprocessors.plan_depth import PlanDepth  # noqa: E402
@@ -93,14 +93,16 @@ def measure_size(
     def call(items: list[Item]) -> object:
         return render_batch(
             cache,
-            base="tiny-sd15",
-            units=units,
-            items=items,
-            steps=steps,
-            guidance_scale=7.5,
-            width=size,
-            height=size,
-            scheduler="ddim",
+            Request(
+                base="tiny-sd15",
+                units=units,
+                items=items,
+                steps=steps,
+                guidance_scale=7.5,
+                width=size,
+                height=size,
+                scheduler="ddim",
+            ),
         )
 
     apart, together = side_by_side(lambda: [call([t]) for t in tasks], lambda: call(tasks), repeats)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,6 +61,14 @@ ModelRef = Annotated[str, Field(min_length=1, max_length=512)]
 
 
 class _ControlBase(_Strict):
+    """A ControlNet unit. Every field says what it is about, so a control map is cached by what makes it:
+    `STACK` fields steer the render (which net, how strongly, when), `SOURCE` fields name the map's input
+    where it is not the plan, and each kind's `MAP` fields are its preprocessor's parameters."""
+
+    STACK: ClassVar[frozenset[str]] = frozenset({"kind", "model", "model_sha256", "scale", "start", "end"})
+    SOURCE: ClassVar[frozenset[str]] = frozenset()
+    MAP: ClassVar[frozenset[str]] = frozenset()
+
     model: ModelRef | None = Field(
         None, description="ControlNet: preset, hub id, local folder or published model's URL; default per kind."
     )
@@ -70,6 +78,10 @@ class _ControlBase(_Strict):
     scale: float = Field(1.0, ge=0.0, le=2.0, description="controlnet_conditioning_scale")
     start: float = Field(0.0, ge=0.0, le=1.0, description="control_guidance_start, fraction of the steps")
     end: float = Field(1.0, ge=0.0, le=1.0, description="control_guidance_end, fraction of the steps")
+
+    def map_parameters(self) -> dict[str, Any]:
+        """What the unit's preprocessor makes its map with: its `MAP` fields' values."""
+        return {name: getattr(self, name) for name in sorted(self.MAP)}
 
     @field_validator("model")
     @classmethod
@@ -88,6 +100,8 @@ class _ControlBase(_Strict):
 class CannyControl(_ControlBase):
     """Edges of the plan by adaptive (median-based) Canny."""
 
+    MAP = frozenset({"sigma", "blur"})
+
     kind: Literal["canny"]
     sigma: float = Field(0.33, gt=0.0, le=1.0, description="threshold spread around the median")
     blur: int = Field(5, ge=0, le=31, description="Gaussian kernel size before Canny (odd; 0 disables)")
@@ -103,6 +117,8 @@ class CannyControl(_ControlBase):
 class DepthControl(_ControlBase):
     """Monocular depth of the plan image by a DPT model (what the seed's archviz pipeline uses)."""
 
+    MAP = frozenset({"depth_model", "resolution"})
+
     kind: Literal["depth"]
     depth_model: ModelRef | None = Field(
         None, description="DPT model: preset, hub id or folder; default Intel/dpt-large (tiny-dpt for tiny bases)"
@@ -117,6 +133,8 @@ class DepthControl(_ControlBase):
 
 class PlanDepthControl(_ControlBase):
     """Depth from the plan's geometry: walls near, floors receding from them, the outside far."""
+
+    MAP = frozenset({"threshold", "wall_px", "gap_px", "falloff_px", "floor", "rim"})
 
     kind: Literal["plan-depth"]
     threshold: int = Field(128, ge=1, le=255, description="gray level below which a pixel is ink")
@@ -141,6 +159,8 @@ class PlanImageControl(_ControlBase):
 
 class ImageControl(_ControlBase):
     """A control map made elsewhere (pose, segmentation, line art), used as it is."""
+
+    SOURCE = frozenset({"image", "image_sha256"})
 
     kind: Literal["image"]
     image: str = Field(min_length=1, max_length=2048, description="path, file:// or s3:// URL of the map")

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionControlNetPipeline
 
 from tests.models_fixture import PLAN_A, PLAN_B, SIZE, STEPS, tiny_render
 from workers.engine.models import ModelCache
-from workers.engine.pipeline import ControlInput, Item, Unit, render_batch
+from workers.engine.pipeline import ControlInput, Item, Request, Unit, render_batch
 
 MODERN = ("a bright modern living room, oak floor", "blurry")
 LOFT = ("an industrial loft, exposed brick", "people, text")
@@ -43,14 +43,16 @@ def test_a_batch_of_tasks_matches_each_task_alone(model_cache: ModelCache, base:
     ]
     batch = render_batch(
         model_cache,
-        base=base,
-        units=[Unit(net, 1.0, 0.0, 1.0)],
-        items=items,
-        steps=STEPS,
-        guidance_scale=7.5,
-        width=SIZE,
-        height=SIZE,
-        output_type="np",
+        Request(
+            base=base,
+            units=[Unit(net, 1.0, 0.0, 1.0)],
+            items=items,
+            steps=STEPS,
+            guidance_scale=7.5,
+            width=SIZE,
+            height=SIZE,
+            output_type="np",
+        ),
     )
     for item, image in zip(items, batch.images, strict=True):
         single = alone(model_cache, base, net, item.maps[0], (item.prompt, item.negative_prompt), item.seed)

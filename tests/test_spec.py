@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 
 from shared.errors import InvalidInput
-from shared.spec import JobSpec, Profile, SeedRange, Style, load_job, load_profile, parse_model
+from shared.spec import ControlUnit, JobSpec, Profile, SeedRange, Style, load_job, load_profile, parse_model
 
 CANNY = {"kind": "canny", "scale": 0.9, "start": 0.0, "end": 0.5}
 
@@ -218,3 +219,18 @@ def test_a_job_of_pool_default_goes_to_the_default_pools_queue() -> None:
     settings = Settings(queue="farm")
     assert settings.queue_for("default") == settings.queue_for(None) == "farm"
     assert settings.queue_for("big") == "farm.big"
+
+
+@pytest.mark.parametrize("unit", typing.get_args(typing.get_args(ControlUnit)[0]), ids=lambda unit: unit.__name__)
+def test_every_control_unit_field_says_what_it_is_about(unit: type) -> None:
+    """A control map is cached by the unit's `MAP` fields (and its `SOURCE`): a field added to a unit without
+    saying whether it steers the render, names the map's input or changes the map fails here, rather than
+    silently sharing (or never sharing) maps that differ."""
+    groups = (unit.STACK, unit.SOURCE, unit.MAP)
+    assert set(unit.model_fields) == set().union(*groups)
+    assert sum(len(group) for group in groups) == len(unit.model_fields)  # each in exactly one
+
+
+def test_map_parameters_are_the_preprocessors_settings_only() -> None:
+    canny = Profile.model_validate({"controls": [{"kind": "canny", "scale": 0.4, "sigma": 0.2}]}).controls[0]
+    assert canny.map_parameters() == {"blur": 5, "sigma": 0.2}  # not the scale, window or model

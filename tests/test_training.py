@@ -26,7 +26,7 @@ from shared.config import Settings
 from shared.errors import InvalidInput
 from shared.training import TrainingSpec, load_training
 from workers.engine.models import ModelCache
-from workers.engine.pipeline import Item, Unit, render_batch
+from workers.engine.pipeline import Item, Request, Unit, render_batch
 from workers.engine.tiny import HINT_CHANNELS
 from workers.preprocessors.canny import AdaptiveCanny
 from workers.training import checkpoints
@@ -170,14 +170,16 @@ def test_a_trained_controlnet_renders_closer_to_its_targets_than_the_untrained_o
     for name, net in (("trained", "tiny-plan"), ("untrained", str(untrained))):
         images = render_batch(
             model_cache,
-            base="tiny-sd15",
-            units=[Unit(net, 1.0, 0.0, 1.0)],
-            items=[Item(PROMPT, "", 0, (AdaptiveCanny()(plan, DEMO_SIZE, DEMO_SIZE),)) for plan, _ in held_out],
-            steps=8,
-            guidance_scale=7.5,
-            width=DEMO_SIZE,
-            height=DEMO_SIZE,
-            output_type="np",
+            Request(
+                base="tiny-sd15",
+                units=[Unit(net, 1.0, 0.0, 1.0)],
+                items=[Item(PROMPT, "", 0, (AdaptiveCanny()(plan, DEMO_SIZE, DEMO_SIZE),)) for plan, _ in held_out],
+                steps=8,
+                guidance_scale=7.5,
+                width=DEMO_SIZE,
+                height=DEMO_SIZE,
+                output_type="np",
+            ),
         ).images
         targets = [np.asarray(target, dtype=np.float32) / 255 for _, target in held_out]
         errors[name] = float(np.mean([np.abs(i - t).mean() for i, t in zip(images, targets, strict=True)]))

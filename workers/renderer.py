@@ -31,7 +31,7 @@ from workers.engine.batching import BatchSizer, padded
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
-from workers.engine.pipeline import Item, RenderResult, Unit, render_batch
+from workers.engine.pipeline import Item, RenderResult, Request, Unit, render_batch
 from workers.preprocessors import ControlMaps
 from workers.sidecar import sidecar
 
@@ -180,8 +180,7 @@ class Renderer:
         self.sizer.start()
         stack = (profile.base, profile.vae or "", profile.quantize, *(unit.model for unit in units))
         with self._compiled_first(profile, stack, options, len(items)) as warmth:
-            result = render_batch(
-                self.cache,
+            request = Request(
                 base=profile.base,
                 units=units,
                 items=items,
@@ -190,11 +189,11 @@ class Renderer:
                 width=profile.width,
                 height=profile.height,
                 scheduler=profile.scheduler,
-                on_step=on_step,
                 vae=profile.vae,
                 quantize=None if profile.quantize == "none" else profile.quantize,
                 compile=options,
             )
+            result = render_batch(self.cache, request, on_step)
         self.sizer.measure(_stack(profile), len(items))
         return result, units, warmth
 

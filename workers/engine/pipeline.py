@@ -90,6 +90,30 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Request:
+    """One pipeline call: the stack, resolved (every unit names its ControlNet), the sizes and sampler settings
+    every image shares, and one item per image.
+
+    `vae` replaces the base's VAE, `quantize` ("int8") loads the ControlNets quantised, `compile` runs the UNet
+    and ControlNets compiled (batches padded to a bucket), and `skip_outside_window` skips each ControlNet at
+    the steps where its scale is 0 (False runs diffusers' own stack, for comparison)."""
+
+    base: str
+    units: Sequence[Unit]
+    items: Sequence[Item]
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str = "default"
+    vae: str | None = None
+    quantize: str | None = None
+    compile: CompileOptions | None = None
+    skip_outside_window: bool = True
+    output_type: str = "pil"
+
+
+@dataclass(frozen=True)
 class RenderResult:
     """Images, one per item (or seed) in the order given (PIL, or HxWx3 float arrays in [0, 1] for "np"), and
     the scheduler actually used, as {"class": name, "config": JSON-safe dict}, to record with them."""
@@ -105,42 +129,24 @@ def render(
     prompt: str,
     negative_prompt: str,
     seeds: Sequence[int],
+    on_step: Callable[[int, int], None] | None = None,
     **settings: Any,
 ) -> RenderResult:
     """One prompt and one control map per unit, one image per seed: `render_batch` of a single task."""
     units = [Unit(c.model, c.scale, c.start, c.end) for c in controls]
     maps = tuple(c.image for c in controls)
-    return render_batch(
-        cache, units=units, items=[Item(prompt, negative_prompt, seed, maps) for seed in seeds], **settings
-    )
+    items = [Item(prompt, negative_prompt, seed, maps) for seed in seeds]
+    return render_batch(cache, Request(units=units, items=items, **settings), on_step)
 
 
 def render_batch(
-    cache: ModelCache,
-    *,
-    base: str,
-    units: Sequence[Unit],
-    items: Sequence[Item],
-    steps: int,
-    guidance_scale: float,
-    width: int,
-    height: int,
-    scheduler: str = "default",
-    on_step: Callable[[int, int], None] | None = None,
-    output_type: str = "pil",
-    vae: str | None = None,
-    quantize: str | None = None,
-    compile: CompileOptions | None = None,
-    skip_outside_window: bool = True,
+    cache: ModelCache, request: Request, on_step: Callable[[int, int], None] | None = None
 ) -> RenderResult:
-    """Render one image per item, in one pipeline call when memory allows.
+    """Render one image per item of `request`, in one pipeline call when memory allows.
 
-    The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. `vae` replaces the base's
-    VAE, `quantize` ("int8") loads the ControlNets quantised, `compile` runs the UNet and ControlNets compiled
-    (once per process, see `ModelCache.compiled`; batches padded to a bucket), and `skip_outside_window` skips
-    each ControlNet at the steps where its scale is 0 (bitwise the same images; False runs diffusers' own
-    stack, for comparison). Skipping is plain Python between compiled modules, so it holds compiled too: with
-    CUDA graphs, each net is its own graph, replayed only at the steps inside its window.
+    The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. Compiled modules are made
+    once per process (`ModelCache.compiled`). Skipping is plain Python between compiled modules, so it holds
+    compiled too: with CUDA graphs, each net is its own graph, replayed only at the steps inside its window.
 
     Each item keeps its own starting noise (a CPU generator seeded with its seed), so an image depends on its
     batch only through the kernels' arithmetic: within 1/255 of its render alone, and bitwise the same when
@@ -151,21 +157,22 @@ def render_batch(
     the denoising loop in the asked-for steps: total is `steps` and step runs up to it, also under PNDM (SD
     1.5's default), which runs one timestep more; a split batch reports each part's steps.
     """
-    _check(units, items, width, height, scheduler, output_type)
-    components = cache.base(base)
-    if vae is not None:
-        components = {**components, "vae": cache.vae(vae)}
-    nets = cache.controlnets([unit.model for unit in units], quantize)
-    _check_fits(base, components, units, nets)
-    cache.note_stack((base, vae or "", quantize or "", *(unit.model for unit in units)))
+    units, items, compile = request.units, request.items, request.compile
+    _check(units, items, request.width, request.height, request.scheduler, request.output_type)
+    components = cache.base(request.base)
+    if request.vae is not None:
+        components = {**components, "vae": cache.vae(request.vae)}
+    nets = cache.controlnets([unit.model for unit in units], request.quantize)
+    _check_fits(request.base, components, units, nets)
+    cache.note_stack((request.base, request.vae or "", request.quantize or "", *(unit.model for unit in units)))
     if compile is not None:
         components = {**components, "unet": cache.compiled(components["unet"], compile)}
         nets = [cache.compiled(net, compile) for net in nets]
-    stack = (WindowedControlNets if skip_outside_window else MultiControlNetModel)(nets)
-    chosen = _fresh_scheduler(components["scheduler"], scheduler)
+    stack = (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
+    chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
     # Known from the loaded modules, so pipeline class and components cannot disagree.
     pipeline_class = _ResidentSDXL if "text_encoder_2" in components else _ResidentSD
-    guided = guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
+    guided = request.guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
 
     def run(chunk: Sequence[Item]) -> list[Any]:
         # A scheduler per call, as each keeps per-call state (timesteps, step index).
@@ -179,14 +186,14 @@ def render_batch(
                 controlnet_conditioning_scale=[unit.scale for unit in units],
                 control_guidance_start=[unit.start for unit in units],
                 control_guidance_end=[unit.end for unit in units],
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                width=width,
-                height=height,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
                 num_images_per_prompt=1,
                 generator=generators,
-                output_type=output_type,
-                callback_on_step_end=None if on_step is None else _step_callback(on_step, steps),
+                output_type=request.output_type,
+                callback_on_step_end=None if on_step is None else _step_callback(on_step, request.steps),
             )
         return list(output.images)
 

@@ -29,7 +29,6 @@ from workers.preprocessors.resize import fit_and_pad
 
 # Bump a kind's version when its algorithm changes, so maps cached in shared storage are not reused.
 VERSIONS = {"canny": 2, "depth": 1, "plan-depth": 1, "none": 1, "image": 1}
-_NOT_PARAMETERS = {"kind", "model", "model_sha256", "scale", "start", "end"}
 
 
 class ControlMaps:
@@ -61,13 +60,12 @@ class ControlMaps:
     ) -> Image.Image:
         """The map for `unit`; `plan` decodes the plan image, called only when a map must be computed. A map
         computed nearly empty is a `SubmitWarning` naming `label` (once per map and process)."""
-        params: dict[str, Any] = {k: v for k, v in unit.model_dump().items() if k not in _NOT_PARAMETERS}
+        params = unit.map_parameters()
         source = plan_digest
         if isinstance(unit, DepthControl):
             params["depth_model"] = resolve(unit.depth_model or default_depth_model(base), self.models_dir)
         if isinstance(unit, ImageControl):
             source = unit.image_sha256 or unit.image  # the map itself is the input, not the plan
-            params.pop("image")
         key = {
             "source": source,
             "kind": unit.kind,

@@ -42,7 +42,7 @@ from shared.published import publish
 from shared.storage import Storages
 from shared.training import TrainingSpec, model_url
 from workers.engine.models import ModelCache, pick_device
-from workers.engine.pipeline import Item, Unit, render_batch
+from workers.engine.pipeline import Item, Request, Unit, render_batch
 from workers.engine.presets import resolve
 from workers.training import checkpoints
 from workers.training.dataset import Dataset, Pair, Problem
@@ -386,13 +386,15 @@ class _Run:
             controlnet.save_pretrained(scratch, safe_serialization=True)
             result = render_batch(
                 self.cache,
-                base=self.cfg.base,
-                units=[Unit(scratch, 1.0, 0.0, 1.0)],
-                items=items,
-                steps=validation.steps,
-                guidance_scale=validation.guidance_scale,
-                width=size,
-                height=size,
+                Request(
+                    base=self.cfg.base,
+                    units=[Unit(scratch, 1.0, 0.0, 1.0)],
+                    items=items,
+                    steps=validation.steps,
+                    guidance_scale=validation.guidance_scale,
+                    width=size,
+                    height=size,
+                ),
             )
         for index, image in enumerate(result.images):
             assert isinstance(image, Image.Image)  # noqa: S101 - render_batch's default output type
