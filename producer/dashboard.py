@@ -10,7 +10,6 @@ never the token, lasts `SESSION_SECONDS`, is `Secure` when the page came over HT
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -26,6 +25,7 @@ from producer.views import ArtifactView
 from shared.db.status import JobStatus
 from shared.db.tokens import SESSION_SECONDS, end_session, start_session
 from shared.errors import InvalidInput
+from shared.sidecar import Sidecar
 from shared.spec import MAX_ECHO
 
 STATIC = StaticFiles(directory=Path(__file__).parent / "static")
@@ -189,7 +189,7 @@ def workers(request: Request, fragment: str | None = None) -> HTMLResponse:
 def artifact(request: Request, artifact_id: ArtifactId, fragment: str | None = None) -> HTMLResponse:
     farm = _farm(request)
     view = farm.artifact(artifact_id)
-    meta = json.loads(farm.read(view, "sidecar"))
+    meta = Sidecar.model_validate_json(farm.read(view, "sidecar"))
     return page(
         "artifact.html",
         _only(fragment, "artifact"),
@@ -199,31 +199,29 @@ def artifact(request: Request, artifact_id: ArtifactId, fragment: str | None = N
     )
 
 
-def details(view: ArtifactView, meta: dict[str, Any]) -> dict[str, Any]:
+def details(view: ArtifactView, meta: Sidecar) -> dict[str, Any]:
     """What a person checks about one image, out of its sidecar: prompt, models, control scales, seed, timings."""
-    profile = meta.get("profile", {})
-    models = meta.get("models", {})
-    style = meta.get("style", {})
+    profile, models = meta.profile, meta.models
     return {
-        "prompt": style.get("prompt", ""),
-        "negative_prompt": style.get("negative_prompt", ""),
-        "seed": meta.get("seed", view.seed),
-        "base": models.get("base", {}).get("name", ""),
-        "vae": (models.get("vae") or {}).get("name"),
+        "prompt": meta.style.get("prompt", ""),
+        "negative_prompt": meta.style.get("negative_prompt", ""),
+        "seed": meta.seed,
+        "base": models.base.name,
+        "vae": models.vae.name if models.vae else None,
         "controls": [
-            {**unit, "model": model.get("name", "")}
-            for unit, model in zip(profile.get("controls", []), models.get("controlnets", []), strict=False)
+            {**unit, "model": model.name}
+            for unit, model in zip(profile.get("controls", []), models.controlnets, strict=False)
         ],
         "render": {
             "size": f"{profile.get('width')}×{profile.get('height')}",
             "steps": profile.get("steps"),
             "guidance": profile.get("guidance_scale"),
-            "scheduler": (meta.get("scheduler") or {}).get("class", profile.get("scheduler")),
-            "device": meta.get("device"),
-            "threads": meta.get("threads"),
+            "scheduler": meta.scheduler.get("class", profile.get("scheduler")),
+            "device": meta.device,
+            "threads": meta.threads,
         },
-        "timings": meta.get("timings", {}),
-        "key": meta.get("key", ""),
+        "timings": meta.timings,
+        "key": meta.key,
     }
 
 

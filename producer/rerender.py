@@ -8,25 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from producer.local import render_local
 from shared.config import Settings
 from shared.errors import InvalidInput, NotFound
 from shared.plans import safe_name
-from shared.spec import JobSpec, parse_model
+from shared.sidecar import Models, Rerender, Sidecar
+from shared.spec import JobSpec, describe, parse_model
 from shared.storage import Storages
 
 
@@ -38,20 +38,20 @@ class Rerendered:
     shared_call: int
     """Other tasks the original shared its pipeline call with: the re-render (alone) matches it within 1/255,
     not bitwise, when there were any."""
-    comparison: dict[str, Any]
-    """How the image compares with the original (`compare`), also written into its sidecar."""
+    comparison: Rerender
+    """How the image compares with the original, also written into its sidecar."""
 
     @property
     def verdict(self) -> str:
         """`identical to the original, bit for bit`, or by how much it differs."""
         found = self.comparison
-        if found["identical"]:
+        if found.identical:
             return "identical to the original, bit for bit"
-        if "max_difference" not in found:
+        if found.max_difference is None or not found.pixels:
             return "differs from the original (another sha256; the original image is not beside its sidecar)"
         return (
-            f"differs from the original by at most {found['max_difference']}/255, in {found['pixels_differing']} of "
-            f"{found['pixels']} pixels ({found['pixels_differing'] / found['pixels']:.2%})"
+            f"differs from the original by at most {found.max_difference}/255, in {found.pixels_differing} of "
+            f"{found.pixels} pixels ({(found.pixels_differing or 0) / found.pixels:.2%})"
         )
 
 
@@ -65,21 +65,21 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
     meta = _read(sidecar_path)
     with tempfile.TemporaryDirectory(prefix="archfarm-rerender-") as scratch:
         work = Path(scratch)
-        url = meta["plan"]["url"]
-        plan = work / "plans" / f"{meta['plan'].get('name') or safe_name(url)}{_suffix(url)}"
+        url = meta.plan.url
+        plan = work / "plans" / f"{meta.plan.name or safe_name(url)}{_suffix(url)}"
         plan.parent.mkdir()
         try:
             plan.write_bytes(Storages(settings).read(url))
         except FileNotFoundError:
-            raise InvalidInput(f"{sidecar_path}: the plan {meta['plan']['url']} is gone") from None
+            raise InvalidInput(f"{sidecar_path}: the plan {url} is gone") from None
         spec = parse_model(
             JobSpec,
             {
                 "name": "rerender",
                 "plans": [str(plan)],
-                "styles": [meta["style"]],
-                "seeds": meta["batch_seeds"],
-                "profile": meta["profile"],
+                "styles": [meta.style],
+                "seeds": meta.batch_seeds,
+                "profile": meta.profile,
                 "output": str(work / "out"),
             },
             str(sidecar_path),
@@ -88,48 +88,49 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         scratch_settings = settings.model_copy(
             update={"database_url": f"sqlite:///{work / 'rerender.db'}", "notify_urls": []}
         )
-        with _threads(meta.get("threads")):
+        with _threads(meta.threads):
             report = render_local(spec, scratch_settings)
-        image = work / "out" / meta["key"]
+        image = work / "out" / meta.key
         if not report.ok or not image.exists():
             # The key is derived from the plan's content and every setting: a different key means changed inputs.
             problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
-            raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta['key']}: {problems}")
-        target = out_dir / meta["key"]
+            raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta.key}: {problems}")
+        target = out_dir / meta.key
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(image, target)
-        fresh = json.loads(image.with_suffix(".json").read_text())
+        fresh = Sidecar.model_validate_json(image.with_suffix(".json").read_bytes())
     comparison = compare(target, sidecar_path, meta)
     # The scratch job and plan are gone: the new sidecar names the original's, and the image it describes.
-    fresh.update(job=meta["job"], task=meta["task"], plan=meta["plan"])
-    fresh["rerender"] = {"of": str(sidecar_path.resolve()), "image": str(target.resolve()), **comparison}
-    target.with_suffix(".json").write_text(json.dumps(fresh, indent=2))
+    fresh = fresh.model_copy(update={"job": meta.job, "task": meta.task, "plan": meta.plan, "rerender": comparison})
+    target.with_suffix(".json").write_text(fresh.model_dump_json(indent=2, exclude_none=True))
     return Rerendered(
         image=target,
-        model_changes=_changed_models(meta["models"], fresh["models"]),
-        shared_call=meta.get("call", {}).get("tasks", 1) - 1,
+        model_changes=_changed_models(meta.models, fresh.models),
+        shared_call=meta.shared_call,
         comparison=comparison,
     )
 
 
-def compare(image: Path, sidecar_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The re-rendered image against the original: identical when their PNGs' sha256 match; otherwise, where the
-    original lies beside its sidecar, the largest difference of any channel and how many pixels differ (the same
-    profile gives the same size)."""
+def compare(image: Path, sidecar_path: Path, meta: Sidecar) -> Rerender:
+    """The re-rendered `image` against the original: identical when their PNGs' sha256 match; otherwise, where
+    the original lies beside its sidecar, the largest difference of any channel and how many pixels differ
+    (the same profile gives the same size)."""
     data = image.read_bytes()
-    found: dict[str, Any] = {"identical": hashlib.sha256(data).hexdigest() == meta["image_sha256"]}
+    identical = hashlib.sha256(data).hexdigest() == meta.image_sha256
+    found = Rerender(of=str(sidecar_path.resolve()), image=str(image.resolve()), identical=identical)
     original = sidecar_path.with_suffix(".png")
-    if found["identical"] or not original.is_file():
+    if identical or not original.is_file():
         return found
     with Image.open(original) as before, Image.open(io.BytesIO(data)) as after:
         old, new = np.asarray(before.convert("RGB"), np.int16), np.asarray(after.convert("RGB"), np.int16)
     delta = np.abs(old - new).max(axis=2)
-    return {
-        **found,
-        "max_difference": int(delta.max()),
-        "pixels_differing": int(np.count_nonzero(delta)),
-        "pixels": int(delta.size),
-    }
+    return found.model_copy(
+        update={
+            "max_difference": int(delta.max()),
+            "pixels_differing": int(np.count_nonzero(delta)),
+            "pixels": int(delta.size),
+        }
+    )
 
 
 @contextmanager
@@ -148,18 +149,19 @@ def _suffix(url: str) -> str:
     return PurePosixPath(urlparse(url).path).suffix.lower()
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> Sidecar:
     try:
-        meta = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise InvalidInput(f"{path}: not a sidecar ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "archfarm.sidecar/1":
-        raise InvalidInput(f"{path}: not an archfarm sidecar (no format archfarm.sidecar/1)")
-    return meta
+    try:
+        return Sidecar.model_validate_json(data)
+    except ValidationError as e:
+        raise InvalidInput(f"{path}: not an archfarm sidecar ({describe(e)})") from None
 
 
-def _changed_models(recorded: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
-    pairs = [(recorded["base"], fresh["base"]), *zip(recorded["controlnets"], fresh["controlnets"], strict=False)]
-    return [old["name"] for old, new in pairs if old.get("sha256") != new.get("sha256")]
+def _changed_models(recorded: Models, fresh: Models) -> list[str]:
+    pairs = [(recorded.base, fresh.base), *zip(recorded.controlnets, fresh.controlnets, strict=False)]
+    return [old.name for old, new in pairs if old.sha256 != new.sha256]

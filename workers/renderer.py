@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from shared.config import Settings
 from shared.errors import InputError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_url
+from shared.sidecar import Models, PlanRecord, Sidecar
 from shared.spec import Profile, Style
 from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
@@ -33,7 +33,6 @@ from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, render_batch
 from workers.preprocessors import ControlMaps
-from workers.sidecar import sidecar
 
 StepFn = Callable[[int, int], None]
 """Called as (step, total_steps) while a task renders; may raise to stop the render."""
@@ -243,16 +242,16 @@ class Renderer:
         png = buffer.getvalue()
         timings["encode_s"] = time.perf_counter() - started
         side_key = key.removesuffix(".png") + ".json"
-        meta = sidecar(
+        meta = Sidecar(
             job={"id": work.job_id, "name": work.job_name},
-            task_id=work.task_id,
+            task=work.task_id,
             key=key,
             batch_seeds=work.seeds,
-            plan={"name": work.plan_name, "url": work.plan_url, "sha256": work.plan_digest},
+            plan=PlanRecord(name=work.plan_name, url=work.plan_url, sha256=work.plan_digest),
             style=work.style.model_dump(),
             seed=seed,
             profile=work.profile.model_dump(mode="json"),
-            models=rendered.models,
+            models=Models.model_validate(rendered.models),
             scheduler=rendered.scheduler,
             device=str(self.device),
             threads=torch.get_num_threads(),
@@ -263,7 +262,7 @@ class Renderer:
         storage.put(key, png, "image/png")
         # Here, on the upload thread: the next render does not wait for it.
         storage.put(thumbnail_key(key), thumbnail(image), CONTENT_TYPE)
-        storage.put(side_key, json.dumps(meta, indent=2).encode(), "application/json")
+        storage.put(side_key, meta.model_dump_json(indent=2, exclude_none=True).encode(), "application/json")
         return {
             "job_id": work.job_id,
             "task_id": work.task_id,
