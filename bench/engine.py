@@ -28,12 +28,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.engine.compile import CompileOptions  # noqa: E402
-from workers.engine.models import ModelCache, module_bytes  # noqa: E402
-from workers.engine.pipeline import ControlInput, Item, Request, Unit, render, render_batch  # noqa: E402
-from workers.engine.presets import resolve  # noqa: E402
-from workers.preprocessors.canny import AdaptiveCanny  # noqa: E402
-from workers.preprocessors.plan_depth import PlanDepth  # noqa: E402
+from workers.engine.compile import CompileOptions
+from workers.engine.models import ModelCache, module_bytes
+from workers.engine.pipeline import ControlInput, Item, Request, Unit, render, render_batch
+from workers.engine.presets import resolve
+from workers.preprocessors.canny import AdaptiveCanny
+from workers.preprocessors.plan_depth import PlanDepth
 
 PLAN = Path(__file__).resolve().parents[1] / "examples" / "floorplan.png"
 PROMPT = "modern interior design, clean lines, natural light"

@@ -327,7 +327,7 @@ def bench_family(
         torch.cuda.empty_cache()
 
 
-def layout_variants(  # noqa: PLR0913 - the measurement's whole setting
+def layout_variants(  # the measurement's whole setting
     family: str,
     cache: Any,
     base: str,
@@ -351,7 +351,7 @@ def layout_variants(  # noqa: PLR0913 - the measurement's whole setting
 STYLES = ["modern", "scandinavian", "industrial", "japandi"]
 
 
-def archviz_job(  # noqa: PLR0913 - the measurement's whole setting
+def archviz_job(  # the measurement's whole setting
     args: argparse.Namespace,
     device: torch.device,
     work: Path,
@@ -444,7 +444,7 @@ def archviz_job(  # noqa: PLR0913 - the measurement's whole setting
     record("sd15 archviz job, plain diffusers loop", images, time.perf_counter() - started, "sd15", results)
 
 
-def fleet_first_call(  # noqa: PLR0913 - the measurement's whole setting
+def fleet_first_call(  # the measurement's whole setting
     args: argparse.Namespace,
     device: torch.device,
     work: Path,

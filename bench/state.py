@@ -24,16 +24,16 @@ from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REDIS_URL, scratch_database  # noqa: E402
-from producer.expand import expand  # noqa: E402
-from producer.submit import PreparedJob, persist  # noqa: E402
-from shared.broker import Message, make_celery, send_tasks  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.db.models import Job, Task  # noqa: E402
-from shared.db.session import make_engine, session_factory  # noqa: E402
-from shared.db.store import claim_task, finish_task, status_of  # noqa: E402
-from shared.plans import Plan  # noqa: E402
-from shared.spec import JobSpec  # noqa: E402
+from bench.common import REDIS_URL, scratch_database
+from producer.expand import expand
+from producer.submit import PreparedJob, persist
+from shared.broker import Message, make_celery, send_tasks
+from shared.config import Settings
+from shared.db.models import Job, Task
+from shared.db.session import make_engine, session_factory
+from shared.db.store import claim_task, finish_task, status_of
+from shared.plans import Plan
+from shared.spec import JobSpec
 
 PROFILE = {"base": "tiny-sd15", "width": 512, "height": 512, "steps": 20, "controls": [{"kind": "canny"}]}
 

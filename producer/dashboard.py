@@ -84,14 +84,14 @@ def sign_in_redirect(request: Request) -> RedirectResponse:
 
 
 @router.get(LOGIN)
-def login_form(next: str = "/", failed: bool = False) -> HTMLResponse:  # noqa: A002 - the query's name
+def login_form(next: str = "/", failed: bool = False) -> HTMLResponse:  # the query's name
     return page("login.html", title="sign in", next=_local(next), failed=failed)
 
 
 @router.post(LOGIN)
 def login(
     request: Request, token: Annotated[str, Form(max_length=200)], next: Annotated[str, Form()] = "/"
-) -> Response:  # noqa: A002
+) -> Response:
     """A valid token starts a session, kept in an HttpOnly, SameSite=Strict cookie (`Secure` over HTTPS)."""
     with _farm(request).sessions.begin() as session:
         secret = start_session(session, token.strip())

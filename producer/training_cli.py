@@ -134,7 +134,7 @@ class _Bar:
     def update(self, report: object) -> None:
         from workers.training.trainer import Progress as Step
 
-        assert isinstance(report, Step)  # noqa: S101 - the trainer's own type
+        assert isinstance(report, Step)  # the trainer's own type
         self.progress.update(
             self.bar, completed=report.step, loss=f"{report.loss:.4f}", rate=f"{report.samples_per_s:.1f}"
         )

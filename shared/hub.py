@@ -58,6 +58,6 @@ def reachable(endpoint: str) -> bool:
     try:
         get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
     # Which errors the client raises depends on the hub library's version; any failure means no answer.
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
     return True

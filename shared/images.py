@@ -62,7 +62,7 @@ def _open(data: bytes, label: str) -> ImageFile.ImageFile:
     except UnidentifiedImageError:
         # Pillow's message names the BytesIO object, which tells the user nothing.
         raise PlanError(label, "not an image (cannot identify image file)") from None
-    except Exception as exc:  # a plugin that recognised the header may still reject it, with any type
+    except Exception as exc:  # noqa: BLE001 - a plugin that recognised the header may still reject it, with any type
         raise _corrupt(label, exc) from None
 
 
@@ -71,7 +71,7 @@ def _load(image: ImageFile.ImageFile, label: str) -> None:
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ValueError...
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise OSError, SyntaxError, struct.error, ValueError...
         raise _corrupt(label, exc) from None
 
 

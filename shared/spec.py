@@ -552,7 +552,7 @@ def load_document(path: Path) -> Any:
     try:
         if path.stat().st_size > MAX_DOCUMENT_BYTES:
             raise InvalidInput(f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes")
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise InvalidInput(f"{path}: no such file") from None
     except RecursionError:

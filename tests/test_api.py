@@ -93,7 +93,7 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
     lifecycle.close()
     body = api.get(f"/jobs/{job_id}/results").json()
     assert body["status"] == "succeeded" and len(body["artifacts"]) == 4
-    with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(body["artifacts"][0]["download_url"]) as response:  # loopback
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
     first = api.get(f"/jobs/{job_id}/results", params={"limit": 1})
     after = api.get(f"/jobs/{job_id}/results", params={"limit": 2, "cursor": first.json()["artifacts"][0]["id"]})
@@ -379,20 +379,27 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """A sample that must be there: its absence fails, never passes as 0."""
+    found = metric(text, name, **labels)
+    assert found is not None, f"no {name} {labels} in /metrics"
+    return found
+
+
 def test_metrics_follow_a_real_job(api: TestClient, start_workers, s3_plan: str) -> None:
     job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
     queued = api.get("/metrics").text
     assert metric(queued, "archfarm_tasks", job=job_id, status="queued") == 4
-    assert (metric(queued, "archfarm_queue_messages") or 0) >= 4
+    assert sample(queued, "archfarm_queue_messages") >= 4
     start_workers("cpu:1")
     wait_for(lambda: api.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120, "the job to finish")
     done = api.get("/metrics").text
     assert metric(done, "archfarm_tasks", job=job_id, status="succeeded") == 4
     assert metric(done, "archfarm_tasks", job=job_id, status="queued") is None
-    assert (metric(done, "archfarm_images_rendered_total") or 0) >= 4
+    assert sample(done, "archfarm_images_rendered_total") >= 4
     assert metric(done, "archfarm_task_seconds_count") == 4
-    assert (metric(done, "archfarm_worker_images_total") or 0) >= 4
-    assert (metric(done, "archfarm_worker_heartbeat_age_seconds") or 0) < 60
+    assert sample(done, "archfarm_worker_images_total") >= 4
+    assert sample(done, "archfarm_worker_heartbeat_age_seconds") < 60
 
 
 def test_every_error_is_one_problem_shape_and_created_jobs_have_a_location(api: TestClient, s3_plan: str) -> None:

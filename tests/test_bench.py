@@ -98,8 +98,13 @@ def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> 
         models_dir=models_dir,
         redis_url=redis_url,
     )
-    for key in ("plain_images_per_s", "inprocess_ratio", "distributed_1_ratio", "distributed_2_ratio"):
-        assert positive(out[key]), key
+    assert (out["images_per_run"], out["size"], out["steps"], out["reps"]) == (4, 64, 3, 1)
+    assert positive(out["plain_images_per_s"])
+    for name in ("inprocess", "distributed_1", "distributed_2"):
+        # Every variant rendered its images (a rate is images over seconds), and each ratio is its own rate over
+        # the plain loop's, with one repetition as its whole spread.
+        ratio = out[f"{name}_images_per_s"] / out["plain_images_per_s"]
+        assert out[f"{name}_ratio"] == pytest.approx(ratio) and out[f"{name}_spread"] == pytest.approx([ratio] * 2)
 
 
 def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:

@@ -25,7 +25,7 @@ def test_embedded_submits_render_and_keep_models_resident(tmp_path: Path, models
         ]
         assert [farm.status(i).status for i in ids] == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED]
         assert len(farm.results(ids[1])) == 2
-        renderer = farm._embedded.lifecycle.renderer  # type: ignore[union-attr]  # noqa: SLF001
+        renderer = farm._embedded.lifecycle.renderer  # type: ignore[union-attr]
         loads = renderer.cache.loads  # type: ignore[union-attr]
         assert sum(loads.values()) == 2  # base + ControlNet, once for both jobs
         written = farm.download(ids[0], tmp_path / "copy")

@@ -62,7 +62,7 @@ def dashboard(farm_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
 
     def up() -> bool:
         try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):  # noqa: S310 - loopback
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1):  # loopback
                 return True
         except OSError:
             return proc.poll() is not None
@@ -81,7 +81,7 @@ def other_port() -> Iterator[Callable[[str], str]]:
     pages: dict[str, bytes] = {}
 
     class Pages(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        def do_GET(self) -> None:  # the handler's protocol
             body = pages.get(self.path, b"")
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -266,5 +266,5 @@ def test_a_page_of_another_port_cannot_change_a_job_while_the_dashboard_can_and_
     page.get_by_label("Token").wait_for(timeout=10_000)
     replayed = urllib.request.Request(f"{dashboard}/jobs", headers={"Cookie": f"{SESSION_COOKIE}={secret}"})
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(replayed, timeout=10)  # noqa: S310 - loopback
+        urllib.request.urlopen(replayed, timeout=10)  # loopback
     assert refused.value.code == 401

@@ -79,7 +79,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+            def do_POST(self) -> None:  # the name http.server calls
                 request = Received(self.path, dict(self.headers), self.rfile.read(int(self.headers["Content-Length"])))
                 with receiver.changed:
                     receiver.received.append(request)

@@ -165,7 +165,7 @@ def _upkeep_loop() -> None:
             continue
         except BrokerUnavailable:  # logged by `send`
             continue
-        except Exception:  # noqa: BLE001 - a bug, not an outage: it must not kill the upkeep thread
+        except Exception:  # a bug, not an outage: it must not kill the upkeep thread
             log.exception("heartbeat failed")
             continue
         DATABASE.answered()

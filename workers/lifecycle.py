@@ -258,7 +258,7 @@ class Lifecycle:
         """Whether this node should leave the task to others: it is blocklisted for the job (then the task fails
         when no live node may take it, with the error that blocklisted this one), or the task has already
         raised an error here and a node it has not failed on is live."""
-        assert self.limits.blocklist_after is not None  # noqa: S101 - only asked with a blocklist
+        assert self.limits.blocklist_after is not None  # only asked with a blocklist
         queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or ""
         others = live_nodes(session, queue) - {self.node}
         blocked = blocklisted_nodes(session, job_id, self.limits.blocklist_after)
@@ -281,7 +281,7 @@ class Lifecycle:
         """The claimed task's inputs, its job's spec parsed once per job (pure: nothing on this machine is
         looked at). A spec that no longer parses is a permanent failure of the task, settled like any other."""
         job, task = self._jobs[held.job_id], held.task
-        assert task is not None  # noqa: S101 - `run` only renders what `_claim` read
+        assert task is not None  # `run` only renders what `_claim` read
         if job.profile is None:
             styles = {s["name"]: Style.model_validate(s) for s in job.spec["styles"]}
             job.profile, job.styles = Profile.model_validate(job.spec["profile"]), styles
@@ -309,7 +309,7 @@ class Lifecycle:
     def _gather(self, first: Held, prepared: Prepared) -> list[tuple[Held, Prepared]]:
         """More queued tasks of the same job (one stack and shape) for the same call, up to the images the
         device takes; each prepared on its own, so one whose plan is unreadable fails alone."""
-        assert self.renderer is not None  # noqa: S101 - `_prepare` built it
+        assert self.renderer is not None  # `_prepare` built it
         profile = prepared.work.profile
         images = self.renderer.images_per_call(profile, batch_cap(profile, self.settings))
         wanted = images // profile.seeds_per_task - 1
@@ -377,7 +377,7 @@ class Lifecycle:
         return [Held(task_id, job_id, found[task_id]) for task_id in ids]
 
     def _render(self, batch: list[Prepared], progress: ProgressFn | None) -> list[Rendered]:
-        assert self.renderer is not None  # noqa: S101 - `_prepare` built it
+        assert self.renderer is not None  # `_prepare` built it
         rendered = self.renderer.render(batch, self._step_callback(batch[0].work, progress))
         self._cache_state = self.renderer.snapshot()
         return rendered
@@ -386,7 +386,7 @@ class Lifecycle:
         """Upload every image and sidecar, then record artifacts and mark the task done in one transaction.
 
         Runs on the upload thread, which nobody awaits for errors: it settles every failure itself."""
-        assert self.renderer is not None  # noqa: S101 - set by the render this upload follows
+        assert self.renderer is not None  # set by the render this upload follows
         deadline, pause = time.monotonic() + self.limits.upload_patience_s, 0.5
         while True:
             try:
@@ -411,7 +411,7 @@ class Lifecycle:
 
         try:
             done = self._db(record, None)  # kept until the database is back: never left running for good
-        except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
+        except Exception:  # not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: rendered and stored, but could not be recorded", work.task_id)
             return
         if done and self.on_done is not None:  # not done: reaped meanwhile, and whoever holds it now reports
@@ -426,7 +426,7 @@ class Lifecycle:
             log.warning("task %s failed, with the queued tasks sharing its input: %s", held.task_id, reason)
         try:
             return self._decide(held, kind, reason, error if isinstance(error, InputError) else None)
-        except Exception:  # noqa: BLE001 - not an outage: a bug; the reaper re-runs the task when this worker ends
+        except Exception:  # not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: could not record its outcome (%s)", held.task_id, reason)
             return TaskStatus.RUNNING
 

@@ -141,7 +141,7 @@ def release(settings: Settings, worker: str) -> list[str]:
             log.warning("handing back %d task(s) held by %s", len(held), worker)
             send_tasks(make_celery(settings), messages_for(sessions, settings, held))
         return held
-    except Exception:  # noqa: BLE001 - the reaper (database) or the sweeper (broker) takes over
+    except Exception:  # the reaper (database) or the sweeper (broker) takes over
         log.exception("could not hand back the tasks of %s", worker)
         return []
     finally:

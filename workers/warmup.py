@@ -40,6 +40,6 @@ def warmup(profile: Profile, batches: list[int] | None, settings: Settings) -> t
     for images in sizes:
         started = time.perf_counter()
         warmth = renderer.warm(profile, padded(images))
-        assert warmth is not None  # noqa: S101 - the profile compiles here
+        assert warmth is not None  # the profile compiles here
         warmed.append(Warmed(padded(images), warmth.state, time.perf_counter() - started))
     return device, warmed

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import FunctionElement
 
 
-class db_now(FunctionElement[datetime]):  # noqa: N801 - reads as the SQL function it stands for
+class db_now(FunctionElement[datetime]):  # reads as the SQL function it stands for
     """The database's current UTC time, plus `offset_s` seconds (negative: in the past)."""
 
     type = DateTime(timezone=True)

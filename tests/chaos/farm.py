@@ -203,7 +203,7 @@ class ChaosFarm:
             try:
                 if condition():
                     return
-            except Exception:  # noqa: BLE001, S110 - the database may be the fault being injected
+            except Exception:  # noqa: BLE001 - the database may be the fault being injected
                 pass
             time.sleep(0.25)
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; worker logs in {self.folder}")

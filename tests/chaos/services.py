@@ -47,7 +47,7 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         try:
             if condition():  # type: ignore[operator]
                 return
-        except Exception:  # noqa: BLE001, S110 - not up yet
+        except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -397,7 +397,7 @@ class _Run:
                 ),
             )
         for index, image in enumerate(result.images):
-            assert isinstance(image, Image.Image)  # noqa: S101 - render_batch's default output type
+            assert isinstance(image, Image.Image)  # render_batch's default output type
             data = io.BytesIO()
             image.save(data, format="PNG")
             self.out.put(f"validation/step-{self.state.step:08d}/{index}.png", data.getvalue(), "image/png")
