@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 from starlette.routing import Mount
 from typer.testing import CliRunner
 
-from producer.api import OPEN_PATHS, create_app
-from producer.auth import FRAMING
+from producer.api import create_app
+from producer.auth import FRAMING, OPEN_PATHS
 from producer.cli import app as cli
 from producer.client import Farm
 from producer.dashboard import SESSION_COOKIE
@@ -61,15 +61,18 @@ def job(plan: str) -> dict:
 
 
 def every_route(client: TestClient) -> list[tuple[str, str]]:
-    """(method, path) of every route and mount, with a job id where the path takes one."""
+    """(method, path) of every route and mount, those of included routers too (FastAPI keeps them as routers),
+    with a job id where the path takes one."""
     found: list[tuple[str, str]] = []
-    for route in client.app.routes:  # type: ignore[attr-defined]
-        if isinstance(route, APIRoute):
-            path = route.path.replace("{job_id}", SOME_JOB).replace("{artifact_id}", "1")
-            found += [(method, path) for method in sorted(route.methods - {"HEAD"})]
-        elif isinstance(route, Mount):
+    for route in iter_route_contexts(client.app.routes):  # type: ignore[attr-defined]
+        if isinstance(route.original_route, APIRoute):
+            path = route.path.replace("{job_id}", SOME_JOB).replace("{artifact_id}", "1").replace("{digest}", "a" * 64)
+            found += [(method, path) for method in sorted(set(route.methods or ()) - {"HEAD"})]
+        elif isinstance(route.original_route, Mount):
             found.append(("GET", route.path))
-    return [(method, path) for method, path in found if path not in OPEN_PATHS and not path.startswith("/docs")]
+    # The dashboard's pages send a browser to sign in instead (checked apart, below).
+    pages = [path for _, path in found if path == "/" or path.startswith("/ui/")]
+    return [(m, path) for m, path in found if path not in OPEN_PATHS + tuple(pages) and not path.startswith("/docs")]
 
 
 def test_every_route_refuses_a_missing_wrong_or_revoked_token(api: TestClient, tokens: dict[str, str]) -> None:
