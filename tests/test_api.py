@@ -65,6 +65,7 @@ def job(plan: str, **changes: object) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_submit_queues_every_task_and_cancel_stops_them(
     api: TestClient, s3_plan: str, farm_env: dict[str, str]
 ) -> None:
@@ -79,6 +80,7 @@ def test_submit_queues_every_task_and_cancel_stops_them(
     assert cancelled["status"] == "cancelled" and cancelled["counts"]["cancelled"] == 4
 
 
+@pytest.mark.slow
 def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: dict[str, str]) -> None:
     job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
     farm = api.app.state.farm  # type: ignore[attr-defined]
@@ -101,6 +103,7 @@ def test_results_carry_presigned_links(api: TestClient, s3_plan: str, farm_env: 
     assert [a["id"] for a in after.json()["artifacts"]] == [a["id"] for a in body["artifacts"][1:3]]
 
 
+@pytest.mark.slow
 def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(
     api: TestClient, s3_plan: str, s3_server, s3_bucket: str
 ) -> None:
@@ -157,6 +160,7 @@ def test_images_thumbnails_and_sidecars_come_from_s3_by_artifact_id(
         ({"profile": {**PROFILE, "width": 100}}, "profile.width: 100 is not a multiple of 8"),
     ],
 )
+@pytest.mark.slow
 def test_bad_jobs_are_refused_with_one_line(
     api: TestClient, s3_plan: str, changes: dict, expected: str, farm_env: dict[str, str]
 ) -> None:
@@ -188,6 +192,7 @@ def training(dataset: str, output: str, **train: object) -> dict:
         ({"output": "/tmp/out"}, "output: '/tmp/out': the API takes s3:// URLs under s3://"),
     ],
 )
+@pytest.mark.slow
 def test_bad_training_specs_are_refused_with_one_line(
     api: TestClient, s3_bucket: str, changes: dict, expected: str, farm_env: dict[str, str]
 ) -> None:
@@ -386,6 +391,7 @@ def sample(text: str, name: str, **labels: str) -> float:
     return found
 
 
+@pytest.mark.slow
 def test_metrics_follow_a_real_job(api: TestClient, start_workers, s3_plan: str) -> None:
     job_id = api.post("/jobs", json=job(s3_plan)).json()["id"]
     queued = api.get("/metrics").text

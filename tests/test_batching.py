@@ -34,6 +34,7 @@ def alone(cache: ModelCache, base: str, net: str, plan, prompts: tuple[str, str]
 
 
 @pytest.mark.parametrize(("base", "net"), [("tiny-sd15", "tiny-canny"), ("tiny-sdxl", "tiny-sdxl-controlnet")])
+@pytest.mark.slow
 def test_a_batch_of_tasks_matches_each_task_alone(model_cache: ModelCache, base: str, net: str) -> None:
     items = [
         Item(*MODERN, 3, (PLAN_A,)),
@@ -61,6 +62,7 @@ def test_a_batch_of_tasks_matches_each_task_alone(model_cache: ModelCache, base:
     assert np.abs(np.asarray(batch.images[0]) - np.asarray(batch.images[2])).max() > 1 / 255
 
 
+@pytest.mark.slow
 def test_one_task_is_bitwise_what_the_pipeline_makes_from_its_prompt(model_cache: ModelCache) -> None:
     """Prompt embeddings encoded once and reused are the very tensors diffusers would have encoded itself."""
     ours = tiny_render(model_cache, base="tiny-sd15", net="tiny-canny", seeds=[5, 6], output_type="np")
@@ -90,6 +92,7 @@ def test_one_task_is_bitwise_what_the_pipeline_makes_from_its_prompt(model_cache
     assert np.array_equal(np.stack(ours.images), theirs)
 
 
+@pytest.mark.slow
 def test_prompts_are_encoded_once_per_pair(models_dir) -> None:  # type: ignore[no-untyped-def]
     import torch
 
@@ -101,6 +104,7 @@ def test_prompts_are_encoded_once_per_pair(models_dir) -> None:  # type: ignore[
     assert cache.prompt_encodes == 2
 
 
+@pytest.mark.slow
 def test_each_hint_encoder_runs_once_per_call(model_cache: ModelCache) -> None:
     """The control image is encoded once per call, not at every step; the images are bitwise unchanged (the
     comparison with diffusers' own pipeline above runs with the encoder cached)."""

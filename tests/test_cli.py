@@ -43,6 +43,7 @@ def jobs_in(db: Path) -> int:
     return int(count or 0)
 
 
+@pytest.mark.slow
 def test_readme_command_renders_two_styles_two_seeds(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(
@@ -94,6 +95,7 @@ def test_readme_command_renders_two_styles_two_seeds(env: dict[str, str], tmp_pa
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_job_file_renders_the_same_way(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
     (tmp_path / "plans").mkdir()
     (tmp_path / "plans" / "ground.png").write_bytes(example_plan.read_bytes())
@@ -248,6 +250,7 @@ def test_rerender_reproduces_the_image_bitwise(env: dict[str, str], tmp_path: Pa
     }
 
 
+@pytest.mark.slow
 def test_rerender_of_an_image_that_shared_its_call_is_close_and_says_so(
     env: dict[str, str], tmp_path: Path, example_plan: Path
 ) -> None:
@@ -284,6 +287,7 @@ def test_rerender_refuses_what_is_not_a_sidecar(env: dict[str, str], tmp_path: P
     assert result.exit_code == 2 and "not an archfarm sidecar" in result.stderr
 
 
+@pytest.mark.slow
 def test_every_control_kind_and_sdxl_render_end_to_end(env: dict[str, str], tmp_path: Path, example_plan: Path) -> None:
     """canny + depth + plan-depth + the plan itself + a map made elsewhere, then the tiny SDXL profile."""
     pose = tmp_path / "pose.png"
@@ -379,6 +383,7 @@ def test_maps_writes_what_the_engine_gets_and_warns_when_nearly_empty(
     assert not any(line.startswith("archfarm: warning: floorplan") for line in warnings)
 
 
+@pytest.mark.slow
 def test_render_save_maps_writes_the_maps_beside_the_images(
     env: dict[str, str], tmp_path: Path, example_plan: Path
 ) -> None:
@@ -415,6 +420,7 @@ def test_json_commands_report_errors_as_json_with_the_same_exit_code(env: dict[s
     assert plain.exit_code == 2 and plain.stderr.strip() == f"archfarm: error: {expected}"
 
 
+@pytest.mark.slow
 def test_a_job_is_named_by_the_first_characters_of_its_id(
     env: dict[str, str], tmp_path: Path, example_plan: Path
 ) -> None:
@@ -447,6 +453,7 @@ def test_a_job_is_named_by_the_first_characters_of_its_id(
             assert result.exit_code == 2 and result.stderr.strip() == f"archfarm: error: {expected}"
 
 
+@pytest.mark.slow
 def test_pillows_own_warnings_never_reach_the_terminal(env: dict[str, str], tmp_path: Path) -> None:
     """A plan over Pillow's own limit but under archfarm's makes Pillow warn before archfarm refuses or reads it:
     the user sees archfarm's one line only."""

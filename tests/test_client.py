@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from producer.client import Farm
 from shared.config import Settings
 from shared.db.status import JobStatus
@@ -11,6 +13,7 @@ from shared.db.status import JobStatus
 PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]}
 
 
+@pytest.mark.slow
 def test_embedded_submits_render_and_keep_models_resident(tmp_path: Path, models_dir: Path, example_plan: Path) -> None:
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'a.db'}",

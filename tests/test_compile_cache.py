@@ -60,6 +60,7 @@ def fleet_worker(store: Path, inductor_cache: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_second_worker_of_a_fleet_loads_what_the_first_compiled(tmp_path: Path) -> None:
     first = fleet_worker(tmp_path / "farm", tmp_path / "inductor-a")
     stored = list((tmp_path / "farm" / PREFIX).rglob("*.bin"))
@@ -136,6 +137,7 @@ def test_warmup_on_a_cpu_has_nothing_to_compile_for_auto(warmup_env: Path) -> No
     assert "does not compile on cpu" in result.output and "nothing to do" in result.output
 
 
+@pytest.mark.slow
 def test_warmup_compiles_each_bucket_once(warmup_env: Path) -> None:
     profile = warmup_env / "profile.yaml"
     profile.write_text(

@@ -57,6 +57,7 @@ def test_folder_loads_as_a_published_model_would(dpt_folder: Path) -> None:
 
 @pytest.mark.parametrize("source", [(768, 512), (300, 600), (100, 100)], ids=["landscape", "portrait", "square"])
 @pytest.mark.parametrize("target", [(64, 64), (96, 64), (64, 96), (200, 120)])
+@pytest.mark.slow
 def test_output_is_rgb_of_exactly_the_target_size(
     estimator: DepthEstimator, source: tuple[int, int], target: tuple[int, int]
 ) -> None:
@@ -83,6 +84,7 @@ def test_deterministic_and_input_dependent(dpt_folder: Path, estimator: DepthEst
     assert estimator(Image.open(EXAMPLE_PLAN), 64, 64).tobytes() != first
 
 
+@pytest.mark.slow
 def test_plain_images_do_not_crash(estimator: DepthEstimator) -> None:
     for image in (Image.new("RGB", (50, 40), "white"), Image.new("L", (40, 50), 0), Image.new("RGBA", (8, 8))):
         assert estimator(image, 32, 32).size == (32, 32)
@@ -103,6 +105,7 @@ def test_flat_prediction_gives_a_black_map(dpt_folder: Path, tmp_path: Path) -> 
     assert result.size == (64, 48) and not np.asarray(result).any()
 
 
+@pytest.mark.slow
 def test_other_resolutions(estimator: DepthEstimator) -> None:
     wide = estimator.at_resolution(128)
     assert wide.model is estimator.model and estimator.resolution == 64

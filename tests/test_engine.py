@@ -137,6 +137,7 @@ def test_devices() -> None:
 # --- model cache ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cache_loads_each_model_once(models_dir: Path) -> None:
     cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
     two_units = [
@@ -176,6 +177,7 @@ def test_identity_is_stable_and_tells_models_apart(model_cache: ModelCache, mode
 # --- renders ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_image_per_seed_at_the_requested_size(model_cache: ModelCache) -> None:
     result = run(model_cache, seeds=[1, 2, 3])
     assert [(image.size, image.mode) for image in result.images] == [((SIZE, SIZE), "RGB")] * 3
@@ -183,12 +185,14 @@ def test_one_image_per_seed_at_the_requested_size(model_cache: ModelCache) -> No
     assert json.loads(json.dumps(result.scheduler)) == result.scheduler
 
 
+@pytest.mark.slow
 def test_same_seed_is_bitwise_identical_and_seeds_differ(model_cache: ModelCache) -> None:
     first, second, other = (run(model_cache, seeds=[seed]).images[0] for seed in (7, 7, 8))
     assert np.array_equal(pixels(first), pixels(second))
     assert not np.array_equal(pixels(first), pixels(other))
 
 
+@pytest.mark.slow
 def test_control_image_matters_only_with_a_scale(model_cache: ModelCache) -> None:
     off_a = floats(model_cache, ControlInput("tiny-canny", PLAN_A, 0.0, 0.0, 1.0))
     off_b = floats(model_cache, ControlInput("tiny-canny", PLAN_B, 0.0, 0.0, 1.0))
@@ -220,12 +224,14 @@ def test_batched_seeds_match_one_seed_renders(model_cache: ModelCache) -> None:
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.slow
 def test_every_scheduler_renders(model_cache: ModelCache, name: str) -> None:
     result = run(model_cache, scheduler=name, steps=2)
     assert len(result.images) == 1
     assert result.scheduler["config"]["beta_end"] == 0.012  # the base's noise schedule, whatever the class
 
 
+@pytest.mark.slow
 def test_on_step_reports_each_denoising_step(model_cache: ModelCache) -> None:
     calls: list[tuple[int, int]] = []
     run(model_cache, scheduler="ddim", on_step=lambda step, total: calls.append((step, total)))
@@ -259,6 +265,7 @@ def canny_forwards(model_cache: ModelCache):
     [[(0.0, 0.5)], [(0.0, 0.5), (0.2, 1.0)]],
     ids=["one-net", "two-nets"],
 )
+@pytest.mark.slow
 def test_skipping_nets_outside_their_window_changes_nothing_but_the_work(
     model_cache: ModelCache, canny_forwards: list[int], windows: list[tuple[float, float]]
 ) -> None:
@@ -278,6 +285,7 @@ def test_skipping_nets_outside_their_window_changes_nothing_but_the_work(
     assert forwards == {False: STEPS * len(windows), True: in_window}
 
 
+@pytest.mark.slow
 def test_every_net_skipped_renders_as_without_controlnet(model_cache: ModelCache, canny_forwards: list[int]) -> None:
     off = ControlInput("tiny-canny", PLAN_A, 0.0, 0.0, 1.0)  # scale 0: outside its window at every step
     skipped = run(model_cache, controls=[off], scheduler="ddim", output_type="np").images[0]
@@ -286,6 +294,7 @@ def test_every_net_skipped_renders_as_without_controlnet(model_cache: ModelCache
     assert np.array_equal(skipped, computed.images[0]) and len(canny_forwards) == STEPS
 
 
+@pytest.mark.slow
 def test_each_unit_keeps_its_own_window(model_cache: ModelCache) -> None:
     def units(first: tuple[float, float], second: tuple[float, float]) -> list[ControlInput]:
         return [ControlInput("tiny-canny", PLAN_A, 1.0, *first), ControlInput("tiny-canny", PLAN_B, 0.5, *second)]
@@ -315,6 +324,7 @@ def unet_batches(model_cache: ModelCache):
     handle.remove()
 
 
+@pytest.mark.slow
 def test_out_of_memory_splits_the_batch_and_keeps_the_order(model_cache: ModelCache, unet_batches) -> None:
     seen, limit = unet_batches
     seeds = [3, 5, 7, 9]
@@ -327,6 +337,7 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_order(model_cache: ModelCa
         assert np.abs(pixels(image) - pixels(single)).max() <= 1
 
 
+@pytest.mark.slow
 def test_out_of_memory_with_one_seed_fails_clearly(model_cache: ModelCache, unet_batches) -> None:
     _, limit = unet_batches
     limit["batch"] = 0
@@ -337,6 +348,7 @@ def test_out_of_memory_with_one_seed_fails_clearly(model_cache: ModelCache, unet
 # --- torch.compile ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> None:
     # A cache of its own: the compiled wrappers it keeps do not leak into other tests.
     cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
@@ -356,6 +368,7 @@ def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> No
     assert torch._dynamo.config.recompile_limit >= 64
 
 
+@pytest.mark.slow
 def test_compiled_calls_are_padded_to_a_bucket_and_reuse_it(models_dir: Path) -> None:
     """Three images render as a batch of four (the fourth dropped), so a later call of four compiles nothing."""
     cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)

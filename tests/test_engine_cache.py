@@ -92,6 +92,7 @@ def counts(cache: ModelCache, *refs: str) -> dict[str, list[int]]:
     return {name: [counter[key] for key in keys] for name, counter in counters.items()}
 
 
+@pytest.mark.slow
 def test_same_stack_twice_loads_nothing_the_second_time(models_dir: Path, nets: dict[str, str]) -> None:
     cache = cache_for(models_dir)
     draw(cache, nets["a"])
@@ -101,6 +102,7 @@ def test_same_stack_twice_loads_nothing_the_second_time(models_dir: Path, nets: 
     assert cache.hits == Counter({location(cache, "tiny-sd15"): 1, location(cache, nets["a"]): 1})
 
 
+@pytest.mark.slow
 def test_stack_change_moves_only_the_controlnet(models_dir: Path, nets: dict[str, str], net_bytes: int) -> None:
     cache = cache_for(models_dir, controlnet_budget_bytes=net_bytes)
     draw(cache, nets["a"])
@@ -117,6 +119,7 @@ def test_stack_change_moves_only_the_controlnet(models_dir: Path, nets: dict[str
     assert cache.swaps == 1
 
 
+@pytest.mark.slow
 def test_budget_of_one_net_offloads_and_restores(models_dir: Path, nets: dict[str, str], net_bytes: int) -> None:
     cache = cache_for(models_dir, controlnet_budget_bytes=net_bytes)
     for ref in (nets["a"], nets["b"], nets["a"]):
@@ -132,6 +135,7 @@ def test_budget_of_one_net_offloads_and_restores(models_dir: Path, nets: dict[st
     assert cache.swaps == 2
 
 
+@pytest.mark.slow
 def test_full_offload_tier_drops_and_reloads(models_dir: Path, nets: dict[str, str], net_bytes: int) -> None:
     cache = cache_for(models_dir, controlnet_budget_bytes=net_bytes, offload_budget_bytes=0)
     for ref in (nets["a"], nets["b"], nets["a"]):
@@ -145,6 +149,7 @@ def test_full_offload_tier_drops_and_reloads(models_dir: Path, nets: dict[str, s
     }
 
 
+@pytest.mark.slow
 def test_offload_tier_drops_its_least_recently_used(models_dir: Path, nets: dict[str, str], net_bytes: int) -> None:
     cache = cache_for(models_dir, controlnet_budget_bytes=net_bytes, offload_budget_bytes=net_bytes)
     for ref in (nets["a"], nets["b"], nets["c"], nets["b"], nets["a"]):
@@ -159,6 +164,7 @@ def test_offload_tier_drops_its_least_recently_used(models_dir: Path, nets: dict
     }
 
 
+@pytest.mark.slow
 def test_nets_of_the_current_render_are_never_evicted(models_dir: Path, nets: dict[str, str], net_bytes: int) -> None:
     cache = cache_for(models_dir, controlnet_budget_bytes=net_bytes)
     draw(cache, nets["a"], nets["b"])  # two nets over a budget of one: both stay for this render
@@ -181,6 +187,7 @@ def test_a_dropped_net_is_freed_also_when_compiled(models_dir: Path, nets: dict[
     assert sum(cache.drops.values()) == 1 and freed() is None
 
 
+@pytest.mark.slow
 def test_mixed_stacks_count_swaps_and_keep_resident_nets(models_dir: Path, nets: dict[str, str]) -> None:
     cache = cache_for(models_dir)
     for stack in ([nets["a"]], [nets["a"]], [nets["b"]], [nets["a"], nets["b"]], [nets["a"], nets["b"]], [nets["a"]]):
@@ -219,6 +226,7 @@ def test_restoring_from_the_offload_tier_beats_a_disk_load(
 # --- int8 ControlNets -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_int8_controlnet_is_quantised_and_cached_apart(models_dir: Path) -> None:
     pytest.importorskip("torchao", reason="int8 quantisation needs the torchao package (pip install torchao)")
     cache = cache_for(models_dir)

@@ -55,6 +55,7 @@ def job_file(tmp_path: Path, example_plan: Path) -> Path:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
     job_file: Path, postgres_url: str, tmp_path: Path, models_dir: Path
 ) -> None:
@@ -92,6 +93,7 @@ def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_worker_submit_and_api_refuse_an_outdated_schema_with_the_same_line(
     job_file: Path, fresh_database: str, tmp_path: Path, redis_url: str
 ) -> None:
@@ -116,6 +118,7 @@ def test_worker_submit_and_api_refuse_an_outdated_schema_with_the_same_line(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.slow
 def test_a_worker_refuses_a_device_the_machine_does_not_have(tmp_path: Path, redis_url: str) -> None:
     env = {"ARCHFARM_BROKER_URL": redis_url, "ARCHFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'farm.db'}"}
     result = archfarm("worker", "--devices", "cuda:0", env=env)
@@ -137,6 +140,7 @@ def test_each_launcher_on_a_host_is_a_node_of_its_own(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_submit_without_a_broker_says_it_renders_here(job_file: Path, tmp_path: Path, models_dir: Path) -> None:
     env = {
         "ARCHFARM_DATABASE_URL": f"sqlite:///{tmp_path / 'farm.db'}",
@@ -155,6 +159,7 @@ def test_submit_without_a_broker_says_it_renders_here(job_file: Path, tmp_path: 
     assert status.stdout.strip() == f"{job_id} edge: succeeded (3/3 tasks rendered: succeeded 3)"
 
 
+@pytest.mark.slow
 def test_cancelling_a_finished_job_says_so_and_keeps_its_status(
     job_file: Path, tmp_path: Path, models_dir: Path
 ) -> None:

@@ -185,6 +185,7 @@ def test_a_cached_model_is_never_probed_for(hub_down: str, hub_cache: Path, mode
     assert hub.reachable.cache_info().misses == 0
 
 
+@pytest.mark.slow
 def test_a_worker_loads_a_cached_model_without_a_probe(hub_down: str, hub_cache: Path, models_dir: Path) -> None:
     """In a process of its own, so every hub library module sees the closed endpoint from its import on."""
     store_in_cache(hub_cache, SD15, Path(resolve("tiny-sd15", models_dir)))

@@ -120,6 +120,7 @@ def register(sessions: sessionmaker[Session], *nodes: str) -> None:
             register_worker(session, f"{node}#1", node, "cuda:0", pid, [Settings().queue])
 
 
+@pytest.mark.slow
 def test_a_worker_that_fails_tasks_others_render_is_blocklisted_and_hands_the_rest_on(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
@@ -169,6 +170,7 @@ def test_failures_every_node_shares_blocklist_no_node(
     assert {row.error for row in rows} == {f"failed 5 times on 2 workers, last: {NO_CUDA}"}
 
 
+@pytest.mark.slow
 def test_a_task_that_failed_on_a_node_goes_to_another_while_one_is_live(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
@@ -235,6 +237,7 @@ def two_plans(
 
 
 @pytest.mark.parametrize("damage", ["deleted", "not an image"])
+@pytest.mark.slow
 def test_a_plan_that_cannot_be_read_fails_its_own_tasks_together_and_blames_no_node(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, example_plan: Path, tmp_path: Path, damage: str
 ) -> None:
@@ -351,6 +354,7 @@ def late_bucket(
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_a_storage_outage_backs_off_until_storage_returns(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
@@ -372,6 +376,7 @@ def test_a_storage_outage_backs_off_until_storage_returns(
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_a_short_storage_outage_is_ridden_out_in_place(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
@@ -387,6 +392,7 @@ def test_a_short_storage_outage_is_ridden_out_in_place(
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_transient_errors_fail_the_task_once_the_time_budget_is_spent(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, s3_server
 ) -> None:
@@ -429,6 +435,7 @@ def test_a_crashed_process_is_held_against_the_task_not_the_node(
     assert task(sessions, ids[0]).error == "its worker process died 3 times on 3 workers"
 
 
+@pytest.mark.slow
 def test_control_maps_are_computed_once_per_plan_and_preprocessor(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
@@ -462,6 +469,7 @@ def test_control_maps_are_computed_once_per_plan_and_preprocessor(
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_an_outcome_is_kept_through_a_database_outage_and_recorded_after(
     postgres_url: str, models_dir: Path, plan: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -522,6 +530,7 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_a_worker_renders_several_tasks_of_a_job_in_one_call(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:
@@ -552,6 +561,7 @@ def test_a_worker_renders_several_tasks_of_a_job_in_one_call(
         assert np.abs(pixels(together) - pixels(single)).max() <= 1
 
 
+@pytest.mark.slow
 def test_a_task_that_cannot_be_prepared_fails_alone_and_its_batch_renders(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path, example_plan: Path
 ) -> None:
@@ -567,6 +577,7 @@ def test_a_task_that_cannot_be_prepared_fails_alone_and_its_batch_renders(
     assert sent == []
 
 
+@pytest.mark.slow
 def test_a_cancel_stops_every_task_of_the_call(
     sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path
 ) -> None:

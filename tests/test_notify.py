@@ -284,6 +284,7 @@ def test_each_event_reaches_each_url_once_signed(sessions: sessionmaker[Session]
     assert {n.attempts for n in rows(sessions, job.id).values()} == {1}
 
 
+@pytest.mark.slow
 def test_a_receiver_failing_twice_gets_it_on_the_third_attempt(
     sessions: sessionmaker[Session], database_url: str, receiver
 ) -> None:
@@ -304,6 +305,7 @@ def test_a_receiver_failing_twice_gets_it_on_the_third_attempt(
     assert notifier.deliver() == 0 and len(receiver.received) == 3
 
 
+@pytest.mark.slow
 def test_a_notification_is_given_up_after_its_attempts(
     sessions: sessionmaker[Session], database_url: str, receiver
 ) -> None:
@@ -417,6 +419,7 @@ def test_without_a_secret_the_body_goes_unsigned(sessions: sessionmaker[Session]
 # --- archfarm render: in this process, at the end of the job --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_render_sends_at_the_end_and_says_what_it_could_not(
     tmp_path: Path, example_plan: Path, models_dir: Path, receiver
 ) -> None:

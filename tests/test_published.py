@@ -62,6 +62,7 @@ def leftovers(models: Path) -> list[str]:
     return sorted(p.name for p in models.iterdir() if not p.is_symlink())
 
 
+@pytest.mark.slow
 def test_a_controlnet_by_s3_url_renders_pinned_and_is_fetched_once(  # type: ignore[no-untyped-def]
     s3_server,
     s3_bucket: str,

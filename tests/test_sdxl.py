@@ -47,6 +47,7 @@ def test_family_comes_from_the_config_not_the_name(models_dir: Path, tmp_path: P
         family(resolve(NET, models_dir))
 
 
+@pytest.mark.slow
 def test_a_renamed_sdxl_folder_loads_and_renders_as_sdxl(
     model_cache: ModelCache, models_dir: Path, tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_a_renamed_sdxl_folder_loads_and_renders_as_sdxl(
 # --- renders ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_and_two_controlnets_render_at_the_requested_size(model_cache: ModelCache) -> None:
     one = run(model_cache, seeds=[1, 2])
     assert [(image.size, image.mode) for image in one.images] == [((SIZE, SIZE), "RGB")] * 2
@@ -79,6 +81,7 @@ def test_one_and_two_controlnets_render_at_the_requested_size(model_cache: Model
     assert np.abs(two - floats(model_cache, both[0])).max() > 0.01
 
 
+@pytest.mark.slow
 def test_control_image_matters_only_with_a_scale(model_cache: ModelCache) -> None:
     off_a = floats(model_cache, ControlInput(NET, PLAN_A, 0.0, 0.0, 1.0))
     off_b = floats(model_cache, ControlInput(NET, PLAN_B, 0.0, 0.0, 1.0))
@@ -89,12 +92,14 @@ def test_control_image_matters_only_with_a_scale(model_cache: ModelCache) -> Non
     assert np.abs(on_a - off_a).max() > 0.05
 
 
+@pytest.mark.slow
 def test_same_seed_is_bitwise_identical_and_seeds_differ(model_cache: ModelCache) -> None:
     first, second, other = (np.asarray(run(model_cache, seeds=[seed]).images[0]) for seed in (7, 7, 8))
     assert np.array_equal(first, second)
     assert not np.array_equal(first, other)
 
 
+@pytest.mark.slow
 def test_a_separate_vae_replaces_the_base_one(model_cache: ModelCache, models_dir: Path, tmp_path: Path) -> None:
     vae = shutil.copytree(Path(resolve("tiny-sdxl", models_dir)) / "vae", tmp_path / "fp16-fix-vae")
     own = run(model_cache, vae=str(vae), output_type="np").images[0]
@@ -102,6 +107,7 @@ def test_a_separate_vae_replaces_the_base_one(model_cache: ModelCache, models_di
     assert np.array_equal(own, run(model_cache, output_type="np").images[0])
 
 
+@pytest.mark.slow
 def test_skipping_nets_outside_their_window_is_bitwise_neutral(model_cache: ModelCache) -> None:
     calls: list[int] = []
     handle = model_cache.controlnet(NET).register_forward_hook(lambda *_: calls.append(1))

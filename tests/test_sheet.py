@@ -48,6 +48,9 @@ class Rendered:
         )
 
 
+pytestmark = pytest.mark.slow  # every test reads one job rendered for the module
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Rendered:
     """2 plans × 2 styles × 2 seeds rendered by `archfarm render --job` in this process (the README's path)."""
