@@ -179,8 +179,14 @@ class Farm:
                 )
             )
             images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
-            failures = [
-                Failure(task=task_id, plan=plan, style=style, seeds=",".join(map(str, seeds)), error=error or "")
+            failures = [  # a task of a kind other than render names no plan, style or seeds
+                Failure(
+                    task=task_id,
+                    plan=plan or "",
+                    style=style or "",
+                    seeds=",".join(map(str, seeds or [])),
+                    error=error or "",
+                )
                 for task_id, plan, style, seeds, error in session.execute(
                     select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
                     .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
@@ -189,7 +195,7 @@ class Farm:
                 )
             ]
             groups = [
-                FailureGroup(plan=plan, error=error or "", count=count)
+                FailureGroup(plan=plan or "", error=error or "", count=count)
                 for plan, error, count in session.execute(
                     select(Task.plan_name, Task.error, func.count())
                     .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
