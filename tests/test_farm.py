@@ -166,8 +166,8 @@ def test_a_vanished_plan_fails_only_its_own_tasks_and_retry_finishes_the_job(
     view = farm.wait(job_id, timeout=300)
     assert view.status is JobStatus.PARTIALLY_SUCCEEDED
     assert (view.counts["succeeded"], view.counts["failed"]) == (36, 12)
-    assert {f["plan"] for f in view.failures} == {"plan-2"}
-    assert {f["error"] for f in view.failures} == {
+    assert {f.plan for f in view.failures} == {"plan-2"}
+    assert {f.error for f in view.failures} == {
         f"plan 'plan-2' ({stored}): missing from storage (deleted after the job was submitted?)"
     }
     with farm.sessions() as session:

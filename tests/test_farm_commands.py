@@ -73,7 +73,7 @@ def test_submit_with_the_broker_down_prints_the_id_and_says_what_happens(
         job_id = result.stdout.strip()
         uuid.UUID(job_id)
         (warning,) = result.stderr.strip().splitlines()
-        assert warning.startswith(f"archfarm: warning: job {job_id} is stored with 3 tasks, but the broker refused")
+        assert warning.startswith(f"archfarm: warning: job {job_id} is stored with 3 task(s), but the broker refused")
         assert warning.endswith(f"workers send them once the broker is back (or run `archfarm retry {job_id}`)")
         engine = make_engine(postgres_url)
         with engine.connect() as connection:

@@ -115,7 +115,8 @@ def test_a_controlnet_by_s3_url_renders_pinned_and_is_fetched_once(  # type: ign
     fresh = ModelCache(cache_dir, torch.device("cpu"), torch.float32, settings=settings)  # another worker process
     fresh.pin(url, second)
     fresh.controlnet(url)
-    assert fresh.identity(url) == net and gets == []  # loaded from the model cache: nothing downloaded
+    identity = {k: v for k, v in fresh.identity(url).items() if v is not None}  # the sidecar leaves out what is None
+    assert identity == net and gets == []  # loaded from the model cache: nothing downloaded
 
 
 def test_a_local_published_model_is_fetched_once_and_checked_file_by_file(canny: Path, tmp_path: Path) -> None:

@@ -1,0 +1,299 @@
+"""The farm's read queries, one function per view: each takes a session and answers with the typed views of
+`producer.views` (a job, a page of jobs, workers, images, a contact sheet). `producer.client.Farm` opens the
+session; the CLI, the Python API, the dashboard and the REST API all read through these."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
+from itertools import islice
+from typing import Any
+
+from sqlalchemy import Select, and_, func, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from producer.sheet import Cell, Row, Sheet
+from producer.views import ArtifactView, Failure, FailureGroup, JobView, TrainingProgress, WorkerView
+from shared.db.clock import database_time
+from shared.db.models import Artifact, Job, JobKind, Task, TaskStatus, Worker
+from shared.db.status import JobStatus, job_status
+from shared.db.store import first_start, serving_workers, status_of
+from shared.errors import InvalidInput, NotFound
+from shared.spec import MAX_ECHO
+from shared.training import model_url
+
+JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MIN_PREFIX = 4
+_ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
+MAX_FAILURES = 100
+MAX_FAILURE_GROUPS = 50
+"""A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
+
+
+def check_id(job_id: str) -> None:
+    """NotFound for what is not a job id at all, before any query: a NUL or a megabyte of text never reaches
+    the database, and the answer echoes a short prefix of it only."""
+    if not JOB_ID.fullmatch(job_id):
+        raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
+
+
+def job_view(
+    session: Session, job_id: str, heartbeat_timeout: float, blocklist_after: int | None, farm: bool
+) -> JobView:
+    """The job's view; NotFound for an unknown id, also for one that is not an id at all. `farm`: workers
+    render it (their count is part of the view; without a broker this process renders it)."""
+    check_id(job_id)
+    row = session.get(Job, job_id)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    status, counts = status_of(session, row)
+    started, now = first_start(session, job_id)
+    workers, live = (
+        (
+            serving_workers(session, row, heartbeat_timeout, blocklist_after),
+            serving_workers(session, row, heartbeat_timeout, None),
+        )
+        if farm
+        else (None, None)
+    )
+    images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
+    failures = [  # a task of a kind other than render names no plan, style or seeds
+        Failure(
+            task=task_id, plan=plan or "", style=style or "", seeds=",".join(map(str, seeds or [])), error=error or ""
+        )
+        for task_id, plan, style, seeds, error in session.execute(
+            select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
+            .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+            .order_by(Task.ordinal)
+            .limit(MAX_FAILURES)
+        )
+    ]
+    groups = [
+        FailureGroup(plan=plan or "", error=error or "", count=count)
+        for plan, error, count in session.execute(
+            select(Task.plan_name, Task.error, func.count())
+            .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+            .group_by(Task.plan_digest, Task.plan_name, Task.error)
+            .order_by(func.count().desc(), func.min(Task.ordinal))
+            .limit(MAX_FAILURE_GROUPS)
+        )
+    ]
+    by_value = {s.value: counts.get(s, 0) for s in TaskStatus}
+    view = JobView(
+        id=row.id,
+        name=row.name,
+        priority=row.priority,
+        status=status,
+        counts=by_value,
+        total=sum(by_value.values()),
+        output_url=row.output_url,
+        created_at=row.created_at,
+        eta_s=None,
+        failures=failures,
+        failure_groups=groups,
+        workers=workers,
+        workers_live=live,
+        paused=row.paused_at is not None,
+        owner=row.owner,
+        pool=row.spec.get("pool"),
+        images_total=_images_total(row),
+        images_done=images_done or 0,
+        training=_training(session, row),
+    )
+    return _with_eta(view, started, now)
+
+
+def resolve(session: Session, job_id: str) -> str:
+    """The full id of the job that `job_id` names: a whole id, or its first characters as the dashboard shows
+    them (8), at least `MIN_PREFIX`; NotFound when none matches, InvalidInput when several do."""
+    if JOB_ID.fullmatch(job_id):
+        return job_id
+    if not _ID_PREFIX.fullmatch(job_id):
+        raise NotFound(f"no job {job_id[:MAX_ECHO]!r} (give its id, or at least {MIN_PREFIX} of its first characters)")
+    found = list(session.scalars(select(Job.id).where(Job.id.startswith(job_id)).limit(2)))
+    if not found:
+        raise NotFound(f"no job {job_id!r}")
+    if len(found) > 1:
+        raise InvalidInput(f"{job_id!r} is the start of several jobs' ids: give more of it")
+    return found[0]
+
+
+def job_ids(session: Session, limit: int, offset: int, status: JobStatus | None, after: str | None) -> list[str]:
+    """Recent jobs' ids, newest first; with `status`, only the jobs in that status. Pages go by `offset` (the
+    dashboard's numbered pages) or, steady while jobs are added, by `after`: the last job of the page before (a
+    cursor)."""
+    newest = select(Job.id, Job.cancelled_at, Job.paused_at).order_by(Job.created_at.desc(), Job.id.desc())
+    if after is not None:
+        # A cursor that is no job id is refused like an unknown one, without a query.
+        found = select(Job.created_at, Job.id).where(Job.id == after)
+        anchor = session.execute(found).first() if JOB_ID.fullmatch(after) else None
+        if anchor is None:
+            raise InvalidInput(f"cursor: no job {after[:MAX_ECHO]!r}")
+        older = and_(Job.created_at == anchor.created_at, Job.id < anchor.id)
+        newest = newest.where(or_(Job.created_at < anchor.created_at, older))
+    return list(islice(_in_status(session, status, newest), offset, offset + limit))
+
+
+def worker_views(session: Session, heartbeat_timeout: float) -> list[WorkerView]:
+    """Every worker incarnation not stopped long ago, live ones first: what each holds and has done."""
+    now = database_time(session)
+    rows = session.scalars(
+        select(Worker)
+        .where(or_(Worker.stopped_at.is_(None), Worker.stopped_at > now - timedelta(hours=1)))
+        .order_by(Worker.stopped_at.is_not(None), Worker.node)
+    ).all()
+    return [WorkerView.of(row, now, heartbeat_timeout) for row in rows]
+
+
+def artifact_views(
+    session: Session, job_id: str, offset: int = 0, limit: int | None = None, after: int | None = None
+) -> list[ArtifactView]:
+    """The job's images, `limit` of them (all by default) from `offset` or after the image `after` (a cursor:
+    the last of the page before), in a stable order (style, seed)."""
+    order = (Artifact.style, Artifact.seed, Artifact.id)
+    query = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id).where(Artifact.job_id == job_id)
+    if after is not None:
+        anchor = session.execute(select(*order).where(Artifact.id == after, Artifact.job_id == job_id)).first()
+        if anchor is None:
+            raise InvalidInput(f"cursor: no image {after} in job {job_id}")
+        query = query.where(tuple_(*order) > tuple_(*anchor))
+    rows = session.execute(query.order_by(*order).offset(offset).limit(limit)).all()
+    return [ArtifactView.of(artifact, plan) for artifact, plan in rows]
+
+
+def artifact_view(session: Session, artifact_id: int) -> ArtifactView:
+    row = session.execute(
+        select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id).where(Artifact.id == artifact_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"no image {artifact_id}")
+    return ArtifactView.of(row[0], row[1])
+
+
+def plan_url(session: Session, job_id: str, digest: str) -> str:
+    """Where the job's tasks read the plan of this content hash; NotFound when it has none."""
+    check_id(job_id)
+    url = session.scalar(select(Task.plan_url).where(Task.job_id == job_id, Task.plan_digest == digest).limit(1))
+    if url is None:
+        raise NotFound(f"job {job_id} has no plan {digest[:12]}")
+    return url
+
+
+def sheet_page(
+    session: Session,
+    job_id: str,
+    row_offset: int = 0,
+    rows: int | None = None,
+    seed_offset: int = 0,
+    seeds: int | None = None,
+) -> Sheet:
+    """A page of the job's contact sheet: `rows` plan × style rows from `row_offset` and `seeds` columns from
+    `seed_offset` (None: all of them), each cell with its image or its task's state."""
+    check_id(job_id)
+    row = session.get(Job, job_id)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    if row.kind is not JobKind.RENDER:
+        raise InvalidInput(f"job {job_id} is a {row.kind.value} job: only render jobs have a contact sheet")
+    every_seed = _seeds(row.spec)
+    columns = list(every_seed[seed_offset : None if seeds is None else seed_offset + seeds])
+    pairs = (
+        select(Task.plan_digest, Task.plan_name, Task.style)
+        .where(Task.job_id == job_id)
+        .group_by(Task.plan_digest, Task.plan_name, Task.style)
+    )
+    rows_total = session.scalar(select(func.count()).select_from(pairs.subquery())) or 0
+    page = session.execute(pairs.order_by(func.min(Task.ordinal)).offset(row_offset).limit(rows)).all()
+    digests, styles = {r.plan_digest for r in page}, {r.style for r in page}
+    found = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
+    found = found.where(Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles))
+    if seeds is not None:
+        found = found.where(Artifact.seed.in_(columns))
+    images = {(a.plan_digest, a.style, a.seed): ArtifactView.of(a, plan) for a, plan in session.execute(found)}
+    states: dict[tuple[str, str, int], str] = {}
+    for digest, style, task_seeds, status in session.execute(
+        select(Task.plan_digest, Task.style, Task.seeds, Task.status).where(
+            Task.job_id == job_id,
+            Task.status.in_((TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED)),
+            Task.plan_digest.in_(digests),
+            Task.style.in_(styles),
+        )
+    ):
+        states.update({(digest, style, seed): status.value for seed in task_seeds})
+    grid = [
+        Row(
+            plan,
+            style,
+            [
+                Cell(seed, "rendered", image)
+                if (image := images.get((digest, style, seed)))
+                else Cell(seed, states.get((digest, style, seed), TaskStatus.QUEUED.value))
+                for seed in columns
+            ],
+            digest,
+        )
+        for digest, plan, style in page
+    ]
+    return Sheet(row.id, row.name, columns, grid, row_offset, rows_total, seed_offset, len(every_seed))
+
+
+def _images_total(job: Job) -> int:
+    """The images a render job makes (plans × styles × seeds); other kinds make none."""
+    if job.kind is not JobKind.RENDER:
+        return 0
+    return len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec))
+
+
+def _training(session: Session, job: Job) -> TrainingProgress | None:
+    """A training job's progress as its worker last wrote it, and where its model is published."""
+    if job.kind is not JobKind.TRAIN:
+        return None
+    progress = session.scalar(select(Task.progress).where(Task.job_id == job.id)) or {}
+    return TrainingProgress.model_validate({**progress, "model_url": model_url(job.output_url)})
+
+
+def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:
+    """A stored spec's seeds, in order: a `{count, start}` range stays a range (a job may list a million)."""
+    seeds = spec["seeds"]
+    if isinstance(seeds, Mapping):
+        return range(seeds.get("start", 0), seeds.get("start", 0) + seeds["count"])
+    return list(seeds)
+
+
+def _in_status(
+    session: Session,
+    status: JobStatus | None,
+    jobs_query: Select[str, datetime | None, datetime | None],
+    chunk: int = 500,
+) -> Iterator[str]:
+    """Ids of the jobs `jobs_query` lists (id, cancelled_at, paused_at), in its order, those in `status` only
+    (all for None). A job's status is derived from its tasks, so it is worked out here for `chunk` jobs per
+    query (one grouped count over the tasks index)."""
+    seen = 0
+    while jobs := session.execute(jobs_query.offset(seen).limit(chunk)).all():
+        if status is None:
+            yield from (job.id for job in jobs)
+            seen += len(jobs)
+            continue
+        counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
+        for job_id, task_status, count in session.execute(
+            select(Task.job_id, Task.status, func.count())
+            .where(Task.job_id.in_([job.id for job in jobs]))
+            .group_by(Task.job_id, Task.status)
+        ):
+            counts[job_id][task_status] = count
+        for job in jobs:
+            if job_status(counts[job.id], job.cancelled_at is not None, job.paused_at is not None) is status:
+                yield job.id
+        seen += len(jobs)
+
+
+def _with_eta(view: JobView, started: datetime | None, now: datetime) -> JobView:
+    """Remaining tasks at the rate observed since the first task started (both times the database's)."""
+    remaining = view.total - view.done
+    if not remaining or not view.done or started is None:
+        return view
+    elapsed = (now - started).total_seconds()
+    return view.model_copy(update={"eta_s": remaining * elapsed / view.done})
