@@ -1,7 +1,7 @@
 """GPU benchmark: full-size SD 1.5 (+2 ControlNets) and SDXL (+1 ControlNet) built from their published
 configs with random weights (no downloads), fp16, through archfarm's farm, its engine and the plain pipeline.
 
-    python bench/gpu.py [--quick] [--json]            # on a CUDA machine; prints each result as it comes
+    python bench/gpu.py [--quick] [--json] [--only sd15]  # on a CUDA machine; prints each result as it comes
     python bench/gpu.py --quick --device cpu --tiny   # smoke run of the same code paths on a CPU
 
 First the device's measured fp16 matmul peak. Then, for SD 1.5 + 2 ControlNets at 512² (30 steps, CFG):
@@ -208,12 +208,51 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, tiny: bool) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
+JSON_LINES = False
+"""`--json`: every measurement is printed as one JSON object on its own line the moment it is taken."""
+
+
+def emit(label: str, value: Any, text: str) -> None:
+    """One measurement (or a stage's failure), printed at once: a JSON line, or `text` for a person."""
+    print(json.dumps({"measure": label, "value": value}) if JSON_LINES else text, flush=True)
+
+
 def record(label: str, images: int, seconds: float, family: str, results: dict[str, Any]) -> None:
     per_s = images / seconds
     tflops = per_s * TFLOP_PER_IMAGE[family]
     share = tflops / results["peak_tflops"]
     results[label] = {"images_per_s": per_s, "tflops": tflops, "share_of_peak": share}
-    print(f"{label:<44} {per_s:8.3f} images/s {tflops:8.1f} TFLOP/s {share:6.1%} of peak", flush=True)
+    emit(label, results[label], f"{label:<44} {per_s:8.3f} images/s {tflops:8.1f} TFLOP/s {share:6.1%} of peak")
+
+
+def seconds(label: str, value: float, results: dict[str, Any]) -> None:
+    results[label] = value
+    emit(label, value, f"{label}: {value:.1f} s")
+
+
+class Stages:
+    """Runs the benchmark's stages in order, each isolated (a stage that fails is a line saying so, and the
+    next one runs) and bounded (a stage that would start after the time budget is a line saying it was
+    skipped), so a run always ends within its budget with everything it could measure printed."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.deadline = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, name: str, fn: Callable[[], object]) -> None:
+        if self.left() <= 0:
+            emit(f"{name} skipped", "time budget spent", f"{name}: skipped, the time budget is spent")
+            return
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001 - a stage's failure is reported, the next stage still runs
+            emit(
+                f"{name} failed",
+                f"{type(error).__name__}: {error}"[:500],
+                f"{name}: FAILED {type(error).__name__}: {error}",
+            )
 
 
 def timed(
@@ -235,7 +274,13 @@ def timed(
 
 
 def bench_family(
-    family: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, work: Path, results: dict[str, Any]
+    family: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    work: Path,
+    results: dict[str, Any],
+    stages: Stages,
 ) -> None:
     """Plain pipeline call vs archfarm's engine, batch 1 vs 4, eager vs compiled, for one family."""
     from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -251,7 +296,7 @@ def bench_family(
     steps = 2 if args.tiny else 30
     started = time.perf_counter()
     base, nets = build(work, family, 2 if family == "sd15" else 1, args.tiny, device, dtype)
-    print(f"{family}: built and saved random-weight models in {time.perf_counter() - started:.0f} s", flush=True)
+    seconds(f"{family} models built and saved s", time.perf_counter() - started, results)
     plan = Image.open(Path(__file__).resolve().parents[1] / "examples" / "floorplan.png").convert("RGB")
     maps = [AdaptiveCanny()(plan, size, size), PlanDepth()(plan, size, size)][: len(nets)]
     scales = [0.9, 0.6][: len(nets)]
@@ -304,27 +349,53 @@ def bench_family(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     repeats = 1 if args.quick else 3
     if family == "sd15":
-        archviz_job(args, device, work, base, nets, pipe, size, steps, results, sync)
+        stages.run(
+            "sd15 archviz job", lambda: archviz_job(args, device, work, base, nets, pipe, size, steps, results, sync)
+        )
         if not args.tiny:  # tiny runs compile with aot_eager, which leaves nothing for a fleet to share
-            fleet_first_call(args, device, work, base, nets, size, steps, results)
-    timed(f"{family} plain pipeline b1", 1, family, plain(1), results, repeats, sync)
-    timed(f"{family} archfarm engine b1", 1, family, engine(1), results, repeats, sync)
-    timed(f"{family} archfarm engine b4", 4, family, engine(4), results, repeats, sync)
-    layout_variants(family, cache, str(base), engine(4), results, repeats, sync)
-    if args.quick and family == "sd15":  # the farm job above ran compiled already
-        return
-    # CUDA graphs: the host no longer sets the pace of a small call (docs/performance.md: 5.1× at b1, H200).
+            stages.run(
+                "sd15 fleet first call",
+                lambda: fleet_first_call(args, device, work, base, nets, size, steps, results, stages),
+            )
+    stages.run(
+        f"{family} plain b1", lambda: timed(f"{family} plain pipeline b1", 1, family, plain(1), results, repeats, sync)
+    )
+    stages.run(
+        f"{family} engine b1",
+        lambda: timed(f"{family} archfarm engine b1", 1, family, engine(1), results, repeats, sync),
+    )
+    stages.run(
+        f"{family} engine b4",
+        lambda: timed(f"{family} archfarm engine b4", 4, family, engine(4), results, repeats, sync),
+    )
+    stages.run(
+        f"{family} layouts", lambda: layout_variants(family, cache, str(base), engine(4), results, repeats, sync)
+    )
+    if not (args.quick and family == "sd15"):  # the farm job above ran compiled already
+        stages.run(f"{family} compiled", lambda: compiled_engine(family, args, engine, results, repeats, sync))
+    shutil.rmtree(work / f"{family}-base", ignore_errors=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def compiled_engine(
+    family: str,
+    args: argparse.Namespace,
+    engine: Callable[..., Callable[[], object]],
+    results: dict[str, Any],
+    repeats: int,
+    sync: Callable[[], None],
+) -> None:
+    """CUDA graphs: the host no longer sets the pace of a small call (docs/performance.md: 5.1× at b1, H200)."""
+    from workers.engine.compile import CompileOptions
+
     options = CompileOptions(mode="reduce-overhead", backend="aot_eager" if args.tiny else "inductor")
     started = time.perf_counter()
     engine(1, options)()
     sync()
-    results[f"{family} compile first call s"] = time.perf_counter() - started
-    print(f"{family} first compiled call: {results[f'{family} compile first call s']:.0f} s", flush=True)
+    seconds(f"{family} compile first call s", time.perf_counter() - started, results)
     timed(f"{family} archfarm engine compiled b1", 1, family, engine(1, options), results, repeats, sync)
     timed(f"{family} archfarm engine compiled b4", 4, family, engine(4, options), results, repeats, sync)
-    shutil.rmtree(work / f"{family}-base", ignore_errors=True)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def layout_variants(  # the measurement's whole setting
@@ -407,19 +478,18 @@ def archviz_job(  # the measurement's whole setting
         started = time.perf_counter()
         embedded.render(spec)  # warm: models loaded, compiled (`compile: auto`), memory per image measured
         sync()
-        results["sd15 archviz job first run s"] = time.perf_counter() - started
-        print(f"sd15 archviz job, first run (loads, compiles): {results['sd15 archviz job first run s']:.0f} s")
+        seconds("sd15 archviz job first run (loads, compiles) s", time.perf_counter() - started, results)
         started = time.perf_counter()
         report = embedded.render(spec)
         sync()
-        seconds = time.perf_counter() - started
+        took = time.perf_counter() - started
     finally:
         embedded.close()
     assert report.ok, report.errors
-    record("sd15 archviz job through the farm", images, seconds, "sd15", results)
+    record("sd15 archviz job through the farm", images, took, "sd15", results)
 
-    def loop() -> None:
-        for plan_path in plans:
+    def loop(first_only: bool = False) -> None:
+        for plan_path in plans[:1] if first_only else plans:
             plan = Image.open(plan_path).convert("RGB")
             maps = [AdaptiveCanny()(plan, size, size), PlanDepth()(plan, size, size)]
             for style in STYLES:
@@ -435,8 +505,10 @@ def archviz_job(  # the measurement's whole setting
                         height=size,
                         generator=torch.Generator("cpu").manual_seed(seed),
                     )
+                    if first_only:
+                        return
 
-    loop()
+    loop(first_only=args.quick)  # warm-up: with --quick one call, not the whole loop again
     sync()
     started = time.perf_counter()
     loop()
@@ -453,6 +525,7 @@ def fleet_first_call(  # the measurement's whole setting
     size: int,
     steps: int,
     results: dict[str, Any],
+    stages: Stages,
 ) -> None:
     """A worker's first compiled call, cold (nothing compiled anywhere) and warm (the fleet's compile cache holds
     it, the worker's own inductor cache is empty): `archfarm warmup` in two fresh processes, as two machines."""
@@ -475,36 +548,38 @@ def fleet_first_call(  # the measurement's whole setting
             capture_output=True,
             text=True,
             check=True,
+            timeout=max(1.0, stages.left()),
         )
         line = done.stdout.strip().splitlines()[-1]  # "cuda:0 batch 1: warm, loaded from the farm's cache, 9.1 s"
-        results[f"sd15 first compiled call, fleet {run} s"] = float(line.rsplit(", ", 1)[1].removesuffix(" s"))
-        print(f"sd15 first compiled call, fleet {run}: {line}", flush=True)
+        seconds(f"sd15 first compiled call, fleet {run} s", float(line.rsplit(", ", 1)[1].removesuffix(" s")), results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one timed repetition per measurement")
-    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line, each as it is measured")
+    parser.add_argument("--budget", type=float, default=None, help="seconds (default: 540 with --quick, else none)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run of the code paths")
     parser.add_argument("--only", choices=["sd15", "sdxl"], default=None)
     args = parser.parse_args()
+    global JSON_LINES
+    JSON_LINES = args.json
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --tiny for a smoke run")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, dtype {dtype}, torch {torch.__version__}", flush=True)
+    emit("device", name, f"device: {name}, dtype {dtype}, torch {torch.__version__}")
     results: dict[str, Any] = {"device": name, "peak_tflops": matmul_peak(device, dtype, args.tiny)}
-    print(f"measured matmul peak: {results['peak_tflops']:.1f} TFLOP/s", flush=True)
+    emit("peak_tflops", results["peak_tflops"], f"measured matmul peak: {results['peak_tflops']:.1f} TFLOP/s")
+    stages = Stages(args.budget if args.budget is not None else (540.0 if args.quick else float("inf")))
     work = Path(tempfile.mkdtemp(prefix="archfarm-gpu-bench-"))
     try:
         for family in [args.only] if args.only else ["sd15", "sdxl"]:
-            bench_family(family, args, device, dtype, work, results)
+            stages.run(family, lambda family=family: bench_family(family, args, device, dtype, work, results, stages))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,19 @@ def test_the_batch_cap_keeps_a_call_inside_the_visibility_timeout() -> None:
 def test_batch_is_not_part_of_what_an_image_is() -> None:
     assert profile(batch=8).digest() == profile().digest() == profile(batch="auto").digest()
     assert profile(steps=21).digest() != profile().digest()
+
+
+def test_models_a_call_loads_are_not_counted_as_memory_per_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake device memory API: the call loads 3 GiB of weights that stay, and peaks 2 GiB above them."""
+    gib = 2**30
+    memory = {"allocated": 1 * gib, "peak": 1 * gib}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda _device: memory.update(peak=memory["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda _device: memory["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda _device: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device: (20 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda _device: memory["allocated"])
+    sizer = BatchSizer(torch.device("cuda", 0))
+    sizer.start()
+    memory.update(allocated=4 * gib, peak=6 * gib)  # weights loaded, then 4 images' activations, freed
+    sizer.measure(("stack",), 4)
+    assert sizer.images(("stack",), 0.26, cap=64, auto=True, one_task=1) == 32  # 0.5 GiB per image: 16 GiB / 0.5

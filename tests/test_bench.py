@@ -107,9 +107,20 @@ def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> 
         assert out[f"{name}_ratio"] == pytest.approx(ratio) and out[f"{name}_spread"] == pytest.approx([ratio] * 2)
 
 
+def gpu_bench(*args: str, models_dir: Path) -> dict:
+    """bench/gpu.py's JSON lines, one measurement each, as {label: value}."""
+    env = {**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--json", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    return {line["measure"]: line["value"] for line in lines}
+
+
 def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
-    out = run_bench("gpu.py", "--quick", "--device", "cpu", "--tiny", "--only", "sd15", models_dir=models_dir)
+    out = gpu_bench("--quick", "--only", "sd15", models_dir=models_dir)
     assert out["device"] == "cpu" and positive(out["peak_tflops"])
+    assert not [label for label in out if label.endswith(("failed", "skipped"))], out
     for key in (
         "sd15 archviz job through the farm",
         "sd15 archviz job, plain diffusers loop",
@@ -120,3 +131,8 @@ def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
         "sd15 archfarm engine b4, fused QKV",
     ):
         assert positive(out[key]["images_per_s"]) and positive(out[key]["tflops"]), key
+
+
+def test_gpu_script_stops_at_its_time_budget_and_says_so(models_dir: Path) -> None:
+    out = gpu_bench("--quick", "--budget", "0", models_dir=models_dir)
+    assert out["sd15 skipped"] == out["sdxl skipped"] == "time budget spent" and positive(out["peak_tflops"])

@@ -40,21 +40,23 @@ FLEET_WORKER = textwrap.dedent(
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3))
     options = CompileOptions(mode="default")
-    compiled = compile_module(module, options, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+    compiled = compile_module(module, options)
     fleet = FleetCompileCache(LocalStorage(sys.argv[1]), torch.device("cpu"))
-    key = CompileKey(("small",), 16, 16, 2, "torch.float32", options)
-    with torch.inference_mode(), fleet.around(key) as warmth:
-        compiled(torch.ones(2, 3, 16, 16))
+    for size in map(int, sys.argv[2].split(",")):
+        key = CompileKey(("small",), size, size, 2, "torch.float32", options)
+        with torch.inference_mode(), fleet.around(key) as warmth:
+            compiled(torch.ones(2, 3, size, size))
     print(json.dumps({"state": warmth.state, **counters["inductor"]}))
     """
 )
 
 
-def fleet_worker(store: Path, inductor_cache: Path) -> dict:
-    """One fresh process with an empty inductor cache of its own, as on another machine."""
+def fleet_worker(store: Path, inductor_cache: Path, sizes: str = "16") -> dict:
+    """One fresh process with an empty inductor cache of its own, as on another machine; it compiles one key
+    per size in `sizes` and reports how the last was served."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
     done = subprocess.run(
-        [sys.executable, "-c", FLEET_WORKER, str(store)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", FLEET_WORKER, str(store), sizes], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -69,6 +71,16 @@ def test_second_worker_of_a_fleet_loads_what_the_first_compiled(tmp_path: Path) 
     assert second["state"] == "warm" and second["fxgraph_cache_hit"] >= 1 and not second.get("fxgraph_cache_miss")
 
 
+@pytest.mark.slow
+def test_each_stored_bundle_holds_its_own_key_not_every_earlier_one(tmp_path: Path) -> None:
+    """torch records every artefact since the process started; stored as they are, a worker's tenth key would
+    carry the nine before it."""
+    fleet_worker(tmp_path / "farm", tmp_path / "inductor", sizes="16,24,32")
+    bundles = sorted((p.stat().st_mtime_ns, p.stat().st_size) for p in (tmp_path / "farm" / PREFIX).rglob("*.bin"))
+    first, *later = [size for _, size in bundles]
+    assert len(later) == 2 and all(size < 1.5 * first for size in later), (first, later)
+
+
 def test_object_keys_part_by_what_compiled_code_depends_on() -> None:
     cpu = torch.device("cpu")
     name = KEY.object_key(cpu)
@@ -79,6 +91,9 @@ def test_object_keys_part_by_what_compiled_code_depends_on() -> None:
         CompileKey(KEY.stack, 64, 64, 4, "torch.float16", KEY.options),
         CompileKey(("tiny-sd15", "", "int8", "tiny-canny"), 64, 64, 4, KEY.dtype, KEY.options),
         CompileKey(KEY.stack, 64, 64, 4, KEY.dtype, CompileOptions(mode="default")),
+        CompileKey(KEY.stack, 64, 64, 4, KEY.dtype, KEY.options, sampler="euler"),
+        CompileKey(KEY.stack, 64, 64, 4, KEY.dtype, KEY.options, guided=False),
+        CompileKey(KEY.stack, 64, 64, 4, KEY.dtype, KEY.options, windows=((0.0, 0.5),)),
     ]
     assert len({name, *(other.object_key(cpu) for other in others)}) == 1 + len(others)
     assert KEY.object_key(cpu) == name  # stable across calls
@@ -147,8 +162,8 @@ def test_warmup_compiles_each_bucket_once(warmup_env: Path) -> None:
     result = CliRunner().invoke(app, ["warmup", str(profile), "--batch", "3", "--batch", "4", "--batch", "1"])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()[-3:]
-    assert lines[0].startswith("cpu batch 4: cold") and lines[1].startswith("cpu batch 4: compiled")
-    assert lines[2].startswith("cpu batch 1: cold")
+    assert lines[0].startswith("cpu batch 1: cold") and lines[1].startswith("cpu batch 4: cold")
+    assert lines[2].startswith("cpu batch 4: compiled")
 
 
 def test_unknown_profile_is_one_line(warmup_env: Path) -> None:

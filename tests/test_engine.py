@@ -17,12 +17,13 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 from PIL import Image
+from torch._dynamo import register_backend
 from torch._dynamo.utils import counters as dynamo_counters
 
 from shared.errors import ConfigError, InvalidInput, ModelError
 from shared.registry import ALIASES, PRESETS, SCHEDULERS, default_controlnet
 from tests.models_fixture import PLAN_A, PLAN_B, SIZE, STEPS, tiny_render
-from workers.engine import presets
+from workers.engine import pipeline, presets
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, default_dtype, pick_device, weights_sha256
 from workers.engine.pipeline import ControlInput
@@ -312,12 +313,12 @@ def unet_batches(model_cache: ModelCache):
     """The UNet's batch sizes, as a stand-in for CUDA (not here) raising torch.OutOfMemoryError past a size
     set through `limit` (with classifier-free guidance the UNet batch is twice the number of seeds)."""
     seen: list[int] = []
-    limit = {"batch": 1 << 30}
+    limit: dict[str, object] = {"batch": 1 << 30, "error": torch.OutOfMemoryError}
 
     def out_of_memory(_module: torch.nn.Module, args: tuple) -> None:
         seen.append(args[0].shape[0])
         if args[0].shape[0] > limit["batch"]:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {args[0].shape[0]}")
+            raise limit["error"](f"CUDA out of memory. Tried to allocate a batch of {args[0].shape[0]}")
 
     handle = model_cache.base("tiny-sd15")["unet"].register_forward_pre_hook(out_of_memory)
     yield seen, limit
@@ -335,6 +336,23 @@ def test_out_of_memory_splits_the_batch_and_keeps_the_order(model_cache: ModelCa
     assert seen == [8] + [4] * STEPS * 2  # the first step of four seeds failed; then two halves of two
     for image, single in zip(split, alone, strict=True):
         assert np.abs(pixels(image) - pixels(single)).max() <= 1
+
+
+@pytest.mark.slow
+def test_out_of_memory_while_a_cuda_graph_is_captured_splits_the_batch_too(
+    model_cache: ModelCache, unet_batches
+) -> None:
+    """Under CUDA graphs an allocation that fails during capture surfaces as a capture error (pytorch#159594)."""
+    seen, limit = unet_batches
+    limit["batch"], limit["error"] = (
+        2,
+        lambda _: RuntimeError("CUDA error: operation failed due to a previous error during capture"),
+    )
+    images = run(model_cache, seeds=[3, 5], scheduler="ddim").images
+    assert len(images) == 2 and seen[:2] == [4, 2]
+    limit["error"] = lambda _: RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # not memory: raised as is
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run(model_cache, seeds=[3, 5])
 
 
 @pytest.mark.slow
@@ -368,6 +386,60 @@ def test_compiled_render_matches_eager_and_compiles_once(models_dir: Path) -> No
     assert torch._dynamo.config.recompile_limit >= 64
 
 
+@register_backend(name="replayed-graphs")
+def _replayed_graphs(graph: torch.fx.GraphModule, _inputs: list[torch.Tensor], **_options: object):  # type: ignore[no-untyped-def]
+    """A backend that hands out its outputs as CUDA graph replays do: the same tensors every call, overwritten
+    by the next call (the hazard cudagraph trees document), so a caller keeping an output sees it change."""
+    kept: list[torch.Tensor] = []
+
+    def replay(*args: torch.Tensor) -> list[torch.Tensor]:
+        outputs = graph(*args)
+        if not kept:
+            kept.extend(output.clone() for output in outputs)
+        for static, fresh in zip(kept, outputs, strict=True):
+            static.copy_(fresh)
+        return list(kept)
+
+    return replay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance, skip", [(1.0, True), (7.5, False)])
+def test_compiled_outputs_kept_across_replays_stay_as_they_were(models_dir: Path, guidance: float, skip: bool) -> None:
+    """Without guidance, PNDM keeps the UNet's raw outputs across steps; a stack that does not skip keeps one
+    net's residuals while the next runs. With graph replays each call overwrites the previous outputs, so the
+    compiled render must own copies to match the eager one."""
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    options = CompileOptions(backend="replayed-graphs")
+    # One scale for both units: a scale is a constant of the graph, so both units then replay the same graph.
+    controls = [ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0), ControlInput("tiny-canny", PLAN_B, 1.0, 0.0, 1.0)]
+    args = dict(controls=controls, steps=4, guidance_scale=guidance, scheduler="pndm", output_type="np")
+    eager = run(cache, skip_outside_window=skip, **args).images[0]
+    compiled = run(cache, skip_outside_window=skip, compile=options, **args).images[0]
+    assert np.allclose(compiled, eager, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_tail_replays_a_compiled_bucket_that_holds_it_instead_of_compiling_its_own(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    options = CompileOptions(backend="aot_eager")
+    calls: list[int] = []
+    halving = pipeline._halving_on_oom
+    monkeypatch.setattr(
+        pipeline, "_halving_on_oom", lambda run, items, device: calls.append(len(items)) or halving(run, items, device)
+    )
+    run(cache, seeds=[1, 2, 3], output_type="np", compile=options)
+    (tail,) = run(cache, seeds=[5], output_type="np", compile=options).images
+    assert calls == [4, 4]  # the tail of one image replays the bucket of 4 rather than compiling one of 1
+    alone = run(cache, seeds=[5], output_type="np").images[0]
+    assert np.abs(tail - alone).max() <= 1 / 255
+    fresh = ModelCache(models_dir, torch.device("cpu"), torch.float32)  # another process: no bucket yet
+    run(fresh, seeds=[5], output_type="np", compile=options)
+    assert calls[-1] == 1
+
+
 @pytest.mark.slow
 def test_compiled_calls_are_padded_to_a_bucket_and_reuse_it(models_dir: Path) -> None:
     """Three images render as a batch of four (the fourth dropped), so a later call of four compiles nothing."""
@@ -385,3 +457,28 @@ def test_compiled_calls_are_padded_to_a_bucket_and_reuse_it(models_dir: Path) ->
 def test_unknown_compile_backend_is_invalid_input(model_cache: ModelCache) -> None:
     with pytest.raises(InvalidInput, match="no-such-backend"):
         run(model_cache, compile=CompileOptions(backend="no-such-backend"))
+
+
+@pytest.mark.slow
+def test_out_of_memory_while_sdxl_decodes_leaves_the_vae_as_it_was(models_dir: Path) -> None:
+    """diffusers' SDXL pipeline upcasts an fp16 VAE to float32 to decode and casts it back only after a decode
+    that succeeded: an OOM in decode must not leave the shared VAE in float32 for the halves and later calls."""
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float16)
+    vae = cache.base("tiny-sdxl")["vae"]
+    real_decode, calls = vae.decode, []
+
+    def decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(vae.dtype)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate the decoded batch")
+        return real_decode(*args, **kwargs)
+
+    vae.decode = decode
+    try:
+        images = tiny_render(cache, base="tiny-sdxl", net="tiny-sdxl-controlnet", seeds=[1, 2], steps=2).images
+    finally:
+        del vae.decode
+    assert len(images) == 2 and vae.dtype == torch.float16
+    assert calls == [torch.float32] * 3  # upcast for each decode, the failed one included
+    later = tiny_render(cache, base="tiny-sdxl", net="tiny-sdxl-controlnet", steps=2).images
+    assert len(later) == 1 and vae.dtype == torch.float16

@@ -22,16 +22,16 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import InputError
 from shared.images import content_hash, decode_image
-from shared.registry import default_controlnet, is_url
+from shared.registry import default_controlnet, is_path, is_url
 from shared.sidecar import Models, PlanRecord, Sidecar
 from shared.spec import Profile, Style
 from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
-from workers.engine.batching import BatchSizer, padded
+from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
-from workers.engine.pipeline import Item, RenderResult, Request, Unit, render_batch
+from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.preprocessors import ControlMaps
 
 StepFn = Callable[[int, int], None]
@@ -177,41 +177,60 @@ class Renderer:
         ]
         options = compile_options(profile, self.device)
         self.sizer.start()
-        stack = (profile.base, profile.vae or "", profile.quantize, *(unit.model for unit in units))
-        with self._compiled_first(profile, stack, options, len(items)) as warmth:
-            request = Request(
-                base=profile.base,
-                units=units,
-                items=items,
-                steps=profile.steps,
-                guidance_scale=profile.guidance_scale,
-                width=profile.width,
-                height=profile.height,
-                scheduler=profile.scheduler,
-                vae=profile.vae,
-                quantize=None if profile.quantize == "none" else profile.quantize,
-                compile=options,
-            )
+        request = Request(
+            base=profile.base,
+            units=units,
+            items=items,
+            steps=profile.steps,
+            guidance_scale=profile.guidance_scale,
+            width=profile.width,
+            height=profile.height,
+            scheduler=profile.scheduler,
+            vae=profile.vae,
+            quantize=None if profile.quantize == "none" else profile.quantize,
+            compile=options,
+        )
+        with self._compiled_first(request) as warmth:
             result = render_batch(self.cache, request, on_step)
         self.sizer.measure(_stack(profile), len(items))
         return result, units, warmth
 
     @contextmanager
-    def _compiled_first(
-        self, profile: Profile, stack: tuple[str, ...], options: CompileOptions | None, images: int
-    ) -> Iterator[Warmth | None]:
+    def _compiled_first(self, request: Request) -> Iterator[Warmth | None]:
         """Around a compiled call: the fleet cache's artefacts loaded before a key's first call and stored after a
         cold one, and the memory its CUDA graphs keep counted against the ControlNet budget."""
+        options = request.compile
         if options is None:
             yield None
             return
-        key = CompileKey(stack, profile.width, profile.height, padded(images), str(self.cache.dtype), options)
+        names = (request.base, request.vae or "", *(unit.model for unit in request.units))
+        stack = tuple(self._portable(name) for name in names)
+        key = CompileKey(
+            (*stack[:2], request.quantize or "none", *stack[2:]),
+            request.width,
+            request.height,
+            self.cache.bucket(compiled_shape(request), len(request.items)),
+            str(self.cache.dtype),
+            options,
+            request.scheduler,
+            request.guidance_scale > 1,
+            tuple((unit.start, unit.end) for unit in request.units),
+        )
         cuda = self.device.type == "cuda"
         with self.fleet.around(key) as warmth:
-            reserved = torch.cuda.memory_reserved(self.device) if cuda else 0
+            before = _held(self.device) if cuda else (0, 0)
             yield warmth
             if cuda and warmth.state != "compiled":
-                self.cache.graph_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+                # The growth of reserved memory less that of allocated memory: models the call loaded stay
+                # allocated and are not the graphs' pools.
+                (reserved, allocated), (reserved_before, allocated_before) = _held(self.device), before
+                self.cache.graph_bytes += max(0, (reserved - reserved_before) - (allocated - allocated_before))
+
+    def _portable(self, name: str) -> str:
+        """A model's name as the fleet knows it: a local folder by its weights' sha256, not by its path here."""
+        if not name or not is_path(name):
+            return name
+        return f"sha256:{self.cache.identity(name)['sha256']}"
 
     def upload(self, work: Work, rendered: Rendered) -> list[dict[str, Any]]:
         """Every image, its thumbnail and its sidecar into the job's output; the artifact rows to record for them."""
@@ -282,6 +301,11 @@ def compile_options(profile: Profile, device: torch.device) -> CompileOptions | 
     if profile.compile is False or (profile.compile == "auto" and device.type != "cuda"):
         return None
     return CompileOptions(mode=profile.compile_mode, backend=profile.compile_backend)
+
+
+def _held(device: torch.device) -> tuple[int, int]:
+    """The device memory torch's allocator has reserved and the part of it tensors hold."""
+    return torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
 
 
 def _stack(profile: Profile) -> tuple[object, ...]:

@@ -14,7 +14,7 @@ from shared.config import Settings
 from shared.limits import batch_cap
 from shared.spec import Profile
 from shared.storage import open_storage_from_settings
-from workers.engine.batching import padded
+from workers.engine.batching import BUCKETS, padded
 from workers.renderer import Renderer, compile_options
 
 
@@ -30,14 +30,18 @@ class Warmed:
 
 def warmup(profile: Profile, batches: list[int] | None, settings: Settings) -> tuple[str, list[Warmed]]:
     """This machine's device, and each batch bucket's first compiled call on it. No buckets when the profile
-    does not compile there (`compile: auto` on a CPU). Default batch: what `batch: auto` chooses here."""
+    does not compile there (`compile: auto` on a CPU). Default: every bucket up to what `batch: auto` chooses
+    here, since a job's tails and a worker's shared calls use the smaller ones too."""
     renderer = Renderer(settings, open_storage_from_settings(settings))
     device = str(renderer.device)
     if compile_options(profile, renderer.device) is None:
         return device, []
-    sizes = batches or [renderer.images_per_call(profile, batch_cap(profile, settings))]
+    largest = renderer.images_per_call(profile, batch_cap(profile, settings))
+    sizes = batches or [b for b in BUCKETS if b <= largest]
     warmed = []
-    for images in sizes:
+    # Smallest first: a call replays the smallest compiled bucket that holds it, so a larger bucket warmed
+    # first would serve the smaller sizes instead of their own buckets being compiled.
+    for images in sorted(sizes, key=padded):
         started = time.perf_counter()
         warmth = renderer.warm(profile, padded(images))
         assert warmth is not None  # the profile compiles here

@@ -59,11 +59,12 @@ class BatchSizer:
         """Mark the start of a call, so `measure` sees only its own peak."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
 
     def measure(self, stack: tuple[object, ...], images: int) -> None:
-        """Learn the memory per image from the call that just ended (the largest seen wins: a safe estimate)."""
+        """Learn the memory per image from the call that just ended (the largest seen wins: a safe estimate):
+        its peak above what stays allocated after it, so models the call loaded, which stay resident, are not
+        counted as memory per image."""
         if self.device.type != "cuda" or images < 1:
             return
-        used = (torch.cuda.max_memory_allocated(self.device) - self._before) / images
+        used = (torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)) / images
         self._per_image[stack] = max(used, self._per_image.get(stack, 0.0))

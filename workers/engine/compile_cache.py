@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.compiler._cache import CacheArtifactManager
 
 from shared.storage import Storage
 from workers.engine.compile import CompileOptions
@@ -35,11 +36,18 @@ class CompileKey:
     """One compiled shape of one stack: what a set of compile artefacts is valid for."""
 
     stack: tuple[str, ...]
+    """Model names; a local folder by the sha256 of its weights, so workers holding it elsewhere share it."""
     width: int
     height: int
     batch: int
     dtype: str
     options: CompileOptions
+    sampler: str = "default"
+    """The scheduler: its timestep dtype is part of the traced graphs."""
+    guided: bool = True
+    """Classifier-free guidance doubles the UNet's batch."""
+    windows: tuple[tuple[float, float], ...] = ()
+    """Each unit's guidance window: steps no ControlNet runs at trace a UNet graph without residuals."""
 
     def object_key(self, device: torch.device) -> str:
         """`compile-cache/torch-2.x/<device model>/<digest>.bin`: artefacts never cross torch versions or GPU
@@ -86,6 +94,10 @@ class FleetCompileCache:
             return
         started = time.perf_counter()
         warm = self.storage is not None and self._load(name)
+        if not warm:
+            # torch records every artefact since the process started: stored after this call, the bundle
+            # would repeat every earlier key's.
+            CacheArtifactManager.clear()
         yield Warmth("warm" if warm else "cold", time.perf_counter() - started)
         if not warm and self.storage is not None:
             self._store(name)

@@ -34,7 +34,8 @@ from shared import hub, published
 from shared.config import Settings, get_settings
 from shared.errors import ConfigError, InvalidInput, ModelError
 from shared.registry import QUANTIZE_DEVICES, Family, is_url, known_family
-from workers.engine.compile import CompileOptions, compile_module
+from workers.engine.batching import padded
+from workers.engine.compile import CompileOptions, compile_module, use_inductor_cache
 from workers.engine.presets import base_family, resolve
 
 # A worker's log gets one line per task, not a progress bar per model load.
@@ -115,6 +116,7 @@ class ModelCache:
         settings: Settings | None = None,
     ) -> None:
         self.models_dir = models_dir
+        use_inductor_cache(models_dir / ".inductor-cache")
         self.settings = settings
         self.device = device
         self.dtype = dtype
@@ -136,6 +138,7 @@ class ModelCache:
         self._offloaded: OrderedDict[str, ControlNetModel] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._compiled: dict[tuple[int, CompileOptions], nn.Module] = {}
+        self._buckets: dict[tuple[object, ...], set[int]] = {}
         self._identities: dict[tuple[str, str], dict[str, str | None]] = {}
         self._pins: dict[str, str | None] = {}
         self._families: dict[str, Family] = {}
@@ -218,8 +221,17 @@ class ModelCache:
         """`module` (a UNet or ControlNet this cache holds) compiled with `options`, once per process."""
         key = (id(module), options)  # the entry holds the module, so its id is not reused while it exists
         if key not in self._compiled:
-            self._compiled[key] = compile_module(module, options, self.models_dir / ".inductor-cache")
+            self._compiled[key] = compile_module(module, options)
         return self._compiled[key]
+
+    def bucket(self, shape: tuple[object, ...], images: int) -> int:
+        """The batch a compiled call of `images` images pads to: the smallest bucket of `shape` (stack, size,
+        sampler, options) this process has already compiled that holds them, else `padded(images)`. A job's
+        tail of a few images then replays a compiled bucket instead of compiling another inside a task."""
+        known = self._buckets.setdefault(shape, set())
+        size = min((b for b in known if b >= images), default=padded(images))
+        known.add(size)
+        return size
 
     def prompt_embeddings(
         self, pipe: Any, prompt: str, negative_prompt: str, guided: bool

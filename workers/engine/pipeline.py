@@ -10,7 +10,8 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,6 @@ from diffusers import (
 
 from shared.errors import InvalidInput
 from shared.registry import SCHEDULERS
-from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
 from workers.engine.models import ModelCache
@@ -179,7 +179,7 @@ def render_batch(
         pipe = _pipeline(pipeline_class, {**components, "scheduler": copy.deepcopy(chosen)}, stack)
         # CPU generators: the starting noise then depends on the seed alone, not on the device or the batch.
         generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
-        with torch.inference_mode(), hints_once(nets):
+        with torch.inference_mode(), hints_once(nets), _vae_dtype_kept(components["vae"]):
             output = pipe(
                 **_embeddings(cache, pipe, chunk, guided),
                 image=_images(chunk),
@@ -199,7 +199,7 @@ def render_batch(
 
     # Compiled code is specialised to its batch size: pad to a bucket with copies of the last item (their
     # images are dropped), so a job's last, short call reuses a compiled bucket instead of compiling anew.
-    filler = [items[-1]] * (padded(len(items)) - len(items)) if compile is not None else []
+    filler = [items[-1]] * (cache.bucket(compiled_shape(request), len(items)) - len(items)) if compile else []
     config = json.loads(chosen.to_json_string())
     return RenderResult(
         images=_halving_on_oom(run, [*items, *filler], cache.device)[: len(items)],
@@ -208,6 +208,13 @@ def render_batch(
             "config": {key: value for key, value in config.items() if not key.startswith("_")},
         },
     )
+
+
+def compiled_shape(request: Request) -> tuple[object, ...]:
+    """What a compiled call's graphs depend on besides its batch size: the stack, the size, the sampler (its
+    timestep dtype), guidance on or off (the UNet's batch) and how it is compiled."""
+    stack = (request.base, request.vae, request.quantize, *(unit.model for unit in request.units))
+    return (stack, request.width, request.height, request.scheduler, request.guidance_scale > 1, request.compile)
 
 
 def _images(chunk: Sequence[Item]) -> list[PIL.Image.Image | np.ndarray]:
@@ -272,11 +279,36 @@ def _pipeline(
     return pipe
 
 
+@contextmanager
+def _vae_dtype_kept(vae: torch.nn.Module) -> Iterator[None]:
+    """Give the VAE back in the dtype it had, whatever happened in the call: diffusers' SDXL pipelines upcast
+    an fp16 VAE to float32 to decode and cast it back only after a decode that succeeded, so a decode that ran
+    out of memory would leave the shared VAE in float32 and every later call failing on mixed dtypes."""
+    dtype = next(vae.parameters()).dtype
+    try:
+        yield
+    finally:
+        if next(vae.parameters()).dtype != dtype:
+            vae.to(dtype=dtype)
+
+
+CAPTURE_FAILURES = ("cudaErrorStreamCaptureInvalidated", "operation failed due to a previous error during capture")
+"""How running out of memory while a CUDA graph is being captured can surface (pytorch#159594): as a capture
+error, not as torch.OutOfMemoryError."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` means the device ran out of memory, during a CUDA graph capture included."""
+    return isinstance(error, torch.OutOfMemoryError) or any(text in str(error) for text in CAPTURE_FAILURES)
+
+
 def _halving_on_oom(run: Callable[[Sequence[Item]], list[Any]], items: list[Item], device: torch.device) -> list[Any]:
     """`run(items)`, or, when that runs out of memory, `run` on each half of the items, recursively."""
     try:
         return run(items)
-    except torch.OutOfMemoryError as error:
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
         if len(items) == 1:
             raise torch.OutOfMemoryError(
                 f"out of memory on {device} rendering a single image; lower the resolution or the number of "
