@@ -306,7 +306,7 @@ def bench_family(
     cache = ModelCache(work / "models", device, dtype)
     prompt = "modern interior design, clean lines, natural light"
 
-    def engine(seeds: int, compile: CompileOptions | None = None) -> Callable[[], object]:
+    def engine(seeds: int, compile: CompileOptions | None = None, scheduler: str = "default") -> Callable[[], object]:
         return lambda: render(
             cache,
             base=str(base),
@@ -319,6 +319,7 @@ def bench_family(
             width=size,
             height=size,
             compile=compile,
+            scheduler=scheduler,
         )
 
     pipeline_class = StableDiffusionControlNetPipeline if family == "sd15" else StableDiffusionXLControlNetPipeline
@@ -368,6 +369,14 @@ def bench_family(
         f"{family} engine b4",
         lambda: timed(f"{family} archfarm engine b4", 4, family, engine(4), results, repeats, sync),
     )
+    for scheduler in ("unipc", "dpmpp_2m"):  # candidates for SD 1.5's default: PNDM syncs with the host each step
+        label = f"{family} archfarm engine b4, {scheduler}"
+        stages.run(
+            label,
+            lambda label=label, scheduler=scheduler: timed(
+                label, 4, family, engine(4, None, scheduler), results, repeats, sync
+            ),
+        )
     stages.run(
         f"{family} layouts", lambda: layout_variants(family, cache, str(base), engine(4), results, repeats, sync)
     )

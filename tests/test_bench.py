@@ -129,6 +129,8 @@ def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
         "sd15 archfarm engine b4",
         "sd15 archfarm engine b4, channels_last",
         "sd15 archfarm engine b4, fused QKV",
+        "sd15 archfarm engine b4, unipc",
+        "sd15 archfarm engine b4, dpmpp_2m",
     ):
         assert positive(out[key]["images_per_s"]) and positive(out[key]["tflops"]), key
 
