@@ -6,10 +6,11 @@ from typing import Any
 
 BUILTIN: dict[str, dict[str, Any]] = {
     # Offline demo and tests: tiny models built locally, seconds per image on a CPU; `tiny-plan` is trained on
-    # synthetic plans (workers.training.demo), so renders follow the plan's walls.
+    # synthetic plans of many drawing styles (workers.training.demo), so renders follow the plan's footprint.
+    # Plan depth, not edges: it marks inside and outside, which a toy net does not learn from edges in CPU-minutes.
     "tiny": {
         "base": "tiny-sd15",
-        "controls": [{"kind": "canny", "scale": 1.0, "model": "tiny-plan"}],
+        "controls": [{"kind": "plan-depth", "scale": 1.0, "model": "tiny-plan"}],
         "steps": 8,
         "guidance_scale": 7.5,
         "width": 128,

@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from producer.cli import app
 from workers.preprocessors.resize import fit_and_pad
+from workers.training.demo import held_out
+from workers.training.drawings import agreement, fitted_footprint
 
 SIZE = 128
+PLANS = 12
 
 
 def walls_near(plan: Path, size: int) -> np.ndarray:
@@ -51,3 +54,35 @@ def test_demo_renders_follow_the_plan(
         assert edges_on_walls(renders[plan], near) > above_chance * near.mean(), plan
     first, second = renders.values()
     assert np.abs(first.astype(float) - second.astype(float)).mean() / 255 > 0.06  # random nets: under 1/255
+
+
+@pytest.mark.parametrize("profile", ["tiny", "tiny-archviz"])
+def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_saw(
+    profile: str, tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plans in styles kept out of training (double-line walls, hatched walls, white on blue): most renders'
+    buildings agree with their own plan's footprint better than with any of the other eleven (chance: 1 in 12).
+    Measured: 8 of 12 with `tiny`, 7 of 12 with `tiny-archviz`; a blank page still comes out as the average
+    building (docs/tiny-models.md), which is what the demo does not yet do."""
+    monkeypatch.setenv("ARCHFARM_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plans = held_out(PLANS)
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    paths = []
+    for index, (drawing, _) in enumerate(plans):
+        paths.append(folder / f"plan-{index:02d}.png")
+        drawing.save(paths[-1])
+    out = tmp_path / "renders"
+    args = ["render", *map(str, paths), "--style", "modern", "--seed", "1", "--profile", profile]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    def render(name: str) -> np.ndarray:
+        (path,) = (out / name / "modern").glob("*.png")
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    footprints = [fitted_footprint(plan, SIZE) for _, plan in plans]
+    scores = np.array([[agreement(render(p.stem), f) for f in footprints] for p in paths])
+    own_best = scores.argmax(axis=1) == np.arange(len(paths))
+    assert own_best.sum() >= len(paths) // 2, (own_best, scores.diagonal())

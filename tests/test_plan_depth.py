@@ -109,6 +109,16 @@ def test_padding_is_far_and_content_centred() -> None:
     assert (depth[85:427] == 255).any()
 
 
+def test_a_blueprint_reads_as_the_same_plan(example: np.ndarray) -> None:
+    """Light lines on a dark blue sheet: the lines are the ink, as on paper."""
+    grey = np.asarray(Image.open(EXAMPLE_PLAN).convert("L")).astype(np.float32) / 255
+    blue, white = np.array([30, 70, 140]), np.array([235, 240, 255])
+    blueprint = (blue + (1 - grey)[..., None] * (white - blue)).astype(np.uint8)
+    depth = depth_of(Image.fromarray(blueprint), 768, 512)
+    zones = [np.select([d == 0, d == 255], [0, 2], 1) for d in (depth, example)]  # outside, floor, wall
+    assert (zones[0] == zones[1]).mean() > 0.98
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_blank_paper_is_all_far(mode: str) -> None:
     assert not depth_of(Image.new(mode, (300, 200), "white"), 128, 96).any()

@@ -16,7 +16,7 @@ from shared.registry import ALIASES, PRESETS, Family, is_hub_id, is_path, known_
 from workers.engine.family import family
 
 # Builders are imported on first use: validating a job must not pull in torch and diffusers.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Part of each preset's folder name (`tiny-sd15-v1`): bump it when a builder changes, so stale builds are
 not reused."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,10 +22,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import load_file, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from shared.errors import ModelError
 from shared.styles import CATALOG
-from workers.training.demo import build_plan_controlnet, fit_decoder
 
 SEED = 1234
 # Measured (docs/tiny-models.md): std 0.02 barely moves a tiny render, 0.2 makes scale 0 vs 1 plainly different.
@@ -34,6 +35,12 @@ _TEXT_WIDTH = 32  # CLIP hidden size = UNet cross-attention width
 _MAX_TOKENS = 77  # as SD 1.5: the pipeline pads every prompt to the tokenizer's model_max_length
 HINT_CHANNELS = (8, 16, 32, 32)
 """The ControlNet hint encoder's widths: four levels, so a control map at image size meets the 1/8 latent."""
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DECODER = WEIGHTS / "tiny-vae-decoder.safetensors"
+PLAN_CONTROLNET = WEIGHTS / "tiny-plan.safetensors"
+"""The demo's trained parts (`workers.training.demo` makes them), each recording what it was trained against."""
+DECODER_PARTS = ("decoder.", "post_quant_conv.")
+_REBUILD = "run `python -m workers.training.demo` to train the demo's weights for this build (a few CPU-minutes)"
 
 
 def _word_merges() -> list[tuple[str, str]]:
@@ -147,8 +154,11 @@ def _scheduler() -> PNDMScheduler:
     )
 
 
-def build_sd15(folder: Path) -> None:
-    """Save an SD 1.5-shaped pipeline folder; its model_index.json names no ControlNet, no safety checker."""
+def build_sd15(folder: Path, decoder: Callable[[AutoencoderKL], None] | None = None) -> None:
+    """Save an SD 1.5-shaped pipeline folder; its model_index.json names no ControlNet, no safety checker.
+
+    Its VAE decoder is trained, so renders can show a plan at all: the shipped one, or what `decoder` fits.
+    """
     with seeded(SEED):
         unet = _unet()  # first, so build_canny can recreate it from the same seed
         tokenizer = clip_tokenizer()
@@ -163,16 +173,57 @@ def build_sd15(folder: Path) -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    fit_decoder(autoencoder)  # trained, so renders can show a plan at all
+    (decoder or _shipped_decoder)(autoencoder)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def _shipped_decoder(autoencoder: AutoencoderKL) -> None:
+    with safe_open(str(DECODER), "pt") as f:
+        meta = f.metadata()
+    if meta.get("encoder") != state_digest(autoencoder.encoder.state_dict()):
+        raise ModelError(f"{DECODER.name} was trained for another tiny VAE encoder (another torch?): {_REBUILD}")
+    load_decoder(autoencoder, load_file(str(DECODER)), float(meta["scaling_factor"]))
+
+
+def load_decoder(autoencoder: AutoencoderKL, state: dict[str, torch.Tensor], scaling_factor: float) -> None:
+    """Give the tiny VAE a trained decoder and the scale of its latents."""
+    missing, unexpected = autoencoder.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith(DECODER_PARTS) for k in missing):
+        raise ModelError("the tiny VAE decoder's weights do not fit the tiny VAE")
+    autoencoder.register_to_config(scaling_factor=scaling_factor)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict's names and values: what a shipped part was trained against."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode() + b"\0" + state[name].detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plan_controlnet(base: Path) -> ControlNetModel:
+    """The ControlNet `tiny-plan` starts from: `base`'s UNet copied, zero convolutions zero, as diffusers makes it."""
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    with seeded(0):
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+
+
 def build_plan(folder: Path) -> None:
-    """Save `tiny-plan`: a ControlNet for `build_sd15`'s base trained on Canny maps of synthetic plans, so the
-    demo profiles' renders follow the plan's walls (`workers.training.demo`)."""
+    """Save `tiny-plan`: the ControlNet for `build_sd15`'s base trained on Canny maps of synthetic plans of many
+    drawing styles, so the demo profiles' renders follow the plan's footprint (`workers.training.demo`)."""
+    from workers.engine.models import weights_sha256
     from workers.engine.presets import resolve
 
-    build_plan_controlnet(folder, Path(resolve("tiny-sd15", folder.parent)), HINT_CHANNELS)
+    base = Path(resolve("tiny-sd15", folder.parent))
+    with safe_open(str(PLAN_CONTROLNET), "pt") as f:
+        trained_for = f.metadata().get("base")
+    if trained_for != weights_sha256(base):
+        raise ModelError(f"{PLAN_CONTROLNET.name} was trained for another tiny base (another torch?): {_REBUILD}")
+    controlnet = plan_controlnet(base)
+    controlnet.load_state_dict(load_file(str(PLAN_CONTROLNET)))
+    controlnet.save_pretrained(folder, safe_serialization=True)
 
 
 def build_canny(folder: Path) -> None:

@@ -75,6 +75,8 @@ class PlanDepth:
 
     def _depth(self, gray: np.ndarray) -> np.ndarray:
         """The depth map of a grayscale plan as uint8, at the plan's aspect with `WORK_PX` as its longer side."""
+        if np.median(gray) < self.threshold:  # light lines on a dark sheet (a blueprint): ink is the minority
+            gray = 255 - gray
         # Averaging while shrinking fades thin lines and keeps thick walls dark, which suits wall finding...
         work = resize_to_fit(gray, WORK_PX, WORK_PX)
         walls = self._walls(work < self.threshold)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 
-def fit_and_pad(array: np.ndarray, width: int, height: int, *, fill: int = 0) -> np.ndarray:
+def fit_and_pad(array: np.ndarray, width: int, height: int, *, fill: int | tuple[int, ...] = 0) -> np.ndarray:
     """`array` scaled to fit inside width×height, centred on a canvas of `fill` of exactly that size."""
     return pad_to(resize_to_fit(array, width, height), width, height, fill=fill)
 
@@ -38,8 +38,9 @@ def resize_to_fit(array: np.ndarray, width: int, height: int) -> np.ndarray:
     return resized.reshape(size[1], size[0], *array.shape[2:])
 
 
-def pad_to(array: np.ndarray, width: int, height: int, *, fill: int = 0) -> np.ndarray:
-    """A new width×height array of `fill` with `array`, which must fit, in the centre."""
+def pad_to(array: np.ndarray, width: int, height: int, *, fill: int | tuple[int, ...] = 0) -> np.ndarray:
+    """A new width×height array of `fill` (a value, or one per channel) with `array`, which must fit, in the
+    centre."""
     _check_size(width, height)
     rows, cols = array.shape[:2]
     if cols > width or rows > height:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from shared.config import Settings
 from shared.errors import ArchfarmError, InvalidInput
 from shared.images import decode_image
 from shared.storage import Storage, open_storage_from_settings
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA = "metadata.jsonl"
 COLUMNS = ("image", "conditioning_image", "text")
@@ -146,4 +148,6 @@ def _tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     image = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
     left, top = (width - resolution) // 2, (height - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
+    import torch  # here, not at the top: the API checks datasets on submit and never loads torch
+
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
