@@ -82,7 +82,7 @@ def test_readme_command_renders_two_styles_two_seeds(env: dict[str, str], tmp_pa
         assert meta["style"]["name"] == png.parent.name and meta["style"]["prompt"]
         assert "negative_prompt" in meta["style"]
         assert meta["seed"] in (0, 1) and f"seed-{meta['seed']}_" in png.name
-        assert meta["profile"]["steps"] == 8 and meta["profile"]["controls"][0]["kind"] == "canny"
+        assert meta["profile"]["steps"] == 8 and meta["profile"]["controls"][0]["kind"] == "plan-depth"
         assert meta["models"]["base"]["name"] == "tiny-sd15"
         assert meta["scheduler"]["class"]
         assert {"torch", "diffusers", "transformers"} <= set(meta["versions"])
@@ -391,7 +391,7 @@ def test_render_save_maps_writes_the_maps_beside_the_images(
         app, ["render", str(example_plan), "--style", "modern", "--seeds", "1", "--save-maps", "--out", "out"]
     )
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "maps" / "floorplan" / "1-canny.png").is_file()
+    assert (tmp_path / "out" / "maps" / "floorplan" / "1-plan-depth.png").is_file()
     assert len(list((tmp_path / "out" / "floorplan").rglob("*.png"))) == 1
 
 

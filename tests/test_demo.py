@@ -56,6 +56,7 @@ def test_demo_renders_follow_the_plan(
     assert np.abs(first.astype(float) - second.astype(float)).mean() / 255 > 0.06  # random nets: under 1/255
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", ["tiny", "tiny-archviz"])
 def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_saw(
     profile: str, tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -138,6 +138,7 @@ def test_dataset_build_makes_aligned_pairs_with_the_farms_maps(
     assert 0.02 < edges.float().mean() < 0.3  # the plan's walls, as `archfarm maps` shows them
 
 
+@pytest.mark.slow
 def test_training_skips_bad_rows_counts_them_and_lowers_the_loss(tmp_path: Path, settings: Settings) -> None:
     """The control map decides the target (a box's place); one row in ten is bad."""
     rows = write_boxes(tmp_path / "data", 60, SIZE)
@@ -185,6 +186,7 @@ def test_a_trained_controlnet_renders_closer_to_its_targets_than_the_untrained_o
     assert errors["trained"] < 0.8 * errors["untrained"], errors  # measured 0.108 against 0.164
 
 
+@pytest.mark.slow
 def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(
     tmp_path: Path, settings: Settings
 ) -> None:
