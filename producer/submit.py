@@ -23,7 +23,7 @@ from producer.expand import TaskSpec, expand
 from producer.models import pin_models, pin_published
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.models import JobKind, Task, TaskStatus
+from shared.db.models import Task, TaskStatus
 from shared.db.notifications import arm
 from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
@@ -132,18 +132,7 @@ def persist(session: Session, job: PreparedJob) -> None:
 
     Every task is due now (database clock): one whose message never goes out is found by the sweeper."""
     now = database_time(session)
-    add_job(
-        session,
-        job_id=job.id,
-        kind=JobKind.RENDER,
-        name=job.spec.name,
-        priority=job.spec.priority,
-        spec=job.spec.model_dump(mode="json"),
-        digest=job.spec.digest(),
-        output_url=job.output_url,
-        queue=job.queue,
-        owner=job.owner,
-    )
+    add_job(session, job_id=job.id, spec=job.spec, output_url=job.output_url, queue=job.queue, owner=job.owner)
     if job.spec.notify is not None:
         arm(session, job.id, job.spec.notify)
     rows = (

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from producer.submit import check_output
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.models import JobKind, Task, TaskStatus
+from shared.db.models import Task, TaskStatus
 from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
 from shared.storage import canonical_url
@@ -73,18 +73,7 @@ def persist_training(session: Session, job: PreparedTraining) -> None:
     """The job row and its one task, in the caller's transaction. The task names no plan, style or seed: what
     it does is its job's spec."""
     now = database_time(session)
-    add_job(
-        session,
-        job_id=job.id,
-        kind=JobKind.TRAIN,
-        name=job.spec.name,
-        priority=job.spec.priority,
-        spec=job.spec.model_dump(mode="json"),
-        digest=job.spec.digest(),
-        output_url=job.output_url,
-        queue=job.queue,
-        owner=job.owner,
-    )
+    add_job(session, job_id=job.id, spec=job.spec, output_url=job.output_url, queue=job.queue, owner=job.owner)
     session.add(
         Task(id=job.task_id, job_id=job.id, ordinal=0, status=TaskStatus.QUEUED, attempts=0, created_at=now, due_at=now)
     )

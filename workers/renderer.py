@@ -203,10 +203,9 @@ class Renderer:
         if options is None:
             yield None
             return
-        names = (request.base, request.vae or "", *(unit.model for unit in request.units))
-        stack = tuple(self._portable(name) for name in names)
+        names = (request.base, request.vae or "", request.quantize or "none", *(unit.model for unit in request.units))
         key = CompileKey(
-            (*stack[:2], request.quantize or "none", *stack[2:]),
+            tuple(self._portable(name) for name in names),
             request.width,
             request.height,
             self.cache.bucket(compiled_shape(request), len(request.items)),
@@ -228,7 +227,7 @@ class Renderer:
 
     def _portable(self, name: str) -> str:
         """A model's name as the fleet knows it: a local folder by its weights' sha256, not by its path here."""
-        if not name or not is_path(name):
+        if not is_path(name):
             return name
         return f"sha256:{self.cache.identity(name)['sha256']}"
 

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, aliased
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus, job_status
+from shared.spec import JobSpec
+from shared.training import TrainingSpec
 
 MAX_ERROR_CHARS = 4000
 IN_FLIGHT = (TaskStatus.QUEUED, TaskStatus.RUNNING)
@@ -49,24 +51,21 @@ def add_job(
     session: Session,
     *,
     job_id: str,
-    kind: JobKind,
-    name: str,
-    priority: int,
-    spec: dict[str, Any],
-    digest: str,
+    spec: JobSpec | TrainingSpec,
     output_url: str,
     queue: str,
     owner: str | None,
 ) -> None:
-    """The job row, of any kind, in the caller's transaction (its tasks follow in the same one)."""
+    """The job row, of any kind, in the caller's transaction (its tasks follow in the same one); its kind,
+    name, priority and digest are the spec's own."""
     session.add(
         Job(
             id=job_id,
-            kind=kind,
-            name=name,
-            priority=priority,
-            spec=spec,
-            digest=digest,
+            kind=JobKind(spec.kind),
+            name=spec.name,
+            priority=spec.priority,
+            spec=spec.model_dump(mode="json"),
+            digest=spec.digest(),
             output_url=output_url,
             queue=queue,
             owner=owner,

@@ -236,7 +236,7 @@ def _photographed(plan: Layout, style: str, rng: random.Random) -> Image.Image:
     width, height = plan.size
     sheet = _sheet(plan, (255, 255, 255))
     if style == "sketch":
-        wobble = cv2.GaussianBlur(noise_of(rng).normal(0, 1, (height, width)).astype(np.float32), (0, 0), 6)
+        wobble = cv2.GaussianBlur(_noise(rng).normal(0, 1, (height, width)).astype(np.float32), (0, 0), 6)
         shift = np.clip(np.round(wobble * 8), -2, 2).astype(int)
         rows, cols = np.nonzero(_thin(plan))
         rows = np.clip(rows + shift[rows, cols], 0, height - 1)
@@ -253,14 +253,14 @@ def _photographed(plan: Layout, style: str, rng: random.Random) -> Image.Image:
     paper = tuple(int(v) for v in sheet[0, 0])
     turn = cv2.getRotationMatrix2D((width / 2, height / 2), tilt, 1.0)
     sheet = cv2.warpAffine(sheet, turn, (width, height), borderValue=paper)
-    grain = noise_of(rng).normal(0, noise, sheet.shape)
+    grain = _noise(rng).normal(0, noise, sheet.shape)
     sheet = np.clip(sheet + grain, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(sheet).save(buffer, "JPEG", quality=rng.randint(40, 80))
     return Image.open(buffer).convert("RGB")
 
 
-def noise_of(rng: random.Random) -> np.random.Generator:
+def _noise(rng: random.Random) -> np.random.Generator:
     return np.random.default_rng(rng.randint(0, 2**31))
 
 
