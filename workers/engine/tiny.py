@@ -40,7 +40,7 @@ DECODER = WEIGHTS / "tiny-vae-decoder.safetensors"
 PLAN_CONTROLNET = WEIGHTS / "tiny-plan.safetensors"
 """The demo's trained parts (`workers.training.demo` makes them), each recording what it was trained against."""
 DECODER_PARTS = ("decoder.", "post_quant_conv.")
-_REBUILD = "run `python -m workers.training.demo` to train the demo's weights for this build (a few CPU-minutes)"
+_REBUILD = "run `python -m workers.training.demo` to train the demo's weights for this build (about 15 CPU-minutes)"
 
 
 def _word_merges() -> list[tuple[str, str]]:
