@@ -105,19 +105,39 @@ def test_prompts_are_encoded_once_per_pair(models_dir) -> None:  # type: ignore[
 
 
 @pytest.mark.slow
-def test_each_hint_encoder_runs_once_per_call(model_cache: ModelCache) -> None:
-    """The control image is encoded once per call, not at every step; the images are bitwise unchanged (the
-    comparison with diffusers' own pipeline above runs with the encoder cached)."""
-    encoder = model_cache.controlnet("tiny-canny").controlnet_cond_embedding
+@pytest.mark.parametrize("compiled", [False, True])
+def test_each_hint_encoder_runs_once_per_call(models_dir, compiled: bool) -> None:  # type: ignore[no-untyped-def]
+    """The control image is encoded once per call, not at every step, also by a compiled net (whose graph would
+    otherwise hold the encoder); the images are unchanged (the comparison with diffusers' own pipeline above
+    runs with the encoder cached), and a second call compiles nothing new."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from workers.engine.compile import CompileOptions
+
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    options = CompileOptions(mode="default", backend="aot_eager") if compiled else None
+    encoder = cache.controlnet("tiny-canny").controlnet_cond_embedding.encoder
     calls: list[int] = []
     handle = encoder.register_forward_hook(lambda *_: calls.append(1))
     try:
-        tiny_render(model_cache, base="tiny-sd15", net="tiny-canny", seeds=[1, 2])
-        first = len(calls)
+        plain = tiny_render(cache, base="tiny-sd15", net="tiny-canny", seeds=[1, 2], output_type="np", compile=options)
+        first, graphs = len(calls), counters["stats"]["unique_graphs"]
+        again = tiny_render(cache, base="tiny-sd15", net="tiny-canny", seeds=[1, 2], output_type="np", compile=options)
+        assert (len(calls) - first, counters["stats"]["unique_graphs"]) == (1, graphs)
         # Two units on the same net, with two maps: each encoded once.
         two = [ControlInput("tiny-canny", PLAN_A, 0.5, 0.0, 1.0), ControlInput("tiny-canny", PLAN_B, 0.5, 0.0, 1.0)]
-        tiny_render(model_cache, base="tiny-sd15", net="tiny-canny", seeds=[1], controls=two)
+        before = len(calls)
+        tiny_render(cache, base="tiny-sd15", net="tiny-canny", seeds=[1], controls=two, compile=options)
     finally:
         handle.remove()
-    assert (first, len(calls) - first) == (1, 2)
-    assert model_cache.controlnet("tiny-canny").controlnet_cond_embedding is encoder  # put back after the call
+    assert (first, len(calls) - before) == (1, 2)
+    assert np.array_equal(np.stack(plain.images), np.stack(again.images))
+    eager = tiny_render(
+        ModelCache(models_dir, torch.device("cpu"), torch.float32),
+        base="tiny-sd15",
+        net="tiny-canny",
+        seeds=[1, 2],
+        output_type="np",
+    )
+    assert np.allclose(np.stack(plain.images), np.stack(eager.images), atol=1e-4)

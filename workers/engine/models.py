@@ -36,6 +36,7 @@ from shared.errors import ConfigError, InvalidInput, ModelError
 from shared.registry import QUANTIZE_DEVICES, Family, is_url, known_family
 from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions, compile_module, use_inductor_cache
+from workers.engine.hints import encode_once
 from workers.engine.presets import base_family, resolve
 
 # A worker's log gets one line per task, not a progress bar per model load.
@@ -316,7 +317,9 @@ class ModelCache:
         else:
             # Loaded into CPU memory first: its size is known before room is made for it on the device.
             with _load_errors(ref, location, "config.json"):
-                controlnet = ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
+                controlnet = encode_once(
+                    ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
+                )
             self._sizes[key] = module_bytes(controlnet)
             self._make_room(self._sizes[key], keep)
             self.loads[key] += 1
