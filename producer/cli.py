@@ -164,10 +164,17 @@ def render(
             spec, settings, on_prepared=reporter.start, on_task_done=reporter.task_done, progress=reporter.step
         )
     elapsed = time.perf_counter() - started
-    total = sum(len(seeds) for seeds in reporter.tasks.values())
-    written = sum(len(reporter.tasks[task_id]) for task_id in report.succeeded)
+    total = sum(len(reporter.tasks.get(task_id, (0,))) for task_id in report.statuses)
+    written = sum(len(reporter.tasks.get(task_id, (0,))) for task_id in report.succeeded)
     count = f"{written} images" if written == total else f"{written} of {total} images"
     out.print(f"job {report.job_id}: {count} in {elapsed:.1f} s → {report.output_url}", markup=False)
+    if spec.pick is not None and spec.pick.by == "hand" and report.ok:
+        out.print(
+            f"drafts ready; pick the ones to finish: `archfarm results {report.job_id}` lists them with their ids and "
+            f"adherence, `archfarm pick {report.job_id} ID...` renders their finals, `archfarm pick {report.job_id} "
+            "--done` ends the job",
+            markup=False,
+        )
     if not report.ok:
         for task_id, error in report.errors.items():
             err.print(f"task {task_id} failed: {error}", markup=False, soft_wrap=True)
@@ -250,14 +257,17 @@ class _Reporter:
             out.print(f"job {job.id}: {self.total} tasks → {job.output_url}", markup=False)
 
     def step(self, task_id: str, step: int, total: int) -> None:
-        self.progress.update(self.bar, description=f"{self.names[task_id]} step {step}/{total}")
+        self.progress.update(self.bar, description=f"{self.names.get(task_id, 'final')} step {step}/{total}")
 
     def task_done(self, task_id: str, status: TaskStatus) -> None:
+        """A task of the job as submitted, or a final its drafts led to (one image, not counted in advance)."""
         self.done += 1
-        self.progress.advance(self.bar, len(self.tasks[task_id]))
-        if not self.interactive:
-            seeds = ",".join(map(str, self.tasks[task_id]))
-            out.print(f"[{self.done}/{self.total}] {self.names[task_id]} seeds {seeds}: {status.value}", markup=False)
+        seeds = self.tasks.get(task_id)
+        self.progress.advance(self.bar, 1 if seeds is None else len(seeds))
+        if self.interactive:
+            return
+        what = f"final {task_id[:8]}" if seeds is None else f"{self.names[task_id]} seeds {','.join(map(str, seeds))}"
+        out.print(f"[{self.done}/{max(self.total, self.done)}] {what}: {status.value}", markup=False)
 
 
 def _farm():  # type: ignore[no-untyped-def]
@@ -334,7 +344,7 @@ def status(
                 disable=not out.is_terminal,
             ) as bar:
                 task = bar.add_task(view.status.value, total=view.total, completed=view.done, eta="?")
-                while not view.status.ended:
+                while not view.status.still:
                     time.sleep(1.0)
                     view = farm.status(job_id)
                     eta = "?" if view.eta_s is None else f"{view.eta_s:.0f}s"
@@ -426,6 +436,25 @@ def retry(
 
 
 @app.command()
+def pick(
+    job_id: JobId,
+    artifacts: Annotated[
+        list[int] | None, typer.Argument(metavar="ARTIFACT", help="Ids of drafts to finish (`archfarm results`).")
+    ] = None,
+    done: Annotated[bool, typer.Option("--done", help="Close the picks: the job ends with its finals.")] = False,
+) -> None:
+    """Pick drafts of a staged job: each is rendered again at full quality (on the farm, or here without a
+    broker). Pick any number of times while the job waits; `--done` closes the gate."""
+    if not artifacts and not done:
+        _fail("name the drafts to pick (ARTIFACT ids from `archfarm results`), or --done")
+    with _farm() as farm:
+        job_id = farm.resolve(job_id)
+        finals = farm.pick(job_id, artifacts or [], done=done)
+        view = farm.status(job_id)
+    out.print(f"{job_id}: {len(finals)} final(s) added; {view.status.value}", markup=False)
+
+
+@app.command()
 def pause(
     job_id: JobId,
 ) -> None:
@@ -483,7 +512,8 @@ def results(
     download: Annotated[Path | None, typer.Option("--download", help="Copy images and sidecars here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List a job's images (URL, style, seed, size), or download them."""
+    """List a job's images (id, pass, plan/style, seed, size, adherence, URL; a picked draft is `draft*`), or
+    download them."""
     _json_errors.set(as_json)
     with _farm() as farm:
         job_id = farm.resolve(job_id)
@@ -499,8 +529,13 @@ def results(
         )
         return
     for artifact in artifacts:
+        staged = "" if artifact.stage == "render" else f"{artifact.stage}{'*' if artifact.picked else ''}\t"
+        score = "-" if artifact.adherence is None else f"{artifact.adherence:.3f}"
+        size = f"{artifact.width}x{artifact.height}"
         out.print(
-            f"{artifact.style}\tseed {artifact.seed}\t{artifact.width}x{artifact.height}\t{artifact.url}", markup=False
+            f"{artifact.id}\t{staged}{artifact.plan}/{artifact.style}\tseed {artifact.seed}\t{size}\t"
+            f"adherence {score}\t{artifact.url}",
+            markup=False,
         )
     if download is not None:
         out.print(f"downloaded {len(written)} file(s) to {download}", markup=False)

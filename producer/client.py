@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,11 +29,13 @@ from producer.sheet import Sheet
 from producer.views import ArtifactView, JobView, WorkerView
 from shared.broker import Message, make_celery, messages_for, send_tasks
 from shared.config import Settings
+from shared.db import stages
 from shared.db.models import Job
 from shared.db.notifications import rearm
 from shared.db.status import JobStatus
 from shared.db.store import (
     cancel_job,
+    close_gate,
     pause_job,
     resume_job,
     retry_job,
@@ -121,12 +123,8 @@ class Farm:
                     f"a {spec.kind} job runs on a farm's workers (set ARCHFARM_BROKER_URL); `archfarm train SPEC` "
                     "trains in this process"
                 )
-            from producer.local import Embedded
-
-            if self._embedded is None:
-                self._embedded = Embedded(self.settings, self.sessions)
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
-            return self._embedded.render(spec, on_prepared=stored).job_id
+            return self._embedded_farm().render(spec, on_prepared=stored).job_id
         limit = time_limit(spec, self.settings)
         prepared = prepare_for_farm(spec, self.settings, owner=owner, remote=remote)
         with self.sessions.begin() as session:
@@ -172,11 +170,11 @@ class Farm:
         return [self.status(job_id) for job_id in ids]
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> JobView:
-        """Block until the job is finished (any terminal outcome) or `timeout` seconds pass."""
+        """Block until the job is finished (any terminal outcome), waits for a pick, or `timeout` seconds pass."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             view = self.status(job_id)
-            if view.status.ended or (deadline is not None and time.monotonic() >= deadline):
+            if view.status.still or (deadline is not None and time.monotonic() >= deadline):
                 return view
             time.sleep(poll)
 
@@ -207,6 +205,21 @@ class Farm:
         self._broker("pause")
         with self.sessions.begin() as session:
             return pause_job(session, job_id)
+
+    def pick(self, job_id: str, artifact_ids: Sequence[int] = (), *, done: bool = False) -> list[str]:
+        """Pick drafts of a staged job waiting for picks: each renders its final (sent to the farm, or rendered
+        here and now without a broker); `done` closes the gate after them, and the job ends with its finals.
+        Returns the final tasks added."""
+        self.status(job_id)
+        with self.sessions.begin() as session:
+            finals = stages.pick(session, job_id, artifact_ids) if artifact_ids else []
+            if done and not close_gate(session, job_id) and not artifact_ids:
+                raise InvalidInput(f"job {job_id} takes no picks: its picks are closed or it has no stages")
+        if self._celery is None:
+            self._embedded_farm().run(job_id, finals)
+        else:
+            send_tasks(self._celery, messages_for(self.sessions, self.settings, finals))
+        return finals
 
     def resume(self, job_id: str) -> int:
         """Let a paused job's queued tasks run; returns how many were sent."""
@@ -259,6 +272,14 @@ class Farm:
         """Every worker incarnation not stopped long ago, live ones first: what each holds and has done."""
         with self.sessions() as session:
             return reads.worker_views(session, self.settings.heartbeat_timeout)
+
+    def _embedded_farm(self) -> Embedded:
+        """The in-process farm that renders here when no broker is configured (models stay loaded across jobs)."""
+        from producer.local import Embedded
+
+        if self._embedded is None:
+            self._embedded = Embedded(self.settings, self.sessions)
+        return self._embedded
 
     def _broker(self, action: str) -> Celery:
         if self._celery is None:

@@ -166,7 +166,7 @@ def job(
     training = False
     if part != "sheet":
         view = farm.status(job_id)
-        context.update(title=view.name, view=view, active=not view.status.ended)
+        context.update(title=view.name, view=view, active=not view.status.still)
         training = view.training is not None
     if part in (None, "sheet") and not training:
         context.update(

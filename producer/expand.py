@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.plans import Plan
-from shared.spec import JobSpec, Style
+from shared.spec import JobSpec, Stage, Style
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,8 @@ class TaskSpec:
     seeds: tuple[int, ...]
     outputs: tuple[str, ...]
     """Object key of each seed's PNG, relative to the job's output prefix; the sidecar swaps `.png` for `.json`."""
+    stage: Stage | None = None
+    """`draft` for a staged job's tasks at submit (its finals are added as drafts are picked)."""
 
 
 def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_digest: str) -> str:
@@ -35,11 +37,15 @@ def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_d
 
 
 def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
-    """plans × styles × chunks of seeds, plan-major, in the order the job lists them."""
+    """plans × styles × chunks of seeds, plan-major, in the order the job lists them; a staged job's are its
+    drafts, under `drafts/`, rendered with the draft's profile."""
     namespace = uuid.UUID(job_id)
-    profile_digest = job.profile.digest()
+    stage: Stage | None = "draft" if job.staged else None
+    profile = job.stage_profile(stage)
+    profile_digest = profile.digest()
+    folder = f"{stage}s/" if stage else ""
     seeds = job.seed_values()
-    size = job.profile.seeds_per_task
+    size = profile.seeds_per_task
     chunks = [tuple(seeds[i : i + size]) for i in range(0, len(seeds), size)]
     styles = [(style, style.digest()) for style in job.resolved_styles]
     tasks: list[TaskSpec] = []
@@ -52,7 +58,8 @@ def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
                         plan=plan,
                         style=style.name,
                         seeds=chunk,
-                        outputs=tuple(output_key(plan, style, style_digest, s, profile_digest) for s in chunk),
+                        outputs=tuple(folder + output_key(plan, style, style_digest, s, profile_digest) for s in chunk),
+                        stage=stage,
                     )
                 )
     return tasks

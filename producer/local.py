@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from producer.database import open_database
 from producer.submit import PreparedJob, persist, prepare
 from shared.config import Settings
-from shared.db.models import Task, TaskStatus
+from shared.db.models import Job, Task, TaskStatus
 from shared.errors import SubmitWarning
 from shared.spec import JobSpec
 from workers.inprocess import InProcessQueue
@@ -66,13 +66,27 @@ class Embedded:
         on_task_done: DoneFn | None = None,
         progress: ProgressFn | None = None,
     ) -> LocalReport:
-        """Validate (nothing stored on failure), persist, then run every task here in expansion order."""
+        """Validate (nothing stored on failure), persist, then run every task here in expansion order (a staged
+        job's drafts, and the finals a rule picks; picks by hand are rendered by `run`)."""
         job = prepare(spec, self.settings)
         sessions = self._open()
         with sessions.begin() as session:
             persist(session, job)
         if on_prepared is not None:
             on_prepared(job)
+        return self.run(job.id, [task.id for task in job.tasks], on_task_done=on_task_done, progress=progress)
+
+    def run(
+        self,
+        job_id: str,
+        task_ids: list[str],
+        *,
+        on_task_done: DoneFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> LocalReport:
+        """Render stored tasks of a job here, and whatever they lead to (a rule's finals), then send the job's
+        notifications that fell due."""
+        sessions = self._open()
         if self.lifecycle is None:
             self.lifecycle = Lifecycle(
                 self.settings,
@@ -91,15 +105,17 @@ class Embedded:
                 on_task_done(task_id, status)
 
         lifecycle.on_done = done
-        self._queue.send([task.id for task in job.tasks])
+        self._queue.send(task_ids)
         self._queue.drain(lambda task_id: lifecycle.run(task_id, progress), lifecycle.flush)
-        for problem in notifier.settle(job.id, NOTIFY_PATIENCE_S):
+        for problem in notifier.settle(job_id, NOTIFY_PATIENCE_S):
             warnings.warn(
-                f"job {job.id}: {problem}; retried by the next render or worker on its database",
+                f"job {job_id}: {problem}; retried by the next render or worker on its database",
                 SubmitWarning,
                 stacklevel=2,
             )
-        return self._report(job)
+        with sessions() as session:
+            output_url = session.scalar(select(Job.output_url).where(Job.id == job_id)) or ""
+        return self._report(job_id, output_url)
 
     def close(self) -> None:
         if self.lifecycle is not None:
@@ -112,11 +128,11 @@ class Embedded:
             self._engine, self._sessions = open_database(self.settings)
         return self._sessions
 
-    def _report(self, job: PreparedJob) -> LocalReport:
-        report = LocalReport(job_id=job.id, output_url=job.output_url)
+    def _report(self, job_id: str, output_url: str) -> LocalReport:
+        report = LocalReport(job_id=job_id, output_url=output_url)
         with self._open()() as session:
             rows = session.execute(
-                select(Task.id, Task.status, Task.error).where(Task.job_id == job.id).order_by(Task.ordinal)
+                select(Task.id, Task.status, Task.error).where(Task.job_id == job_id).order_by(Task.ordinal)
             )
             for task_id, status, error in rows:
                 report.statuses[task_id] = status

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 from producer.sheet import Cell, Row, Sheet
 from producer.views import ArtifactView, Failure, FailureGroup, JobView, TrainingProgress, WorkerView
 from shared.db.clock import database_time
-from shared.db.models import Artifact, Job, JobKind, Task, TaskStatus, Worker
-from shared.db.status import JobStatus, job_status
-from shared.db.store import first_start, serving_workers, status_of
+from shared.db.models import Artifact, Job, JobKind, PickGate, Task, TaskStatus, Worker
+from shared.db.status import JobStatus
+from shared.db.store import first_start, serving_workers, status_from, status_of
 from shared.errors import InvalidInput, NotFound
 from shared.spec import MAX_ECHO
 from shared.training import model_url
@@ -124,7 +124,7 @@ def job_ids(session: Session, limit: int, offset: int, status: JobStatus | None,
     """Recent jobs' ids, newest first; with `status`, only the jobs in that status. Pages go by `offset` (the
     dashboard's numbered pages) or, steady while jobs are added, by `after`: the last job of the page before (a
     cursor)."""
-    newest = select(Job.id, Job.cancelled_at, Job.paused_at).order_by(Job.created_at.desc(), Job.id.desc())
+    newest = select(Job.id, Job.cancelled_at, Job.paused_at, Job.gate).order_by(Job.created_at.desc(), Job.id.desc())
     if after is not None:
         # A cursor that is no job id is refused like an unknown one, without a query.
         found = select(Job.created_at, Job.id).where(Job.id == after)
@@ -265,10 +265,10 @@ def _seeds(spec: Mapping[str, Any]) -> Sequence[int]:
 def _in_status(
     session: Session,
     status: JobStatus | None,
-    jobs_query: Select[str, datetime | None, datetime | None],
+    jobs_query: Select[str, datetime | None, datetime | None, PickGate | None],
     chunk: int = 500,
 ) -> Iterator[str]:
-    """Ids of the jobs `jobs_query` lists (id, cancelled_at, paused_at), in its order, those in `status` only
+    """Ids of the jobs `jobs_query` lists (id, cancelled_at, paused_at, gate), in its order, those in `status` only
     (all for None). A job's status is derived from its tasks, so it is worked out here for `chunk` jobs per
     query (one grouped count over the tasks index)."""
     seen = 0
@@ -285,7 +285,7 @@ def _in_status(
         ):
             counts[job_id][task_status] = count
         for job in jobs:
-            if job_status(counts[job.id], job.cancelled_at is not None, job.paused_at is not None) is status:
+            if status_from(job, counts[job.id]) is status:  # type: ignore[arg-type]
                 yield job.id
         seen += len(jobs)
 

@@ -141,6 +141,10 @@ class ArtifactView(View):
     width: int
     height: int
     size_bytes: int
+    stage: str = Field("render", description="render (a single-pass job), draft or final")
+    parent_id: int | None = Field(None, description="the image this one was made from (a final's draft)")
+    adherence: float | None = Field(None, description="how well its edges follow its plan's control map (0-1)")
+    picked: bool = Field(False, description="a draft picked for a final")
     download_url: str | None = Field(None, description="a presigned GET link, where the output is on S3")
 
     @classmethod
@@ -157,4 +161,8 @@ class ArtifactView(View):
             width=row.width,
             height=row.height,
             size_bytes=row.size_bytes,
+            stage=row.stage,
+            parent_id=row.parent_id,
+            adherence=row.adherence,
+            picked=row.picked_at is not None,
         )

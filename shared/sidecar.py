@@ -57,6 +57,15 @@ class PlanRecord(BaseModel):
     sha256: str
 
 
+class SourceRecord(BaseModel):
+    """The image a final was rendered from (its picked draft): enlarged and rendered again at `strength`."""
+
+    artifact: int
+    url: str
+    sha256: str
+    strength: float
+
+
 class Rerender(BaseModel):
     """Written by `archfarm rerender` into the new image's sidecar: what it reproduced, and how closely."""
 
@@ -83,6 +92,9 @@ class Sidecar(BaseModel):
     )
     call: dict[str, int] = Field(default_factory=lambda: {"images": 1, "tasks": 1})
     plan: PlanRecord
+    stage: str | None = Field(None, description="a staged job's pass: draft or final")
+    source: SourceRecord | None = Field(None, description="a final's draft: its lineage, and what a re-render reads")
+    adherence: float | None = Field(None, description="how well the image's edges follow its first control map (0-1)")
     style: dict[str, Any]
     seed: int
     profile: dict[str, Any]

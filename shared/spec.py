@@ -297,6 +297,56 @@ class Notify(_Strict):
         return events
 
 
+Stage = Literal["draft", "final"]
+"""A staged job's passes: many cheap drafts, then the picked ones again at full quality."""
+
+
+class Draft(_Strict):
+    """The cheap first pass of a staged job: what it changes of the profile (the rest is the profile's)."""
+
+    width: int | None = Field(None, ge=64, le=2048)
+    height: int | None = Field(None, ge=64, le=2048)
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8")
+        return value
+
+
+Grouping = Literal["plan", "style"]
+GROUPINGS: tuple[Grouping, ...] = ("plan", "style")
+
+
+class Pick(_Strict):
+    """The gate between the passes: which drafts go on. `by: hand` waits for `archfarm pick`; `by: adherence`
+    takes, once every draft has ended, the `count` best of each group by how well they follow their plan."""
+
+    by: Literal["hand", "adherence"] = "hand"
+    per: list[Grouping] = Field(
+        default_factory=lambda: list(GROUPINGS), max_length=2, description="what a group of drafts shares"
+    )
+    count: int = Field(1, ge=1, le=64, description="drafts a rule picks per group")
+
+    @field_validator("per")
+    @classmethod
+    def _once_each(cls, per: list[str]) -> list[str]:
+        if len(set(per)) < len(per):
+            raise ValueError("a field is named twice")
+        return per
+
+
+class Final(_Strict):
+    """The full-quality pass: each picked draft enlarged `scale` times and rendered again image-to-image with
+    the same prompt, seed and ControlNets (maps made at the final size), keeping its composition."""
+
+    scale: float = Field(2.0, ge=1.0, le=4.0, description="final size over the draft's")
+    strength: float = Field(0.5, gt=0.0, le=1.0, description="how much of the draft is rendered again (1: all)")
+
+
 class JobSpec(_Strict):
     """A render job: every plan × style × seed rendered with one profile (the default kind of job)."""
 
@@ -314,6 +364,9 @@ class JobSpec(_Strict):
         None, description="the workers that render it: those started with `archfarm worker --pool NAME`"
     )
     notify: Notify | None = Field(None, description="URLs told when the job ends or fails; default: settings")
+    draft: Draft | None = Field(None, description="a staged job's cheap pass (with `pick` and `final`)")
+    pick: Pick | None = Field(None, description="how a staged job's drafts are picked for the final pass")
+    final: Final | None = Field(None, description="how a staged job's picks are rendered at full quality")
 
     @classmethod
     def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:
@@ -387,6 +440,37 @@ class JobSpec(_Strict):
         if images > MAX_IMAGES_PER_JOB:
             raise ValueError(f"{images} images is over the limit of {MAX_IMAGES_PER_JOB} per job")
         return self
+
+    @model_validator(mode="after")
+    def _stages(self) -> JobSpec:
+        given = [name for name in ("draft", "pick", "final") if getattr(self, name) is not None]
+        if given and len(given) < 3:
+            raise ValueError("a staged job needs draft, pick and final together")
+        if self.final is not None:
+            width, height = self.final_size()
+            if max(width, height) > 2048:
+                raise ValueError(f"the final size {width}×{height} is over 2048 on a side; lower final.scale")
+        return self
+
+    @property
+    def staged(self) -> bool:
+        """Whether the job renders drafts, waits for picks and renders finals of them."""
+        return self.pick is not None
+
+    def stage_profile(self, stage: Stage | None) -> Profile:
+        """The profile a pass renders with: the draft's overrides, or the profile at the final size."""
+        if stage == "draft" and self.draft is not None:
+            return self.profile.model_copy(update=self.draft.model_dump(exclude_none=True))
+        if stage == "final":
+            width, height = self.final_size()
+            return self.profile.model_copy(update={"width": width, "height": height})
+        return self.profile
+
+    def final_size(self) -> tuple[int, int]:
+        """The draft's size times `final.scale`, down to a multiple of 8."""
+        assert self.final is not None  # only asked of a staged job
+        draft = self.stage_profile("draft")
+        return tuple(int(side * self.final.scale) // 8 * 8 for side in (draft.width, draft.height))  # type: ignore[return-value]
 
     def seed_values(self) -> list[int]:
         if isinstance(self.seeds, SeedRange):

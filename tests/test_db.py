@@ -120,11 +120,11 @@ def test_upgrading_gives_every_stored_job_its_kind_and_drops_training_placeholde
         )
     upgrade(engine)  # rebuilds tables on SQLite: nothing that refers to them may go with the old copies
     with session_factory(engine)() as session:
-        assert dict(session.execute(select(Job.id, Job.kind)).tuples().all()) == {
+        assert dict(session.execute(select(Job.id, Job.kind)).all()) == {
             "j-render": JobKind.RENDER,
             "j-train": JobKind.TRAIN,
         }
-        rows = dict(session.execute(select(Task.job_id, Task.style)).tuples().all())
+        rows = dict(session.execute(select(Task.job_id, Task.style)).all())
         assert rows == {"j-render": "modern", "j-train": None}
         assert session.scalar(select(Job.digest).where(Job.id == "j-render")) == "d"
         assert session.scalar(select(func.count()).select_from(Artifact)) == 1

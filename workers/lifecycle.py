@@ -31,8 +31,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
-from shared.db.models import FailureKind, Job, JobKind, Task, TaskStatus
+from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskStatus
 from shared.db.session import DATABASE_DOWN
+from shared.db.stages import advance
 from shared.db.store import (
     blocklisted_nodes,
     cancel_task,
@@ -58,11 +59,11 @@ from shared.db.store import (
 from shared.errors import ArchfarmError, InputError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
 from shared.logs import outage
-from shared.spec import Profile, Style
+from shared.spec import JobSpec, Profile, Stage, Style
 from shared.storage import Storage
 from shared.training import TrainingSpec
 from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
-from workers.renderer import Prepared, Rendered, Renderer, Work
+from workers.renderer import Prepared, Rendered, Renderer, Source, Work
 from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
 
@@ -282,9 +283,12 @@ class Lifecycle:
         looked at). A spec that no longer parses is a permanent failure of the task, settled like any other."""
         job, task = self._jobs[held.job_id], held.task
         assert task is not None  # `run` only renders what `_claim` read
-        if job.profile is None:
-            styles = {s["name"]: Style.model_validate(s) for s in job.spec["styles"]}
-            job.profile, job.styles = Profile.model_validate(job.spec["profile"]), styles
+        if job.render is None:
+            job.render = JobSpec.model_validate(job.spec)
+            job.styles = {style.name: style for style in job.render.resolved_styles}
+        stage: Stage | None = task["stage"]
+        if stage not in job.profiles:
+            job.profiles[stage] = job.render.stage_profile(stage)
         return Work(
             task_id=held.task_id,
             job_id=held.job_id,
@@ -296,7 +300,10 @@ class Lifecycle:
             style=job.styles[task["style"]],
             seeds=list(task["seeds"]),
             outputs=list(task["outputs"]),
-            profile=job.profile,
+            profile=job.profiles[stage],
+            stage=stage,
+            source=None if task["source_id"] is None else Source(task["source_id"], task["source_url"]),
+            strength=job.render.final.strength if stage == "final" and job.render.final else None,
         )
 
     def _prepare(self, held: Held) -> Prepared:
@@ -316,7 +323,8 @@ class Lifecycle:
         if wanted < 1:
             return []
         try:
-            more = self._db(lambda session: self._claim_more(session, first.job_id, wanted), CLAIM_PATIENCE_S)
+            stage = prepared.work.stage
+            more = self._db(lambda session: self._claim_more(session, first.job_id, wanted, stage), CLAIM_PATIENCE_S)
         except (TimeoutError, *DATABASE_DOWN):
             return []  # the delivered task alone, then
         batch = []
@@ -366,14 +374,19 @@ class Lifecycle:
 
         return report
 
-    def _claim_more(self, session: Session, job_id: str, limit: int) -> list[Held]:
-        return self._held(session, job_id, claim_more(session, job_id, self.worker, limit))
+    def _claim_more(self, session: Session, job_id: str, limit: int, stage: Stage | None) -> list[Held]:
+        return self._held(session, job_id, claim_more(session, job_id, self.worker, limit, stage))
 
     @staticmethod
     def _held(session: Session, job_id: str, ids: list[str]) -> list[Held]:
-        """Claimed tasks with the columns a render needs, in the order given."""
-        columns = (Task.id, Task.plan_url, Task.plan_name, Task.plan_digest, Task.style, Task.seeds, Task.outputs)
-        found = {row.id: row._asdict() for row in session.execute(select(*columns).where(Task.id.in_(ids)))}
+        """Claimed tasks with the columns a render needs (a final's, the draft it starts from), in the order
+        given."""
+        columns = (
+            *(Task.id, Task.plan_url, Task.plan_name, Task.plan_digest, Task.style, Task.seeds, Task.outputs),
+            *(Task.stage, Task.source_id, Artifact.url.label("source_url")),
+        )
+        query = select(*columns).outerjoin(Artifact, Artifact.id == Task.source_id).where(Task.id.in_(ids))
+        found = {row.id: row._asdict() for row in session.execute(query)}
         return [Held(task_id, job_id, found[task_id]) for task_id in ids]
 
     def _render(self, batch: list[Prepared], progress: ProgressFn | None) -> list[Rendered]:
@@ -403,17 +416,19 @@ class Lifecycle:
                 self._settle(held, error)
                 return
 
-        def record(session: Session) -> bool:
+        def record(session: Session) -> tuple[bool, list[str]]:
             record_artifacts(session, rows)
             done = finish_task(session, work.task_id, self.worker)
             self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
-            return done
+            return done, advance(session, work.job_id) if done else []
 
         try:
-            done = self._db(record, None)  # kept until the database is back: never left running for good
+            done, finals = self._db(record, None)  # kept until the database is back: never left running for good
         except Exception:  # not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: rendered and stored, but could not be recorded", work.task_id)
             return
+        if finals:
+            self._send(finals, 0.0)
         if done and self.on_done is not None:  # not done: reaped meanwhile, and whoever holds it now reports
             self.on_done(work.task_id, TaskStatus.SUCCEEDED)
 
@@ -435,7 +450,7 @@ class Lifecycle:
         for an input (`shared`) fails the queued tasks sharing it too, with the same reason: each would only
         meet the same error, one node after another."""
 
-        def apply(session: Session) -> tuple[Decision, TaskStatus | None, list[str]]:
+        def apply(session: Session) -> tuple[Decision, TaskStatus | None, list[str], list[str]]:
             if kind in COUNTED:
                 record_failure(session, held.task_id, held.job_id, self.node, COUNTED[kind], reason)
             decision = decide(kind, _history(session, held.task_id), self.limits, reason)
@@ -450,10 +465,13 @@ class Lifecycle:
                 moved = requeue_task(session, held.task_id, self.worker, decision.delay)
                 status = TaskStatus.QUEUED if moved else None
             self._progress(session, finished=held.task_id)
-            return decision, status, siblings
+            ended = status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
+            return decision, status, siblings, advance(session, held.job_id) if ended else []
 
         with self._lock:
-            decision, status, siblings = self._db(apply, None)
+            decision, status, siblings, finals = self._db(apply, None)
+        if finals:
+            self._send(finals, 0.0)
         if self.on_done is not None:
             for task_id in siblings:
                 self.on_done(task_id, TaskStatus.FAILED)
@@ -552,7 +570,9 @@ class _JobInfo:
     name: str
     output_url: str
     spec: dict[str, Any]
-    profile: Profile | None = None
+    render: JobSpec | None = None
+    profiles: dict[Stage | None, Profile] = field(default_factory=dict)
+    """Per pass of a staged job (None: a single-pass job's)."""
     styles: dict[str, Style] = field(default_factory=dict)
 
 

@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
-from shared.errors import InputError
+from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_path, is_url
-from shared.sidecar import Models, PlanRecord, Sidecar
-from shared.spec import Profile, Style
+from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
+from shared.spec import Profile, Stage, Style
 from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
+from workers.adherence import adherence
 from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
@@ -54,15 +55,31 @@ class Work:
     seeds: list[int]
     outputs: list[str]
     profile: Profile
+    """The profile of the task's pass (a staged job's draft or final profile)."""
+    stage: Stage | None = None
+    source: Source | None = None
+    """A final's picked draft, which it renders again image-to-image at `strength`."""
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A draft artifact a final starts from."""
+
+    artifact: int
+    url: str
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """A task's control maps, made before its batch renders: a task whose plan cannot be read fails alone."""
+    """A task's control maps (and a final's draft, enlarged), made before its batch renders: a task whose
+    inputs cannot be read fails alone."""
 
     work: Work
     maps: tuple[Image.Image, ...]
     preprocess_s: float
+    init: Image.Image | None = None
+    source_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,9 @@ class Rendered:
     timings: dict[str, float]
     call: dict[str, int]
     """The pipeline call the images came from: images and tasks in it (1 task: bitwise reproducible alone)."""
+    reference: Image.Image
+    """The task's first control map, which the images' geometry adherence is scored against."""
+    source: SourceRecord | None = None
 
 
 class Renderer:
@@ -123,18 +143,21 @@ class Renderer:
             self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height, work.plan_name)
             for unit in profile.controls
         )
-        return Prepared(work, maps, time.perf_counter() - started)
+        if work.source is None:
+            return Prepared(work, maps, time.perf_counter() - started)
+        init, digest = self._source(work, work.source)
+        return Prepared(work, maps, time.perf_counter() - started, init, digest)
 
     def render(self, batch: list[Prepared], on_step: StepFn | None) -> list[Rendered]:
         """Every prepared task of one profile in one call (each of its seeds an image); per task, its images."""
         profile = batch[0].work.profile
         items = [
-            Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps)
+            Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps, task.init)
             for task in batch
             for seed in task.work.seeds
         ]
         started = time.perf_counter()
-        result, units, _ = self._call(profile, items, on_step)
+        result, units, _ = self._call(profile, items, on_step, batch[0].work.strength)
         render_s = time.perf_counter() - started
         models: dict[str, Any] = {
             "base": self.cache.identity(profile.base),
@@ -151,6 +174,8 @@ class Renderer:
                 models=models,
                 timings={"preprocess_s": task.preprocess_s, "render_s": render_s},
                 call=call,
+                reference=task.maps[0],
+                source=_source_record(task),
             )
             for task in batch
         ]
@@ -164,7 +189,7 @@ class Renderer:
         return self._call(profile, items, None)[2]
 
     def _call(
-        self, profile: Profile, items: list[Item], on_step: StepFn | None
+        self, profile: Profile, items: list[Item], on_step: StepFn | None, strength: float | None = None
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
         for unit in profile.controls:
@@ -189,6 +214,7 @@ class Renderer:
             vae=profile.vae,
             quantize=None if profile.quantize == "none" else profile.quantize,
             compile=options,
+            strength=strength,
         )
         with self._compiled_first(request) as warmth:
             result = render_batch(self.cache, request, on_step)
@@ -239,6 +265,19 @@ class Renderer:
             for seed, key, image in zip(work.seeds, work.outputs, rendered.images, strict=True)
         ]
 
+    def _source(self, work: Work, source: Source) -> tuple[Image.Image, str]:
+        """A final's draft, enlarged to the final size (Lanczos), and its content hash. A draft gone from
+        storage fails its final alone, for good: the job's other finals start from drafts of their own."""
+        where = f"draft {source.artifact} of plan {work.plan_name!r} ({source.url})"
+        try:
+            with input_errors(where):
+                data = self.storages.read(source.url)
+                image = decode_image(data, source.url, max_pixels=self.settings.max_image_pixels)
+        except InputError as error:
+            raise PermanentError(str(error)) from None
+        size = (work.profile.width, work.profile.height)
+        return image.convert("RGB").resize(size, Image.Resampling.LANCZOS), content_hash(data)
+
     def _plan(self, work: Work) -> Image.Image:
         """The task's plan, decoded; an `InputError` naming it (by name and URL) when it cannot be had, which
         fails every queued task of that plan with the same reason."""
@@ -260,12 +299,16 @@ class Renderer:
         png = buffer.getvalue()
         timings["encode_s"] = time.perf_counter() - started
         side_key = key.removesuffix(".png") + ".json"
+        score = adherence(image, rendered.reference)
         meta = Sidecar(
             job={"id": work.job_id, "name": work.job_name},
             task=work.task_id,
             key=key,
             batch_seeds=work.seeds,
             plan=PlanRecord(name=work.plan_name, url=work.plan_url, sha256=work.plan_digest),
+            stage=work.stage,
+            source=rendered.source,
+            adherence=score,
             style=work.style.model_dump(),
             seed=seed,
             profile=work.profile.model_dump(mode="json"),
@@ -284,6 +327,9 @@ class Renderer:
         return {
             "job_id": work.job_id,
             "task_id": work.task_id,
+            "stage": work.stage or "render",
+            "parent_id": None if work.source is None else work.source.artifact,
+            "adherence": score,
             "plan_digest": work.plan_digest,
             "style": work.style.name,
             "seed": seed,
@@ -293,6 +339,13 @@ class Renderer:
             "height": image.height,
             "size_bytes": len(png),
         }
+
+
+def _source_record(task: Prepared) -> SourceRecord | None:
+    source, work = task.source_sha256, task.work
+    if work.source is None or source is None or work.strength is None:
+        return None
+    return SourceRecord(artifact=work.source.artifact, url=work.source.url, sha256=source, strength=work.strength)
 
 
 def compile_options(profile: Profile, device: torch.device) -> CompileOptions | None:

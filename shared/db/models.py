@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -49,6 +50,15 @@ class JobKind(str, enum.Enum):
     """Plans × styles × seeds rendered through a ControlNet stack: a task per plan, style and seed chunk."""
     TRAIN = "train"
     """A ControlNet trained on a dataset: one task, resumed from its checkpoints wherever it is delivered."""
+
+
+class PickGate(str, enum.Enum):
+    """A staged job's gate between drafts and finals (`shared.db.stages`); unstaged jobs have none."""
+
+    OPEN = "open"
+    """Picks are taken (each renders its final at once); a job with nothing left to render waits for more."""
+    CLOSED = "closed"
+    """No more picks: the job ends when its finals do."""
 
 
 class FailureKind(str, enum.Enum):
@@ -121,6 +131,9 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(
         String(64), default=None, comment="the API token's name that submitted it; None: this machine's CLI or Python"
     )
+    gate: Mapped[PickGate | None] = mapped_column(
+        _stored(PickGate, "pick_gate", False), default=None, comment="a staged job's pick gate: open, closed"
+    )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 
@@ -139,6 +152,10 @@ class Task(Base):
     style: Mapped[str] = mapped_column(String(64), nullable=True)
     seeds: Mapped[list[Any]] = mapped_column(nullable=True)
     outputs: Mapped[list[Any]] = mapped_column(nullable=True)
+    stage: Mapped[str | None] = mapped_column(String(16), default=None, comment="a staged job's pass: draft, final")
+    source_id: Mapped[int | None] = mapped_column(
+        BigInteger, default=None, comment="the artifact a final starts from (its picked draft, of the same job)"
+    )
     status: Mapped[TaskStatus] = mapped_column(_status, default=TaskStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
@@ -167,9 +184,21 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(
+        String(16), server_default="render", comment="render (a single-pass job), draft or final"
+    )
     plan_digest: Mapped[str] = mapped_column(String(64))
     style: Mapped[str] = mapped_column(String(64))
     seed: Mapped[int] = mapped_column(BigInteger)
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("artifacts.id", ondelete="SET NULL", name="fk_artifacts_parent"),
+        default=None,
+        comment="the image this one was made from",
+    )
+    adherence: Mapped[float | None] = mapped_column(
+        Float, default=None, comment="how well the image's edges follow its plan's (F-score, 0-1)"
+    )
+    picked_at: Mapped[datetime | None] = mapped_column(default=None, comment="when a draft was picked for a final")
     url: Mapped[str] = mapped_column(String(2048))
     sidecar_url: Mapped[str] = mapped_column(String(2048))
     width: Mapped[int] = mapped_column(Integer)
@@ -178,7 +207,7 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (
-        UniqueConstraint("job_id", "plan_digest", "style", "seed", name="uq_artifacts_image"),
+        UniqueConstraint("job_id", "stage", "plan_digest", "style", "seed", name="uq_artifacts_image"),
         Index("ix_artifacts_task_id", "task_id"),
     )
 

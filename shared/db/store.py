@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskFailure, TaskStatus, Worker
+from shared.db.models import Artifact, FailureKind, Job, JobKind, PickGate, Task, TaskFailure, TaskStatus, Worker
 from shared.db.status import JobStatus, job_status
 from shared.spec import JobSpec
 from shared.training import TrainingSpec
@@ -69,6 +69,7 @@ def add_job(
             output_url=output_url,
             queue=queue,
             owner=owner,
+            gate=PickGate.OPEN if isinstance(spec, JobSpec) and spec.staged else None,
         )
     )
     session.flush()
@@ -79,9 +80,10 @@ def claim_task(session: Session, task_id: str, worker: str) -> bool:
     return _transition(session, task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING, **_claimed(worker))
 
 
-def claim_more(session: Session, job_id: str, worker: str, limit: int) -> list[str]:
-    """Up to `limit` more queued tasks of a job for `worker` to render in the same call, in expansion order,
-    none that is waiting out a delay. Their own messages find them taken (or done) and do nothing."""
+def claim_more(session: Session, job_id: str, worker: str, limit: int, stage: str | None = None) -> list[str]:
+    """Up to `limit` more queued tasks of a job's `stage` (drafts and finals render at different sizes) for
+    `worker` to render in the same call, in expansion order, none that is waiting out a delay. Their own
+    messages find them taken (or done) and do nothing."""
     ids = list(
         session.scalars(
             select(Task.id)
@@ -89,6 +91,7 @@ def claim_more(session: Session, job_id: str, worker: str, limit: int) -> list[s
             .where(
                 Task.job_id == job_id,
                 Task.status == TaskStatus.QUEUED,
+                Task.stage.is_(None) if stage is None else Task.stage == stage,
                 Task.due_at <= db_now(),
                 Job.paused_at.is_(None),
             )
@@ -292,13 +295,15 @@ def live_nodes(session: Session, queue: str) -> set[str]:
 
 
 def cancel_job(session: Session, job_id: str) -> int | None:
-    """Mark the job cancelled and cancel its queued tasks; running ones stop at their next step.
+    """Mark the job cancelled and cancel its queued tasks; running ones stop at their next step; a staged job's
+    gate closes.
 
-    Returns the tasks cancelled now, or None when the job had nothing left to run (it stays as it ended)."""
+    Returns the tasks cancelled now, or None when the job had nothing left to run and no gate open (it stays
+    as it ended)."""
     in_flight = session.scalar(
         select(func.count()).select_from(Task).where(Task.job_id == job_id, Task.status.in_(IN_FLIGHT))
     )
-    if not in_flight:
+    if not close_gate(session, job_id) and not in_flight:
         return None
     session.execute(update(Job).where(Job.id == job_id, Job.cancelled_at.is_(None)).values(cancelled_at=db_now()))
     result = session.execute(
@@ -308,6 +313,15 @@ def cancel_job(session: Session, job_id: str) -> int | None:
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def close_gate(session: Session, job_id: str) -> bool:
+    """Close a staged job's pick gate: no more picks, and the job ends once its finals do. False when it was not
+    open (closed already, by a person, a cancel or another worker's rule, or no stages)."""
+    closed = session.execute(
+        update(Job).where(Job.id == job_id, Job.gate == PickGate.OPEN).values(gate=PickGate.CLOSED)
+    )
+    return bool(closed.rowcount)  # type: ignore[attr-defined]
 
 
 def retry_job(session: Session, job_id: str) -> list[str]:
@@ -385,7 +399,12 @@ def task_counts(session: Session, job_id: str) -> dict[TaskStatus, int]:
 
 def status_of(session: Session, job: Job) -> tuple[JobStatus, dict[TaskStatus, int]]:
     counts = task_counts(session, job.id)
-    return job_status(counts, job.cancelled_at is not None, job.paused_at is not None), counts
+    return status_from(job, counts), counts
+
+
+def status_from(job: Job, counts: dict[TaskStatus, int]) -> JobStatus:
+    """A job row's status given its task counts."""
+    return job_status(counts, job.cancelled_at is not None, job.paused_at is not None, job.gate is PickGate.OPEN)
 
 
 def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
@@ -395,8 +414,11 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     dialect = session.get_bind().dialect.name
     stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Artifact).values(list(rows))
     stmt = stmt.on_conflict_do_update(
-        index_elements=["job_id", "plan_digest", "style", "seed"],
-        set_={c: stmt.excluded[c] for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes")},
+        index_elements=["job_id", "stage", "plan_digest", "style", "seed"],
+        set_={
+            c: stmt.excluded[c]
+            for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes", "adherence", "parent_id")
+        },
     )
     session.execute(stmt)
 

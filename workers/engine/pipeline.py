@@ -28,7 +28,9 @@ from diffusers import (
     MultiControlNetModel,
     PNDMScheduler,
     SchedulerMixin,
+    StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
@@ -87,6 +89,8 @@ class Item:
     negative_prompt: str
     seed: int
     maps: tuple[PIL.Image.Image, ...]
+    init: PIL.Image.Image | None = None
+    """The image an image-to-image call starts from (a final's enlarged draft), at the call's size."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class Request:
     compile: CompileOptions | None = None
     skip_outside_window: bool = True
     output_type: str = "pil"
+    strength: float | None = None
+    """Image-to-image: how much of each item's `init` is rendered again (1: all of it); None renders from noise."""
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,13 @@ def render_batch(
     in item order; one that does not fit alone raises torch.OutOfMemoryError. `on_step(step, total)` follows
     the denoising loop in the asked-for steps: total is `steps` and step runs up to it, also under PNDM (SD
     1.5's default), which runs one timestep more; a split batch reports each part's steps.
+
+    With `strength`, each item starts from its `init` image (diffusers' ControlNet image-to-image pipelines
+    over the same resident modules): noised to `strength` and denoised with the same ControlNets, so the
+    picture keeps the init's composition and runs about `strength × steps` steps.
     """
     units, items, compile = request.units, request.items, request.compile
-    _check(units, items, request.width, request.height, request.scheduler, request.output_type)
+    _check(units, items, request.width, request.height, request.scheduler, request.output_type, request.strength)
     components = cache.base(request.base)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
@@ -171,7 +181,7 @@ def render_batch(
     stack = (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
     chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
     # Known from the loaded modules, so pipeline class and components cannot disagree.
-    pipeline_class = _ResidentSDXL if "text_encoder_2" in components else _ResidentSD
+    pipeline_class = _PIPELINES["text_encoder_2" in components, request.strength is not None]
     guided = request.guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
 
     def run(chunk: Sequence[Item]) -> list[Any]:
@@ -182,7 +192,7 @@ def render_batch(
         with torch.inference_mode(), hints_once(nets), _vae_dtype_kept(components["vae"]):
             output = pipe(
                 **_embeddings(cache, pipe, chunk, guided),
-                image=_images(chunk),
+                **_inputs(pipe, chunk, request.strength),
                 controlnet_conditioning_scale=[unit.scale for unit in units],
                 control_guidance_start=[unit.start for unit in units],
                 control_guidance_end=[unit.end for unit in units],
@@ -232,6 +242,28 @@ def _images(chunk: Sequence[Item]) -> list[PIL.Image.Image | np.ndarray]:
     return images
 
 
+def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None) -> dict[str, Any]:
+    """The call's images as its pipeline names them: the control maps alone, or the items' starting latents,
+    the maps as `control_image`, and the strength."""
+    if strength is None:
+        return {"image": _images(chunk)}
+    return {"image": _start_latents(pipe, chunk), "control_image": _images(chunk), "strength": strength}
+
+
+def _start_latents(pipe: DiffusionPipeline, chunk: Sequence[Item]) -> torch.Tensor:
+    """Each item's start encoded by the VAE as the posterior's mean, scaled as diffusers scales latents (given
+    latents, the image-to-image pipelines take them as they are). diffusers would sample the posterior with the
+    item's generator instead: noise that is negligible for a trained VAE, larger than the picture itself for
+    an untrained one, and never part of the draft's composition. An fp16 VAE that overflows (SDXL's) encodes
+    in float32, as diffusers does; the call gives it back in its dtype (`_vae_dtype_kept`)."""
+    vae = pipe.vae
+    if vae.config.force_upcast and vae.dtype == torch.float16:
+        vae.to(dtype=torch.float32)
+    images = pipe.image_processor.preprocess([item.init for item in chunk])
+    latents = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
+    return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
 def _embeddings(cache: ModelCache, pipe: DiffusionPipeline, chunk: Sequence[Item], guided: bool) -> dict[str, Any]:
     """The call's prompt embeddings, stacked from each item's pair, encoded once per process and pair: the same
     tensors the pipeline would have made, without the text encoders running for every task."""
@@ -265,12 +297,29 @@ class _ResidentSDXL(_Resident, StableDiffusionXLControlNetPipeline):
     pass
 
 
+class _ResidentSDImg2Img(_Resident, StableDiffusionControlNetImg2ImgPipeline):
+    pass
+
+
+class _ResidentSDXLImg2Img(_Resident, StableDiffusionXLControlNetImg2ImgPipeline):
+    pass
+
+
+_PIPELINES: dict[tuple[bool, bool], type[DiffusionPipeline]] = {
+    (False, False): _ResidentSD,
+    (True, False): _ResidentSDXL,
+    (False, True): _ResidentSDImg2Img,
+    (True, True): _ResidentSDXLImg2Img,
+}
+"""By (SDXL, image-to-image)."""
+
+
 def _pipeline(
     pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: MultiControlNetModel
 ) -> DiffusionPipeline:
     """The ControlNet pipeline over cached modules: about 0.5 ms, nothing loaded or copied."""
     extra: dict[str, Any]
-    if issubclass(pipeline_class, StableDiffusionXLControlNetPipeline):
+    if issubclass(pipeline_class, StableDiffusionXLControlNetPipeline | StableDiffusionXLControlNetImg2ImgPipeline):
         extra = {"add_watermarker": False}  # the output must not depend on whether a watermark package is installed
     else:
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -329,6 +378,7 @@ def _check(
     height: int,
     scheduler: str,
     output_type: str,
+    strength: float | None = None,
 ) -> None:
     """Refuse what the pipeline would silently reinterpret (resizing control maps) or fail on deep inside."""
     if not units:
@@ -339,7 +389,11 @@ def _check(
         raise InvalidInput(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unknown output type {output_type!r}; one of {', '.join(OUTPUT_TYPES)}")
+    if strength is not None and not 0 < strength <= 1:
+        raise InvalidInput(f"strength {strength} is outside (0, 1]")
     for item in items:
+        if strength is not None and (item.init is None or item.init.size != (width, height)):
+            raise InvalidInput(f"an image-to-image render needs every image's start at {width}×{height}")
         if len(item.maps) != len(units):
             raise InvalidInput(f"an image has {len(item.maps)} control maps for {len(units)} ControlNets")
         for unit, image in zip(units, item.maps, strict=True):

@@ -1,0 +1,138 @@
+"""A staged job's pick gate: picks, the final task each one adds, and the rule that picks alone.
+
+A staged job (`JobSpec.staged`) is submitted with its drafts only and its gate open. Each pick marks a draft
+artifact and adds one final task that names it (`tasks.source_id`), sent at once, so finals render while a
+person is still choosing. The gate closes by hand (`archfarm pick --done`: `store.close_gate`), by a cancel,
+or, for `by: adherence`, once every draft has ended and the rule has picked. Every change is a conditional UPDATE or an
+insert of a deterministic id, so two pickers, or a rule run by two workers at once, add each final once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from shared.db.clock import database_time
+from shared.db.models import Artifact, Job, PickGate, Task, TaskStatus
+from shared.db.store import close_gate
+from shared.errors import InvalidInput, NotFound
+from shared.spec import JobSpec
+
+DRAFTS, FINALS = "drafts/", "finals/"
+
+
+def pick(session: Session, job_id: str, artifact_ids: Sequence[int]) -> list[str]:
+    """Pick drafts of a job whose gate is open: each gets a final task (one per draft, however often it is
+    picked). Returns the final tasks added now, to be sent. InvalidInput for a closed gate or an id that is
+    not a finished draft of this job."""
+    job = _job(session, job_id)
+    if job.gate is not PickGate.OPEN:
+        raise InvalidInput(f"job {job_id} takes no picks: {'its picks are closed' if job.gate else 'it has no stages'}")
+    wanted = list(dict.fromkeys(artifact_ids))
+    drafts = {
+        artifact.id: artifact
+        for artifact in session.scalars(
+            select(Artifact).where(Artifact.job_id == job_id, Artifact.stage == "draft", Artifact.id.in_(wanted))
+        )
+    }
+    unknown = [str(i) for i in wanted if i not in drafts]
+    if unknown:
+        raise InvalidInput(f"job {job_id} has no finished draft {', '.join(unknown[:5])}")
+    return _add_finals(session, job, [drafts[i] for i in wanted])
+
+
+def advance(session: Session, job_id: str) -> list[str]:
+    """For a job picked by rule whose drafts have all ended: pick the best drafts of each group by adherence,
+    close the gate, and return the finals added, to be sent. Nothing for any other job, or before then."""
+    job = session.get(Job, job_id)
+    if job is None or job.gate is not PickGate.OPEN or job.cancelled_at is not None:
+        return []
+    spec = JobSpec.model_validate(job.spec)
+    assert spec.pick is not None  # a gate is only ever opened for a staged job
+    if spec.pick.by != "adherence":
+        return []
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Task)
+        .where(Task.job_id == job_id, Task.stage == "draft", Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)))
+    )
+    if waiting:
+        return []
+    if not close_gate(session, job_id):
+        return []  # another worker's rule got there first
+    groups: dict[tuple[str, ...], list[Artifact]] = defaultdict(list)
+    for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.stage == "draft")):
+        groups[tuple(getattr(artifact, _COLUMN[field]) for field in spec.pick.per)].append(artifact)
+    best = [
+        artifact
+        for group in groups.values()
+        for artifact in sorted(group, key=lambda a: (-(a.adherence or 0.0), a.seed))[: spec.pick.count]
+    ]
+    return _add_finals(session, job, best)
+
+
+_COLUMN = {"plan": "plan_digest", "style": "style"}
+
+
+def final_task_id(job_id: str, draft_id: int) -> str:
+    return str(uuid.uuid5(uuid.UUID(job_id), f"final:{draft_id}"))
+
+
+def _add_finals(session: Session, job: Job, drafts: Sequence[Artifact]) -> list[str]:
+    """Mark `drafts` picked and insert a final task for each that has none; the ids inserted now."""
+    if not drafts:
+        return []
+    now = database_time(session)
+    session.execute(
+        update(Artifact)
+        .where(Artifact.id.in_([d.id for d in drafts]), Artifact.picked_at.is_(None))
+        .values(picked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    sources = {
+        row.id: row
+        for row in session.execute(
+            select(Task.id, Task.plan_url, Task.plan_name, Task.seeds, Task.outputs).where(
+                Task.id.in_({d.task_id for d in drafts})
+            )
+        )
+    }
+    ordinal = session.scalar(select(func.max(Task.ordinal)).where(Task.job_id == job.id)) or 0
+    rows = []
+    for index, draft in enumerate(drafts, start=1):
+        source = sources[draft.task_id]
+        key = source.outputs[source.seeds.index(draft.seed)]
+        rows.append(
+            {
+                "id": final_task_id(job.id, draft.id),
+                "job_id": job.id,
+                "ordinal": ordinal + index,
+                "plan_url": source.plan_url,
+                "plan_name": source.plan_name,
+                "plan_digest": draft.plan_digest,
+                "style": draft.style,
+                "seeds": [draft.seed],
+                "outputs": [FINALS + key.removeprefix(DRAFTS)],
+                "stage": "final",
+                "source_id": draft.id,
+                "status": TaskStatus.QUEUED.value,
+                "attempts": 0,
+                "created_at": now,
+                "due_at": now,
+            }
+        )
+    insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Task)
+    added = session.scalars(insert.values(rows).on_conflict_do_nothing(index_elements=["id"]).returning(Task.id))
+    return list(added)
+
+
+def _job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job

@@ -1,0 +1,181 @@
+"""Staged jobs: drafts, a pick gate and finals that keep their draft's composition; geometry adherence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer.client import Farm
+from shared.config import Settings
+from shared.db.status import JobStatus
+from shared.errors import InvalidInput
+from shared.spec import JobSpec
+from tests.models_fixture import PLAN_A, PLAN_B, tiny_render
+
+PROFILE = {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 4, "controls": [{"kind": "canny"}]}
+STAGES = {
+    "draft": {"steps": 2},
+    "pick": {"by": "hand"},
+    "final": {"scale": 2, "strength": 0.5},
+}
+
+
+def _settings(tmp_path: Path, models_dir: Path) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        models_dir=models_dir,
+        broker_url=None,
+        storage_url=str(tmp_path / "renders"),
+    )
+
+
+def test_stages_come_together_and_a_final_fits_the_size_limit() -> None:
+    job = {"plans": ["a.png"], "styles": ["modern"], "seeds": [1], "profile": PROFILE}
+    with pytest.raises(InvalidInput, match="draft, pick and final together"):
+        JobSpec.from_document({**job, "draft": {"width": 64}})
+    with pytest.raises(InvalidInput, match="over 2048"):
+        JobSpec.from_document({**job, **STAGES, "draft": {"width": 1024, "height": 1024}, "final": {"scale": 4}})
+    spec = JobSpec.from_document({**job, **STAGES, "draft": {"width": 96, "height": 64, "steps": 2}})
+    draft, final = spec.stage_profile("draft"), spec.stage_profile("final")
+    assert (draft.width, draft.height, draft.steps) == (96, 64, 2)
+    assert (final.width, final.height, final.steps) == (192, 128, 4)  # the profile's steps: full quality
+
+
+@pytest.mark.slow
+def test_a_final_keeps_its_drafts_composition(models_dir: Path) -> None:
+    """A final (its draft enlarged and rendered again image-to-image on maps at the final size) keeps the draft's
+    layout: compared at 16×16 (composition, not detail), it stays closer to the enlarged draft than a fresh
+    render at the final size with the same seed does, and closer the lower its strength. (Strength 0.3: the
+    tiny UNet is untrained, so each denoising step scrambles more than a real one would.)"""
+    import torch
+
+    from workers.engine.models import ModelCache
+    from workers.engine.pipeline import ControlInput, Item, Request, Unit, render_batch
+
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    common = dict(base="tiny-sd15", net="tiny-canny", seeds=[7], steps=8, guidance_scale=1.0)
+    (draft,) = tiny_render(cache, **common).images
+    enlarged = draft.resize((128, 128), Image.Resampling.LANCZOS)
+    big_map = PLAN_A.resize((128, 128), Image.Resampling.NEAREST)
+    controls = [ControlInput("tiny-canny", big_map, 1.0, 0.0, 1.0)]
+    (fresh,) = tiny_render(cache, **common, controls=controls, width=128, height=128).images
+
+    def final(strength: float) -> Image.Image:
+        item = Item("a bright living room, oak floor", "blurry", 7, (big_map,), enlarged)
+        request = Request(
+            base="tiny-sd15",
+            units=[Unit("tiny-canny", 1.0, 0.0, 1.0)],
+            items=[item],
+            steps=8,
+            guidance_scale=1.0,
+            width=128,
+            height=128,
+            strength=strength,
+        )
+        (image,) = render_batch(cache, request).images
+        assert image.size == (128, 128)
+        return image
+
+    def layout_distance(image: Image.Image) -> float:
+        small = [np.asarray(i.resize((16, 16), Image.Resampling.BOX), np.float32) for i in (image, enlarged)]
+        return float(np.abs(small[0] - small[1]).mean())
+
+    kept, looser = layout_distance(final(0.3)), layout_distance(final(0.7))
+    assert kept < 0.8 * layout_distance(fresh)
+    assert kept < looser
+
+
+def test_adherence_scores_edges_against_the_maps() -> None:
+    from workers.adherence import adherence
+
+    own = PLAN_A.resize((128, 128), Image.Resampling.NEAREST)
+    other = PLAN_B.resize((128, 128), Image.Resampling.NEAREST)
+    assert adherence(own, own) == pytest.approx(1.0)
+    assert adherence(own, other) < 0.5
+    assert adherence(Image.new("RGB", (128, 128), "white"), own) == 0.0
+
+
+@pytest.mark.slow
+def test_a_render_adheres_more_to_its_own_plan_than_to_another(models_dir: Path) -> None:
+    """Renders of the demo's trained plan ControlNet, each scored against the map it was made with and against
+    the other plan's: their own scores higher, every seed."""
+    import torch
+
+    from workers.adherence import adherence
+    from workers.engine.models import ModelCache
+    from workers.engine.pipeline import ControlInput
+
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    maps = [plan.resize((128, 128), Image.Resampling.NEAREST) for plan in (PLAN_A, PLAN_B)]
+    for own, other in (maps, maps[::-1]):
+        controls = [ControlInput("tiny-plan", own, 1.0, 0.0, 1.0)]
+        renders = tiny_render(
+            cache, base="tiny-sd15", net="tiny-plan", controls=controls, seeds=[1, 2, 3], width=128, height=128
+        ).images
+        scores = [(adherence(image, own), adherence(image, other)) for image in renders]
+        assert all(mine > theirs + 0.2 for mine, theirs in scores), scores
+
+
+@pytest.mark.slow
+def test_picks_render_finals_from_their_drafts_and_done_ends_the_job(
+    tmp_path: Path, models_dir: Path, example_plan: Path
+) -> None:
+    """The embedded path end to end: drafts render, the job waits for a pick, each pick renders a final whose
+    sidecar names its draft, and `done` ends the job."""
+    job = {"plans": [str(example_plan)], "styles": ["modern"], "seeds": {"count": 4}, "profile": PROFILE, **STAGES}
+    with Farm(_settings(tmp_path, models_dir)) as farm:
+        job_id = farm.submit(job)
+        view = farm.status(job_id)
+        assert view.status is JobStatus.WAITING_FOR_PICK
+        drafts = farm.results(job_id)
+        assert [(a.stage, a.width, a.picked) for a in drafts] == [("draft", 64, False)] * 4
+        assert all(a.adherence is not None and 0 <= a.adherence <= 1 for a in drafts)
+        chosen = [drafts[0].id, drafts[2].id]
+        assert len(farm.pick(job_id, chosen)) == 2
+        assert farm.pick(job_id, [drafts[0].id]) == []  # a draft picked twice has one final
+        assert farm.status(job_id).status is JobStatus.WAITING_FOR_PICK
+        with pytest.raises(InvalidInput, match="no finished draft"):
+            farm.pick(job_id, [10_000])
+        finals = [a for a in farm.results(job_id) if a.stage == "final"]
+        assert sorted(a.parent_id for a in finals) == sorted(chosen)  # type: ignore[type-var]
+        assert all((a.width, a.height) == (128, 128) for a in finals)
+        for final in finals:
+            sidecar = json.loads(Path(final.sidecar_url.removeprefix("file://")).read_text())
+            draft = next(a for a in drafts if a.id == final.parent_id)
+            assert (sidecar["stage"], sidecar["source"]["artifact"], sidecar["source"]["url"]) == (
+                "final",
+                draft.id,
+                draft.url,
+            )
+            assert sidecar["seed"] == draft.seed and sidecar["source"]["strength"] == 0.5
+        farm.pick(job_id, done=True)
+        assert farm.status(job_id).status is JobStatus.SUCCEEDED
+        with pytest.raises(InvalidInput, match="picks are closed"):
+            farm.pick(job_id, [drafts[1].id])
+
+
+@pytest.mark.slow
+def test_a_rule_picks_the_best_drafts_by_adherence_and_a_waiting_job_cancels(
+    tmp_path: Path, models_dir: Path, example_plan: Path
+) -> None:
+    rule = {**STAGES, "pick": {"by": "adherence", "per": ["plan"], "count": 2}}
+    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": [1, 2], "profile": PROFILE}
+    with Farm(_settings(tmp_path, models_dir)) as farm:
+        job_id = farm.submit({**job, **rule})
+        assert farm.status(job_id).status is JobStatus.SUCCEEDED  # drafts, the rule's pick and finals: one call
+        artifacts = farm.results(job_id)
+        drafts = sorted((a for a in artifacts if a.stage == "draft"), key=lambda a: -(a.adherence or 0))
+        finals = [a for a in artifacts if a.stage == "final"]
+        assert {a.parent_id for a in finals} == {a.id for a in drafts[:2]}  # one group (plan): its best two
+        assert {a.id for a in drafts if a.picked} == {a.id for a in drafts[:2]}
+
+        waiting = farm.submit({**job, **STAGES})
+        assert farm.status(waiting).status is JobStatus.WAITING_FOR_PICK
+        assert farm.cancel(waiting) == 0
+        assert farm.status(waiting).status is JobStatus.CANCELLED
+        with pytest.raises(InvalidInput, match="picks are closed"):
+            farm.pick(waiting, [farm.results(waiting)[0].id])
