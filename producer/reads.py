@@ -98,9 +98,10 @@ def job_view(
         paused=row.paused_at is not None,
         owner=row.owner,
         pool=row.spec.get("pool"),
-        images_total=_images_total(row),
+        images_total=_images_total(row) + _finals(session, row),
         images_done=images_done or 0,
         training=_training(session, row),
+        pick_gate=row.gate,
     )
     return _with_eta(view, started, now)
 
@@ -211,7 +212,12 @@ def sheet_page(
     found = found.where(Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles))
     if seeds is not None:
         found = found.where(Artifact.seed.in_(columns))
-    images = {(a.plan_digest, a.style, a.seed): ArtifactView.of(a, plan) for a, plan in session.execute(found)}
+    images: dict[tuple[str, str, int], ArtifactView] = {}
+    finals: dict[tuple[str, str, int], ArtifactView] = {}
+    for artifact, plan in session.execute(found):
+        (finals if artifact.stage == "final" else images)[(artifact.plan_digest, artifact.style, artifact.seed)] = (
+            ArtifactView.of(artifact, plan)
+        )
     states: dict[tuple[str, str, int], str] = {}
     for digest, style, task_seeds, status in session.execute(
         select(Task.plan_digest, Task.style, Task.seeds, Task.status).where(
@@ -219,6 +225,7 @@ def sheet_page(
             Task.status.in_((TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED)),
             Task.plan_digest.in_(digests),
             Task.style.in_(styles),
+            or_(Task.stage.is_(None), Task.stage != "final"),  # a cell's state is its draft's
         )
     ):
         states.update({(digest, style, seed): status.value for seed in task_seeds})
@@ -227,7 +234,7 @@ def sheet_page(
             plan,
             style,
             [
-                Cell(seed, "rendered", image)
+                Cell(seed, "rendered", image, finals.get((digest, style, seed)))
                 if (image := images.get((digest, style, seed)))
                 else Cell(seed, states.get((digest, style, seed), TaskStatus.QUEUED.value))
                 for seed in columns
@@ -236,7 +243,8 @@ def sheet_page(
         )
         for digest, plan, style in page
     ]
-    return Sheet(row.id, row.name, columns, grid, row_offset, rows_total, seed_offset, len(every_seed))
+    picking = row.gate is PickGate.OPEN
+    return Sheet(row.id, row.name, columns, grid, row_offset, rows_total, seed_offset, len(every_seed), picking)
 
 
 def _images_total(job: Job) -> int:
@@ -244,6 +252,14 @@ def _images_total(job: Job) -> int:
     if job.kind is not JobKind.RENDER:
         return 0
     return len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec))
+
+
+def _finals(session: Session, job: Job) -> int:
+    """The finals a staged job's picks have added so far (one image each); none for other jobs."""
+    if job.gate is None:
+        return 0
+    count = select(func.count()).select_from(Task).where(Task.job_id == job.id, Task.stage == "final")
+    return session.scalar(count) or 0
 
 
 def _training(session: Session, job: Job) -> TrainingProgress | None:

@@ -4,11 +4,12 @@ client can be generated from it, and FastAPI checks each answer against its mode
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from producer.dashboard import MAX_ROW_ID
 from producer.views import ArtifactView, JobView
 from shared.db.status import JobStatus
 
@@ -41,6 +42,17 @@ class Results(BaseModel):
 
 class Priority(_Request):
     priority: int = Field(ge=0, le=100, description="higher runs first")
+
+
+class PickRequest(_Request):
+    artifacts: list[Annotated[int, Field(ge=1, le=MAX_ROW_ID)]] = Field(
+        default_factory=list, max_length=1000, description="ids of finished drafts to render as finals"
+    )
+    done: bool = Field(False, description="close the picks: the job ends with its finals")
+
+
+class PickAction(JobView):
+    finals: list[str] = Field(description="the final tasks this pick added (a draft picked before adds none)")
 
 
 class UploadRequest(_Request):

@@ -34,6 +34,9 @@ class Cell:
     state: str
     """`rendered`, or its task's state while it has no image: `queued`, `running`, `failed`, `cancelled`."""
     artifact: ArtifactView | None = None
+    """The image (a staged job's draft)."""
+    final: ArtifactView | None = None
+    """A staged job's final of this draft, once rendered."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Sheet:
     rows_total: int
     seed_offset: int
     seeds_total: int
+    picking: bool = False
+    """A staged job that takes picks: its drafts can be chosen for finals."""
 
     @property
     def artifacts(self) -> list[ArtifactView]:
@@ -81,7 +86,12 @@ class Sheet:
                     "plan_digest": row.plan_digest,
                     "style": row.style,
                     "cells": [
-                        {"seed": c.seed, "state": c.state, "artifact": c.artifact.id if c.artifact else None}
+                        {
+                            "seed": c.seed,
+                            "state": c.state,
+                            "artifact": c.artifact.id if c.artifact else None,
+                            "final": c.final.id if c.final else None,
+                        }
                         for c in row.cells
                     ],
                 }

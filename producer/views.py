@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.db.clock import aware
-from shared.db.models import Artifact, TaskStatus, Worker
+from shared.db.models import Artifact, PickGate, TaskStatus, Worker
 from shared.db.status import JobStatus
 
 WorkerState = Literal["live", "stale", "dead", "stopped"]
@@ -78,6 +78,9 @@ class JobView(View):
     images_total: int = 0
     images_done: int = Field(0, description="images stored so far (a task's images count as they are recorded)")
     training: TrainingProgress | None = Field(None, description="training jobs only")
+    pick_gate: PickGate | None = Field(
+        None, description="a staged job's pick gate: open (picks are taken) or closed; null for a single-pass job"
+    )
 
     @property
     def done(self) -> int:

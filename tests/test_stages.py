@@ -179,3 +179,83 @@ def test_a_rule_picks_the_best_drafts_by_adherence_and_a_waiting_job_cancels(
         assert farm.status(waiting).status is JobStatus.CANCELLED
         with pytest.raises(InvalidInput, match="picks are closed"):
             farm.pick(waiting, [farm.results(waiting)[0].id])
+
+
+# --- on a farm: real workers, Redis, PostgreSQL, S3 -------------------------------------------------------------
+
+SLOW_FINALS = {
+    "profile": {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 24, "controls": [{"kind": "canny"}]},
+    "draft": {"width": 64, "height": 64, "steps": 4},
+    "pick": {"by": "hand"},
+    "final": {"scale": 4, "strength": 0.5},
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_staged_job_on_two_workers_picks_from_the_cli_and_survives_a_kill_during_its_finals(
+    farm: Farm, farm_env: dict[str, str], start_workers, example_plan: Path, s3_server, s3_bucket: str
+) -> None:
+    """8 drafts on two workers; two picks from the CLI; a worker's pool process SIGKILLed while a final renders;
+    both finals once each, their sidecars naming their drafts; `--done` ends the job; cancel while waiting."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sqlalchemy import func, select
+
+    from shared.db.models import Artifact, Task
+    from tests.processes import children_of, wait_for_value
+    from tests.test_farm import pid_of, running_task
+
+    start_workers("cpu:1")
+    start_workers("cpu:1")
+    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 4}, **SLOW_FINALS}
+    job_id = farm.submit(job)
+    assert farm.wait(job_id, timeout=180).status is JobStatus.WAITING_FOR_PICK
+    drafts = farm.results(job_id)
+    assert len(drafts) == 8 and {(a.stage, a.width) for a in drafts} == {("draft", 64)}
+    chosen = [drafts[1].id, drafts[6].id]
+
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args],
+            env={**os.environ, **farm_env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "2 final(s) added" in cli("pick", job_id, *map(str, chosen))
+    task = wait_for_value(lambda: running_task(farm, job_id), 60, "a final to start")
+    (child,) = children_of(pid_of(farm, task[1]))
+    os.kill(child, signal.SIGKILL)
+    wait_for_value(lambda: farm.status(job_id).counts["succeeded"] == 10 or None, 300, "both finals, one after a kill")
+    assert farm.status(job_id).status is JobStatus.WAITING_FOR_PICK  # still open for more picks
+    assert "succeeded" in cli("pick", job_id, "--done")
+    assert farm.status(job_id).status is JobStatus.SUCCEEDED
+    finals = [a for a in farm.results(job_id) if a.stage == "final"]
+    assert sorted(a.parent_id or 0 for a in finals) == sorted(chosen) and {a.width for a in finals} == {256}
+    with farm.sessions() as session:  # one row per final, however often it was delivered
+        assert session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)) == 10
+        assert session.scalar(select(Task.attempts).where(Task.id == task[0])) >= 2  # the killed one, again
+    for final in finals:
+        key = final.sidecar_url.split(f"{s3_bucket}/", 1)[1]
+        sidecar = json.loads(s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        draft = next(a for a in drafts if a.id == final.parent_id)
+        assert (sidecar["source"]["artifact"], sidecar["source"]["url"], sidecar["seed"]) == (
+            draft.id,
+            draft.url,
+            draft.seed,
+        )
+        assert key.split("/", 2)[2].startswith("finals/")
+
+    waiting = farm.submit({**job, "seeds": [9]})
+    assert farm.wait(waiting, timeout=120).status is JobStatus.WAITING_FOR_PICK
+    assert "cancelled" in cli("cancel", waiting)
+    assert farm.status(waiting).status is JobStatus.CANCELLED

@@ -1,5 +1,5 @@
-"""Jobs over HTTP: submit (any kind), list, watch, change (cancel, retry, pause, resume, priority), and read what
-a job made: its results with download links, its contact sheet, its plans."""
+"""Jobs over HTTP: submit (any kind), list, watch, change (cancel, retry, pause, resume, priority, pick), and read
+what a job made: its results with download links, its contact sheet, its plans."""
 
 from __future__ import annotations
 
@@ -96,6 +96,20 @@ def resume(request: Request, job_id: str) -> dict[str, Any]:
 @router.post("/jobs/{job_id}/priority", response_model=schemas.JobAction)
 def priority(request: Request, job_id: str, body: schemas.Priority) -> dict[str, Any]:
     return _change(request, job_id, lambda client: client.set_priority(job_id, body.priority))
+
+
+@router.post("/jobs/{job_id}/pick", response_model=schemas.PickAction)
+def pick(request: Request, job_id: str, body: schemas.PickRequest) -> dict[str, Any]:
+    """Pick drafts of a staged job waiting for picks (each is rendered again at full quality), and/or close
+    its picks. Any number of times while it waits."""
+    if not body.artifacts and not body.done:
+        raise InvalidInput("name drafts to pick (`artifacts`), or set `done`")
+    client = farm(request)
+    if client.settings.broker_url is None:
+        raise ConfigError("no broker configured: the API only queues work for workers")
+    owned(request, job_id)
+    finals = client.pick(job_id, body.artifacts, done=body.done)
+    return {**client.status(job_id).model_dump(), "finals": finals}
 
 
 @router.get("/jobs/{job_id}/results", response_model=schemas.Results)

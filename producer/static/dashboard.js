@@ -101,6 +101,22 @@ document.addEventListener("click", (event) => {
     post(button.dataset.post);
     return;
   }
+  const pick = event.target.closest("button[data-pick], button[data-pick-done]");
+  if (pick) {
+    event.preventDefault();
+    if (pick.dataset.confirm && !window.confirm(pick.dataset.confirm)) return;
+    if ("pickDone" in pick.dataset) {
+      post(pick.dataset.pickDone, { done: true });
+      return;
+    }
+    const chosen = [...document.querySelectorAll("input[data-pick]:checked:not(:disabled)")].map((box) => Number(box.value));
+    if (!chosen.length) {
+      flash("Tick the drafts to finish first.");
+      return;
+    }
+    post(pick.dataset.pick, { artifacts: chosen });
+    return;
+  }
   const link = event.target.closest("a[data-artifact]");
   if (link && !(event.ctrlKey || event.metaKey || event.shiftKey)) {
     event.preventDefault();
