@@ -4,7 +4,8 @@ A job's `notify:` (or the farm's `ARCHFARM_NOTIFY_URLS`) names URLs that get one
 
 - `finished`: the job ended, however it ended (succeeded, partially_succeeded, failed, cancelled);
 - `failed`: the job ended failed or partially_succeeded;
-- `first_failure`: a task of the job failed for good (retries exhausted), while the others may still run.
+- `first_failure`: a task of the job failed for good (retries exhausted), while the others may still run;
+- `pick_needed`: a staged job's drafts are done and it waits for a person to pick (once per run).
 
 The body is fixed when the event happens, so every attempt sends the same bytes; it is signed with
 HMAC-SHA256 under `ARCHFARM_NOTIFY_SECRET` and carries a delivery id that stays the same across attempts,
@@ -21,7 +22,7 @@ from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-Event = Literal["finished", "failed", "first_failure"]
+Event = Literal["finished", "failed", "first_failure", "pick_needed"]
 
 SHEET_PATH = "/ui/jobs/{job_id}"
 """A job's contact sheet in the dashboard, under `ARCHFARM_PUBLIC_URL`."""

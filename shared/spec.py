@@ -275,9 +275,9 @@ class Notify(_Strict):
     events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS),
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="finished (the job ended, however), failed (ended failed or partially_succeeded), "
-        "first_failure (a task failed for good)",
+        "first_failure (a task failed for good), pick_needed (a staged job's drafts wait for a pick)",
     )
 
     @field_validator("urls")

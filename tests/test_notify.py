@@ -199,7 +199,7 @@ def test_notify_in_a_job_is_validated() -> None:
         ({"urls": ["https://a/x", "https://a/x"]}, "notify.urls: a URL is named twice"),
         ({"urls": [f"https://a/{i}" for i in range(6)]}, "notify.urls: List should have at most 5 items"),
         ({"urls": []}, "notify.urls: List should have at least 1 item"),
-        ({"urls": ["https://a/x"], "events": ["done"]}, "notify.events.0: should be 'finished', 'failed' or"),
+        ({"urls": ["https://a/x"], "events": ["done"]}, "notify.events.0: should be 'finished', 'failed', 'first_failure' or"),
         ({"urls": ["https://a/x"], "events": ["failed", "failed"]}, "notify.events: an event is named twice"),
         ({"urls": ["https://a/x"], "when": "always"}, "notify.when: unknown field"),
     ]:
@@ -510,3 +510,36 @@ def test_a_worker_killed_as_its_job_ends_loses_no_notification(
     held = receiver.received[0]
     assert held.status == 500  # answered once its sender was dead: never taken either way
     assert rows(farm.sessions, job_id)[("finished", receiver.url(held.path))].attempts >= 2
+
+
+def test_a_staged_job_tells_once_it_waits_for_a_pick_and_finishes_only_when_picking_is_done(
+    tmp_path: Path, example_plan: Path, models_dir: Path, receiver
+) -> None:
+    from producer.client import Farm
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        models_dir=models_dir,
+        device="cpu",
+        broker_url=None,
+        storage_url=str(tmp_path / "out"),
+        notify_secret=SECRET,
+    )
+    job = {
+        "plans": [str(example_plan)],
+        "styles": ["modern"],
+        "seeds": [1, 2],
+        "profile": {"base": "tiny-sd15", "width": 64, "height": 64, "steps": 2, "controls": [{"kind": "canny"}]},
+        "draft": {"steps": 1},
+        "pick": {"by": "hand"},
+        "final": {"scale": 1, "strength": 0.5},
+        "notify": {"urls": [receiver.url("/hook")], "events": ["pick_needed", "finished"]},
+    }
+    with Farm(settings) as farm:
+        job_id = farm.submit(job)
+        assert [r.payload["job"]["status"] for r in receiver.answered("/hook", "pick_needed")] == ["waiting_for_pick"]
+        assert receiver.answered("/hook", "finished") == []  # waiting is not an end
+        farm.pick(job_id, [farm.results(job_id)[0].id])
+        assert len(receiver.answered("/hook", "pick_needed")) == 1 and receiver.answered("/hook", "finished") == []
+        farm.pick(job_id, done=True)
+    assert [r.payload["job"]["status"] for r in receiver.answered("/hook", "finished")] == ["succeeded"]

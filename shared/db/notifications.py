@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import Exists
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Job, Notification, NotificationState, Task, TaskStatus
+from shared.db.models import Job, Notification, NotificationState, PickGate, Task, TaskStatus
 from shared.db.status import JobStatus
 from shared.db.store import IN_FLIGHT, MAX_ERROR_CHARS, status_of
 from shared.notify import body
@@ -83,10 +83,14 @@ def rearm(session: Session, job_id: str) -> None:
 
 def verdict(event: str, outcome: JobStatus | None, failed: bool) -> bool | None:
     """Whether `event` happened (True), never will in this run (False) or may yet (None); `outcome` is the
-    job's status once nothing is queued or running (else None), `failed` whether a task failed for good."""
+    job's status once nothing is queued or running (else None), `failed` whether a task failed for good. A
+    staged job waiting for a pick has not ended: only `pick_needed` happens then."""
+    ended = outcome is not None and outcome.ended
     if event == "first_failure":
-        return True if failed else (False if outcome is not None else None)
-    if outcome is None:
+        return True if failed else (False if ended else None)
+    if event == "pick_needed":
+        return True if outcome is JobStatus.WAITING_FOR_PICK else (False if ended else None)
+    if not ended:
         return None
     return event == "finished" or outcome in (JobStatus.FAILED, JobStatus.PARTIALLY_SUCCEEDED)
 
@@ -108,15 +112,18 @@ def noticeable(session: Session, limit: int) -> list[str]:
     def tasks_in(statuses: tuple[TaskStatus, ...]) -> Exists:
         return exists().where(Task.job_id == Notification.job_id, Task.status.in_(statuses))
 
+    # A job waiting for a pick has nothing in flight, yet only its `pick_needed` may have happened: its other
+    # events are left out, so that jobs waiting for days never crowd out the ones that ended.
+    still = and_(
+        ~tasks_in(IN_FLIGHT), or_(Job.gate.is_distinct_from(PickGate.OPEN), Notification.event == "pick_needed")
+    )
     return list(
         session.scalars(
             select(Notification.job_id)
+            .join(Job, Job.id == Notification.job_id)
             .where(
                 Notification.state == State.ARMED,
-                or_(
-                    ~tasks_in(IN_FLIGHT),
-                    and_(Notification.event == "first_failure", tasks_in((TaskStatus.FAILED,))),
-                ),
+                or_(still, and_(Notification.event == "first_failure", tasks_in((TaskStatus.FAILED,)))),
             )
             .distinct()
             .limit(limit)
