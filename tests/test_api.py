@@ -551,6 +551,29 @@ def test_priority_takes_an_integer_from_0_to_100_and_nothing_else(api: TestClien
     assert changed.status_code == 200 and changed.json()["priority"] == 90 and changed.json()["sent"] == 4
 
 
+def test_a_pick_takes_draft_ids_of_a_staged_job_and_nothing_else(api: TestClient, s3_plan: str) -> None:
+    """Bad picks are refused before anything changes: not a staged job, ids that are no drafts of this job (also
+    past 2⁶³), an empty pick; nothing is queued by them."""
+    plain = api.post("/jobs", json=job(s3_plan)).json()["id"]
+    refused = api.post(f"/jobs/{plain}/pick", json={"artifacts": [1]})
+    assert refused.status_code == 422 and "it has no stages" in refused.json()["detail"]
+    stages = {"draft": {"steps": 1}, "pick": {"by": "hand"}, "final": {"scale": 2}}
+    staged = api.post("/jobs", json=job(s3_plan, **stages)).json()
+    assert staged["pick_gate"] == "open" and staged["total"] == 4
+    for body, message in (
+        ({"artifacts": [2**63]}, "body.artifacts.0: "),
+        ({"artifacts": ["1"]}, "body.artifacts.0: "),
+        ({}, "name drafts to pick"),
+        ({"artifacts": [1]}, "has no finished draft 1"),  # no draft has rendered: no worker runs
+        ({"artifacts": [1], "now": True}, "body.now: unknown field"),
+    ):
+        answer = api.post(f"/jobs/{staged['id']}/pick", json=body)
+        assert answer.status_code == 422 and message in answer.json()["detail"], (body, answer.json())
+    assert api.get(f"/jobs/{staged['id']}").json()["total"] == 4  # no final was added
+    closed = api.post(f"/jobs/{staged['id']}/pick", json={"done": True})
+    assert closed.status_code == 200 and closed.json()["pick_gate"] == "closed" and closed.json()["finals"] == []
+
+
 def test_a_plan_is_served_by_its_digest_from_where_its_tasks_read_it(
     api: TestClient, s3_plan: str, s3_server, s3_bucket: str, example_plan: Path
 ) -> None:

@@ -268,3 +268,44 @@ def test_a_page_of_another_port_cannot_change_a_job_while_the_dashboard_can_and_
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(replayed, timeout=10)  # loopback
     assert refused.value.code == 401
+
+
+def test_pick_two_drafts_on_the_sheet_render_their_finals_and_close_the_picks(
+    browser: Any, farm: Farm, start_workers, dashboard: str, example_plan: Path, tmp_path: Path
+) -> None:
+    """A staged job waits for a pick; two drafts ticked on its contact sheet and one button render their finals
+    (through `POST /jobs/{id}/pick`), which appear beside their drafts; `Done picking` ends the job."""
+    start_workers("cpu:1")
+    staged = {
+        **job(example_plan, "staged"),
+        "draft": {"steps": 2},
+        "pick": {"by": "hand"},
+        "final": {"scale": 2, "strength": 0.5},
+    }
+    job_id = farm.submit(staged)
+    assert farm.wait(job_id, timeout=120).status is JobStatus.WAITING_FOR_PICK
+    with farm.sessions.begin() as session:
+        token = create_token(session, "lead", admin=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("dialog", lambda dialog: dialog.accept())
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    sign_in(page, dashboard, token)
+    page.goto(f"{dashboard}/ui/jobs/{job_id}")
+    page.locator(".summary h1 .status").filter(has_text="waiting for pick").wait_for(timeout=10_000)
+    boxes = page.locator("table.sheet input[data-pick]")
+    assert boxes.count() == 4 and page.locator("table.sheet .adherence").count() == 4
+    boxes.nth(0).check()
+    boxes.nth(3).check()
+    page.get_by_role("button", name="Render finals of the picked drafts").click()
+    finals = page.locator("table.sheet a.final")
+    page.wait_for_function("() => document.querySelectorAll('table.sheet a.final').length === 2", timeout=120_000)
+    assert finals.count() == 2
+    page.screenshot(path=tmp_path / "picked.png", full_page=True)
+    finals.first.click()  # a final's details open like any image's
+    page.wait_for_function("() => document.querySelector('dialog#details img')?.naturalWidth === 128")
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Done picking").click()
+    page.locator(".summary h1 .status").filter(has_text="succeeded").wait_for(timeout=30_000)
+    picked = sorted(a.seed for a in farm.results(job_id) if a.stage == "final")
+    assert len(picked) == 2 and not problems
