@@ -53,6 +53,12 @@ def test_engine_quick(models_dir: Path) -> None:
     assert out["grouped_swaps"] == 1 and out["interleaved_swaps"] == 15
 
 
+def test_stages_quick(models_dir: Path) -> None:
+    out = run_bench("stages.py", "--quick", models_dir=models_dir)
+    assert positive(out["full_s"]) and positive(out["staged_s"]) and positive(out["ratio_measured"])
+    assert out["ratio_formula"] == round((16 * 0.25 * 12 + 2 * 10) / (16 * 20), 3)
+
+
 def test_train_bench_quick(models_dir: Path) -> None:
     out = run_bench(
         "train.py", "--quick", "--device", "cpu", "--tiny", "--models-dir", str(models_dir), models_dir=models_dir
