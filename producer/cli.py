@@ -455,6 +455,22 @@ def pick(
 
 
 @app.command()
+def revise(
+    artifact: Annotated[int, typer.Argument(metavar="ARTIFACT", help="The approved image's id (`archfarm results`).")],
+    mask: Annotated[str, typer.Option("--mask", help="An image, white where to re-render: path or URL.")],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="A new prompt (default: the image's own).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", metavar="N", help="Variants, from the image's seed on.")] = 1,
+    feather: Annotated[int, typer.Option("--feather", help="Pixels over which the change blends in.")] = 8,
+) -> None:
+    """Re-render only the masked region of an image, as a child job: every pixel beyond the mask's feathered
+    band stays the parent's, bit for bit. On the farm, or here without a broker."""
+    with _farm() as farm:
+        job_id = farm.submit(farm.revision(artifact, mask, prompt=prompt, seeds=seeds, feather=feather))
+        view = farm.status(job_id)
+    out.print(f"revision job {job_id} of image {artifact}: {view.status.value} → {view.output_url}", markup=False)
+
+
+@app.command()
 def pause(
     job_id: JobId,
 ) -> None:

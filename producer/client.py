@@ -12,6 +12,7 @@ a `SubmitWarning` through Python's warnings: the job is stored and will run.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from PIL import Image
 from sqlalchemy import select, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -54,7 +56,9 @@ from shared.errors import (
 )
 from shared.images import content_hash, decode_image
 from shared.kinds import Spec, load_spec, parse_spec, time_limit
-from shared.spec import JobSpec
+from shared.plans import store_input
+from shared.sidecar import Sidecar
+from shared.spec import JobSpec, parse_model
 from shared.storage import Storage, Storages
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
 from shared.training import TrainingSpec
@@ -73,6 +77,10 @@ READINESS_PREFIX = "readyz/"
 """Listed by the readiness probe: a prefix nothing is stored under, so the answer is empty and quick."""
 OPEN_STORAGES = 32
 """Storages kept open by one `Farm` (an API process serves many jobs' outputs over its life)."""
+
+
+MAX_REVISION_SEEDS = 64
+"""Variants one revision renders at most."""
 
 
 class Farm:
@@ -220,6 +228,41 @@ class Farm:
         else:
             send_tasks(self._celery, messages_for(self.sessions, self.settings, finals))
         return finals
+
+    def revision(
+        self,
+        artifact_id: int,
+        mask: str | Path | Image.Image,
+        *,
+        prompt: str | None = None,
+        seeds: int = 1,
+        feather: int = 8,
+    ) -> JobSpec:
+        """The job that renders only `mask`'s white region of an image again (and a `feather` band around it),
+        every pixel beyond the band the parent's own: `seeds` variants from the image's seed on, with its plan,
+        profile and style (its prompt replaced by `prompt`), read from its sidecar. `mask`: a path or URL, or
+        an image (stored in the farm's inputs). Submit it to render it."""
+        if not 1 <= seeds <= MAX_REVISION_SEEDS:
+            raise InvalidInput(f"seeds: {seeds} is not 1 to {MAX_REVISION_SEEDS}")
+        view = self.artifact(artifact_id)
+        meta = Sidecar.model_validate_json(self.read(view, "sidecar"))
+        if isinstance(mask, Image.Image):
+            png = io.BytesIO()
+            mask.convert("L").save(png, format="PNG")
+            mask = store_input(png.getvalue(), ".png", self.storages.open())
+        style = {**meta.style, "prompt": prompt} if prompt else meta.style
+        spec: JobSpec = parse_model(
+            JobSpec,
+            {
+                "name": f"revision-{artifact_id}",
+                "plans": [meta.plan.url],
+                "styles": [style],
+                "seeds": list(range(meta.seed, meta.seed + seeds)),
+                "profile": meta.profile,
+                "revise": {"image": view.url, "mask": str(mask), "feather": feather, "parent": artifact_id},
+            },
+        )
+        return spec
 
     def resume(self, job_id: str) -> int:
         """Let a paused job's queued tasks run; returns how many were sent."""

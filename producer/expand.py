@@ -38,12 +38,12 @@ def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_d
 
 def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
     """plans × styles × chunks of seeds, plan-major, in the order the job lists them; a staged job's are its
-    drafts, under `drafts/`, rendered with the draft's profile."""
+    drafts, under `drafts/`, rendered with the draft's profile; a revision's go under `revisions/`."""
     namespace = uuid.UUID(job_id)
     stage: Stage | None = "draft" if job.staged else None
     profile = job.stage_profile(stage)
-    profile_digest = profile.digest()
-    folder = f"{stage}s/" if stage else ""
+    profile_digest = profile.digest() if job.revise is None else job.digest()
+    folder = f"{stage}s/" if stage else ("revisions/" if job.revise else "")
     seeds = job.seed_values()
     size = profile.seeds_per_task
     chunks = [tuple(seeds[i : i + size]) for i in range(0, len(seeds), size)]

@@ -81,6 +81,7 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
                 "seeds": meta.batch_seeds,
                 "profile": meta.profile,
                 "output": str(work / "out"),
+                **({"revise": meta.revision} if meta.revision else {}),
             },
             str(sidecar_path),
         )

@@ -55,6 +55,16 @@ class PickAction(JobView):
     finals: list[str] = Field(description="the final tasks this pick added (a draft picked before adds none)")
 
 
+class ReviseRequest(_Request):
+    mask: str | None = Field(None, max_length=2048, description="s3:// URL of a mask, white where to re-render")
+    rect: list[Annotated[int, Field(ge=0, le=8192)]] | None = Field(
+        None, min_length=4, max_length=4, description="or a rectangle to re-render: left, top, right, bottom (pixels)"
+    )
+    prompt: str | None = Field(None, min_length=1, max_length=2000, description="a new prompt (default: the image's)")
+    seeds: int = Field(1, ge=1, le=64, description="variants, from the image's seed on")
+    feather: int = Field(8, ge=0, le=256, description="pixels over which the change blends in")
+
+
 class UploadRequest(_Request):
     name: str = Field(
         min_length=1, max_length=200, description="the file's name: its stem names the plan in keys and sheets"

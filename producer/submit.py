@@ -27,9 +27,11 @@ from shared.db.models import Task, TaskStatus
 from shared.db.notifications import arm
 from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
+from shared.images import decode_image
 from shared.limits import check_fits_visibility
 from shared.plans import load_plan, load_plans, stage_plans
-from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile
+from shared.revision import region
+from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile, Revise
 from shared.storage import Storages, canonical_url
 
 
@@ -85,7 +87,8 @@ def prepare(
     # The farm's default URLs are taken into the job now, so changing them later never reaches stored jobs.
     notify = spec.notify or (Notify(urls=settings.notify_urls) if settings.notify_urls else None)
     profile = _with_control_images(profile, storages, farm)
-    spec = spec.model_copy(update={"profile": profile, "notify": notify})
+    revise = None if spec.revise is None else _with_revision_inputs(spec.revise, profile, storages, farm)
+    spec = spec.model_copy(update={"profile": profile, "notify": notify, "revise": revise})
     return PreparedJob(
         id=job_id,
         spec=spec,
@@ -124,6 +127,24 @@ def _with_control_images(profile: Profile, storages: Storages, farm: bool) -> Pr
             unit = unit.model_copy(update={"image": image.url, "image_sha256": image.digest})
         units.append(unit)
     return profile.model_copy(update={"controls": units})
+
+
+def _with_revision_inputs(revise: Revise, profile: Profile, storages: Storages, farm: bool) -> Revise:
+    """Read and check a revision's parent image (the render's size) and mask (some white: something to
+    re-render), stage them for a farm and pin their content hashes into the spec, so the revision's keys
+    change with them and a worker notices if they change after the submit."""
+    (image, image_bytes), (mask, mask_bytes) = load_plan(revise.image, storages), load_plan(revise.mask, storages)
+    limit = storages.settings.max_image_pixels
+    size = decode_image(image_bytes, image.url, max_pixels=limit).size
+    if size != (profile.width, profile.height):
+        raise InvalidInput(f"revise.image is {size[0]}×{size[1]}; the profile renders {profile.width}×{profile.height}")
+    if not region(decode_image(mask_bytes, mask.url, max_pixels=limit), size).any():
+        raise InvalidInput("revise.mask: no white pixel, nothing to re-render (white marks what changes)")
+    if farm:
+        image, mask = stage_plans([image, mask], storages)
+    return revise.model_copy(
+        update={"image": image.url, "image_sha256": image.digest, "mask": mask.url, "mask_sha256": mask.digest}
+    )
 
 
 def persist(session: Session, job: PreparedJob) -> None:

@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse
 
 from shared.errors import InvalidInput, PlanError, StorageError
 from shared.images import content_hash, decode_image
-from shared.storage import Storages, canonical_url
+from shared.storage import Storage, Storages, canonical_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +75,14 @@ def stage_plans(plans: Sequence[Plan], storages: Storages) -> list[Plan]:
         data = storages.read(plan.url, max_bytes=storages.settings.max_plan_bytes)
         if content_hash(data) != plan.digest:
             raise PlanError(plan.url, "changed while the job was being submitted")
-        key = f"inputs/{plan.digest}{PurePosixPath(urlparse(plan.url).path).suffix.lower()}"
-        if not storage.exists(key):
-            storage.put(key, data, "application/octet-stream")
-        staged.append(Plan(url=storage.url(key), name=plan.name, digest=plan.digest))
+        url = store_input(data, PurePosixPath(urlparse(plan.url).path).suffix.lower(), storage)
+        staged.append(Plan(url=url, name=plan.name, digest=plan.digest))
     return staged
+
+
+def store_input(data: bytes, suffix: str, storage: Storage) -> str:
+    """`data` in the farm's storage under `inputs/DIGEST.SUFFIX`, written once (content-addressed); its URL."""
+    key = f"inputs/{content_hash(data)}{suffix}"
+    if not storage.exists(key):
+        storage.put(key, data, "application/octet-stream")
+    return storage.url(key)

@@ -95,6 +95,10 @@ class Sidecar(BaseModel):
     stage: str | None = Field(None, description="a staged job's pass: draft or final")
     source: SourceRecord | None = Field(None, description="a final's draft: its lineage, and what a re-render reads")
     adherence: float | None = Field(None, description="how well the image's edges follow its first control map (0-1)")
+    revision: dict[str, Any] | None = Field(
+        None,
+        description="a revision's parent image and mask (the job's `revise`): its lineage, and what a re-render reads",
+    )
     style: dict[str, Any]
     seed: int
     profile: dict[str, Any]

@@ -347,6 +347,29 @@ class Final(_Strict):
     strength: float = Field(0.5, gt=0.0, le=1.0, description="how much of the draft is rendered again (1: all)")
 
 
+class Revise(_Strict):
+    """A revision: an approved image rendered again only where its mask is white (and in a feathered band
+    around it), on the same plan's control maps, every pixel beyond the band the parent's own."""
+
+    image: str = Field(min_length=1, max_length=2048, description="the approved image: path, file:// or s3:// URL")
+    mask: str = Field(min_length=1, max_length=2048, description="white where to re-render: path or URL")
+    feather: int = Field(8, ge=0, le=256, description="pixels over which the new region blends into the parent")
+    parent: int | None = Field(None, ge=1, description="the parent's artifact id, for lineage")
+    image_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="set at submit")
+    mask_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="set at submit")
+
+    @field_validator("image", "mask")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if "://" in url and not url.startswith(_PLAN_SCHEMES):
+            raise ValueError(f"{url!r}: unsupported URL scheme (use a path, file:// or s3://)")
+        return url
+
+    def digest(self) -> str:
+        """What of the revision decides its images: the parent's and the mask's content, and the feather."""
+        return _digest([self.image_sha256, self.mask_sha256, self.feather])
+
+
 class JobSpec(_Strict):
     """A render job: every plan × style × seed rendered with one profile (the default kind of job)."""
 
@@ -367,6 +390,7 @@ class JobSpec(_Strict):
     draft: Draft | None = Field(None, description="a staged job's cheap pass (with `pick` and `final`)")
     pick: Pick | None = Field(None, description="how a staged job's drafts are picked for the final pass")
     final: Final | None = Field(None, description="how a staged job's picks are rendered at full quality")
+    revise: Revise | None = Field(None, description="re-render a masked region of an approved image")
 
     @classmethod
     def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:
@@ -381,7 +405,9 @@ class JobSpec(_Strict):
         return spec
 
     def digest(self) -> str:
-        """What decides its images besides plan, style and seed: the profile's digest."""
+        """What decides its images besides plan, style and seed: the profile's digest (and a revision's)."""
+        if self.revise is not None:
+            return _digest([self.profile.digest(), self.revise.digest()])
         return self.profile.digest()
 
     def references(self) -> References:
@@ -393,6 +419,8 @@ class JobSpec(_Strict):
         ]
         if self.output is not None:
             urls.append(("output", self.output))
+        if self.revise is not None:
+            urls += [("revise.image", self.revise.image), ("revise.mask", self.revise.mask)]
         hooks = [(f"notify.urls.{i}", url) for i, url in enumerate(self.notify.urls if self.notify else [])]
         return References(urls, [(f"profile.{name}", ref) for name, ref in self.profile.models()], hooks)
 
@@ -446,6 +474,8 @@ class JobSpec(_Strict):
         given = [name for name in ("draft", "pick", "final") if getattr(self, name) is not None]
         if given and len(given) < 3:
             raise ValueError("a staged job needs draft, pick and final together")
+        if given and self.revise is not None:
+            raise ValueError("a revision has no stages: it re-renders one approved image")
         if self.final is not None:
             width, height = self.final_size()
             if max(width, height) > 2048:

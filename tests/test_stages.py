@@ -259,3 +259,69 @@ def test_a_staged_job_on_two_workers_picks_from_the_cli_and_survives_a_kill_duri
     assert farm.wait(waiting, timeout=120).status is JobStatus.WAITING_FOR_PICK
     assert "cancelled" in cli("cancel", waiting)
     assert farm.status(waiting).status is JobStatus.CANCELLED
+
+
+# --- revisions ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_revision_changes_only_its_region_and_rerenders_bitwise(
+    tmp_path: Path, models_dir: Path, example_plan: Path
+) -> None:
+    """A rectangle of an approved image rendered again as a child job: beyond the feathered band every pixel is
+    the parent's, bit for bit; inside it changed; its sidecar names the parent and `rerender` gives it again."""
+    from producer.rerender import rerender
+
+    settings = _settings(tmp_path, models_dir)
+    profile = {**PROFILE, "width": 128, "height": 128}
+    with Farm(settings) as farm:
+        parent_job = farm.submit({"plans": [str(example_plan)], "styles": ["modern"], "seeds": [3], "profile": profile})
+        (parent,) = farm.results(parent_job)
+        mask = Image.new("L", (128, 128), 0)
+        mask.paste(255, (40, 40, 88, 80))
+        spec = farm.revision(parent.id, mask, prompt="a dark living room, walnut floor", seeds=2, feather=6)
+        child_job = farm.submit(spec)
+        assert farm.status(child_job).status is JobStatus.SUCCEEDED
+        revisions = farm.results(child_job)
+        old = np.asarray(Image.open(parent.url.removeprefix("file://")))
+        band = np.zeros((128, 128), bool)
+        band[40 - 7 : 80 + 7, 40 - 7 : 88 + 7] = True  # the rectangle and its 6-pixel band (and a pixel spare)
+        for revision in revisions:
+            new = np.asarray(Image.open(revision.url.removeprefix("file://")))
+            assert np.array_equal(new[~band], old[~band])  # bitwise beyond the band
+            assert np.abs(new[40:80, 40:88].astype(int) - old[40:80, 40:88]).mean() > 5  # re-rendered inside
+            assert revision.parent_id == parent.id and revision.stage == "render"
+        assert [r.seed for r in revisions] == [3, 4]
+        sidecar_path = Path(revisions[0].sidecar_url.removeprefix("file://"))
+        sidecar = json.loads(sidecar_path.read_text())
+        assert sidecar["revision"]["parent"] == parent.id and sidecar["revision"]["image"] == parent.url
+        assert sidecar["style"]["prompt"] == "a dark living room, walnut floor"
+        assert sidecar["key"].startswith("revisions/")
+    again = rerender(sidecar_path, tmp_path / "again", settings)
+    assert again.comparison.identical, again.verdict
+
+
+def test_a_revision_is_refused_before_anything_is_stored_when_its_inputs_are_wrong(
+    tmp_path: Path, example_plan: Path
+) -> None:
+    from producer.submit import prepare
+
+    blank = tmp_path / "blank.png"
+    Image.new("L", (64, 64), 0).save(blank)
+    parent = tmp_path / "parent.png"
+    Image.new("RGB", (96, 64), "white").save(parent)
+    job = {"plans": [str(example_plan)], "styles": ["modern"], "seeds": [1], "profile": PROFILE}
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'state.db'}", storage_url=str(tmp_path / "out"))
+    for revise, message in (
+        ({"image": str(parent), "mask": str(blank)}, "revise.image is 96×64; the profile renders 64×64"),
+        ({"image": str(example_plan), "mask": str(tmp_path / "none.png")}, "no such file"),
+        ({"image": "ftp://x/y.png", "mask": str(blank)}, "unsupported URL scheme"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            prepare(JobSpec.from_document({**job, "revise": revise}), settings)
+    Image.new("RGB", (64, 64), "white").save(parent)
+    with pytest.raises(InvalidInput, match="no white pixel"):
+        prepare(JobSpec.from_document({**job, "revise": {"image": str(parent), "mask": str(blank)}}), settings)
+    with pytest.raises(InvalidInput, match="a revision has no stages"):
+        JobSpec.from_document({**job, **STAGES, "revise": {"image": str(parent), "mask": str(blank)}})
+    assert not (tmp_path / "state.db").exists()

@@ -303,7 +303,8 @@ class Lifecycle:
             profile=job.profiles[stage],
             stage=stage,
             source=None if task["source_id"] is None else Source(task["source_id"], task["source_url"]),
-            strength=job.render.final.strength if stage == "final" and job.render.final else None,
+            strength=_strength(job.render, stage),
+            revise=job.render.revise,
         )
 
     def _prepare(self, held: Held) -> Prepared:
@@ -574,6 +575,14 @@ class _JobInfo:
     profiles: dict[Stage | None, Profile] = field(default_factory=dict)
     """Per pass of a staged job (None: a single-pass job's)."""
     styles: dict[str, Style] = field(default_factory=dict)
+
+
+def _strength(spec: JobSpec, stage: Stage | None) -> float | None:
+    """How much of its start a task renders again: a final at its job's strength, a revision's region whole;
+    None for a render from noise."""
+    if spec.revise is not None:
+        return 1.0
+    return spec.final.strength if stage == "final" and spec.final else None
 
 
 def _history(session: Session, task_id: str) -> History:

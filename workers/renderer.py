@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -23,8 +24,9 @@ from shared.config import Settings
 from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_path, is_url
+from shared.revision import composite, region, weights
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
-from shared.spec import Profile, Stage, Style
+from shared.spec import Profile, Revise, Stage, Style
 from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
 from workers.adherence import adherence
@@ -60,6 +62,8 @@ class Work:
     source: Source | None = None
     """A final's picked draft, which it renders again image-to-image at `strength`."""
     strength: float | None = None
+    revise: Revise | None = None
+    """A revision's parent and mask: the task renders only the mask's region of the parent."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,10 @@ class Prepared:
     preprocess_s: float
     init: Image.Image | None = None
     source_sha256: str | None = None
+    mask: Image.Image | None = None
+    """A revision's region and band, white, as the inpainting pipeline takes it."""
+    share: np.ndarray | None = None
+    """A revision's per-pixel share of the new render (`shared.revision.weights`)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,9 @@ class Renderer:
             self.maps.get(unit, work.plan_digest, plan, profile.base, profile.width, profile.height, work.plan_name)
             for unit in profile.controls
         )
+        if work.revise is not None:
+            parent, mask, share = self._revision(work, work.revise)
+            return Prepared(work, maps, time.perf_counter() - started, parent, mask=mask, share=share)
         if work.source is None:
             return Prepared(work, maps, time.perf_counter() - started)
         init, digest = self._source(work, work.source)
@@ -152,7 +163,7 @@ class Renderer:
         """Every prepared task of one profile in one call (each of its seeds an image); per task, its images."""
         profile = batch[0].work.profile
         items = [
-            Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps, task.init)
+            Item(task.work.style.prompt, task.work.style.negative_prompt, seed, task.maps, task.init, task.mask)
             for task in batch
             for seed in task.work.seeds
         ]
@@ -169,7 +180,7 @@ class Renderer:
         images = iter(result.images)
         return [
             Rendered(
-                images=[next(images) for _ in task.work.seeds],  # type: ignore[misc]
+                images=[_kept(task, next(images)) for _ in task.work.seeds],  # type: ignore[arg-type]
                 scheduler=result.scheduler,
                 models=models,
                 timings={"preprocess_s": task.preprocess_s, "render_s": render_s},
@@ -278,6 +289,25 @@ class Renderer:
         size = (work.profile.width, work.profile.height)
         return image.convert("RGB").resize(size, Image.Resampling.LANCZOS), content_hash(data)
 
+    def _revision(self, work: Work, revise: Revise) -> tuple[Image.Image, Image.Image, np.ndarray]:
+        """A revision's parent image, the mask of what the pipeline renders anew (region and band) and each
+        pixel's share of it. Both inputs are the job's own: one that cannot be read, or changed since the
+        submit, fails the job's queued tasks with it."""
+        parent = self._input("revise.image", revise.image, revise.image_sha256)
+        size = (work.profile.width, work.profile.height)
+        if parent.size != size:
+            raise InputError(f"revise.image is {parent.size[0]}×{parent.size[1]}, not the render's {size[0]}×{size[1]}")
+        share = weights(region(self._input("revise.mask", revise.mask, revise.mask_sha256), size), revise.feather)
+        return parent.convert("RGB"), Image.fromarray(np.where(share > 0, 255, 0).astype(np.uint8)), share
+
+    def _input(self, name: str, url: str, sha256: str | None) -> Image.Image:
+        """One of the job's own input images, checked against the hash pinned at submit."""
+        with input_errors(f"{name} ({url})"):
+            data = self.storages.read(url)
+            if content_hash(data) != sha256:
+                raise InputError(f"{name} ({url}): changed after the job was submitted")
+            return decode_image(data, url, max_pixels=self.settings.max_image_pixels)
+
     def _plan(self, work: Work) -> Image.Image:
         """The task's plan, decoded; an `InputError` naming it (by name and URL) when it cannot be had, which
         fails every queued task of that plan with the same reason."""
@@ -308,6 +338,7 @@ class Renderer:
             plan=PlanRecord(name=work.plan_name, url=work.plan_url, sha256=work.plan_digest),
             stage=work.stage,
             source=rendered.source,
+            revision=None if work.revise is None else work.revise.model_dump(),
             adherence=score,
             style=work.style.model_dump(),
             seed=seed,
@@ -328,7 +359,7 @@ class Renderer:
             "job_id": work.job_id,
             "task_id": work.task_id,
             "stage": work.stage or "render",
-            "parent_id": None if work.source is None else work.source.artifact,
+            "parent_id": work.source.artifact if work.source else (work.revise.parent if work.revise else None),
             "adherence": score,
             "plan_digest": work.plan_digest,
             "style": work.style.name,
@@ -339,6 +370,13 @@ class Renderer:
             "height": image.height,
             "size_bytes": len(png),
         }
+
+
+def _kept(task: Prepared, image: Image.Image) -> Image.Image:
+    """A revision's render blended into its parent (every pixel beyond the band the parent's); others as they are."""
+    if task.share is None or task.init is None:
+        return image
+    return composite(task.init, image, task.share)
 
 
 def _source_record(task: Prepared) -> SourceRecord | None:

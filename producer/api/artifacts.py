@@ -1,16 +1,19 @@
 """Images over HTTP, named by their artifact id alone and read from where the farm recorded them, so no caller
-can name a storage key."""
+can name a storage key; and revisions of them."""
 
 from __future__ import annotations
 
 import re
 
 from fastapi import APIRouter, Request, Response
+from PIL import Image
 
-from producer import dashboard
-from producer.api.deps import farm
+from producer import dashboard, schemas
+from producer.api.deps import farm, owned
 from producer.client import Part
-from producer.views import ArtifactView
+from producer.remote import check_remote
+from producer.views import ArtifactView, JobView
+from shared.errors import ConfigError, InvalidInput
 from shared.thumbnails import CONTENT_TYPE
 
 router = APIRouter()
@@ -37,6 +40,36 @@ def thumbnail(request: Request, artifact_id: dashboard.ArtifactId) -> Response:
 @router.get("/artifacts/{artifact_id}/sidecar")
 def sidecar(request: Request, artifact_id: dashboard.ArtifactId) -> Response:
     return _stored(request, farm(request).artifact(artifact_id), "sidecar", "application/json")
+
+
+@router.post("/artifacts/{artifact_id}/revise", status_code=201)
+def revise(
+    request: Request, response: Response, artifact_id: dashboard.ArtifactId, body: schemas.ReviseRequest
+) -> JobView:
+    """A revision of an image as a child job: only the mask's region (an s3:// mask, or a rectangle) is rendered
+    again, with the image's plan, profile, style and seed; every pixel beyond the feathered band is kept."""
+    client = farm(request)
+    if client.settings.broker_url is None:
+        raise ConfigError("no broker configured: the API only queues work for workers")
+    if (body.mask is None) == (body.rect is None):
+        raise InvalidInput("name the region to re-render: `mask` (an s3:// URL) or `rect` (left, top, right, bottom)")
+    view = client.artifact(artifact_id)
+    owned(request, view.job_id)
+    mask: str | Image.Image
+    if body.rect is not None:
+        left, top, right, bottom = body.rect
+        if not (left < right <= view.width and top < bottom <= view.height):
+            raise InvalidInput(f"rect: {body.rect} is no rectangle inside the {view.width}×{view.height} image")
+        mask = Image.new("L", (view.width, view.height), 0)
+        mask.paste(255, (left, top, right, bottom))
+    else:
+        mask = str(body.mask)
+    spec = client.revision(artifact_id, mask, prompt=body.prompt, seeds=body.seeds, feather=body.feather)
+    check_remote(spec, client.settings)
+    owner = None if request.state.caller is None else request.state.caller.name
+    job_id = client.submit(spec, owner=owner, remote=True)
+    response.headers["Location"] = f"/jobs/{job_id}"
+    return client.status(job_id)
 
 
 def _stored(

@@ -29,8 +29,10 @@ from diffusers import (
     PNDMScheduler,
     SchedulerMixin,
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
@@ -90,7 +92,10 @@ class Item:
     seed: int
     maps: tuple[PIL.Image.Image, ...]
     init: PIL.Image.Image | None = None
-    """The image an image-to-image call starts from (a final's enlarged draft), at the call's size."""
+    """The image an image-to-image or inpainting call starts from (a final's enlarged draft, a revision's
+    parent), at the call's size."""
+    mask: PIL.Image.Image | None = None
+    """Inpainting: white where the image is rendered anew (a revision's region and band)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ class Request:
     skip_outside_window: bool = True
     output_type: str = "pil"
     strength: float | None = None
-    """Image-to-image: how much of each item's `init` is rendered again (1: all of it); None renders from noise."""
+    """Image-to-image: how much of each item's `init` is rendered again (1: all of it); None renders from noise.
+    With masks, inpainting: only the masked part of each `init` is rendered again, at this strength."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ def render_batch(
     stack = (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
     chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
     # Known from the loaded modules, so pipeline class and components cannot disagree.
-    pipeline_class = _PIPELINES["text_encoder_2" in components, request.strength is not None]
+    pipeline_class = _PIPELINES["text_encoder_2" in components, _mode(request)]
     guided = request.guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
 
     def run(chunk: Sequence[Item]) -> list[Any]:
@@ -242,11 +248,22 @@ def _images(chunk: Sequence[Item]) -> list[PIL.Image.Image | np.ndarray]:
     return images
 
 
+def _mode(request: Request) -> str:
+    """Which pipeline a call needs: from noise (`text`), from each item's start (`image`), or only within each
+    item's mask (`inpaint`)."""
+    if request.strength is None:
+        return "text"
+    return "inpaint" if request.items[0].mask is not None else "image"
+
+
 def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None) -> dict[str, Any]:
-    """The call's images as its pipeline names them: the control maps alone, or the items' starting latents,
-    the maps as `control_image`, and the strength."""
+    """The call's images as its pipeline names them: the control maps alone; or the items' starting latents,
+    the maps as `control_image`, and the strength; or, inpainting, the starting images and their masks."""
     if strength is None:
         return {"image": _images(chunk)}
+    if chunk[0].mask is not None:
+        starts = {"image": [item.init for item in chunk], "mask_image": [item.mask for item in chunk]}
+        return {**starts, "control_image": _images(chunk), "strength": strength}
     return {"image": _start_latents(pipe, chunk), "control_image": _images(chunk), "strength": strength}
 
 
@@ -305,13 +322,28 @@ class _ResidentSDXLImg2Img(_Resident, StableDiffusionXLControlNetImg2ImgPipeline
     pass
 
 
-_PIPELINES: dict[tuple[bool, bool], type[DiffusionPipeline]] = {
-    (False, False): _ResidentSD,
-    (True, False): _ResidentSDXL,
-    (False, True): _ResidentSDImg2Img,
-    (True, True): _ResidentSDXLImg2Img,
+class _ResidentSDInpaint(_Resident, StableDiffusionControlNetInpaintPipeline):
+    pass
+
+
+class _ResidentSDXLInpaint(_Resident, StableDiffusionXLControlNetInpaintPipeline):
+    pass
+
+
+_PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
+    (False, "text"): _ResidentSD,
+    (True, "text"): _ResidentSDXL,
+    (False, "image"): _ResidentSDImg2Img,
+    (True, "image"): _ResidentSDXLImg2Img,
+    (False, "inpaint"): _ResidentSDInpaint,
+    (True, "inpaint"): _ResidentSDXLInpaint,
 }
-"""By (SDXL, image-to-image)."""
+"""By (SDXL, `_mode`)."""
+_SDXL = (
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+)
 
 
 def _pipeline(
@@ -319,7 +351,7 @@ def _pipeline(
 ) -> DiffusionPipeline:
     """The ControlNet pipeline over cached modules: about 0.5 ms, nothing loaded or copied."""
     extra: dict[str, Any]
-    if issubclass(pipeline_class, StableDiffusionXLControlNetPipeline | StableDiffusionXLControlNetImg2ImgPipeline):
+    if issubclass(pipeline_class, _SDXL):
         extra = {"add_watermarker": False}  # the output must not depend on whether a watermark package is installed
     else:
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -391,9 +423,13 @@ def _check(
         raise InvalidInput(f"unknown output type {output_type!r}; one of {', '.join(OUTPUT_TYPES)}")
     if strength is not None and not 0 < strength <= 1:
         raise InvalidInput(f"strength {strength} is outside (0, 1]")
+    if any((item.mask is None) != (items[0].mask is None) for item in items):
+        raise InvalidInput("a call inpaints every image or none")
     for item in items:
         if strength is not None and (item.init is None or item.init.size != (width, height)):
             raise InvalidInput(f"an image-to-image render needs every image's start at {width}×{height}")
+        if item.mask is not None and (strength is None or item.mask.size != (width, height)):
+            raise InvalidInput(f"inpainting needs a strength and every image's mask at {width}×{height}")
         if len(item.maps) != len(units):
             raise InvalidInput(f"an image has {len(item.maps)} control maps for {len(units)} ControlNets")
         for unit, image in zip(units, item.maps, strict=True):
