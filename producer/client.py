@@ -342,6 +342,11 @@ class Farm:
         with self.sessions() as session:
             return reads.artifact_view(session, artifact_id)
 
+    def lineage(self, artifact_id: int) -> tuple[list[ArtifactView], list[ArtifactView]]:
+        """The image's ancestors, oldest first, and the images made from it (`reads.lineage`)."""
+        with self.sessions() as session:
+            return reads.lineage(session, artifact_id)
+
     def read(self, artifact: ArtifactView, part: Part) -> bytes:
         """An image's PNG, thumbnail or sidecar from the job's storage, by the keys the farm recorded for it.
 

@@ -190,12 +190,15 @@ def artifact(request: Request, artifact_id: ArtifactId, fragment: str | None = N
     farm = _farm(request)
     view = farm.artifact(artifact_id)
     meta = Sidecar.model_validate_json(farm.read(view, "sidecar"))
+    ancestors, children = farm.lineage(artifact_id)
     return page(
         "artifact.html",
         _only(fragment, "artifact"),
         title=f"{view.plan} / {view.style} / seed {view.seed}",
         artifact=view,
         details=details(view, meta),
+        ancestors=ancestors,
+        children=children,
     )
 
 

@@ -173,6 +173,25 @@ def artifact_view(session: Session, artifact_id: int) -> ArtifactView:
     return ArtifactView.of(row[0], row[1])
 
 
+def lineage(session: Session, artifact_id: int, depth: int = 20) -> tuple[list[ArtifactView], list[ArtifactView]]:
+    """An image's ancestors, oldest first (a draft, its final, a revision of that...), and the images made from
+    it (finals, revisions); `depth` ancestors at most."""
+    ancestors: list[ArtifactView] = []
+    parent = session.scalar(select(Artifact.parent_id).where(Artifact.id == artifact_id))
+    while parent is not None and len(ancestors) < depth:
+        view = artifact_view(session, parent)
+        ancestors.insert(0, view)
+        parent = view.parent_id
+    children = session.execute(
+        select(Artifact, Task.plan_name)
+        .join(Task, Task.id == Artifact.task_id)
+        .where(Artifact.parent_id == artifact_id)
+        .order_by(Artifact.id)
+        .limit(depth)
+    ).all()
+    return ancestors, [ArtifactView.of(artifact, plan) for artifact, plan in children]
+
+
 def plan_url(session: Session, job_id: str, digest: str) -> str:
     """Where the job's tasks read the plan of this content hash; NotFound when it has none."""
     check_id(job_id)

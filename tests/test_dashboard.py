@@ -270,11 +270,12 @@ def test_a_page_of_another_port_cannot_change_a_job_while_the_dashboard_can_and_
     assert refused.value.code == 401
 
 
-def test_pick_two_drafts_on_the_sheet_render_their_finals_and_close_the_picks(
+def test_pick_two_drafts_render_their_finals_close_the_picks_and_revise_a_region(
     browser: Any, farm: Farm, start_workers, dashboard: str, example_plan: Path, tmp_path: Path
 ) -> None:
     """A staged job waits for a pick; two drafts ticked on its contact sheet and one button render their finals
-    (through `POST /jobs/{id}/pick`), which appear beside their drafts; `Done picking` ends the job."""
+    (through `POST /jobs/{id}/pick`), which appear beside their drafts; `Done picking` ends the job; a region
+    dragged over a final's page is rendered again as a revision (`POST /artifacts/{id}/revise`)."""
     start_workers("cpu:1")
     staged = {
         **job(example_plan, "staged"),
@@ -307,5 +308,31 @@ def test_pick_two_drafts_on_the_sheet_render_their_finals_and_close_the_picks(
     page.keyboard.press("Escape")
     page.get_by_role("button", name="Done picking").click()
     page.locator(".summary h1 .status").filter(has_text="succeeded").wait_for(timeout=30_000)
-    picked = sorted(a.seed for a in farm.results(job_id) if a.stage == "final")
-    assert len(picked) == 2 and not problems
+    finals_made = [a for a in farm.results(job_id) if a.stage == "final"]
+    assert len(finals_made) == 2
+
+    # A final's page: its lineage, and a region dragged over it revised as a child job.
+    final = finals_made[0]
+    page.goto(f"{dashboard}/ui/artifacts/{final.id}")
+    assert f"draft #{final.parent_id}" in page.locator(".lineage").inner_text()
+    image = page.locator("img[data-revisable]")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 128", arg=image.element_handle())
+    box = image.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5, steps=5)
+    page.mouse.up()
+    assert page.url.endswith(f"/ui/artifacts/{final.id}")  # the drag marked a region, it opened nothing
+    page.get_by_label("Prompt").fill("a dark living room, walnut floor")
+    page.get_by_role("button", name="Render revision").click()
+    flash = page.locator("#flash", has_text="revision job")
+    flash.wait_for(timeout=10_000)
+    child = flash.inner_text().split()[2]
+    assert farm.wait(child, timeout=120).status is JobStatus.SUCCEEDED
+    (revision,) = farm.results(child)
+    assert revision.parent_id == final.id
+    page.goto(f"{dashboard}/ui/artifacts/{final.id}")
+    assert f"revision #{revision.id}" in page.locator(".lineage").inner_text()
+    page.screenshot(path=tmp_path / "revised.png", full_page=True)
+    assert not problems

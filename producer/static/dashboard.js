@@ -124,7 +124,83 @@ document.addEventListener("click", (event) => {
   }
 });
 
+// A revision's region: dragged over an image (in its pixels, whatever size it is shown at).
+let drag = null;
+let dragged = false;
+
+function regionOf(image, from, to) {
+  const box = image.getBoundingClientRect();
+  const scale = image.naturalWidth / box.width;
+  const clamp = (value, size) => Math.max(0, Math.min(size, value));
+  const x = [from.x, to.x].map((v) => clamp(v - box.left, box.width));
+  const y = [from.y, to.y].map((v) => clamp(v - box.top, box.height));
+  return {
+    shown: { left: Math.min(...x), top: Math.min(...y), width: Math.abs(x[1] - x[0]), height: Math.abs(y[1] - y[0]) },
+    rect: [Math.min(...x), Math.min(...y), Math.max(...x), Math.max(...y)].map((v) => Math.round(v * scale)),
+  };
+}
+
+document.addEventListener("mousedown", (event) => {
+  const image = event.target.closest("img[data-revisable]");
+  if (!image) return;
+  event.preventDefault(); // no native image drag
+  drag = { image, from: { x: event.clientX, y: event.clientY } };
+  dragged = false;
+});
+
+document.addEventListener("mousemove", (event) => {
+  if (!drag) return;
+  const { shown, rect } = regionOf(drag.image, drag.from, { x: event.clientX, y: event.clientY });
+  dragged = shown.width > 2 && shown.height > 2;
+  const overlay = drag.image.closest(".revisable").querySelector(".region");
+  Object.assign(overlay.style, { left: `${shown.left}px`, top: `${shown.top}px`, width: `${shown.width}px`, height: `${shown.height}px` });
+  overlay.hidden = !dragged;
+  overlay.dataset.rect = JSON.stringify(rect);
+});
+
+document.addEventListener("mouseup", () => {
+  drag = null;
+});
+
+document.addEventListener(
+  "click",
+  (event) => {
+    if (dragged && event.target.closest("img[data-revisable]")) {
+      event.preventDefault(); // a drag marks a region: it does not open the image
+      event.stopPropagation();
+      dragged = false;
+    }
+  },
+  true,
+);
+
+async function revise(form) {
+  const overlay = form.closest(".artifact").querySelector(".region");
+  if (overlay.hidden || !overlay.dataset.rect) {
+    flash("Drag over the image to mark the region to revise first.");
+    return;
+  }
+  const body = {
+    rect: JSON.parse(overlay.dataset.rect),
+    prompt: form.elements.prompt.value,
+    seeds: Number(form.elements.seeds.value),
+  };
+  const response = await fetch(form.dataset.revise, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => ({}));
+  flash(response.ok ? `revision job ${answer.id} queued` : answer.detail || `${response.status} ${response.statusText}`);
+}
+
 document.addEventListener("submit", (event) => {
+  const revision = event.target.closest("form[data-revise]");
+  if (revision) {
+    event.preventDefault();
+    revise(revision);
+    return;
+  }
   const form = event.target.closest("form[data-priority]");
   if (!form) return;
   event.preventDefault();
