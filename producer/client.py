@@ -240,8 +240,9 @@ class Farm:
     ) -> JobSpec:
         """The job that renders only `mask`'s white region of an image again (and a `feather` band around it),
         every pixel beyond the band the parent's own: `seeds` variants from the image's seed on, with its plan,
-        profile and style (its prompt replaced by `prompt`), read from its sidecar. `mask`: a path or URL, or
-        an image (stored in the farm's inputs). Submit it to render it."""
+        profile and style (its prompt replaced by `prompt`), read from its sidecar, written beside the parent in
+        its job's output. `mask`: a path or URL, or an image (stored in the farm's inputs). Submit it to render
+        it."""
         if not 1 <= seeds <= MAX_REVISION_SEEDS:
             raise InvalidInput(f"seeds: {seeds} is not 1 to {MAX_REVISION_SEEDS}")
         view = self.artifact(artifact_id)
@@ -260,6 +261,7 @@ class Farm:
                 "seeds": list(range(meta.seed, meta.seed + seeds)),
                 "profile": meta.profile,
                 "revise": {"image": view.url, "mask": str(mask), "feather": feather, "parent": artifact_id},
+                "output": self.status(view.job_id).output_url,  # beside the parent, under `revisions/`
             },
         )
         return spec
