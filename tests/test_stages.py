@@ -325,3 +325,58 @@ def test_a_revision_is_refused_before_anything_is_stored_when_its_inputs_are_wro
     with pytest.raises(InvalidInput, match="a revision has no stages"):
         JobSpec.from_document({**job, **STAGES, "revise": {"image": str(parent), "mask": str(blank)}})
     assert not (tmp_path / "state.db").exists()
+
+
+def test_a_rule_nobody_ran_is_run_by_the_upkeep_once(tmp_path: Path, database_url: str, example_plan: Path) -> None:
+    """The worker that ended a rule-picked job's last draft died before running the rule: any worker's upkeep
+    runs it, once, however many upkeeps look."""
+    from sqlalchemy import select
+
+    from producer.submit import persist, prepare
+    from shared.db.models import Artifact, Job, PickGate, Task
+    from shared.db.session import make_engine, session_factory
+    from shared.db.store import claim_task, finish_task, record_artifacts
+    from workers.upkeep import Upkeep
+
+    settings = Settings(database_url=database_url, storage_url=str(tmp_path / "out"))
+    sessions = session_factory(make_engine(database_url))
+    rule = {**STAGES, "pick": {"by": "adherence", "count": 1}}
+    job = prepare(
+        JobSpec.from_document(
+            {"plans": [str(example_plan)], "styles": ["modern"], "seeds": [1, 2], "profile": PROFILE, **rule}
+        ),
+        settings,
+    )
+    with sessions.begin() as session:
+        persist(session, job)
+        for score, task in zip((0.2, 0.7), job.tasks, strict=True):  # drafts done, the rule never run
+            claim_task(session, task.id, "gone")
+            record_artifacts(
+                session,
+                [
+                    {
+                        "job_id": job.id,
+                        "task_id": task.id,
+                        "stage": "draft",
+                        "plan_digest": task.plan.digest,
+                        "style": task.style,
+                        "seed": task.seeds[0],
+                        "url": f"file:///x/{task.seeds[0]}.png",
+                        "sidecar_url": f"file:///x/{task.seeds[0]}.json",
+                        "width": 64,
+                        "height": 64,
+                        "size_bytes": 1,
+                        "adherence": score,
+                    }
+                ],
+            )
+            finish_task(session, task.id, "gone")
+    sent: list[list[str]] = []
+    upkeeps = [Upkeep(settings, sessions, f"w{i}", lambda ids, _delay: sent.append(ids)) for i in range(2)]
+    assert upkeeps[0].pick_by_rule() != [] and upkeeps[1].pick_by_rule() == []
+    with sessions() as session:
+        assert session.scalar(select(Job.gate)) is PickGate.CLOSED
+        (final,) = session.scalars(select(Task).where(Task.stage == "final"))
+        best = session.scalar(select(Artifact.id).where(Artifact.adherence == 0.7))
+        assert final.source_id == best and final.seeds == [2]
+    assert sent == [[final.id]]

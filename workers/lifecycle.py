@@ -417,11 +417,13 @@ class Lifecycle:
                 self._settle(held, error)
                 return
 
+        picks_by_rule = self._jobs[work.job_id].picks_by_rule
+
         def record(session: Session) -> tuple[bool, list[str]]:
             record_artifacts(session, rows)
             done = finish_task(session, work.task_id, self.worker)
             self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
-            return done, advance(session, work.job_id) if done else []
+            return done, advance(session, work.job_id) if done and picks_by_rule else []
 
         try:
             done, finals = self._db(record, None)  # kept until the database is back: never left running for good
@@ -467,7 +469,9 @@ class Lifecycle:
                 status = TaskStatus.QUEUED if moved else None
             self._progress(session, finished=held.task_id)
             ended = status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
-            return decision, status, siblings, advance(session, held.job_id) if ended else []
+            # A task recovered after a crash comes without its job read: `advance` then looks for itself.
+            picks_by_rule = held.job_id not in self._jobs or self._jobs[held.job_id].picks_by_rule
+            return decision, status, siblings, advance(session, held.job_id) if ended and picks_by_rule else []
 
         with self._lock:
             decision, status, siblings, finals = self._db(apply, None)
@@ -575,6 +579,11 @@ class _JobInfo:
     profiles: dict[Stage | None, Profile] = field(default_factory=dict)
     """Per pass of a staged job (None: a single-pass job's)."""
     styles: dict[str, Style] = field(default_factory=dict)
+
+    @property
+    def picks_by_rule(self) -> bool:
+        """A staged job whose drafts a rule picks: each of its tasks that ends may be the one to run the rule."""
+        return (self.spec.get("pick") or {}).get("by") == "adherence"
 
 
 def _strength(spec: JobSpec, stage: Stage | None) -> float | None:

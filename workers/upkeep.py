@@ -10,6 +10,8 @@
   requeued: each ends up here, and is sent again, the most urgent first.
 - Notifications (`workers.notify`): the job events nobody noticed are fired and whatever is due is sent, on
   a thread of their own, so a slow receiver never delays a heartbeat.
+- Pick rules (`shared.db.stages`): a staged job picked by adherence whose drafts have all ended, but whose
+  rule did not run (the worker that ended its last draft died first), is picked and its finals are sent.
 
 Any live worker may do both. A worker starts reaping and sweeping only once its own heartbeats have gone
 through for a whole timeout: after a database outage every heartbeat is stale, and the first worker back
@@ -31,6 +33,7 @@ from shared.broker import JOB_PRIORITIES, broker_priority, make_celery, messages
 from shared.config import Settings
 from shared.db.clock import database_time
 from shared.db.session import make_engine, session_factory
+from shared.db.stages import advance, ripe
 from shared.db.store import (
     Delivery,
     Stranded,
@@ -47,6 +50,8 @@ from workers.notify import Notifier
 log = logging.getLogger(__name__)
 
 SWEEP_CHUNK = 1000
+RIPE_CHUNK = 20
+"""Jobs whose pick rule one heartbeat runs at most."""
 
 
 class Upkeep:
@@ -74,6 +79,7 @@ class Upkeep:
         if time.monotonic() - self._healthy_since >= self.settings.heartbeat_timeout:
             self.reap()
             self.sweep()
+        self.pick_by_rule()
         return alive
 
     def reap(self) -> list[str]:
@@ -83,6 +89,18 @@ class Upkeep:
             log.warning("re-sending %d task(s) of dead workers", len(orphans))
             self.send(orphans, 0)
         return orphans
+
+    def pick_by_rule(self) -> list[str]:
+        """Run the pick rule of every job whose drafts have all ended but whose rule has not run (the worker
+        that ended its last draft died first); send the finals it adds."""
+        finals: list[str] = []
+        with self.sessions.begin() as session:
+            for job_id in ripe(session, RIPE_CHUNK):
+                finals += advance(session, job_id)
+        if finals:
+            log.warning("picked by rule for a job whose last draft's worker did not: %d final(s)", len(finals))
+            self.send(finals, 0)
+        return finals
 
     def sweep(self) -> list[str]:
         """Send again every task found stranded, highest priority first; stops at the first chunk the broker

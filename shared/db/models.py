@@ -57,6 +57,8 @@ class PickGate(str, enum.Enum):
 
     OPEN = "open"
     """Picks are taken (each renders its final at once); a job with nothing left to render waits for more."""
+    RULE = "rule"
+    """A rule picks (`pick: by: adherence`): once every draft has ended it picks and the gate closes."""
     CLOSED = "closed"
     """No more picks: the job ends when its finals do."""
 
@@ -132,7 +134,7 @@ class Job(Base):
         String(64), default=None, comment="the API token's name that submitted it; None: this machine's CLI or Python"
     )
     gate: Mapped[PickGate | None] = mapped_column(
-        _stored(PickGate, "pick_gate", False), default=None, comment="a staged job's pick gate: open, closed"
+        _stored(PickGate, "pick_gate", False), default=None, comment="a staged job's pick gate: open, rule, closed"
     )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)

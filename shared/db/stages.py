@@ -12,8 +12,9 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Exists, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,7 @@ from shared.db.clock import database_time
 from shared.db.models import Artifact, Job, PickGate, Task, TaskStatus
 from shared.db.store import close_gate
 from shared.errors import InvalidInput, NotFound
-from shared.spec import JobSpec
+from shared.spec import Pick
 
 DRAFTS, FINALS = "drafts/", "finals/"
 
@@ -32,7 +33,7 @@ def pick(session: Session, job_id: str, artifact_ids: Sequence[int]) -> list[str
     not a finished draft of this job."""
     job = _job(session, job_id)
     if job.gate is not PickGate.OPEN:
-        raise InvalidInput(f"job {job_id} takes no picks: {'its picks are closed' if job.gate else 'it has no stages'}")
+        raise InvalidInput(f"job {job_id} takes no picks: {_CLOSED_BECAUSE[job.gate]}")
     wanted = list(dict.fromkeys(artifact_ids))
     drafts = {
         artifact.id: artifact
@@ -49,34 +50,46 @@ def pick(session: Session, job_id: str, artifact_ids: Sequence[int]) -> list[str
 def advance(session: Session, job_id: str) -> list[str]:
     """For a job picked by rule whose drafts have all ended: pick the best drafts of each group by adherence,
     close the gate, and return the finals added, to be sent. Nothing for any other job, or before then."""
-    job = session.get(Job, job_id)
-    if job is None or job.gate is not PickGate.OPEN or job.cancelled_at is not None:
+    if session.scalar(select(Job.gate).where(Job.id == job_id)) is not PickGate.RULE or _drafting(session, job_id):
         return []
-    spec = JobSpec.model_validate(job.spec)
-    assert spec.pick is not None  # a gate is only ever opened for a staged job
-    if spec.pick.by != "adherence":
-        return []
-    waiting = session.scalar(
-        select(func.count())
-        .select_from(Task)
-        .where(Task.job_id == job_id, Task.stage == "draft", Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING)))
-    )
-    if waiting:
-        return []
-    if not close_gate(session, job_id):
+    if not close_gate(session, job_id, [PickGate.RULE]):
         return []  # another worker's rule got there first
+    job = session.get_one(Job, job_id)
+    rule = Pick.model_validate(job.spec["pick"])
     groups: dict[tuple[str, ...], list[Artifact]] = defaultdict(list)
     for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.stage == "draft")):
-        groups[tuple(getattr(artifact, _COLUMN[field]) for field in spec.pick.per)].append(artifact)
+        groups[tuple(getattr(artifact, _COLUMN[field]) for field in rule.per)].append(artifact)
     best = [
         artifact
         for group in groups.values()
-        for artifact in sorted(group, key=lambda a: (-(a.adherence or 0.0), a.seed))[: spec.pick.count]
+        for artifact in sorted(group, key=lambda a: (-(a.adherence or 0.0), a.seed))[: rule.count]
     ]
     return _add_finals(session, job, best)
 
 
+def ripe(session: Session, limit: int) -> list[str]:
+    """Jobs whose rule may pick now (every draft ended): what a worker's upkeep advances when the worker that
+    ended the last draft could not (it died first, or settled the draft while recovering from a crash)."""
+    return list(session.scalars(select(Job.id).where(Job.gate == PickGate.RULE, ~_in_flight(Job.id)).limit(limit)))
+
+
+def _drafting(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(_in_flight(job_id))))
+
+
+def _in_flight(job_id: Any) -> Exists:
+    """Whether a draft of the job is queued or running."""
+    return exists().where(
+        Task.job_id == job_id, Task.stage == "draft", Task.status.in_((TaskStatus.QUEUED, TaskStatus.RUNNING))
+    )
+
+
 _COLUMN = {"plan": "plan_digest", "style": "style"}
+_CLOSED_BECAUSE = {
+    None: "it has no stages",
+    PickGate.RULE: "a rule picks its drafts",
+    PickGate.CLOSED: "its picks are closed",
+}
 
 
 def final_task_id(job_id: str, draft_id: int) -> str:

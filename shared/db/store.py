@@ -69,10 +69,17 @@ def add_job(
             output_url=output_url,
             queue=queue,
             owner=owner,
-            gate=PickGate.OPEN if isinstance(spec, JobSpec) and spec.staged else None,
+            gate=_gate(spec),
         )
     )
     session.flush()
+
+
+def _gate(spec: JobSpec | TrainingSpec) -> PickGate | None:
+    """A staged job's gate at submit: open for picks by hand, left to the rule otherwise."""
+    if not isinstance(spec, JobSpec) or spec.pick is None:
+        return None
+    return PickGate.RULE if spec.pick.by == "adherence" else PickGate.OPEN
 
 
 def claim_task(session: Session, task_id: str, worker: str) -> bool:
@@ -315,13 +322,11 @@ def cancel_job(session: Session, job_id: str) -> int | None:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def close_gate(session: Session, job_id: str) -> bool:
-    """Close a staged job's pick gate: no more picks, and the job ends once its finals do. False when it was not
-    open (closed already, by a person, a cancel or another worker's rule, or no stages)."""
-    closed = session.execute(
-        update(Job).where(Job.id == job_id, Job.gate == PickGate.OPEN).values(gate=PickGate.CLOSED)
-    )
-    return bool(closed.rowcount)  # type: ignore[attr-defined]
+def close_gate(session: Session, job_id: str, gates: Sequence[PickGate] = (PickGate.OPEN, PickGate.RULE)) -> bool:
+    """Close a staged job's pick gate if it is one of `gates`: no more picks, and the job ends once its finals
+    do. False when it was not (closed already, by a person, a cancel or another worker's rule, or no stages)."""
+    gate = update(Job).where(Job.id == job_id, Job.gate.in_(gates))
+    return bool(session.execute(gate.values(gate=PickGate.CLOSED)).rowcount)  # type: ignore[attr-defined]
 
 
 def retry_job(session: Session, job_id: str) -> list[str]:

@@ -21,9 +21,11 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column(
                 "gate",
-                sa.Enum("open", "closed", name="pick_gate", native_enum=False, length=16, create_constraint=False),
+                sa.Enum(
+                    "open", "rule", "closed", name="pick_gate", native_enum=False, length=16, create_constraint=False
+                ),
                 nullable=True,
-                comment="a staged job's pick gate: open, closed",
+                comment="a staged job's pick gate: open, rule, closed",
             )
         )
     with op.batch_alter_table("tasks", schema=None) as batch_op:
