@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 import warnings
@@ -506,7 +508,8 @@ def priority(
 
 @app.command()
 def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Every worker: device, pools, state (live, stale, dead, stopped), current task, images, loads, swaps."""
+    """Every worker: device, pools, state (live, stale, dead, stopped), current task, images, loads, swaps, and
+    when it was ready to take tasks (after warming its `--warm` profiles)."""
     _json_errors.set(as_json)
     with _farm() as farm:
         views = farm.workers()
@@ -514,10 +517,12 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         _print_json([view.model_dump(mode="json") for view in views])
         return
     for view in views:
+        ready = "warming" if view.ready_s is None else f"ready after {view.ready_s:.0f} s"
+        warmed = ", ".join(f"{w['profile']} {w.get('buckets', 'failed')}" for w in view.warmed)
         out.print(
             f"{view.id}  {view.state:<7} {view.device:<6} heartbeat {view.heartbeat_age_s:.0f} s ago  "
             f"images {view.images_done}  loads {view.model_loads}  swaps {view.stack_swaps}  "
-            f"task {view.current_task or '-'}",
+            f"task {view.current_task or '-'}  {ready}{f' (warmed {warmed})' if warmed else ''}",
             markup=False,
         )
 
@@ -593,6 +598,14 @@ def worker(
             "(the default when no --pool is given).",
         ),
     ] = None,
+    warm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--warm",
+            metavar="PROFILE",
+            help="Compile every batch bucket of this profile (built-in name or YAML) before taking tasks; repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run one Celery worker process per device until stopped (SIGTERM: finish the current task first).
 
@@ -609,6 +622,10 @@ def worker(
         if not re.fullmatch(NAME_PATTERN, name):
             _fail(f"--pool {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     names = [settings.queue_for(name) for name in pool or [DEFAULT_POOL]]
+    for profile in warm or []:
+        load_profile(profile)  # a profile that does not load is refused here, not in every pool process
+    if warm:
+        os.environ["ARCHFARM_WARM"] = json.dumps(warm)  # the worker processes' settings
     engine, _ = open_database(settings)
     engine.dispose()
     raise typer.Exit(launch(chosen, names, settings))

@@ -5,7 +5,7 @@ describes exactly what every reader gets)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -107,6 +107,12 @@ class WorkerView(View):
     state: WorkerState = Field(
         description="live; stale (its heartbeat is late, not yet declared dead); dead (reaped); stopped (shut down)"
     )
+    ready_s: float | None = Field(
+        None, description="seconds from its start until its pool process took tasks (warmed); null while warming"
+    )
+    warmed: list[dict[str, Any]] = Field(
+        default_factory=list, description="what it compiled before taking tasks: per profile, buckets and seconds"
+    )
 
     @classmethod
     def of(cls, row: Worker, now: datetime, timeout_s: float) -> WorkerView:
@@ -129,6 +135,8 @@ class WorkerView(View):
             stack_swaps=row.stack_swaps,
             heartbeat_age_s=age,
             state=state,
+            ready_s=None if row.ready_at is None else (aware(row.ready_at) - aware(row.started_at)).total_seconds(),
+            warmed=list(row.warmed),
         )
 
 

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     )
     queue: str = Field("archfarm", description="Celery queue that jobs are sent to and workers consume by default.")
     heartbeat_interval: float = Field(10.0, gt=0, description="Seconds between a worker's heartbeats.")
+    warm: list[str] = Field(
+        default_factory=list,
+        description="Profiles (built-in names or YAML files) whose every batch bucket a worker's pool process compiles "
+        "before it takes a task (`archfarm worker --warm`), as a JSON list.",
+    )
+    warm_timeout: float = Field(
+        1800.0, gt=0, description="Seconds a pool process may take to warm before its worker gives up on it."
+    )
     heartbeat_timeout: float = Field(
         60.0, gt=0, description="A worker silent this long is dead: its running tasks are requeued and re-sent."
     )

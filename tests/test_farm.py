@@ -343,3 +343,31 @@ def test_json_logs_carry_the_job_and_task_of_each_line(
         e["job_id"] == job_id and e["message"].startswith(f"task {e['task_id']}:") for e in done
     )
     assert {"time", "level", "logger"} <= set(done[0])
+
+
+def test_a_worker_started_with_warm_compiles_every_bucket_before_its_first_task(
+    farm: Farm, start_workers, example_plan: Path, tmp_path: Path
+) -> None:
+    """`archfarm worker --warm PROFILE`: the pool process compiles the profile's buckets (here one: a CPU
+    renders a task per call) before it takes a task, says so in `archfarm workers`, and its first task of that
+    profile compiles nothing."""
+    import yaml
+
+    compiled = {**FAST, "compile": True, "compile_backend": "aot_eager", "compile_mode": "default"}
+    profile = tmp_path / "compiled.yaml"
+    profile.write_text(yaml.safe_dump(compiled))
+    worker = start_workers("cpu:1", 1, "--warm", str(profile))
+    (view,) = wait_for_value(
+        lambda: [w for w in farm.workers() if w.state == "live" and w.ready_s is not None] or None, 300, "warming"
+    )
+    assert [(w["profile"], w["buckets"]) for w in view.warmed] == [(str(profile), [1])]
+    job_id = farm.submit(job(example_plan, compiled, seeds=2, styles=["modern"]))
+    assert farm.wait(job_id, timeout=120).status is JobStatus.SUCCEEDED
+    log = worker.log.read_text()
+    ready = log.index(f"warmed {profile}")
+    assert "first compiled call of tiny-sd15 at 64×64, batch 1 in this process" in log[:ready]
+    assert "first compiled call" not in log[ready:]  # the job's tasks replayed what warming compiled
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "workers"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "ready after" in result.stdout and f"(warmed {profile} [1])" in result.stdout

@@ -3,8 +3,12 @@
 Celery is only the transport here: its task delivers a task id to the process's `Lifecycle`, which claims,
 renders, uploads and settles it; Celery retries nothing itself. Contract (tested in tests/test_farm.py and
 tests/chaos/):
-- CUDA is initialised only in the pool process, on its first task (the launcher and the main process never
-  touch it); the pool process dies with its parent (PR_SET_PDEATHSIG), so an orphan never holds a GPU;
+- CUDA is initialised only in the pool process, on its first task or while it warms (the launcher and the
+  main process never touch it); the pool process dies with its parent (PR_SET_PDEATHSIG), so an orphan never
+  holds a GPU;
+- a pool process compiles every batch bucket of the worker's `--warm` profiles before it says it is up, so
+  Celery hands it no task until then (the main process holds at most one message meanwhile: prefetch 1); the
+  worker's row is marked ready, with what it warmed, when it is done;
 - each model is loaded at most once while the process lives; one task renders at a time;
 - SIGTERM finishes the current task (Celery's warm shutdown); a second SIGINT stops at once; either way the
   launcher hands back whatever the process still held once it has exited;
@@ -41,6 +45,7 @@ from shared.db.store import register_worker
 from shared.errors import BrokerUnavailable
 from shared.logs import bound, outage
 from shared.logs import configure as configure_logging
+from shared.spec import load_profile
 from shared.storage import open_storage_from_settings
 
 # Imported before the pool forks (torch and diffusers, not CUDA), so a replacement pool process starts in
@@ -56,6 +61,8 @@ logging.getLogger("celery.app.trace").setLevel(logging.WARNING)  # its per-deliv
 
 settings = get_settings()
 app = make_celery(settings)
+if settings.warm:  # the pool process compiles its profiles before it says it is up
+    app.conf.worker_proc_alive_timeout = settings.warm_timeout
 NODE = os.environ.get("ARCHFARM_WORKER_NODE") or f"archfarm-{settings.device}@{socket.gethostname()}"
 WORKER_ID = os.environ.get("ARCHFARM_WORKER_ID") or f"{NODE}#{uuid.uuid4().hex[:8]}"
 """One per process start: liveness is judged per incarnation, blocklists per node. The launcher names it,
@@ -133,6 +140,8 @@ def _pool_process_started(**_: object) -> None:
     # Concurrency is 1: anything this worker still holds was being run (or uploaded) by a pool process
     # that died. The policy decides: usually sent again; failed if it keeps killing processes.
     lifecycle().recover_crashed("the worker process running it died")
+    # Before the pool process says it is up: warm, then be ready.
+    lifecycle().warm([(name, load_profile(name)) for name in settings.warm])
 
 
 @signals.worker_process_shutdown.connect

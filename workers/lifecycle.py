@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -49,6 +49,7 @@ from shared.db.store import (
     is_paused,
     last_error,
     live_nodes,
+    mark_ready,
     postpone_task,
     record_artifacts,
     record_failure,
@@ -66,6 +67,7 @@ from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits
 from workers.renderer import Prepared, Rendered, Renderer, Source, Work
 from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
+from workers.warmup import warm
 
 log = logging.getLogger(__name__)
 DATABASE = outage("database")
@@ -307,12 +309,34 @@ class Lifecycle:
             revise=job.render.revise,
         )
 
+    def warm(self, profiles: Sequence[tuple[str, Profile]]) -> None:
+        """Compile every batch bucket of each named profile in this process, then record the worker ready
+        with what it warmed (`archfarm worker --warm`): its first task of those stacks replays instead of
+        tracing and capturing. A profile that fails to warm is logged and left: its tasks compile, or fail,
+        on their own."""
+        warmed: list[dict[str, Any]] = []
+        for name, profile in profiles:
+            started = time.perf_counter()
+            try:
+                buckets = warm(self._renderer(), profile, None, self.settings)
+            except Exception as error:  # a worker that cannot warm still serves
+                log.exception("warming %s failed; its tasks will compile when they come", name)
+                warmed.append({"profile": name, "error": one_line(error)})
+                continue
+            seconds = time.perf_counter() - started
+            log.info("warmed %s: buckets %s in %.1f s", name, [b.images for b in buckets], seconds)
+            warmed.append({"profile": name, "buckets": [b.images for b in buckets], "seconds": round(seconds, 1)})
+        self._db(lambda session: mark_ready(session, self.worker, warmed), CLAIM_PATIENCE_S)
+
+    def _renderer(self) -> Renderer:
+        """Built by the first task (or warm-up), in the process that renders (CUDA must start after any fork)."""
+        if self.renderer is None:
+            self.renderer = Renderer(self.settings, self.farm_storage)
+        return self.renderer
+
     def _prepare(self, held: Held) -> Prepared:
         """The task's inputs and control maps; raises for that task alone."""
-        if self.renderer is None:
-            # Built by the first task, in the process that renders (CUDA must start after any fork).
-            self.renderer = Renderer(self.settings, self.farm_storage)
-        return self.renderer.prepare(self._work(held))
+        return self._renderer().prepare(self._work(held))
 
     def _gather(self, first: Held, prepared: Prepared) -> list[tuple[Held, Prepared]]:
         """More queued tasks of the same job (one stack and shape) for the same call, up to the images the

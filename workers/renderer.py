@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.preprocessors import ControlMaps
+
+log = logging.getLogger(__name__)
 
 StepFn = Callable[[int, int], None]
 """Called as (step, total_steps) while a task renders; may raise to stop the render."""
@@ -255,6 +258,9 @@ class Renderer:
         cuda = self.device.type == "cuda"
         with self.fleet.around(key) as warmth:
             before = _held(self.device) if cuda else (0, 0)
+            if warmth.state != "compiled":
+                shape = f"{key.width}×{key.height}, batch {key.batch}"
+                log.info("first compiled call of %s at %s in this process: %s", names[0], shape, warmth.state)
             yield warmth
             if cuda and warmth.state != "compiled":
                 # The growth of reserved memory less that of allocated memory: models the call loaded stay

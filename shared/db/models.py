@@ -239,6 +239,13 @@ class Worker(Base):
     images_done: Mapped[int] = mapped_column(Integer, default=0)
     model_loads: Mapped[int] = mapped_column(Integer, default=0)
     stack_swaps: Mapped[int] = mapped_column(Integer, default=0)
+    ready_at: Mapped[datetime | None] = mapped_column(
+        default=None, comment="when its pool process began taking tasks, its profiles warmed (database clock)"
+    )
+    warmed: Mapped[list[Any]] = mapped_column(
+        server_default="[]",
+        comment="what its pool process compiled before taking tasks: per profile, buckets and seconds",
+    )
 
     __table_args__ = (Index("ix_workers_heartbeat", "stopped_at", "heartbeat_at"),)
 

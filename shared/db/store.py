@@ -443,6 +443,12 @@ def register_worker(session: Session, worker_id: str, node: str, device: str, pi
     )
 
 
+def mark_ready(session: Session, worker_id: str, warmed: list[dict[str, Any]]) -> None:
+    """The worker's pool process takes tasks from now on, having warmed `warmed` (a replacement pool process,
+    after a crash, warms and marks it again)."""
+    session.execute(update(Worker).where(Worker.id == worker_id).values(ready_at=db_now(), warmed=warmed))
+
+
 def heartbeat(session: Session, worker_id: str) -> bool:
     """Refresh a live worker's heartbeat; False if it was declared dead meanwhile (it must stop)."""
     result = session.execute(
