@@ -102,6 +102,7 @@ def job_view(
         images_done=images_done or 0,
         training=_training(session, row),
         pick_gate=row.gate,
+        picks_close_at=row.picks_close_at,
     )
     return _with_eta(view, started, now)
 

@@ -79,8 +79,11 @@ class JobView(View):
     images_done: int = Field(0, description="images stored so far (a task's images count as they are recorded)")
     training: TrainingProgress | None = Field(None, description="training jobs only")
     pick_gate: PickGate | None = Field(
-        None, description="a staged job's pick gate: open (picks are taken) or closed; null for a single-pass job"
+        None,
+        description="a staged job's pick gate: open (picks are taken), rule (a rule picks once its drafts end) or "
+        "closed; null for a single-pass job",
     )
+    picks_close_at: datetime | None = Field(None, description="when open picks close by themselves (`pick.timeout`)")
 
     @property
     def done(self) -> int:

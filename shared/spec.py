@@ -330,6 +330,9 @@ class Pick(_Strict):
         default_factory=lambda: list(GROUPINGS), max_length=2, description="what a group of drafts shares"
     )
     count: int = Field(1, ge=1, le=64, description="drafts a rule picks per group")
+    timeout: float | None = Field(
+        None, gt=0, le=24 * 30, description="hours after the submit when picks by hand close by themselves"
+    )
 
     @field_validator("per")
     @classmethod

@@ -380,3 +380,27 @@ def test_a_rule_nobody_ran_is_run_by_the_upkeep_once(tmp_path: Path, database_ur
         best = session.scalar(select(Artifact.id).where(Artifact.adherence == 0.7))
         assert final.source_id == best and final.seeds == [2]
     assert sent == [[final.id]]
+
+
+def test_picks_close_by_themselves_once_their_timeout_has_passed(
+    tmp_path: Path, database_url: str, example_plan: Path
+) -> None:
+    from producer.submit import persist, prepare
+    from shared.db.models import Job, PickGate
+    from shared.db.session import make_engine, session_factory
+    from tests.processes import wait_for
+    from workers.upkeep import Upkeep
+
+    settings = Settings(database_url=database_url, storage_url=str(tmp_path / "out"))
+    sessions = session_factory(make_engine(database_url))
+    base = {"plans": [str(example_plan)], "styles": ["modern"], "seeds": [1], "profile": PROFILE}
+    soon = {**STAGES, "pick": {"by": "hand", "timeout": 0.0005}}  # 1.8 s
+    jobs = [prepare(JobSpec.from_document({**base, **stages}), settings) for stages in (soon, STAGES)]
+    with sessions.begin() as session:
+        for job in jobs:
+            persist(session, job)
+    upkeep = Upkeep(settings, sessions, "w", lambda _ids, _delay: None)
+    assert upkeep.close_expired_picks() == []
+    wait_for(lambda: upkeep.close_expired_picks() == [jobs[0].id], 30, "the picks' timeout to pass")
+    with sessions() as session:
+        assert [session.get_one(Job, job.id).gate for job in jobs] == [PickGate.CLOSED, PickGate.OPEN]

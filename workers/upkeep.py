@@ -10,8 +10,9 @@
   requeued: each ends up here, and is sent again, the most urgent first.
 - Notifications (`workers.notify`): the job events nobody noticed are fired and whatever is due is sent, on
   a thread of their own, so a slow receiver never delays a heartbeat.
-- Pick rules (`shared.db.stages`): a staged job picked by adherence whose drafts have all ended, but whose
-  rule did not run (the worker that ended its last draft died first), is picked and its finals are sent.
+- Picks (`shared.db.stages`): a staged job picked by adherence whose drafts have all ended, but whose rule did
+  not run (the worker that ended its last draft died first), is picked and its finals are sent; a job whose
+  `pick.timeout` has passed has its picks closed.
 
 Any live worker may do both. A worker starts reaping and sweeping only once its own heartbeats have gone
 through for a whole timeout: after a database outage every heartbeat is stale, and the first worker back
@@ -37,6 +38,7 @@ from shared.db.stages import advance, ripe
 from shared.db.store import (
     Delivery,
     Stranded,
+    close_expired_gates,
     deliveries,
     heartbeat,
     idle_queues,
@@ -80,6 +82,7 @@ class Upkeep:
             self.reap()
             self.sweep()
         self.pick_by_rule()
+        self.close_expired_picks()
         return alive
 
     def reap(self) -> list[str]:
@@ -89,6 +92,14 @@ class Upkeep:
             log.warning("re-sending %d task(s) of dead workers", len(orphans))
             self.send(orphans, 0)
         return orphans
+
+    def close_expired_picks(self) -> list[str]:
+        """Close the picks of every job whose `pick.timeout` has passed: it ends once its finals are done."""
+        with self.sessions.begin() as session:
+            closed = close_expired_gates(session)
+        for job_id in closed:
+            log.info("job %s: picks closed, their time is up", job_id)
+        return closed
 
     def pick_by_rule(self) -> list[str]:
         """Run the pick rule of every job whose drafts have all ended but whose rule has not run (the worker

@@ -136,6 +136,9 @@ class Job(Base):
     gate: Mapped[PickGate | None] = mapped_column(
         _stored(PickGate, "pick_gate", False), default=None, comment="a staged job's pick gate: open, rule, closed"
     )
+    picks_close_at: Mapped[datetime | None] = mapped_column(
+        default=None, comment="when an open pick gate closes by itself (`pick.timeout`; database clock)"
+    )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -70,6 +70,7 @@ def add_job(
             queue=queue,
             owner=owner,
             gate=_gate(spec),
+            picks_close_at=_picks_close_at(session, spec),
         )
     )
     session.flush()
@@ -80,6 +81,19 @@ def _gate(spec: JobSpec | TrainingSpec) -> PickGate | None:
     if not isinstance(spec, JobSpec) or spec.pick is None:
         return None
     return PickGate.RULE if spec.pick.by == "adherence" else PickGate.OPEN
+
+
+def _picks_close_at(session: Session, spec: JobSpec | TrainingSpec) -> datetime | None:
+    """When picks by hand close by themselves: `pick.timeout` hours from now, by the database's clock."""
+    if not isinstance(spec, JobSpec) or spec.pick is None or spec.pick.by != "hand" or spec.pick.timeout is None:
+        return None
+    return database_time(session) + timedelta(hours=spec.pick.timeout)
+
+
+def close_expired_gates(session: Session) -> list[str]:
+    """Close every open pick gate whose `pick.timeout` has passed; the jobs closed (each ends with its finals)."""
+    expired = update(Job).where(Job.gate == PickGate.OPEN, Job.picks_close_at <= db_now())
+    return list(session.scalars(expired.values(gate=PickGate.CLOSED).returning(Job.id)))
 
 
 def claim_task(session: Session, task_id: str, worker: str) -> bool:

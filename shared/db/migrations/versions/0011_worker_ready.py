@@ -1,4 +1,4 @@
-"""worker readiness: when a worker's pool process began taking tasks, and what it warmed first
+"""worker readiness (when a worker's pool process began taking tasks, and what it warmed first); picks' timeout
 
 Revision ID: 0011
 Revises: 0010
@@ -17,6 +17,15 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column(
+                "picks_close_at",
+                sa.DateTime(timezone=True),
+                nullable=True,
+                comment="when an open pick gate closes by itself (`pick.timeout`; database clock)",
+            )
+        )
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column(
@@ -41,3 +50,5 @@ def downgrade() -> None:
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("warmed")
         batch_op.drop_column("ready_at")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("picks_close_at")
