@@ -30,6 +30,7 @@ from producer.training_cli import dataset_app
 from producer.training_cli import train as train_command
 from shared.config import DEFAULT_POOL, Settings
 from shared.db.models import JobKind, TaskStatus
+from shared.db.status import JobStatus
 from shared.errors import SubmitWarning
 from shared.kinds import load_spec
 from shared.profiles import BUILTIN
@@ -372,6 +373,8 @@ def _summary(view: JobView) -> str:
     line = f"{view.status.value} ({view.rendered}/{view.total} tasks rendered: {counts}"
     if view.status.ended:
         return line + ")"
+    if view.status is JobStatus.WAITING_FOR_PICK:
+        return line + f"); pick drafts to finish with `archfarm pick {view.id} ID...`, or end it with `--done`"
     if view.workers == 0:
         return line + "); no live worker can take its tasks: start `archfarm worker` on its queue"
     return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + ")"
