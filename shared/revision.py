@@ -1,13 +1,8 @@
-"""A revision's region: which pixels of an approved image change, and how much of the new render each takes.
-
-White (above mid-grey) in the mask marks what changes. Around it a band of `feather` pixels blends the new
-render into the parent, its weight falling linearly with the distance from the mask; every pixel beyond the
-band keeps the parent's value exactly, bit for bit.
-"""
+"""A revision's region: which pixels of an approved image change. White (above mid-grey) in the mask marks
+them; submit checks there are some, the worker blends its render in around them (`workers.revision`)."""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -15,20 +10,3 @@ from PIL import Image
 def region(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """The mask at `size` (nearest neighbour, so no grey creeps in), True where the image changes."""
     return np.asarray(mask.convert("L").resize(size, Image.Resampling.NEAREST)) > 127
-
-
-def weights(changed: np.ndarray, feather: int) -> np.ndarray:
-    """Per pixel, the new render's share (0-1): 1 inside the region, falling to 0 across `feather` pixels
-    outside it, exactly 0 beyond."""
-    if not feather:
-        return changed.astype(np.float32)
-    distance = cv2.distanceTransform((~changed).astype(np.uint8), cv2.DIST_L2, 5)
-    return np.clip(1.0 - distance / (feather + 1), 0.0, 1.0).astype(np.float32)
-
-
-def composite(parent: Image.Image, render: Image.Image, share: np.ndarray) -> Image.Image:
-    """The parent with the render blended in by `share`; where the share is 0 the parent's bytes, unchanged
-    (old + 0 × (new - old) is old exactly, in any float)."""
-    old = np.asarray(parent.convert("RGB"), np.float32)
-    new = np.asarray(render.convert("RGB"), np.float32)
-    return Image.fromarray(np.rint(old + (new - old) * share[..., None]).astype(np.uint8))

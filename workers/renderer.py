@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_path, is_url
-from shared.revision import composite, region, weights
+from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
 from shared.spec import Profile, Revise, Stage, Style
 from shared.storage import Storage, Storages, input_errors
@@ -37,6 +37,7 @@ from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.models import ModelCache, default_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.preprocessors import ControlMaps
+from workers.revision import composite, weights
 
 log = logging.getLogger(__name__)
 
