@@ -193,7 +193,7 @@ def test_progress_sheet_details_pause_resume_and_cancel_in_a_browser(
     # One image's details: the full image, its sidecar's facts and a download link.
     thumbnails.nth(3).click()
     details = page.locator("dialog#details[open]")
-    details.locator(".pair > a img").wait_for()
+    details.locator(".pair img[data-revisable]").wait_for()
     page.wait_for_function("() => document.querySelector('dialog#details img').naturalWidth === 64")
     assert "japandi interior" in details.locator(".prompt").inner_text()
     assert "seed 1" in details.locator("h2").inner_text()
