@@ -54,9 +54,10 @@ def test_engine_quick(models_dir: Path) -> None:
 
 
 def test_stages_quick(models_dir: Path) -> None:
-    out = run_bench("stages.py", "--quick", models_dir=models_dir)
+    out = run_bench("stages.py", "--quick", "--seeds", "4", "--size", "128", "--steps", "8", models_dir=models_dir)
+    assert (out["seeds"], out["size"], out["steps"]) == (4, 128, 8)
     assert positive(out["full_s"]) and positive(out["staged_s"]) and positive(out["ratio_measured"])
-    assert out["ratio_formula"] == round((16 * 0.25 * 12 + 2 * 10) / (16 * 20), 3)
+    assert out["ratio_formula"] == round((4 * 0.25 * 12 + 2 * 4) / (4 * 8), 3)
 
 
 def test_train_bench_quick(models_dir: Path) -> None:
