@@ -184,8 +184,8 @@ def test_a_rule_picks_the_best_drafts_by_adherence_and_a_waiting_job_cancels(
 # --- on a farm: real workers, Redis, PostgreSQL, S3 -------------------------------------------------------------
 
 SLOW_FINALS = {
-    "profile": {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 24, "controls": [{"kind": "canny"}]},
-    "draft": {"width": 64, "height": 64, "steps": 4},
+    "profile": {"base": "tiny-sd15", "width": 256, "height": 256, "steps": 16, "controls": [{"kind": "canny"}]},
+    "draft": {"width": 64, "height": 64, "steps": 2},
     "pick": {"by": "hand"},
     "final": {"scale": 4, "strength": 0.5},
 }
