@@ -189,6 +189,7 @@ def start_workers(farm_env: dict[str, str], farm: Farm, tmp_path: Path) -> Itera
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.terminate()
     for worker in started:
+        worker.wait()
         assert worker.proc.returncode is not None
