@@ -127,3 +127,39 @@ def test_controlnet_of_another_family_is_refused(model_cache: ModelCache) -> Non
         run(model_cache, controls=[ControlInput("tiny-canny", PLAN_A, 1.0, 0.0, 1.0)])
     with pytest.raises(InvalidInput, match="another kind of base model"):
         run(model_cache, base="tiny-sd15")
+
+
+@pytest.mark.slow
+def test_sdxl_finals_and_revisions_render_through_its_image_to_image_and_inpainting_pipelines(
+    model_cache: ModelCache,
+) -> None:
+    """A final (image-to-image) and a revision (inpainting) of SDXL: its own pipelines, at the call's size; a
+    low strength keeps the start closer than a high one."""
+    from PIL import Image
+
+    from workers.engine.pipeline import Item, Request, Unit, render_batch
+
+    start = Image.new("RGB", (SIZE, SIZE), (150, 110, 70))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 16, 48, 48))
+
+    def render(strength: float, region: Image.Image | None = None) -> np.ndarray:
+        item = Item("a bright living room", "", 1, (PLAN_A,), start, region)
+        request = Request(
+            base="tiny-sdxl",
+            units=[Unit(NET, 1.0, 0.0, 1.0)],
+            items=[item],
+            steps=STEPS * 2,
+            guidance_scale=5.0,
+            width=SIZE,
+            height=SIZE,
+            strength=strength,
+            output_type="np",
+        )
+        (image,) = render_batch(model_cache, request).images
+        assert image.shape == (SIZE, SIZE, 3)
+        return image
+
+    target = np.asarray(start, np.float32) / 255
+    assert np.abs(render(0.25) - target).mean() < np.abs(render(1.0) - target).mean()
+    render(1.0, mask)
