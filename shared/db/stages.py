@@ -1,10 +1,11 @@
 """A staged job's pick gate: picks, the final task each one adds, and the rule that picks alone.
 
-A staged job (`JobSpec.staged`) is submitted with its drafts only and its gate open. Each pick marks a draft
-artifact and adds one final task that names it (`tasks.source_id`), sent at once, so finals render while a
-person is still choosing. The gate closes by hand (`archfarm pick --done`: `store.close_gate`), by a cancel,
-or, for `by: adherence`, once every draft has ended and the rule has picked. Every change is a conditional UPDATE or an
-insert of a deterministic id, so two pickers, or a rule run by two workers at once, add each final once.
+A staged job (`JobSpec.staged`) is submitted with its drafts only, its gate open for picks by hand or left to
+its rule (`by: adherence`). Each pick marks a draft artifact and adds one final task that names it
+(`tasks.source_id`), sent at once, so finals render while a person is still choosing. An open gate closes by
+hand (`archfarm pick --done`: `store.close_gate`), by a cancel, or when `pick.timeout` has passed (a worker's
+upkeep); a rule's once every draft has ended and the rule has picked. Every change is a conditional UPDATE or
+an insert of a deterministic id, so two pickers, or a rule run by two workers at once, add each final once.
 """
 
 from __future__ import annotations
