@@ -255,7 +255,7 @@ def test_a_staged_job_on_two_workers_picks_from_the_cli_and_survives_a_kill_duri
         )
         assert key.split("/", 2)[2].startswith("finals/")
 
-    waiting = farm.submit({**job, "seeds": [9]})
+    waiting = farm.submit({**job, "seeds": [9], "styles": ["modern"]})
     assert farm.wait(waiting, timeout=120).status is JobStatus.WAITING_FOR_PICK
     assert "cancelled" in cli("cancel", waiting)
     assert farm.status(waiting).status is JobStatus.CANCELLED
