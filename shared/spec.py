@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +34,7 @@ MAX_VALUES = 2_500_000
 """Room for a job listing a million seeds, 10,000 plans and 1,000 styles."""
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 MAX_NOTIFY_URLS = 5
+T = TypeVar("T")
 _PLAN_SCHEMES = ("file://", "s3://")
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -171,9 +172,7 @@ class ImageControl(_ControlBase):
     @field_validator("image")
     @classmethod
     def _image_url(cls, image: str) -> str:
-        if "://" in image and not image.startswith(_PLAN_SCHEMES):
-            raise ValueError(f"{image!r}: unsupported URL scheme (use a path, file:// or s3://)")
-        return image
+        return _input_url(image)
 
 
 ControlUnit = Annotated[
@@ -292,9 +291,7 @@ class Notify(_Strict):
     @field_validator("events")
     @classmethod
     def _events(cls, events: list[Event]) -> list[Event]:
-        if len(set(events)) < len(events):
-            raise ValueError("an event is named twice")
-        return events
+        return _once_each(events, "an event")
 
 
 Stage = Literal["draft", "final"]
@@ -336,10 +333,8 @@ class Pick(_Strict):
 
     @field_validator("per")
     @classmethod
-    def _once_each(cls, per: list[str]) -> list[str]:
-        if len(set(per)) < len(per):
-            raise ValueError("a field is named twice")
-        return per
+    def _fields_once(cls, per: list[Grouping]) -> list[Grouping]:
+        return _once_each(per, "a field")
 
 
 class Final(_Strict):
@@ -364,9 +359,7 @@ class Revise(_Strict):
     @field_validator("image", "mask")
     @classmethod
     def _url(cls, url: str) -> str:
-        if "://" in url and not url.startswith(_PLAN_SCHEMES):
-            raise ValueError(f"{url!r}: unsupported URL scheme (use a path, file:// or s3://)")
-        return url
+        return _input_url(url)
 
     def digest(self) -> str:
         """What of the revision decides its images: the parent's and the mask's content, and the feather."""
@@ -430,10 +423,7 @@ class JobSpec(_Strict):
     @field_validator("plans")
     @classmethod
     def _plan_urls(cls, plans: list[str]) -> list[str]:
-        for plan in plans:
-            if "://" in plan and not plan.startswith(_PLAN_SCHEMES):
-                raise ValueError(f"{plan!r}: unsupported URL scheme (use a path, file:// or s3://)")
-        return plans
+        return [_input_url(plan) for plan in plans]
 
     @field_validator("styles")
     @classmethod
@@ -514,6 +504,19 @@ class JobSpec(_Strict):
     def resolved_styles(self) -> list[Style]:
         """Styles after catalog lookup (the validator replaced every name by its `Style`)."""
         return [s for s in self.styles if isinstance(s, Style)]
+
+
+def _input_url(url: str) -> str:
+    """A path, or a file:// or s3:// URL: what a job may read its inputs from."""
+    if "://" in url and not url.startswith(_PLAN_SCHEMES):
+        raise ValueError(f"{url!r}: unsupported URL scheme (use a path, file:// or s3://)")
+    return url
+
+
+def _once_each(values: list[T], what: str) -> list[T]:
+    if len(set(values)) < len(values):
+        raise ValueError(f"{what} is named twice")
+    return values
 
 
 def _not_by_url(ref: str) -> str:
