@@ -167,8 +167,8 @@ def render(
             spec, settings, on_prepared=reporter.start, on_task_done=reporter.task_done, progress=reporter.step
         )
     elapsed = time.perf_counter() - started
-    total = sum(len(reporter.tasks.get(task_id, (0,))) for task_id in report.statuses)
-    written = sum(len(reporter.tasks.get(task_id, (0,))) for task_id in report.succeeded)
+    total = sum(map(reporter.images, report.statuses))
+    written = sum(map(reporter.images, report.succeeded))
     count = f"{written} images" if written == total else f"{written} of {total} images"
     out.print(f"job {report.job_id}: {count} in {elapsed:.1f} s → {report.output_url}", markup=False)
     if spec.pick is not None and spec.pick.by == "hand" and report.ok:
@@ -262,11 +262,15 @@ class _Reporter:
     def step(self, task_id: str, step: int, total: int) -> None:
         self.progress.update(self.bar, description=f"{self.names.get(task_id, 'final')} step {step}/{total}")
 
+    def images(self, task_id: str) -> int:
+        """A task's images: its seeds, or one for a final its drafts led to (not known in advance)."""
+        return len(self.tasks.get(task_id, ())) or 1
+
     def task_done(self, task_id: str, status: TaskStatus) -> None:
-        """A task of the job as submitted, or a final its drafts led to (one image, not counted in advance)."""
+        """A task of the job as submitted, or a final its drafts led to."""
         self.done += 1
         seeds = self.tasks.get(task_id)
-        self.progress.advance(self.bar, 1 if seeds is None else len(seeds))
+        self.progress.advance(self.bar, self.images(task_id))
         if self.interactive:
             return
         what = f"final {task_id[:8]}" if seeds is None else f"{self.names[task_id]} seeds {','.join(map(str, seeds))}"

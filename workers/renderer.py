@@ -131,6 +131,8 @@ class Renderer:
         )
         self.sizer = BatchSizer(self.device)
         self.fleet = FleetCompileCache(farm_storage, self.device)
+        self._revision_inputs: tuple[tuple[object, ...], tuple[Image.Image, Image.Image, np.ndarray]] | None = None
+        """The last revision's parent, mask and shares: its job's tasks share them."""
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
@@ -286,45 +288,50 @@ class Renderer:
     def _source(self, work: Work, source: Source) -> tuple[Image.Image, str]:
         """A final's draft, enlarged to the final size (Lanczos), and its content hash. A draft gone from
         storage fails its final alone, for good: the job's other finals start from drafts of their own."""
-        where = f"draft {source.artifact} of plan {work.plan_name!r} ({source.url})"
         try:
-            with input_errors(where):
-                data = self.storages.read(source.url)
-                image = decode_image(data, source.url, max_pixels=self.settings.max_image_pixels)
+            image, digest = self._stored_image(f"draft {source.artifact} of plan {work.plan_name!r}", source.url)
         except InputError as error:
             raise PermanentError(str(error)) from None
         size = (work.profile.width, work.profile.height)
-        return image.convert("RGB").resize(size, Image.Resampling.LANCZOS), content_hash(data)
+        return image.convert("RGB").resize(size, Image.Resampling.LANCZOS), digest
 
     def _revision(self, work: Work, revise: Revise) -> tuple[Image.Image, Image.Image, np.ndarray]:
         """A revision's parent image, the mask of what the pipeline renders anew (region and band) and each
-        pixel's share of it. Both inputs are the job's own: one that cannot be read, or changed since the
-        submit, fails the job's queued tasks with it."""
-        parent = self._input("revise.image", revise.image, revise.image_sha256)
+        pixel's share of it, made once for all the job's tasks this process renders in a row. Both inputs are
+        the job's own: one that cannot be read, or changed since the submit, fails the job's queued tasks."""
         size = (work.profile.width, work.profile.height)
+        key = (revise.image_sha256, revise.mask_sha256, revise.feather, size)
+        if self._revision_inputs is not None and self._revision_inputs[0] == key:
+            return self._revision_inputs[1]
+        parent, _ = self._stored_image("revise.image", revise.image, revise.image_sha256)
         if parent.size != size:
             raise InputError(f"revise.image is {parent.size[0]}×{parent.size[1]}, not the render's {size[0]}×{size[1]}")
-        share = weights(region(self._input("revise.mask", revise.mask, revise.mask_sha256), size), revise.feather)
-        return parent.convert("RGB"), Image.fromarray(np.where(share > 0, 255, 0).astype(np.uint8)), share
-
-    def _input(self, name: str, url: str, sha256: str | None) -> Image.Image:
-        """One of the job's own input images, checked against the hash pinned at submit."""
-        with input_errors(f"{name} ({url})"):
-            data = self.storages.read(url)
-            if content_hash(data) != sha256:
-                raise InputError(f"{name} ({url}): changed after the job was submitted")
-            return decode_image(data, url, max_pixels=self.settings.max_image_pixels)
+        mask, _ = self._stored_image("revise.mask", revise.mask, revise.mask_sha256)
+        share = weights(region(mask, size), revise.feather)
+        inputs = parent.convert("RGB"), Image.fromarray(np.where(share > 0, 255, 0).astype(np.uint8)), share
+        self._revision_inputs = (key, inputs)
+        return inputs
 
     def _plan(self, work: Work) -> Image.Image:
         """The task's plan, decoded; an `InputError` naming it (by name and URL) when it cannot be had, which
         fails every queued task of that plan with the same reason."""
-        where = f"plan {work.plan_name!r} ({work.plan_url})"
-        with input_errors(where, work.plan_digest):
-            data = self.storages.read(work.plan_url)
-        if content_hash(data) != work.plan_digest:
-            raise InputError(f"{where}: changed after the job was submitted", work.plan_digest)
-        with input_errors(where, work.plan_digest):
-            return decode_image(data, work.plan_url, max_pixels=self.settings.max_image_pixels)
+        name = f"plan {work.plan_name!r}"
+        return self._stored_image(name, work.plan_url, work.plan_digest, work.plan_digest)[0]
+
+    def _stored_image(
+        self, name: str, url: str, pinned: str | None = None, plan_digest: str | None = None
+    ) -> tuple[Image.Image, str]:
+        """An input image read from storage and decoded, and its content hash. An `InputError` naming it (name
+        and URL) when it cannot be had or no longer has the content `pinned` at submit; `plan_digest` says
+        which plan's tasks share it (None: the whole job's)."""
+        where = f"{name} ({url})"
+        with input_errors(where, plan_digest):
+            data = self.storages.read(url)
+        digest = content_hash(data)
+        if pinned is not None and digest != pinned:
+            raise InputError(f"{where}: changed after the job was submitted", plan_digest)
+        with input_errors(where, plan_digest):
+            return decode_image(data, url, max_pixels=self.settings.max_image_pixels), digest
 
     def _upload(
         self, work: Work, storage: Storage, seed: int, key: str, image: Image.Image, rendered: Rendered

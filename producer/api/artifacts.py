@@ -9,11 +9,11 @@ from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from producer import dashboard, schemas
-from producer.api.deps import farm, owned
+from producer.api.deps import farm, owned, queueing_farm
 from producer.client import Part
 from producer.remote import check_remote
 from producer.views import ArtifactView, JobView
-from shared.errors import ConfigError, InvalidInput
+from shared.errors import InvalidInput
 from shared.thumbnails import CONTENT_TYPE
 
 router = APIRouter()
@@ -48,9 +48,7 @@ def revise(
 ) -> JobView:
     """A revision of an image as a child job: only the mask's region (an s3:// mask, or a rectangle) is rendered
     again, with the image's plan, profile, style and seed; every pixel beyond the feathered band is kept."""
-    client = farm(request)
-    if client.settings.broker_url is None:
-        raise ConfigError("no broker configured: the API only queues work for workers")
+    client = queueing_farm(request)
     if (body.mask is None) == (body.rect is None):
         raise InvalidInput("name the region to re-render: `mask` (an s3:// URL) or `rect` (left, top, right, bottom)")
     view = client.artifact(artifact_id)

@@ -7,13 +7,21 @@ from fastapi import Request, Response
 
 from producer.client import Farm
 from shared.db.tokens import Caller
-from shared.errors import Forbidden
+from shared.errors import ConfigError, Forbidden
 
 
 def farm(request: Request) -> Farm:
     """The app's one `Farm` (its database, broker and storages), made when the app starts."""
     found: Farm = request.app.state.farm
     return found
+
+
+def queueing_farm(request: Request) -> Farm:
+    """The farm, for a route that queues work: the API never renders in its own process."""
+    client = farm(request)
+    if client.settings.broker_url is None:
+        raise ConfigError("no broker configured: the API only queues work for workers")
+    return client
 
 
 def owned(request: Request, job_id: str) -> None:

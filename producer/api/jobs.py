@@ -10,11 +10,11 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi import Path as PathParam
 
 from producer import dashboard, schemas
-from producer.api.deps import farm, link_next, owned
+from producer.api.deps import farm, link_next, owned, queueing_farm
 from producer.client import Farm
 from producer.remote import check_remote
 from producer.views import JobView
-from shared.errors import ConfigError, InvalidInput, PlanError
+from shared.errors import InvalidInput, PlanError
 from shared.kinds import parse_spec
 from shared.spec import MAX_ECHO
 from shared.thumbnails import CONTENT_TYPE
@@ -27,9 +27,7 @@ Digest = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$", description="a plan
 def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)) -> JobView:  # noqa: B008
     """A spec of any kind (its `kind`; render when it names none): checked, stored and queued. The body is read
     as a document rather than parsed by FastAPI, for archfarm's one-line errors and size checks."""
-    client = farm(request)
-    if client.settings.broker_url is None:
-        raise ConfigError("no broker configured: the API only queues work for workers")
+    client = queueing_farm(request)
     spec = parse_spec(job)
     check_remote(spec, client.settings)
     owner = None if request.state.caller is None else request.state.caller.name
@@ -104,9 +102,7 @@ def pick(request: Request, job_id: str, body: schemas.PickRequest) -> dict[str, 
     its picks. Any number of times while it waits."""
     if not body.artifacts and not body.done:
         raise InvalidInput("name drafts to pick (`artifacts`), or set `done`")
-    client = farm(request)
-    if client.settings.broker_url is None:
-        raise ConfigError("no broker configured: the API only queues work for workers")
+    client = queueing_farm(request)
     owned(request, job_id)
     finals = client.pick(job_id, body.artifacts, done=body.done)
     return {**client.status(job_id).model_dump(), "finals": finals}
