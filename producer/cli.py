@@ -480,6 +480,37 @@ def revise(
 
 
 @app.command()
+def upscale(
+    artifact: Annotated[int, typer.Argument(metavar="ARTIFACT", help="The image's id (`archfarm results`).")],
+    long_side: Annotated[
+        int | None, typer.Option("--long-side", metavar="PX", help="The result's longer side.")
+    ] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="The result's size over the image's.")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", metavar="PX", help="Tile side (default per family).")] = None,
+    overlap: Annotated[int | None, typer.Option("--overlap", metavar="PX", help="Least tile overlap.")] = None,
+    strength: Annotated[float, typer.Option("--strength", help="How much of each tile is rendered again.")] = 0.35,
+    format: Annotated[str, typer.Option("--format", help="png, tiff16 or jpeg.")] = "png",
+    plan_units: Annotated[bool, typer.Option(help="Steer tiles with the profile's plan maps too.")] = True,
+) -> None:
+    """Enlarge an image to delivery size as a child job: its tiles render on every worker of the pool, then one
+    task blends them into the image. On the farm, or here without a broker."""
+    with _farm() as farm:
+        spec = farm.upscaling(
+            artifact,
+            long_side=long_side,
+            scale=scale,
+            tile=tile,
+            overlap=overlap,
+            strength=strength,
+            format=format,
+            plan_units=plan_units,
+        )
+        job_id = farm.submit(spec)
+        view = farm.status(job_id)
+    out.print(f"upscale job {job_id} of image {artifact}: {view.status.value} → {view.output_url}", markup=False)
+
+
+@app.command()
 def pause(
     job_id: JobId,
 ) -> None:
@@ -539,13 +570,14 @@ def results(
     job_id: JobId,
     download: Annotated[Path | None, typer.Option("--download", help="Copy images and sidecars here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    tiles: Annotated[bool, typer.Option("--tiles", help="List an upscale's tiles too.")] = False,
 ) -> None:
-    """List a job's images (id, pass, plan/style, seed, size, adherence, URL; a picked draft is `draft*`), or
-    download them."""
+    """List a job's images (id, pass, plan/style, seed, size, adherence or an upscale's seam score, URL; a
+    picked draft is `draft*`), or download them."""
     _json_errors.set(as_json)
     with _farm() as farm:
         job_id = farm.resolve(job_id)
-        artifacts = farm.results(job_id)
+        artifacts = farm.results(job_id, tiles=tiles)
         written = farm.download(job_id, download) if download is not None else []
     if as_json:
         _print_json(
@@ -558,11 +590,15 @@ def results(
         return
     for artifact in artifacts:
         staged = "" if artifact.stage == "render" else f"{artifact.stage}{'*' if artifact.picked else ''}\t"
-        score = "-" if artifact.adherence is None else f"{artifact.adherence:.3f}"
+        score = (
+            f"seam {artifact.seam:.3f}"
+            if artifact.seam is not None
+            else f"adherence {'-' if artifact.adherence is None else f'{artifact.adherence:.3f}'}"
+        )
         size = f"{artifact.width}x{artifact.height}"
         out.print(
             f"{artifact.id}\t{staged}{artifact.plan}/{artifact.style}\tseed {artifact.seed}\t{size}\t"
-            f"adherence {score}\t{artifact.url}",
+            f"{score}\t{artifact.url}",
             markup=False,
         )
     if download is not None:

@@ -266,6 +266,46 @@ class Farm:
         )
         return spec
 
+    def upscaling(
+        self,
+        artifact_id: int,
+        *,
+        long_side: int | None = None,
+        scale: float | None = None,
+        tile: int | None = None,
+        overlap: int | None = None,
+        strength: float = 0.35,
+        format: str = "png",
+        plan_units: bool = True,
+    ) -> JobSpec:
+        """The job that enlarges an image to `long_side` (or `scale` times) tile by tile, each tile rendered
+        again with the image's plan, profile, style and seed (read from its sidecar) under a tile ControlNet,
+        written beside it in its job's output (under `upscales/`). Submit it to render it."""
+        view = self.artifact(artifact_id)
+        meta = Sidecar.model_validate_json(self.read(view, "sidecar"))
+        upscale = {
+            "image": view.url,
+            "parent": artifact_id,
+            "strength": strength,
+            "format": format,
+            "plan_units": plan_units,
+            **{name: value for name, value in (("long_side", long_side), ("scale", scale)) if value is not None},
+            **{name: value for name, value in (("tile", tile), ("overlap", overlap)) if value is not None},
+        }
+        spec: JobSpec = parse_model(
+            JobSpec,
+            {
+                "name": f"upscale-{artifact_id}",
+                "plans": [meta.plan.url],
+                "styles": [meta.style],
+                "seeds": [meta.seed],
+                "profile": meta.profile,
+                "upscale": upscale,
+                "output": self.status(view.job_id).output_url,
+            },
+        )
+        return spec
+
     def resume(self, job_id: str) -> int:
         """Let a paused job's queued tasks run; returns how many were sent."""
         self.status(job_id)
@@ -332,13 +372,13 @@ class Farm:
         return self._celery
 
     def results(
-        self, job_id: str, offset: int = 0, limit: int | None = None, after: int | None = None
+        self, job_id: str, offset: int = 0, limit: int | None = None, after: int | None = None, tiles: bool = False
     ) -> list[ArtifactView]:
         """The job's images, `limit` of them (all by default) from `offset` or after the image `after`, in a
-        stable order (style, seed)."""
+        stable order (style, seed); an upscale's tiles too with `tiles`."""
         self.status(job_id)
         with self.sessions() as session:
-            return reads.artifact_views(session, job_id, offset, limit, after)
+            return reads.artifact_views(session, job_id, offset, limit, after, tiles)
 
     def artifact(self, artifact_id: int) -> ArtifactView:
         with self.sessions() as session:

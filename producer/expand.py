@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from shared.plans import Plan
 from shared.spec import JobSpec, Stage, Style
+from shared.tiles import tile_key, tile_seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,11 @@ def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_d
 
 def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
     """plans × styles × chunks of seeds, plan-major, in the order the job lists them; a staged job's are its
-    drafts, under `drafts/`, rendered with the draft's profile; a revision's go under `revisions/`."""
+    drafts, under `drafts/`, rendered with the draft's profile; a revision's go under `revisions/`; an
+    upscale's are its tiles (`tiles`)."""
     namespace = uuid.UUID(job_id)
+    if job.upscale is not None:
+        return tiles(job, plans[0], namespace)
     stage: Stage | None = "draft" if job.staged else None
     profile = job.stage_profile(stage)
     profile_digest = profile.digest() if job.revise is None else job.digest()
@@ -63,3 +67,31 @@ def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
                     )
                 )
     return tasks
+
+
+UPSCALES = "upscales/"
+
+
+def tiles(job: JobSpec, plan: Plan, namespace: uuid.UUID) -> list[TaskSpec]:
+    """An upscale's tasks: per seed, one per tile of its image, in the grid's order (so a tile's index is its
+    ordinal modulo the grid's count), each under its image's key, rendered with the tile's own seed."""
+    assert job.upscale is not None  # only asked of an upscale
+    (style,) = job.resolved_styles
+    count, style_digest, digest = job.upscale.grid().count, style.digest(), job.digest()
+    return [
+        TaskSpec(
+            id=str(uuid.uuid5(namespace, f"tile:{seed}:{index}")),
+            plan=plan,
+            style=style.name,
+            seeds=(tile_seed(seed, index),),
+            outputs=(tile_key(image_key(plan, style, style_digest, seed, digest), index),),
+            stage="tile",
+        )
+        for seed in job.seed_values()
+        for index in range(count)
+    ]
+
+
+def image_key(plan: Plan, style: Style, style_digest: str, seed: int, digest: str) -> str:
+    """Where an upscale's image is assembled (as PNG; another format swaps the suffix)."""
+    return UPSCALES + output_key(plan, style, style_digest, seed, digest)

@@ -150,12 +150,19 @@ def worker_views(session: Session, heartbeat_timeout: float) -> list[WorkerView]
 
 
 def artifact_views(
-    session: Session, job_id: str, offset: int = 0, limit: int | None = None, after: int | None = None
+    session: Session,
+    job_id: str,
+    offset: int = 0,
+    limit: int | None = None,
+    after: int | None = None,
+    tiles: bool = False,
 ) -> list[ArtifactView]:
     """The job's images, `limit` of them (all by default) from `offset` or after the image `after` (a cursor:
-    the last of the page before), in a stable order (style, seed)."""
+    the last of the page before), in a stable order (style, seed); an upscale's tiles only when asked."""
     order = (Artifact.style, Artifact.seed, Artifact.id)
     query = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id).where(Artifact.job_id == job_id)
+    if not tiles:
+        query = query.where(Artifact.stage != "tile")
     if after is not None:
         anchor = session.execute(select(*order).where(Artifact.id == after, Artifact.job_id == job_id)).first()
         if anchor is None:
@@ -186,7 +193,7 @@ def lineage(session: Session, artifact_id: int, depth: int = 20) -> tuple[list[A
     children = session.execute(
         select(Artifact, Task.plan_name)
         .join(Task, Task.id == Artifact.task_id)
-        .where(Artifact.parent_id == artifact_id)
+        .where(Artifact.parent_id == artifact_id, Artifact.stage != "tile")
         .order_by(Artifact.id)
         .limit(depth)
     ).all()

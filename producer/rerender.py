@@ -23,11 +23,12 @@ from pydantic import ValidationError
 
 from producer.local import render_local
 from shared.config import Settings
-from shared.errors import InvalidInput, NotFound
+from shared.errors import ArchfarmError, InvalidInput, NotFound
 from shared.plans import safe_name
 from shared.sidecar import Models, Rerender, Sidecar
-from shared.spec import JobSpec, describe, parse_model
+from shared.spec import JobSpec, Profile, Style, Upscale, describe, parse_model
 from shared.storage import Storages
+from workers.renderer import Renderer, Work
 
 
 @dataclass(frozen=True)
@@ -65,37 +66,12 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
     meta = _read(sidecar_path)
     with tempfile.TemporaryDirectory(prefix="archfarm-rerender-") as scratch:
         work = Path(scratch)
-        url = meta.plan.url
-        plan = work / "plans" / f"{meta.plan.name or safe_name(url)}{_suffix(url)}"
-        plan.parent.mkdir()
-        try:
-            plan.write_bytes(Storages(settings).read(url))
-        except FileNotFoundError:
-            raise InvalidInput(f"{sidecar_path}: the plan {url} is gone") from None
-        spec = parse_model(
-            JobSpec,
-            {
-                "name": "rerender",
-                "plans": [str(plan)],
-                "styles": [meta.style],
-                "seeds": meta.batch_seeds,
-                "profile": meta.profile,
-                "output": str(work / "out"),
-                **({"revise": meta.revision} if meta.revision else {}),
-            },
-            str(sidecar_path),
-        )
         # A scratch job: a database of its own, and nobody to tell about it.
         scratch_settings = settings.model_copy(
             update={"database_url": f"sqlite:///{work / 'rerender.db'}", "notify_urls": []}
         )
         with _threads(meta.threads):
-            report = render_local(spec, scratch_settings)
-        image = work / "out" / meta.key
-        if not report.ok or not image.exists():
-            # The key is derived from the plan's content and every setting: a different key means changed inputs.
-            problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
-            raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta.key}: {problems}")
+            image = (_tile if meta.tile is not None else _job)(meta, sidecar_path, work / "out", scratch_settings)
         target = out_dir / meta.key
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(image, target)
@@ -110,6 +86,71 @@ def rerender(sidecar_path: Path, out_dir: Path, settings: Settings) -> Rerendere
         shared_call=meta.shared_call,
         comparison=comparison,
     )
+
+
+def _job(meta: Sidecar, sidecar_path: Path, out: Path, settings: Settings) -> Path:
+    """The image's task rendered again as a job of its own (plan re-read from where the job read it and named
+    as it was, so the key comes out the same); where its image lies."""
+    url = meta.plan.url
+    plan = out.parent / "plans" / f"{meta.plan.name or safe_name(url)}{_suffix(url)}"
+    plan.parent.mkdir()
+    try:
+        plan.write_bytes(Storages(settings).read(url))
+    except FileNotFoundError:
+        raise InvalidInput(f"{sidecar_path}: the plan {url} is gone") from None
+    spec = parse_model(
+        JobSpec,
+        {
+            "name": "rerender",
+            "plans": [str(plan)],
+            "styles": [meta.style],
+            "seeds": meta.batch_seeds,
+            "profile": meta.profile,
+            "output": str(out),
+            **({"revise": meta.revision} if meta.revision else {}),
+        },
+        str(sidecar_path),
+    )
+    report = render_local(spec, settings)
+    image = out / meta.key
+    if not report.ok or not image.exists():
+        # The key is derived from the plan's content and every setting: a different key means changed inputs.
+        problems = "; ".join(report.errors.values()) or "the plan or a control image changed since"
+        raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta.key}: {problems}")
+    return image
+
+
+def _tile(meta: Sidecar, sidecar_path: Path, out: Path, settings: Settings) -> Path:
+    """One tile of an upscale rendered again alone, as its worker rendered it (the other tiles and the assembly
+    are not: a 6K image's hundred tiles are not re-rendered to check one); where its image lies."""
+    try:
+        upscale = Upscale.model_validate(meta.upscale)
+        work = Work(
+            task_id=meta.task,
+            job_id=str(meta.job.get("id", "")),
+            job_name="rerender",
+            output_url=out.as_uri(),
+            plan_url=meta.plan.url,
+            plan_name=meta.plan.name,
+            plan_digest=meta.plan.sha256,
+            style=Style.model_validate(meta.style),
+            seeds=meta.batch_seeds,
+            outputs=[meta.key],
+            profile=Profile.model_validate(meta.profile),
+            stage="tile",
+            strength=upscale.strength,
+            upscale=upscale,
+            tile=meta.tile,
+        )
+    except ValidationError as e:
+        raise InvalidInput(f"{sidecar_path}: not a tile's sidecar ({describe(e)})") from None
+    renderer = Renderer(settings)
+    try:
+        prepared = renderer.prepare(work)
+    except ArchfarmError as e:
+        raise InvalidInput(f"{sidecar_path}: cannot reproduce {meta.key}: {e}") from None
+    renderer.upload(work, renderer.render([prepared], None)[0])
+    return out / meta.key
 
 
 def compare(image: Path, sidecar_path: Path, meta: Sidecar) -> Rerender:

@@ -65,6 +65,16 @@ class ReviseRequest(_Request):
     feather: int = Field(8, ge=0, le=256, description="pixels over which the change blends in")
 
 
+class UpscaleRequest(_Request):
+    long_side: int | None = Field(None, description="the result's longer side in pixels (or `scale`)")
+    scale: float | None = Field(None, description="the result's size over the image's (or `long_side`)")
+    tile: int | None = Field(None, description="tile side in pixels (default for the model family)")
+    overlap: int | None = Field(None, description="least overlap of neighbouring tiles (default tile/8)")
+    strength: float = Field(0.35, description="how much of each enlarged tile is rendered again")
+    format: Literal["png", "tiff16", "jpeg"] = "png"
+    plan_units: bool = Field(True, description="steer each tile with the profile's plan maps too")
+
+
 class UploadRequest(_Request):
     name: str = Field(
         min_length=1, max_length=200, description="the file's name: its stem names the plan in keys and sheets"

@@ -30,8 +30,9 @@ from shared.errors import InvalidInput, SubmitWarning
 from shared.images import decode_image
 from shared.limits import check_fits_visibility
 from shared.plans import load_plan, load_plans, stage_plans
+from shared.registry import known_family
 from shared.revision import region
-from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile, Revise
+from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile, Revise, Upscale, parse_model
 from shared.storage import Storages, canonical_url
 
 
@@ -88,7 +89,10 @@ def prepare(
     notify = spec.notify or (Notify(urls=settings.notify_urls) if settings.notify_urls else None)
     profile = _with_control_images(profile, storages, farm)
     revise = None if spec.revise is None else _with_revision_inputs(spec.revise, profile, storages, farm)
-    spec = spec.model_copy(update={"profile": profile, "notify": notify, "revise": revise})
+    upscale = None if spec.upscale is None else _with_upscale_inputs(spec.upscale, profile, storages, farm)
+    spec = spec.model_copy(update={"profile": profile, "notify": notify, "revise": revise, "upscale": upscale})
+    if upscale is not None:  # its result's size is known only now: the spec's checks of it run again
+        spec = parse_model(JobSpec, spec.model_dump(mode="json"))
     return PreparedJob(
         id=job_id,
         spec=spec,
@@ -145,6 +149,17 @@ def _with_revision_inputs(revise: Revise, profile: Profile, storages: Storages, 
     return revise.model_copy(
         update={"image": image.url, "image_sha256": image.digest, "mask": mask.url, "mask_sha256": mask.digest}
     )
+
+
+def _with_upscale_inputs(upscale: Upscale, profile: Profile, storages: Storages, farm: bool) -> Upscale:
+    """Read and check the image an upscale enlarges, stage it for a farm, and pin its content hash and size
+    into the spec, with the tile size for the base's family: the grid, and so the tasks, are fixed at submit."""
+    image, data = load_plan(upscale.image, storages)
+    size = decode_image(data, image.url, max_pixels=storages.settings.max_image_pixels).size
+    if farm:
+        (image,) = stage_plans([image], storages)
+    pinned = upscale.model_copy(update={"image": image.url, "image_sha256": image.digest, "image_size": list(size)})
+    return pinned.with_tiles(known_family(profile.base))
 
 
 def persist(session: Session, job: PreparedJob) -> None:

@@ -155,9 +155,10 @@ class ArtifactView(View):
     width: int
     height: int
     size_bytes: int
-    stage: str = Field("render", description="render (a single-pass job), draft or final")
+    stage: str = Field("render", description="render (a single-pass job), draft, final, tile or upscale")
     parent_id: int | None = Field(None, description="the image this one was made from (a final's draft)")
     adherence: float | None = Field(None, description="how well its edges follow its plan's control map (0-1)")
+    seam: float | None = Field(None, description="an upscale's seam score: 1 where no tile edge shows")
     picked: bool = Field(False, description="a draft picked for a final")
     download_url: str | None = Field(None, description="a presigned GET link, where the output is on S3")
 
@@ -178,5 +179,6 @@ class ArtifactView(View):
             stage=row.stage,
             parent_id=row.parent_id,
             adherence=row.adherence,
+            seam=row.seam,
             picked=row.picked_at is not None,
         )

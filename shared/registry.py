@@ -28,6 +28,8 @@ ALIASES: dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sdxl-canny": "diffusers/controlnet-canny-sdxl-1.0",
     "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
+    "sd15-tile": "lllyasviel/control_v11f1e_sd15_tile",
+    "sdxl-tile": "xinsir/controlnet-tile-sdxl-1.0",
     "sdxl-vae-fp16": "madebyollin/sdxl-vae-fp16-fix",  # SDXL's VAE rescaled to decode in fp16 without NaNs
 }
 
@@ -41,6 +43,8 @@ DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
     ("sdxl", "canny"): ALIASES["sdxl-canny"],
     ("sdxl", "depth"): ALIASES["sdxl-depth"],
     ("sdxl", "plan-depth"): ALIASES["sdxl-depth"],
+    ("sd15", "tile"): ALIASES["sd15-tile"],
+    ("sdxl", "tile"): ALIASES["sdxl-tile"],
 }
 KINDS_WITH_DEFAULT: frozenset[str] = frozenset(kind for _, kind in DEFAULT_CONTROLNETS)
 

@@ -58,9 +58,10 @@ class PlanRecord(BaseModel):
 
 
 class SourceRecord(BaseModel):
-    """The image a final was rendered from (its picked draft): enlarged and rendered again at `strength`."""
+    """The image a final was rendered from (its picked draft), or an upscale's tile: enlarged and rendered again
+    at `strength` (`artifact`: none for an upscale of an image from elsewhere)."""
 
-    artifact: int
+    artifact: int | None
     url: str
     sha256: str
     strength: float
@@ -99,6 +100,14 @@ class Sidecar(BaseModel):
         None,
         description="a revision's parent image and mask (the job's `revise`): its lineage, and what a re-render reads",
     )
+    upscale: dict[str, Any] | None = Field(
+        None, description="an upscale's image and grid (the job's `upscale`): what a tile's re-render reads"
+    )
+    tile: int | None = Field(None, description="which tile of the upscale's grid the image is")
+    tiles: list[dict[str, Any]] | None = Field(
+        None, description="an assembled upscale's lineage: each tile's index, artifact and URL"
+    )
+    seam: float | None = Field(None, description="an assembled upscale's seam score (1: no seam shows)")
     style: dict[str, Any]
     seed: int
     profile: dict[str, Any]

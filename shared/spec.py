@@ -21,6 +21,7 @@ from shared.notify import Event, check_url
 from shared.profiles import BUILTIN, builtin_profile
 from shared.registry import SCHEDULERS, check_ref, has_default_controlnet, is_url
 from shared.styles import CATALOG
+from shared.tiles import Grid
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """Names end up in object keys and file names, so they are restricted to a path-safe alphabet."""
@@ -175,10 +176,19 @@ class ImageControl(_ControlBase):
         return _input_url(image)
 
 
+class TileControl(_ControlBase):
+    """The image an upscale enlarges, cut to the tile, as the control map of a tile ControlNet: what keeps each
+    tile's content that of the image while its detail is rendered anew (`upscale.control` only)."""
+
+    kind: Literal["tile"] = "tile"
+
+
 ControlUnit = Annotated[
-    CannyControl | DepthControl | PlanDepthControl | PlanImageControl | ImageControl, Field(discriminator="kind")
+    CannyControl | DepthControl | PlanDepthControl | PlanImageControl | ImageControl | TileControl,
+    Field(discriminator="kind"),
 ]
 CONTROL_KINDS = ("canny", "depth", "plan-depth", "none", "image")
+"""The kinds a profile's units may be (`tile` is an upscale's own unit)."""
 
 
 class Profile(_Strict):
@@ -294,8 +304,9 @@ class Notify(_Strict):
         return _once_each(events, "an event")
 
 
-Stage = Literal["draft", "final"]
-"""A staged job's passes: many cheap drafts, then the picked ones again at full quality."""
+Stage = Literal["draft", "final", "tile", "assemble"]
+"""A staged job's passes (many cheap drafts, then the picked ones again at full quality), and an upscale's
+(its tiles, then the assembly of each image from them)."""
 
 
 class Draft(_Strict):
@@ -366,6 +377,81 @@ class Revise(_Strict):
         return _digest([self.image_sha256, self.mask_sha256, self.feather])
 
 
+MAX_UPSCALE_SIDE = 8192
+"""The longest side an upscale delivers: 6K with room to spare (8192² RGB is 192 MiB assembled)."""
+Format = Literal["png", "tiff16", "jpeg"]
+
+
+class Upscale(_Strict):
+    """An image enlarged to delivery size and rendered again tile by tile, image-to-image under a tile
+    ControlNet (and, with `plan_units`, the profile's own units on the plan's maps at the new size, cut to the
+    tile, so walls stay where the plan has them); the tiles are tasks of their own, blended into one image by
+    an assembly task once all are done. One image per seed: each tile's seed is derived from it."""
+
+    image: str = Field(min_length=1, max_length=2048, description="the image to enlarge: path, file:// or s3:// URL")
+    parent: int | None = Field(None, ge=1, description="its artifact id, for lineage")
+    long_side: int | None = Field(None, ge=256, le=MAX_UPSCALE_SIDE, description="the result's longer side, pixels")
+    scale: float | None = Field(None, gt=1.0, le=16.0, description="the result's size over the image's")
+    tile: int | None = Field(
+        None, ge=128, le=2048, description="tile side in pixels; default 512 (SD 1.5), 1024 (SDXL)"
+    )
+    overlap: int | None = Field(None, ge=8, le=1024, description="least overlap of neighbouring tiles; default tile/8")
+    strength: float = Field(0.35, gt=0.0, le=1.0, description="how much of each enlarged tile is rendered again")
+    control: TileControl = Field(default_factory=TileControl, description="the tile ControlNet unit")
+    plan_units: bool = Field(True, description="the profile's units steer each tile too, on maps cut to it")
+    format: Format = Field("png", description="png, tiff16 (16-bit TIFF) or jpeg (quality 95)")
+    image_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="set at submit")
+    image_size: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=2, max_length=2, description="set at submit: the image's width and height"
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _input_url(url)
+
+    @field_validator("tile", "overlap")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8")
+        return value
+
+    @model_validator(mode="after")
+    def _one_size(self) -> Upscale:
+        if (self.long_side is None) == (self.scale is None):
+            raise ValueError("give the result's size as long_side or as scale (one of them)")
+        if self.tile is not None and self.overlap is not None and self.overlap * 2 > self.tile:
+            raise ValueError(f"overlap {self.overlap} is over half the tile ({self.tile})")
+        return self
+
+    def with_tiles(self, family: str | None) -> Upscale:
+        """Tile and overlap filled in for the base's family (SDXL 1024, SD 1.5 512; overlap an eighth), at
+        submit: the grid, and so the job's tasks, must not depend on what a worker later reads."""
+        if self.tile is not None:
+            return self if self.overlap is not None else self.model_copy(update={"overlap": self.tile // 8})
+        if family is None:
+            raise InvalidInput("upscale.tile: the base is known only by its config; name the tile size")
+        tile = 1024 if family == "sdxl" else 512
+        return self.model_copy(update={"tile": tile, "overlap": self.overlap or tile // 8})
+
+    def size(self) -> tuple[int, int]:
+        """The result's width and height (multiples of 8) from the image's size (known once submitted)."""
+        assert self.image_size is not None  # set at submit
+        width, height = self.image_size
+        factor = self.scale if self.scale is not None else self.long_side / max(width, height)  # type: ignore[operator]
+        return round(width * factor / 8) * 8, round(height * factor / 8) * 8
+
+    def grid(self) -> Grid:
+        assert self.tile is not None and self.overlap is not None  # set at submit
+        width, height = self.size()
+        return Grid(width, height, self.tile, self.overlap)
+
+    def digest(self) -> str:
+        """What of the upscale decides its tiles: the image's content and every setting but where it was read."""
+        return _digest(self.model_dump(mode="json", exclude={"image", "parent"}))
+
+
 class JobSpec(_Strict):
     """A render job: every plan × style × seed rendered with one profile (the default kind of job)."""
 
@@ -387,6 +473,7 @@ class JobSpec(_Strict):
     pick: Pick | None = Field(None, description="how a staged job's drafts are picked for the final pass")
     final: Final | None = Field(None, description="how a staged job's picks are rendered at full quality")
     revise: Revise | None = Field(None, description="re-render a masked region of an approved image")
+    upscale: Upscale | None = Field(None, description="enlarge an image to delivery size, tile by tile")
 
     @classmethod
     def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:
@@ -404,6 +491,8 @@ class JobSpec(_Strict):
         """What decides its images besides plan, style and seed: the profile's digest (and a revision's)."""
         if self.revise is not None:
             return _digest([self.profile.digest(), self.revise.digest()])
+        if self.upscale is not None:
+            return _digest([self.profile.digest(), self.upscale.digest()])
         return self.profile.digest()
 
     def references(self) -> References:
@@ -417,6 +506,8 @@ class JobSpec(_Strict):
             urls.append(("output", self.output))
         if self.revise is not None:
             urls += [("revise.image", self.revise.image), ("revise.mask", self.revise.mask)]
+        if self.upscale is not None:
+            urls.append(("upscale.image", self.upscale.image))
         hooks = [(f"notify.urls.{i}", url) for i, url in enumerate(self.notify.urls if self.notify else [])]
         return References(urls, [(f"profile.{name}", ref) for name, ref in self.profile.models()], hooks)
 
@@ -475,6 +566,26 @@ class JobSpec(_Strict):
                 raise ValueError(f"the final size {width}×{height} is over 2048 on a side; lower final.scale")
         return self
 
+    @model_validator(mode="after")
+    def _upscale(self) -> JobSpec:
+        for index, unit in enumerate(self.profile.controls):
+            if isinstance(unit, TileControl):
+                raise ValueError(f"profile.controls.{index}: a tile unit is an upscale's own (upscale.control)")
+        if self.upscale is None:
+            return self
+        if self.pick is not None or self.revise is not None:
+            raise ValueError("an upscale enlarges one image: it has no stages and is no revision")
+        if len(self.plans) != 1 or len(self.styles) != 1:
+            raise ValueError("an upscale enlarges one image: give its one plan and its one style")
+        if self.upscale.image_size is not None:
+            width, height = self.upscale.size()
+            if max(width, height) > MAX_UPSCALE_SIDE:
+                raise ValueError(f"upscale: {width}×{height} is over {MAX_UPSCALE_SIDE} on a side")
+            tile = self.upscale.tile or 0
+            if min(width, height) < tile:
+                raise ValueError(f"upscale: {width}×{height} is smaller than a tile ({tile}); lower upscale.tile")
+        return self
+
     @property
     def staged(self) -> bool:
         """Whether the job renders drafts, waits for picks and renders finals of them."""
@@ -487,6 +598,10 @@ class JobSpec(_Strict):
         if stage == "final":
             width, height = self.final_size()
             return self.profile.model_copy(update={"width": width, "height": height})
+        if stage == "tile" and self.upscale is not None:
+            units = [self.upscale.control, *(self.profile.controls if self.upscale.plan_units else [])]
+            side = self.upscale.tile
+            return self.profile.model_copy(update={"width": side, "height": side, "controls": units})
         return self.profile
 
     def final_size(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ PNG for images stored before thumbnails existed.
 from __future__ import annotations
 
 import io
+from pathlib import PurePosixPath
 
 from PIL import Image
 
@@ -17,8 +18,8 @@ CONTENT_TYPE = "image/jpeg"
 
 
 def thumbnail_key(key: str) -> str:
-    """`plan/style/seed-1_abc.png` → `plan/style/seed-1_abc.thumb.jpg`, beside the image."""
-    return key.removesuffix(".png") + ".thumb.jpg"
+    """`plan/style/seed-1_abc.png` → `plan/style/seed-1_abc.thumb.jpg`, beside the image (of any format)."""
+    return str(PurePosixPath(key).with_suffix(".thumb.jpg"))
 
 
 def thumbnail(image: Image.Image) -> bytes:

@@ -468,7 +468,7 @@ def test_a_worker_killed_as_its_job_ends_loses_no_notification(
 ) -> None:
     """The worker that settles the last task starts delivering and is killed (its whole process tree) while
     the receiver holds that POST: a new worker's upkeep sends it once the attempt's lease is over. Each URL
-    gets the event exactly once (and a receiver sees the unanswered attempt's delivery id once more)."""
+    gets the event, always under one delivery id (a receiver sees the unanswered attempt's id once more)."""
     receiver = Receiver(hold_first=True)
     farm_env.update(
         {
@@ -503,7 +503,9 @@ def test_a_worker_killed_as_its_job_ends_loses_no_notification(
         receiver.close()
     assert farm.status(job_id).status.value == "succeeded"
     for path in ("/a", "/b"):
-        assert len(receiver.answered(path, "finished")) == 1
+        # another sender of the killed tree may have had its POST answered before recording it: a repeat,
+        # with the same delivery id, is what the README promises then; a loss or a new id is not
+        assert len(receiver.answered(path, "finished")) >= 1
         sent = [r for r in receiver.received if r.path == path]
         assert all(r.signed and r.headers[EVENT_HEADER] == "finished" for r in sent)
         assert len({r.headers[DELIVERY_HEADER] for r in sent}) == 1 and len({r.body for r in sent}) == 1

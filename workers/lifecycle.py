@@ -57,16 +57,19 @@ from shared.db.store import (
     requeue_task,
     worker_progress,
 )
+from shared.db.upscales import TiledImage, assemble_when_tiled, lock_job, tile_artifacts
 from shared.errors import ArchfarmError, InputError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
 from shared.logs import outage
 from shared.spec import JobSpec, Profile, Stage, Style
 from shared.storage import Storage
+from shared.tiles import image_key
 from shared.training import TrainingSpec
 from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits, decide
 from workers.renderer import Prepared, Rendered, Renderer, Source, Work
 from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
+from workers.upscales import Assembly, assemble_image
 from workers.warmup import warm
 
 log = logging.getLogger(__name__)
@@ -182,6 +185,8 @@ class Lifecycle:
             return claimed
         if self._jobs[claimed.job_id].kind is JobKind.TRAIN:
             return self._train(claimed)
+        if claimed.task is not None and claimed.task["stage"] == "assemble":
+            return self._assemble(claimed)
         try:
             first = self._prepare(claimed)
         except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
@@ -285,12 +290,11 @@ class Lifecycle:
         looked at). A spec that no longer parses is a permanent failure of the task, settled like any other."""
         job, task = self._jobs[held.job_id], held.task
         assert task is not None  # `run` only renders what `_claim` read
-        if job.render is None:
-            job.render = JobSpec.model_validate(job.spec)
-            job.styles = {style.name: style for style in job.render.resolved_styles}
+        spec = job.spec_model()
         stage: Stage | None = task["stage"]
         if stage not in job.profiles:
-            job.profiles[stage] = job.render.stage_profile(stage)
+            job.profiles[stage] = spec.stage_profile(stage)
+        upscale = spec.upscale
         return Work(
             task_id=held.task_id,
             job_id=held.job_id,
@@ -305,8 +309,10 @@ class Lifecycle:
             profile=job.profiles[stage],
             stage=stage,
             source=None if task["source_id"] is None else Source(task["source_id"], task["source_url"]),
-            strength=_strength(job.render, stage),
-            revise=job.render.revise,
+            strength=_strength(spec, stage),
+            revise=spec.revise,
+            upscale=upscale,
+            tile=task["ordinal"] % upscale.grid().count if upscale is not None and stage == "tile" else None,
         )
 
     def warm(self, profiles: Sequence[tuple[str, Profile]]) -> None:
@@ -408,7 +414,7 @@ class Lifecycle:
         given."""
         columns = (
             *(Task.id, Task.plan_url, Task.plan_name, Task.plan_digest, Task.style, Task.seeds, Task.outputs),
-            *(Task.stage, Task.source_id, Artifact.url.label("source_url")),
+            *(Task.ordinal, Task.stage, Task.source_id, Artifact.url.label("source_url")),
         )
         query = select(*columns).outerjoin(Artifact, Artifact.id == Task.source_id).where(Task.id.in_(ids))
         found = {row.id: row._asdict() for row in session.execute(query)}
@@ -444,9 +450,13 @@ class Lifecycle:
         picks_by_rule = self._jobs[work.job_id].picks_by_rule
 
         def record(session: Session) -> tuple[bool, list[str]]:
+            if work.tile is not None:
+                lock_job(session, work.job_id)  # the job's last tiles may end at once: one adds the assembly
             record_artifacts(session, rows)
             done = finish_task(session, work.task_id, self.worker)
             self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
+            if done and work.tile is not None:
+                return done, assemble_when_tiled(session, self._tiled(held, work))
             return done, advance(session, work.job_id) if done and picks_by_rule else []
 
         try:
@@ -458,6 +468,64 @@ class Lifecycle:
             self._send(finals, 0.0)
         if done and self.on_done is not None:  # not done: reaped meanwhile, and whoever holds it now reports
             self.on_done(work.task_id, TaskStatus.SUCCEEDED)
+
+    def _tiled(self, held: Held, work: Work) -> TiledImage:
+        """The image a tile belongs to."""
+        assert held.task is not None and work.upscale is not None  # a claimed tile
+        spec, tiles = self._jobs[work.job_id].spec_model(), work.upscale.grid().count
+        image, seeds = held.task["ordinal"] // tiles, spec.seed_values()
+        return TiledImage(
+            job_id=work.job_id,
+            image=image,
+            images=len(seeds),
+            tiles=tiles,
+            seed=seeds[image],
+            key=image_key(work.outputs[0], work.upscale.format),
+            plan_url=work.plan_url,
+            plan_name=work.plan_name,
+            plan_digest=work.plan_digest,
+            style=work.style.name,
+            parent=work.upscale.parent,
+        )
+
+    def _assemble(self, held: Held) -> TaskStatus:
+        """Assemble an upscale's image from its tiles (`workers.upscales`): no model, no device."""
+        try:
+            work = self._work(held)
+            upscale = work.upscale
+            assert upscale is not None  # an assembly belongs to an upscale
+            tiles = upscale.grid().count
+            image = (held.task or {})["ordinal"] - len(self._jobs[held.job_id].spec_model().seed_values()) * tiles
+            found = self._db(lambda session: tile_artifacts(session, held.job_id, image, tiles), CLAIM_PATIENCE_S)
+            task = Assembly(
+                task_id=work.task_id,
+                job_id=work.job_id,
+                job_name=work.job_name,
+                output_url=work.output_url,
+                key=work.outputs[0],
+                seed=work.seeds[0],
+                plan_url=work.plan_url,
+                plan_name=work.plan_name,
+                plan_digest=work.plan_digest,
+                style=work.style,
+                profile=work.profile,
+                upscale=upscale,
+                tiles=found,
+            )
+            row = assemble_image(self._renderer().storages, task)
+        except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
+            return self._settle(held, error)
+
+        def record(session: Session) -> bool:
+            record_artifacts(session, [row])
+            done = finish_task(session, held.task_id, self.worker)
+            self._progress(session, finished=held.task_id, images=1 if done else 0)
+            return done
+
+        log.info("task %s: assembled %s from %d tiles, seam score %.3f", held.task_id, task.key, tiles, row["seam"])
+        if self._db(record, None) and self.on_done is not None:
+            self.on_done(held.task_id, TaskStatus.SUCCEEDED)
+        return TaskStatus.SUCCEEDED
 
     def _settle(self, held: Held, error: BaseException) -> TaskStatus:
         kind = classify(error)
@@ -604,6 +672,13 @@ class _JobInfo:
     """Per pass of a staged job (None: a single-pass job's)."""
     styles: dict[str, Style] = field(default_factory=dict)
 
+    def spec_model(self) -> JobSpec:
+        """The job's render spec, parsed on first use."""
+        if self.render is None:
+            self.render = JobSpec.model_validate(self.spec)
+            self.styles = {style.name: style for style in self.render.resolved_styles}
+        return self.render
+
     @property
     def picks_by_rule(self) -> bool:
         """A staged job whose drafts a rule picks: each of its tasks that ends may be the one to run the rule."""
@@ -615,6 +690,8 @@ def _strength(spec: JobSpec, stage: Stage | None) -> float | None:
     None for a render from noise."""
     if spec.revise is not None:
         return 1.0
+    if stage == "tile" and spec.upscale is not None:
+        return spec.upscale.strength
     return spec.final.strength if stage == "final" and spec.final else None
 
 

@@ -27,7 +27,7 @@ from shared.images import content_hash, decode_image
 from shared.registry import default_controlnet, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
-from shared.spec import Profile, Revise, Stage, Style
+from shared.spec import Profile, Revise, Stage, Style, TileControl, Upscale
 from shared.storage import Storage, Storages, input_errors
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
 from workers.adherence import adherence
@@ -68,6 +68,9 @@ class Work:
     strength: float | None = None
     revise: Revise | None = None
     """A revision's parent and mask: the task renders only the mask's region of the parent."""
+    upscale: Upscale | None = None
+    """An upscale's image and grid: the task renders tile `tile` of it, enlarged."""
+    tile: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class Renderer:
         self.fleet = FleetCompileCache(farm_storage, self.device)
         self._revision_inputs: tuple[tuple[object, ...], tuple[Image.Image, Image.Image, np.ndarray]] | None = None
         """The last revision's parent, mask and shares: its job's tasks share them."""
+        self._upscale_source: tuple[str | None, Image.Image] | None = None
+        """The last upscale's image, decoded, by content hash: its tiles share it."""
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
@@ -151,6 +156,8 @@ class Renderer:
     def prepare(self, work: Work) -> Prepared:
         """The task's control maps, at the render size (cached by content, see `ControlMaps`)."""
         started = time.perf_counter()
+        if work.upscale is not None:
+            return self._tile(work, work.upscale, started)
         profile = work.profile
         plan = functools.cache(lambda: self._plan(work))  # read and decoded only if a map must be computed
         maps = tuple(
@@ -295,6 +302,32 @@ class Renderer:
         size = (work.profile.width, work.profile.height)
         return image.convert("RGB").resize(size, Image.Resampling.LANCZOS), digest
 
+    def _tile(self, work: Work, upscale: Upscale, started: float) -> Prepared:
+        """A tile's start and maps: its part of the image, enlarged to the tile (Lanczos, from the image's own
+        pixels: the enlarged whole is never made), which is also the tile unit's map; the plan's maps are
+        made at the enlarged size and cut to the tile. The image is the job's own: one that cannot be read,
+        or changed since the submit, fails the job's queued tasks."""
+        assert work.tile is not None  # an upscale's task is a tile
+        grid = upscale.grid()
+        if self._upscale_source is None or self._upscale_source[0] != upscale.image_sha256:
+            image, _ = self._stored_image("upscale.image", upscale.image, upscale.image_sha256)
+            self._upscale_source = (upscale.image_sha256, image.convert("RGB"))
+        source = self._upscale_source[1]
+        left, top, right, bottom = grid.box(work.tile)
+        fx, fy = source.width / grid.width, source.height / grid.height
+        side = (grid.tile, grid.tile)
+        crop = source.resize(side, Image.Resampling.LANCZOS, box=(left * fx, top * fy, right * fx, bottom * fy))
+        plan = functools.cache(lambda: self._plan(work))
+        maps = tuple(
+            crop
+            if isinstance(unit, TileControl)
+            else self.maps.get(
+                unit, work.plan_digest, plan, work.profile.base, grid.width, grid.height, work.plan_name
+            ).crop((left, top, right, bottom))
+            for unit in work.profile.controls
+        )
+        return Prepared(work, maps, time.perf_counter() - started, crop, upscale.image_sha256)
+
     def _revision(self, work: Work, revise: Revise) -> tuple[Image.Image, Image.Image, np.ndarray]:
         """A revision's parent image, the mask of what the pipeline renders anew (region and band) and each
         pixel's share of it, made once for all the job's tasks this process renders in a row. Both inputs are
@@ -353,6 +386,8 @@ class Renderer:
             stage=work.stage,
             source=rendered.source,
             revision=None if work.revise is None else work.revise.model_dump(),
+            upscale=None if work.upscale is None else work.upscale.model_dump(mode="json"),
+            tile=work.tile,
             adherence=score,
             style=work.style.model_dump(),
             seed=seed,
@@ -373,7 +408,7 @@ class Renderer:
             "job_id": work.job_id,
             "task_id": work.task_id,
             "stage": work.stage or "render",
-            "parent_id": work.source.artifact if work.source else (work.revise.parent if work.revise else None),
+            "parent_id": _parent(work),
             "adherence": score,
             "plan_digest": work.plan_digest,
             "style": work.style.name,
@@ -386,6 +421,14 @@ class Renderer:
         }
 
 
+def _parent(work: Work) -> int | None:
+    """The artifact an image was made from: a final's draft, a revision's or an upscale's image."""
+    if work.source is not None:
+        return work.source.artifact
+    found = work.revise or work.upscale
+    return None if found is None else found.parent
+
+
 def _kept(task: Prepared, image: Image.Image) -> Image.Image:
     """A revision's render blended into its parent (every pixel beyond the band the parent's); others as they are."""
     if task.share is None or task.init is None:
@@ -395,6 +438,9 @@ def _kept(task: Prepared, image: Image.Image) -> Image.Image:
 
 def _source_record(task: Prepared) -> SourceRecord | None:
     source, work = task.source_sha256, task.work
+    if work.upscale is not None and source is not None:
+        upscale = work.upscale
+        return SourceRecord(artifact=upscale.parent, url=upscale.image, sha256=source, strength=upscale.strength)
     if work.source is None or source is None or work.strength is None:
         return None
     return SourceRecord(artifact=work.source.artifact, url=work.source.url, sha256=source, strength=work.strength)

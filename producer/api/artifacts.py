@@ -4,16 +4,18 @@ can name a storage key; and revisions of them."""
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 
 from fastapi import APIRouter, Request, Response
 from PIL import Image
 
 from producer import dashboard, schemas
 from producer.api.deps import farm, owned, queueing_farm
-from producer.client import Part
+from producer.client import Farm, Part
 from producer.remote import check_remote
 from producer.views import ArtifactView, JobView
 from shared.errors import InvalidInput
+from shared.spec import JobSpec
 from shared.thumbnails import CONTENT_TYPE
 
 router = APIRouter()
@@ -29,7 +31,7 @@ def image(request: Request, artifact_id: dashboard.ArtifactId, download: bool = 
     """The PNG; `download=true` asks the browser to save it under a name that says what it is."""
     view = farm(request).artifact(artifact_id)
     headers = {"Content-Disposition": f'attachment; filename="{download_name(view)}"'} if download else {}
-    return _stored(request, view, "image", "image/png", headers)
+    return _stored(request, view, "image", IMAGE_TYPES.get(PurePosixPath(view.url).suffix, "image/png"), headers)
 
 
 @router.get("/artifacts/{artifact_id}/thumbnail")
@@ -63,11 +65,30 @@ def revise(
     else:
         mask = str(body.mask)
     spec = client.revision(artifact_id, mask, prompt=body.prompt, seeds=body.seeds, feather=body.feather)
+    return _child(request, response, client, spec)
+
+
+@router.post("/artifacts/{artifact_id}/upscale", status_code=201)
+def upscale(
+    request: Request, response: Response, artifact_id: dashboard.ArtifactId, body: schemas.UpscaleRequest
+) -> JobView:
+    """An image enlarged to delivery size as a child job, tile by tile on every worker of the pool, with its
+    plan, profile, style and seed; one task then blends the tiles into the image."""
+    client = queueing_farm(request)
+    owned(request, client.artifact(artifact_id).job_id)
+    return _child(request, response, client, client.upscaling(artifact_id, **body.model_dump()))
+
+
+def _child(request: Request, response: Response, client: Farm, spec: JobSpec) -> JobView:
+    """Submit a job made from an image, as the caller's, and say where it is."""
     check_remote(spec, client.settings)
     owner = None if request.state.caller is None else request.state.caller.name
     job_id = client.submit(spec, owner=owner, remote=True)
     response.headers["Location"] = f"/jobs/{job_id}"
     return client.status(job_id)
+
+
+IMAGE_TYPES = {".png": "image/png", ".tiff": "image/tiff", ".jpg": "image/jpeg"}
 
 
 def _stored(

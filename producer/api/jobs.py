@@ -115,16 +115,18 @@ def results(
     response: Response,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
     cursor: Annotated[int | None, Query(ge=1, le=dashboard.MAX_ROW_ID)] = None,
+    tiles: bool = False,
 ) -> dict[str, Any]:
     """Artifacts (all, or a page of `limit`, linking the next as `Link: <...>; rel="next"` whose `cursor` is
-    this page's last image) with pre-signed download links where the output's storage can sign them."""
+    this page's last image; an upscale's tiles with `tiles=true`) with pre-signed download links where the
+    output's storage can sign them."""
     client = farm(request)
     view = client.status(job_id)
     # Links are signed for ARCHFARM_S3_PUBLIC_ENDPOINT_URL: the caller may reach S3 at another address.
     storage = client.storages.open(view.output_url)
     prefix = view.output_url.rstrip("/") + "/"
     artifacts = []
-    page = client.results(job_id, limit=limit, after=cursor)
+    page = client.results(job_id, limit=limit, after=cursor, tiles=tiles)
     if limit is not None and len(page) == limit:
         link_next(request, response, str(page[-1].id))
     for artifact in page:

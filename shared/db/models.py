@@ -204,6 +204,11 @@ class Artifact(Base):
         Float, default=None, comment="how well the image's edges follow its plan's (F-score, 0-1)"
     )
     picked_at: Mapped[datetime | None] = mapped_column(default=None, comment="when a draft was picked for a final")
+    seam: Mapped[float | None] = mapped_column(
+        Float,
+        default=None,
+        comment="an upscale's mean gradient on tile edges over its mean gradient (1: no seam shows)",
+    )
     url: Mapped[str] = mapped_column(String(2048))
     sidecar_url: Mapped[str] = mapped_column(String(2048))
     width: Mapped[int] = mapped_column(Integer)

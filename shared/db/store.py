@@ -436,7 +436,17 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         index_elements=["job_id", "stage", "plan_digest", "style", "seed"],
         set_={
             c: stmt.excluded[c]
-            for c in ("task_id", "url", "sidecar_url", "width", "height", "size_bytes", "adherence", "parent_id")
+            for c in (
+                "task_id",
+                "url",
+                "sidecar_url",
+                "width",
+                "height",
+                "size_bytes",
+                "adherence",
+                "parent_id",
+                "seam",
+            )
         },
     )
     session.execute(stmt)
