@@ -32,7 +32,7 @@ class Assembled:
     data: bytes
     """The encoded image."""
     preview: np.ndarray
-    """The image at 8 bits (BGR), for its thumbnail."""
+    """The image shrunk to at most 512 px at 8 bits (BGR), for its thumbnail."""
     seam: float
 
 
@@ -52,8 +52,10 @@ def blend(grid: Grid, read: Callable[[int], np.ndarray], deep: bool = False) -> 
             weight = np.outer(down[row], across[column]).astype(np.float32)
             band[:, left : left + side] += tile * weight[..., None]
         done = (ys[row + 1] if row + 1 < len(ys) else grid.height) - top  # rows no later tile reaches
-        final = band[:done] * (257.0 if deep else 1.0)
-        out[top : top + done] = np.clip(np.rint(final), 0, 65535 if deep else 255)
+        final = band[:done]
+        if deep:
+            final *= 257.0
+        out[top : top + done] = np.clip(np.rint(final, out=final), 0, 65535 if deep else 255, out=final)
         band[: side - done] = band[done:]
         band[side - done :] = 0
     return out
@@ -65,8 +67,9 @@ def seam_score(image: np.ndarray, grid: Grid) -> float:
     columns, rows = grid.edges()
     edge_sum = all_sum = 0.0
     edge_count = all_count = 0
+    levels = 257.0 if image.dtype == np.uint16 else 1.0  # gradients in 8-bit levels whatever the depth
     for top in range(0, image.shape[0], SEAM_BAND_ROWS):
-        band = image[top : top + SEAM_BAND_ROWS + 1].astype(np.float32)  # one row more: the step below it
+        band = image[top : top + SEAM_BAND_ROWS + 1].astype(np.float32) / levels  # one row more: the step below
         across = np.abs(np.diff(band[:-1] if len(band) > SEAM_BAND_ROWS else band, axis=1))
         down = np.abs(np.diff(band, axis=0))
         all_sum += float(across.sum() + down.sum())
@@ -85,11 +88,14 @@ def seam_score(image: np.ndarray, grid: Grid) -> float:
 def assemble(grid: Grid, read: Callable[[int], np.ndarray], format: str) -> Assembled:
     """Blend, score and encode an image in `format` (png, tiff16, jpeg)."""
     image = blend(grid, read, deep=format == "tiff16")
-    eight = image if image.dtype == np.uint8 else (image // 257).astype(np.uint8)
+    seam = seam_score(image, grid)
     ok, data = cv2.imencode(SUFFIXES[format], image, ENCODINGS[format])
     if not ok:
         raise PermanentError(f"could not encode the assembled image as {format}")
-    return Assembled(data.tobytes(), _preview(eight), seam_score(eight, grid))
+    preview = _preview(image)
+    if preview.dtype == np.uint16:
+        preview = np.rint(preview / 257.0).astype(np.uint8)
+    return Assembled(data.tobytes(), preview, seam)
 
 
 def _preview(image: np.ndarray, side: int = 512) -> np.ndarray:
