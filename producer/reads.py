@@ -237,6 +237,7 @@ def sheet_page(
     digests, styles = {r.plan_digest for r in page}, {r.style for r in page}
     found = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
     found = found.where(Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles))
+    found = found.where(Artifact.stage != "tile")  # an upscale's cell is its assembled image
     if seeds is not None:
         found = found.where(Artifact.seed.in_(columns))
     images: dict[tuple[str, str, int], ArtifactView] = {}

@@ -114,6 +114,17 @@ def test_overhead_quick(postgres_url: str, redis_url: str, models_dir: Path) -> 
         assert out[f"{name}_ratio"] == pytest.approx(ratio) and out[f"{name}_spread"] == pytest.approx([ratio] * 2)
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_upscale_quick(postgres_url: str, redis_url: str, models_dir: Path, tmp_path: Path) -> None:
+    crop = tmp_path / "crop.png"
+    out = run_bench("upscale.py", "--quick", "--crop", str(crop), models_dir=models_dir, redis_url=redis_url)
+    assert (out["size"], out["tiles"]) == ("512x256", 15)
+    assert positive(out["wall_s_1_workers"]) and positive(out["wall_s_2_workers"]) and out["speedup_1_workers"] == 1
+    assert out["seam_blended"] < out["seam_pasted"]  # the same tiles, blended and pasted
+    assert out["assembly_output_mib"] == 512 * 256 * 3 / 2**20 and crop.is_file()
+
+
 def gpu_bench(*args: str, models_dir: Path) -> dict:
     """bench/gpu.py's JSON lines, one measurement each, as {label: value}."""
     env = {**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}

@@ -23,7 +23,7 @@ ENCODINGS: dict[str, list[int]] = {
     "jpeg": [cv2.IMWRITE_JPEG_QUALITY, 95],
 }
 CONTENT_TYPES = {"png": "image/png", "tiff16": "image/tiff", "jpeg": "image/jpeg"}
-SEAM_BAND_ROWS = 256
+SEAM_BAND_ROWS = 64
 """Rows the seam score differentiates at once: bounds its scratch memory on a 6K image to a few MiB."""
 
 
