@@ -26,6 +26,7 @@ from producer.console import fail as _fail
 from producer.console import json_errors as _json_errors
 from producer.console import print_json as _print_json
 from producer.console import warn as _warn
+from producer.models import every_model
 from producer.training_cli import dataset_app
 from producer.training_cli import train as train_command
 from shared.config import DEFAULT_POOL, Settings
@@ -33,6 +34,7 @@ from shared.db.models import JobKind, TaskStatus
 from shared.db.status import JobStatus
 from shared.errors import SubmitWarning
 from shared.kinds import load_spec
+from shared.licences import licence_of
 from shared.profiles import BUILTIN
 from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, load_profile, parse_model
 from shared.styles import CATALOG
@@ -411,9 +413,11 @@ def profiles() -> None:
             for unit in profile.controls
         )
         vae = f", vae {profile.vae}" if profile.vae else ""
+        licences = sorted({licence.name for _, ref in every_model(profile) if (licence := licence_of(ref))})
         out.print(
             f"{name}\n  base {profile.base}{vae}; controls: {units}\n  {profile.width}×{profile.height}, "
-            f"{profile.steps} steps, guidance {profile.guidance_scale:g}, scheduler {profile.scheduler}",
+            f"{profile.steps} steps, guidance {profile.guidance_scale:g}, scheduler {profile.scheduler}\n"
+            f"  licences: {', '.join(licences) or 'unknown'}",
             markup=False,
         )
 

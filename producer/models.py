@@ -9,14 +9,16 @@ said in a notice instead of guessed. A model published to storage is read here i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared import hub
 from shared.config import Settings
 from shared.errors import InvalidInput, StorageError
+from shared.licences import Use, check_use, licence_of
 from shared.published import manifest_digest
 from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_model, is_path, is_url, known_family
-from shared.spec import DepthControl, Profile
+from shared.spec import ControlUnit, DepthControl, JobSpec, Profile
 
 
 def pin_models(profile: Profile, *, here: bool, relative: bool = True) -> tuple[Profile, list[str]]:
@@ -94,3 +96,34 @@ def _check_cached(field: str, repo_id: str, config: str, notices: list[str]) -> 
     if reason is not None:
         raise InvalidInput(f"{field}: {reason}")
     notices.append(f"{field}: {repo_id} is not in the local Hugging Face cache; it is downloaded on first use")
+
+
+def check_licences(spec: JobSpec, use: Use) -> list[str]:
+    """Notices about the licences of every model the job renders with, defaults included (`shared.licences`);
+    InvalidInput for one whose licence forbids the job's use."""
+    notices: list[str] = []
+    more = [] if spec.upscale is None else [("upscale.control", spec.upscale.control)]
+    for field, ref in every_model(spec.profile, more):
+        try:
+            notice = check_use(field, ALIASES.get(ref, ref), licence_of(ref), use)
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+        if notice is not None:
+            notices.append(notice)
+    return notices
+
+
+def every_model(profile: Profile, more: Sequence[tuple[str, ControlUnit]] = ()) -> list[tuple[str, str]]:
+    """(field, reference) of each model a profile loads (and `more` units of a job, e.g. an upscale's tile
+    unit): named ones, and the defaults of units naming none where the base's family is known by name (one of
+    another base is read from its config by the worker)."""
+    family = known_family(profile.base)
+    found = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
+    for field, unit in [(f"profile.controls.{i}", unit) for i, unit in enumerate(profile.controls)] + list(more):
+        if unit.model is not None:
+            found.append((f"{field}.model", unit.model))
+        elif family is not None:
+            found.append((f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family)))
+        if isinstance(unit, DepthControl):
+            found.append((f"{field}.depth_model", unit.depth_model or default_depth_model(profile.base)))
+    return found

@@ -20,7 +20,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from producer.expand import TaskSpec, expand
-from producer.models import pin_models, pin_published
+from producer.models import check_licences, pin_models, pin_published
 from shared.config import Settings
 from shared.db.clock import database_time
 from shared.db.models import Task, TaskStatus
@@ -79,6 +79,8 @@ def prepare(
     check_output(output_url)
     profile, notices = pin_models(spec.profile, here=not farm, relative=not remote)
     profile = pin_published(profile, settings)
+    use = spec.use or settings.use  # the farm's default is taken into the job: its images' use is on record
+    notices += check_licences(spec.model_copy(update={"profile": profile}), use)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
     storages = storages or Storages(settings)
@@ -90,7 +92,8 @@ def prepare(
     profile = _with_control_images(profile, storages, farm)
     revise = None if spec.revise is None else _with_revision_inputs(spec.revise, profile, storages, farm)
     upscale = None if spec.upscale is None else _with_upscale_inputs(spec.upscale, profile, storages, farm)
-    spec = spec.model_copy(update={"profile": profile, "notify": notify, "revise": revise, "upscale": upscale})
+    updates = {"profile": profile, "notify": notify, "revise": revise, "upscale": upscale, "use": use}
+    spec = spec.model_copy(update=updates)
     if upscale is not None:  # its result's size is known only now: the spec's checks of it run again
         spec = parse_model(JobSpec, spec.model_dump(mode="json"))
     return PreparedJob(

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.licences import Use
 from shared.notify import check_url
 
 
@@ -144,6 +145,11 @@ class Settings(BaseSettings):
         description="URL prefixes that the REST API's job `notify` URLs must lie under, as JSON "
         '(`["https://hooks.example/"]`); empty: a job from the API cannot name its own (the farm\'s '
         "ARCHFARM_NOTIFY_URLS still apply).",
+    )
+    use: Use = Field(
+        "commercial",
+        description="What jobs that do not say are for: `commercial` refuses models whose licence forbids "
+        "commercial use (FLUX.1 [dev]); taken into each job at submit.",
     )
     notify_urls: list[str] = Field(
         default_factory=list,

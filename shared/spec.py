@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidInput
+from shared.licences import Use
 from shared.notify import Event, check_url
 from shared.profiles import BUILTIN, builtin_profile
 from shared.registry import SCHEDULERS, check_ref, has_default_controlnet, is_url
@@ -474,6 +475,9 @@ class JobSpec(_Strict):
     final: Final | None = Field(None, description="how a staged job's picks are rendered at full quality")
     revise: Revise | None = Field(None, description="re-render a masked region of an approved image")
     upscale: Upscale | None = Field(None, description="enlarge an image to delivery size, tile by tile")
+    use: Use | None = Field(
+        None, description="commercial or non-commercial: the model licences it may use; default ARCHFARM_USE"
+    )
 
     @classmethod
     def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:

@@ -347,6 +347,9 @@ def test_version_styles_profiles_and_plain_flags_in_help(env: dict[str, str]) ->
     assert "japandi\n  prompt: japandi interior" in styles and "  negative: " in styles
     profiles = runner.invoke(app, ["profiles"]).output
     assert "sd15-archviz\n  base sd15; controls: canny 0.9 [0-1], plan-depth 0.6 [0-1]" in profiles
+    assert (
+        "licences: CreativeML OpenRAIL-M, OpenRAIL" in profiles and "licences: CreativeML OpenRAIL++-M, MIT" in profiles
+    )
     submit_help = runner.invoke(app, ["submit", "--help"]).output
     assert "--wait " in submit_help and "<bool>" not in submit_help
     render_help = " ".join(runner.invoke(app, ["render", "--help"]).output.split())

@@ -24,6 +24,7 @@ from PIL import Image
 from shared.config import Settings
 from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
+from shared.licences import licence_of
 from shared.registry import default_controlnet, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
@@ -184,11 +185,11 @@ class Renderer:
         result, units, _ = self._call(profile, items, on_step, batch[0].work.strength)
         render_s = time.perf_counter() - started
         models: dict[str, Any] = {
-            "base": self.cache.identity(profile.base),
-            "controlnets": [self.cache.identity(unit.model) for unit in units],
+            "base": self._identity(profile.base),
+            "controlnets": [self._identity(unit.model) for unit in units],
         }
         if profile.vae is not None:
-            models["vae"] = self.cache.identity(profile.vae)
+            models["vae"] = self._identity(profile.vae)
         call = {"images": len(items), "tasks": len(batch)}
         images = iter(result.images)
         return [
@@ -277,6 +278,11 @@ class Renderer:
                 # allocated and are not the graphs' pools.
                 (reserved, allocated), (reserved_before, allocated_before) = _held(self.device), before
                 self.cache.graph_bytes += max(0, (reserved - reserved_before) - (allocated - allocated_before))
+
+    def _identity(self, ref: str) -> dict[str, Any]:
+        """A model as loaded (`ModelCache.identity`) and its licence where archfarm knows it, for the sidecar."""
+        licence = licence_of(ref)
+        return {**self.cache.identity(ref), **({"licence": licence.name} if licence else {})}
 
     def _portable(self, name: str) -> str:
         """A model's name as the fleet knows it: a local folder by its weights' sha256, not by its path here."""
