@@ -1,8 +1,8 @@
 """pytest plugin: the tiny model presets (SD 1.5- and SDXL-shaped), built once per test session, a CPU model
 cache over them, and a switch that keeps the Hugging Face hub out of a test.
 
-Listed in the root conftest's `pytest_plugins`, so any test can ask for `models_dir`, `model_cache` or
-`hub_offline`.
+Listed in the root conftest's `pytest_plugins`, so any test can ask for `models_dir`, `model_cache`,
+`embedded_settings` or `hub_offline`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from shared.config import Settings
 from shared.registry import PRESETS
 from workers.engine.models import ModelCache
 from workers.engine.presets import resolve
@@ -77,3 +78,14 @@ def tiny_render(cache, *, base: str, net: str, seeds=(1,), controls=None, **over
         height=SIZE,
     )
     return render(cache, **{**args, **overrides})
+
+
+@pytest.fixture
+def embedded_settings(tmp_path: Path, models_dir: Path) -> Settings:
+    """The embedded farm (`Farm` with no broker) on a SQLite file, storage and the tiny models in `tmp_path`."""
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        models_dir=models_dir,
+        broker_url=None,
+        storage_url=str(tmp_path / "renders"),
+    )

@@ -24,15 +24,6 @@ STAGES = {
 }
 
 
-def _settings(tmp_path: Path, models_dir: Path) -> Settings:
-    return Settings(
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        models_dir=models_dir,
-        broker_url=None,
-        storage_url=str(tmp_path / "renders"),
-    )
-
-
 def test_stages_come_together_and_a_final_fits_the_size_limit() -> None:
     job = {"plans": ["a.png"], "styles": ["modern"], "seeds": [1], "profile": PROFILE}
     with pytest.raises(InvalidInput, match="draft, pick and final together"):
@@ -122,12 +113,12 @@ def test_a_render_adheres_more_to_its_own_plan_than_to_another(models_dir: Path)
 
 @pytest.mark.slow
 def test_picks_render_finals_from_their_drafts_and_done_ends_the_job(
-    tmp_path: Path, models_dir: Path, example_plan: Path
+    embedded_settings: Settings, tmp_path: Path, example_plan: Path
 ) -> None:
     """The embedded path end to end: drafts render, the job waits for a pick, each pick renders a final whose
     sidecar names its draft, and `done` ends the job."""
     job = {"plans": [str(example_plan)], "styles": ["modern"], "seeds": {"count": 4}, "profile": PROFILE, **STAGES}
-    with Farm(_settings(tmp_path, models_dir)) as farm:
+    with Farm(embedded_settings) as farm:
         job_id = farm.submit(job)
         view = farm.status(job_id)
         assert view.status is JobStatus.WAITING_FOR_PICK
@@ -160,11 +151,11 @@ def test_picks_render_finals_from_their_drafts_and_done_ends_the_job(
 
 @pytest.mark.slow
 def test_a_rule_picks_the_best_drafts_by_adherence_and_a_waiting_job_cancels(
-    tmp_path: Path, models_dir: Path, example_plan: Path
+    embedded_settings: Settings, tmp_path: Path, example_plan: Path
 ) -> None:
     rule = {**STAGES, "pick": {"by": "adherence", "per": ["plan"], "count": 2}}
     job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": [1, 2], "profile": PROFILE}
-    with Farm(_settings(tmp_path, models_dir)) as farm:
+    with Farm(embedded_settings) as farm:
         job_id = farm.submit({**job, **rule})
         assert farm.status(job_id).status is JobStatus.SUCCEEDED  # drafts, the rule's pick and finals: one call
         artifacts = farm.results(job_id)
@@ -266,13 +257,13 @@ def test_a_staged_job_on_two_workers_picks_from_the_cli_and_survives_a_kill_duri
 
 @pytest.mark.slow
 def test_a_revision_changes_only_its_region_and_rerenders_bitwise(
-    tmp_path: Path, models_dir: Path, example_plan: Path
+    embedded_settings: Settings, tmp_path: Path, example_plan: Path
 ) -> None:
     """A rectangle of an approved image rendered again as a child job: beyond the feathered band every pixel is
     the parent's, bit for bit; inside it changed; its sidecar names the parent and `rerender` gives it again."""
     from producer.rerender import rerender
 
-    settings = _settings(tmp_path, models_dir)
+    settings = embedded_settings
     profile = {**PROFILE, "width": 128, "height": 128}
     with Farm(settings) as farm:
         parent_job = farm.submit({"plans": [str(example_plan)], "styles": ["modern"], "seeds": [3], "profile": profile})

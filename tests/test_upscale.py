@@ -32,15 +32,6 @@ gradient. A hard cut between tiles 12 levels apart scores 10 and more (below); t
 assembly of real renders near 1."""
 
 
-def _settings(tmp_path: Path, models_dir: Path) -> Settings:
-    return Settings(
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        models_dir=models_dir,
-        broker_url=None,
-        storage_url=str(tmp_path / "renders"),
-    )
-
-
 # --- the grid and the blend -------------------------------------------------------------------------------------
 
 
@@ -210,14 +201,14 @@ def test_an_upscale_takes_its_tile_size_from_the_family_and_its_grid_from_the_im
 
 @pytest.mark.slow
 def test_an_upscale_renders_its_tiles_assembles_them_and_a_tile_rerenders_bitwise(
-    tmp_path: Path, models_dir: Path, example_plan: Path
+    embedded_settings: Settings, tmp_path: Path, example_plan: Path
 ) -> None:
     """The embedded path end to end: a 64² render enlarged 8 times in 25 tiles; the image has the size, a seam
     score under the bound, a thumbnail and a sidecar naming its source and every tile; its tiles are listed
     only when asked; a 16-bit TIFF is one; `rerender` of a tile reproduces it bit for bit."""
     from producer.rerender import rerender
 
-    settings = _settings(tmp_path, models_dir)
+    settings = embedded_settings
     with Farm(settings) as farm:
         source_job = farm.submit({"plans": [str(example_plan)], "styles": ["modern"], "seeds": [3], "profile": PROFILE})
         (source,) = farm.results(source_job)
