@@ -5,9 +5,10 @@
 A 128×64 render of the example plan (tiny models) is enlarged to LONG_SIDE on its long side in 512² tiles
 overlapping by 64 (the SD 1.5 defaults), strength 0.35, on `archfarm worker --devices cpu:N` for each N of
 `--workers` (after a warm-up upscale, so models are resident; `--quick` skips it), against one scratch
-PostgreSQL database and Redis. Printed: the wall time from submit to the assembled image per worker count and the speed-up over one
-worker; the seam score of the assembled image against that of the same tiles pasted without blending; and the
-peak memory growth and time of the assembly alone, re-run on the stored tiles in a process of its own.
+PostgreSQL database and Redis. Printed: the wall time from submit to the assembled image per worker count and
+the speed-up over one worker; the seam score of the assembled image against that of the same tiles pasted
+without blending; and the peak memory growth and time of the assembly alone, re-run on the stored tiles in a
+process of its own.
 `--crop PATH` writes a 256² crop around a tile corner, pasted (left) and blended (right), for the README.
 
 Each worker renders on `--threads` CPU threads (default 1), as each GPU worker has a device of its own: a

@@ -562,7 +562,9 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         ready = "warming" if view.ready_s is None else f"ready after {view.ready_s:.0f} s"
         warmed = ", ".join(f"{w['profile']} {w.get('buckets', 'failed')}" for w in view.warmed)
         out.print(
-            f"{view.id}  {view.state:<7} {view.device:<6} heartbeat {view.heartbeat_age_s:.0f} s ago  "
+            f"{view.id}  {view.state:<7} {view.device:<6} "
+            f"{'' if view.memory_gib is None else f'{view.memory_gib:.1f} GiB  '}"
+            f"heartbeat {view.heartbeat_age_s:.0f} s ago  "
             f"images {view.images_done}  loads {view.model_loads}  swaps {view.stack_swaps}  "
             f"task {view.current_task or '-'}  {ready}{f' (warmed {warmed})' if warmed else ''}",
             markup=False,

@@ -116,6 +116,7 @@ class WorkerView(View):
     warmed: list[dict[str, Any]] = Field(
         default_factory=list, description="what it compiled before taking tasks: per profile, buckets and seconds"
     )
+    memory_gib: float | None = Field(None, description="what its device offers model stacks; null while warming")
 
     @classmethod
     def of(cls, row: Worker, now: datetime, timeout_s: float) -> WorkerView:
@@ -140,6 +141,7 @@ class WorkerView(View):
             state=state,
             ready_s=None if row.ready_at is None else (aware(row.ready_at) - aware(row.started_at)).total_seconds(),
             warmed=list(row.warmed),
+            memory_gib=None if row.memory_bytes is None else row.memory_bytes / 2**30,
         )
 
 

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="Profiles (built-in names or YAML files) whose every batch bucket a worker's pool process compiles "
         "before it takes a task (`archfarm worker --warm`), as a JSON list.",
     )
+    device_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GiB a worker's device offers model stacks (default: the GPU's memory; on a CPU, the machine's "
+        "RAM): a worker never claims a task whose stack is larger, and hands it to one that can hold it.",
+    )
     warm_timeout: float = Field(
         1800.0, gt=0, description="Seconds a pool process may take to warm before its worker gives up on it."
     )

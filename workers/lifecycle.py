@@ -47,6 +47,7 @@ from shared.db.store import (
     held_by,
     is_cancelled,
     is_paused,
+    largest_memory,
     last_error,
     live_nodes,
     mark_ready,
@@ -90,6 +91,9 @@ CLAIM_PATIENCE_S = 60.0
 inside any task's time limit, so waiting never gets the process killed."""
 DB_RETRY_MAX_S = 5.0
 JOB_CACHE = 256
+MEMORY_HAND_ON_S = 1.0
+"""How long a task a worker's device cannot hold waits before it is offered again: it is not failing, only
+looking for a worker large enough, so not the longer wait of a task that failed here."""
 
 T = TypeVar("T")
 
@@ -157,6 +161,8 @@ class Lifecycle:
         self._lock = threading.Lock()  # the render thread and the upload thread both settle tasks
         self._recovery: str | None = None
         self._recovery_lock = threading.Lock()
+        self._stacks: dict[tuple[str, Stage | None], int | None] = {}
+        """What each job's pass's model stack holds on this device, by (job, pass)."""
 
     # --- delivery ----------------------------------------------------------------------------------------
 
@@ -249,18 +255,61 @@ class Lifecycle:
             return TaskStatus(status)
         if is_paused(session, job_id):  # its message is spent; `resume` sends the task again
             return TaskStatus.QUEUED
+        if job_id not in self._jobs:
+            if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them
+                self._jobs.clear()
+                self._stacks.clear()
+            job = session.execute(select(Job.kind, Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
+            self._jobs[job_id] = _JobInfo(job.kind, job.name, job.output_url, job.spec)
+        if (too_large := self._too_large(session, task_id, job_id)) is not None:
+            return too_large
         if self.limits.blocklist_after is not None and (elsewhere := self._elsewhere(session, task_id, job_id)):
             return elsewhere
         if not claim_task(session, task_id, self.worker):
             return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
         self._progress(session, started=task_id)
         (held,) = self._held(session, job_id, [task_id])
-        if job_id not in self._jobs:
-            if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them
-                self._jobs.clear()
-            job = session.execute(select(Job.kind, Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
-            self._jobs[job_id] = _JobInfo(job.kind, job.name, job.output_url, job.spec)
         return held
+
+    def _too_large(self, session: Session, task_id: str, job_id: str) -> HandOn | TaskStatus | None:
+        """None when this worker's device can hold the task's model stack. Otherwise the task is handed to a
+        live worker of its queue that can, or, with none, fails with its job's other queued tasks, saying what
+        the stack needs and what the largest worker offers (a larger worker, then `retry`, renders them)."""
+        need = self._stack_bytes(session, task_id, job_id)
+        if need is None or need <= self._renderer().memory():
+            return None
+        queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or ""
+        largest = largest_memory(session, queue, self.worker)
+        if largest is None or largest >= need:  # one may hold it: a worker that has not said yet may too
+            postpone_task(session, task_id, MEMORY_HAND_ON_S)
+            return HandOn(MEMORY_HAND_ON_S)
+        reason = (
+            f"its model stack needs {need / 2**30:.2f} GiB; the largest worker of queue {queue!r} offers "
+            f"{max(largest, self._renderer().memory()) / 2**30:.2f} GiB"
+        )
+        log.warning("task %s: %s", task_id, reason)
+        fail_task(session, task_id, None, reason)
+        fail_queued(session, job_id, reason)
+        return TaskStatus.FAILED
+
+    def _stack_bytes(self, session: Session, task_id: str, job_id: str) -> int | None:
+        """What the task's pass's model stack holds on this device (once per job and pass); None for a task
+        that loads no stack (training, an assembly) or whose stack cannot be sized here (it loads, or fails,
+        as it would have)."""
+        job = self._jobs[job_id]
+        if job.kind is not JobKind.RENDER:
+            return None
+        stage: Stage | None = session.scalar(select(Task.stage).where(Task.id == task_id))
+        if stage == "assemble":
+            return None
+        key = (job_id, stage)
+        if key not in self._stacks:
+            try:
+                self._stacks[key] = self._renderer().stack_bytes(job.spec_model().stage_profile(stage))
+            except Exception as error:  # noqa: BLE001 - sizing is advice: the task loads or fails as before
+                log.warning("task %s: cannot size its model stack (%s); claiming it", task_id, one_line(error))
+                self._stacks[key] = None
+        return self._stacks[key]
 
     def _elsewhere(self, session: Session, task_id: str, job_id: str) -> HandOn | TaskStatus | None:
         """Whether this node should leave the task to others: it is blocklisted for the job (then the task fails
@@ -332,7 +381,8 @@ class Lifecycle:
             seconds = time.perf_counter() - started
             log.info("warmed %s: buckets %s in %.1f s", name, [b.images for b in buckets], seconds)
             warmed.append({"profile": name, "buckets": [b.images for b in buckets], "seconds": round(seconds, 1)})
-        self._db(lambda session: mark_ready(session, self.worker, warmed), CLAIM_PATIENCE_S)
+        memory = self._renderer().memory()
+        self._db(lambda session: mark_ready(session, self.worker, warmed, memory), CLAIM_PATIENCE_S)
 
     def _renderer(self) -> Renderer:
         """Built by the first task (or warm-up), in the process that renders (CUDA must start after any fork)."""

@@ -35,7 +35,8 @@ from workers.adherence import adherence
 from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
-from workers.engine.models import ModelCache, default_dtype, pick_device
+from workers.engine.footprint import stack_bytes
+from workers.engine.models import ModelCache, default_dtype, device_memory, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.preprocessors import ControlMaps
 from workers.revision import composite, weights
@@ -143,6 +144,22 @@ class Renderer:
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
         return self.cache.resident(), sum(self.cache.loads.values()), self.cache.swaps
+
+    def memory(self) -> int:
+        """Bytes this worker's device offers model stacks: `device_memory_gb`, else all the device has."""
+        gigabytes = self.settings.device_memory_gb
+        return device_memory(self.device) if gigabytes is None else int(gigabytes * 2**30)
+
+    def stack_bytes(self, profile: Profile) -> int:
+        """What the profile's models hold on this device (`workers.engine.footprint`), before any loads."""
+        family = self.cache.family(profile.base)
+        nets = [unit.model or default_controlnet(profile.base, unit.kind, family) for unit in profile.controls]
+        return stack_bytes(
+            self.cache.location(profile.base),
+            [self.cache.location(net) for net in dict.fromkeys(nets)],
+            None if profile.vae is None else self.cache.location(profile.vae),
+            self.cache.dtype,
+        )
 
     def images_per_call(self, profile: Profile, cap: int) -> int:
         """How many images to gather into one call for this profile (`workers.engine.batching`)."""

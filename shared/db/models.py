@@ -250,6 +250,9 @@ class Worker(Base):
     ready_at: Mapped[datetime | None] = mapped_column(
         default=None, comment="when its pool process began taking tasks, its profiles warmed (database clock)"
     )
+    memory_bytes: Mapped[int | None] = mapped_column(
+        BigInteger, default=None, comment="what its device offers model stacks; set when its pool process is ready"
+    )
     warmed: Mapped[list[Any]] = mapped_column(
         server_default="[]",
         comment="what its pool process compiled before taking tasks: per profile, buckets and seconds",

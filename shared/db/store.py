@@ -467,10 +467,22 @@ def register_worker(session: Session, worker_id: str, node: str, device: str, pi
     )
 
 
-def mark_ready(session: Session, worker_id: str, warmed: list[dict[str, Any]]) -> None:
+def mark_ready(session: Session, worker_id: str, warmed: list[dict[str, Any]], memory_bytes: int) -> None:
     """The worker's pool process takes tasks from now on, having warmed `warmed` (a replacement pool process,
-    after a crash, warms and marks it again)."""
-    session.execute(update(Worker).where(Worker.id == worker_id).values(ready_at=db_now(), warmed=warmed))
+    after a crash, warms and marks it again), with `memory_bytes` of device memory for model stacks."""
+    session.execute(
+        update(Worker).where(Worker.id == worker_id).values(ready_at=db_now(), warmed=warmed, memory_bytes=memory_bytes)
+    )
+
+
+def largest_memory(session: Session, queue: str, other_than: str) -> int | None:
+    """The most device memory a live worker consuming `queue`, other than `other_than`, offers (0: there is
+    none); None while one of them has not said (its pool process is still starting or warming)."""
+    rows = session.execute(
+        select(Worker.memory_bytes, Worker.queues).where(Worker.stopped_at.is_(None), Worker.id != other_than)
+    )
+    offers = [memory for memory, queues in rows if queue in queues]
+    return None if None in offers else max(offers, default=0)
 
 
 def heartbeat(session: Session, worker_id: str) -> bool:

@@ -9,6 +9,7 @@ touches CUDA at import: a worker initialises it itself after it starts, since CU
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,13 @@ def pick_device(setting: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {setting!r} asked for, but CUDA is not available here")
     return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory the device has: a GPU's total memory, or a CPU machine's physical RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -152,7 +160,7 @@ class ModelCache:
 
         Callers must not mutate the scheduler: it is shared; build a fresh one from its config per call.
         """
-        location = self._resolve(ref)
+        location = self.location(ref)
         if location in self._bases:
             self.hits[location] += 1
             return self._bases[location]
@@ -179,7 +187,7 @@ class ModelCache:
     def family(self, ref: str) -> Family:
         """The architecture of base `ref`, read from its own config (a name says nothing reliable), once."""
         if ref not in self._families:
-            location = self._resolve(ref)
+            location = self.location(ref)
             if known_family(location) is None:  # its config is read, from the hub when it is not cached
                 _check_hub(ref, location, "model_index.json")
             self._families[ref] = base_family(location)
@@ -188,7 +196,7 @@ class ModelCache:
     def vae(self, ref: str) -> AutoencoderKL:
         """A VAE of its own (a folder or hub id holding an `AutoencoderKL`), to use instead of a base's: e.g. an
         fp16-safe SDXL VAE, which spares SDXL's float32 decode in half precision."""
-        location = self._resolve(ref)
+        location = self.location(ref)
         if location in self._vaes:
             self.hits[location] += 1
             return self._vaes[location]
@@ -211,7 +219,7 @@ class ModelCache:
         (over budget) until a later render needs the room.
         """
         config = None if quantize is None else _quantization_config(quantize, self.device)
-        located = [(ref, self._resolve(ref)) for ref in refs]
+        located = [(ref, self.location(ref)) for ref in refs]
         keys = [location if quantize is None else f"{location} ({quantize})" for _, location in located]
         return [
             self._controlnet(ref, location, key, config, frozenset(keys))
@@ -277,7 +285,7 @@ class ModelCache:
         the commit of its locally cached snapshot (None when it is not cached yet), a published model also by
         its manifest's sha256 (`manifest_sha256`), the version a job pins.
         """
-        location = self._resolve(ref)
+        location = self.location(ref)
         if (ref, location) not in self._identities:
             local = Path(location).is_dir()
             found = {
@@ -296,8 +304,9 @@ class ModelCache:
         was submitted with (None: whatever is published now, read at each use)."""
         self._pins[url] = manifest_sha256
 
-    def _resolve(self, ref: str) -> str:
-        """`resolve`, with a published model's URL fetched into the models folder (once per version)."""
+    def location(self, ref: str) -> str:
+        """Where `ref` loads from (`resolve`: a folder, presets built, or a hub id), a published model's URL
+        fetched into the models folder (once per version)."""
         if not is_url(ref):
             return resolve(ref, self.models_dir)
         settings = self.settings or get_settings()

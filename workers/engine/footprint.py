@@ -1,0 +1,64 @@
+"""What a model stack holds on a device, known before any of it loads: each model built from its config on the
+meta device (no memory, no weights read), its parameters and buffers counted at the dtype it will run in.
+
+A worker compares this with its device's memory before it claims a task (`workers.lifecycle`), so a stack
+too large for its device goes to a worker that can hold it. Weights a model keeps in float32 whatever the run's
+dtype (a few norms) make the figure a slight underestimate; the configs, not the weights, are read, from the
+folder or the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from accelerate import init_empty_weights
+from huggingface_hub import hf_hub_download
+
+from shared.errors import ModelError
+
+SKIPPED = frozenset({"tokenizer", "tokenizer_2", "scheduler", "safety_checker", "feature_extractor", "image_encoder"})
+"""Pipeline components that hold no weights on the device, or that archfarm never loads."""
+
+
+def stack_bytes(base: str, controlnets: Sequence[str], vae: str | None, dtype: torch.dtype) -> int:
+    """Bytes the base (its weighted components), the ControlNets and a separate VAE hold at `dtype`; each a
+    location as `resolve` gives it (a folder or a hub id)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    base_elements = sum(_elements(base, name) for name in _components(base) if not (vae and name == "vae"))
+    others = sum(_elements(location, "") for location in (*controlnets, *([vae] if vae else [])))
+    return (base_elements + others) * size
+
+
+def _components(location: str) -> list[str]:
+    index = json.loads(_read(location, "model_index.json"))
+    return [name for name, value in index.items() if isinstance(value, list) and name not in SKIPPED and value[0]]
+
+
+@cache
+def _elements(location: str, subfolder: str) -> int:
+    """Parameters and buffers of the model in `location`/`subfolder`, built on the meta device from its config."""
+    config = json.loads(_read(location, f"{subfolder}/config.json" if subfolder else "config.json"))
+    with init_empty_weights(include_buffers=True):
+        if "_class_name" in config:  # a diffusers model
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+        else:  # a transformers model: its class is named in `architectures`
+            built = transformers.AutoConfig.for_model(**config)
+            model = getattr(transformers, config["architectures"][0])(built)
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
+def _read(location: str, name: str) -> bytes:
+    """A config file of a local folder or of a hub model in the local cache (never downloaded for this)."""
+    folder = Path(location)
+    try:
+        if folder.is_dir():
+            return (folder / name).read_bytes()
+        return Path(hf_hub_download(location, name, local_files_only=True)).read_bytes()
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{location}: cannot read {name} to size it ({error})") from None
