@@ -47,6 +47,8 @@ def pin_models(profile: Profile, *, here: bool, relative: bool = True) -> tuple[
         return ref
 
     updates: dict[str, object] = {"base": pin("profile.base", profile.base, "model_index.json")}
+    if profile.union is not None:
+        updates["union"] = pin("profile.union", profile.union, "config.json")
     if profile.vae is not None:
         updates["vae"] = pin("profile.vae", profile.vae, "config.json")
     units = []
@@ -56,7 +58,7 @@ def pin_models(profile: Profile, *, here: bool, relative: bool = True) -> tuple[
         changes: dict[str, str] = {}
         if unit.model is not None:
             changes["model"] = pin(f"{field}.model", unit.model, "config.json")
-        elif here and family is not None:  # a default stays implicit in the profile, but must load here too
+        elif here and family is not None and profile.union is None:  # a default is implicit, but must load here
             pin(f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family), "config.json")
         if isinstance(unit, DepthControl) and unit.depth_model is not None:
             changes["depth_model"] = pin(f"{field}.depth_model", unit.depth_model, "config.json")
@@ -119,10 +121,11 @@ def every_model(profile: Profile, more: Sequence[tuple[str, ControlUnit]] = ()) 
     another base is read from its config by the worker)."""
     family = known_family(profile.base)
     found = [("profile.base", profile.base)] + ([("profile.vae", profile.vae)] if profile.vae else [])
+    found += [("profile.union", profile.union)] if profile.union else []
     for field, unit in [(f"profile.controls.{i}", unit) for i, unit in enumerate(profile.controls)] + list(more):
         if unit.model is not None:
             found.append((f"{field}.model", unit.model))
-        elif family is not None:
+        elif family is not None and profile.union is None:  # a union serves every unit, an upscale's too
             found.append((f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family)))
         if isinstance(unit, DepthControl):
             found.append((f"{field}.depth_model", unit.depth_model or default_depth_model(profile.base)))

@@ -34,6 +34,15 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 128,
         "height": 128,
     },
+    # One ControlNet-Union on tiny SDXL serving edges and depth in one pass.
+    "tiny-sdxl-union": {
+        "base": "tiny-sdxl",
+        "union": "tiny-sdxl-union",
+        "controls": [{"kind": "canny", "scale": 0.6}, {"kind": "plan-depth", "scale": 0.5}],
+        "steps": 8,
+        "width": 128,
+        "height": 128,
+    },
     # The classic archviz stack on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
     # Depth comes from the plan's geometry: a monocular depth model sees a drawing, not a room.
     "sd15-archviz": {
@@ -50,6 +59,19 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "base": "sdxl",
         "vae": "sdxl-vae-fp16",  # decodes in fp16; SDXL's own VAE is upcast to fp32
         "controls": [{"kind": "canny", "scale": 0.5}],
+        "steps": 30,
+        "guidance_scale": 7.0,
+        "width": 1024,
+        "height": 1024,
+        "scheduler": "euler",
+    },
+    # SDXL with xinsir's ControlNet-Union (Apache-2.0): edges and plan depth as two modes of one network, one
+    # pass per step instead of one per ControlNet (needs the real weights).
+    "sdxl-union-archviz": {
+        "base": "sdxl",
+        "vae": "sdxl-vae-fp16",
+        "union": "sdxl-union",
+        "controls": [{"kind": "canny", "scale": 0.6}, {"kind": "plan-depth", "scale": 0.5}],
         "steps": 30,
         "guidance_scale": 7.0,
         "width": 1024,

@@ -16,7 +16,7 @@ from typing import Literal
 Family = Literal["sd15", "sdxl"]
 
 PRESETS: frozenset[str] = frozenset(
-    {"tiny-sd15", "tiny-canny", "tiny-plan", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-dpt"}
+    {"tiny-sd15", "tiny-canny", "tiny-plan", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-sdxl-union", "tiny-dpt"}
 )
 """Tiny models built from configs with seeded weights: the offline demo and the tests. `tiny-plan` is trained
 (on synthetic plans, so demo renders follow the plan); the others are random."""
@@ -30,6 +30,7 @@ ALIASES: dict[str, str] = {
     "sdxl-depth": "diffusers/controlnet-depth-sdxl-1.0",
     "sd15-tile": "lllyasviel/control_v11f1e_sd15_tile",
     "sdxl-tile": "xinsir/controlnet-tile-sdxl-1.0",
+    "sdxl-union": "xinsir/controlnet-union-sdxl-1.0",
     "sdxl-vae-fp16": "madebyollin/sdxl-vae-fp16-fix",  # SDXL's VAE rescaled to decode in fp16 without NaNs
 }
 
@@ -47,6 +48,10 @@ DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
     ("sdxl", "tile"): ALIASES["sdxl-tile"],
 }
 KINDS_WITH_DEFAULT: frozenset[str] = frozenset(kind for _, kind in DEFAULT_CONTROLNETS)
+
+UNION_MODES: dict[str, int] = {"depth": 1, "plan-depth": 1, "canny": 3, "tile": 6}
+"""The ControlNet-Union (SDXL, xinsir) mode each kind of unit runs as: depth 1, canny/lineart 3, tile 6 (ProMax
+checkpoints only)."""
 
 SCHEDULERS = ("default", "unipc", "ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 """`default` keeps the base model's own scheduler class; the others replace it, keeping its betas."""

@@ -20,7 +20,7 @@ from shared.errors import InvalidInput
 from shared.licences import Use
 from shared.notify import Event, check_url
 from shared.profiles import BUILTIN, builtin_profile
-from shared.registry import SCHEDULERS, check_ref, has_default_controlnet, is_url
+from shared.registry import SCHEDULERS, UNION_MODES, check_ref, has_default_controlnet, is_url, known_family
 from shared.styles import CATALOG
 from shared.tiles import Grid
 
@@ -219,6 +219,31 @@ class Profile(_Strict):
     )
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
     quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only ControlNets (torchao)")
+    union: ModelRef | None = Field(
+        None,
+        description="an SDXL ControlNet-Union serving every unit in one pass, each unit one of its modes (canny, "
+        "depth, plan-depth, tile); the units then name no model",
+    )
+
+    @field_validator("union")
+    @classmethod
+    def _union_exists(cls, ref: str | None) -> str | None:
+        return None if ref is None else check_ref(ref)
+
+    @model_validator(mode="after")
+    def _union_units(self) -> Profile:
+        if self.union is None:
+            return self
+        if known_family(self.base) == "sd15":
+            raise ValueError(f"union: ControlNet-Union is made for SDXL, not {self.base!r}")
+        for index, unit in enumerate(self.controls):
+            if unit.model is not None:
+                raise ValueError(f"controls.{index}.model: the union serves every unit; name no model of its own")
+            if unit.kind not in UNION_MODES:
+                raise ValueError(
+                    f"controls.{index}: a union has no {unit.kind!r} mode (it has {', '.join(UNION_MODES)})"
+                )
+        return self
 
     @field_validator("base", "vae")
     @classmethod
@@ -230,7 +255,7 @@ class Profile(_Strict):
         """Every unit without a `model` needs a default ControlNet for its kind (the same kinds in each family,
         so this holds whatever the base turns out to be)."""
         for index, unit in enumerate(self.controls):
-            if unit.model is None and not has_default_controlnet(self.base, unit.kind):
+            if unit.model is None and self.union is None and not has_default_controlnet(self.base, unit.kind):
                 raise ValueError(f"controls.{index}.model: no default {unit.kind!r} ControlNet; name a model")
         return self
 
@@ -244,6 +269,7 @@ class Profile(_Strict):
     def models(self) -> list[tuple[str, str]]:
         """The models the profile names, by field (defaults, for units naming none, are not named here)."""
         found = [("base", self.base)] + ([("vae", self.vae)] if self.vae else [])
+        found += [("union", self.union)] if self.union else []
         for i, unit in enumerate(self.controls):
             if unit.model is not None:
                 found.append((f"controls.{i}.model", unit.model))
@@ -258,7 +284,8 @@ class Profile(_Strict):
         the same keys whatever batch it shares. A unit's `model_sha256` counts only when set, so profiles
         naming no model by URL keep the digests (and the output keys) they had before it existed."""
         unpinned = {i: {"model_sha256"} for i, unit in enumerate(self.controls) if unit.model_sha256 is None}
-        return _digest(self.model_dump(mode="json", exclude={"batch": True, "controls": unpinned}))
+        unset = {"union": True} if self.union is None else {}  # profiles from before unions keep their digests
+        return _digest(self.model_dump(mode="json", exclude={"batch": True, "controls": unpinned, **unset}))
 
 
 class Style(_Strict):

@@ -25,7 +25,7 @@ from shared.config import Settings
 from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
 from shared.licences import licence_of
-from shared.registry import default_controlnet, is_path, is_url
+from shared.registry import UNION_MODES, default_controlnet, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
 from shared.spec import Profile, Revise, Stage, Style, TileControl, Upscale
@@ -153,7 +153,10 @@ class Renderer:
     def stack_bytes(self, profile: Profile) -> int:
         """What the profile's models hold on this device (`workers.engine.footprint`), before any loads."""
         family = self.cache.family(profile.base)
-        nets = [unit.model or default_controlnet(profile.base, unit.kind, family) for unit in profile.controls]
+        nets = [
+            profile.union or unit.model or default_controlnet(profile.base, unit.kind, family)
+            for unit in profile.controls
+        ]
         return stack_bytes(
             self.cache.location(profile.base),
             [self.cache.location(net) for net in dict.fromkeys(nets)],
@@ -239,7 +242,12 @@ class Renderer:
                 self.cache.pin(unit.model, unit.model_sha256)
         family = self.cache.family(profile.base)
         units = [
-            Unit(unit.model or default_controlnet(profile.base, unit.kind, family), unit.scale, unit.start, unit.end)
+            Unit(
+                profile.union or unit.model or default_controlnet(profile.base, unit.kind, family),
+                unit.scale,
+                unit.start,
+                unit.end,
+            )
             for unit in profile.controls
         ]
         options = compile_options(profile, self.device)
@@ -257,6 +265,7 @@ class Renderer:
             quantize=None if profile.quantize == "none" else profile.quantize,
             compile=options,
             strength=strength,
+            modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
         with self._compiled_first(request) as warmth:
             result = render_batch(self.cache, request, on_step)

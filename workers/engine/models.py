@@ -21,6 +21,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TorchAoConfig,
@@ -326,9 +327,14 @@ class ModelCache:
         else:
             # Loaded into CPU memory first: its size is known before room is made for it on the device.
             with _load_errors(ref, location, "config.json"):
-                controlnet = encode_once(
-                    ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
-                )
+                if ControlNetModel.load_config(location).get("_class_name") == ControlNetUnionModel.__name__:
+                    controlnet = ControlNetUnionModel.from_pretrained(
+                        location, dtype=self.dtype, quantization_config=config
+                    )  # its hint encoders run per mode inside its one pass: nothing to encode once
+                else:
+                    controlnet = encode_once(
+                        ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
+                    )
             self._sizes[key] = module_bytes(controlnet)
             self._make_room(self._sizes[key], keep)
             self.loads[key] += 1

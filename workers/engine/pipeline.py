@@ -34,6 +34,9 @@ from diffusers import (
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     UniPCMultistepScheduler,
 )
 
@@ -123,6 +126,9 @@ class Request:
     strength: float | None = None
     """Image-to-image: how much of each item's `init` is rendered again (1: all of it); None renders from noise.
     With masks, inpainting: only the masked part of each `init` is rendered again, at this strength."""
+    modes: tuple[int, ...] | None = None
+    """A ControlNet-Union stack: every unit names the same union model, and runs as its mode here (in unit
+    order), all in one pass of the network per step."""
 
 
 @dataclass(frozen=True)
@@ -178,16 +184,18 @@ def render_batch(
     components = cache.base(request.base)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
-    nets = cache.controlnets([unit.model for unit in units], request.quantize)
-    _check_fits(request.base, components, units, nets)
+    union = request.modes is not None
+    nets = cache.controlnets(list(dict.fromkeys(unit.model for unit in units)), request.quantize)
+    _check_fits(request.base, components, units[: len(nets)], nets)
     cache.note_stack((request.base, request.vae or "", request.quantize or "", *(unit.model for unit in units)))
     if compile is not None:
         components = {**components, "unet": cache.compiled(components["unet"], compile)}
         nets = [cache.compiled(net, compile) for net in nets]
-    stack = (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
+    stack = nets[0] if union else (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
     chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
     # Known from the loaded modules, so pipeline class and components cannot disagree.
-    pipeline_class = _PIPELINES["text_encoder_2" in components, _mode(request)]
+    pipeline_class = (_UNION_PIPELINES if union else _PIPELINES)["text_encoder_2" in components, _mode(request)]
+    modes = {"control_mode": list(request.modes)} if request.modes is not None else {}
     guided = request.guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
 
     def run(chunk: Sequence[Item]) -> list[Any]:
@@ -195,10 +203,11 @@ def render_batch(
         pipe = _pipeline(pipeline_class, {**components, "scheduler": copy.deepcopy(chosen)}, stack)
         # CPU generators: the starting noise then depends on the seed alone, not on the device or the batch.
         generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
-        with torch.inference_mode(), hints_once(nets), _vae_dtype_kept(components["vae"]):
+        with torch.inference_mode(), hints_once([] if union else nets), _vae_dtype_kept(components["vae"]):
             output = pipe(
                 **_embeddings(cache, pipe, chunk, guided),
-                **_inputs(pipe, chunk, request.strength),
+                **_inputs(pipe, chunk, request.strength, union),
+                **modes,
                 controlnet_conditioning_scale=[unit.scale for unit in units],
                 control_guidance_start=[unit.start for unit in units],
                 control_guidance_end=[unit.end for unit in units],
@@ -229,7 +238,7 @@ def render_batch(
 def compiled_shape(request: Request) -> tuple[object, ...]:
     """What a compiled call's graphs depend on besides its batch size: the stack, the size, the sampler (its
     timestep dtype), guidance on or off (the UNet's batch) and how it is compiled."""
-    stack = (request.base, request.vae, request.quantize, *(unit.model for unit in request.units))
+    stack = (request.base, request.vae, request.quantize, *(unit.model for unit in request.units), request.modes)
     return (stack, request.width, request.height, request.scheduler, request.guidance_scale > 1, request.compile)
 
 
@@ -256,11 +265,12 @@ def _mode(request: Request) -> str:
     return "inpaint" if request.items[0].mask is not None else "image"
 
 
-def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None) -> dict[str, Any]:
-    """The call's images as its pipeline names them: the control maps alone; or the items' starting latents,
-    the maps as `control_image`, and the strength; or, inpainting, the starting images and their masks."""
+def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None, union: bool) -> dict[str, Any]:
+    """The call's images as its pipeline names them: the control maps alone (a union's text-to-image pipeline
+    calls them `control_image`); or the items' starting latents, the maps as `control_image`, and the strength;
+    or, inpainting, the starting images and their masks."""
     if strength is None:
-        return {"image": _images(chunk)}
+        return {"control_image" if union else "image": _images(chunk)}
     if chunk[0].mask is not None:
         starts = {"image": [item.init for item in chunk], "mask_image": [item.mask for item in chunk]}
         return {**starts, "control_image": _images(chunk), "strength": strength}
@@ -330,6 +340,18 @@ class _ResidentSDXLInpaint(_Resident, StableDiffusionXLControlNetInpaintPipeline
     pass
 
 
+class _ResidentSDXLUnion(_Resident, StableDiffusionXLControlNetUnionPipeline):
+    pass
+
+
+class _ResidentSDXLUnionImg2Img(_Resident, StableDiffusionXLControlNetUnionImg2ImgPipeline):
+    pass
+
+
+class _ResidentSDXLUnionInpaint(_Resident, StableDiffusionXLControlNetUnionInpaintPipeline):
+    pass
+
+
 _PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
     (False, "text"): _ResidentSD,
     (True, "text"): _ResidentSDXL,
@@ -339,15 +361,24 @@ _PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
     (True, "inpaint"): _ResidentSDXLInpaint,
 }
 """By (SDXL, `_mode`)."""
+_UNION_PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
+    (True, "text"): _ResidentSDXLUnion,
+    (True, "image"): _ResidentSDXLUnionImg2Img,
+    (True, "inpaint"): _ResidentSDXLUnionInpaint,
+}
+"""A ControlNet-Union stack's, by (SDXL, `_mode`): SDXL only."""
 _SDXL = (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
 )
 
 
 def _pipeline(
-    pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: MultiControlNetModel
+    pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: torch.nn.Module
 ) -> DiffusionPipeline:
     """The ControlNet pipeline over cached modules: about 0.5 ms, nothing loaded or copied."""
     extra: dict[str, Any]

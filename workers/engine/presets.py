@@ -34,6 +34,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-plan": _lazy("workers.engine.tiny", "build_plan"),
     "tiny-sdxl": _lazy("workers.engine.tiny_sdxl", "build_sdxl"),
     "tiny-sdxl-controlnet": _lazy("workers.engine.tiny_sdxl", "build_controlnet"),
+    "tiny-sdxl-union": _lazy("workers.engine.tiny_sdxl", "build_union"),
     "tiny-dpt": _lazy("workers.preprocessors.tiny_dpt", "build_dpt"),
 }
 if frozenset(BUILDERS) != PRESETS:  # the registry in shared/ names them; this module builds them

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+import torch
+
+from diffusers import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from workers.engine.tiny import HINT_CHANNELS, SEED, clip_tokenizer, revive_zero_convs, seeded, text_config, vae
 
-_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of SDXL's six size/crop numbers is embedded this wide
+_TIME_EMBED_DIM = 8
+_MODE_PROJECTION_STD = 0.5  # addition_time_embed_dim: each of SDXL's six size/crop numbers is embedded this wide
 
 
 def _unet(text: CLIPTextConfig) -> UNet2DConditionModel:
@@ -78,3 +87,40 @@ def build_controlnet(folder: Path) -> None:
         controlnet = ControlNetModel.from_unet(_unet(config), conditioning_embedding_out_channels=HINT_CHANNELS)
         revive_zero_convs(controlnet)
     controlnet.save_pretrained(folder, safe_serialization=True)
+
+
+def build_union(folder: Path) -> None:
+    """Save a ControlNet-Union for `build_sdxl`'s UNet: one network, eight control modes (ProMax's: openpose,
+    depth, soft edges, canny/lineart, normal, segment, tile, inpaint), its mode transformer at the tiny width
+    (diffusers' default of 320 channels does not fit a 32-wide UNet), zero convs live."""
+    config = text_config(clip_tokenizer())
+    with seeded(SEED):
+        unet = _unet(config)
+        union = ControlNetUnionModel(
+            **{key: unet.config[key] for key in _SHARED_WITH_UNET},
+            conditioning_embedding_out_channels=HINT_CHANNELS,
+            num_control_type=8,
+            num_trans_channel=unet.config.block_out_channels[0],
+            num_trans_head=2,
+            num_proj_channel=unet.config.block_out_channels[0],
+        )
+        union.load_state_dict(unet.state_dict(), strict=False)  # the UNet's encoder, as trained ones start
+        revive_zero_convs(union)
+        with torch.no_grad():  # its zero-initialised projection of the modes' mixed features, live: modes steer
+            union.spatial_ch_projs.weight.normal_(0.0, _MODE_PROJECTION_STD)
+    union.save_pretrained(folder, safe_serialization=True)
+
+
+_SHARED_WITH_UNET = (
+    "in_channels",
+    "down_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "use_linear_projection",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "norm_num_groups",
+)
