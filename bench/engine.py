@@ -5,8 +5,9 @@
 For each size: images/s with seeds_per_task 1 vs 4; four tasks (two plans × two styles) in one call vs a
 call each, as a worker batches them; steady-state seconds per render eager vs compiled
 (the first compiled call is reported apart); with and without skipping ControlNets outside their
-control_guidance window; then ControlNet swap cost from the offload tier vs from disk, and loads, swaps and
-evictions for a sequence of tasks mixing two stacks, in archfarm's order (grouped) vs arrival order.
+control_guidance window; at the first size, an SDXL ControlNet-Union with two modes against two SDXL
+ControlNets; then ControlNet swap cost from the offload tier vs from disk, and loads, swaps and evictions for a
+sequence of tasks mixing two stacks, in archfarm's order (grouped) vs arrival order.
 All comparisons run side by side in one process; read ratios, not absolute times.
 """
 
@@ -130,6 +131,30 @@ def measure_size(
     }
 
 
+def union_against_two(
+    cache: ModelCache, plan: Image.Image, size: int, steps: int, repeats: int, work: Path
+) -> dict[str, float]:
+    """Tiny SDXL steered by edges and plan depth: one ControlNet-Union running both as modes in one pass per
+    step, against two ControlNets (two passes per step), side by side."""
+    edges, depth = AdaptiveCanny()(plan, size, size), PlanDepth()(plan, size, size)
+    second = work / "sdxl-controlnet-b"
+    shutil.copytree(resolve("tiny-sdxl-controlnet", cache.models_dir), second, dirs_exist_ok=True)
+
+    def call(units: list[Unit], modes: tuple[int, ...] | None) -> object:
+        item = Item(PROMPT, "", 0, (edges, depth))
+        request = Request("tiny-sdxl", units, [item], steps, 7.5, size, size, modes=modes)
+        return render_batch(cache, request)
+
+    two = [Unit("tiny-sdxl-controlnet", 0.6, 0.0, 1.0), Unit(str(second), 0.5, 0.0, 1.0)]
+    union = [Unit("tiny-sdxl-union", 0.6, 0.0, 1.0), Unit("tiny-sdxl-union", 0.5, 0.0, 1.0)]
+    two_s, union_s = side_by_side(lambda: call(two, None), lambda: call(union, (3, 1)), repeats)
+    return {
+        f"{size}_sdxl_two_controlnets_s": two_s,
+        f"{size}_sdxl_union_two_modes_s": union_s,
+        f"{size}_union_over_two": union_s / two_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64×64 only, aot_eager compile, few repeats")
@@ -166,6 +191,8 @@ def main() -> None:
         started = time.perf_counter()
         swap_cache.controlnet("tiny-canny")  # back from the offload tier
         results["controlnet_from_offload_ms"] = (time.perf_counter() - started) * 1000
+
+        results.update(union_against_two(cache, plan, sizes[0], steps, repeats, work))
 
         # Two stacks, 16 tasks, a device budget of one ControlNet: grouped vs interleaved arrival.
         size = sizes[0]

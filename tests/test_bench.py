@@ -47,8 +47,11 @@ def test_engine_quick(models_dir: Path) -> None:
         "64_compiled_s",
         "controlnet_from_disk_ms",
         "controlnet_from_offload_ms",
+        "64_sdxl_two_controlnets_s",
+        "64_sdxl_union_two_modes_s",
     ):
         assert positive(out[key]), key
+    assert out["64_union_over_two"] == out["64_sdxl_union_two_modes_s"] / out["64_sdxl_two_controlnets_s"]
     assert out["grouped_controlnet_loads"] < out["interleaved_controlnet_loads"]  # counts, not timings
     assert out["grouped_swaps"] == 1 and out["interleaved_swaps"] == 15
 

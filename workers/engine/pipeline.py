@@ -185,7 +185,7 @@ def render_batch(
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
-    nets = cache.controlnets(list(dict.fromkeys(unit.model for unit in units)), request.quantize)
+    nets = cache.controlnets([units[0].model] if union else [unit.model for unit in units], request.quantize)
     _check_fits(request.base, components, units[: len(nets)], nets)
     cache.note_stack((request.base, request.vae or "", request.quantize or "", *(unit.model for unit in units)))
     if compile is not None:
