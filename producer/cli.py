@@ -413,6 +413,7 @@ def profiles() -> None:
             for unit in profile.controls
         )
         vae = f", vae {profile.vae}" if profile.vae else ""
+        vae += f", union {profile.union}" if profile.union else ""
         licences = sorted({licence.name for _, ref in every_model(profile) if (licence := licence_of(ref))})
         out.print(
             f"{name}\n  base {profile.base}{vae}; controls: {units}\n  {profile.width}×{profile.height}, "
