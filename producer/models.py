@@ -106,6 +106,8 @@ def check_licences(spec: JobSpec, use: Use) -> list[str]:
     notices: list[str] = []
     more = [] if spec.upscale is None else [("upscale.control", spec.upscale.control)]
     for field, ref in every_model(spec.profile, more):
+        if is_path(ref) or is_url(ref):  # the studio's own (trained, or copied in): its licence is theirs to know
+            continue
         try:
             notice = check_use(field, ALIASES.get(ref, ref), licence_of(ref), use)
         except ValueError as error:

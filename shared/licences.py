@@ -4,8 +4,9 @@ weights whose licence forbids it by mistake.
 A job is for `commercial` or `non-commercial` use (its `use:`, else the farm's `ARCHFARM_USE`, commercial by
 default). At submit every model a job names or implies is looked up here: a licence that forbids commercial use
 refuses a commercial job in one line naming the model and its licence; one that allows it only under
-conditions (a revenue cap) and a model whose licence archfarm does not know are notices. Licences as the
-model cards state them; the card is the authority, and a model published again may change its terms.
+conditions (a revenue cap) and a hub model whose licence archfarm does not know are notices; a local folder or
+a model published by URL is the studio's own, whose licence it knows. Licences as the model cards state them;
+the card is the authority, and a model published again may change its terms.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def test_upscale_quick(postgres_url: str, redis_url: str, models_dir: Path, tmp_
     crop = tmp_path / "crop.png"
     out = run_bench("upscale.py", "--quick", "--crop", str(crop), models_dir=models_dir, redis_url=redis_url)
     assert (out["size"], out["tiles"]) == ("512x256", 15)
-    assert positive(out["wall_s_1_workers"]) and positive(out["wall_s_2_workers"]) and out["speedup_1_workers"] == 1
+    assert positive(out["wall_s_1_workers"]) and out["speedup_1_workers"] == 1
     assert out["seam_blended"] < out["seam_pasted"]  # the same tiles, blended and pasted
     assert out["assembly_output_mib"] == 512 * 256 * 3 / 2**20 and crop.is_file()
 

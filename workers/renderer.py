@@ -152,6 +152,7 @@ class Renderer:
 
     def stack_bytes(self, profile: Profile) -> int:
         """What the profile's models hold on this device (`workers.engine.footprint`), before any loads."""
+        self._pin(profile)
         family = self.cache.family(profile.base)
         nets = [
             profile.union or unit.model or default_controlnet(profile.base, unit.kind, family)
@@ -163,6 +164,12 @@ class Renderer:
             None if profile.vae is None else self.cache.location(profile.vae),
             self.cache.dtype,
         )
+
+    def _pin(self, profile: Profile) -> None:
+        """Models published by URL are fetched in the version the job was submitted with, never a later one."""
+        for unit in profile.controls:
+            if unit.model is not None and is_url(unit.model):
+                self.cache.pin(unit.model, unit.model_sha256)
 
     def images_per_call(self, profile: Profile, cap: int) -> int:
         """How many images to gather into one call for this profile (`workers.engine.batching`)."""
@@ -237,9 +244,7 @@ class Renderer:
         self, profile: Profile, items: list[Item], on_step: StepFn | None, strength: float | None = None
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
-        for unit in profile.controls:
-            if unit.model is not None and is_url(unit.model):  # the version the job was submitted with
-                self.cache.pin(unit.model, unit.model_sha256)
+        self._pin(profile)
         family = self.cache.family(profile.base)
         units = [
             Unit(
