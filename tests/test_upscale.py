@@ -326,7 +326,7 @@ def test_the_last_two_tiles_ending_at_once_add_the_assembly_exactly_once(
         persist(session, job)
         for task in job.tasks:
             claim_task(session, task.id, f"w-{task.id}")
-    tiled = TiledImage(job.id, 0, 1, 2, 4, "upscales/x.png", "u", "n", "d", "modern", None)
+    tiled = TiledImage(job.id, 0, 1, 2, 4, "upscales/x.png", None)
     counted, other_counted, added = threading.Event(), threading.Event(), []
 
     def finish(task_id: str, first: bool) -> None:
@@ -348,3 +348,9 @@ def test_the_last_two_tiles_ending_at_once_add_the_assembly_exactly_once(
         assembly = session.scalars(select(Task).where(Task.stage == "assemble")).all()
     assert added == [a.id for a in assembly] and len(assembly) == 1
     assert (assembly[0].seeds, assembly[0].outputs, assembly[0].ordinal) == ([4], ["upscales/x.png"], 2)
+    tile = job.tasks[0]
+    assert (assembly[0].plan_digest, assembly[0].plan_name, assembly[0].style) == (
+        tile.plan.digest,
+        tile.plan.name,
+        "modern",
+    )

@@ -70,7 +70,7 @@ from workers.policy import COUNTED, Action, Decision, ErrorKind, History, Limits
 from workers.renderer import Prepared, Rendered, Renderer, Source, Work
 from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
-from workers.upscales import Assembly, assemble_image
+from workers.upscales import assemble_image
 from workers.warmup import warm
 
 log = logging.getLogger(__name__)
@@ -531,10 +531,6 @@ class Lifecycle:
             tiles=tiles,
             seed=seeds[image],
             key=image_key(work.outputs[0], work.upscale.format),
-            plan_url=work.plan_url,
-            plan_name=work.plan_name,
-            plan_digest=work.plan_digest,
-            style=work.style.name,
             parent=work.upscale.parent,
         )
 
@@ -547,22 +543,7 @@ class Lifecycle:
             tiles = upscale.grid().count
             image = (held.task or {})["ordinal"] - len(self._jobs[held.job_id].spec_model().seed_values()) * tiles
             found = self._db(lambda session: tile_artifacts(session, held.job_id, image, tiles), CLAIM_PATIENCE_S)
-            task = Assembly(
-                task_id=work.task_id,
-                job_id=work.job_id,
-                job_name=work.job_name,
-                output_url=work.output_url,
-                key=work.outputs[0],
-                seed=work.seeds[0],
-                plan_url=work.plan_url,
-                plan_name=work.plan_name,
-                plan_digest=work.plan_digest,
-                style=work.style,
-                profile=work.profile,
-                upscale=upscale,
-                tiles=found,
-            )
-            row = assemble_image(self._renderer().storages, task)
+            row = assemble_image(self._renderer().storages, work, found)
         except Exception as error:  # noqa: BLE001 - every failure is settled on the task row
             return self._settle(held, error)
 
@@ -572,7 +553,7 @@ class Lifecycle:
             self._progress(session, finished=held.task_id, images=1 if done else 0)
             return done
 
-        log.info("task %s: assembled %s from %d tiles, seam score %.3f", held.task_id, task.key, tiles, row["seam"])
+        log.info("task %s: assembled %s from %d tiles, seam score %.3f", held.task_id, row["url"], tiles, row["seam"])
         if self._db(record, None) and self.on_done is not None:
             self.on_done(held.task_id, TaskStatus.SUCCEEDED)
         return TaskStatus.SUCCEEDED

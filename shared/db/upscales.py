@@ -31,10 +31,6 @@ class TiledImage:
     """Tiles per image."""
     seed: int
     key: str
-    plan_url: str
-    plan_name: str
-    plan_digest: str
-    style: str
     parent: int | None
     """The artifact enlarged, when it is one: the assembled image's parent."""
 
@@ -62,14 +58,13 @@ def assemble_when_tiled(session: Session, image: TiledImage) -> list[str]:
     if done != image.tiles or cancelled:
         return []
     now = database_time(session)
+    plan_and_style = (Task.plan_url, Task.plan_name, Task.plan_digest, Task.style)  # its tiles'
+    tile = session.execute(select(*plan_and_style).where(Task.job_id == image.job_id, Task.ordinal == first)).one()
     row = {
         "id": assembly_task_id(image.job_id, image.seed),
         "job_id": image.job_id,
         "ordinal": image.images * image.tiles + image.image,
-        "plan_url": image.plan_url,
-        "plan_name": image.plan_name,
-        "plan_digest": image.plan_digest,
-        "style": image.style,
+        **tile._asdict(),
         "seeds": [image.seed],
         "outputs": [image.key],
         "stage": "assemble",
