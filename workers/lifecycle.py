@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -247,10 +247,10 @@ class Lifecycle:
     # --- the stages --------------------------------------------------------------------------------------
 
     def _claim(self, session: Session, task_id: str) -> Held | HandOn | TaskStatus | None:
-        row = session.execute(select(Task.job_id, Task.status).where(Task.id == task_id)).first()
+        row = session.execute(select(Task.job_id, Task.status, Task.stage).where(Task.id == task_id)).first()
         if row is None:
             return None
-        job_id, status = row
+        job_id, status, stage = row
         if status is not TaskStatus.QUEUED:
             return TaskStatus(status)
         if is_paused(session, job_id):  # its message is spent; `resume` sends the task again
@@ -261,7 +261,7 @@ class Lifecycle:
                 self._stacks.clear()
             job = session.execute(select(Job.kind, Job.name, Job.output_url, Job.spec).where(Job.id == job_id)).one()
             self._jobs[job_id] = _JobInfo(job.kind, job.name, job.output_url, job.spec)
-        if (too_large := self._too_large(session, task_id, job_id)) is not None:
+        if (too_large := self._too_large(session, task_id, job_id, cast(Stage | None, stage))) is not None:
             return too_large
         if self.limits.blocklist_after is not None and (elsewhere := self._elsewhere(session, task_id, job_id)):
             return elsewhere
@@ -271,12 +271,14 @@ class Lifecycle:
         (held,) = self._held(session, job_id, [task_id])
         return held
 
-    def _too_large(self, session: Session, task_id: str, job_id: str) -> HandOn | TaskStatus | None:
+    def _too_large(
+        self, session: Session, task_id: str, job_id: str, stage: Stage | None
+    ) -> HandOn | TaskStatus | None:
         """None when this worker's device can hold the task's model stack. Otherwise the task is handed to a
         live worker of its queue that can, or, with none, fails with its job's other queued tasks, saying what
         the stack needs and what the largest worker offers (a larger worker, then `retry`, renders them)."""
-        need = self._stack_bytes(session, task_id, job_id)
-        if need is None or need <= self._renderer().memory():
+        need = self._stack_bytes(task_id, job_id, stage)
+        if need is None or need <= self._renderer().memory:
             return None
         queue = session.scalar(select(Job.queue).where(Job.id == job_id)) or ""
         largest = largest_memory(session, queue, self.worker)
@@ -285,22 +287,19 @@ class Lifecycle:
             return HandOn(MEMORY_HAND_ON_S)
         reason = (
             f"its model stack needs {need / 2**30:.2f} GiB; the largest worker of queue {queue!r} offers "
-            f"{max(largest, self._renderer().memory()) / 2**30:.2f} GiB"
+            f"{max(largest, self._renderer().memory) / 2**30:.2f} GiB"
         )
         log.warning("task %s: %s", task_id, reason)
         fail_task(session, task_id, None, reason)
         fail_queued(session, job_id, reason)
         return TaskStatus.FAILED
 
-    def _stack_bytes(self, session: Session, task_id: str, job_id: str) -> int | None:
+    def _stack_bytes(self, task_id: str, job_id: str, stage: Stage | None) -> int | None:
         """What the task's pass's model stack holds on this device (once per job and pass); None for a task
         that loads no stack (training, an assembly) or whose stack cannot be sized here (it loads, or fails,
         as it would have)."""
         job = self._jobs[job_id]
-        if job.kind is not JobKind.RENDER:
-            return None
-        stage: Stage | None = session.scalar(select(Task.stage).where(Task.id == task_id))
-        if stage == "assemble":
+        if job.kind is not JobKind.RENDER or stage == "assemble":
             return None
         key = (job_id, stage)
         if key not in self._stacks:
@@ -381,7 +380,7 @@ class Lifecycle:
             seconds = time.perf_counter() - started
             log.info("warmed %s: buckets %s in %.1f s", name, [b.images for b in buckets], seconds)
             warmed.append({"profile": name, "buckets": [b.images for b in buckets], "seconds": round(seconds, 1)})
-        memory = self._renderer().memory()
+        memory = self._renderer().memory
         self._db(lambda session: mark_ready(session, self.worker, warmed, memory), CLAIM_PATIENCE_S)
 
     def _renderer(self) -> Renderer:

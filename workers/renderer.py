@@ -135,6 +135,9 @@ class Renderer:
             max_pixels=settings.max_image_pixels,
         )
         self.sizer = BatchSizer(self.device)
+        gigabytes = settings.device_memory_gb
+        self.memory = device_memory(self.device) if gigabytes is None else int(gigabytes * 2**30)
+        """Bytes this worker's device offers model stacks: `device_memory_gb`, else all the device has."""
         self.fleet = FleetCompileCache(farm_storage, self.device)
         self._revision_inputs: tuple[tuple[object, ...], tuple[Image.Image, Image.Image, np.ndarray]] | None = None
         """The last revision's parent, mask and shares: its job's tasks share them."""
@@ -144,11 +147,6 @@ class Renderer:
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
         return self.cache.resident(), sum(self.cache.loads.values()), self.cache.swaps
-
-    def memory(self) -> int:
-        """Bytes this worker's device offers model stacks: `device_memory_gb`, else all the device has."""
-        gigabytes = self.settings.device_memory_gb
-        return device_memory(self.device) if gigabytes is None else int(gigabytes * 2**30)
 
     def stack_bytes(self, profile: Profile) -> int:
         """What the profile's models hold on this device (`workers.engine.footprint`), before any loads."""
