@@ -40,7 +40,7 @@ from bench.common import cpu_workers, farm_environment, scratch_database  # noqa
 from producer.local import Embedded  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
-from shared.tiles import Grid  # noqa: E402
+from shared.tiles import Grid, tile_key  # noqa: E402
 from workers.assembly import seam_score  # noqa: E402
 
 PLAN = ROOT / "examples" / "floorplan.png"
@@ -124,7 +124,8 @@ def measure(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
 
 
 def tile_paths(image: Path, count: int) -> list[Path]:
-    return [image.with_suffix("") / f"tile-{index:04d}.png" for index in range(count)]
+    """Where the stored tiles of the assembled `image` lie (beside it, as `shared.tiles.tile_key` puts them)."""
+    return [Path(tile_key(str(image), index)) for index in range(count)]
 
 
 def paste(grid: Grid, image: Path) -> np.ndarray:

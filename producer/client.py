@@ -251,20 +251,14 @@ class Farm:
             png = io.BytesIO()
             mask.convert("L").save(png, format="PNG")
             mask = store_input(png.getvalue(), ".png", self.storages.open())
-        style = {**meta.style, "prompt": prompt} if prompt else meta.style
-        spec: JobSpec = parse_model(
-            JobSpec,
-            {
-                "name": f"revision-{artifact_id}",
-                "plans": [meta.plan.url],
-                "styles": [style],
-                "seeds": list(range(meta.seed, meta.seed + seeds)),
-                "profile": meta.profile,
-                "revise": {"image": view.url, "mask": str(mask), "feather": feather, "parent": artifact_id},
-                "output": self.status(view.job_id).output_url,  # beside the parent, under `revisions/`
-            },
+        return self._made_from(
+            view,
+            meta,
+            name=f"revision-{artifact_id}",
+            styles=[{**meta.style, "prompt": prompt} if prompt else meta.style],
+            seeds=list(range(meta.seed, meta.seed + seeds)),
+            revise={"image": view.url, "mask": str(mask), "feather": feather, "parent": artifact_id},
         )
-        return spec
 
     def upscaling(
         self,
@@ -282,7 +276,6 @@ class Farm:
         again with the image's plan, profile, style and seed (read from its sidecar) under a tile ControlNet,
         written beside it in its job's output (under `upscales/`). Submit it to render it."""
         view = self.artifact(artifact_id)
-        meta = Sidecar.model_validate_json(self.read(view, "sidecar"))
         upscale = {
             "image": view.url,
             "parent": artifact_id,
@@ -292,18 +285,20 @@ class Farm:
             **{name: value for name, value in (("long_side", long_side), ("scale", scale)) if value is not None},
             **{name: value for name, value in (("tile", tile), ("overlap", overlap)) if value is not None},
         }
-        spec: JobSpec = parse_model(
-            JobSpec,
-            {
-                "name": f"upscale-{artifact_id}",
-                "plans": [meta.plan.url],
-                "styles": [meta.style],
-                "seeds": [meta.seed],
-                "profile": meta.profile,
-                "upscale": upscale,
-                "output": self.status(view.job_id).output_url,
-            },
-        )
+        meta = Sidecar.model_validate_json(self.read(view, "sidecar"))
+        return self._made_from(view, meta, name=f"upscale-{artifact_id}", upscale=upscale)
+
+    def _made_from(self, view: ArtifactView, meta: Sidecar, **fields: Any) -> JobSpec:
+        """A child job of an image: its plan, style, seed and profile (from its sidecar), written beside it in
+        its job's output; `fields` add to them or replace them."""
+        document = {
+            "plans": [meta.plan.url],
+            "styles": [meta.style],
+            "seeds": [meta.seed],
+            "profile": meta.profile,
+            "output": self.status(view.job_id).output_url,
+        }
+        spec: JobSpec = parse_model(JobSpec, {**document, **fields})
         return spec
 
     def resume(self, job_id: str) -> int:

@@ -21,7 +21,13 @@ PROBE_TIMEOUT_S = 3.0
 
 def cached(repo_id: str, filename: str) -> bool:
     """Whether `filename` of `repo_id` (its config, the first file any load reads) is in the local cache."""
-    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    return cached_file(repo_id, filename) is not None
+
+
+def cached_file(repo_id: str, filename: str) -> str | None:
+    """Where `filename` of `repo_id` lies in the local cache; None when it is not there."""
+    found = try_to_load_from_cache(repo_id, filename)
+    return found if isinstance(found, str) else None
 
 
 def unavailable(repo_id: str) -> str | None:

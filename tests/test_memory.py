@@ -45,7 +45,7 @@ def test_a_worker_too_small_for_a_stack_never_claims_it_and_one_that_can_renders
     from shared.db.models import Task
 
     farm_env["ARCHFARM_DEVICE_MEMORY_GB"] = str(1 / 1024)
-    small = start_workers("cpu:1")
+    start_workers("cpu:1")
     job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 3}, "profile": PROFILE}
     job_id = farm.submit(job)
     view = farm.wait(job_id, timeout=120)
@@ -61,6 +61,5 @@ def test_a_worker_too_small_for_a_stack_never_claims_it_and_one_that_can_renders
     assert farm.wait(job_id, timeout=180).status is JobStatus.SUCCEEDED
     with farm.sessions() as session:
         rendered_by = set(session.scalars(select(Task.worker).where(Task.job_id == job_id)))
-    assert len(rendered_by) == 1 and small.proc.pid not in {w.id for w in farm.workers()}
     large = next(w for w in farm.workers() if w.state == "live" and w.memory_gib and w.memory_gib > 1)
-    assert rendered_by == {large.id}
+    assert rendered_by == {large.id} and worker.id != large.id

@@ -3,7 +3,7 @@
 The image is built band by band (one row of tiles at a time): a row's tiles are read one after another and
 added, weighted, into a float band the height of a tile; the rows no later tile reaches are then final and
 rounded into the output. So an assembly holds the output, one band and one tile, whatever the image's size,
-and never touches a GPU. Tiles are kept in OpenCV's BGR order from decoding to encoding.
+and never touches a GPU. Tiles come in OpenCV's BGR order, the order it encodes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ ENCODINGS: dict[str, list[int]] = {
     "tiff16": [],
     "jpeg": [cv2.IMWRITE_JPEG_QUALITY, 95],
 }
-CONTENT_TYPES = {"png": "image/png", "tiff16": "image/tiff", "jpeg": "image/jpeg"}
 SEAM_BAND_ROWS = 64
 """Rows the seam score differentiates at once: bounds its scratch memory on a 6K image to a few MiB."""
 
@@ -105,11 +104,3 @@ def _preview(image: np.ndarray, side: int = 512) -> np.ndarray:
         return image
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def decode_tile(data: bytes, name: str) -> np.ndarray:
-    """A stored tile (PNG) as uint8 BGR; a PermanentError naming it when it is no image."""
-    tile = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if tile is None:
-        raise PermanentError(f"{name} is not an image")
-    return tile

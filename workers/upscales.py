@@ -4,17 +4,20 @@ and written once, with a thumbnail and a sidecar naming the image enlarged and e
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import time
 from typing import Any
 
 import cv2
+import numpy as np
 from PIL import Image
 
-from shared.errors import PermanentError
+from shared.errors import PermanentError, PlanError
+from shared.images import decode_image
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
 from shared.storage import Storages
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key
-from workers.assembly import CONTENT_TYPES, assemble, decode_tile
+from workers.assembly import assemble
 from workers.renderer import Work
 
 
@@ -28,13 +31,14 @@ def assemble_image(storages: Storages, task: Work, tiles: list[tuple[int, int, s
     if [index for index, _, _ in tiles] != list(range(grid.count)):
         raise PermanentError(f"{key}: {grid.count - len(tiles)} of its {grid.count} tiles are not rendered")
 
-    def read(index: int) -> Any:
+    def read(index: int) -> np.ndarray:
+        """A tile as BGR (a view of the decoded RGB: no copy)."""
         _, artifact, url = tiles[index]
         try:
-            data = storages.read(url)
-        except FileNotFoundError:
-            raise PermanentError(f"tile {index} of {key} (artifact {artifact}) is gone from {url}") from None
-        return decode_tile(data, f"tile {index} of {key} ({url})")
+            image = decode_image(storages.read(url), url, max_pixels=storages.settings.max_image_pixels)
+        except (FileNotFoundError, PlanError) as error:
+            raise PermanentError(f"tile {index} of {key} (artifact {artifact}): {error or 'gone'}") from None
+        return np.asarray(image)[:, :, ::-1]
 
     result = assemble(grid, read, upscale.format)
     assembled_s = time.perf_counter() - started
@@ -60,7 +64,7 @@ def assemble_image(storages: Storages, task: Work, tiles: list[tuple[int, int, s
         image_sha256=hashlib.sha256(result.data).hexdigest(),
         timings={"assemble_s": assembled_s},
     )
-    storage.put(key, result.data, CONTENT_TYPES[upscale.format])
+    storage.put(key, result.data, mimetypes.guess_type(key)[0] or "application/octet-stream")
     preview = Image.fromarray(cv2.cvtColor(result.preview, cv2.COLOR_BGR2RGB))
     storage.put(thumbnail_key(key), thumbnail(preview), CONTENT_TYPE)
     storage.put(side_key, meta.model_dump_json(indent=2, exclude_none=True).encode(), "application/json")

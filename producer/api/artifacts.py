@@ -3,8 +3,8 @@ can name a storage key; and revisions of them."""
 
 from __future__ import annotations
 
+import mimetypes
 import re
-from pathlib import PurePosixPath
 
 from fastapi import APIRouter, Request, Response
 from PIL import Image
@@ -31,7 +31,7 @@ def image(request: Request, artifact_id: dashboard.ArtifactId, download: bool = 
     """The PNG; `download=true` asks the browser to save it under a name that says what it is."""
     view = farm(request).artifact(artifact_id)
     headers = {"Content-Disposition": f'attachment; filename="{download_name(view)}"'} if download else {}
-    return _stored(request, view, "image", IMAGE_TYPES.get(PurePosixPath(view.url).suffix, "image/png"), headers)
+    return _stored(request, view, "image", mimetypes.guess_type(view.url)[0] or "image/png", headers)
 
 
 @router.get("/artifacts/{artifact_id}/thumbnail")
@@ -86,9 +86,6 @@ def _child(request: Request, response: Response, client: Farm, spec: JobSpec) ->
     job_id = client.submit(spec, owner=owner, remote=True)
     response.headers["Location"] = f"/jobs/{job_id}"
     return client.status(job_id)
-
-
-IMAGE_TYPES = {".png": "image/png", ".tiff": "image/tiff", ".jpg": "image/jpeg"}
 
 
 def _stored(

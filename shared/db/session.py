@@ -9,10 +9,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.db.models import Base
 from shared.errors import ConfigError, DatabaseUnavailable, SchemaOutdated
 
 DATABASE_DOWN = (OperationalError, InterfaceError)
@@ -38,6 +40,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def dialect_insert(session: Session, table: type[Base]) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT for the session's database that can say ON CONFLICT (PostgreSQL's or SQLite's dialect)."""
+    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Exists, exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.db.clock import database_time
 from shared.db.models import Artifact, Job, PickGate, Task, TaskStatus
-from shared.db.store import close_gate
+from shared.db.store import add_tasks, close_gate
 from shared.errors import InvalidInput, NotFound
 from shared.spec import Pick
 
@@ -140,9 +139,7 @@ def _add_finals(session: Session, job: Job, drafts: Sequence[Artifact]) -> list[
                 "due_at": now,
             }
         )
-    insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Task)
-    added = session.scalars(insert.values(rows).on_conflict_do_nothing(index_elements=["id"]).returning(Task.id))
-    return list(added)
+    return add_tasks(session, rows)
 
 
 def _job(session: Session, job_id: str) -> Job:

@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Artifact, FailureKind, Job, JobKind, PickGate, Task, TaskFailure, TaskStatus, Worker
+from shared.db.session import dialect_insert
 from shared.db.status import JobStatus, job_status
 from shared.spec import JobSpec
 from shared.training import TrainingSpec
@@ -426,12 +426,18 @@ def status_from(job: Job, counts: dict[TaskStatus, int]) -> JobStatus:
     return job_status(counts, job.cancelled_at is not None, job.paused_at is not None, job.gate is PickGate.OPEN)
 
 
+def add_tasks(session: Session, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Insert task rows added to a running job (a pick's finals, an upscale's assembly), each under an id derived
+    from what it is: one already there is left alone. Returns the ids inserted now, to be sent."""
+    inserted = dialect_insert(session, Task).values(list(rows)).on_conflict_do_nothing(index_elements=["id"])
+    return list(session.scalars(inserted.returning(Task.id)))
+
+
 def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Insert artifact rows; a redelivered task rewrote the same objects, so a conflict updates in place."""
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Artifact).values(list(rows))
+    stmt = dialect_insert(session, Artifact).values(list(rows))
     stmt = stmt.on_conflict_do_update(
         index_elements=["job_id", "stage", "plan_digest", "style", "seed"],
         set_={

@@ -12,11 +12,11 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.db.clock import database_time
 from shared.db.models import Artifact, Job, Task, TaskStatus
+from shared.db.store import add_tasks
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,7 @@ def assemble_when_tiled(session: Session, image: TiledImage) -> list[str]:
         "created_at": now,
         "due_at": now,
     }
-    insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Task)
-    return list(session.scalars(insert.values([row]).on_conflict_do_nothing(index_elements=["id"]).returning(Task.id)))
+    return add_tasks(session, [row])
 
 
 def assembly_task_id(job_id: str, seed: int) -> str:

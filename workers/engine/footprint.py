@@ -18,9 +18,9 @@ import diffusers
 import torch
 import transformers
 from accelerate import init_empty_weights
-from huggingface_hub import hf_hub_download
 
 from shared.errors import ModelError
+from shared.hub import cached_file
 
 SKIPPED = frozenset({"tokenizer", "tokenizer_2", "scheduler", "safety_checker", "feature_extractor", "image_encoder"})
 """Pipeline components that hold no weights on the device, or that archfarm never loads."""
@@ -55,10 +55,10 @@ def _elements(location: str, subfolder: str) -> int:
 
 def _read(location: str, name: str) -> bytes:
     """A config file of a local folder or of a hub model in the local cache (never downloaded for this)."""
-    folder = Path(location)
+    path = Path(location) / name if Path(location).is_dir() else cached_file(location, name)
     try:
-        if folder.is_dir():
-            return (folder / name).read_bytes()
-        return Path(hf_hub_download(location, name, local_files_only=True)).read_bytes()
-    except (OSError, ValueError) as error:
+        if path is None:
+            raise FileNotFoundError("not in the local Hugging Face cache")
+        return Path(path).read_bytes()
+    except OSError as error:
         raise ModelError(f"{location}: cannot read {name} to size it ({error})") from None
