@@ -200,6 +200,6 @@ def main(queues: list[str]) -> None:
             ]
         )
     finally:
-        # Exit now: the interpreter's last garbage collection would walk every object torch and diffusers made
+        # Out of the interpreter's last garbage collection: it would walk every object torch and diffusers made
         # (imported here before the pool forks), about 2 s of a stop that has nothing left to free.
         gc.freeze()
