@@ -13,10 +13,29 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "flux", "flux-control", "sd3"]
+"""A base model's architecture: SD 1.5 and SDXL (UNets), FLUX.1 (a transformer steered by FLUX ControlNets),
+FLUX.1 Control (a FLUX transformer taking the control map as extra input channels: the base is its own control
+model) and SD 3/3.5 (a transformer steered by SD3 ControlNets)."""
+
+TRANSFORMER_FAMILIES: frozenset[str] = frozenset({"flux", "flux-control", "sd3"})
+"""Families whose denoiser is a diffusion transformer sampled by flow matching: no UNet, their own scheduler."""
 
 PRESETS: frozenset[str] = frozenset(
-    {"tiny-sd15", "tiny-canny", "tiny-plan", "tiny-sdxl", "tiny-sdxl-controlnet", "tiny-sdxl-union", "tiny-dpt"}
+    {
+        "tiny-sd15",
+        "tiny-canny",
+        "tiny-plan",
+        "tiny-sdxl",
+        "tiny-sdxl-controlnet",
+        "tiny-sdxl-union",
+        "tiny-dpt",
+        "tiny-flux",
+        "tiny-flux-controlnet",
+        "tiny-flux-control",
+        "tiny-sd3",
+        "tiny-sd3-controlnet",
+    }
 )
 """Tiny models built from configs with seeded weights: the offline demo and the tests. `tiny-plan` is trained
 (on synthetic plans, so demo renders follow the plan); the others are random."""
@@ -32,9 +51,22 @@ ALIASES: dict[str, str] = {
     "sdxl-tile": "xinsir/controlnet-tile-sdxl-1.0",
     "sdxl-union": "xinsir/controlnet-union-sdxl-1.0",
     "sdxl-vae-fp16": "madebyollin/sdxl-vae-fp16-fix",  # SDXL's VAE rescaled to decode in fp16 without NaNs
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-union-pro": "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0",  # one net for every kind, no modes
+    "flux-canny": "black-forest-labs/FLUX.1-Canny-dev",  # FLUX.1 Control: the map as input channels
+    "flux-depth": "black-forest-labs/FLUX.1-Depth-dev",
+    "sd35": "stabilityai/stable-diffusion-3.5-large",
+    "sd35-canny": "stabilityai/stable-diffusion-3.5-large-controlnet-canny",
+    "sd35-depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
+    "sd35-blur": "stabilityai/stable-diffusion-3.5-large-controlnet-blur",  # SD 3.5's tile (upscaling) net
 }
 
-TINY_CONTROLNETS: dict[str, str] = {"tiny-sd15": "tiny-canny", "tiny-sdxl": "tiny-sdxl-controlnet"}
+TINY_CONTROLNETS: dict[str, str] = {
+    "tiny-sd15": "tiny-canny",
+    "tiny-sdxl": "tiny-sdxl-controlnet",
+    "tiny-flux": "tiny-flux-controlnet",
+    "tiny-sd3": "tiny-sd3-controlnet",
+}
 """A tiny base is a test and demo stand-in: its one tiny ControlNet serves every kind of control map."""
 
 DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
@@ -46,6 +78,13 @@ DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
     ("sdxl", "plan-depth"): ALIASES["sdxl-depth"],
     ("sd15", "tile"): ALIASES["sd15-tile"],
     ("sdxl", "tile"): ALIASES["sdxl-tile"],
+    ("flux", "canny"): ALIASES["flux-union-pro"],
+    ("flux", "depth"): ALIASES["flux-union-pro"],
+    ("flux", "plan-depth"): ALIASES["flux-union-pro"],
+    ("sd3", "canny"): ALIASES["sd35-canny"],
+    ("sd3", "depth"): ALIASES["sd35-depth"],
+    ("sd3", "plan-depth"): ALIASES["sd35-depth"],
+    ("sd3", "tile"): ALIASES["sd35-blur"],
 }
 KINDS_WITH_DEFAULT: frozenset[str] = frozenset(kind for _, kind in DEFAULT_CONTROLNETS)
 
@@ -96,20 +135,37 @@ def check_ref(ref: str) -> str:
     )
 
 
+_KNOWN_FAMILIES: dict[str, Family] = {
+    "tiny-sd15": "sd15",
+    "sd15": "sd15",
+    "tiny-sdxl": "sdxl",
+    "sdxl": "sdxl",
+    "tiny-flux": "flux",
+    "flux-dev": "flux",
+    "tiny-flux-control": "flux-control",
+    "flux-canny": "flux-control",
+    "flux-depth": "flux-control",
+    "tiny-sd3": "sd3",
+    "sd35": "sd3",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3",
+}
+_KNOWN_FAMILIES.update({ALIASES[alias]: family for alias, family in list(_KNOWN_FAMILIES.items()) if alias in ALIASES})
+
+
 def known_family(base: str) -> Family | None:
-    """The family of a base known by name (presets and aliases); None when only its config can tell."""
-    if base in ("tiny-sd15", "sd15", ALIASES["sd15"]):
-        return "sd15"
-    if base in ("tiny-sdxl", "sdxl", ALIASES["sdxl"]):
-        return "sdxl"
-    return None
+    """The family of a base known by name (presets, aliases and their hub ids); None when only its config can
+    tell."""
+    return _KNOWN_FAMILIES.get(base)
 
 
 def default_controlnet(base: str, kind: str, family: Family) -> str:
     """The ControlNet for control maps of `kind` that suits `base`, whose architecture is `family`.
 
-    ValueError for kinds without a published default (`none`, `image`): such a unit must name its model.
+    ValueError for kinds without a published default (`none`, `image`): such a unit must name its model. A FLUX
+    Control base is its own control model: it takes the map as input channels.
     """
+    if family == "flux-control":
+        return base
     if base in TINY_CONTROLNETS:
         return TINY_CONTROLNETS[base]
     try:
@@ -120,9 +176,9 @@ def default_controlnet(base: str, kind: str, family: Family) -> str:
 
 def has_default_controlnet(base: str, kind: str) -> bool:
     """Whether a unit of `kind` may leave out its model (true for every family alike, so no config is read)."""
-    return base in TINY_CONTROLNETS or kind in KINDS_WITH_DEFAULT
+    return base in TINY_CONTROLNETS or kind in KINDS_WITH_DEFAULT or known_family(base) == "flux-control"
 
 
 def default_depth_model(base: str) -> str:
     """The DPT model for `depth` units: the tiny one for tiny bases (offline tests and demos), else DPT-Large."""
-    return "tiny-dpt" if base in TINY_CONTROLNETS else "Intel/dpt-large"
+    return "tiny-dpt" if base in TINY_CONTROLNETS or base == "tiny-flux-control" else "Intel/dpt-large"

@@ -36,7 +36,7 @@ from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.footprint import stack_bytes
-from workers.engine.models import ModelCache, default_dtype, device_memory, pick_device
+from workers.engine.models import ModelCache, default_dtype, device_memory, family_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.preprocessors import ControlMaps
 from workers.revision import composite, weights
@@ -158,9 +158,9 @@ class Renderer:
         ]
         return stack_bytes(
             self.cache.location(profile.base),
-            [self.cache.location(net) for net in dict.fromkeys(nets)],
+            [self.cache.location(net) for net in dict.fromkeys(nets) if net != profile.base],  # FLUX.1 Control's
             None if profile.vae is None else self.cache.location(profile.vae),
-            self.cache.dtype,
+            family_dtype(self.cache.dtype, family),
         )
 
     def _pin(self, profile: Profile) -> None:
@@ -289,7 +289,7 @@ class Renderer:
             request.width,
             request.height,
             self.cache.bucket(compiled_shape(request), len(request.items)),
-            str(self.cache.dtype),
+            str(family_dtype(self.cache.dtype, self.cache.family(request.base))),
             options,
             request.scheduler,
             request.guidance_scale > 1,

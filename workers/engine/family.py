@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from shared.errors import ModelError
-
-Family = Literal["sd15", "sdxl"]
+from shared.registry import Family
 
 
 def family(location: str) -> Family:
-    """ "sdxl" when the pipeline is one of diffusers' SDXL classes or its UNet takes SDXL's added time embedding
-    ("text_time"); "sd15" (SD 1.5-compatible) otherwise. `location` is a local folder or a hub id, as `resolve`
-    gives it; a hub model's config is read from the local cache or fetched alone (a few KB)."""
+    """ "flux" or "flux-control" for diffusers' FLUX.1 pipelines (Control when the transformer takes twice the
+    channels it gives: the latents and the encoded control map), "sd3" for SD 3 / 3.5; "sdxl" when the pipeline
+    is one of diffusers' SDXL classes or its UNet takes SDXL's added time embedding ("text_time"); "sd15"
+    (SD 1.5-compatible) otherwise. `location` is a local folder or a hub id, as `resolve` gives it; a hub
+    model's config is read from the local cache or fetched alone (a few KB)."""
     index = _config(location, "model_index.json")
-    if index is not None and str(index.get("_class_name", "")).startswith("StableDiffusionXL"):
+    pipeline = "" if index is None else str(index.get("_class_name", ""))
+    if pipeline.startswith("Flux"):
+        transformer = _config(location, "transformer/config.json") or {}
+        takes, gives = transformer.get("in_channels"), transformer.get("out_channels")
+        return "flux-control" if gives is not None and takes == 2 * gives else "flux"
+    if pipeline.startswith("StableDiffusion3"):
+        return "sd3"
+    if pipeline.startswith("StableDiffusionXL"):
         return "sdxl"
     unet = _config(location, "unet/config.json")
     if unet is not None and unet.get("addition_embed_type") == "text_time":

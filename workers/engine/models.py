@@ -22,6 +22,13 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     ControlNetUnionModel,
+    DiffusionPipeline,
+    FluxControlNetModel,
+    FluxControlPipeline,
+    FluxPipeline,
+    ModelMixin,
+    SD3ControlNetModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TorchAoConfig,
@@ -35,7 +42,7 @@ from transformers.utils import logging as _transformers_logging
 from shared import hub, published
 from shared.config import Settings, get_settings
 from shared.errors import ConfigError, InvalidInput, ModelError
-from shared.registry import QUANTIZE_DEVICES, Family, is_url, known_family
+from shared.registry import QUANTIZE_DEVICES, TRANSFORMER_FAMILIES, Family, is_url, known_family
 from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions, compile_module, use_inductor_cache
 from workers.engine.hints import encode_once
@@ -50,7 +57,35 @@ _transformers_logging.disable_progress_bar()
 BASE_COMPONENTS: dict[Family, tuple[str, ...]] = {
     "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
     "sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
+    "flux": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "scheduler"),
+    "flux-control": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "scheduler"),
+    "sd3": (
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "transformer",
+        "scheduler",
+    ),
 }
+_LOADERS: dict[Family, tuple[type[DiffusionPipeline], dict[str, Any]]] = {
+    "sd15": (
+        StableDiffusionPipeline,
+        {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    ),
+    "sdxl": (StableDiffusionXLPipeline, {"add_watermarker": False}),
+    "flux": (FluxPipeline, {"image_encoder": None, "feature_extractor": None}),
+    "flux-control": (FluxControlPipeline, {}),
+    "sd3": (StableDiffusion3Pipeline, {"image_encoder": None, "feature_extractor": None}),
+}
+"""The pipeline class that loads each family's base, and what it must not load."""
+CONTROLNET_CLASSES: dict[str, type[ModelMixin]] = {
+    cls.__name__: cls for cls in (ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel)
+}
+"""The ControlNet classes archfarm runs, by the `_class_name` of their config."""
 
 
 PROMPT_CACHE = 256
@@ -82,6 +117,12 @@ def device_memory(device: torch.device) -> int:
 def default_dtype(device: torch.device) -> torch.dtype:
     """float16 on GPUs (SD 1.5 holds up in half precision, at twice the speed); float32 on CPUs."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def family_dtype(dtype: torch.dtype, family: Family) -> torch.dtype:
+    """The dtype a family's stack runs in on a device whose UNet families run in `dtype`: FLUX and SD 3 in
+    bfloat16 where the others run in half precision (their activations overflow float16), else `dtype`."""
+    return torch.bfloat16 if dtype == torch.float16 and family in TRANSFORMER_FAMILIES else dtype
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -166,19 +207,11 @@ class ModelCache:
             self.hits[location] += 1
             return self._bases[location]
         kind = self.family(ref)
+        loader, unloaded = _LOADERS[kind]
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
         with _load_errors(ref, location, "model_index.json"):
-            if kind == "sdxl":
-                pipe = StableDiffusionXLPipeline.from_pretrained(location, dtype=self.dtype, add_watermarker=False)
-            else:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    location,
-                    dtype=self.dtype,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
+            pipe = loader.from_pretrained(location, dtype=family_dtype(self.dtype, kind), **unloaded)
         pipe.to(self.device)
         components = {name: pipe.components[name] for name in BASE_COMPONENTS[kind]}
         self._bases[location] = components
@@ -212,8 +245,11 @@ class ModelCache:
         """One ControlNet on this cache's device and dtype; see `controlnets`."""
         return self.controlnets([ref], quantize)[0]
 
-    def controlnets(self, refs: Sequence[str], quantize: str | None = None) -> list[ControlNetModel]:
-        """A render's ControlNets, on this cache's device, most recently used last.
+    def controlnets(
+        self, refs: Sequence[str], quantize: str | None = None, dtype: torch.dtype | None = None
+    ) -> list[ControlNetModel]:
+        """A render's ControlNets, on this cache's device, most recently used last, in `dtype` (the base's family's,
+        `family_dtype`; default the cache's): any class of `CONTROLNET_CLASSES`.
 
         `quantize="int8"` gives int8 weight-only copies (torchao), cached apart from the unquantised ones.
         Making room for one never evicts another of `refs`: a stack larger than the budget stays on the device
@@ -223,7 +259,7 @@ class ModelCache:
         located = [(ref, self.location(ref)) for ref in refs]
         keys = [location if quantize is None else f"{location} ({quantize})" for _, location in located]
         return [
-            self._controlnet(ref, location, key, config, frozenset(keys))
+            self._controlnet(ref, location, key, config, frozenset(keys), dtype or self.dtype)
             for (ref, location), key in zip(located, keys, strict=True)
         ]
 
@@ -244,26 +280,20 @@ class ModelCache:
         return size
 
     def prompt_embeddings(
-        self, pipe: Any, prompt: str, negative_prompt: str, guided: bool
+        self, pipe: Any, family: Family, prompt: str, negative_prompt: str, guided: bool
     ) -> tuple[torch.Tensor | None, ...]:
-        """The text encoders' output for one prompt pair, as `pipe.encode_prompt` gives it for one image:
+        """The text encoders' output for one prompt pair (`_encode`) of a pipeline of `family`:
         computed once per process and pair (the `PROMPT_CACHE` most recent are kept), since a job renders the
         same few styles thousands of times."""
-        encoders = (id(pipe.text_encoder), id(getattr(pipe, "text_encoder_2", None)))
+        encoders = tuple(id(getattr(pipe, name, None)) for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
         key = (*encoders, prompt, negative_prompt, guided)
         if key in self._prompts:
             self._prompts.move_to_end(key)
             return self._prompts[key]
         with torch.inference_mode():
-            encoded = pipe.encode_prompt(
-                prompt=prompt,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=guided,
-                negative_prompt=negative_prompt,
-            )
+            encoded = _encode(pipe, family, prompt, negative_prompt, guided, self.device)
         self.prompt_encodes += 1
-        self._prompts[key] = tuple(encoded)
+        self._prompts[key] = encoded
         if len(self._prompts) > PROMPT_CACHE:
             self._prompts.popitem(last=False)
         return self._prompts[key]
@@ -314,7 +344,13 @@ class ModelCache:
         return str(published.fetch(ref, self.models_dir, settings, self._pins.get(ref)))
 
     def _controlnet(
-        self, ref: str, location: str, key: str, config: TorchAoConfig | None, keep: frozenset[str]
+        self,
+        ref: str,
+        location: str,
+        key: str,
+        config: TorchAoConfig | None,
+        keep: frozenset[str],
+        dtype: torch.dtype,
     ) -> ControlNetModel:
         if key in self._controlnets:
             self._controlnets.move_to_end(key)
@@ -327,14 +363,12 @@ class ModelCache:
         else:
             # Loaded into CPU memory first: its size is known before room is made for it on the device.
             with _load_errors(ref, location, "config.json"):
-                if ControlNetModel.load_config(location).get("_class_name") == ControlNetUnionModel.__name__:
-                    controlnet = ControlNetUnionModel.from_pretrained(
-                        location, dtype=self.dtype, quantization_config=config
-                    )  # its hint encoders run per mode inside its one pass: nothing to encode once
-                else:
-                    controlnet = encode_once(
-                        ControlNetModel.from_pretrained(location, dtype=self.dtype, quantization_config=config)
-                    )
+                name = str(ControlNetModel.load_config(location).get("_class_name"))
+                if name not in CONTROLNET_CLASSES:
+                    raise ModelError(f"{ref!r} is a {name}, not a ControlNet ({', '.join(CONTROLNET_CLASSES)})")
+                controlnet = CONTROLNET_CLASSES[name].from_pretrained(location, dtype=dtype, quantization_config=config)
+                if isinstance(controlnet, ControlNetModel):  # a union's hint encoders run per mode in its one pass
+                    controlnet = encode_once(controlnet)
             self._sizes[key] = module_bytes(controlnet)
             self._make_room(self._sizes[key], keep)
             self.loads[key] += 1
@@ -361,6 +395,26 @@ class ModelCache:
             dropped_key, dropped = self._offloaded.popitem(last=False)
             self._compiled = {k: m for k, m in self._compiled.items() if k[0] != id(dropped)}
             self.drops[dropped_key] += 1
+
+
+def _encode(
+    pipe: DiffusionPipeline, family: Family, prompt: str, negative_prompt: str, guided: bool, device: torch.device
+) -> tuple[torch.Tensor | None, ...]:
+    """`pipe.encode_prompt` for one image, as (prompt, negative, pooled, negative pooled) embeddings, those a
+    family lacks None. FLUX.1 [dev] is guidance-distilled: no classifier-free guidance, so no negative prompt."""
+    if family in ("flux", "flux-control"):
+        embeds, pooled, _text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+        return embeds, None, pooled, None
+    more = {"prompt_2": None, "prompt_3": None} if family == "sd3" else {}
+    encoded = pipe.encode_prompt(
+        prompt=prompt,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=guided,
+        negative_prompt=negative_prompt,
+        **more,
+    )
+    return tuple(encoded)
 
 
 def _quantization_config(quantize: str, device: torch.device) -> TorchAoConfig:

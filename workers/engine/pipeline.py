@@ -1,4 +1,5 @@
-"""One render: a base model (SD 1.5 or SDXL), one or more ControlNets, a prompt and a list of seeds in, images out.
+"""One render: a base model (SD 1.5, SDXL, FLUX.1, FLUX.1 Control or SD 3), one or more ControlNets, a prompt and a
+list of seeds in, images out.
 
 The pipeline object is assembled per call from models the cache holds (about 0.5 ms, nothing reloaded),
 so swapping ControlNets between tasks is free once each is resident.
@@ -11,7 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,22 @@ import PIL.Image
 import torch
 from diffusers import (
     ControlNetModel,
+    ControlNetUnionModel,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxControlPipeline,
+    FluxMultiControlNetModel,
     MultiControlNetModel,
     PNDMScheduler,
     SchedulerMixin,
+    SD3ControlNetModel,
+    SD3MultiControlNetModel,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
@@ -39,12 +48,14 @@ from diffusers import (
     StableDiffusionXLControlNetUnionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from shared.errors import InvalidInput
-from shared.registry import SCHEDULERS
+from shared.registry import SCHEDULERS, TRANSFORMER_FAMILIES, Family
 from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
-from workers.engine.models import ModelCache
+from workers.engine.models import ModelCache, family_dtype
 from workers.engine.windows import WindowedControlNets
 
 log = logging.getLogger(__name__)
@@ -162,7 +173,10 @@ def render_batch(
 ) -> RenderResult:
     """Render one image per item of `request`, in one pipeline call when memory allows.
 
-    The base's family (SD 1.5 or SDXL, from its config) picks the pipeline class. Compiled modules are made
+    The base's family (from its config) picks the pipeline class and how units map onto it: SD 1.5 and SDXL run
+    one ControlNet per unit (or one ControlNet-Union with a mode per unit), FLUX.1 and SD 3 their own ControlNets
+    (`FluxMultiControlNetModel`, `SD3MultiControlNetModel`), FLUX.1 Control takes its one unit's map as input
+    channels of the base itself. Compiled modules are made
     once per process (`ModelCache.compiled`). Skipping is plain Python between compiled modules, so it holds
     compiled too: with CUDA graphs, each net is its own graph, replayed only at the steps inside its window.
 
@@ -180,37 +194,43 @@ def render_batch(
     picture keeps the init's composition and runs about `strength × steps` steps.
     """
     units, items, compile = request.units, request.items, request.compile
-    _check(units, items, request.width, request.height, request.scheduler, request.output_type, request.strength)
+    family = cache.family(request.base)
+    _check(family, request)
     components = cache.base(request.base)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
-    nets = cache.controlnets([units[0].model] if union else [unit.model for unit in units], request.quantize)
-    _check_fits(request.base, components, units[: len(nets)], nets)
+    nets: list[torch.nn.Module] = []
+    if family != "flux-control":  # a FLUX.1 Control base is its own control model
+        refs = [units[0].model] if union else [unit.model for unit in units]
+        nets = list(cache.controlnets(refs, request.quantize, family_dtype(cache.dtype, family)))
+    _check_fits(family, request, components, nets)
     cache.note_stack((request.base, request.vae or "", request.quantize or "", *(unit.model for unit in units)))
+    denoiser = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
     if compile is not None:
-        components = {**components, "unet": cache.compiled(components["unet"], compile)}
+        components = {**components, denoiser: cache.compiled(components[denoiser], compile)}
         nets = [cache.compiled(net, compile) for net in nets]
-    stack = nets[0] if union else (WindowedControlNets if request.skip_outside_window else MultiControlNetModel)(nets)
+    stack = _stack(family, nets, union, request.skip_outside_window)
     chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
-    # Known from the loaded modules, so pipeline class and components cannot disagree.
-    pipeline_class = (_UNION_PIPELINES if union else _PIPELINES)["text_encoder_2" in components, _mode(request)]
-    modes = {"control_mode": list(request.modes)} if request.modes is not None else {}
-    guided = request.guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
+    pipeline_class = _PIPELINES[family, union, _mode(request)]
+    guided = _guided(family, components, request.guidance_scale)
+    encoded_once = [] if union or family in TRANSFORMER_FAMILIES else nets  # SD ControlNets' hint encoders
+    # What the pipeline calls the control maps: `image` in SD's plain ControlNet pipelines, where it is not the
+    # image an image-to-image call starts from.
+    plain_maps = family in ("sd15", "sdxl") and not union and request.strength is None
 
     def run(chunk: Sequence[Item]) -> list[Any]:
         # A scheduler per call, as each keeps per-call state (timesteps, step index).
         pipe = _pipeline(pipeline_class, {**components, "scheduler": copy.deepcopy(chosen)}, stack)
         # CPU generators: the starting noise then depends on the seed alone, not on the device or the batch.
         generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
-        with torch.inference_mode(), hints_once([] if union else nets), _vae_dtype_kept(components["vae"]):
+        vae = components["vae"]
+        maps_by_mean = _maps_by_mean(vae) if family in TRANSFORMER_FAMILIES else nullcontext()
+        with torch.inference_mode(), hints_once(encoded_once), _vae_dtype_kept(vae), maps_by_mean:
             output = pipe(
-                **_embeddings(cache, pipe, chunk, guided),
-                **_inputs(pipe, chunk, request.strength, union),
-                **modes,
-                controlnet_conditioning_scale=[unit.scale for unit in units],
-                control_guidance_start=[unit.start for unit in units],
-                control_guidance_end=[unit.end for unit in units],
+                **_embeddings(cache, family, pipe, chunk, guided),
+                **_inputs(pipe, chunk, request.strength),
+                **_controls(family, units, chunk, request.modes, maps_as="image" if plain_maps else "control_image"),
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 width=request.width,
@@ -257,6 +277,50 @@ def _images(chunk: Sequence[Item]) -> list[PIL.Image.Image | np.ndarray]:
     return images
 
 
+def _controls(
+    family: Family, units: Sequence[Unit], chunk: Sequence[Item], modes: tuple[int, ...] | None, maps_as: str
+) -> dict[str, Any]:
+    """How a call's units steer its pipeline: their maps (as `maps_as`), per unit a scale and a window (and a
+    union's modes), or, for FLUX.1 Control, the one unit's maps as the pipeline's control image."""
+    if family == "flux-control":
+        return {"control_image": _images(chunk)[0]}
+    return {
+        maps_as: _images(chunk),
+        **({"control_mode": list(modes)} if modes is not None else {}),
+        "controlnet_conditioning_scale": [unit.scale for unit in units],
+        "control_guidance_start": [unit.start for unit in units],
+        "control_guidance_end": [unit.end for unit in units],
+    }
+
+
+def _stack(
+    family: Family, nets: list[torch.nn.Module], union: bool, skip_outside_window: bool
+) -> torch.nn.Module | None:
+    """The module a pipeline calls as its `controlnet`: a ControlNet-Union itself; FLUX's or SD 3's multi-net
+    wrapper (they take per-unit lists); for SD 1.5 and SDXL, ControlNets each skipped outside their window
+    (`WindowedControlNets`), or diffusers' own stack. None for FLUX.1 Control, which has no ControlNet."""
+    if family == "flux-control":
+        return None
+    if family == "flux":
+        return FluxMultiControlNetModel(nets)
+    if family == "sd3":
+        return SD3MultiControlNetModel(nets)
+    if union:
+        return nets[0]
+    return (WindowedControlNets if skip_outside_window else MultiControlNetModel)(nets)
+
+
+def _guided(family: Family, components: dict[str, Any], guidance_scale: float) -> bool:
+    """Whether a call runs classifier-free guidance (the denoiser twice per step): not for FLUX.1 [dev], which
+    is guidance-distilled (the scale is an input of its transformer), nor for a UNet distilled to take it as a
+    time condition (LCM)."""
+    if family in ("flux", "flux-control"):
+        return False
+    if family == "sd3":
+        return guidance_scale > 1
+    return guidance_scale > 1 and components["unet"].config.time_cond_proj_dim is None
+
+
 def _mode(request: Request) -> str:
     """Which pipeline a call needs: from noise (`text`), from each item's start (`image`), or only within each
     item's mask (`inpaint`)."""
@@ -265,16 +329,15 @@ def _mode(request: Request) -> str:
     return "inpaint" if request.items[0].mask is not None else "image"
 
 
-def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None, union: bool) -> dict[str, Any]:
-    """The call's images as its pipeline names them: the control maps alone (a union's text-to-image pipeline
-    calls them `control_image`); or the items' starting latents, the maps as `control_image`, and the strength;
-    or, inpainting, the starting images and their masks."""
+def _inputs(pipe: DiffusionPipeline, chunk: Sequence[Item], strength: float | None) -> dict[str, Any]:
+    """What an image-to-image call starts from: the items' starting latents and the strength; inpainting, the
+    starting images, their masks and the strength. Nothing for a call from noise."""
     if strength is None:
-        return {"control_image" if union else "image": _images(chunk)}
+        return {}
     if chunk[0].mask is not None:
         starts = {"image": [item.init for item in chunk], "mask_image": [item.mask for item in chunk]}
-        return {**starts, "control_image": _images(chunk), "strength": strength}
-    return {"image": _start_latents(pipe, chunk), "control_image": _images(chunk), "strength": strength}
+        return {**starts, "strength": strength}
+    return {"image": _start_latents(pipe, chunk), "strength": strength}
 
 
 def _start_latents(pipe: DiffusionPipeline, chunk: Sequence[Item]) -> torch.Tensor:
@@ -291,10 +354,12 @@ def _start_latents(pipe: DiffusionPipeline, chunk: Sequence[Item]) -> torch.Tens
     return (latents * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
-def _embeddings(cache: ModelCache, pipe: DiffusionPipeline, chunk: Sequence[Item], guided: bool) -> dict[str, Any]:
+def _embeddings(
+    cache: ModelCache, family: Family, pipe: DiffusionPipeline, chunk: Sequence[Item], guided: bool
+) -> dict[str, Any]:
     """The call's prompt embeddings, stacked from each item's pair, encoded once per process and pair: the same
     tensors the pipeline would have made, without the text encoders running for every task."""
-    pairs = [cache.prompt_embeddings(pipe, item.prompt, item.negative_prompt, guided) for item in chunk]
+    pairs = [cache.prompt_embeddings(pipe, family, item.prompt, item.negative_prompt, guided) for item in chunk]
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     stacked: dict[str, Any] = {}
     for index, name in enumerate(names[: len(pairs[0])]):
@@ -309,11 +374,11 @@ class _Resident:
     for offloading hooks, which it repeats on each use of `_execution_device` (about 6 ms a call on a tiny
     model, more on real ones), is skipped. archfarm never offloads a module inside a call."""
 
-    unet: torch.nn.Module
+    vae: torch.nn.Module
 
     @property
     def _execution_device(self) -> torch.device:
-        return self.unet.device  # type: ignore[return-value]
+        return self.vae.device  # type: ignore[return-value]
 
 
 class _ResidentSD(_Resident, StableDiffusionControlNetPipeline):
@@ -352,21 +417,34 @@ class _ResidentSDXLUnionInpaint(_Resident, StableDiffusionXLControlNetUnionInpai
     pass
 
 
-_PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
-    (False, "text"): _ResidentSD,
-    (True, "text"): _ResidentSDXL,
-    (False, "image"): _ResidentSDImg2Img,
-    (True, "image"): _ResidentSDXLImg2Img,
-    (False, "inpaint"): _ResidentSDInpaint,
-    (True, "inpaint"): _ResidentSDXLInpaint,
+class _ResidentFlux(_Resident, FluxControlNetPipeline):
+    pass
+
+
+class _ResidentFluxControl(_Resident, FluxControlPipeline):
+    pass
+
+
+class _ResidentSD3(_Resident, StableDiffusion3ControlNetPipeline):
+    pass
+
+
+_PIPELINES: dict[tuple[Family, bool, str], type[DiffusionPipeline]] = {
+    ("sd15", False, "text"): _ResidentSD,
+    ("sdxl", False, "text"): _ResidentSDXL,
+    ("sd15", False, "image"): _ResidentSDImg2Img,
+    ("sdxl", False, "image"): _ResidentSDXLImg2Img,
+    ("sd15", False, "inpaint"): _ResidentSDInpaint,
+    ("sdxl", False, "inpaint"): _ResidentSDXLInpaint,
+    ("sdxl", True, "text"): _ResidentSDXLUnion,
+    ("sdxl", True, "image"): _ResidentSDXLUnionImg2Img,
+    ("sdxl", True, "inpaint"): _ResidentSDXLUnionInpaint,
+    ("flux", False, "text"): _ResidentFlux,
+    ("flux-control", False, "text"): _ResidentFluxControl,
+    ("sd3", False, "text"): _ResidentSD3,
 }
-"""By (SDXL, `_mode`)."""
-_UNION_PIPELINES: dict[tuple[bool, str], type[DiffusionPipeline]] = {
-    (True, "text"): _ResidentSDXLUnion,
-    (True, "image"): _ResidentSDXLUnionImg2Img,
-    (True, "inpaint"): _ResidentSDXLUnionInpaint,
-}
-"""A ControlNet-Union stack's, by (SDXL, `_mode`): SDXL only."""
+"""By (family, ControlNet-Union, `_mode`): what `_check` and `_check_fits` let through has one."""
+_SD15 = (_ResidentSD, _ResidentSDImg2Img, _ResidentSDInpaint)
 _SDXL = (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
@@ -378,15 +456,17 @@ _SDXL = (
 
 
 def _pipeline(
-    pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: torch.nn.Module
+    pipeline_class: type[DiffusionPipeline], components: dict[str, Any], stack: torch.nn.Module | None
 ) -> DiffusionPipeline:
     """The ControlNet pipeline over cached modules: about 0.5 ms, nothing loaded or copied."""
-    extra: dict[str, Any]
+    extra: dict[str, Any] = {}
     if issubclass(pipeline_class, _SDXL):
         extra = {"add_watermarker": False}  # the output must not depend on whether a watermark package is installed
-    else:
+    elif issubclass(pipeline_class, _SD15):
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = pipeline_class(**components, controlnet=stack, **extra)
+    if stack is not None:
+        extra["controlnet"] = stack
+    pipe = pipeline_class(**components, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -402,6 +482,24 @@ def _vae_dtype_kept(vae: torch.nn.Module) -> Iterator[None]:
     finally:
         if next(vae.parameters()).dtype != dtype:
             vae.to(dtype=dtype)
+
+
+@contextmanager
+def _maps_by_mean(vae: Any) -> Iterator[None]:
+    """Within a FLUX or SD 3 call, control maps enter as their VAE posterior's mean: those pipelines sample it,
+    SD 3's from torch's global random stream, so an image would depend on its batch and its process's history
+    (and, for an untrained VAE, on noise larger than the map). A map is a condition, not something to sample."""
+    encode = vae.encode
+
+    def by_mean(images: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput:
+        parameters = encode(images).latent_dist.parameters
+        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(parameters, deterministic=True))
+
+    vae.encode = by_mean
+    try:
+        yield
+    finally:
+        del vae.encode  # the class's method again
 
 
 CAPTURE_FAILURES = ("cudaErrorStreamCaptureInvalidated", "operation failed due to a previous error during capture")
@@ -434,16 +532,12 @@ def _halving_on_oom(run: Callable[[Sequence[Item]], list[Any]], items: list[Item
     return _halving_on_oom(run, items[:half], device) + _halving_on_oom(run, items[half:], device)
 
 
-def _check(
-    units: Sequence[Unit],
-    items: Sequence[Item],
-    width: int,
-    height: int,
-    scheduler: str,
-    output_type: str,
-    strength: float | None = None,
-) -> None:
+def _check(family: Family, request: Request) -> None:
     """Refuse what the pipeline would silently reinterpret (resizing control maps) or fail on deep inside."""
+    units, items, width, height = request.units, request.items, request.width, request.height
+    scheduler, output_type, strength = request.scheduler, request.output_type, request.strength
+    if family in TRANSFORMER_FAMILIES:
+        _check_transformer(family, request)
     if not units:
         raise InvalidInput("a render needs at least one ControlNet")
     if not items:
@@ -471,16 +565,68 @@ def _check(
                 )
 
 
-def _check_fits(base: str, components: dict[str, Any], units: Sequence[Unit], nets: Sequence[ControlNetModel]) -> None:
-    """Refuse a ControlNet or VAE made for another architecture (an SD 1.5 net under SDXL, say) with one line,
-    rather than a shape error from deep inside the first step."""
+def _check_transformer(family: Family, request: Request) -> None:
+    """What FLUX.1 and SD 3 pipelines cannot do here, refused in one line."""
+    if request.scheduler != "default":
+        raise InvalidInput(f"{family} samples with its own flow-matching scheduler; set scheduler: default")
+    if request.width % 16 or request.height % 16:
+        raise InvalidInput(f"{family} renders sizes that are multiples of 16, not {request.width}×{request.height}")
+    if request.strength is not None:
+        raise InvalidInput(
+            f"{family} renders from noise only here; finals, revisions and upscales render with SD 1.5 or SDXL"
+        )
+    if request.modes is not None:
+        raise InvalidInput("a ControlNet-Union is made for SDXL")
+
+
+def _check_fits(family: Family, request: Request, components: dict[str, Any], nets: Sequence[torch.nn.Module]) -> None:
+    """Refuse a ControlNet or VAE made for another architecture (an SD 1.5 net under SDXL, a FLUX net under SD 3)
+    with one line, rather than a shape error from deep inside the first step."""
+    if family in TRANSFORMER_FAMILIES:
+        _check_transformer_fits(family, request, components, nets)
+        return
+    base, units = request.base, request.units[: len(nets)]
     unet = components["unet"].config
     if components["vae"].config.latent_channels != unet.in_channels:
         raise InvalidInput(f"the VAE's {components['vae'].config.latent_channels} latent channels do not fit {base!r}")
     for unit, net in zip(units, nets, strict=True):
+        if not isinstance(net, ControlNetModel | ControlNetUnionModel):
+            raise InvalidInput(f"ControlNet {unit.model!r} is a {type(net).__name__}, not made for {family}")
         wants = (net.config.cross_attention_dim, net.config.addition_embed_type)
         if wants != (unet.cross_attention_dim, unet.addition_embed_type):
             raise InvalidInput(f"ControlNet {unit.model!r} is made for another kind of base model than {base!r}")
+
+
+_TRANSFORMER_NETS: dict[Family, type[torch.nn.Module]] = {"flux": FluxControlNetModel, "sd3": SD3ControlNetModel}
+
+
+def _check_transformer_fits(
+    family: Family, request: Request, components: dict[str, Any], nets: Sequence[torch.nn.Module]
+) -> None:
+    """A FLUX or SD 3 stack: ControlNets of the base's family and width; FLUX.1 Control with its one map."""
+    transformer = components["transformer"].config
+    if family == "flux-control":
+        unit = request.units[0]
+        if len(request.units) != 1 or unit.model != request.base:
+            raise InvalidInput(
+                f"{request.base!r} is a FLUX.1 Control model: it takes one control map as input channels, so its "
+                "profile has one unit that names no model"
+            )
+        if (unit.scale, unit.start, unit.end) != (1.0, 0.0, 1.0):
+            raise InvalidInput(f"{request.base!r} is a FLUX.1 Control model: its unit takes no scale or window")
+        return
+    for unit, net in zip(request.units, nets, strict=True):
+        if not isinstance(net, _TRANSFORMER_NETS[family]):
+            raise InvalidInput(f"ControlNet {unit.model!r} is a {type(net).__name__}, not made for {family}")
+        config: Any = net.config
+        widths = (config.in_channels, config.joint_attention_dim)
+        if widths != (transformer.in_channels, transformer.joint_attention_dim):
+            raise InvalidInput(f"ControlNet {unit.model!r} is made for another {family} base than {request.base!r}")
+        if getattr(config, "num_mode", None) is not None:
+            raise InvalidInput(
+                f"ControlNet {unit.model!r} is a FLUX union with control modes; archfarm runs mode-free FLUX "
+                "ControlNets (Union-Pro-2.0, or one per kind)"
+            )
 
 
 def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:

@@ -36,6 +36,11 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-sdxl-controlnet": _lazy("workers.engine.tiny_sdxl", "build_controlnet"),
     "tiny-sdxl-union": _lazy("workers.engine.tiny_sdxl", "build_union"),
     "tiny-dpt": _lazy("workers.preprocessors.tiny_dpt", "build_dpt"),
+    "tiny-flux": _lazy("workers.engine.tiny_dit", "build_flux"),
+    "tiny-flux-controlnet": _lazy("workers.engine.tiny_dit", "build_flux_controlnet"),
+    "tiny-flux-control": _lazy("workers.engine.tiny_dit", "build_flux_control"),
+    "tiny-sd3": _lazy("workers.engine.tiny_dit", "build_sd3"),
+    "tiny-sd3-controlnet": _lazy("workers.engine.tiny_dit", "build_sd3_controlnet"),
 }
 if frozenset(BUILDERS) != PRESETS:  # the registry in shared/ names them; this module builds them
     raise RuntimeError("workers.engine.presets.BUILDERS out of step with shared.registry.PRESETS")

@@ -120,9 +120,10 @@ def _unet() -> UNet2DConditionModel:
     )
 
 
-def vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
-    """A toy VAE with four levels as in SD 1.5 and SDXL, so the latent is 1/8 of the image and the ControlNet
-    hint encoder matches; `scaling_factor` is the family's latent scale (SD 1.5's by default)."""
+def vae(scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4) -> AutoencoderKL:
+    """A toy VAE with four levels as in every family, so the latent is 1/8 of the image and the ControlNet
+    hint encoder matches; `scaling_factor` and `shift_factor` are the family's latent scale (SD 1.5's by
+    default; FLUX and SD 3 shift too)."""
     levels = 4
     return AutoencoderKL(
         in_channels=3,
@@ -131,10 +132,11 @@ def vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 
