@@ -36,6 +36,7 @@ from shared.errors import SubmitWarning
 from shared.kinds import load_spec
 from shared.licences import licence_of
 from shared.profiles import BUILTIN
+from shared.registry import known_family
 from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, load_profile, parse_model
 from shared.styles import CATALOG
 
@@ -416,7 +417,8 @@ def profiles() -> None:
         vae += f", union {profile.union}" if profile.union else ""
         licences = sorted({licence.name for _, ref in every_model(profile) if (licence := licence_of(ref))})
         out.print(
-            f"{name}\n  base {profile.base}{vae}; controls: {units}\n  {profile.width}×{profile.height}, "
+            f"{name}\n  base {profile.base} ({known_family(profile.base)}){vae}; controls: {units}\n  "
+            f"{profile.width}×{profile.height}, "
             f"{profile.steps} steps, guidance {profile.guidance_scale:g}, scheduler {profile.scheduler}\n"
             f"  licences: {', '.join(licences) or 'unknown'}",
             markup=False,

@@ -43,6 +43,32 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 128,
         "height": 128,
     },
+    # The transformer families at toy size: FLUX.1 with one FLUX ControlNet serving both units (as Union-Pro-2.0
+    # does), FLUX.1 Control (the map as input channels of the base), SD 3 with its ControlNet.
+    "tiny-flux": {
+        "base": "tiny-flux",
+        "controls": [{"kind": "canny", "scale": 0.7}, {"kind": "plan-depth", "scale": 0.5}],
+        "steps": 8,
+        "guidance_scale": 3.5,
+        "width": 128,
+        "height": 128,
+    },
+    "tiny-flux-control": {
+        "base": "tiny-flux-control",
+        "controls": [{"kind": "canny"}],
+        "steps": 8,
+        "guidance_scale": 3.5,
+        "width": 128,
+        "height": 128,
+    },
+    "tiny-sd3": {
+        "base": "tiny-sd3",
+        "controls": [{"kind": "canny", "scale": 0.7}, {"kind": "plan-depth", "scale": 0.5}],
+        "steps": 8,
+        "guidance_scale": 5.0,
+        "width": 128,
+        "height": 128,
+    },
     # The classic archviz stack on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
     # Depth comes from the plan's geometry: a monocular depth model sees a drawing, not a room.
     "sd15-archviz": {
@@ -77,6 +103,34 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 1024,
         "height": 1024,
         "scheduler": "euler",
+    },
+    # FLUX.1 [dev] with Shakker's Union-Pro-2.0 serving edges and plan depth (non-commercial weights: a job needs
+    # `use: non-commercial`); the ControlNet lets go for the last fifth of the steps, as its card advises.
+    "flux-archviz": {
+        "base": "flux-dev",
+        "controls": [{"kind": "canny", "scale": 0.7, "end": 0.8}, {"kind": "plan-depth", "scale": 0.5, "end": 0.8}],
+        "steps": 28,
+        "guidance_scale": 3.5,
+        "width": 1024,
+        "height": 1024,
+    },
+    # FLUX.1 Canny [dev]: the edges as input channels of the base, no ControlNet pass (non-commercial weights).
+    "flux-canny-archviz": {
+        "base": "flux-canny",
+        "controls": [{"kind": "canny"}],
+        "steps": 28,
+        "guidance_scale": 30.0,  # what the model is trained to follow
+        "width": 1024,
+        "height": 1024,
+    },
+    # SD 3.5 Large with Stability's Canny and Depth ControlNets (Community License: free below US$1M revenue).
+    "sd35-archviz": {
+        "base": "sd35",
+        "controls": [{"kind": "canny", "scale": 0.8}, {"kind": "plan-depth", "scale": 0.6}],
+        "steps": 40,
+        "guidance_scale": 4.5,
+        "width": 1024,
+        "height": 1024,
     },
 }
 

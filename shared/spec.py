@@ -20,7 +20,15 @@ from shared.errors import InvalidInput
 from shared.licences import Use
 from shared.notify import Event, check_url
 from shared.profiles import BUILTIN, builtin_profile
-from shared.registry import SCHEDULERS, UNION_MODES, check_ref, has_default_controlnet, is_url, known_family
+from shared.registry import (
+    SCHEDULERS,
+    TRANSFORMER_FAMILIES,
+    UNION_MODES,
+    check_ref,
+    has_default_controlnet,
+    is_url,
+    known_family,
+)
 from shared.styles import CATALOG
 from shared.tiles import Grid
 
@@ -234,7 +242,7 @@ class Profile(_Strict):
     def _union_units(self) -> Profile:
         if self.union is None:
             return self
-        if known_family(self.base) == "sd15":
+        if known_family(self.base) not in ("sdxl", None):
             raise ValueError(f"union: ControlNet-Union is made for SDXL, not {self.base!r}")
         for index, unit in enumerate(self.controls):
             if unit.model is not None:
@@ -242,6 +250,30 @@ class Profile(_Strict):
             if unit.kind not in UNION_MODES:
                 raise ValueError(
                     f"controls.{index}: a union has no {unit.kind!r} mode (it has {', '.join(UNION_MODES)})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _transformer_family(self) -> Profile:
+        """What a FLUX.1 or SD 3 base known by name cannot do, refused at submit (one read from its config is
+        refused by the worker, in the same words)."""
+        family = known_family(self.base)
+        if family not in TRANSFORMER_FAMILIES:
+            return self
+        if self.scheduler != "default":
+            raise ValueError(f"scheduler: {family} samples with its own flow-matching scheduler; set default")
+        if self.width % 16 or self.height % 16:
+            raise ValueError(f"{family} renders sizes that are multiples of 16, not {self.width}×{self.height}")
+        if family == "flux-control":
+            unit = self.controls[0]
+            if len(self.controls) != 1 or unit.model is not None:
+                raise ValueError(
+                    f"controls: {self.base!r} is a FLUX.1 Control model: it takes one control map as input channels, "
+                    "so give one unit that names no model"
+                )
+            if (unit.scale, unit.start, unit.end) != (1.0, 0.0, 1.0):
+                raise ValueError(
+                    f"controls.0: {self.base!r} is a FLUX.1 Control model: its unit takes no scale or window"
                 )
         return self
 
@@ -591,6 +623,11 @@ class JobSpec(_Strict):
             raise ValueError("a staged job needs draft, pick and final together")
         if given and self.revise is not None:
             raise ValueError("a revision has no stages: it re-renders one approved image")
+        if (given or self.revise is not None) and known_family(self.profile.base) in TRANSFORMER_FAMILIES:
+            raise ValueError(
+                f"profile.base: {self.profile.base} renders from noise only; stages and revisions render with SD 1.5 "
+                "or SDXL profiles"
+            )
         if self.final is not None:
             width, height = self.final_size()
             if max(width, height) > 2048:
@@ -604,6 +641,8 @@ class JobSpec(_Strict):
                 raise ValueError(f"profile.controls.{index}: a tile unit is an upscale's own (upscale.control)")
         if self.upscale is None:
             return self
+        if known_family(self.profile.base) in TRANSFORMER_FAMILIES:
+            raise ValueError(f"profile.base: {self.profile.base} renders from noise only; upscale with SD 1.5 or SDXL")
         if self.pick is not None or self.revise is not None:
             raise ValueError("an upscale enlarges one image: it has no stages and is no revision")
         if len(self.plans) != 1 or len(self.styles) != 1:
