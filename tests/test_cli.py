@@ -346,7 +346,8 @@ def test_version_styles_profiles_and_plain_flags_in_help(env: dict[str, str]) ->
     styles = runner.invoke(app, ["styles"]).output
     assert "japandi\n  prompt: japandi interior" in styles and "  negative: " in styles
     profiles = runner.invoke(app, ["profiles"]).output
-    assert "sd15-archviz\n  base sd15; controls: canny 0.9 [0-1], plan-depth 0.6 [0-1]" in profiles
+    assert "sd15-archviz\n  base sd15 (sd15); controls: canny 0.9 [0-1], plan-depth 0.6 [0-1]" in profiles
+    assert "flux-archviz\n  base flux-dev (flux); " in profiles
     assert (
         "licences: CreativeML OpenRAIL-M, OpenRAIL" in profiles and "licences: CreativeML OpenRAIL++-M, MIT" in profiles
     )

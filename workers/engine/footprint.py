@@ -22,7 +22,9 @@ from accelerate import init_empty_weights
 from shared.errors import ModelError
 from shared.hub import cached_file
 
-SKIPPED = frozenset({"tokenizer", "tokenizer_2", "scheduler", "safety_checker", "feature_extractor", "image_encoder"})
+SKIPPED = frozenset(
+    {"tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor", "image_encoder"}
+)
 """Pipeline components that hold no weights on the device, or that archfarm never loads."""
 
 

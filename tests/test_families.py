@@ -1,0 +1,222 @@
+"""The transformer families: FLUX.1 with FLUX ControlNets, FLUX.1 Control (the map as input channels of the base)
+and SD 3 with SD3 ControlNets, each built tiny from configs, rendered with the farm's guarantees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from producer.client import Farm
+from shared.db.status import JobStatus
+from shared.errors import InvalidInput, SubmitWarning
+from shared.spec import JobSpec, Profile
+from tests.models_fixture import PLAN_A, PLAN_B
+from workers.engine.family import family
+from workers.engine.footprint import stack_bytes
+from workers.engine.models import ModelCache, module_bytes
+from workers.engine.pipeline import Item, Request, Unit, render_batch
+from workers.engine.presets import resolve
+
+STACKS = {
+    "tiny-flux": "tiny-flux-controlnet",
+    "tiny-flux-control": "tiny-flux-control",
+    "tiny-sd3": "tiny-sd3-controlnet",
+}
+GUIDANCE = {"tiny-flux": 3.5, "tiny-flux-control": 3.5, "tiny-sd3": 5.0}
+
+
+def _render(cache: ModelCache, base: str, maps: list[tuple], seeds=(1,), scale: float = 1.0) -> list[np.ndarray]:  # type: ignore[no-untyped-def, type-arg]
+    units = [Unit(STACKS[base], scale, 0.0, 1.0) for _ in maps[0]]
+    items = [Item("a bright living room", "blurry", seed, item) for seed, item in zip(seeds, maps, strict=True)]
+    request = Request(
+        base=base,
+        units=units,
+        items=items,
+        steps=4,
+        guidance_scale=GUIDANCE[base],
+        width=64,
+        height=64,
+        output_type="np",
+    )
+    return list(render_batch(cache, request).images)
+
+
+@pytest.mark.parametrize("base", sorted(STACKS))
+def test_each_family_is_steered_by_its_map_and_a_batch_matches_each_image_alone(
+    model_cache: ModelCache, base: str
+) -> None:
+    """The control map changes the image; in one call of two items with different maps and seeds, each image is
+    within 1/255 of its render alone; the same call twice is bitwise the same."""
+    (a,) = _render(model_cache, base, [(PLAN_A,)])
+    (b,) = _render(model_cache, base, [(PLAN_B,)])
+    assert np.abs(a - b).max() > 1 / 255
+    batch = _render(model_cache, base, [(PLAN_A,), (PLAN_B,)], seeds=(1, 2))
+    (alone,) = _render(model_cache, base, [(PLAN_B,)], seeds=(2,))
+    assert np.abs(batch[0] - a).max() <= 1 / 255 and np.abs(batch[1] - alone).max() <= 1 / 255
+    assert np.array_equal(_render(model_cache, base, [(PLAN_B,)], seeds=(2,))[0], alone)
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
+def test_a_controlnets_scale_and_second_unit_change_flux_and_sd3_renders(model_cache: ModelCache, base: str) -> None:
+    (full,) = _render(model_cache, base, [(PLAN_A,)])
+    (none,) = _render(model_cache, base, [(PLAN_A,)], scale=0.0)
+    (two,) = _render(model_cache, base, [(PLAN_A, PLAN_B)])
+    assert np.abs(full - none).max() > 1 / 255 and np.abs(full - two).max() > 1 / 255
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"), [("tiny-flux", "flux"), ("tiny-flux-control", "flux-control"), ("tiny-sd3", "sd3")]
+)
+def test_a_bases_family_is_read_from_its_config_whatever_its_folder_is_called(
+    models_dir: Path, tmp_path: Path, base: str, expected: str
+) -> None:
+    renamed = tmp_path / "studio-model"
+    shutil.copytree(resolve(base, models_dir), renamed)
+    assert family(str(renamed)) == expected
+
+
+@pytest.mark.parametrize("base", sorted(STACKS))
+def test_a_transformer_stack_is_sized_from_its_configs_as_it_holds_once_loaded(models_dir: Path, base: str) -> None:
+    """T5 and the transformer counted from their configs; a FLUX.1 Control base is counted once."""
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    nets = [] if STACKS[base] == base else [resolve(STACKS[base], models_dir)]
+    estimate = stack_bytes(resolve(base, models_dir), nets, None, torch.float32)
+    loaded = sum(module_bytes(m) for m in cache.base(base).values() if isinstance(m, torch.nn.Module))
+    loaded += sum(module_bytes(cache.controlnet(STACKS[base])) for _ in nets)
+    assert abs(estimate - loaded) / loaded < 0.001, (estimate, loaded)
+
+
+def test_sd15_and_flux_stacks_swap_on_one_worker_within_its_controlnet_budget(models_dir: Path) -> None:
+    """Renders alternating between an SD 1.5 and a FLUX stack with room for one ControlNet: each switch evicts
+    the other family's net to the offload tier and brings it back from there, never from disk again."""
+    sizing = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    small, large = sorted(module_bytes(sizing.controlnet(net)) for net in ("tiny-canny", "tiny-flux-controlnet"))
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32, controlnet_budget_bytes=large + small // 2)
+    sd_request = Request(
+        base="tiny-sd15",
+        units=[Unit("tiny-canny", 1.0, 0.0, 1.0)],
+        items=[Item("a bright living room", "blurry", 1, (PLAN_A,))],
+        steps=2,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        output_type="np",
+    )
+    first = render_batch(cache, sd_request).images[0]
+    for _ in range(2):
+        _render(cache, "tiny-flux", [(PLAN_A,)])
+        again = render_batch(cache, sd_request).images[0]
+    assert cache.swaps == 4 and np.array_equal(first, again)
+    located = {name: cache.location(name) for name in ("tiny-canny", "tiny-flux-controlnet")}
+    assert all(cache.loads[key] == 1 for key in located.values())
+    assert cache.evictions[located["tiny-canny"]] == 2 and cache.restores[located["tiny-canny"]] == 2
+    assert len(cache.resident()) - 2 == 1  # two bases, one ControlNet within the budget
+
+
+def test_what_a_transformer_base_cannot_do_is_refused_at_submit() -> None:
+    def profile(base: str, **changes: object) -> Profile:
+        return Profile.model_validate(
+            {"base": base, "controls": [{"kind": "canny"}], "width": 64, "height": 64, **changes}
+        )
+
+    assert profile("tiny-flux-control").controls[0].model is None
+    with pytest.raises(ValueError, match="flux samples with its own flow-matching scheduler"):
+        profile("tiny-flux", scheduler="euler")
+    with pytest.raises(ValueError, match="sd3 renders sizes that are multiples of 16, not 72×64"):
+        profile("tiny-sd3", width=72)
+    with pytest.raises(ValueError, match="FLUX.1 Control model: it takes one control map"):
+        profile("tiny-flux-control", controls=[{"kind": "canny"}, {"kind": "plan-depth"}])
+    with pytest.raises(ValueError, match="FLUX.1 Control model: it takes one control map"):
+        profile("tiny-flux-control", controls=[{"kind": "canny", "model": "tiny-flux-controlnet"}])
+    with pytest.raises(ValueError, match="is a FLUX.1 Control model: its unit takes no scale or window"):
+        profile("tiny-flux-control", controls=[{"kind": "canny", "scale": 0.5}])
+    with pytest.raises(ValueError, match="ControlNet-Union is made for SDXL, not 'tiny-sd3'"):
+        profile("tiny-sd3", union="tiny-sdxl-union")
+    job = {"plans": ["plan.png"], "styles": ["modern"], "seeds": [1], "profile": "tiny-flux"}
+    staged = {"draft": {"steps": 2}, "pick": {"by": "hand"}, "final": {"scale": 2}}
+    with pytest.raises(InvalidInput, match="tiny-flux renders from noise only; stages and revisions"):
+        JobSpec.from_document({**job, **staged})
+
+
+def test_a_worker_refuses_a_controlnet_of_another_family_in_one_line(model_cache: ModelCache) -> None:
+    request = Request(
+        base="tiny-flux",
+        units=[Unit("tiny-sd3-controlnet", 1.0, 0.0, 1.0)],
+        items=[Item("a room", "", 1, (PLAN_A,))],
+        steps=2,
+        guidance_scale=3.5,
+        width=64,
+        height=64,
+    )
+    with pytest.raises(InvalidInput, match="'tiny-sd3-controlnet' is a SD3ControlNetModel, not made for flux"):
+        render_batch(model_cache, request)
+
+
+def test_flux_and_sd35_licences_are_enforced_at_submit(tmp_path: Path, example_plan: Path) -> None:
+    from producer.submit import prepare
+    from shared.config import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'state.db'}", storage_url=str(tmp_path / "out"))
+    job = {"plans": [str(example_plan)], "styles": ["modern"], "seeds": [1]}
+    with pytest.raises(InvalidInput, match="profile.base: black-forest-labs/FLUX.1-dev is under the FLUX.1 .dev. Non"):
+        prepare(JobSpec.from_document({**job, "profile": "flux-archviz"}), settings, farm=True)
+    allowed = prepare(
+        JobSpec.from_document({**job, "profile": "flux-archviz", "use": "non-commercial"}), settings, farm=True
+    )
+    assert allowed.spec.use == "non-commercial"
+    with pytest.warns(
+        SubmitWarning, match="3.5-large-controlnet-canny is under the Stability AI Community License: free"
+    ):
+        prepare(JobSpec.from_document({**job, "profile": "sd35-archviz"}), settings, farm=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.s3
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", ["tiny-flux", "tiny-flux-control", "tiny-sd3"])
+def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
+    farm: Farm, start_workers, example_plan: Path, tmp_path: Path, s3_server, s3_bucket: str, profile: str
+) -> None:
+    """2 plans × 2 styles × 2 seeds on a real worker; the sidecar names every model with its licence; one image
+    re-rendered from its sidecar is bit for bit the same."""
+    from PIL import Image
+
+    from producer.rerender import rerender
+    from shared.profiles import BUILTIN
+
+    second = tmp_path / "second.png"
+    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+    start_workers("cpu:1")
+    spec = JobSpec.from_document(
+        {
+            "plans": [str(example_plan), str(second)],
+            "styles": ["modern", "japandi"],
+            "seeds": [1, 2],
+            "profile": {**BUILTIN[profile], "width": 64, "height": 64, "steps": 4},
+        }
+    )
+    job_id = farm.submit(spec)
+    assert farm.wait(job_id, timeout=300).status is JobStatus.SUCCEEDED
+    images = farm.results(job_id)
+    assert len(images) == 8
+    local = tmp_path / "image"
+    local.mkdir()
+    for url in (images[0].url, images[0].sidecar_url):
+        key = url.split(f"{s3_bucket}/", 1)[1]
+        local.joinpath(url.rsplit("/", 1)[1]).write_bytes(
+            s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        )
+    sidecar_path = local / images[0].sidecar_url.rsplit("/", 1)[1]
+    sidecar = json.loads(sidecar_path.read_text())
+    models = sidecar["models"]
+    assert models["base"]["name"] == profile and models["base"]["licence"] == "Apache-2.0"
+    assert {net["name"] for net in models["controlnets"]} == {STACKS[profile]}
+    assert sidecar["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    again = rerender(sidecar_path, tmp_path / "again", farm.settings)
+    assert again.comparison.identical, again.verdict
