@@ -220,3 +220,73 @@ def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
     assert sidecar["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
     again = rerender(sidecar_path, tmp_path / "again", farm.settings)
     assert again.comparison.identical, again.verdict
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
+def test_a_net_outside_its_window_is_skipped_and_the_image_is_bitwise_diffusers(
+    model_cache: ModelCache, base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unit 2 steers the first half of the steps only: skipping it outside its window runs it half as often and
+    gives the same floats as diffusers' own stack, which runs it at scale 0 there."""
+    net = model_cache.controlnet(STACKS[base])
+    calls = []
+    monkeypatch.setattr(type(net), "forward", _counted(type(net).forward, calls))
+    units = [Unit(STACKS[base], 0.8, 0.0, 1.0), Unit(STACKS[base], 0.6, 0.0, 0.5)]
+    images = {}
+    for skip in (True, False):
+        calls.clear()
+        request = Request(
+            base=base,
+            units=units,
+            items=[Item("a bright living room", "blurry", 1, (PLAN_A, PLAN_B))],
+            steps=4,
+            guidance_scale=GUIDANCE[base],
+            width=64,
+            height=64,
+            output_type="np",
+            skip_outside_window=skip,
+        )
+        images[skip] = render_batch(model_cache, request).images[0]
+        images[skip, "calls"] = len(calls)
+    assert np.array_equal(images[True], images[False])
+    assert (images[True, "calls"], images[False, "calls"]) == (6, 8)
+
+
+def _counted(forward, calls: list[int]):  # type: ignore[no-untyped-def]
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", sorted(STACKS))
+def test_each_family_renders_compiled_within_1_255_of_eager(models_dir: Path, base: str) -> None:
+    """The transformer and its ControlNets compiled (aot_eager: the graphs without generated code), two seeds in
+    one call; a later call of one seed replays the bucket it padded to."""
+    from workers.engine.compile import CompileOptions
+
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    eager = _render(cache, base, [(PLAN_A,), (PLAN_B,)], seeds=(1, 2))
+    options = CompileOptions(mode="default", backend="aot_eager")
+    units = [Unit(STACKS[base], 1.0, 0.0, 1.0)]
+    request = Request(
+        base=base,
+        units=units,
+        items=[Item("a bright living room", "blurry", seed, (plan,)) for seed, plan in ((1, PLAN_A), (2, PLAN_B))],
+        steps=4,
+        guidance_scale=GUIDANCE[base],
+        width=64,
+        height=64,
+        output_type="np",
+        compile=options,
+    )
+    from torch._dynamo.utils import counters
+
+    compiled = render_batch(cache, request).images
+    graphs = counters["stats"]["unique_graphs"]
+    tail = render_batch(cache, Request(**{**request.__dict__, "items": request.items[1:]})).images
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph: the tail replays the bucket of two
+    assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(eager, compiled, strict=True))
+    assert np.abs(tail[0] - eager[1]).max() <= 1 / 255

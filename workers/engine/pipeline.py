@@ -56,7 +56,7 @@ from shared.registry import SCHEDULERS, TRANSFORMER_FAMILIES, Family
 from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
 from workers.engine.models import ModelCache, family_dtype
-from workers.engine.windows import WindowedControlNets
+from workers.engine.windows import WindowedControlNets, WindowedFluxControlNets, WindowedSD3ControlNets
 
 log = logging.getLogger(__name__)
 
@@ -296,18 +296,24 @@ def _controls(
 def _stack(
     family: Family, nets: list[torch.nn.Module], union: bool, skip_outside_window: bool
 ) -> torch.nn.Module | None:
-    """The module a pipeline calls as its `controlnet`: a ControlNet-Union itself; FLUX's or SD 3's multi-net
-    wrapper (they take per-unit lists); for SD 1.5 and SDXL, ControlNets each skipped outside their window
-    (`WindowedControlNets`), or diffusers' own stack. None for FLUX.1 Control, which has no ControlNet."""
+    """The module a pipeline calls as its `controlnet`: a ControlNet-Union itself; else the family's ControlNets,
+    each skipped outside its window (`workers.engine.windows`), or diffusers' own stack (they take per-unit lists
+    also for one net). None for FLUX.1 Control, which has no ControlNet."""
     if family == "flux-control":
         return None
-    if family == "flux":
-        return FluxMultiControlNetModel(nets)
-    if family == "sd3":
-        return SD3MultiControlNetModel(nets)
     if union:
         return nets[0]
-    return (WindowedControlNets if skip_outside_window else MultiControlNetModel)(nets)
+    windowed, whole = _STACKS[family]
+    return (windowed if skip_outside_window else whole)(nets)
+
+
+_STACKS: dict[Family, tuple[type[torch.nn.Module], type[torch.nn.Module]]] = {
+    "sd15": (WindowedControlNets, MultiControlNetModel),
+    "sdxl": (WindowedControlNets, MultiControlNetModel),
+    "flux": (WindowedFluxControlNets, FluxMultiControlNetModel),
+    "sd3": (WindowedSD3ControlNets, SD3MultiControlNetModel),
+}
+"""Each family's ControlNet stack: skipping nets outside their windows, and diffusers' own."""
 
 
 def _guided(family: Family, components: dict[str, Any], guidance_scale: float) -> bool:

@@ -1,4 +1,5 @@
-"""A ControlNet stack that runs only the nets whose guidance window covers the current step.
+"""ControlNet stacks that run only the nets whose guidance window covers the current step (SD 1.5 and SDXL, FLUX.1,
+SD 3).
 
 diffusers runs every ControlNet at every step and multiplies its residuals by 0 outside its
 `control_guidance_start/end` window (it passes the product scale × in-window as `conditioning_scale`). A net
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import MultiControlNetModel
+from diffusers import FluxMultiControlNetModel, MultiControlNetModel, SD3MultiControlNetModel
 
 
 class WindowedControlNets(MultiControlNetModel):
@@ -63,3 +64,74 @@ class WindowedControlNets(MultiControlNetModel):
             down = net_down if down is None else [a + b for a, b in zip(down, net_down, strict=True)]
             mid = net_mid if mid is None else mid + net_mid
         return down, mid
+
+
+class WindowedFluxControlNets(FluxMultiControlNetModel):
+    """`FluxMultiControlNetModel` that skips every net whose conditioning scale is 0 at this step, as
+    `WindowedControlNets` does for SD: FLUX's pipeline passes a `None` result to its transformer as "no
+    ControlNet". One net serving several units (diffusers' single-net case) runs once per unit in window."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        controlnet_cond: list[torch.Tensor],
+        controlnet_mode: list[torch.Tensor],
+        conditioning_scale: list[float],
+        return_dict: bool = False,  # a tuple either way, as the pipeline unpacks it
+        **kwargs: Any,
+    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        nets = list(self.nets) if len(self.nets) > 1 else [self.nets[0]] * len(controlnet_cond)
+        merged: tuple[list[torch.Tensor] | None, ...] | None = None
+        for image, mode, scale, net in zip(controlnet_cond, controlnet_mode, conditioning_scale, nets, strict=True):
+            if scale == 0:
+                continue
+            samples = net(
+                hidden_states=hidden_states,
+                controlnet_cond=image,
+                controlnet_mode=mode[:, None],
+                conditioning_scale=1.0,  # scaled below, as `WindowedControlNets` does: one constant to compile
+                return_dict=False,
+                **kwargs,
+            )
+            merged = _merged(merged, tuple(_scaled(part, scale) for part in samples))
+        return (None, None) if merged is None else (merged[0], merged[1])
+
+
+class WindowedSD3ControlNets(SD3MultiControlNetModel):
+    """`SD3MultiControlNetModel` that skips every net whose conditioning scale is 0 at this step; SD 3's
+    transformer takes a `None` result as "no ControlNet"."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        controlnet_cond: list[torch.Tensor],
+        conditioning_scale: list[float],
+        return_dict: bool = False,
+        **kwargs: Any,
+    ) -> tuple[list[torch.Tensor] | None]:
+        merged: tuple[list[torch.Tensor] | None, ...] | None = None
+        for image, scale, net in zip(controlnet_cond, conditioning_scale, self.nets, strict=True):
+            if scale == 0:
+                continue
+            samples = net(
+                hidden_states=hidden_states, controlnet_cond=image, conditioning_scale=1.0, return_dict=False, **kwargs
+            )
+            merged = _merged(merged, tuple(_scaled(part, scale) for part in samples))
+        return (None,) if merged is None else (merged[0],)
+
+
+def _scaled(samples: list[torch.Tensor] | None, scale: float) -> list[torch.Tensor] | None:
+    return None if samples is None else [sample * scale for sample in samples]
+
+
+def _merged(
+    total: tuple[list[torch.Tensor] | None, ...] | None, samples: tuple[list[torch.Tensor] | None, ...]
+) -> tuple[list[torch.Tensor] | None, ...]:
+    """The residuals summed in unit order, as diffusers' multi-net wrappers sum them (a part one net lacks
+    keeps the earlier total), so the floats are theirs."""
+    if total is None:
+        return samples
+    return tuple(
+        a if a is None or b is None else [x + y for x, y in zip(a, b, strict=True)]
+        for a, b in zip(total, samples, strict=True)
+    )
