@@ -227,6 +227,11 @@ class Profile(_Strict):
     )
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
     quantize: Literal["none", "int8"] = Field("none", description="int8 weight-only ControlNets (torchao)")
+    text_encoders: Literal["device", "cpu"] = Field(
+        "device",
+        description="where the base's text encoders are held: `cpu` keeps them out of device memory (FLUX's T5: "
+        "9.5 GB), so the stack fits a smaller card; each prompt pair is encoded there once per worker",
+    )
     union: ModelRef | None = Field(
         None,
         description="an SDXL ControlNet-Union serving every unit in one pass, each unit one of its modes (canny, "
@@ -312,12 +317,14 @@ class Profile(_Strict):
     def digest(self) -> str:
         """Content hash of the settings: part of every output key, so a changed profile never overwrites.
 
-        `batch` is left out: it says how a worker feeds its device, not what an image is, and a task rewrites
-        the same keys whatever batch it shares. A unit's `model_sha256` counts only when set, so profiles
-        naming no model by URL keep the digests (and the output keys) they had before it existed."""
+        `batch` and `text_encoders` are left out: they say how a worker feeds its device, not what an image is,
+        and a task rewrites the same keys whatever batch it shares. A unit's `model_sha256` counts only when set,
+        so profiles naming no model by URL keep the digests (and the output keys) they had before it existed."""
         unpinned = {i: {"model_sha256"} for i, unit in enumerate(self.controls) if unit.model_sha256 is None}
         unset = {"union": True} if self.union is None else {}  # profiles from before unions keep their digests
-        return _digest(self.model_dump(mode="json", exclude={"batch": True, "controls": unpinned, **unset}))
+        return _digest(
+            self.model_dump(mode="json", exclude={"batch": True, "text_encoders": True, "controls": unpinned, **unset})
+        )
 
 
 class Style(_Strict):

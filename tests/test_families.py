@@ -290,3 +290,33 @@ def test_each_family_renders_compiled_within_1_255_of_eager(models_dir: Path, ba
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph: the tail replays the bucket of two
     assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(eager, compiled, strict=True))
     assert np.abs(tail[0] - eager[1]).max() <= 1 / 255
+
+
+def test_text_encoders_held_in_cpu_memory_leave_the_device_stack_and_the_image_as_they_were(
+    models_dir: Path, model_cache: ModelCache
+) -> None:
+    """`text_encoders: cpu`: the stack a worker must hold on its device loses the text encoders (FLUX's T5 and
+    CLIP here), the image is the same (bitwise on a CPU) and so is the profile's digest (its output keys)."""
+    base = resolve("tiny-flux", models_dir)
+    nets = [resolve("tiny-flux-controlnet", models_dir)]
+    whole = stack_bytes(base, nets, None, torch.float32)
+    lean = stack_bytes(base, nets, None, torch.float32, text_encoders="cpu")
+    components = model_cache.base("tiny-flux", "cpu")
+    encoders = sum(module_bytes(components[name]) for name in ("text_encoder", "text_encoder_2"))
+    assert whole - lean == pytest.approx(encoders, rel=0.01)  # buffers such as position ids are counted at dtype
+    request = Request(
+        base="tiny-flux",
+        units=[Unit("tiny-flux-controlnet", 1.0, 0.0, 1.0)],
+        items=[Item("a bright living room", "", 1, (PLAN_A,))],
+        steps=3,
+        guidance_scale=3.5,
+        width=64,
+        height=64,
+        output_type="np",
+    )
+    on_device = render_batch(model_cache, request).images[0]
+    on_cpu = render_batch(model_cache, Request(**{**request.__dict__, "text_encoders": "cpu"})).images[0]
+    assert np.array_equal(on_device, on_cpu)
+    profile = {"base": "tiny-flux", "controls": [{"kind": "canny"}], "width": 64, "height": 64}
+    lean_profile = Profile.model_validate({**profile, "text_encoders": "cpu"})
+    assert lean_profile.digest() == Profile.model_validate(profile).digest()

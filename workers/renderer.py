@@ -161,6 +161,7 @@ class Renderer:
             [self.cache.location(net) for net in dict.fromkeys(nets) if net != profile.base],  # FLUX.1 Control's
             None if profile.vae is None else self.cache.location(profile.vae),
             family_dtype(self.cache.dtype, family),
+            profile.text_encoders,
         )
 
     def _pin(self, profile: Profile) -> None:
@@ -268,6 +269,7 @@ class Renderer:
             quantize=None if profile.quantize == "none" else profile.quantize,
             compile=options,
             strength=strength,
+            text_encoders=profile.text_encoders,
             modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
         with self._compiled_first(request) as warmth:

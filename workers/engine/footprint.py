@@ -28,11 +28,19 @@ SKIPPED = frozenset(
 """Pipeline components that hold no weights on the device, or that archfarm never loads."""
 
 
-def stack_bytes(base: str, controlnets: Sequence[str], vae: str | None, dtype: torch.dtype) -> int:
-    """Bytes the base (its weighted components), the ControlNets and a separate VAE hold at `dtype`; each a
-    location as `resolve` gives it (a folder or a hub id)."""
+def stack_bytes(
+    base: str, controlnets: Sequence[str], vae: str | None, dtype: torch.dtype, text_encoders: str = "device"
+) -> int:
+    """Bytes the base (its weighted components), the ControlNets and a separate VAE hold on the device at
+    `dtype`; each a location as `resolve` gives it (a folder or a hub id). Text encoders held in CPU memory
+    (`text_encoders="cpu"`) are not counted."""
     size = torch.empty((), dtype=dtype).element_size()
-    base_elements = sum(_elements(base, name) for name in _components(base) if not (vae and name == "vae"))
+    held = [
+        name
+        for name in _components(base)
+        if not (vae and name == "vae") and not (text_encoders == "cpu" and name.startswith("text_encoder"))
+    ]
+    base_elements = sum(_elements(base, name) for name in held)
     others = sum(_elements(location, "") for location in (*controlnets, *([vae] if vae else [])))
     return (base_elements + others) * size
 

@@ -196,26 +196,30 @@ class ModelCache:
         self._prompts: OrderedDict[tuple[Any, ...], tuple[torch.Tensor | None, ...]] = OrderedDict()
         self.prompt_encodes = 0
 
-    def base(self, ref: str) -> dict[str, Any]:
+    def base(self, ref: str, text_encoders: str = "device") -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and
-        dtype. Its family comes from its own config (`family`), so a renamed SDXL folder still loads as SDXL.
+        dtype; with `text_encoders="cpu"` its text encoders stay in CPU memory (`prompt_embeddings` runs them
+        there). Its family comes from its own config (`family`), so a renamed SDXL folder still loads as SDXL.
 
         Callers must not mutate the scheduler: it is shared; build a fresh one from its config per call.
         """
         location = self.location(ref)
-        if location in self._bases:
-            self.hits[location] += 1
-            return self._bases[location]
+        key = location if text_encoders == "device" else f"{location} (text encoders on cpu)"
+        if key in self._bases:
+            self.hits[key] += 1
+            return self._bases[key]
         kind = self.family(ref)
         loader, unloaded = _LOADERS[kind]
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
         with _load_errors(ref, location, "model_index.json"):
             pipe = loader.from_pretrained(location, dtype=family_dtype(self.dtype, kind), **unloaded)
-        pipe.to(self.device)
         components = {name: pipe.components[name] for name in BASE_COMPONENTS[kind]}
-        self._bases[location] = components
-        self.loads[location] += 1
+        for name, module in components.items():
+            if isinstance(module, nn.Module) and not (text_encoders == "cpu" and name.startswith("text_encoder")):
+                module.to(self.device)
+        self._bases[key] = components
+        self.loads[key] += 1
         return components
 
     def family(self, ref: str) -> Family:
@@ -291,9 +295,9 @@ class ModelCache:
             self._prompts.move_to_end(key)
             return self._prompts[key]
         with torch.inference_mode():
-            encoded = _encode(pipe, family, prompt, negative_prompt, guided, self.device)
+            encoded = _encode(pipe, family, prompt, negative_prompt, guided, pipe.text_encoder.device)
         self.prompt_encodes += 1
-        self._prompts[key] = encoded
+        self._prompts[key] = tuple(None if t is None else t.to(self.device) for t in encoded)
         if len(self._prompts) > PROMPT_CACHE:
             self._prompts.popitem(last=False)
         return self._prompts[key]

@@ -137,6 +137,8 @@ class Request:
     strength: float | None = None
     """Image-to-image: how much of each item's `init` is rendered again (1: all of it); None renders from noise.
     With masks, inpainting: only the masked part of each `init` is rendered again, at this strength."""
+    text_encoders: str = "device"
+    """`cpu`: the base's text encoders are held (and run, once per prompt pair) in CPU memory."""
     modes: tuple[int, ...] | None = None
     """A ControlNet-Union stack: every unit names the same union model, and runs as its mode here (in unit
     order), all in one pass of the network per step."""
@@ -196,7 +198,7 @@ def render_batch(
     units, items, compile = request.units, request.items, request.compile
     family = cache.family(request.base)
     _check(family, request)
-    components = cache.base(request.base)
+    components = cache.base(request.base, request.text_encoders)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
@@ -205,7 +207,9 @@ def render_batch(
         refs = [units[0].model] if union else [unit.model for unit in units]
         nets = list(cache.controlnets(refs, request.quantize, family_dtype(cache.dtype, family)))
     _check_fits(family, request, components, nets)
-    cache.note_stack((request.base, request.vae or "", request.quantize or "", *(unit.model for unit in units)))
+    cache.note_stack(
+        (request.base, request.text_encoders, request.vae or "", request.quantize or "", *(u.model for u in units))
+    )
     denoiser = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
     if compile is not None:
         components = {**components, denoiser: cache.compiled(components[denoiser], compile)}
