@@ -415,6 +415,7 @@ def profiles() -> None:
         )
         vae = f", vae {profile.vae}" if profile.vae else ""
         vae += f", union {profile.union}" if profile.union else ""
+        vae += ", T2I-Adapters" if profile.adapters else ""
         licences = sorted({licence.name for _, ref in every_model(profile) if (licence := licence_of(ref))})
         out.print(
             f"{name}\n  base {profile.base} ({known_family(profile.base)}){vae}; controls: {units}\n  "

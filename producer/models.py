@@ -59,7 +59,11 @@ def pin_models(profile: Profile, *, here: bool, relative: bool = True) -> tuple[
         if unit.model is not None:
             changes["model"] = pin(f"{field}.model", unit.model, "config.json")
         elif here and family is not None and profile.union is None:  # a default is implicit, but must load here
-            pin(f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family), "config.json")
+            pin(
+                f"{field}.model (default)",
+                default_controlnet(profile.base, unit.kind, family, profile.adapters),
+                "config.json",
+            )
         if isinstance(unit, DepthControl) and unit.depth_model is not None:
             changes["depth_model"] = pin(f"{field}.depth_model", unit.depth_model, "config.json")
         elif isinstance(unit, DepthControl) and here:
@@ -128,7 +132,9 @@ def every_model(profile: Profile, more: Sequence[tuple[str, ControlUnit]] = ()) 
         if unit.model is not None:
             found.append((f"{field}.model", unit.model))
         elif family is not None and profile.union is None:  # a union serves every unit, an upscale's too
-            found.append((f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family)))
+            found.append(
+                (f"{field}.model (default)", default_controlnet(profile.base, unit.kind, family, profile.adapters))
+            )
         if isinstance(unit, DepthControl):
             found.append((f"{field}.depth_model", unit.depth_model or default_depth_model(profile.base)))
     return found

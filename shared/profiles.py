@@ -69,6 +69,15 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "width": 128,
         "height": 128,
     },
+    # Edges and plan depth as two T2I-Adapters on tiny SD 1.5: run once per image, not at every step.
+    "tiny-adapters": {
+        "base": "tiny-sd15",
+        "adapters": True,
+        "controls": [{"kind": "canny", "scale": 0.9}, {"kind": "plan-depth", "scale": 0.6}],
+        "steps": 8,
+        "width": 128,
+        "height": 128,
+    },
     # The classic archviz stack on SD 1.5: edges + depth at [0.9, 0.6] (needs the real weights).
     # Depth comes from the plan's geometry: a monocular depth model sees a drawing, not a room.
     "sd15-archviz": {
@@ -98,6 +107,18 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "vae": "sdxl-vae-fp16",
         "union": "sdxl-union",
         "controls": [{"kind": "canny", "scale": 0.6}, {"kind": "plan-depth", "scale": 0.5}],
+        "steps": 30,
+        "guidance_scale": 7.0,
+        "width": 1024,
+        "height": 1024,
+        "scheduler": "euler",
+    },
+    # SDXL with TencentARC's canny and depth T2I-Adapters (Apache-2.0): the cheapest SDXL control per step.
+    "sdxl-adapter-archviz": {
+        "base": "sdxl",
+        "vae": "sdxl-vae-fp16",
+        "adapters": True,
+        "controls": [{"kind": "canny", "scale": 0.8}, {"kind": "plan-depth", "scale": 0.5}],
         "steps": 30,
         "guidance_scale": 7.0,
         "width": 1024,

@@ -35,6 +35,8 @@ PRESETS: frozenset[str] = frozenset(
         "tiny-flux-control",
         "tiny-sd3",
         "tiny-sd3-controlnet",
+        "tiny-sd15-adapter",
+        "tiny-sdxl-adapter",
     }
 )
 """Tiny models built from configs with seeded weights: the offline demo and the tests. `tiny-plan` is trained
@@ -59,6 +61,10 @@ ALIASES: dict[str, str] = {
     "sd35-canny": "stabilityai/stable-diffusion-3.5-large-controlnet-canny",
     "sd35-depth": "stabilityai/stable-diffusion-3.5-large-controlnet-depth",
     "sd35-blur": "stabilityai/stable-diffusion-3.5-large-controlnet-blur",  # SD 3.5's tile (upscaling) net
+    "sd15-canny-adapter": "TencentARC/t2iadapter_canny_sd15v2",
+    "sd15-depth-adapter": "TencentARC/t2iadapter_depth_sd15v2",
+    "sdxl-canny-adapter": "TencentARC/t2i-adapter-canny-sdxl-1.0",
+    "sdxl-depth-adapter": "TencentARC/t2i-adapter-depth-midas-sdxl-1.0",
 }
 
 TINY_CONTROLNETS: dict[str, str] = {
@@ -87,6 +93,18 @@ DEFAULT_CONTROLNETS: dict[tuple[Family, str], str] = {
     ("sd3", "tile"): ALIASES["sd35-blur"],
 }
 KINDS_WITH_DEFAULT: frozenset[str] = frozenset(kind for _, kind in DEFAULT_CONTROLNETS)
+
+TINY_ADAPTERS: dict[str, str] = {"tiny-sd15": "tiny-sd15-adapter", "tiny-sdxl": "tiny-sdxl-adapter"}
+DEFAULT_ADAPTERS: dict[tuple[Family, str], str] = {
+    ("sd15", "canny"): ALIASES["sd15-canny-adapter"],
+    ("sd15", "depth"): ALIASES["sd15-depth-adapter"],
+    ("sd15", "plan-depth"): ALIASES["sd15-depth-adapter"],
+    ("sdxl", "canny"): ALIASES["sdxl-canny-adapter"],
+    ("sdxl", "depth"): ALIASES["sdxl-depth-adapter"],
+    ("sdxl", "plan-depth"): ALIASES["sdxl-depth-adapter"],
+}
+"""T2I-Adapters (`profile.adapters`): SD 1.5 and SDXL only, run once per image instead of at every step."""
+ADAPTER_FAMILIES: frozenset[str] = frozenset({"sd15", "sdxl"})
 
 UNION_MODES: dict[str, int] = {"depth": 1, "plan-depth": 1, "canny": 3, "tile": 6}
 """The ControlNet-Union (SDXL, xinsir) mode each kind of unit runs as: depth 1, canny/lineart 3, tile 6 (ProMax
@@ -158,14 +176,20 @@ def known_family(base: str) -> Family | None:
     return _KNOWN_FAMILIES.get(base)
 
 
-def default_controlnet(base: str, kind: str, family: Family) -> str:
-    """The ControlNet for control maps of `kind` that suits `base`, whose architecture is `family`.
+def default_controlnet(base: str, kind: str, family: Family, adapters: bool = False) -> str:
+    """The ControlNet (with `adapters`, the T2I-Adapter) for control maps of `kind` that suits `base`, whose
+    architecture is `family`.
 
     ValueError for kinds without a published default (`none`, `image`): such a unit must name its model. A FLUX
     Control base is its own control model: it takes the map as input channels.
     """
     if family == "flux-control":
         return base
+    if adapters:
+        found = TINY_ADAPTERS.get(base) or DEFAULT_ADAPTERS.get((family, kind))
+        if found is None:
+            raise ValueError(f"no default {kind!r} T2I-Adapter for base model {base!r}; name a model")
+        return found
     if base in TINY_CONTROLNETS:
         return TINY_CONTROLNETS[base]
     try:
@@ -174,8 +198,10 @@ def default_controlnet(base: str, kind: str, family: Family) -> str:
         raise ValueError(f"no default {kind!r} ControlNet for base model {base!r}; name a model") from None
 
 
-def has_default_controlnet(base: str, kind: str) -> bool:
+def has_default_controlnet(base: str, kind: str, adapters: bool = False) -> bool:
     """Whether a unit of `kind` may leave out its model (true for every family alike, so no config is read)."""
+    if adapters:
+        return base in TINY_ADAPTERS or kind in {k for _, k in DEFAULT_ADAPTERS}
     return base in TINY_CONTROLNETS or kind in KINDS_WITH_DEFAULT or known_family(base) == "flux-control"
 
 

@@ -21,6 +21,7 @@ from shared.licences import Use
 from shared.notify import Event, check_url
 from shared.profiles import BUILTIN, builtin_profile
 from shared.registry import (
+    ADAPTER_FAMILIES,
     SCHEDULERS,
     TRANSFORMER_FAMILIES,
     UNION_MODES,
@@ -238,6 +239,28 @@ class Profile(_Strict):
         "depth, plan-depth, tile); the units then name no model",
     )
 
+    adapters: bool = Field(
+        False,
+        description="the units run as T2I-Adapters (SD 1.5, SDXL): once per image instead of at every step; each "
+        "unit a scale, every unit starting at 0 and ending together (SDXL; SD 1.5 runs them to the end)",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_units(self) -> Profile:
+        if not self.adapters:
+            return self
+        if self.union is not None:
+            raise ValueError("adapters: a profile runs T2I-Adapters or a ControlNet-Union, not both")
+        family = known_family(self.base)
+        if family is not None and family not in ADAPTER_FAMILIES:
+            raise ValueError(f"adapters: T2I-Adapters are made for SD 1.5 and SDXL, not {self.base!r}")
+        ends = {unit.end for unit in self.controls}
+        if any(unit.start for unit in self.controls) or len(ends) > 1:
+            raise ValueError("controls: T2I-Adapters start at 0 and end together (one adapter_conditioning_factor)")
+        if family == "sd15" and ends != {1.0}:
+            raise ValueError("controls: SD 1.5's adapter pipeline runs its T2I-Adapters to the end; set end: 1")
+        return self
+
     @field_validator("union")
     @classmethod
     def _union_exists(cls, ref: str | None) -> str | None:
@@ -292,7 +315,8 @@ class Profile(_Strict):
         """Every unit without a `model` needs a default ControlNet for its kind (the same kinds in each family,
         so this holds whatever the base turns out to be)."""
         for index, unit in enumerate(self.controls):
-            if unit.model is None and self.union is None and not has_default_controlnet(self.base, unit.kind):
+            has_default = has_default_controlnet(self.base, unit.kind, self.adapters)
+            if unit.model is None and self.union is None and not has_default:
                 raise ValueError(f"controls.{index}.model: no default {unit.kind!r} ControlNet; name a model")
         return self
 
@@ -302,6 +326,14 @@ class Profile(_Strict):
         if value % 8:
             raise ValueError(f"{value} is not a multiple of 8")
         return value
+
+    def from_noise_only(self) -> str | None:
+        """What makes the profile render text-to-image only (a FLUX.1 or SD 3 base, T2I-Adapters), or None:
+        archfarm has no image-to-image or inpainting pipeline for them, so stages, revisions and upscales refuse
+        it."""
+        if known_family(self.base) in TRANSFORMER_FAMILIES:
+            return self.base
+        return "a T2I-Adapter profile" if self.adapters else None
 
     def models(self) -> list[tuple[str, str]]:
         """The models the profile names, by field (defaults, for units naming none, are not named here)."""
@@ -321,7 +353,8 @@ class Profile(_Strict):
         and a task rewrites the same keys whatever batch it shares. A unit's `model_sha256` counts only when set,
         so profiles naming no model by URL keep the digests (and the output keys) they had before it existed."""
         unpinned = {i: {"model_sha256"} for i, unit in enumerate(self.controls) if unit.model_sha256 is None}
-        unset = {"union": True} if self.union is None else {}  # profiles from before unions keep their digests
+        # Profiles from before unions and adapters keep their digests.
+        unset = {name: True for name in ("union", "adapters") if not getattr(self, name)}
         return _digest(
             self.model_dump(mode="json", exclude={"batch": True, "text_encoders": True, "controls": unpinned, **unset})
         )
@@ -630,10 +663,9 @@ class JobSpec(_Strict):
             raise ValueError("a staged job needs draft, pick and final together")
         if given and self.revise is not None:
             raise ValueError("a revision has no stages: it re-renders one approved image")
-        if (given or self.revise is not None) and known_family(self.profile.base) in TRANSFORMER_FAMILIES:
+        if (given or self.revise is not None) and (why := self.profile.from_noise_only()):
             raise ValueError(
-                f"profile.base: {self.profile.base} renders from noise only; stages and revisions render with SD 1.5 "
-                "or SDXL profiles"
+                f"profile: {why} renders from noise only; stages and revisions render with SD 1.5 or SDXL ControlNets"
             )
         if self.final is not None:
             width, height = self.final_size()
@@ -648,8 +680,8 @@ class JobSpec(_Strict):
                 raise ValueError(f"profile.controls.{index}: a tile unit is an upscale's own (upscale.control)")
         if self.upscale is None:
             return self
-        if known_family(self.profile.base) in TRANSFORMER_FAMILIES:
-            raise ValueError(f"profile.base: {self.profile.base} renders from noise only; upscale with SD 1.5 or SDXL")
+        if why := self.profile.from_noise_only():
+            raise ValueError(f"profile: {why} renders from noise only; upscale with SD 1.5 or SDXL ControlNets")
         if self.pick is not None or self.revise is not None:
             raise ValueError("an upscale enlarges one image: it has no stages and is no revision")
         if len(self.plans) != 1 or len(self.styles) != 1:

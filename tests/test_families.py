@@ -179,12 +179,12 @@ def test_flux_and_sd35_licences_are_enforced_at_submit(tmp_path: Path, example_p
 @pytest.mark.redis
 @pytest.mark.s3
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["tiny-flux", "tiny-flux-control", "tiny-sd3"])
+@pytest.mark.parametrize("profile", ["tiny-flux", "tiny-flux-control", "tiny-sd3", "tiny-adapters"])
 def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
     farm: Farm, start_workers, example_plan: Path, tmp_path: Path, s3_server, s3_bucket: str, profile: str
 ) -> None:
-    """2 plans × 2 styles × 2 seeds on a real worker; the sidecar names every model with its licence; one image
-    re-rendered from its sidecar is bit for bit the same."""
+    """2 plans × 2 styles × 2 seeds on a real worker (T2I-Adapters on SD 1.5 too); the sidecar names every model
+    with its licence; one image re-rendered from its sidecar is bit for bit the same."""
     from PIL import Image
 
     from producer.rerender import rerender
@@ -215,9 +215,9 @@ def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
     sidecar_path = local / images[0].sidecar_url.rsplit("/", 1)[1]
     sidecar = json.loads(sidecar_path.read_text())
     models = sidecar["models"]
-    assert models["base"]["name"] == profile and models["base"]["licence"] == "Apache-2.0"
-    assert {net["name"] for net in models["controlnets"]} == {STACKS[profile]}
-    assert sidecar["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    base = BUILTIN[profile]["base"]
+    assert models["base"]["name"] == base and models["base"]["licence"] == "Apache-2.0"
+    assert {net["name"] for net in models["controlnets"]} == {{**STACKS, "tiny-sd15": "tiny-sd15-adapter"}[base]}
     again = rerender(sidecar_path, tmp_path / "again", farm.settings)
     assert again.comparison.identical, again.verdict
 
@@ -320,3 +320,64 @@ def test_text_encoders_held_in_cpu_memory_leave_the_device_stack_and_the_image_a
     profile = {"base": "tiny-flux", "controls": [{"kind": "canny"}], "width": 64, "height": 64}
     lean_profile = Profile.model_validate({**profile, "text_encoders": "cpu"})
     assert lean_profile.digest() == Profile.model_validate(profile).digest()
+
+
+@pytest.mark.parametrize(("base", "adapter"), [("tiny-sd15", "tiny-sd15-adapter"), ("tiny-sdxl", "tiny-sdxl-adapter")])
+def test_t2i_adapters_steer_sd15_and_sdxl_once_per_image_and_batch_like_each_image_alone(
+    model_cache: ModelCache, base: str, adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two adapters on two maps: scale 0 differs from scale 1, each image of a batch is within 1/255 of its
+    render alone, and each adapter runs once per call whatever the number of steps."""
+    net = model_cache.controlnet(adapter)
+    calls: list[int] = []
+    monkeypatch.setattr(type(net), "forward", _counted(type(net).forward, calls))
+
+    def render(items: list[Item], scale: float = 1.0) -> list[np.ndarray]:
+        request = Request(
+            base=base,
+            units=[Unit(adapter, scale, 0.0, 1.0), Unit(adapter, scale, 0.0, 1.0)],
+            items=items,
+            steps=4,
+            guidance_scale=7.5,
+            width=64,
+            height=64,
+            output_type="np",
+            adapters=True,
+        )
+        return list(render_batch(model_cache, request).images)
+
+    items = [
+        Item("a bright living room", "blurry", 1, (PLAN_A, PLAN_B)),
+        Item("a bright room", "", 2, (PLAN_B, PLAN_A)),
+    ]
+    batch = render(items)
+    assert len(calls) == 2  # two adapters, once each for the whole call
+    (alone,) = render(items[1:])
+    (off,) = render(items[:1], scale=0.0)
+    assert np.abs(batch[1] - alone).max() <= 1 / 255 and np.abs(batch[0] - off).max() > 1 / 255
+
+
+def test_t2i_adapter_profiles_are_checked_at_submit() -> None:
+    def profile(**changes: object) -> Profile:
+        base = {"base": "tiny-sdxl", "adapters": True, "controls": [{"kind": "canny"}], "width": 64, "height": 64}
+        return Profile.model_validate({**base, **changes})
+
+    assert (
+        profile().digest()
+        != profile(adapters=False).digest()
+        == Profile.model_validate(
+            {"base": "tiny-sdxl", "controls": [{"kind": "canny"}], "width": 64, "height": 64}
+        ).digest()
+    )
+    assert profile(controls=[{"kind": "canny", "end": 0.5}, {"kind": "plan-depth", "end": 0.5}]).adapters
+    with pytest.raises(ValueError, match="T2I-Adapters start at 0 and end together"):
+        profile(controls=[{"kind": "canny", "end": 0.5}, {"kind": "plan-depth"}])
+    with pytest.raises(ValueError, match="SD 1.5's adapter pipeline runs its T2I-Adapters to the end"):
+        profile(base="tiny-sd15", controls=[{"kind": "canny", "end": 0.5}])
+    with pytest.raises(ValueError, match="T2I-Adapters are made for SD 1.5 and SDXL, not 'tiny-flux'"):
+        profile(base="tiny-flux")
+    with pytest.raises(ValueError, match="T2I-Adapters or a ControlNet-Union, not both"):
+        profile(union="tiny-sdxl-union")
+    job = {"plans": ["plan.png"], "styles": ["modern"], "seeds": [1], "profile": "tiny-adapters"}
+    with pytest.raises(InvalidInput, match="a T2I-Adapter profile renders from noise only"):
+        JobSpec.from_document({**job, "draft": {"steps": 2}, "pick": {"by": "hand"}, "final": {"scale": 2}})

@@ -152,10 +152,7 @@ class Renderer:
         """What the profile's models hold on this device (`workers.engine.footprint`), before any loads."""
         self._pin(profile)
         family = self.cache.family(profile.base)
-        nets = [
-            profile.union or unit.model or default_controlnet(profile.base, unit.kind, family)
-            for unit in profile.controls
-        ]
+        nets = self._unit_models(profile)
         return stack_bytes(
             self.cache.location(profile.base),
             [self.cache.location(net) for net in dict.fromkeys(nets) if net != profile.base],  # FLUX.1 Control's
@@ -163,6 +160,15 @@ class Renderer:
             family_dtype(self.cache.dtype, family),
             profile.text_encoders,
         )
+
+    def _unit_models(self, profile: Profile) -> list[str]:
+        """The network each unit runs with: the union serving them all, the one it names, or its kind's default
+        for the base's family (ControlNet or T2I-Adapter; a FLUX.1 Control base itself)."""
+        family = self.cache.family(profile.base)
+        return [
+            profile.union or unit.model or default_controlnet(profile.base, unit.kind, family, profile.adapters)
+            for unit in profile.controls
+        ]
 
     def _pin(self, profile: Profile) -> None:
         """Models published by URL are fetched in the version the job was submitted with, never a later one."""
@@ -244,15 +250,9 @@ class Renderer:
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
         self._pin(profile)
-        family = self.cache.family(profile.base)
         units = [
-            Unit(
-                profile.union or unit.model or default_controlnet(profile.base, unit.kind, family),
-                unit.scale,
-                unit.start,
-                unit.end,
-            )
-            for unit in profile.controls
+            Unit(model, unit.scale, unit.start, unit.end)
+            for model, unit in zip(self._unit_models(profile), profile.controls, strict=True)
         ]
         options = compile_options(profile, self.device)
         self.sizer.start()
@@ -270,6 +270,7 @@ class Renderer:
             compile=options,
             strength=strength,
             text_encoders=profile.text_encoders,
+            adapters=profile.adapters,
             modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
         with self._compiled_first(request) as warmth:

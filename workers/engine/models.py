@@ -31,6 +31,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    T2IAdapter,
     TorchAoConfig,
 )
 from diffusers.utils import logging as _diffusers_logging
@@ -83,9 +84,10 @@ _LOADERS: dict[Family, tuple[type[DiffusionPipeline], dict[str, Any]]] = {
 }
 """The pipeline class that loads each family's base, and what it must not load."""
 CONTROLNET_CLASSES: dict[str, type[ModelMixin]] = {
-    cls.__name__: cls for cls in (ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel)
+    cls.__name__: cls
+    for cls in (ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel, T2IAdapter)
 }
-"""The ControlNet classes archfarm runs, by the `_class_name` of their config."""
+"""The control networks archfarm runs (ControlNets and T2I-Adapters), by the `_class_name` of their config."""
 
 
 PROMPT_CACHE = 256

@@ -8,6 +8,7 @@ so swapping ControlNets between tasks is free once each is resident.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -31,21 +32,25 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxControlPipeline,
     FluxMultiControlNetModel,
+    MultiAdapter,
     MultiControlNetModel,
     PNDMScheduler,
     SchedulerMixin,
     SD3ControlNetModel,
     SD3MultiControlNetModel,
     StableDiffusion3ControlNetPipeline,
+    StableDiffusionAdapterPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLAdapterPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetUnionImg2ImgPipeline,
     StableDiffusionXLControlNetUnionInpaintPipeline,
     StableDiffusionXLControlNetUnionPipeline,
+    T2IAdapter,
     UniPCMultistepScheduler,
 )
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
@@ -139,6 +144,9 @@ class Request:
     With masks, inpainting: only the masked part of each `init` is rendered again, at this strength."""
     text_encoders: str = "device"
     """`cpu`: the base's text encoders are held (and run, once per prompt pair) in CPU memory."""
+    adapters: bool = False
+    """The units are T2I-Adapters (SD 1.5, SDXL): run once per call, their features added at every step up to
+    the units' common end."""
     modes: tuple[int, ...] | None = None
     """A ControlNet-Union stack: every unit names the same union model, and runs as its mode here (in unit
     order), all in one pass of the network per step."""
@@ -214,14 +222,14 @@ def render_batch(
     if compile is not None:
         components = {**components, denoiser: cache.compiled(components[denoiser], compile)}
         nets = [cache.compiled(net, compile) for net in nets]
-    stack = _stack(family, nets, union, request.skip_outside_window)
+    stack = _stack(family, nets, union, request.skip_outside_window, request.adapters)
     chosen = _fresh_scheduler(components["scheduler"], request.scheduler)
-    pipeline_class = _PIPELINES[family, union, _mode(request)]
+    pipeline_class = _ADAPTER_PIPELINES[family] if request.adapters else _PIPELINES[family, union, _mode(request)]
     guided = _guided(family, components, request.guidance_scale)
-    encoded_once = [] if union or family in TRANSFORMER_FAMILIES else nets  # SD ControlNets' hint encoders
     # What the pipeline calls the control maps: `image` in SD's plain ControlNet pipelines, where it is not the
     # image an image-to-image call starts from.
     plain_maps = family in ("sd15", "sdxl") and not union and request.strength is None
+    steering = _adapted if request.adapters else _controls
 
     def run(chunk: Sequence[Item]) -> list[Any]:
         # A scheduler per call, as each keeps per-call state (timesteps, step index).
@@ -230,11 +238,11 @@ def render_batch(
         generators = [torch.Generator(device="cpu").manual_seed(item.seed) for item in chunk]
         vae = components["vae"]
         maps_by_mean = _maps_by_mean(vae) if family in TRANSFORMER_FAMILIES else nullcontext()
-        with torch.inference_mode(), hints_once(encoded_once), _vae_dtype_kept(vae), maps_by_mean:
+        with torch.inference_mode(), hints_once(nets), _vae_dtype_kept(vae), maps_by_mean:
             output = pipe(
                 **_embeddings(cache, family, pipe, chunk, guided),
                 **_inputs(pipe, chunk, request.strength),
-                **_controls(family, units, chunk, request.modes, maps_as="image" if plain_maps else "control_image"),
+                **steering(family, units, chunk, request.modes, maps_as="image" if plain_maps else "control_image"),
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 width=request.width,
@@ -242,7 +250,7 @@ def render_batch(
                 num_images_per_prompt=1,
                 generator=generators,
                 output_type=request.output_type,
-                callback_on_step_end=None if on_step is None else _step_callback(on_step, request.steps),
+                **_progress(on_step, request.steps, legacy=request.adapters),
             )
         return list(output.images)
 
@@ -297,16 +305,36 @@ def _controls(
     }
 
 
+def _adapted(
+    family: Family, units: Sequence[Unit], chunk: Sequence[Item], modes: tuple[int, ...] | None, maps_as: str
+) -> dict[str, Any]:
+    """How a call's T2I-Adapters steer it: per unit a batch of maps (one per item, as tensors: the pipeline
+    repeats only the prompt, so a shared map is repeated here) and a scale; SDXL's pipeline also takes the
+    fraction of steps they act in (every unit's end, one value)."""
+    maps = [torch.from_numpy(np.stack([np.asarray(item.maps[u]) for item in chunk])) for u in range(len(units))]
+    images = [m.permute(0, 3, 1, 2).float() / 255.0 for m in maps]
+    scales = [unit.scale for unit in units]
+    # One adapter is called with its map and scale, several (a MultiAdapter) with a list of each.
+    steer: dict[str, Any] = {"image": images, "adapter_conditioning_scale": scales}
+    if len(units) == 1:
+        steer = {"image": images[0], "adapter_conditioning_scale": scales[0]}
+    if family == "sdxl":
+        steer["adapter_conditioning_factor"] = units[0].end
+    return steer
+
+
 def _stack(
-    family: Family, nets: list[torch.nn.Module], union: bool, skip_outside_window: bool
+    family: Family, nets: list[torch.nn.Module], union: bool, skip_outside_window: bool, adapters: bool = False
 ) -> torch.nn.Module | None:
     """The module a pipeline calls as its `controlnet`: a ControlNet-Union itself; else the family's ControlNets,
     each skipped outside its window (`workers.engine.windows`), or diffusers' own stack (they take per-unit lists
     also for one net). None for FLUX.1 Control, which has no ControlNet."""
     if family == "flux-control":
         return None
-    if union:
+    if union or (adapters and len(nets) == 1):
         return nets[0]
+    if adapters:
+        return MultiAdapter(nets)
     windowed, whole = _STACKS[family]
     return (windowed if skip_outside_window else whole)(nets)
 
@@ -439,6 +467,15 @@ class _ResidentSD3(_Resident, StableDiffusion3ControlNetPipeline):
     pass
 
 
+class _ResidentSDAdapter(_Resident, StableDiffusionAdapterPipeline):
+    pass
+
+
+class _ResidentSDXLAdapter(_Resident, StableDiffusionXLAdapterPipeline):
+    pass
+
+
+_ADAPTER_PIPELINES: dict[Family, type[DiffusionPipeline]] = {"sd15": _ResidentSDAdapter, "sdxl": _ResidentSDXLAdapter}
 _PIPELINES: dict[tuple[Family, bool, str], type[DiffusionPipeline]] = {
     ("sd15", False, "text"): _ResidentSD,
     ("sdxl", False, "text"): _ResidentSDXL,
@@ -454,7 +491,7 @@ _PIPELINES: dict[tuple[Family, bool, str], type[DiffusionPipeline]] = {
     ("sd3", False, "text"): _ResidentSD3,
 }
 """By (family, ControlNet-Union, `_mode`): what `_check` and `_check_fits` let through has one."""
-_SD15 = (_ResidentSD, _ResidentSDImg2Img, _ResidentSDInpaint)
+_SD15 = (_ResidentSD, _ResidentSDImg2Img, _ResidentSDInpaint, _ResidentSDAdapter)
 _SDXL = (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
@@ -475,7 +512,7 @@ def _pipeline(
     elif issubclass(pipeline_class, _SD15):
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if stack is not None:
-        extra["controlnet"] = stack
+        extra["adapter" if isinstance(stack, T2IAdapter | MultiAdapter) else "controlnet"] = stack
     pipe = pipeline_class(**components, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -548,6 +585,8 @@ def _check(family: Family, request: Request) -> None:
     scheduler, output_type, strength = request.scheduler, request.output_type, request.strength
     if family in TRANSFORMER_FAMILIES:
         _check_transformer(family, request)
+    if request.adapters:
+        _check_adapters(family, request)
     if not units:
         raise InvalidInput("a render needs at least one ControlNet")
     if not items:
@@ -589,6 +628,17 @@ def _check_transformer(family: Family, request: Request) -> None:
         raise InvalidInput("a ControlNet-Union is made for SDXL")
 
 
+def _check_adapters(family: Family, request: Request) -> None:
+    """What diffusers' T2I-Adapter pipelines take: SD 1.5 or SDXL, from noise, windows from 0 to one end."""
+    if family not in _ADAPTER_PIPELINES:
+        raise InvalidInput(f"T2I-Adapters are made for SD 1.5 and SDXL, not {family}")
+    if request.strength is not None or request.modes is not None:
+        raise InvalidInput("T2I-Adapters render from noise only, without a ControlNet-Union")
+    ends = {unit.end for unit in request.units}
+    if any(unit.start for unit in request.units) or len(ends) > 1 or (family == "sd15" and ends != {1.0}):
+        raise InvalidInput("T2I-Adapters start at 0 and end together (SD 1.5's at the last step)")
+
+
 def _check_fits(family: Family, request: Request, components: dict[str, Any], nets: Sequence[torch.nn.Module]) -> None:
     """Refuse a ControlNet or VAE made for another architecture (an SD 1.5 net under SDXL, a FLUX net under SD 3)
     with one line, rather than a shape error from deep inside the first step."""
@@ -597,6 +647,12 @@ def _check_fits(family: Family, request: Request, components: dict[str, Any], ne
         return
     base, units = request.base, request.units[: len(nets)]
     unet = components["unet"].config
+    if request.adapters:
+        for unit, net in zip(units, nets, strict=True):
+            channels = list(getattr(net.config, "channels", []))
+            if not isinstance(net, T2IAdapter) or channels[:2] != list(unet.block_out_channels)[:2]:
+                raise InvalidInput(f"{unit.model!r} is not a T2I-Adapter made for {base!r}")
+        return
     if components["vae"].config.latent_channels != unet.in_channels:
         raise InvalidInput(f"the VAE's {components['vae'].config.latent_channels} latent channels do not fit {base!r}")
     for unit, net in zip(units, nets, strict=True):
@@ -643,6 +699,21 @@ def _fresh_scheduler(shared: SchedulerMixin, name: str) -> SchedulerMixin:
     """A scheduler of its own for this call: schedulers keep per-call state (timesteps, step index)."""
     cls = type(shared) if name == "default" else _SCHEDULERS[name]
     return cls.from_config(shared.config)
+
+
+def _progress(on_step: Callable[[int, int], None] | None, steps: int, legacy: bool) -> dict[str, Any]:
+    """The call's progress hook: `callback_on_step_end`, or the older `callback` diffusers' T2I-Adapter
+    pipelines still take (step, timestep, latents), reported in the same asked-for steps."""
+    if on_step is None:
+        return {}
+    if not legacy:
+        return {"callback_on_step_end": _step_callback(on_step, steps)}
+    done = itertools.count(1)
+
+    def callback(_step: int, _timestep: Any, _latents: Any) -> None:
+        on_step(min(next(done), steps), steps)  # PNDM runs one timestep more than asked
+
+    return {"callback": callback, "callback_steps": 1}
 
 
 def _step_callback(on_step: Callable[[int, int], None], steps: int) -> Callable[..., dict[str, Any]]:

@@ -20,6 +20,7 @@ from diffusers import (
     ControlNetModel,
     PNDMScheduler,
     StableDiffusionPipeline,
+    T2IAdapter,
     UNet2DConditionModel,
 )
 from safetensors.torch import load_file, safe_open
@@ -237,6 +238,23 @@ def build_canny(folder: Path) -> None:
         controlnet = ControlNetModel.from_unet(_unet(), conditioning_embedding_out_channels=HINT_CHANNELS)
         revive_zero_convs(controlnet)
     controlnet.save_pretrained(folder, safe_serialization=True)
+
+
+def adapter(adapter_type: str, downscale_factor: int) -> T2IAdapter:
+    """A T2I-Adapter whose two feature levels meet the tiny UNets' two down blocks (32 and 64 channels)."""
+    with seeded(SEED):
+        return T2IAdapter(
+            in_channels=3,
+            channels=[32, 64],
+            num_res_blocks=2,
+            downscale_factor=downscale_factor,
+            adapter_type=adapter_type,
+        )
+
+
+def build_adapter(folder: Path) -> None:
+    """Save a T2I-Adapter for `build_sd15`'s UNet: features at 1/8 (its cross-attention block) and 1/16."""
+    adapter("full_adapter", 8).save_pretrained(folder, safe_serialization=True)
 
 
 def revive_zero_convs(controlnet: ControlNetModel) -> None:

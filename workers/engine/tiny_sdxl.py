@@ -18,7 +18,16 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from workers.engine.tiny import HINT_CHANNELS, SEED, clip_tokenizer, revive_zero_convs, seeded, text_config, vae
+from workers.engine.tiny import (
+    HINT_CHANNELS,
+    SEED,
+    adapter,
+    clip_tokenizer,
+    revive_zero_convs,
+    seeded,
+    text_config,
+    vae,
+)
 
 _TIME_EMBED_DIM = 8
 _MODE_PROJECTION_STD = 0.5  # addition_time_embed_dim: each of SDXL's six size/crop numbers is embedded this wide
@@ -86,6 +95,12 @@ def build_controlnet(folder: Path) -> None:
         controlnet = ControlNetModel.from_unet(_unet(config), conditioning_embedding_out_channels=HINT_CHANNELS)
         revive_zero_convs(controlnet)
     controlnet.save_pretrained(folder, safe_serialization=True)
+
+
+def build_adapter(folder: Path) -> None:
+    """Save a T2I-Adapter for `build_sdxl`'s UNet (SDXL's layout: both features at 1/16, after its plain first
+    block's downsampling and inside its cross-attention block)."""
+    adapter("full_adapter_xl", 16).save_pretrained(folder, safe_serialization=True)
 
 
 def build_union(folder: Path) -> None:
