@@ -12,10 +12,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared import hub
+from shared import hub, published
 from shared.config import Settings
 from shared.errors import InvalidInput, StorageError
-from shared.licences import Use, check_use, licence_of
+from shared.licences import Use, check_use, declared, licence_of
 from shared.published import manifest_digest
 from shared.registry import ALIASES, PRESETS, default_controlnet, default_depth_model, is_path, is_url, known_family
 from shared.spec import ControlUnit, DepthControl, JobSpec, Profile
@@ -104,16 +104,24 @@ def _check_cached(field: str, repo_id: str, config: str, notices: list[str]) -> 
     notices.append(f"{field}: {repo_id} is not in the local Hugging Face cache; it is downloaded on first use")
 
 
-def check_licences(spec: JobSpec, use: Use) -> list[str]:
+def check_licences(spec: JobSpec, use: Use, settings: Settings) -> list[str]:
     """Notices about the licences of every model the job renders with, defaults included (`shared.licences`);
-    InvalidInput for one whose licence forbids the job's use."""
+    InvalidInput for one whose licence forbids the job's use. A local folder or a published model is the
+    studio's own (trained, or copied in), checked only when it declares a licence in its `archfarm-model.json`
+    (a folder read where it can be: here)."""
     notices: list[str] = []
     more = [] if spec.upscale is None else [("upscale.control", spec.upscale.control)]
     for field, ref in every_model(spec.profile, more):
-        if is_path(ref) or is_url(ref):  # the studio's own (trained, or copied in): its licence is theirs to know
-            continue
         try:
-            notice = check_use(field, ALIASES.get(ref, ref), licence_of(ref), use)
+            if is_url(ref):
+                licence = declared(published.declaration(ref, settings), f"{field} ({ref})")
+            elif is_path(ref):
+                licence = declared(published.local_declaration(Path(ref).expanduser()), f"{field} ({ref})")
+            else:
+                licence = licence_of(ref)
+            if licence is None and (is_url(ref) or is_path(ref)):
+                continue
+            notice = check_use(field, ALIASES.get(ref, ref), licence, use)
         except ValueError as error:
             raise InvalidInput(str(error)) from None
         if notice is not None:

@@ -80,7 +80,7 @@ def prepare(
     profile, notices = pin_models(spec.profile, here=not farm, relative=not remote)
     profile = pin_published(profile, settings)
     use = spec.use or settings.use  # the farm's default is taken into the job: its images' use is on record
-    notices += check_licences(spec.model_copy(update={"profile": profile}), use)
+    notices += check_licences(spec.model_copy(update={"profile": profile}), use, settings)
     for notice in notices:
         warnings.warn(notice, SubmitWarning, stacklevel=2)
     storages = storages or Storages(settings)

@@ -87,9 +87,26 @@ PRESET_LICENCE = "apache-2.0"
 
 def licence_of(ref: str) -> Licence | None:
     """The licence of a model reference (preset, alias or hub id); None when archfarm does not know it, as for
-    local folders and models published by URL."""
-    key = PRESET_LICENCE if ref in PRESETS else MODELS.get(ALIASES.get(ref, ref))
+    local folders and models published by URL until they declare one (`declared`)."""
+    key = licence_key(ref)
     return None if key is None else LICENCES[key]
+
+
+def licence_key(ref: str) -> str | None:
+    """The `LICENCES` key of a preset, alias or hub id archfarm knows; None otherwise."""
+    return PRESET_LICENCE if ref in PRESETS else MODELS.get(ALIASES.get(ref, ref))
+
+
+def declared(declaration: object, where: str) -> Licence | None:
+    """The licence a model declares in its `archfarm-model.json` (`{"licence": KEY, ...}`, beside a published
+    model's manifest fields, or alone in a local folder); None when it declares none. ValueError for a key
+    archfarm does not know: a declaration that cannot be checked must not pass as none."""
+    key = declaration.get("licence") if isinstance(declaration, dict) else None
+    if key is None:
+        return None
+    if key not in LICENCES:
+        raise ValueError(f"{where} declares licence {str(key)[:60]!r}; known: {', '.join(sorted(LICENCES))}")
+    return LICENCES[key]
 
 
 def check_use(field: str, model: str, licence: Licence | None, use: Use) -> str | None:

@@ -27,8 +27,10 @@ FOLDER_PREFIX = "published-"
 _SHA256_HEX = frozenset("0123456789abcdef")
 
 
-def publish(folder: Path, url: str, settings: Settings) -> str:
+def publish(folder: Path, url: str, settings: Settings, licence: str | None = None) -> str:
     """Upload the model in `folder` under `url`, the manifest last; the manifest's sha256 (the version's name).
+    `licence` (a `shared.licences.LICENCES` key) is declared in the manifest, so every job using the model is
+    checked against it.
 
     An earlier manifest there is deleted first, so a model half replaced is never taken for a whole one.
     Hidden files (the `.cache/` that `hf download --local-dir` leaves) are not part of the model."""
@@ -42,7 +44,8 @@ def publish(folder: Path, url: str, settings: Settings) -> str:
     for name in names:
         storage.put_file(name, folder / name)
         hashes[name] = _file_sha256(folder / name)
-    manifest = json.dumps({"format": FORMAT, "files": hashes}, sort_keys=True, indent=1).encode()
+    declaration = {} if licence is None else {"licence": licence}
+    manifest = json.dumps({"format": FORMAT, "files": hashes, **declaration}, sort_keys=True, indent=1).encode()
     storage.put(MANIFEST, manifest, "application/json")
     return _sha256(manifest)
 
@@ -54,6 +57,26 @@ def manifest_digest(url: str, settings: Settings) -> str:
     except ModelError as error:
         raise InvalidInput(str(error)) from None
     return _sha256(raw)
+
+
+def declaration(url: str, settings: Settings) -> dict[str, Any]:
+    """The manifest now under `url`, as JSON (its `licence`, if any, is what the model declares)."""
+    try:
+        raw, _ = _manifest(_open(url, settings), url)
+    except ModelError as error:
+        raise InvalidInput(str(error)) from None
+    found: dict[str, Any] = json.loads(raw)
+    return found
+
+
+def local_declaration(folder: Path) -> dict[str, Any] | None:
+    """A model folder's own `archfarm-model.json` as JSON (a fetched published model holds its manifest; a
+    studio's folder may hold just `{"licence": KEY}`); None when it has none or it is not a JSON object."""
+    try:
+        found = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def fetch(url: str, models_dir: Path, settings: Settings, expected: str | None) -> Path:
@@ -86,6 +109,7 @@ def fetch(url: str, models_dir: Path, settings: Settings, expected: str | None) 
                 raise ModelError(
                     f"{url}: {name} does not match its sha256 in {MANIFEST} (damaged, or published again meanwhile)"
                 )
+        (staging / MANIFEST).write_bytes(raw)  # what the version declares (its licence) travels with it
 
     return built_once(models_dir / f"{FOLDER_PREFIX}{digest}", download)
 

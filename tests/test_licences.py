@@ -90,3 +90,41 @@ def test_every_sidecar_names_its_models_licences(tmp_path: Path, models_dir: Pat
     sidecar = json.loads(Path(image.sidecar_url.removeprefix("file://")).read_text())
     assert sidecar["models"]["base"]["licence"] == "Apache-2.0"
     assert [net["licence"] for net in sidecar["models"]["controlnets"]] == ["Apache-2.0"]
+
+
+def test_a_local_or_published_model_is_checked_against_the_licence_it_declares(
+    tmp_path: Path, models_dir: Path, example_plan: Path
+) -> None:
+    """A studio's folder declaring FLUX.1 [dev]'s licence in archfarm-model.json refuses a commercial job, as a
+    model published with that licence does; one declaring nothing is taken as the studio's own; a key archfarm
+    does not know is refused rather than taken for none. The declaration travels with the published version to
+    each worker, whose sidecars record it."""
+    import shutil
+
+    from shared import published
+    from workers.engine.presets import resolve
+    from workers.renderer import Renderer
+
+    folder = tmp_path / "studio-net"
+    shutil.copytree(resolve("tiny-canny", models_dir), folder)
+    settings = _settings(tmp_path, models_dir=models_dir)
+    local = {**PROFILE, "controls": [{"kind": "canny", "model": str(folder)}]}
+    assert prepare(_job(example_plan, profile=local), settings).spec.use == "commercial"  # the studio's own
+
+    (folder / "archfarm-model.json").write_text(json.dumps({"licence": "flux-1-dev-non-commercial-license"}))
+    with pytest.raises(InvalidInput, match=r"profile.controls.0.model: .*studio-net is under the FLUX.1 \[dev\] Non"):
+        prepare(_job(example_plan, profile=local), settings)
+    assert prepare(_job(example_plan, profile=local, use="non-commercial"), settings).spec.use == "non-commercial"
+    (folder / "archfarm-model.json").write_text(json.dumps({"licence": "do-what-you-like"}))
+    with pytest.raises(InvalidInput, match="declares licence 'do-what-you-like'; known: apache-2.0"):
+        prepare(_job(example_plan, profile=local), settings)
+
+    url = (tmp_path / "published").as_uri()
+    (folder / "archfarm-model.json").unlink()
+    published.publish(folder, url, settings, licence="stabilityai-ai-community")
+    by_url = {**PROFILE, "controls": [{"kind": "canny", "model": url}]}
+    with pytest.warns(SubmitWarning, match="is under the Stability AI Community License: free for commercial use"):
+        pinned = prepare(_job(example_plan, profile=by_url), settings).spec.profile
+    renderer = Renderer(settings)
+    renderer.cache.pin(url, pinned.controls[0].model_sha256)
+    assert renderer._identity(url)["licence"] == "Stability AI Community License"

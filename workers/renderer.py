@@ -15,16 +15,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from shared import published
 from shared.config import Settings
 from shared.errors import InputError, PermanentError
 from shared.images import content_hash, decode_image
-from shared.licences import licence_of
+from shared.licences import declared, licence_of
 from shared.registry import UNION_MODES, default_controlnet, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
@@ -313,8 +315,12 @@ class Renderer:
 
     def _identity(self, ref: str) -> dict[str, Any]:
         """A model as loaded (`ModelCache.identity`) and its licence where archfarm knows it, for the sidecar."""
-        licence = licence_of(ref)
-        return {**self.cache.identity(ref), **({"licence": licence.name} if licence else {})}
+        identity = self.cache.identity(ref)
+        try:
+            licence = licence_of(ref) or declared(published.local_declaration(Path(str(identity["location"]))), ref)
+        except ValueError:  # refused at submit; a folder changed since records no licence rather than fail
+            licence = None
+        return {**identity, **({"licence": licence.name} if licence else {})}
 
     def _portable(self, name: str) -> str:
         """A model's name as the fleet knows it: a local folder by its weights' sha256, not by its path here."""

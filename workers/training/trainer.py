@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from shared.config import Settings
 from shared.errors import ArchfarmError, ConfigError, InvalidInput
 from shared.images import decode_image
+from shared.licences import licence_key
 from shared.published import publish
 from shared.storage import Storages
 from shared.training import TrainingSpec, model_url
@@ -416,7 +417,10 @@ class _Run:
         url = model_url(self.spec.output)
         with tempfile.TemporaryDirectory() as scratch:
             controlnet.save_pretrained(scratch, safe_serialization=True)
-            digest = publish(Path(scratch), url, self.settings) if self.accelerator.is_main_process else ""
+            # Copied from its base's UNet, the ControlNet is a derivative of the base: it declares the base's licence.
+            licence = licence_key(self.cfg.base)
+            main = self.accelerator.is_main_process
+            digest = publish(Path(scratch), url, self.settings, licence) if main else ""
         return url, digest
 
 
