@@ -6,8 +6,9 @@ For each size: images/s with seeds_per_task 1 vs 4; four tasks (two plans × two
 call each, as a worker batches them; steady-state seconds per render eager vs compiled
 (the first compiled call is reported apart); with and without skipping ControlNets outside their
 control_guidance window; at the first size, an SDXL ControlNet-Union with two modes against two SDXL
-ControlNets; then ControlNet swap cost from the offload tier vs from disk, and loads, swaps and evictions for a
-sequence of tasks mixing two stacks, in archfarm's order (grouped) vs arrival order.
+ControlNets, and two SD 1.5 T2I-Adapters against two ControlNets; then ControlNet swap cost from the offload
+tier vs from disk, and loads, swaps and evictions for a sequence of tasks mixing two stacks, in archfarm's order
+(grouped) vs arrival order.
 All comparisons run side by side in one process; read ratios, not absolute times.
 """
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -155,6 +157,28 @@ def union_against_two(
     }
 
 
+def adapters_against_controlnets(
+    cache: ModelCache, plan: Image.Image, size: int, steps: int, repeats: int
+) -> dict[str, float]:
+    """Tiny SD 1.5 steered by edges and plan depth: two T2I-Adapters (run once per call, their features added at
+    every step) against two ControlNets (a pass each per step), side by side."""
+    edges, depth = AdaptiveCanny()(plan, size, size), PlanDepth()(plan, size, size)
+
+    def call(net: str, adapters: bool) -> object:
+        units = [Unit(net, 0.9, 0.0, 1.0), Unit(net, 0.6, 0.0, 1.0)]
+        request = Request("tiny-sd15", units, [Item(PROMPT, "", 0, (edges, depth))], steps, 7.5, size, size)
+        return render_batch(cache, replace(request, adapters=adapters))
+
+    nets_s, adapters_s = side_by_side(
+        lambda: call("tiny-canny", False), lambda: call("tiny-sd15-adapter", True), repeats
+    )
+    return {
+        f"{size}_sd15_two_controlnets_s": nets_s,
+        f"{size}_sd15_two_adapters_s": adapters_s,
+        f"{size}_adapters_over_controlnets": adapters_s / nets_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="64×64 only, aot_eager compile, few repeats")
@@ -193,6 +217,7 @@ def main() -> None:
         results["controlnet_from_offload_ms"] = (time.perf_counter() - started) * 1000
 
         results.update(union_against_two(cache, plan, sizes[0], steps, repeats, work))
+        results.update(adapters_against_controlnets(cache, plan, sizes[0], steps, repeats))
 
         # Two stacks, 16 tasks, a device budget of one ControlNet: grouped vs interleaved arrival.
         size = sizes[0]
