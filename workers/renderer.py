@@ -161,6 +161,7 @@ class Renderer:
             None if profile.vae is None else self.cache.location(profile.vae),
             family_dtype(self.cache.dtype, family),
             profile.text_encoders,
+            None if profile.quantize_base == "none" else profile.quantize_base,
         )
 
     def _unit_models(self, profile: Profile) -> list[str]:
@@ -272,6 +273,7 @@ class Renderer:
             compile=options,
             strength=strength,
             text_encoders=profile.text_encoders,
+            quantize_base=None if profile.quantize_base == "none" else profile.quantize_base,
             adapters=profile.adapters,
             modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
@@ -289,6 +291,8 @@ class Renderer:
             yield None
             return
         names = (request.base, request.vae or "", request.quantize or "none", *(unit.model for unit in request.units))
+        names += (f"base {request.quantize_base}",) if request.quantize_base else ()  # keys without it unchanged
+        names += ("t2i-adapters",) if request.adapters else ()
         key = CompileKey(
             tuple(self._portable(name) for name in names),
             request.width,

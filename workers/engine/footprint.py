@@ -26,23 +26,37 @@ SKIPPED = frozenset(
     {"tokenizer", "tokenizer_2", "tokenizer_3", "scheduler", "safety_checker", "feature_extractor", "image_encoder"}
 )
 """Pipeline components that hold no weights on the device, or that archfarm never loads."""
+DENOISERS = frozenset({"unet", "transformer"})
 
 
 def stack_bytes(
-    base: str, controlnets: Sequence[str], vae: str | None, dtype: torch.dtype, text_encoders: str = "device"
+    base: str,
+    controlnets: Sequence[str],
+    vae: str | None,
+    dtype: torch.dtype,
+    text_encoders: str = "device",
+    quantize_base: str | None = None,
 ) -> int:
     """Bytes the base (its weighted components), the ControlNets and a separate VAE hold on the device at
     `dtype`; each a location as `resolve` gives it (a folder or a hub id). Text encoders held in CPU memory
-    (`text_encoders="cpu"`) are not counted."""
+    (`text_encoders="cpu"`) are not counted; a denoiser quantised to int8 (`quantize_base`) counts its linear
+    layers' weights at one byte each plus a scale per output (torchao's weight-only int8; a slight
+    overestimate, as torchao leaves a few small layers as they are)."""
     size = torch.empty((), dtype=dtype).element_size()
     held = [
         name
         for name in _components(base)
         if not (vae and name == "vae") and not (text_encoders == "cpu" and name.startswith("text_encoder"))
     ]
-    base_elements = sum(_elements(base, name) for name in held)
-    others = sum(_elements(location, "") for location in (*controlnets, *([vae] if vae else [])))
-    return (base_elements + others) * size
+    total = 0
+    for name in held:
+        elements, linear, outputs = _counts(base, name)
+        if quantize_base and name in DENOISERS:
+            total += (elements - linear) * size + linear + outputs * size
+        else:
+            total += elements * size
+    others = sum(_counts(location, "")[0] for location in (*controlnets, *([vae] if vae else [])))
+    return total + others * size
 
 
 def _components(location: str) -> list[str]:
@@ -51,8 +65,10 @@ def _components(location: str) -> list[str]:
 
 
 @cache
-def _elements(location: str, subfolder: str) -> int:
-    """Parameters and buffers of the model in `location`/`subfolder`, built on the meta device from its config."""
+def _counts(location: str, subfolder: str) -> tuple[int, int, int]:
+    """Parameters and buffers of the model in `location`/`subfolder`, built on the meta device from its config;
+    and, of those, its linear layers' weights and their outputs (what an int8 weight-only quantisation
+    stores as bytes and scales)."""
     config = json.loads(_read(location, f"{subfolder}/config.json" if subfolder else "config.json"))
     with init_empty_weights(include_buffers=True):
         if "_class_name" in config:  # a diffusers model
@@ -60,7 +76,9 @@ def _elements(location: str, subfolder: str) -> int:
         else:  # a transformers model: its class is named in `architectures`
             built = transformers.AutoConfig.for_model(**config)
             model = getattr(transformers, config["architectures"][0])(built)
-    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    elements = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return elements, sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
 
 
 def _read(location: str, name: str) -> bytes:

@@ -34,6 +34,7 @@ from diffusers import (
     T2IAdapter,
     TorchAoConfig,
 )
+from diffusers.quantizers import PipelineQuantizationConfig
 from diffusers.utils import logging as _diffusers_logging
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -198,20 +199,26 @@ class ModelCache:
         self._prompts: OrderedDict[tuple[Any, ...], tuple[torch.Tensor | None, ...]] = OrderedDict()
         self.prompt_encodes = 0
 
-    def base(self, ref: str, text_encoders: str = "device") -> dict[str, Any]:
+    def base(self, ref: str, text_encoders: str = "device", quantize: str | None = None) -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and
         dtype; with `text_encoders="cpu"` its text encoders stay in CPU memory (`prompt_embeddings` runs them
-        there). Its family comes from its own config (`family`), so a renamed SDXL folder still loads as SDXL.
+        there), with `quantize="int8"` its denoiser (UNet or transformer) is int8 weight-only (torchao). Its
+        family comes from its own config (`family`), so a renamed SDXL folder still loads as SDXL.
 
         Callers must not mutate the scheduler: it is shared; build a fresh one from its config per call.
         """
         location = self.location(ref)
-        key = location if text_encoders == "device" else f"{location} (text encoders on cpu)"
+        key = location + ("" if text_encoders == "device" else " (text encoders on cpu)")
+        key += "" if quantize is None else f" ({quantize})"
         if key in self._bases:
             self.hits[key] += 1
             return self._bases[key]
         kind = self.family(ref)
         loader, unloaded = _LOADERS[kind]
+        if quantize is not None:
+            denoiser = "transformer" if kind in TRANSFORMER_FAMILIES else "unet"
+            config = _quantization_config(quantize, self.device)
+            unloaded = {**unloaded, "quantization_config": PipelineQuantizationConfig(quant_mapping={denoiser: config})}
         # The dtype goes to from_pretrained, not to `.to()`: loading in it keeps modules a model marks as
         # float32-only in float32, which a later cast would not (diffusers warns on every such cast).
         with _load_errors(ref, location, "model_index.json"):

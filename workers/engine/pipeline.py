@@ -144,6 +144,8 @@ class Request:
     With masks, inpainting: only the masked part of each `init` is rendered again, at this strength."""
     text_encoders: str = "device"
     """`cpu`: the base's text encoders are held (and run, once per prompt pair) in CPU memory."""
+    quantize_base: str | None = None
+    """"int8": the base's denoiser (UNet or transformer) is loaded int8 weight-only."""
     adapters: bool = False
     """The units are T2I-Adapters (SD 1.5, SDXL): run once per call, their features added at every step up to
     the units' common end."""
@@ -206,7 +208,7 @@ def render_batch(
     units, items, compile = request.units, request.items, request.compile
     family = cache.family(request.base)
     _check(family, request)
-    components = cache.base(request.base, request.text_encoders)
+    components = cache.base(request.base, request.text_encoders, request.quantize_base)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
@@ -215,9 +217,8 @@ def render_batch(
         refs = [units[0].model] if union else [unit.model for unit in units]
         nets = list(cache.controlnets(refs, request.quantize, family_dtype(cache.dtype, family)))
     _check_fits(family, request, components, nets)
-    cache.note_stack(
-        (request.base, request.text_encoders, request.vae or "", request.quantize or "", *(u.model for u in units))
-    )
+    base = (request.base, request.text_encoders, request.quantize_base or "", request.vae or "")
+    cache.note_stack((*base, request.quantize or "", *(unit.model for unit in units)))
     denoiser = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
     if compile is not None:
         components = {**components, denoiser: cache.compiled(components[denoiser], compile)}
@@ -270,7 +271,8 @@ def render_batch(
 def compiled_shape(request: Request) -> tuple[object, ...]:
     """What a compiled call's graphs depend on besides its batch size: the stack, the size, the sampler (its
     timestep dtype), guidance on or off (the UNet's batch) and how it is compiled."""
-    stack = (request.base, request.vae, request.quantize, *(unit.model for unit in request.units), request.modes)
+    stack: tuple[object, ...] = (request.base, request.vae, request.quantize, request.quantize_base)
+    stack += (*(unit.model for unit in request.units), request.modes, request.adapters)
     return (stack, request.width, request.height, request.scheduler, request.guidance_scale > 1, request.compile)
 
 
