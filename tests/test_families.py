@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +31,16 @@ STACKS = {
 GUIDANCE = {"tiny-flux": 3.5, "tiny-flux-control": 3.5, "tiny-sd3": 5.0}
 
 
+def _request(base: str, units: list[Unit], items: list[Item], **changes: object) -> Request:
+    """A 64² call of 4 steps at the family's guidance, images as float arrays."""
+    settings = {"steps": 4, "guidance_scale": GUIDANCE.get(base, 7.5), "width": 64, "height": 64, **changes}
+    return Request(base=base, units=units, items=items, output_type="np", **settings)  # type: ignore[arg-type]
+
+
 def _render(cache: ModelCache, base: str, maps: list[tuple], seeds=(1,), scale: float = 1.0) -> list[np.ndarray]:  # type: ignore[no-untyped-def, type-arg]
     units = [Unit(STACKS[base], scale, 0.0, 1.0) for _ in maps[0]]
     items = [Item("a bright living room", "blurry", seed, item) for seed, item in zip(seeds, maps, strict=True)]
-    request = Request(
-        base=base,
-        units=units,
-        items=items,
-        steps=4,
-        guidance_scale=GUIDANCE[base],
-        width=64,
-        height=64,
-        output_type="np",
-    )
-    return list(render_batch(cache, request).images)
+    return list(render_batch(cache, _request(base, units, items)).images)
 
 
 @pytest.mark.parametrize("base", sorted(STACKS))
@@ -97,15 +94,11 @@ def test_sd15_and_flux_stacks_swap_on_one_worker_within_its_controlnet_budget(mo
     sizing = ModelCache(models_dir, torch.device("cpu"), torch.float32)
     small, large = sorted(module_bytes(sizing.controlnet(net)) for net in ("tiny-canny", "tiny-flux-controlnet"))
     cache = ModelCache(models_dir, torch.device("cpu"), torch.float32, controlnet_budget_bytes=large + small // 2)
-    sd_request = Request(
-        base="tiny-sd15",
-        units=[Unit("tiny-canny", 1.0, 0.0, 1.0)],
-        items=[Item("a bright living room", "blurry", 1, (PLAN_A,))],
+    sd_request = _request(
+        "tiny-sd15",
+        [Unit("tiny-canny", 1.0, 0.0, 1.0)],
+        [Item("a bright living room", "blurry", 1, (PLAN_A,))],
         steps=2,
-        guidance_scale=7.5,
-        width=64,
-        height=64,
-        output_type="np",
     )
     first = render_batch(cache, sd_request).images[0]
     for _ in range(2):
@@ -144,14 +137,8 @@ def test_what_a_transformer_base_cannot_do_is_refused_at_submit() -> None:
 
 
 def test_a_worker_refuses_a_controlnet_of_another_family_in_one_line(model_cache: ModelCache) -> None:
-    request = Request(
-        base="tiny-flux",
-        units=[Unit("tiny-sd3-controlnet", 1.0, 0.0, 1.0)],
-        items=[Item("a room", "", 1, (PLAN_A,))],
-        steps=2,
-        guidance_scale=3.5,
-        width=64,
-        height=64,
+    request = _request(
+        "tiny-flux", [Unit("tiny-sd3-controlnet", 1.0, 0.0, 1.0)], [Item("a room", "", 1, (PLAN_A,))], steps=2
     )
     with pytest.raises(InvalidInput, match="'tiny-sd3-controlnet' is a SD3ControlNetModel, not made for flux"):
         render_batch(model_cache, request)
@@ -179,12 +166,28 @@ def test_flux_and_sd35_licences_are_enforced_at_submit(tmp_path: Path, example_p
 @pytest.mark.redis
 @pytest.mark.s3
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["tiny-flux", "tiny-flux-control", "tiny-sd3", "tiny-adapters"])
+@pytest.mark.parametrize(
+    ("profile", "nets"),
+    [
+        ("tiny-flux", ["tiny-flux-controlnet"] * 2),
+        ("tiny-flux-control", ["tiny-flux-control"]),
+        ("tiny-sd3", ["tiny-sd3-controlnet"] * 2),
+        ("tiny-adapters", ["tiny-sd15-adapter"] * 2),
+        ("tiny-sdxl-union", ["tiny-sdxl-union"] * 2),
+    ],
+)
 def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
-    farm: Farm, start_workers, example_plan: Path, tmp_path: Path, s3_server, s3_bucket: str, profile: str
+    farm: Farm,
+    start_workers,
+    example_plan: Path,
+    tmp_path: Path,
+    s3_server,
+    s3_bucket: str,
+    profile: str,
+    nets: list[str],
 ) -> None:
-    """2 plans × 2 styles × 2 seeds on a real worker (T2I-Adapters on SD 1.5 too); the sidecar names every model
-    with its licence; one image re-rendered from its sidecar is bit for bit the same."""
+    """2 plans × 2 styles × 2 seeds on a real worker (T2I-Adapters on SD 1.5 and SDXL's ControlNet-Union too); the
+    sidecar names every model with its licence; one image re-rendered from its sidecar is bit for bit the same."""
     from PIL import Image
 
     from producer.rerender import rerender
@@ -217,7 +220,8 @@ def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
     models = sidecar["models"]
     base = BUILTIN[profile]["base"]
     assert models["base"]["name"] == base and models["base"]["licence"] == "Apache-2.0"
-    assert {net["name"] for net in models["controlnets"]} == {{**STACKS, "tiny-sd15": "tiny-sd15-adapter"}[base]}
+    assert [net["name"] for net in models["controlnets"]] == nets
+    assert all(net["licence"] == "Apache-2.0" for net in models["controlnets"])
     again = rerender(sidecar_path, tmp_path / "again", farm.settings)
     assert again.comparison.identical, again.verdict
 
@@ -235,16 +239,8 @@ def test_a_net_outside_its_window_is_skipped_and_the_image_is_bitwise_diffusers(
     images = {}
     for skip in (True, False):
         calls.clear()
-        request = Request(
-            base=base,
-            units=units,
-            items=[Item("a bright living room", "blurry", 1, (PLAN_A, PLAN_B))],
-            steps=4,
-            guidance_scale=GUIDANCE[base],
-            width=64,
-            height=64,
-            output_type="np",
-            skip_outside_window=skip,
+        request = _request(
+            base, units, [Item("a bright living room", "blurry", 1, (PLAN_A, PLAN_B))], skip_outside_window=skip
         )
         images[skip] = render_batch(model_cache, request).images[0]
         images[skip, "calls"] = len(calls)
@@ -271,22 +267,17 @@ def test_each_family_renders_compiled_within_1_255_of_eager(models_dir: Path, ba
     eager = _render(cache, base, [(PLAN_A,), (PLAN_B,)], seeds=(1, 2))
     options = CompileOptions(mode="default", backend="aot_eager")
     units = [Unit(STACKS[base], 1.0, 0.0, 1.0)]
-    request = Request(
-        base=base,
-        units=units,
-        items=[Item("a bright living room", "blurry", seed, (plan,)) for seed, plan in ((1, PLAN_A), (2, PLAN_B))],
-        steps=4,
-        guidance_scale=GUIDANCE[base],
-        width=64,
-        height=64,
-        output_type="np",
+    request = _request(
+        base,
+        units,
+        [Item("a bright living room", "blurry", seed, (plan,)) for seed, plan in ((1, PLAN_A), (2, PLAN_B))],
         compile=options,
     )
     from torch._dynamo.utils import counters
 
     compiled = render_batch(cache, request).images
     graphs = counters["stats"]["unique_graphs"]
-    tail = render_batch(cache, Request(**{**request.__dict__, "items": request.items[1:]})).images
+    tail = render_batch(cache, replace(request, items=request.items[1:])).images
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph: the tail replays the bucket of two
     assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(eager, compiled, strict=True))
     assert np.abs(tail[0] - eager[1]).max() <= 1 / 255
@@ -304,18 +295,14 @@ def test_text_encoders_held_in_cpu_memory_leave_the_device_stack_and_the_image_a
     components = model_cache.base("tiny-flux", "cpu")
     encoders = sum(module_bytes(components[name]) for name in ("text_encoder", "text_encoder_2"))
     assert whole - lean == pytest.approx(encoders, rel=0.01)  # buffers such as position ids are counted at dtype
-    request = Request(
-        base="tiny-flux",
-        units=[Unit("tiny-flux-controlnet", 1.0, 0.0, 1.0)],
-        items=[Item("a bright living room", "", 1, (PLAN_A,))],
+    request = _request(
+        "tiny-flux",
+        [Unit("tiny-flux-controlnet", 1.0, 0.0, 1.0)],
+        [Item("a bright living room", "", 1, (PLAN_A,))],
         steps=3,
-        guidance_scale=3.5,
-        width=64,
-        height=64,
-        output_type="np",
     )
     on_device = render_batch(model_cache, request).images[0]
-    on_cpu = render_batch(model_cache, Request(**{**request.__dict__, "text_encoders": "cpu"})).images[0]
+    on_cpu = render_batch(model_cache, replace(request, text_encoders="cpu")).images[0]
     assert np.array_equal(on_device, on_cpu)
     profile = {"base": "tiny-flux", "controls": [{"kind": "canny"}], "width": 64, "height": 64}
     lean_profile = Profile.model_validate({**profile, "text_encoders": "cpu"})
@@ -333,17 +320,7 @@ def test_t2i_adapters_steer_sd15_and_sdxl_once_per_image_and_batch_like_each_ima
     monkeypatch.setattr(type(net), "forward", _counted(type(net).forward, calls))
 
     def render(items: list[Item], scale: float = 1.0) -> list[np.ndarray]:
-        request = Request(
-            base=base,
-            units=[Unit(adapter, scale, 0.0, 1.0), Unit(adapter, scale, 0.0, 1.0)],
-            items=items,
-            steps=4,
-            guidance_scale=7.5,
-            width=64,
-            height=64,
-            output_type="np",
-            adapters=True,
-        )
+        request = _request(base, [Unit(adapter, scale, 0.0, 1.0), Unit(adapter, scale, 0.0, 1.0)], items, adapters=True)
         return list(render_batch(model_cache, request).images)
 
     items = [
@@ -400,15 +377,11 @@ def test_an_int8_base_halves_the_denoisers_memory_is_sized_before_it_loads_and_s
     assert abs(estimate - loaded) / loaded < 0.01 and estimate < whole
 
     def render(plan, quantize_base):  # type: ignore[no-untyped-def]
-        request = Request(
-            base="tiny-flux",
-            units=[Unit("tiny-flux-controlnet", 1.0, 0.0, 1.0)],
-            items=[Item("a bright living room", "", 1, (plan,))],
+        request = _request(
+            "tiny-flux",
+            [Unit("tiny-flux-controlnet", 1.0, 0.0, 1.0)],
+            [Item("a bright living room", "", 1, (plan,))],
             steps=3,
-            guidance_scale=3.5,
-            width=64,
-            height=64,
-            output_type="np",
             quantize_base=quantize_base,
         )
         return render_batch(model_cache, request).images[0]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from producer.client import Farm
-from shared.db.status import JobStatus
 from shared.errors import InvalidInput
 from shared.profiles import BUILTIN
 from shared.spec import JobSpec, Profile
@@ -63,50 +60,6 @@ def test_a_union_serves_sdxl_units_of_its_modes_alone() -> None:
     # A profile naming no union keeps the digest (and so the output keys) it had before unions existed.
     old = Profile.model_validate(BUILTIN["tiny-sdxl"]).digest()
     assert old == "dbe36cb032c2a57f63fc4eec183934521e5d0ad8f2a5b6152b0a70f6fe3fe240" != profile().digest()
-
-
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.s3
-@pytest.mark.slow
-def test_a_union_job_renders_on_a_real_worker_and_rerenders_bitwise(
-    farm: Farm, start_workers, example_plan: Path, tmp_path: Path, s3_server, s3_bucket: str
-) -> None:
-    """2 plans × 2 styles × 2 seeds with `tiny-sdxl-union` (edges and plan depth as two modes of one network)
-    on a real worker; each sidecar names the union and its licence; one image re-rendered is bit for bit."""
-    from PIL import Image
-
-    from producer.rerender import rerender
-
-    second = tmp_path / "second.png"
-    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
-    start_workers("cpu:1")
-    profile = {**UNION, "controls": [{"kind": "canny", "scale": 0.6}, {"kind": "plan-depth", "scale": 0.5}]}
-    spec = JobSpec.from_document(
-        {
-            "plans": [str(example_plan), str(second)],
-            "styles": ["modern", "japandi"],
-            "seeds": [1, 2],
-            "profile": profile,
-        }
-    )
-    job_id = farm.submit(spec)
-    assert farm.wait(job_id, timeout=300).status is JobStatus.SUCCEEDED
-    images = farm.results(job_id)
-    assert len(images) == 8
-    local = tmp_path / "image"
-    local.mkdir()
-    for url in (images[0].url, images[0].sidecar_url):
-        key = url.split(f"{s3_bucket}/", 1)[1]
-        local.joinpath(url.rsplit("/", 1)[1]).write_bytes(
-            s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
-        )
-    sidecar_path = local / images[0].sidecar_url.rsplit("/", 1)[1]
-    sidecar = json.loads(sidecar_path.read_text())
-    assert [net["name"] for net in sidecar["models"]["controlnets"]] == ["tiny-sdxl-union"] * 2
-    assert sidecar["profile"]["union"] == "tiny-sdxl-union" and sidecar["models"]["base"]["licence"] == "Apache-2.0"
-    again = rerender(sidecar_path, tmp_path / "again", farm.settings)
-    assert again.comparison.identical, again.verdict
 
 
 def test_a_union_profile_names_its_network_once_and_is_checked_at_submit(tmp_path: Path, example_plan: Path) -> None:
