@@ -162,70 +162,6 @@ def test_flux_and_sd35_licences_are_enforced_at_submit(tmp_path: Path, example_p
         prepare(JobSpec.from_document({**job, "profile": "sd35-archviz"}), settings, farm=True)
 
 
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.s3
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("profile", "nets"),
-    [
-        ("tiny-flux", ["tiny-flux-controlnet"] * 2),
-        ("tiny-flux-control", ["tiny-flux-control"]),
-        ("tiny-sd3", ["tiny-sd3-controlnet"] * 2),
-        ("tiny-adapters", ["tiny-sd15-adapter"] * 2),
-        ("tiny-sdxl-union", ["tiny-sdxl-union"] * 2),
-    ],
-)
-def test_each_family_renders_a_job_on_a_real_worker_and_rerenders_bitwise(
-    farm: Farm,
-    start_workers,
-    example_plan: Path,
-    tmp_path: Path,
-    s3_server,
-    s3_bucket: str,
-    profile: str,
-    nets: list[str],
-) -> None:
-    """2 plans × 2 styles × 2 seeds on a real worker (T2I-Adapters on SD 1.5 and SDXL's ControlNet-Union too); the
-    sidecar names every model with its licence; one image re-rendered from its sidecar is bit for bit the same."""
-    from PIL import Image
-
-    from producer.rerender import rerender
-    from shared.profiles import BUILTIN
-
-    second = tmp_path / "second.png"
-    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
-    start_workers("cpu:1")
-    spec = JobSpec.from_document(
-        {
-            "plans": [str(example_plan), str(second)],
-            "styles": ["modern", "japandi"],
-            "seeds": [1, 2],
-            "profile": {**BUILTIN[profile], "width": 64, "height": 64, "steps": 4},
-        }
-    )
-    job_id = farm.submit(spec)
-    assert farm.wait(job_id, timeout=300).status is JobStatus.SUCCEEDED
-    images = farm.results(job_id)
-    assert len(images) == 8
-    local = tmp_path / "image"
-    local.mkdir()
-    for url in (images[0].url, images[0].sidecar_url):
-        key = url.split(f"{s3_bucket}/", 1)[1]
-        local.joinpath(url.rsplit("/", 1)[1]).write_bytes(
-            s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
-        )
-    sidecar_path = local / images[0].sidecar_url.rsplit("/", 1)[1]
-    sidecar = json.loads(sidecar_path.read_text())
-    models = sidecar["models"]
-    base = BUILTIN[profile]["base"]
-    assert models["base"]["name"] == base and models["base"]["licence"] == "Apache-2.0"
-    assert [net["name"] for net in models["controlnets"]] == nets
-    assert all(net["licence"] == "Apache-2.0" for net in models["controlnets"])
-    again = rerender(sidecar_path, tmp_path / "again", farm.settings)
-    assert again.comparison.identical, again.verdict
-
-
 @pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])
 def test_a_net_outside_its_window_is_skipped_and_the_image_is_bitwise_diffusers(
     model_cache: ModelCache, base: str, monkeypatch: pytest.MonkeyPatch
@@ -394,3 +330,69 @@ def test_an_int8_base_halves_the_denoisers_memory_is_sized_before_it_loads_and_s
         Profile.model_validate({**profile, "quantize_base": "int8"}).digest()
         != Profile.model_validate(profile).digest()
     )
+
+
+JOBS = {
+    "tiny-flux": ["tiny-flux-controlnet"] * 2,
+    "tiny-flux-control": ["tiny-flux-control"],
+    "tiny-sd3": ["tiny-sd3-controlnet"] * 2,
+    "tiny-adapters": ["tiny-sd15-adapter"] * 2,
+    "tiny-sdxl-union": ["tiny-sdxl-union"] * 2,
+}
+"""Each family's tiny profile, and the networks its sidecars name per unit."""
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.s3
+@pytest.mark.slow
+def test_every_family_renders_a_job_on_one_real_worker_within_its_budget_and_rerenders_bitwise(
+    farm: Farm,
+    farm_env: dict[str, str],
+    start_workers,
+    example_plan: Path,
+    models_dir: Path,
+    tmp_path: Path,
+    s3_server,
+    s3_bucket: str,
+) -> None:
+    """A 2 plans × 2 styles × 2 seeds job of each family (FLUX, FLUX Control, SD 3, SD 1.5 T2I-Adapters, SDXL
+    Union) queued together on one worker whose ControlNet budget holds one tiny net: every job succeeds, the
+    worker swaps stacks between them and reads each model from disk once (the others' nets wait in the offload
+    tier); each job's sidecar names its networks and their licence, and one of its images re-renders bitwise."""
+    from PIL import Image
+
+    from producer.rerender import rerender
+    from shared.profiles import BUILTIN
+
+    sizing = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    nets = {net for nets in JOBS.values() for net in nets} - {"tiny-flux-control"}  # that one is a base
+    sizes = sorted(module_bytes(sizing.controlnet(net)) for net in nets)
+    farm_env["ARCHFARM_CONTROLNET_CACHE_BYTES"] = str(sizes[-1] + sizes[0] // 2)  # the largest, not two
+    second = tmp_path / "second.png"
+    Image.open(example_plan).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+    start_workers("cpu:1")
+    job = {"plans": [str(example_plan), str(second)], "styles": ["modern", "japandi"], "seeds": [1, 2]}
+    ids = {
+        name: farm.submit({**job, "profile": {**BUILTIN[name], "width": 64, "height": 64, "steps": 4}}) for name in JOBS
+    }
+    for name, job_id in ids.items():
+        assert farm.wait(job_id, timeout=300).status is JobStatus.SUCCEEDED, name
+        images = farm.results(job_id)
+        assert len(images) == 8
+        local = tmp_path / name
+        local.mkdir()
+        for url in (images[0].url, images[0].sidecar_url):
+            key = url.split(f"{s3_bucket}/", 1)[1]
+            body = s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+            local.joinpath(url.rsplit("/", 1)[1]).write_bytes(body)
+        sidecar_path = local / images[0].sidecar_url.rsplit("/", 1)[1]
+        models = json.loads(sidecar_path.read_text())["models"]
+        assert models["base"]["name"] == BUILTIN[name]["base"] and models["base"]["licence"] == "Apache-2.0"
+        assert [net["name"] for net in models["controlnets"]] == JOBS[name], name
+        assert all(net["licence"] == "Apache-2.0" for net in models["controlnets"])
+        again = rerender(sidecar_path, tmp_path / f"{name}-again", farm.settings)
+        assert again.comparison.identical, (name, again.verdict)
+    (worker,) = [w for w in farm.workers() if w.state == "live"]
+    bases = {BUILTIN[name]["base"] for name in JOBS}
+    assert worker.stack_swaps >= len(JOBS) - 1 and worker.model_loads == len(bases) + len(nets)

@@ -99,6 +99,7 @@ def test_a_controlnet_by_s3_url_renders_pinned_and_is_fetched_once(  # type: ign
     assert net["name"] == url and net["manifest_sha256"] == second
     assert net["location"] == str(cache_dir / f"published-{second}")
     assert sorted(p.name for p in Path(net["location"]).iterdir()) == [
+        "archfarm-model.json",  # the version's manifest, with what it declares
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "notes.txt",
@@ -129,7 +130,9 @@ def test_a_local_published_model_is_fetched_once_and_checked_file_by_file(canny:
 
     fetched = fetch(store.as_uri(), tmp_path / "models", settings, digest)
     assert fetched.name == f"published-{digest}"
-    assert {p.name: p.read_bytes() for p in fetched.iterdir()} == {p.name: p.read_bytes() for p in canny.iterdir()}
+    files = {p.name: p.read_bytes() for p in fetched.iterdir()}
+    assert files.pop("archfarm-model.json") == (store / "archfarm-model.json").read_bytes()  # its manifest, kept
+    assert files == {p.name: p.read_bytes() for p in canny.iterdir()}
 
     weights = store / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # damaged in storage after publishing
