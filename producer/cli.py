@@ -365,6 +365,11 @@ def status(
         _print_json(view.model_dump(mode="json"))
         return
     out.print(f"{view.id} {view.name}: {_summary(view)}", markup=False)
+    for measured in view.consistency:
+        strays = f", outliers {', '.join(map(str, measured.outliers))}" if measured.outliers else ""
+        stage = "" if measured.stage == "render" else f" ({measured.stage}s)"
+        line = f"  consistency {measured.style}{stage}: {measured.score:.2f} over {measured.images} images{strays}"
+        out.print(line, markup=False)
     for failure in view.failures:
         out.print(
             f"  failed {failure['plan']}/{failure['style']} seeds {failure['seeds']}: {failure['error']}", markup=False

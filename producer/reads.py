@@ -15,7 +15,16 @@ from sqlalchemy import Select, and_, func, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from producer.sheet import Cell, Row, Sheet
-from producer.views import ArtifactView, Failure, FailureGroup, JobView, TrainingProgress, WorkerView
+from producer.views import (
+    ArtifactView,
+    Failure,
+    FailureGroup,
+    JobView,
+    StyleConsistency,
+    TrainingProgress,
+    WorkerView,
+)
+from shared.consistency import consistency
 from shared.db.clock import database_time
 from shared.db.models import Artifact, Job, JobKind, PickGate, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
@@ -30,6 +39,9 @@ _ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
 MAX_FAILURES = 100
 MAX_FAILURE_GROUPS = 50
 """A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
+MAX_LOOKS = 5000
+LOOK_STAGES = ("render", "draft", "final")
+"""The passes whose images are a set of views (an upscale's tiles and results are not)."""
 
 
 def check_id(job_id: str) -> None:
@@ -103,8 +115,32 @@ def job_view(
         training=_training(session, row),
         pick_gate=row.gate,
         picks_close_at=row.picks_close_at,
+        consistency=style_consistency(session, job_id),
     )
     return _with_eta(view, started, now)
+
+
+def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:
+    """Each (pass, style) of the job's images: how alike they look, measured on at most `MAX_LOOKS` images
+    each (the first stored: a sample of a catalogue job says as much as all of it)."""
+    sets: dict[tuple[str, str], list[tuple[int, list[float]]]] = defaultdict(list)
+    rows = session.execute(
+        select(Artifact.id, Artifact.stage, Artifact.style, Artifact.look)
+        .where(Artifact.job_id == job_id, Artifact.look.is_not(None), Artifact.stage.in_(LOOK_STAGES))
+        .order_by(Artifact.id)
+    )
+    for artifact_id, stage, style, signature in rows:
+        if len(members := sets[stage, style]) < MAX_LOOKS:
+            members.append((artifact_id, signature))
+    found = []
+    for (stage, style), members in sorted(sets.items()):
+        measured = consistency([signature for _, signature in members])
+        if measured is not None:
+            outliers = [members[i][0] for i in measured.outliers]
+            found.append(
+                StyleConsistency(stage=stage, style=style, score=measured.score, images=len(members), outliers=outliers)
+            )
+    return found
 
 
 def resolve(session: Session, job_id: str) -> str:
@@ -272,7 +308,22 @@ def sheet_page(
         for digest, plan, style in page
     ]
     picking = row.gate is PickGate.OPEN
-    return Sheet(row.id, row.name, columns, grid, row_offset, rows_total, seed_offset, len(every_seed), picking)
+    measured = style_consistency(session, job_id)
+    scores = {m.style: m.score for m in measured if m.stage != "final"}  # the cells are the first pass's images
+    outliers = frozenset(i for m in measured for i in m.outliers)
+    return Sheet(
+        row.id,
+        row.name,
+        columns,
+        grid,
+        row_offset,
+        rows_total,
+        seed_offset,
+        len(every_seed),
+        picking,
+        consistency=scores,
+        outliers=outliers,
+    )
 
 
 def _images_total(job: Job) -> int:

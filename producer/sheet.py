@@ -11,7 +11,7 @@ import io
 import json
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,10 @@ class Sheet:
     seeds_total: int
     picking: bool = False
     """A staged job that takes picks: its drafts can be chosen for finals."""
+    consistency: dict[str, float] = field(default_factory=dict)
+    """Each style's consistency score across its views (`shared.consistency`), where measured."""
+    outliers: frozenset[int] = frozenset()
+    """Images whose palette and texture stray from their style's other views."""
 
     @property
     def artifacts(self) -> list[ArtifactView]:
@@ -85,12 +89,14 @@ class Sheet:
                     "plan": row.plan,
                     "plan_digest": row.plan_digest,
                     "style": row.style,
+                    "consistency": self.consistency.get(row.style),
                     "cells": [
                         {
                             "seed": c.seed,
                             "state": c.state,
                             "artifact": c.artifact.id if c.artifact else None,
                             "final": c.final.id if c.final else None,
+                            "outlier": c.artifact is not None and c.artifact.id in self.outliers,
                         }
                         for c in row.cells
                     ],

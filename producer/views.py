@@ -34,6 +34,16 @@ class FailureGroup(View):
     count: int = Field(description="failed tasks of this plan with this reason")
 
 
+class StyleConsistency(View):
+    """How alike one style's images of one pass look (`shared.consistency`)."""
+
+    stage: str = Field(description="render (a single-pass job), draft or final")
+    style: str
+    score: float = Field(description="1 minus the images' mean palette-and-texture distance to the set (0-1)")
+    images: int = Field(description="images measured")
+    outliers: list[int] = Field(description="ids of the images that stray from the others")
+
+
 class TrainingProgress(View):
     """A training job's progress as its worker last wrote it: the step figures appear once the run has begun."""
 
@@ -84,6 +94,10 @@ class JobView(View):
         "closed; null for a single-pass job",
     )
     picks_close_at: datetime | None = Field(None, description="when open picks close by themselves (`pick.timeout`)")
+    consistency: list[StyleConsistency] = Field(
+        default_factory=list,
+        description="per pass and style with 3 images or more: how alike its views look, and its outliers",
+    )
 
     @property
     def done(self) -> int:

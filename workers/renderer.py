@@ -40,6 +40,7 @@ from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.footprint import stack_bytes
 from workers.engine.models import ModelCache, default_dtype, device_memory, family_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
+from workers.look import look
 from workers.preprocessors import ControlMaps
 from workers.revision import composite, weights
 
@@ -458,6 +459,7 @@ class Renderer:
             "stage": work.stage or "render",
             "parent_id": _parent(work),
             "adherence": score,
+            "look": look(image),
             "plan_digest": work.plan_digest,
             "style": work.style.name,
             "seed": seed,

@@ -209,6 +209,9 @@ class Artifact(Base):
         default=None,
         comment="an upscale's mean gradient on tile edges over its mean gradient (1: no seam shows)",
     )
+    look: Mapped[list[Any] | None] = mapped_column(
+        default=None, comment="palette (CIELAB lightness and chroma) and texture histograms (workers.look)"
+    )
     url: Mapped[str] = mapped_column(String(2048))
     sidecar_url: Mapped[str] = mapped_column(String(2048))
     width: Mapped[int] = mapped_column(Integer)

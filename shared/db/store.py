@@ -450,6 +450,7 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
                 "height",
                 "size_bytes",
                 "adherence",
+                "look",
                 "parent_id",
                 "seam",
             )

@@ -1,0 +1,83 @@
+"""Set consistency: how alike a style's views look (palette in CIELAB, texture), and which images stray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.consistency import consistency
+from workers.look import look
+
+
+def _room(colour: tuple[int, int, int], grain: float, seed: int, size: int = 128) -> Image.Image:
+    """A view: a wall colour, darker and lighter patches where the layout puts them, surface grain."""
+    rng = np.random.default_rng(seed)
+    image = np.ones((size, size, 3)) * np.array(colour, dtype=float)
+    for _ in range(4):
+        x, y, w, h = rng.integers(0, size * 3 // 4, 4)
+        image[y : y + h // 2 + 10, x : x + w // 2 + 10] *= rng.uniform(0.6, 1.1)
+    image += rng.normal(0, grain, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def test_one_palette_and_texture_scores_above_a_mix_and_a_stray_view_is_flagged() -> None:
+    beige = [_room((200, 180, 150), 6, seed) for seed in range(8)]
+    rng = np.random.default_rng(0)
+    mixed = [_room(tuple(rng.integers(30, 230, 3)), float(rng.choice([2, 6, 20])), seed) for seed in range(8)]
+    one, many = consistency([look(i) for i in beige]), consistency([look(i) for i in mixed])
+    assert one is not None and many is not None
+    assert one.score > 0.9 > 0.6 > many.score and one.outliers == []
+    blue = beige[:7] + [_room((60, 90, 200), 6, 99)]
+    strayed = consistency([look(i) for i in blue])
+    assert strayed is not None and strayed.outliers == [7] and strayed.score < one.score
+    rough = beige[:7] + [_room((200, 180, 150), 40, 99)]  # the same palette, another surface
+    textured = consistency([look(i) for i in rough])
+    assert textured is not None and textured.outliers == [7]
+
+
+def test_a_signature_does_not_depend_on_the_delivery_size_and_small_sets_are_not_scored() -> None:
+    view = _room((120, 140, 110), 6, 3, size=1024)  # a delivery-size render, and its preview at half the size
+    large, small = np.array(look(view)), np.array(look(view.resize((512, 512), Image.Resampling.BOX)))
+    assert np.abs(small - large).sum() < 0.1 and small.shape == (52,)
+    assert consistency([look(view)] * 2) is None
+
+
+@pytest.mark.slow
+def test_a_jobs_status_and_sheet_carry_each_styles_score_measured_on_its_stored_images(
+    tmp_path: Path, models_dir: Path, example_plan: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+    from producer.client import Farm
+    from shared.config import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        storage_url=str(tmp_path / "out"),
+        models_dir=models_dir,
+        broker_url=None,
+    )
+    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 4}, "profile": "tiny"}
+    with Farm(settings) as farm:
+        job_id = farm.submit(job)
+        view, sheet, images = farm.status(job_id), farm.sheet(job_id), farm.results(job_id)
+    assert [(m.style, m.images) for m in view.consistency] == [("japandi", 4), ("modern", 4)]
+    for measured in view.consistency:
+        stored = [Image.open(i.url.removeprefix("file://")) for i in images if i.style == measured.style]
+        again = consistency([look(image) for image in stored])
+        assert again is not None and again.score == measured.score
+    rows = sheet.to_dict()["rows"]
+    assert {row["style"]: row["consistency"] for row in rows} == {m.style: m.score for m in view.consistency}
+    env = {
+        f"ARCHFARM_{k.upper()}": str(v)
+        for k, v in settings.model_dump().items()
+        if v is not None and k in ("database_url", "storage_url", "models_dir")
+    }
+    printed = CliRunner().invoke(app, ["status", job_id], env=env).output
+    assert f"consistency modern: {view.consistency[1].score:.2f} over 4 images" in printed
+    assert json.loads(CliRunner().invoke(app, ["status", job_id, "--json"], env=env).output)["consistency"]
