@@ -27,17 +27,20 @@ from producer.console import json_errors as _json_errors
 from producer.console import print_json as _print_json
 from producer.console import warn as _warn
 from producer.models import every_model
+from producer.styles_cli import styles_app
 from producer.training_cli import dataset_app
 from producer.training_cli import train as train_command
 from shared.config import DEFAULT_POOL, Settings
 from shared.db.models import JobKind, TaskStatus
 from shared.db.status import JobStatus
 from shared.errors import SubmitWarning
-from shared.kinds import load_spec
+from shared.kinds import Packs, load_spec
 from shared.licences import licence_of
+from shared.packs import load_pack
 from shared.profiles import BUILTIN
 from shared.registry import known_family
-from shared.spec import NAME_PATTERN, JobSpec, Profile, load_job, load_profile, parse_model
+from shared.spec import NAME_PATTERN, JobSpec, Profile, Style, load_job, load_profile, parse_model
+from shared.storage import Storages
 from shared.styles import CATALOG
 
 if TYPE_CHECKING:
@@ -101,11 +104,12 @@ def _render_spec(
     profile: str | None,
     out_dir: Path | None,
     job_file: Path | None,
+    packs: Packs,
 ) -> JobSpec:
     if job_file is not None:
         if plans or styles or seeds is not None or seed:
             _fail("--job takes the plans, styles and seeds from the file; do not give them too")
-        spec = load_job(job_file)
+        spec = load_job(job_file, packs)
         if profile is not None:
             spec = spec.model_copy(update={"profile": load_profile(profile)})
         return spec if out_dir is None else spec.model_copy(update={"output": str(out_dir.resolve())})
@@ -125,6 +129,7 @@ def _render_spec(
             "profile": load_profile(profile or "tiny"),
             "output": str((out_dir or Path("renders")).resolve()),
         },
+        context={"packs": packs},
     )
 
 
@@ -159,8 +164,12 @@ def render(
     """Render every plan × style × seed in this process and write PNGs with JSON sidecars."""
     from producer.local import render_local
 
-    spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file)
     settings = Settings()
+
+    def packs(name: str) -> Style | None:
+        return load_pack(Storages(settings).open(), name)
+
+    spec = _render_spec(plans or [], style or [], seeds, seed or [], profile, out_dir, job_file, packs)
     if save_maps:
         _write_maps(spec.plans, spec.profile, Path(spec.output or settings.storage_url) / "maps", settings)
     reporter = _Reporter(interactive=out.is_terminal)
@@ -303,8 +312,8 @@ def submit(
         if not as_json:
             out.print(job_id, markup=False)
 
-    spec = load_spec(job_file)
     with _farm() as farm:
+        spec = load_spec(job_file, farm.pack)
         if not farm.settings.broker_url and spec.kind == JobKind.RENDER:
             _warn(
                 "no broker configured (ARCHFARM_BROKER_URL): rendering the job in this process now, as "
@@ -400,13 +409,6 @@ def _training_line(training: TrainingProgress) -> str:
         f"training step {training.step}/{training.max_steps}, loss {training.loss:.4f}, "
         f"{training.samples_per_s:.1f} samples/s, {training.skipped_rows} bad rows skipped → {training.model_url}"
     )
-
-
-@app.command()
-def styles() -> None:
-    """The built-in styles, with their prompts and negative prompts."""
-    for name, (prompt, negative) in CATALOG.items():
-        out.print(f"{name}\n  prompt: {prompt}\n  negative: {negative}", markup=False)
 
 
 @app.command()
@@ -782,6 +784,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 
 app.command("train")(train_command)
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(styles_app, name="styles")
 
 
 def main() -> None:

@@ -55,10 +55,12 @@ from shared.errors import (
     one_line,
 )
 from shared.images import content_hash, decode_image
-from shared.kinds import Spec, load_spec, parse_spec, time_limit
+from shared.kinds import Packs, Spec, load_spec, parse_spec, time_limit
+from shared.loras import pin_lora
+from shared.packs import load_pack, pack_names, save_pack
 from shared.plans import store_input
 from shared.sidecar import Sidecar
-from shared.spec import JobSpec, parse_model
+from shared.spec import JobSpec, Style, parse_model
 from shared.storage import Storage, Storages
 from shared.thumbnails import CONTENT_TYPE, thumbnail, thumbnail_key, thumbnail_of_png
 from shared.training import TrainingSpec
@@ -124,7 +126,7 @@ class Farm:
         only (`archfarm train SPEC` trains in this process). A `remote` job (the REST API's, checked by
         `producer.remote`) never has a model name taken for a folder relative to this process.
         """
-        spec = _as_spec(job)
+        spec = _as_spec(job, self.pack)
         if self._celery is None:
             if not isinstance(spec, JobSpec):
                 raise ConfigError(
@@ -420,6 +422,21 @@ class Farm:
             raise NotFound(f"job {job_id}: plan {digest[:12]} has changed since the job was submitted")
         return thumbnail(decode_image(data, digest[:12], max_pixels=settings.max_image_pixels))
 
+    def pack(self, name: str) -> Style | None:
+        """The style pack stored under `name` in the farm's storage (`shared.packs`), or None."""
+        return load_pack(self.storages.open(), name)
+
+    def save_pack(self, style: Style) -> Style:
+        """Store `style` as a pack, its LoRA checked, pinned and copied into the farm's storage; the pack as
+        stored."""
+        loras = [pin_lora(lora, self.storages, True, f"--lora {lora.file}") for lora in style.loras]
+        stored = style.model_copy(update={"loras": loras})
+        save_pack(self.storages.open(), stored)
+        return stored
+
+    def packs(self) -> list[str]:
+        return pack_names(self.storages.open())
+
     def sheet(
         self, job_id: str, row_offset: int = 0, rows: int | None = None, seed_offset: int = 0, seeds: int | None = None
     ) -> Sheet:
@@ -452,10 +469,11 @@ class Farm:
         return written
 
 
-def _as_spec(job: Spec | Mapping[str, Any] | str | Path) -> Spec:
-    """A spec of any kind: given, a document naming its kind, or a file holding one."""
+def _as_spec(job: Spec | Mapping[str, Any] | str | Path, packs: Packs) -> Spec:
+    """A spec of any kind: given, a document naming its kind, or a file holding one (style names looked up
+    in `packs` first)."""
     if isinstance(job, JobSpec | TrainingSpec):
         return job
     if isinstance(job, str | Path):
-        return load_spec(Path(job))
-    return parse_spec(dict(job))
+        return load_spec(Path(job), packs)
+    return parse_spec(dict(job), packs=packs)

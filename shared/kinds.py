@@ -9,6 +9,7 @@ a spec's fields. Adding a kind: its spec model here, its submission in `producer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from shared.config import Settings
 from shared.db.models import JobKind
 from shared.errors import InvalidInput
 from shared.limits import task_time_limit
-from shared.spec import MAX_ECHO, JobSpec, load_document
+from shared.spec import MAX_ECHO, JobSpec, Style, load_document
 from shared.training import TrainingSpec
 
 Spec = JobSpec | TrainingSpec
+Packs = Callable[[str], Style | None]
+"""Stored style packs by name (`Farm.pack`)."""
 SPECS: dict[JobKind, type[JobSpec] | type[TrainingSpec]] = {JobKind.RENDER: JobSpec, JobKind.TRAIN: TrainingSpec}
 
 
@@ -34,14 +37,18 @@ def kind_of(document: Any, source: str = "") -> JobKind:
         raise InvalidInput(f"{where}kind: {str(named)[:MAX_ECHO]!r} is none of {kinds}") from None
 
 
-def parse_spec(document: Any, source: str = "", folder: Path | None = None) -> Spec:
-    """A loaded document as the spec of its kind; relative paths in it taken relative to `folder`."""
-    return SPECS[kind_of(document, source)].from_document(document, source, folder)
+def parse_spec(document: Any, source: str = "", folder: Path | None = None, packs: Packs | None = None) -> Spec:
+    """A loaded document as the spec of its kind; relative paths in it taken relative to `folder`, a render
+    job's style names looked up in `packs` (stored style packs) before the built-in styles."""
+    kind = kind_of(document, source)
+    if kind is JobKind.RENDER:
+        return JobSpec.from_document(document, source, folder, packs)
+    return SPECS[kind].from_document(document, source, folder)
 
 
-def load_spec(path: Path) -> Spec:
+def load_spec(path: Path, packs: Packs | None = None) -> Spec:
     """A job file of any kind (YAML or JSON)."""
-    return parse_spec(load_document(path), str(path), path.parent)
+    return parse_spec(load_document(path), str(path), path.parent, packs)
 
 
 def stored_spec(kind: JobKind, spec: dict[str, Any]) -> Spec:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from shared.errors import InvalidInput
 from shared.licences import Use
@@ -366,13 +366,33 @@ class Profile(_Strict):
         )
 
 
+class StyleLora(_Strict):
+    """A style's LoRA (one `.safetensors` file of UNet LoRA weights, e.g. trained on a studio's own renders),
+    applied to the base's UNet at `weight`. Workers swap it in place between tasks (`workers.engine.loras`)."""
+
+    file: str = Field(min_length=1, max_length=2048, description="path, file:// or s3:// URL of the .safetensors")
+    file_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="set at submit: the file's content hash, part of the style"
+    )
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+
+    @field_validator("file")
+    @classmethod
+    def _file_url(cls, file: str) -> str:
+        return _input_url(file)
+
+
 class Style(_Strict):
     name: Name
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = Field("", max_length=2000)
+    loras: list[StyleLora] = Field(
+        default_factory=list, max_length=1, description="a style pack's LoRA (`archfarm styles add --lora`)"
+    )
 
     def digest(self) -> str:
-        return _digest(self.model_dump(mode="json"))
+        """A style without a LoRA keeps the digest (and so the output keys) it had before packs existed."""
+        return _digest(self.model_dump(mode="json", exclude=set() if self.loras else {"loras"}))
 
 
 class SeedRange(_Strict):
@@ -585,15 +605,17 @@ class JobSpec(_Strict):
     )
 
     @classmethod
-    def from_document(cls, data: Any, source: str = "", folder: Path | None = None) -> JobSpec:
+    def from_document(
+        cls, data: Any, source: str = "", folder: Path | None = None, packs: Callable[[str], Style | None] | None = None
+    ) -> JobSpec:
         """Validate a loaded document; relative plan paths in it are taken relative to `folder` (the file's), as a
-        user writing it expects."""
+        user writing it expects; style names are looked up in `packs` (stored style packs) first."""
         if not isinstance(data, dict):
             raise InvalidInput(f"{source}: expected a mapping of job fields")
         plans = data.get("plans")
         if folder is not None and isinstance(plans, list):
             data = {**data, "plans": [_relative_to(p, folder) for p in plans]}
-        spec: JobSpec = parse_model(cls, data, source)
+        spec: JobSpec = parse_model(cls, data, source, {"packs": packs})
         return spec
 
     def digest(self) -> str:
@@ -617,6 +639,11 @@ class JobSpec(_Strict):
             urls += [("revise.image", self.revise.image), ("revise.mask", self.revise.mask)]
         if self.upscale is not None:
             urls.append(("upscale.image", self.upscale.image))
+        urls += [
+            (f"styles.{i}.loras.{j}.file", lora.file)
+            for i, style in enumerate(self.resolved_styles)
+            for j, lora in enumerate(style.loras)
+        ]
         hooks = [(f"notify.urls.{i}", url) for i, url in enumerate(self.notify.urls if self.notify else [])]
         return References(urls, [(f"profile.{name}", ref) for name, ref in self.profile.models()], hooks)
 
@@ -627,8 +654,11 @@ class JobSpec(_Strict):
 
     @field_validator("styles")
     @classmethod
-    def _resolve_styles(cls, styles: list[str | Style]) -> list[Style]:
-        resolved = [s if isinstance(s, Style) else _builtin_style(s) for s in styles]
+    def _resolve_styles(cls, styles: list[str | Style], info: ValidationInfo) -> list[Style]:
+        """Names become styles: a stored pack of that name (`packs` in the validation context, a lookup in the
+        farm's storage: `shared.packs`), else a built-in style."""
+        packs: Callable[[str], Style | None] | None = (info.context or {}).get("packs")
+        resolved = [s if isinstance(s, Style) else (packs and packs(s)) or _builtin_style(s) for s in styles]
         names = [s.name for s in resolved]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -758,7 +788,10 @@ def _not_by_url(ref: str) -> str:
 
 def _builtin_style(name: str) -> Style:
     if name not in CATALOG:
-        raise ValueError(f"unknown style {name!r} (built-in: {', '.join(sorted(CATALOG))})")
+        raise ValueError(
+            f"unknown style {name!r}: no stored pack of that name (`archfarm styles`) and no built-in one "
+            f"({', '.join(sorted(CATALOG))})"
+        )
     prompt, negative = CATALOG[name]
     return Style(name=name, prompt=prompt, negative_prompt=negative)
 
@@ -851,11 +884,12 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def parse_model(model: type[BaseModel], data: Any, source: str = "") -> Any:
-    """Validate `data` as `model`, turning pydantic's error into `InvalidInput` with a one-line message."""
+def parse_model(model: type[BaseModel], data: Any, source: str = "", context: dict[str, Any] | None = None) -> Any:
+    """Validate `data` as `model` (with a validation `context`), turning pydantic's error into `InvalidInput` with
+    a one-line message."""
     check_shape(data, source)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as e:
         raise InvalidInput(describe(e, source)) from None
 
@@ -931,9 +965,10 @@ def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
     return _printable(f"{where + ': ' if where else ''}{problem}{context}")[:200]
 
 
-def load_job(path: Path) -> JobSpec:
-    """A render job file; relative plan paths are taken relative to the file."""
-    return JobSpec.from_document(load_document(path), str(path), path.parent)
+def load_job(path: Path, packs: Callable[[str], Style | None] | None = None) -> JobSpec:
+    """A render job file; relative plan paths are taken relative to the file, style names looked up in
+    `packs` first."""
+    return JobSpec.from_document(load_document(path), str(path), path.parent, packs)
 
 
 def _relative_to(plan: Any, folder: Path) -> Any:

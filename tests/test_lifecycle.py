@@ -44,12 +44,18 @@ class Sent(list):
 
 
 def submit(
-    sessions: sessionmaker[Session], settings: Settings, plan: Path, seeds: int, output: str, **profile
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    plan: Path,
+    seeds: int,
+    output: str,
+    styles: tuple[object, ...] = ("modern",),
+    **profile,
 ) -> list[str]:  # type: ignore[no-untyped-def]
     spec = JobSpec.model_validate(
         {
             "plans": [str(plan)],
-            "styles": ["modern"],
+            "styles": list(styles),
             "seeds": {"count": seeds},
             "profile": {**PROFILE, **profile},
             "output": output,
@@ -591,6 +597,28 @@ def test_a_cancel_stops_every_task_of_the_call(
 
     assert lifecycle.run(ids[0], progress=cancel_on_first_step) is TaskStatus.CANCELLED
     assert [task(sessions, t).status for t in ids] == [TaskStatus.CANCELLED] * 3
+
+
+def test_a_call_gathers_only_tasks_of_its_style_when_the_style_carries_a_lora(
+    sessions: sessionmaker[Session], settings: Settings, plan: Path, tmp_path: Path, models_dir: Path
+) -> None:
+    """A style pack's LoRA is one per call: the tasks gathered beside a LoRA style's task are of that style;
+    without a LoRA, any style of the job shares the call."""
+    from shared.db.store import claim_more
+    from workers.engine.presets import resolve
+    from workers.engine.tiny import style_lora
+
+    lora = style_lora(Path(resolve("tiny-sd15", models_dir)), tmp_path / "lora", 1)
+    villa = {"name": "villa", "prompt": "warm oak villa", "loras": [{"file": str(lora)}]}
+    ids = submit(sessions, settings, plan, 3, str(tmp_path / "out"), styles=(villa, "modern"), batch=8)
+    styles = {t: task(sessions, t).style for t in ids}
+    first = next(t for t in ids if styles[t] == "villa")
+    with sessions.begin() as session:
+        claim_task(session, first, "gpu-a#1")
+        job_id = task(sessions, first).job_id
+        gathered = claim_more(session, job_id, "gpu-a#1", 8, style="villa")
+        assert {styles[t] for t in gathered} == {"villa"} and len(gathered) == 2
+        assert {styles[t] for t in claim_more(session, job_id, "gpu-a#1", 8)} == {"modern"}
 
 
 def test_a_crash_mid_call_sends_every_task_of_it_again(

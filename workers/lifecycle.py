@@ -404,7 +404,10 @@ class Lifecycle:
             return []
         try:
             stage = prepared.work.stage
-            more = self._db(lambda session: self._claim_more(session, first.job_id, wanted, stage), CLAIM_PATIENCE_S)
+            style = prepared.work.style.name if prepared.work.style.loras else None  # one LoRA per call
+            more = self._db(
+                lambda session: self._claim_more(session, first.job_id, wanted, stage, style), CLAIM_PATIENCE_S
+            )
         except (TimeoutError, *DATABASE_DOWN):
             return []  # the delivered task alone, then
         batch = []
@@ -454,8 +457,10 @@ class Lifecycle:
 
         return report
 
-    def _claim_more(self, session: Session, job_id: str, limit: int, stage: Stage | None) -> list[Held]:
-        return self._held(session, job_id, claim_more(session, job_id, self.worker, limit, stage))
+    def _claim_more(
+        self, session: Session, job_id: str, limit: int, stage: Stage | None, style: str | None
+    ) -> list[Held]:
+        return self._held(session, job_id, claim_more(session, job_id, self.worker, limit, stage, style))
 
     @staticmethod
     def _held(session: Session, job_id: str, ids: list[str]) -> list[Held]:

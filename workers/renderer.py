@@ -25,8 +25,10 @@ from PIL import Image
 from shared import published
 from shared.config import Settings
 from shared.errors import InputError, PermanentError
+from shared.folders import built_once
 from shared.images import content_hash, decode_image
 from shared.licences import declared, licence_of
+from shared.loras import MAX_LORA_BYTES
 from shared.registry import UNION_MODES, default_controlnet, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
@@ -38,6 +40,7 @@ from workers.engine.batching import BatchSizer
 from workers.engine.compile import CompileOptions
 from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.footprint import stack_bytes
+from workers.engine.loras import LORA_FILE, Lora
 from workers.engine.models import ModelCache, default_dtype, device_memory, family_dtype, pick_device
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.look import look
@@ -165,6 +168,25 @@ class Renderer:
             None if profile.quantize_base == "none" else profile.quantize_base,
         )
 
+    def _lora(self, style: Style) -> Lora | None:
+        """A style pack's LoRA, from this worker's model cache (fetched once per content hash and checked
+        against the hash the job pinned)."""
+        if not style.loras:
+            return None
+        lora = style.loras[0]
+        digest = lora.file_sha256
+        assert digest is not None  # pinned at submit
+
+        def fetch(folder: Path) -> None:
+            data = self.storages.read(lora.file, max_bytes=MAX_LORA_BYTES)
+            if content_hash(data) != digest:
+                raise InputError(f"style {style.name}: its LoRA {lora.file} changed after the job was submitted")
+            (folder / LORA_FILE).write_bytes(data)
+
+        with input_errors(f"style {style.name}: LoRA {lora.file}"):
+            folder = built_once(self.settings.models_dir / "loras" / digest, fetch)
+        return Lora(str(folder / LORA_FILE), lora.weight, digest)
+
     def _unit_models(self, profile: Profile) -> list[str]:
         """The network each unit runs with: the union serving them all, the one it names, or its kind's default
         for the base's family (ControlNet or T2I-Adapter; a FLUX.1 Control base itself)."""
@@ -218,7 +240,8 @@ class Renderer:
             for seed in task.work.seeds
         ]
         started = time.perf_counter()
-        result, units, _ = self._call(profile, items, on_step, batch[0].work.strength)
+        work = batch[0].work
+        result, units, _ = self._call(profile, items, on_step, work.strength, self._lora(work.style))
         render_s = time.perf_counter() - started
         models: dict[str, Any] = {
             "base": self._identity(profile.base),
@@ -250,7 +273,12 @@ class Renderer:
         return self._call(profile, items, None)[2]
 
     def _call(
-        self, profile: Profile, items: list[Item], on_step: StepFn | None, strength: float | None = None
+        self,
+        profile: Profile,
+        items: list[Item],
+        on_step: StepFn | None,
+        strength: float | None = None,
+        lora: Lora | None = None,
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
         self._pin(profile)
@@ -276,6 +304,7 @@ class Renderer:
             text_encoders=profile.text_encoders,
             quantize_base=None if profile.quantize_base == "none" else profile.quantize_base,
             adapters=profile.adapters,
+            lora=lora,
             modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
         with self._compiled_first(request) as warmth:

@@ -28,7 +28,7 @@ def submit(request: Request, response: Response, job: dict[str, Any] = Body(...)
     """A spec of any kind (its `kind`; render when it names none): checked, stored and queued. The body is read
     as a document rather than parsed by FastAPI, for archfarm's one-line errors and size checks."""
     client = queueing_farm(request)
-    spec = parse_spec(job)
+    spec = parse_spec(job, packs=client.pack)
     check_remote(spec, client.settings)
     owner = None if request.state.caller is None else request.state.caller.name
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
@@ -101,10 +101,12 @@ def claim_task(session: Session, task_id: str, worker: str) -> bool:
     return _transition(session, task_id, [TaskStatus.QUEUED], TaskStatus.RUNNING, **_claimed(worker))
 
 
-def claim_more(session: Session, job_id: str, worker: str, limit: int, stage: str | None = None) -> list[str]:
-    """Up to `limit` more queued tasks of a job's `stage` (drafts and finals render at different sizes) for
-    `worker` to render in the same call, in expansion order, none that is waiting out a delay. Their own
-    messages find them taken (or done) and do nothing."""
+def claim_more(
+    session: Session, job_id: str, worker: str, limit: int, stage: str | None = None, style: str | None = None
+) -> list[str]:
+    """Up to `limit` more queued tasks of a job's `stage` (drafts and finals render at different sizes) and, given
+    one, `style` (a style pack's LoRA is one per call) for `worker` to render in the same call, in expansion
+    order, none that is waiting out a delay. Their own messages find them taken (or done) and do nothing."""
     ids = list(
         session.scalars(
             select(Task.id)
@@ -113,6 +115,7 @@ def claim_more(session: Session, job_id: str, worker: str, limit: int, stage: st
                 Task.job_id == job_id,
                 Task.status == TaskStatus.QUEUED,
                 Task.stage.is_(None) if stage is None else Task.stage == stage,
+                true() if style is None else Task.style == style,
                 Task.due_at <= db_now(),
                 Job.paused_at.is_(None),
             )

@@ -48,6 +48,7 @@ from shared.registry import QUANTIZE_DEVICES, TRANSFORMER_FAMILIES, Family, is_u
 from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions, compile_module, use_inductor_cache
 from workers.engine.hints import encode_once
+from workers.engine.loras import StyleLoras
 from workers.engine.presets import base_family, resolve
 
 # A worker's log gets one line per task, not a progress bar per model load.
@@ -198,6 +199,8 @@ class ModelCache:
         self._families: dict[str, Family] = {}
         self._prompts: OrderedDict[tuple[Any, ...], tuple[torch.Tensor | None, ...]] = OrderedDict()
         self.prompt_encodes = 0
+        self.loras = StyleLoras()
+        """Style packs' LoRAs, swapped into the resident UNets in place."""
 
     def base(self, ref: str, text_encoders: str = "device", quantize: str | None = None) -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and

@@ -60,6 +60,7 @@ from shared.errors import InvalidInput
 from shared.registry import SCHEDULERS, TRANSFORMER_FAMILIES, Family
 from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
+from workers.engine.loras import Lora
 from workers.engine.models import ModelCache, family_dtype
 from workers.engine.windows import WindowedControlNets, WindowedFluxControlNets, WindowedSD3ControlNets
 
@@ -146,6 +147,9 @@ class Request:
     """`cpu`: the base's text encoders are held (and run, once per prompt pair) in CPU memory."""
     quantize_base: str | None = None
     """"int8": the base's denoiser (UNet or transformer) is loaded int8 weight-only."""
+    lora: Lora | None = None
+    """A style pack's LoRA, swapped into the UNet for this call (`workers.engine.loras`); every item's style
+    shares it."""
     adapters: bool = False
     """The units are T2I-Adapters (SD 1.5, SDXL): run once per call, their features added at every step up to
     the units' common end."""
@@ -209,6 +213,8 @@ def render_batch(
     family = cache.family(request.base)
     _check(family, request)
     components = cache.base(request.base, request.text_encoders, request.quantize_base)
+    if family not in TRANSFORMER_FAMILIES:  # before compiling: the compiled UNet wraps this module
+        cache.loras.apply(components["unet"], request.lora)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
@@ -628,6 +634,8 @@ def _check_transformer(family: Family, request: Request) -> None:
         )
     if request.modes is not None:
         raise InvalidInput("a ControlNet-Union is made for SDXL")
+    if request.lora is not None:
+        raise InvalidInput(f"a style pack's LoRA applies to SD 1.5 and SDXL UNets, not to {family}")
 
 
 def _check_adapters(family: Family, request: Request) -> None:

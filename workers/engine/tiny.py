@@ -257,6 +257,21 @@ def build_adapter(folder: Path) -> None:
     adapter("full_adapter", 8).save_pretrained(folder, safe_serialization=True)
 
 
+def style_lora(base: Path, target: Path, seed: int, rank: int = 4) -> Path:
+    """A UNet LoRA for the tiny SD 1.5 base in `base` (its attention projections, rank `rank`, seeded random
+    weights: a stand-in for one trained on a studio's renders), saved as diffusers saves LoRAs; its file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    with seeded(seed):
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    layers = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(str(target), unet_lora_layers=layers, safe_serialization=True)
+    return target / "pytorch_lora_weights.safetensors"
+
+
 def revive_zero_convs(controlnet: ControlNetModel) -> None:
     """Give the "zero convolutions" seeded random weights: diffusers zero-initialises them, which would make a
     fresh ControlNet's control image and scale no-ops. Call it inside `seeded`."""

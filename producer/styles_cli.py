@@ -1,0 +1,75 @@
+"""`archfarm styles`, `styles add` and `styles show`: built-in styles and the farm's stored style packs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from producer.console import Commands, fail, out
+from shared.config import Settings
+from shared.spec import Style
+from shared.styles import CATALOG
+
+styles_app = Commands(
+    invoke_without_command=True,
+    help="Styles: the built-in ones and the farm's stored style packs (`styles add NAME ...`, `styles show NAME`).",
+)
+
+
+def _farm():  # type: ignore[no-untyped-def]
+    from producer.client import Farm
+
+    return Farm(Settings())
+
+
+@styles_app.callback()
+def styles(context: typer.Context) -> None:
+    """The built-in styles with their prompts, then the names of the farm's stored packs."""
+    if context.invoked_subcommand is not None:
+        return
+    for name, (prompt, negative) in CATALOG.items():
+        out.print(f"{name}\n  prompt: {prompt}\n  negative: {negative}", markup=False)
+    with _farm() as farm:
+        for name in farm.packs():
+            out.print(f"{name} (pack: `archfarm styles show {name}`)", markup=False)
+
+
+@styles_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="The pack's name, as jobs will name it (not a built-in's).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The style's prompt.")],
+    negative: Annotated[str, typer.Option("--negative", help="Its negative prompt.")] = "",
+    lora: Annotated[
+        str | None, typer.Option("--lora", help="A UNet LoRA .safetensors: a path, file:// or s3:// URL.")
+    ] = None,
+    weight: Annotated[float, typer.Option("--weight", help="The LoRA's weight (0-2).")] = 1.0,
+) -> None:
+    """Store a style pack in the farm's storage: its prompts and its LoRA, checked, pinned by content hash and
+    copied beside the plans. Storing a name again replaces the pack for later jobs; earlier jobs keep theirs."""
+    from shared.spec import parse_model
+
+    loras = [] if lora is None else [{"file": lora, "weight": weight}]
+    document = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
+    with _farm() as farm:
+        stored = farm.save_pack(parse_model(Style, document, "styles add"))
+    out.print(_describe(stored), markup=False)
+
+
+@styles_app.command("show")
+def show(name: Annotated[str, typer.Argument(help="A stored pack's or a built-in style's name.")]) -> None:
+    """A style: its prompts and, for a pack, its LoRA with its hash and weight."""
+    with _farm() as farm:
+        style = farm.pack(name)
+    if style is None and name in CATALOG:
+        prompt, negative = CATALOG[name]
+        style = Style(name=name, prompt=prompt, negative_prompt=negative)
+    if style is None:
+        fail(f"no style pack or built-in style {name!r}")
+    out.print(_describe(style), markup=False)
+
+
+def _describe(style: Style) -> str:
+    lines = [style.name, f"  prompt: {style.prompt}", f"  negative: {style.negative_prompt}"]
+    lines += [f"  lora: {lora.file} (sha256 {lora.file_sha256}), weight {lora.weight:g}" for lora in style.loras]
+    return "\n".join(lines)

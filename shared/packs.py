@@ -1,0 +1,48 @@
+"""Style packs stored by name in the farm's storage (`styles/NAME.json`): a style's prompts and its LoRA, the
+LoRA pinned by content hash and copied beside the plans, so any job can name the pack and gets the version
+that was stored when it was submitted (the job keeps its own copy)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pydantic import ValidationError
+
+from shared.errors import InvalidInput
+from shared.spec import NAME_PATTERN, Style
+from shared.storage import Storage
+from shared.styles import CATALOG
+
+PREFIX = "styles/"
+_NAME = re.compile(NAME_PATTERN)
+MAX_PACK_BYTES = 1024 * 1024
+
+
+def save_pack(storage: Storage, style: Style) -> str:
+    """Store `style` (its LoRA already pinned) under its name, replacing an earlier pack of that name; its URL."""
+    if style.name in CATALOG:
+        raise InvalidInput(f"{style.name!r} is a built-in style; give the pack another name")
+    key = f"{PREFIX}{style.name}.json"
+    storage.put(key, style.model_dump_json(indent=1, exclude_none=True).encode(), "application/json")
+    return storage.url(key)
+
+
+def load_pack(storage: Storage, name: str) -> Style | None:
+    """The pack stored under `name`; None when there is none (or `name` could not name one)."""
+    if not _NAME.fullmatch(name):
+        return None
+    try:
+        data = storage.get(f"{PREFIX}{name}.json", limit=MAX_PACK_BYTES)
+    except FileNotFoundError:
+        return None
+    try:
+        return Style.model_validate(json.loads(data))
+    except (ValueError, ValidationError) as error:
+        raise InvalidInput(f"stored style pack {name!r} is damaged: {str(error).splitlines()[0]}") from None
+
+
+def pack_names(storage: Storage) -> list[str]:
+    return sorted(
+        key.removeprefix(PREFIX).removesuffix(".json") for key in storage.list(PREFIX) if key.endswith(".json")
+    )
