@@ -56,8 +56,7 @@ from shared.errors import (
 )
 from shared.images import content_hash, decode_image
 from shared.kinds import Packs, Spec, load_spec, parse_spec, time_limit
-from shared.loras import pin_lora
-from shared.packs import load_pack, pack_names, save_pack
+from shared.packs import load_pack, pack_names, pin_style, save_pack
 from shared.plans import store_input
 from shared.sidecar import Sidecar
 from shared.spec import JobSpec, Style, parse_model
@@ -427,10 +426,9 @@ class Farm:
         return load_pack(self.storages.open(), name)
 
     def save_pack(self, style: Style) -> Style:
-        """Store `style` as a pack, its LoRA checked, pinned and copied into the farm's storage; the pack as
-        stored."""
-        loras = [pin_lora(lora, self.storages, True, f"--lora {lora.file}") for lora in style.loras]
-        stored = style.model_copy(update={"loras": loras})
+        """Store `style` as a pack, its LoRA and mood board checked, pinned and copied into the farm's storage;
+        the pack as stored."""
+        stored = pin_style(style, self.storages, True, style.name)
         save_pack(self.storages.open(), stored)
         return stored
 

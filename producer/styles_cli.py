@@ -44,13 +44,24 @@ def add(
         str | None, typer.Option("--lora", help="A UNet LoRA .safetensors: a path, file:// or s3:// URL.")
     ] = None,
     weight: Annotated[float, typer.Option("--weight", help="The LoRA's weight (0-2).")] = 1.0,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option("--reference", help="A mood-board image (path, file:// or s3://); repeat for several."),
+    ] = None,
+    reference_scale: Annotated[float, typer.Option("--reference-scale", help="The mood board's scale (0-2).")] = 0.8,
+    transfer: Annotated[
+        str, typer.Option("--transfer", help="style: take its look, not its layout (InstantStyle); all: both.")
+    ] = "style",
 ) -> None:
-    """Store a style pack in the farm's storage: its prompts and its LoRA, checked, pinned by content hash and
-    copied beside the plans. Storing a name again replaces the pack for later jobs; earlier jobs keep theirs."""
+    """Store a style pack in the farm's storage: its prompts, its LoRA and its mood board, checked, pinned by
+    content hash and copied beside the plans. Storing a name again replaces the pack for later jobs; earlier
+    jobs keep theirs."""
     from shared.spec import parse_model
 
     loras = [] if lora is None else [{"file": lora, "weight": weight}]
-    document = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
+    document: dict[str, object] = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
+    if reference:
+        document["reference"] = {"images": reference, "scale": reference_scale, "transfer": transfer}
     with _farm() as farm:
         stored = farm.save_pack(parse_model(Style, document, "styles add"))
     out.print(_describe(stored), markup=False)
@@ -72,4 +83,10 @@ def show(name: Annotated[str, typer.Argument(help="A stored pack's or a built-in
 def _describe(style: Style) -> str:
     lines = [style.name, f"  prompt: {style.prompt}", f"  negative: {style.negative_prompt}"]
     lines += [f"  lora: {lora.file} (sha256 {lora.file_sha256}), weight {lora.weight:g}" for lora in style.loras]
+    if style.reference is not None:
+        board = style.reference
+        lines.append(f"  mood board ({board.transfer}, scale {board.scale:g}):")
+        lines += [
+            f"    {url} (sha256 {digest})" for url, digest in zip(board.images, board.images_sha256 or [], strict=False)
+        ]
     return "\n".join(lines)

@@ -29,11 +29,11 @@ from shared.db.store import add_job
 from shared.errors import InvalidInput, SubmitWarning
 from shared.images import decode_image
 from shared.limits import check_fits_visibility
-from shared.loras import pin_lora
+from shared.packs import pin_style
 from shared.plans import load_plan, load_plans, stage_plans
 from shared.registry import known_family
 from shared.revision import region
-from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile, Revise, Style, Upscale, parse_model
+from shared.spec import MAX_ECHO, ImageControl, JobSpec, Notify, Profile, Revise, Upscale, parse_model
 from shared.storage import Storages, canonical_url
 
 
@@ -93,7 +93,7 @@ def prepare(
     profile = _with_control_images(profile, storages, farm)
     revise = None if spec.revise is None else _with_revision_inputs(spec.revise, profile, storages, farm)
     upscale = None if spec.upscale is None else _with_upscale_inputs(spec.upscale, profile, storages, farm)
-    styles = _with_style_loras(spec.resolved_styles, storages, farm)
+    styles = [pin_style(style, storages, farm, f"styles.{i}") for i, style in enumerate(spec.resolved_styles)]
     updates = {"profile": profile, "notify": notify, "revise": revise, "upscale": upscale, "use": use, "styles": styles}
     spec = spec.model_copy(update=updates)
     if upscale is not None:  # its result's size is known only now: the spec's checks of it run again
@@ -136,16 +136,6 @@ def _with_control_images(profile: Profile, storages: Storages, farm: bool) -> Pr
             unit = unit.model_copy(update={"image": image.url, "image_sha256": image.digest})
         units.append(unit)
     return profile.model_copy(update={"controls": units})
-
-
-def _with_style_loras(styles: list[Style], storages: Storages, farm: bool) -> list[Style]:
-    """Every style pack's LoRA read, checked and pinned by content hash (staged for a farm): the hash is part
-    of the style's digest, so a LoRA trained again never overwrites earlier images."""
-    pinned = []
-    for i, style in enumerate(styles):
-        loras = [pin_lora(lora, storages, farm, f"styles.{i}.loras.{j}") for j, lora in enumerate(style.loras)]
-        pinned.append(style.model_copy(update={"loras": loras}) if loras else style)
-    return pinned
 
 
 def _with_revision_inputs(revise: Revise, profile: Profile, storages: Storages, farm: bool) -> Revise:

@@ -64,6 +64,7 @@ MODELS: dict[str, str] = {
     "xinsir/controlnet-tile-sdxl-1.0": "apache-2.0",
     "xinsir/controlnet-union-sdxl-1.0": "apache-2.0",
     "Intel/dpt-large": "apache-2.0",
+    "h94/IP-Adapter": "apache-2.0",
     "TencentARC/t2iadapter_canny_sd15v2": "apache-2.0",
     "TencentARC/t2iadapter_depth_sd15v2": "apache-2.0",
     "TencentARC/t2i-adapter-canny-sdxl-1.0": "apache-2.0",

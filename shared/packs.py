@@ -1,6 +1,6 @@
-"""Style packs stored by name in the farm's storage (`styles/NAME.json`): a style's prompts and its LoRA, the
-LoRA pinned by content hash and copied beside the plans, so any job can name the pack and gets the version
-that was stored when it was submitted (the job keeps its own copy)."""
+"""Style packs stored by name in the farm's storage (`styles/NAME.json`): a style's prompts, its LoRA and its
+mood board, pinned by content hash and copied beside the plans, so any job can name the pack and gets the
+version that was stored when it was submitted (the job keeps its own copy)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,34 @@ import re
 from pydantic import ValidationError
 
 from shared.errors import InvalidInput
+from shared.loras import pin_lora
+from shared.plans import load_plan, stage_plans
 from shared.spec import NAME_PATTERN, Style
-from shared.storage import Storage
+from shared.storage import Storage, Storages
 from shared.styles import CATALOG
 
 PREFIX = "styles/"
 _NAME = re.compile(NAME_PATTERN)
 MAX_PACK_BYTES = 1024 * 1024
+
+
+def pin_style(style: Style, storages: Storages, farm: bool, where: str) -> Style:
+    """`style` with its LoRA and mood board read, checked and pinned by content hash (copied into the farm's
+    storage for a `farm`): the hashes are part of the style's digest, so a pack changed later never overwrites
+    earlier images, and every worker reads the same bytes."""
+    if not style.packed:
+        return style
+    loras = [pin_lora(lora, storages, farm, f"{where}.loras.{i}") for i, lora in enumerate(style.loras)]
+    reference = style.reference
+    if reference is not None:
+        images = [load_plan(image, storages)[0] for image in reference.images]
+        if farm:
+            images = stage_plans(images, storages)
+        pinned = {"images": [i.url for i in images], "images_sha256": [i.digest for i in images]}
+        if reference.images_sha256 not in (None, pinned["images_sha256"]):
+            raise InvalidInput(f"{where}.reference: its images changed since the style was saved")
+        reference = reference.model_copy(update=pinned)
+    return style.model_copy(update={"loras": loras, "reference": reference})
 
 
 def save_pack(storage: Storage, style: Style) -> str:

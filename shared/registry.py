@@ -37,6 +37,7 @@ PRESETS: frozenset[str] = frozenset(
         "tiny-sd3-controlnet",
         "tiny-sd15-adapter",
         "tiny-sdxl-adapter",
+        "tiny-ip-adapter",
     }
 )
 """Tiny models built from configs with seeded weights: the offline demo and the tests. `tiny-plan` is trained
@@ -105,6 +106,23 @@ DEFAULT_ADAPTERS: dict[tuple[Family, str], str] = {
 }
 """T2I-Adapters (`profile.adapters`): SD 1.5 and SDXL only, run once per image instead of at every step."""
 ADAPTER_FAMILIES: frozenset[str] = frozenset({"sd15", "sdxl"})
+
+IP_ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "tiny-sd15": ("tiny-ip-adapter", "ip-adapter.safetensors", "image_encoder"),
+    "sd15": ("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors", "models/image_encoder"),
+    "sdxl": ("h94/IP-Adapter", "sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder"),
+}
+"""The IP-Adapter a style pack's mood board runs through, by tiny base or family: (model, weights file,
+image encoder folder), in h94/IP-Adapter's layout (Apache-2.0; SDXL's ViT-H variant shares SD 1.5's encoder)."""
+
+
+def ip_adapter(base: str, family: Family) -> tuple[str, str, str]:
+    """The IP-Adapter for `base`; ValueError for families without one here (FLUX, SD 3)."""
+    found = IP_ADAPTERS.get(base) or IP_ADAPTERS.get(family)
+    if found is None:
+        raise ValueError(f"a style pack's mood board runs through an SD 1.5 or SDXL IP-Adapter, not {family}")
+    return found
+
 
 UNION_MODES: dict[str, int] = {"depth": 1, "plan-depth": 1, "canny": 3, "tile": 6}
 """The ControlNet-Union (SDXL, xinsir) mode each kind of unit runs as: depth 1, canny/lineart 3, tile 6 (ProMax

@@ -49,6 +49,8 @@ class Models(BaseModel):
     base: ModelIdentity = Field(default_factory=ModelIdentity)
     controlnets: list[ModelIdentity] = Field(default_factory=list)
     vae: ModelIdentity | None = None
+    ip_adapter: ModelIdentity | None = None
+    """The IP-Adapter a style pack's mood board ran through."""
 
 
 class PlanRecord(BaseModel):

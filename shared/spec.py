@@ -382,6 +382,22 @@ class StyleLora(_Strict):
         return _input_url(file)
 
 
+class Reference(_Strict):
+    """A style pack's mood board: images its renders take their look from through an IP-Adapter. `transfer:
+    style` injects them only where style lives in the UNet (InstantStyle: the middle attention layer of the first
+    up block with attention), so the boards' layout does not leak into the render; `all` everywhere."""
+
+    images: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=8)
+    images_sha256: list[str] | None = Field(None, description="set at submit: each image's content hash")
+    scale: float = Field(0.8, ge=0.0, le=2.0, description="the IP-Adapter's scale where it acts")
+    transfer: Literal["style", "all"] = "style"
+
+    @field_validator("images")
+    @classmethod
+    def _image_urls(cls, images: list[str]) -> list[str]:
+        return [_input_url(image) for image in images]
+
+
 class Style(_Strict):
     name: Name
     prompt: str = Field(min_length=1, max_length=2000)
@@ -389,10 +405,19 @@ class Style(_Strict):
     loras: list[StyleLora] = Field(
         default_factory=list, max_length=1, description="a style pack's LoRA (`archfarm styles add --lora`)"
     )
+    reference: Reference | None = Field(
+        None, description="a style pack's mood board (`archfarm styles add --reference IMG`)"
+    )
+
+    @property
+    def packed(self) -> bool:
+        """Whether the style carries weights or images beyond its prompts (a call renders one such style)."""
+        return bool(self.loras) or self.reference is not None
 
     def digest(self) -> str:
-        """A style without a LoRA keeps the digest (and so the output keys) it had before packs existed."""
-        return _digest(self.model_dump(mode="json", exclude=set() if self.loras else {"loras"}))
+        """A style without a LoRA or references keeps the digest (and so the output keys) it had before packs."""
+        unset = ({"loras"} if not self.loras else set()) | ({"reference"} if self.reference is None else set())
+        return _digest(self.model_dump(mode="json", exclude=unset))
 
 
 class SeedRange(_Strict):
@@ -639,11 +664,10 @@ class JobSpec(_Strict):
             urls += [("revise.image", self.revise.image), ("revise.mask", self.revise.mask)]
         if self.upscale is not None:
             urls.append(("upscale.image", self.upscale.image))
-        urls += [
-            (f"styles.{i}.loras.{j}.file", lora.file)
-            for i, style in enumerate(self.resolved_styles)
-            for j, lora in enumerate(style.loras)
-        ]
+        for i, style in enumerate(self.resolved_styles):
+            urls += [(f"styles.{i}.loras.{j}.file", lora.file) for j, lora in enumerate(style.loras)]
+            images = [] if style.reference is None else style.reference.images
+            urls += [(f"styles.{i}.reference.images.{j}", image) for j, image in enumerate(images)]
         hooks = [(f"notify.urls.{i}", url) for i, url in enumerate(self.notify.urls if self.notify else [])]
         return References(urls, [(f"profile.{name}", ref) for name, ref in self.profile.models()], hooks)
 

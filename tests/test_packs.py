@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from shared.config import Settings
 from shared.errors import InvalidInput
@@ -17,9 +18,10 @@ from shared.spec import JobSpec, Style
 from tests.models_fixture import PLAN_A
 from workers.engine.loras import Lora
 from workers.engine.models import ModelCache
+from workers.engine.moodboards import Board, IPAdapter
 from workers.engine.pipeline import Item, Request, Unit, render_batch
 from workers.engine.presets import resolve
-from workers.engine.tiny import style_lora
+from workers.engine.tiny import IP_ADAPTER_WEIGHTS, style_lora
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,10 @@ def loras(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Pa
     """Two LoRA files for the tiny SD 1.5 base, of different seeded weights."""
     base = Path(resolve("tiny-sd15", models_dir))
     return [style_lora(base, tmp_path_factory.mktemp(f"lora{seed}"), seed) for seed in (1, 2)]
+
+
+def _board(*images: Image.Image, scale: float = 1.0, transfer: str = "all") -> Board:
+    return Board(images, tuple(hashlib.sha256(image.tobytes()).hexdigest() for image in images), scale, transfer)
 
 
 def _render(cache: ModelCache, lora: Lora | None, **changes: object) -> np.ndarray:
@@ -58,6 +64,27 @@ def test_a_lora_changes_the_render_and_weight_zero_or_none_is_bitwise_the_bare_s
     assert np.array_equal(_render(cache, Lora(str(loras[0]), 0.0, "0" * 64)), bare)
     assert np.array_equal(_render(cache, Lora(str(loras[0]), 1.0, "0" * 64)), first)  # swapped back exactly
     assert cache.loras.swaps == 4
+
+
+def test_a_mood_board_changes_the_render_and_at_scale_zero_or_without_one_adds_nothing(
+    models_dir: Path, model_cache: ModelCache
+) -> None:
+    """Through the tiny IP-Adapter: a board changes the image, another board changes it differently, and its
+    style-only transfer differs from transferring everywhere; at scale 0, and for a style without a board on
+    a UNet holding the adapter, the image is bit for bit the bare style's."""
+    adapter = IPAdapter("tiny-ip-adapter", resolve("tiny-ip-adapter", models_dir), IP_ADAPTER_WEIGHTS, "image_encoder")
+    bare = _render(ModelCache(models_dir, torch.device("cpu"), torch.float32), None)
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    warm, cold = Image.new("RGB", (64, 64), (200, 140, 90)), Image.new("RGB", (64, 64), (60, 90, 200))
+    on_warm = _render(cache, None, board=_board(warm), ip_adapter=adapter)
+    on_cold = _render(cache, None, board=_board(cold), ip_adapter=adapter)
+    style_only = _render(cache, None, board=_board(warm, transfer="style"), ip_adapter=adapter)
+    assert (
+        min(np.abs(on_warm - bare).max(), np.abs(on_cold - on_warm).max(), np.abs(style_only - on_warm).max()) > 1 / 255
+    )
+    assert np.array_equal(_render(cache, None, board=_board(warm, scale=0.0), ip_adapter=adapter), bare)
+    assert np.array_equal(_render(cache, None), bare)
+    assert cache.boards.encodes == 2  # each board image encoded once
 
 
 @pytest.mark.slow
@@ -130,18 +157,23 @@ def test_a_job_naming_a_pack_renders_with_its_lora_records_its_hash_and_rerender
         "ARCHFARM_STORAGE_URL": str(tmp_path / "farm"),
         "ARCHFARM_MODELS_DIR": str(models_dir),
     }
-    added = CliRunner().invoke(
-        app, ["styles", "add", "villa", "--prompt", "warm oak villa", "--lora", str(loras[0])], env=env
-    )
+    board = tmp_path / "board.png"
+    Image.new("RGB", (64, 64), (200, 140, 90)).save(board)
+    pack = ["villa", "--prompt", "warm oak villa", "--lora", str(loras[0]), "--reference", str(board)]
+    added = CliRunner().invoke(app, ["styles", "add", *pack], env=env)
     assert added.exit_code == 0, added.output
     shown = CliRunner().invoke(app, ["styles", "show", "villa"], env=env).output
-    assert "lora: " in shown and "weight 1" in shown
+    assert "lora: " in shown and "weight 1" in shown and "mood board (style, scale 0.8):" in shown
     settings = Settings(**{k.removeprefix("ARCHFARM_").lower(): v for k, v in env.items()}, broker_url=None)
     job = {"plans": [str(example_plan)], "styles": ["villa", "modern"], "seeds": [1, 2], "profile": "tiny"}
     with Farm(settings) as farm:
         images = farm.results(farm.submit(job))
     by_style = {(i.style, i.seed): Path(i.url.removeprefix("file://")) for i in images}
     sidecar = json.loads(by_style["villa", 1].with_suffix(".json").read_text())
-    assert sidecar["style"]["loras"][0]["file_sha256"] == farm.pack("villa").loras[0].file_sha256  # type: ignore[union-attr]
+    pack = farm.pack("villa")
+    assert pack is not None and pack.reference is not None
+    assert sidecar["style"]["loras"][0]["file_sha256"] == pack.loras[0].file_sha256
+    assert sidecar["style"]["reference"]["images_sha256"] == pack.reference.images_sha256
+    assert sidecar["models"]["ip_adapter"]["name"] == "tiny-ip-adapter"
     again = rerender(by_style["villa", 1].with_suffix(".json"), tmp_path / "again", settings)
     assert again.comparison.identical, again.verdict

@@ -404,7 +404,7 @@ class Lifecycle:
             return []
         try:
             stage = prepared.work.stage
-            style = prepared.work.style.name if prepared.work.style.loras else None  # one LoRA per call
+            style = prepared.work.style.name if prepared.work.style.packed else None  # one pack per call
             more = self._db(
                 lambda session: self._claim_more(session, first.job_id, wanted, stage, style), CLAIM_PATIENCE_S
             )

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,12 @@ from PIL import Image
 
 from shared import published
 from shared.config import Settings
-from shared.errors import InputError, PermanentError
+from shared.errors import InputError, InvalidInput, PermanentError
 from shared.folders import built_once
 from shared.images import content_hash, decode_image
 from shared.licences import declared, licence_of
 from shared.loras import MAX_LORA_BYTES
-from shared.registry import UNION_MODES, default_controlnet, is_path, is_url
+from shared.registry import UNION_MODES, default_controlnet, ip_adapter, is_path, is_url
 from shared.revision import region
 from shared.sidecar import Models, PlanRecord, Sidecar, SourceRecord
 from shared.spec import Profile, Revise, Stage, Style, TileControl, Upscale
@@ -42,6 +42,7 @@ from workers.engine.compile_cache import CompileKey, FleetCompileCache, Warmth
 from workers.engine.footprint import stack_bytes
 from workers.engine.loras import LORA_FILE, Lora
 from workers.engine.models import ModelCache, default_dtype, device_memory, family_dtype, pick_device
+from workers.engine.moodboards import Board, IPAdapter
 from workers.engine.pipeline import Item, RenderResult, Request, Unit, compiled_shape, render_batch
 from workers.look import look
 from workers.preprocessors import ControlMaps
@@ -149,6 +150,8 @@ class Renderer:
         """The last revision's parent, mask and shares: its job's tasks share them."""
         self._upscale_source: tuple[str | None, Image.Image] | None = None
         """The last upscale's image, decoded, by content hash: its tiles share it."""
+        self._last_board: Board | None = None
+        """The last style pack's mood board, decoded: its style's next tasks share it."""
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
@@ -186,6 +189,36 @@ class Renderer:
         with input_errors(f"style {style.name}: LoRA {lora.file}"):
             folder = built_once(self.settings.models_dir / "loras" / digest, fetch)
         return Lora(str(folder / LORA_FILE), lora.weight, digest)
+
+    def _board(self, style: Style) -> Board | None:
+        """A style pack's mood board, its images read, checked against the hashes the job pinned, and decoded
+        (kept for the style's next tasks)."""
+        reference = style.reference
+        if reference is None:
+            return None
+        digests = tuple(reference.images_sha256 or ())
+        if self._last_board is not None and self._last_board.digests == digests:
+            board = self._last_board
+        else:
+            images = []
+            for url, digest in zip(reference.images, digests, strict=True):
+                where = f"style {style.name}: mood board image {url}"
+                with input_errors(where):
+                    data = self.storages.read(url, max_bytes=self.settings.max_plan_bytes)
+                    if content_hash(data) != digest:
+                        raise InputError(f"{where}: changed after the job was submitted")
+                    images.append(decode_image(data, url, max_pixels=self.settings.max_image_pixels))
+            board = Board(tuple(images), digests, reference.scale, reference.transfer)
+            self._last_board = board
+        return replace(board, scale=reference.scale, transfer=reference.transfer)
+
+    def _ip_adapter(self, profile: Profile) -> IPAdapter:
+        """Where the IP-Adapter for the profile's base loads from (`shared.registry.IP_ADAPTERS`)."""
+        try:
+            model, weights, encoder = ip_adapter(profile.base, self.cache.family(profile.base))
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+        return IPAdapter(model, self.cache.location(model), weights, encoder)
 
     def _unit_models(self, profile: Profile) -> list[str]:
         """The network each unit runs with: the union serving them all, the one it names, or its kind's default
@@ -241,7 +274,8 @@ class Renderer:
         ]
         started = time.perf_counter()
         work = batch[0].work
-        result, units, _ = self._call(profile, items, on_step, work.strength, self._lora(work.style))
+        board = self._board(work.style)
+        result, units, _ = self._call(profile, items, on_step, work.strength, self._lora(work.style), board)
         render_s = time.perf_counter() - started
         models: dict[str, Any] = {
             "base": self._identity(profile.base),
@@ -249,6 +283,8 @@ class Renderer:
         }
         if profile.vae is not None:
             models["vae"] = self._identity(profile.vae)
+        if board is not None:
+            models["ip_adapter"] = self._identity(self._ip_adapter(profile).name)
         call = {"images": len(items), "tasks": len(batch)}
         images = iter(result.images)
         return [
@@ -279,6 +315,7 @@ class Renderer:
         on_step: StepFn | None,
         strength: float | None = None,
         lora: Lora | None = None,
+        board: Board | None = None,
     ) -> tuple[RenderResult, list[Unit], Warmth | None]:
         """One pipeline call, sized and, when compiled, served by the fleet's compile cache."""
         self._pin(profile)
@@ -305,6 +342,8 @@ class Renderer:
             quantize_base=None if profile.quantize_base == "none" else profile.quantize_base,
             adapters=profile.adapters,
             lora=lora,
+            board=board,
+            ip_adapter=None if board is None else self._ip_adapter(profile),
             modes=None if profile.union is None else tuple(UNION_MODES[unit.kind] for unit in profile.controls),
         )
         with self._compiled_first(request) as warmth:

@@ -105,8 +105,9 @@ def claim_more(
     session: Session, job_id: str, worker: str, limit: int, stage: str | None = None, style: str | None = None
 ) -> list[str]:
     """Up to `limit` more queued tasks of a job's `stage` (drafts and finals render at different sizes) and, given
-    one, `style` (a style pack's LoRA is one per call) for `worker` to render in the same call, in expansion
-    order, none that is waiting out a delay. Their own messages find them taken (or done) and do nothing."""
+    one, `style` (a style pack's LoRA and mood board are one per call) for `worker` to render in the same call,
+    in expansion order, none that is waiting out a delay. Their own messages find them taken (or done) and do
+    nothing."""
     ids = list(
         session.scalars(
             select(Task.id)

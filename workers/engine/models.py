@@ -49,6 +49,7 @@ from workers.engine.batching import padded
 from workers.engine.compile import CompileOptions, compile_module, use_inductor_cache
 from workers.engine.hints import encode_once
 from workers.engine.loras import StyleLoras
+from workers.engine.moodboards import MoodBoards
 from workers.engine.presets import base_family, resolve
 
 # A worker's log gets one line per task, not a progress bar per model load.
@@ -201,6 +202,8 @@ class ModelCache:
         self.prompt_encodes = 0
         self.loras = StyleLoras()
         """Style packs' LoRAs, swapped into the resident UNets in place."""
+        self.boards = MoodBoards(device, dtype)
+        """Style packs' mood boards: the IP-Adapter each UNet holds and encoded board images."""
 
     def base(self, ref: str, text_encoders: str = "device", quantize: str | None = None) -> dict[str, Any]:
         """The base model's pipeline components (`BASE_COMPONENTS` of its family), on this cache's device and

@@ -62,6 +62,7 @@ from workers.engine.compile import CompileOptions
 from workers.engine.hints import hints_once
 from workers.engine.loras import Lora
 from workers.engine.models import ModelCache, family_dtype
+from workers.engine.moodboards import Board, IPAdapter
 from workers.engine.windows import WindowedControlNets, WindowedFluxControlNets, WindowedSD3ControlNets
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,10 @@ class Request:
     lora: Lora | None = None
     """A style pack's LoRA, swapped into the UNet for this call (`workers.engine.loras`); every item's style
     shares it."""
+    board: Board | None = None
+    """A style pack's mood board, through the IP-Adapter at `ip_adapter` (`workers.engine.moodboards`); every
+    item's style shares it."""
+    ip_adapter: IPAdapter | None = None
     adapters: bool = False
     """The units are T2I-Adapters (SD 1.5, SDXL): run once per call, their features added at every step up to
     the units' common end."""
@@ -213,8 +218,13 @@ def render_batch(
     family = cache.family(request.base)
     _check(family, request)
     components = cache.base(request.base, request.text_encoders, request.quantize_base)
-    if family not in TRANSFORMER_FAMILIES:  # before compiling: the compiled UNet wraps this module
-        cache.loras.apply(components["unet"], request.lora)
+    unet = components.get("unet")
+    if unet is not None:  # before compiling: the compiled UNet wraps this module
+        cache.loras.apply(unet, request.lora)
+        if request.board is not None and request.ip_adapter is not None:
+            cache.boards.load(unet, request.ip_adapter)
+        elif request.adapters:  # a T2I-Adapter pipeline gives the UNet no image embeddings
+            cache.boards.unload(unet)
     if request.vae is not None:
         components = {**components, "vae": cache.vae(request.vae)}
     union = request.modes is not None
@@ -249,6 +259,7 @@ def render_batch(
             output = pipe(
                 **_embeddings(cache, family, pipe, chunk, guided),
                 **_inputs(pipe, chunk, request.strength),
+                **({} if unet is None else cache.boards.call_inputs(pipe, unet, request.board, len(chunk), guided)),
                 **steering(family, units, chunk, request.modes, maps_as="image" if plain_maps else "control_image"),
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
@@ -634,16 +645,16 @@ def _check_transformer(family: Family, request: Request) -> None:
         )
     if request.modes is not None:
         raise InvalidInput("a ControlNet-Union is made for SDXL")
-    if request.lora is not None:
-        raise InvalidInput(f"a style pack's LoRA applies to SD 1.5 and SDXL UNets, not to {family}")
+    if request.lora is not None or request.board is not None:
+        raise InvalidInput(f"a style pack's LoRA and mood board apply to SD 1.5 and SDXL UNets, not to {family}")
 
 
 def _check_adapters(family: Family, request: Request) -> None:
     """What diffusers' T2I-Adapter pipelines take: SD 1.5 or SDXL, from noise, windows from 0 to one end."""
     if family not in _ADAPTER_PIPELINES:
         raise InvalidInput(f"T2I-Adapters are made for SD 1.5 and SDXL, not {family}")
-    if request.strength is not None or request.modes is not None:
-        raise InvalidInput("T2I-Adapters render from noise only, without a ControlNet-Union")
+    if request.strength is not None or request.modes is not None or request.board is not None:
+        raise InvalidInput("T2I-Adapters render from noise only, without a ControlNet-Union or a mood board")
     ends = {unit.end for unit in request.units}
     if any(unit.start for unit in request.units) or len(ends) > 1 or (family == "sd15" and ends != {1.0}):
         raise InvalidInput("T2I-Adapters start at 0 and end together (SD 1.5's at the last step)")

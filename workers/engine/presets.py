@@ -43,6 +43,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-sd3-controlnet": _lazy("workers.engine.tiny_dit", "build_sd3_controlnet"),
     "tiny-sd15-adapter": _lazy("workers.engine.tiny", "build_adapter"),
     "tiny-sdxl-adapter": _lazy("workers.engine.tiny_sdxl", "build_adapter"),
+    "tiny-ip-adapter": _lazy("workers.engine.tiny", "build_ip_adapter"),
 }
 if frozenset(BUILDERS) != PRESETS:  # the registry in shared/ names them; this module builds them
     raise RuntimeError("workers.engine.presets.BUILDERS out of step with shared.registry.PRESETS")

@@ -257,6 +257,58 @@ def build_adapter(folder: Path) -> None:
     adapter("full_adapter", 8).save_pretrained(folder, safe_serialization=True)
 
 
+IP_ADAPTER_WEIGHTS = "ip-adapter.safetensors"
+_IMAGE_WIDTH = 32
+
+
+def build_ip_adapter(folder: Path) -> None:
+    """Save an IP-Adapter for `build_sd15`'s UNet in the layout of h94/IP-Adapter's folders: a CLIP image encoder
+    with projection (`image_encoder/`, with its preprocessor at the encoder's 32 px) and the adapter's weights
+    (`ip-adapter.safetensors`: the image projection to four text-width tokens and, per cross-attention layer in
+    the UNet's order, key and value projections of them), all seeded."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with seeded(SEED):
+        unet = _unet()
+        encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=_IMAGE_WIDTH,
+                projection_dim=_IMAGE_WIDTH,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=4,
+            )
+        )
+        width = unet.config.cross_attention_dim
+        weights = {
+            "image_proj.proj.weight": torch.randn(4 * width, _IMAGE_WIDTH) * 0.2,
+            "image_proj.proj.bias": torch.zeros(4 * width),
+            "image_proj.norm.weight": torch.ones(width),
+            "image_proj.norm.bias": torch.zeros(width),
+        }
+        layers = [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+        for index, name in enumerate(layers):
+            channels = _channels(unet, name)
+            for projection in ("to_k_ip", "to_v_ip"):
+                weights[f"ip_adapter.{2 * index + 1}.{projection}.weight"] = torch.randn(channels, width) * 0.2
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(size=32, crop_size=32).save_pretrained(folder / "image_encoder")
+    save_file(weights, str(folder / IP_ADAPTER_WEIGHTS))
+
+
+def _channels(unet: UNet2DConditionModel, processor: str) -> int:
+    """The width of the UNet block an attention processor belongs to (as diffusers reads it)."""
+    widths = list(unet.config.block_out_channels)
+    if processor.startswith("mid_block"):
+        return widths[-1]
+    if processor.startswith("up_blocks"):
+        return list(reversed(widths))[int(processor[len("up_blocks.")])]
+    return widths[int(processor[len("down_blocks.")])]
+
+
 def style_lora(base: Path, target: Path, seed: int, rank: int = 4) -> Path:
     """A UNet LoRA for the tiny SD 1.5 base in `base` (its attention projections, rank `rank`, seeded random
     weights: a stand-in for one trained on a studio's renders), saved as diffusers saves LoRAs; its file."""
