@@ -68,7 +68,10 @@ class MoodBoards:
                 part, _, name = key.partition(".")
                 state[part][name] = f.get_tensor(key)
         unet._load_ip_adapter_weights([state])  # type: ignore[operator]
-        unet.to(device=self.device, dtype=self.dtype)
+        added = [unet.encoder_hid_proj, *unet.attn_processors.values()]  # type: ignore[operator]
+        for module in added:  # only what the adapter added: the UNet keeps the dtypes it was loaded with
+            if isinstance(module, nn.Module):
+                module.to(device=self.device, dtype=self.dtype)
         folder = _folder(adapter.location, adapter.encoder)
         encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=self.dtype).to(self.device)
         try:
