@@ -64,8 +64,13 @@ class Validation(_Strict):
 
 
 class Training(_Strict):
-    """What a run trains and how: a ControlNet beside a frozen base, on (image, control map, prompt) pairs."""
+    """What a run trains and how: a ControlNet beside a frozen base, on (image, control map, prompt) pairs; or,
+    `target: lora`, a LoRA of the base's UNet on the same pairs' images and prompts (a style pack's look)."""
 
+    target: Literal["controlnet", "lora"] = Field(
+        "controlnet", description="controlnet; or lora: a UNet LoRA for a style pack (`archfarm styles add --lora`)"
+    )
+    rank: int = Field(16, ge=1, le=128, description="a LoRA's rank")
     base: ModelRef = Field(description="the base model the ControlNet will steer (preset, alias, hub id, folder)")
     init: ModelRef = Field(
         "base", description="`base`: a fresh ControlNet copied from the base's UNet; or a ControlNet to go on from"
@@ -110,6 +115,12 @@ class Training(_Strict):
     def _dataset(cls, dataset: str) -> str:
         return _check_location(dataset)
 
+    @model_validator(mode="after")
+    def _lora_starts_fresh(self) -> Training:
+        if self.target == "lora" and self.init != "base":
+            raise ValueError("init: a LoRA starts from the base (its up-projections zero); leave init: base")
+        return self
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
@@ -149,7 +160,8 @@ class TrainingSpec(_Strict):
     def digest(self) -> str:
         """Content hash of what decides the weights step by step: a run may be resumed with more steps, other
         intervals or validation, never with another dataset, model or optimiser setting."""
-        return _digest(self.train.model_dump(mode="json", exclude=_OPERATIONAL))
+        unset = {"target", "rank"} if self.train.target == "controlnet" else set()  # older runs keep their digest
+        return _digest(self.train.model_dump(mode="json", exclude=_OPERATIONAL | unset))
 
     def references(self) -> References:
         train = self.train

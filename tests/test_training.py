@@ -246,3 +246,52 @@ def _storage(output: Path, settings: Settings):  # type: ignore[no-untyped-def]
     from shared.storage import open_storage_from_settings
 
     return open_storage_from_settings(settings, str(output))
+
+
+@pytest.mark.slow
+def test_a_style_lora_learns_a_look_its_renders_move_towards_it_and_a_pack_uses_it(
+    tmp_path: Path, settings: Settings, models_dir: Path, example_plan: Path
+) -> None:
+    """`target: lora` on a studio's renders of one look (here: the tiny base's renders of one plan through
+    `tiny-plan`, the only look its toy VAE can draw): the loss falls, and the published LoRA's renders without
+    any control map are closer to that look than the base's; its URL is a file a style pack takes."""
+    from shared.spec import StyleLora
+    from workers.engine.loras import Lora
+    from workers.preprocessors.plan_depth import PlanDepth
+    from workers.training.synthetic import write_pair
+
+    cache = ModelCache(models_dir, torch.device("cpu"), torch.float32)
+    plan_map = PlanDepth()(Image.open(example_plan).convert("RGB"), SIZE, SIZE)
+    blank = Image.new("RGB", (SIZE, SIZE))
+
+    def renders(unit: Unit, lora: Lora | None, seeds: range) -> list[np.ndarray]:
+        items = [Item("a villa interior", "", seed, (plan_map if unit.scale else blank,)) for seed in seeds]
+        request = Request("tiny-sd15", [unit], items, 8, 7.5, SIZE, SIZE, output_type="np", lora=lora)
+        return [np.asarray(image) for image in render_batch(cache, request).images]
+
+    targets = renders(Unit("tiny-plan", 1.0, 0.0, 1.0), None, range(24))
+    rows = [
+        write_pair(
+            tmp_path / "data", f"{i:05d}", Image.fromarray((t * 255).astype(np.uint8)), blank, "a villa interior"
+        )
+        for i, t in enumerate(targets)
+    ]
+    write_metadata(tmp_path / "data", rows)
+    fields = {"target": "lora", "rank": 8, "max_steps": 200, "checkpoint_every": 200, "batch_size": 8}
+    fields["learning_rate"] = 2e-2
+    spec = TrainingSpec.from_document(_spec(tmp_path / "data", tmp_path / "out", **fields, timesteps=SAMPLER_TIMESTEPS))
+    result = train(spec, settings)
+    losses = [float(row["loss"]) for row in _metrics(tmp_path / "out")]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
+    assert result.model_url.endswith("/pytorch_lora_weights.safetensors")
+    pinned = StyleLora(file=result.model_url)  # what `archfarm styles add --lora URL` stores
+    look = np.mean(targets, axis=0)
+    trained = Lora(pinned.file.removeprefix("file://"), 1.0, "0" * 64)
+    free = Unit("tiny-canny", 0.0, 0.0, 1.0)  # no control map steers these renders
+    targets_unit = Unit("tiny-plan", 1.0, 0.0, 1.0)
+    distance = {
+        name: float(np.mean([np.abs(image - look).mean() for image in renders(unit, lora, range(100, 104))]))
+        for name, unit, lora in (("base", free, None), ("lora", free, trained), ("look", targets_unit, None))
+    }
+    # How far the LoRA goes from the base's renders towards the look itself (new seeds of it): a third at least.
+    assert distance["base"] - distance["lora"] > (distance["base"] - distance["look"]) / 3, distance
