@@ -1,4 +1,5 @@
-"""What the benchmarks share: a throwaway PostgreSQL database, the environment and CPU workers of a test farm."""
+"""What the benchmarks share: a throwaway PostgreSQL database, the environment and CPU workers of a test farm,
+and timing two things side by side."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import median
 
 from sqlalchemy import create_engine, func, select, text
 
@@ -84,3 +86,17 @@ def cpu_workers(count: int, work: Path) -> Iterator[Farm]:
 def live_workers(farm: Farm) -> int:
     with farm.sessions() as session:
         return int(session.scalar(select(func.count()).select_from(Worker).where(Worker.stopped_at.is_(None))) or 0)
+
+
+def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall times of `a` and `b`, called alternately after a warm-up of each, so that drift in the
+    machine's speed (shared cores) hits both alike."""
+    a()
+    b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, bucket in ((a, times[0]), (b, times[1])):
+            started = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - started)
+    return median(times[0]), median(times[1])

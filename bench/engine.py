@@ -20,10 +20,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import torch
@@ -31,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import side_by_side
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, module_bytes
 from workers.engine.pipeline import ControlInput, Item, Request, Unit, render, render_batch
@@ -41,20 +40,6 @@ from workers.preprocessors.plan_depth import PlanDepth
 PLAN = Path(__file__).resolve().parents[1] / "examples" / "floorplan.png"
 PROMPT = "modern interior design, clean lines, natural light"
 OTHER_PROMPT = "industrial loft interior, exposed brick, concrete floor"
-
-
-def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall times of `a` and `b`, called alternately after a warm-up of each, so that drift in the
-    machine's speed (shared cores) hits both alike."""
-    a()
-    b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in ((a, times[0]), (b, times[1])):
-            started = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - started)
-    return median(times[0]), median(times[1])
 
 
 def measure_size(

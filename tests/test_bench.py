@@ -49,11 +49,18 @@ def test_engine_quick(models_dir: Path) -> None:
         "controlnet_from_offload_ms",
         "64_sdxl_two_controlnets_s",
         "64_sdxl_union_two_modes_s",
+        "64_sd15_two_adapters_s",
     ):
         assert positive(out[key]), key
     assert out["64_union_over_two"] == out["64_sdxl_union_two_modes_s"] / out["64_sdxl_two_controlnets_s"]
     assert out["grouped_controlnet_loads"] < out["interleaved_controlnet_loads"]  # counts, not timings
     assert out["grouped_swaps"] == 1 and out["interleaved_swaps"] == 15
+
+
+def test_style_quick(models_dir: Path) -> None:
+    out = run_bench("style.py", "--quick", "--models-dir", str(models_dir), models_dir=models_dir)
+    assert positive(out["bare_s"]) and positive(out["pack_s"]) and positive(out["hotswap_ms"])
+    assert out["hotswap_new_graphs"] == 0 < out["reload_new_graphs"]  # counts, not timings
 
 
 def test_stages_quick(models_dir: Path) -> None:

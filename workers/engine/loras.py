@@ -60,7 +60,7 @@ class StyleLoras:
                 self._swap(unet, {k: torch.zeros_like(v) if _up(k) else v for k, v in self._last[key].items()})
             self._held[key] = None
             return
-        state = _scaled(_state_dict(lora), lora.weight)
+        state = _scaled(lora_state_dict(lora), lora.weight)
         if key not in self._last:
             unet.enable_lora_hotswap(target_rank=TARGET_RANK)  # type: ignore[operator]
             unet.load_lora_adapter(state, adapter_name=ADAPTER, prefix="unet")  # type: ignore[operator]
@@ -78,7 +78,7 @@ class StyleLoras:
         self.swaps += 1
 
 
-def _state_dict(lora: Lora) -> dict[str, torch.Tensor]:
+def lora_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
     """The file's UNet LoRA weights in diffusers' layout (kohya and other layouts converted by diffusers)."""
     try:
         state, alphas = StableDiffusionPipeline.lora_state_dict(lora.path)

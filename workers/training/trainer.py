@@ -216,9 +216,10 @@ class _Run:
         return controlnet
 
     def _init_lora(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """The base's UNet with a LoRA on its attention projections (`target: lora`): its down-projections drawn
-        from the seed, its up-projections zero (it starts as a no-op), trained in fp32 whatever the UNet's dtype.
-        The trained module is the UNet itself; only the LoRA's parameters take gradients."""
+        """The base's UNet with a LoRA (`target: lora`) on its attention projections and its resnets' convolutions
+        (attention alone barely moves a look's colours and textures): its down-projections drawn from the seed,
+        its up-projections zero (it starts as a no-op), trained in fp32 whatever the UNet's dtype. The trained
+        module is the UNet itself; only the LoRA's parameters take gradients."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
