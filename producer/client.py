@@ -56,7 +56,7 @@ from shared.errors import (
 )
 from shared.images import content_hash, decode_image
 from shared.kinds import Packs, Spec, load_spec, parse_spec, time_limit
-from shared.packs import load_pack, pack_names, pin_style, save_pack
+from shared.packs import load_pack
 from shared.plans import store_input
 from shared.sidecar import Sidecar
 from shared.spec import JobSpec, Style, parse_model
@@ -424,16 +424,6 @@ class Farm:
     def pack(self, name: str) -> Style | None:
         """The style pack stored under `name` in the farm's storage (`shared.packs`), or None."""
         return load_pack(self.storages.open(), name)
-
-    def save_pack(self, style: Style) -> Style:
-        """Store `style` as a pack, its LoRA and mood board checked, pinned and copied into the farm's storage;
-        the pack as stored."""
-        stored = pin_style(style, self.storages, True, style.name)
-        save_pack(self.storages.open(), stored)
-        return stored
-
-    def packs(self) -> list[str]:
-        return pack_names(self.storages.open())
 
     def sheet(
         self, job_id: str, row_offset: int = 0, rows: int | None = None, seed_offset: int = 0, seeds: int | None = None

@@ -8,7 +8,9 @@ import typer
 
 from producer.console import Commands, fail, out
 from shared.config import Settings
+from shared.packs import load_pack, pack_names, store_pack
 from shared.spec import Style
+from shared.storage import Storages
 from shared.styles import CATALOG
 
 styles_app = Commands(
@@ -17,10 +19,9 @@ styles_app = Commands(
 )
 
 
-def _farm():  # type: ignore[no-untyped-def]
-    from producer.client import Farm
-
-    return Farm(Settings())
+def _storages() -> Storages:
+    """The farm's storage, where packs are kept: nothing else (no database) is needed to read or write them."""
+    return Storages(Settings())
 
 
 @styles_app.callback()
@@ -30,9 +31,8 @@ def styles(context: typer.Context) -> None:
         return
     for name, (prompt, negative) in CATALOG.items():
         out.print(f"{name}\n  prompt: {prompt}\n  negative: {negative}", markup=False)
-    with _farm() as farm:
-        for name in farm.packs():
-            out.print(f"{name} (pack: `archfarm styles show {name}`)", markup=False)
+    for name in pack_names(_storages().open()):
+        out.print(f"{name} (pack: `archfarm styles show {name}`)", markup=False)
 
 
 @styles_app.command("add")
@@ -62,16 +62,14 @@ def add(
     document: dict[str, object] = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
     if reference:
         document["reference"] = {"images": reference, "scale": reference_scale, "transfer": transfer}
-    with _farm() as farm:
-        stored = farm.save_pack(parse_model(Style, document, "styles add"))
+    stored = store_pack(_storages(), parse_model(Style, document, "styles add"))
     out.print(_describe(stored), markup=False)
 
 
 @styles_app.command("show")
 def show(name: Annotated[str, typer.Argument(help="A stored pack's or a built-in style's name.")]) -> None:
     """A style: its prompts and, for a pack, its LoRA with its hash and weight."""
-    with _farm() as farm:
-        style = farm.pack(name)
+    style = load_pack(_storages().open(), name)
     if style is None and name in CATALOG:
         prompt, negative = CATALOG[name]
         style = Style(name=name, prompt=prompt, negative_prompt=negative)

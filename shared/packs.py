@@ -40,13 +40,15 @@ def pin_style(style: Style, storages: Storages, farm: bool, where: str) -> Style
     return style.model_copy(update={"loras": loras, "reference": reference})
 
 
-def save_pack(storage: Storage, style: Style) -> str:
-    """Store `style` (its LoRA already pinned) under its name, replacing an earlier pack of that name; its URL."""
+def store_pack(storages: Storages, style: Style) -> Style:
+    """Store `style` as a pack in the farm's storage under its name (replacing an earlier pack of that name for
+    later jobs), its LoRA and mood board checked, pinned and copied beside the plans; the pack as stored."""
     if style.name in CATALOG:
         raise InvalidInput(f"{style.name!r} is a built-in style; give the pack another name")
-    key = f"{PREFIX}{style.name}.json"
-    storage.put(key, style.model_dump_json(indent=1, exclude_none=True).encode(), "application/json")
-    return storage.url(key)
+    stored = pin_style(style, storages, True, style.name)
+    data = stored.model_dump_json(indent=1, exclude_none=True).encode()
+    storages.open().put(f"{PREFIX}{style.name}.json", data, "application/json")
+    return stored
 
 
 def load_pack(storage: Storage, name: str) -> Style | None:

@@ -14,7 +14,9 @@ from PIL import Image
 
 from shared.config import Settings
 from shared.errors import InvalidInput
+from shared.packs import pack_names, store_pack
 from shared.spec import JobSpec, Style
+from shared.storage import Storages
 from tests.models_fixture import PLAN_A
 from workers.engine.loras import Lora
 from workers.engine.models import ModelCache
@@ -118,9 +120,10 @@ def test_a_pack_is_stored_named_by_jobs_pinned_and_checked(
     from producer.client import Farm
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'state.db'}", storage_url=str(tmp_path / "farm"))
+    storages = Storages(settings)
     with Farm(settings) as farm:
-        stored = farm.save_pack(Style(name="villa", prompt="warm oak villa", loras=[{"file": str(loras[0])}]))
-        assert farm.packs() == ["villa"] and stored.loras[0].file_sha256 is not None
+        stored = store_pack(storages, Style(name="villa", prompt="warm oak villa", loras=[{"file": str(loras[0])}]))
+        assert pack_names(storages.open()) == ["villa"] and stored.loras[0].file_sha256 is not None
         assert stored.loras[0].file.startswith((tmp_path / "farm" / "inputs").as_uri())
         spec = JobSpec.from_document(
             {"plans": [str(example_plan)], "styles": ["villa", "modern"], "seeds": [1], "profile": "tiny"},
@@ -133,11 +136,11 @@ def test_a_pack_is_stored_named_by_jobs_pinned_and_checked(
         bad = tmp_path / "text.safetensors"
         save_file({"text_encoder.layer.lora_A.weight": torch.zeros(2, 2)}, str(bad))
         with pytest.raises(InvalidInput, match="holds text-encoder LoRA weights"):
-            farm.save_pack(Style(name="bad", prompt="x", loras=[{"file": str(bad)}]))
+            store_pack(storages, Style(name="bad", prompt="x", loras=[{"file": str(bad)}]))
         with pytest.raises(InvalidInput, match="not a .safetensors file"):
-            farm.save_pack(Style(name="bad", prompt="x", loras=[{"file": str(example_plan)}]))
+            store_pack(storages, Style(name="bad", prompt="x", loras=[{"file": str(example_plan)}]))
         with pytest.raises(InvalidInput, match="is a built-in style"):
-            farm.save_pack(Style(name="modern", prompt="x"))
+            store_pack(storages, Style(name="modern", prompt="x"))
     with pytest.raises(InvalidInput, match="unknown style 'nope': no stored pack of that name"):
         JobSpec.from_document({"plans": ["p.png"], "styles": ["nope"], "seeds": [1], "profile": "tiny"})
 
