@@ -6,8 +6,8 @@ style's LoRA costs a worker.
 Seconds per image of one render of the example plan (tiny SD 1.5 + `tiny-plan`): the bare style against the
 same style with a pack (a rank-8 LoRA and a one-image mood board through the tiny IP-Adapter), alternating,
 medians. Then changing a resident UNet's LoRA: in place (`hotswap`, what a worker does between styles) against
-unloading it and loading the next (what a worker without hotswap does), and, on a UNet compiled with
-`aot_eager`, the graphs each way compiles anew.
+unloading it and loading the next (what a worker without hotswap does), on a UNet compiled with `aot_eager`
+(eager with `--quick`), with the graphs each way compiles anew.
 All comparisons run side by side in one process; read ratios, not absolute times.
 """
 
@@ -71,8 +71,9 @@ def pack_cost(cache: ModelCache, loras: list[Path], size: int, steps: int, repea
     return {"bare_s": bare_s, "pack_s": pack_s, "pack_over_bare": pack_s / bare_s}
 
 
-def swap_cost(models_dir: Path, loras: list[Path], repeats: int) -> dict[str, float]:
-    """A resident UNet's LoRA changed in place against unloaded and loaded again; graphs compiled anew each way."""
+def swap_cost(models_dir: Path, loras: list[Path], repeats: int, compiled: bool) -> dict[str, float]:
+    """A resident UNet's LoRA changed in place against unloaded and loaded again; with `compiled`, on a UNet
+    compiled with aot_eager, and the graphs compiled anew each way."""
     from diffusers import UNet2DConditionModel
     from torch._dynamo.utils import counters
 
@@ -84,9 +85,9 @@ def swap_cost(models_dir: Path, loras: list[Path], repeats: int) -> dict[str, fl
         unet = UNet2DConditionModel.from_pretrained(base / "unet")
         unet.enable_lora_hotswap(target_rank=128)
         unet.load_lora_adapter(states[0], adapter_name=ADAPTER, prefix="unet")
-        compiled = compile_module(unet, CompileOptions(mode="default", backend="aot_eager"))
+        model = compile_module(unet, CompileOptions(mode="default", backend="aot_eager")) if compiled else unet
         with torch.no_grad():
-            compiled(sample, timestep, text)
+            model(sample, timestep, text)
         graphs, took = counters["stats"]["unique_graphs"], []
         for index in range(repeats):
             state = states[(index + 1) % 2]
@@ -98,16 +99,17 @@ def swap_cost(models_dir: Path, loras: list[Path], repeats: int) -> dict[str, fl
                 unet.load_lora_adapter(state, adapter_name=ADAPTER, prefix="unet")
             took.append(time.perf_counter() - started)
             with torch.no_grad():
-                compiled(sample, timestep, text)
+                model(sample, timestep, text)
         results[f"{way}_ms"] = median(took) * 1000
-        results[f"{way}_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
+        if compiled:
+            results[f"{way}_new_graphs"] = counters["stats"]["unique_graphs"] - graphs
     results["reload_over_hotswap"] = results["reload_ms"] / results["hotswap_ms"]
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="64×64, 8 steps, few repeats")
+    parser.add_argument("--quick", action="store_true", help="64×64, 8 steps, few repeats, swaps on an eager UNet")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
@@ -120,7 +122,7 @@ def main() -> None:
     loras = [style_lora(base, work / f"lora-{seed}", seed, rank=8) for seed in (1, 2)]
     results: dict[str, Any] = {"device": "cpu", "size": size, "steps": steps, "threads": torch.get_num_threads()}
     results.update(pack_cost(ModelCache(models_dir, torch.device("cpu"), torch.float32), loras, size, steps, repeats))
-    results.update(swap_cost(models_dir, loras, repeats))
+    results.update(swap_cost(models_dir, loras, repeats, compiled=not args.quick))
     for key, value in results.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:

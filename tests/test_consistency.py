@@ -62,11 +62,13 @@ def test_a_jobs_status_and_sheet_carry_each_styles_score_measured_on_its_stored_
         models_dir=models_dir,
         broker_url=None,
     )
-    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 4}, "profile": "tiny"}
+    profile = {"base": "tiny-sd15", "controls": [{"kind": "plan-depth", "model": "tiny-plan"}], "steps": 4}
+    profile |= {"width": 64, "height": 64}
+    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 3}, "profile": profile}
     with Farm(settings) as farm:
         job_id = farm.submit(job)
         view, sheet, images = farm.status(job_id), farm.sheet(job_id), farm.results(job_id)
-    assert [(m.style, m.images) for m in view.consistency] == [("japandi", 4), ("modern", 4)]
+    assert [(m.style, m.images) for m in view.consistency] == [("japandi", 3), ("modern", 3)]
     for measured in view.consistency:
         stored = [Image.open(i.url.removeprefix("file://")) for i in images if i.style == measured.style]
         again = consistency([look(image) for image in stored])
@@ -79,5 +81,5 @@ def test_a_jobs_status_and_sheet_carry_each_styles_score_measured_on_its_stored_
         if v is not None and k in ("database_url", "storage_url", "models_dir")
     }
     printed = CliRunner().invoke(app, ["status", job_id], env=env).output
-    assert f"consistency modern: {view.consistency[1].score:.2f} over 4 images" in printed
+    assert f"consistency modern: {view.consistency[1].score:.2f} over 3 images" in printed
     assert json.loads(CliRunner().invoke(app, ["status", job_id, "--json"], env=env).output)["consistency"]

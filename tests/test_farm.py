@@ -231,8 +231,8 @@ def test_bad_job_is_refused_at_submit_with_nothing_stored(
     )
     assert result.returncode == 2 and result.stderr == ""
     assert json.loads(result.stdout) == {
-        "error": f"{path}: styles: unknown style 'rococo' (built-in: brutalist, industrial, japandi, "
-        "mediterranean, minimalist, modern, scandinavian)"
+        "error": f"{path}: styles: unknown style 'rococo': no stored pack of that name (`archfarm styles`) and no "
+        "built-in one (brutalist, industrial, japandi, mediterranean, minimalist, modern, scandinavian)"
     }
     with farm.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Task)) == 0

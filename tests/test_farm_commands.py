@@ -156,7 +156,9 @@ def test_submit_without_a_broker_says_it_renders_here(job_file: Path, tmp_path: 
     ]
     job_id = result.stdout.strip()
     status = archfarm("status", job_id, env=env)
-    assert status.stdout.strip() == f"{job_id} edge: succeeded (3/3 tasks rendered: succeeded 3)"
+    summary, consistency = status.stdout.strip().splitlines()
+    assert summary == f"{job_id} edge: succeeded (3/3 tasks rendered: succeeded 3)"
+    assert consistency.startswith("  consistency ") and consistency.endswith(" over 3 images")
 
 
 @pytest.mark.slow
