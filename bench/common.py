@@ -3,6 +3,7 @@ and timing two things side by side."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 from sqlalchemy import create_engine, func, select, text
 
@@ -100,3 +102,13 @@ def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int)
             fn()
             bucket.append(time.perf_counter() - started)
     return median(times[0]), median(times[1])
+
+
+def report(results: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's figures as a table, then, with `as_json`, as one JSON object on the last line."""
+    width = max(len("measure"), *map(len, results)) + 2
+    print(f"{'measure':<{width}}value")
+    for key, value in results.items():
+        print(f"{key:<{width}}{f'{value:.4g}' if isinstance(value, float) else value}")
+    if as_json:
+        print(json.dumps(results))

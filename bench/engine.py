@@ -15,7 +15,6 @@ All comparisons run side by side in one process; read ratios, not absolute times
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import side_by_side
+from bench.common import report, side_by_side
 from workers.engine.compile import CompileOptions
 from workers.engine.models import ModelCache, module_bytes
 from workers.engine.pipeline import ControlInput, Item, Request, Unit, render, render_batch
@@ -236,11 +235,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{'measure':<36} value")
-    for key, value in results.items():
-        print(f"{key:<36} {value:.4f}" if isinstance(value, float) else f"{key:<36} {value}")
-    if args.json:
-        print(json.dumps(results))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

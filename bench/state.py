@@ -10,7 +10,6 @@ uses a throwaway database and queue and removes both.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,7 @@ from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REDIS_URL, scratch_database
+from bench.common import REDIS_URL, report, scratch_database
 from producer.expand import expand
 from producer.submit import PreparedJob, persist
 from shared.broker import Message, make_celery, send_tasks
@@ -65,11 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     with scratch_database("archfarm_bench") as url:
         results = measure(args, url)
-    print(f"{'measure':<28} value")
-    for key, value in results.items():
-        print(f"{key:<28} {value:.3f}" if isinstance(value, float) else f"{key:<28} {value}")
-    if args.json:
-        print(json.dumps(results))
+    report(results, args.json)
 
 
 def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:

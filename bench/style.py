@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import side_by_side
+from bench.common import report, side_by_side
 from workers.engine.compile import CompileOptions, compile_module
 from workers.engine.loras import ADAPTER, Lora, lora_state_dict
 from workers.engine.models import ModelCache
@@ -123,10 +122,7 @@ def main() -> None:
     results: dict[str, Any] = {"device": "cpu", "size": size, "steps": steps, "threads": torch.get_num_threads()}
     results.update(pack_cost(ModelCache(models_dir, torch.device("cpu"), torch.float32), loras, size, steps, repeats))
     results.update(swap_cost(models_dir, loras, repeats, compiled=not args.quick))
-    for key, value in results.items():
-        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if args.json:
-        print(json.dumps(results))
+    report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ is then bounded by the machine's cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_workers, farm_environment, scratch_database  # noqa: E402
+from bench.common import cpu_workers, farm_environment, report, scratch_database  # noqa: E402
 from producer.local import Embedded  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.spec import JobSpec  # noqa: E402
@@ -72,11 +71,7 @@ def main() -> None:
         args.long_side, args.workers = 512, "1"
     with scratch_database("archfarm_bench_upscale") as database_url:
         results = measure(args, database_url)
-    print(f"{'measure':<36} value")
-    for key, value in results.items():
-        print(f"{key:<36} {f'{value:.3f}' if isinstance(value, float) else value}")
-    if args.json:
-        print(json.dumps(results))
+    report(results, args.json)
 
 
 def measure(args: argparse.Namespace, database_url: str) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def _counted(forward, calls: list[int]):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", sorted(STACKS))
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3"])  # FLUX.1 Control compiles the same transformer path
 def test_each_family_renders_compiled_within_1_255_of_eager(models_dir: Path, base: str) -> None:
     """The transformer and its ControlNets compiled (aot_eager: the graphs without generated code), two seeds in
     one call; a later call of one seed replays the bucket it padded to."""

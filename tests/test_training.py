@@ -277,7 +277,7 @@ def test_a_style_lora_learns_a_look_its_renders_move_towards_it_and_a_pack_uses_
         for i, t in enumerate(targets)
     ]
     write_metadata(tmp_path / "data", rows)
-    fields = {"target": "lora", "rank": 8, "max_steps": 200, "checkpoint_every": 200, "batch_size": 8}
+    fields = {"target": "lora", "rank": 8, "max_steps": 150, "checkpoint_every": 150, "batch_size": 8}
     fields["learning_rate"] = 2e-2
     spec = TrainingSpec.from_document(_spec(tmp_path / "data", tmp_path / "out", **fields, timesteps=SAMPLER_TIMESTEPS))
     result = train(spec, settings)
