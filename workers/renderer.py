@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +150,8 @@ class Renderer:
         """The last revision's parent, mask and shares: its job's tasks share them."""
         self._upscale_source: tuple[str | None, Image.Image] | None = None
         """The last upscale's image, decoded, by content hash: its tiles share it."""
-        self._last_board: Board | None = None
-        """The last style pack's mood board, decoded: its style's next tasks share it."""
+        self._board_images: tuple[tuple[str, ...], tuple[Image.Image, ...]] | None = None
+        """The last mood board's images, decoded, by content hashes: its style's next tasks share them."""
 
     def snapshot(self) -> tuple[list[str], int, int]:
         """Resident models, loads and stack swaps, for the worker's row."""
@@ -197,9 +197,7 @@ class Renderer:
         if reference is None:
             return None
         digests = tuple(reference.images_sha256 or ())
-        if self._last_board is not None and self._last_board.digests == digests:
-            board = self._last_board
-        else:
+        if self._board_images is None or self._board_images[0] != digests:
             images = []
             for url, digest in zip(reference.images, digests, strict=True):
                 where = f"style {style.name}: mood board image {url}"
@@ -208,9 +206,8 @@ class Renderer:
                     if content_hash(data) != digest:
                         raise InputError(f"{where}: changed after the job was submitted")
                     images.append(decode_image(data, url, max_pixels=self.settings.max_image_pixels))
-            board = Board(tuple(images), digests, reference.scale, reference.transfer)
-            self._last_board = board
-        return replace(board, scale=reference.scale, transfer=reference.transfer)
+            self._board_images = (digests, tuple(images))
+        return Board(self._board_images[1], digests, reference.scale, reference.transfer)
 
     def _ip_adapter(self, profile: Profile) -> IPAdapter:
         """Where the IP-Adapter for the profile's base loads from (`shared.registry.IP_ADAPTERS`)."""

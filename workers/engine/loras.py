@@ -12,6 +12,7 @@ than the resident one cannot be swapped in place: the adapter is replaced (one r
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ LORA_FILE = "lora.safetensors"
 TARGET_RANK = 128
 """Ranks up to this swap in place; a style LoRA of a higher rank is refused."""
 ADAPTER = "style"
+KEPT_FILES = 8
+"""LoRAs whose weights a worker keeps in CPU memory (a rank-16 SDXL LoRA is ~50 MB)."""
 _UP = ("lora_B", "lora.up", "lora_up")
 
 
@@ -46,6 +49,9 @@ class StyleLoras:
     def __init__(self) -> None:
         self._held: dict[int, tuple[str, float] | None] = {}
         self._last: dict[int, dict[str, torch.Tensor]] = {}
+        self._files: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        """The most recent LoRAs' weights as read, by content hash: styles alternating between tasks swap from
+        memory, not from disk."""
         self.swaps = 0
         """LoRA changes made in place (hotswaps): what a style change costs a compiled worker."""
 
@@ -60,13 +66,22 @@ class StyleLoras:
                 self._swap(unet, {k: torch.zeros_like(v) if _up(k) else v for k, v in self._last[key].items()})
             self._held[key] = None
             return
-        state = _scaled(lora_state_dict(lora), lora.weight)
+        state = _scaled(self._read(lora), lora.weight)
         if key not in self._last:
             unet.enable_lora_hotswap(target_rank=TARGET_RANK)  # type: ignore[operator]
             unet.load_lora_adapter(state, adapter_name=ADAPTER, prefix="unet")  # type: ignore[operator]
         else:
             self._swap(unet, state)
         self._last[key], self._held[key] = state, want
+
+    def _read(self, lora: Lora) -> dict[str, torch.Tensor]:
+        if lora.sha256 in self._files:
+            self._files.move_to_end(lora.sha256)
+        else:
+            self._files[lora.sha256] = lora_state_dict(lora)
+            if len(self._files) > KEPT_FILES:
+                self._files.popitem(last=False)
+        return self._files[lora.sha256]
 
     def _swap(self, unet: nn.Module, state: dict[str, torch.Tensor]) -> None:
         try:
