@@ -105,6 +105,7 @@ DEFAULT_ADAPTERS: dict[tuple[Family, str], str] = {
     ("sdxl", "plan-depth"): ALIASES["sdxl-depth-adapter"],
 }
 """T2I-Adapters (`profile.adapters`): SD 1.5 and SDXL only, run once per image instead of at every step."""
+KINDS_WITH_ADAPTER: frozenset[str] = frozenset(kind for _, kind in DEFAULT_ADAPTERS)
 ADAPTER_FAMILIES: frozenset[str] = frozenset({"sd15", "sdxl"})
 
 IP_ADAPTERS: dict[str, tuple[str, str, str]] = {
@@ -219,7 +220,7 @@ def default_controlnet(base: str, kind: str, family: Family, adapters: bool = Fa
 def has_default_controlnet(base: str, kind: str, adapters: bool = False) -> bool:
     """Whether a unit of `kind` may leave out its model (true for every family alike, so no config is read)."""
     if adapters:
-        return base in TINY_ADAPTERS or kind in {k for _, k in DEFAULT_ADAPTERS}
+        return base in TINY_ADAPTERS or kind in KINDS_WITH_ADAPTER
     return base in TINY_CONTROLNETS or kind in KINDS_WITH_DEFAULT or known_family(base) == "flux-control"
 
 
