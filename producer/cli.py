@@ -590,7 +590,8 @@ def results(
     tiles: Annotated[bool, typer.Option("--tiles", help="List an upscale's tiles too.")] = False,
 ) -> None:
     """List a job's images (id, pass, plan/style, seed, size, adherence or an upscale's seam score, URL; a
-    picked draft is `draft*`), or download them."""
+    picked draft is `draft*`; a re-roll chain's others are `superseded by` its kept image), or download them
+    (the kept ones)."""
     _json_errors.set(as_json)
     with _farm() as farm:
         job_id = farm.resolve(job_id)
@@ -613,9 +614,10 @@ def results(
             else f"adherence {'-' if artifact.adherence is None else f'{artifact.adherence:.3f}'}"
         )
         size = f"{artifact.width}x{artifact.height}"
+        kept = "" if artifact.superseded_by is None else f"\tsuperseded by {artifact.superseded_by}"
         out.print(
             f"{artifact.id}\t{staged}{artifact.plan}/{artifact.style}\tseed {artifact.seed}\t{size}\t"
-            f"{score}\t{artifact.url}",
+            f"{score}\t{artifact.url}{kept}",
             markup=False,
         )
     if download is not None:

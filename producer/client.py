@@ -441,10 +441,13 @@ class Farm:
         return self.storages.open(url), url.rstrip("/") + "/"
 
     def download(self, job_id: str, folder: Path) -> list[Path]:
-        """Copy every image and sidecar of the job into `folder`, keeping their relative keys."""
+        """Copy every image the job delivers (all but those a re-roll superseded) and its sidecar into `folder`,
+        keeping their relative keys."""
         storage, prefix = self._output(job_id)
         written: list[Path] = []
         for artifact in self.results(job_id):
+            if artifact.superseded_by is not None:
+                continue
             for url in (artifact.url, artifact.sidecar_url):
                 key = url.removeprefix(prefix)
                 target = folder / key

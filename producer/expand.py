@@ -7,12 +7,11 @@ resubmitted task rewrites the same object instead of adding a new one.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.plans import Plan
+from shared.plans import Plan, output_key
 from shared.spec import JobSpec, Stage, Style
 from shared.tiles import tile_key, tile_seed
 
@@ -31,12 +30,6 @@ class TaskSpec:
     """`draft` for a staged job's tasks at submit (its finals are added as drafts are picked)."""
 
 
-def output_key(plan: Plan, style: Style, style_digest: str, seed: int, profile_digest: str) -> str:
-    """`PLAN/STYLE/seed-SEED_DIGEST.png`: readable, and unique to every input that changes the image."""
-    digest = hashlib.sha256(f"{plan.digest}:{style_digest}:{seed}:{profile_digest}".encode()).hexdigest()[:12]
-    return f"{plan.name}/{style.name}/seed-{seed}_{digest}.png"
-
-
 def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
     """plans × styles × chunks of seeds, plan-major, in the order the job lists them; a staged job's are its
     drafts, under `drafts/`, rendered with the draft's profile; a revision's go under `revisions/`; an
@@ -48,13 +41,11 @@ def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
     profile = job.stage_profile(stage)
     profile_digest = profile.digest() if job.revise is None else job.digest()
     folder = f"{stage}s/" if stage else ("revisions/" if job.revise else "")
-    seeds = job.seed_values()
     size = profile.seeds_per_task
-    chunks = [tuple(seeds[i : i + size]) for i in range(0, len(seeds), size)]
-    styles = [(style, style.digest()) for style in job.resolved_styles]
+    styles = [(style, style.digest(), _chunks(job.family(style).seeds(), size)) for style in job.resolved_styles]
     tasks: list[TaskSpec] = []
     for plan in plans:
-        for style, style_digest in styles:
+        for style, style_digest, chunks in styles:
             for chunk in chunks:
                 tasks.append(
                     TaskSpec(
@@ -62,11 +53,15 @@ def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
                         plan=plan,
                         style=style.name,
                         seeds=chunk,
-                        outputs=tuple(folder + output_key(plan, style, style_digest, s, profile_digest) for s in chunk),
+                        outputs=tuple(folder + output_key(plan, style.name, style_digest, s, profile_digest) for s in chunk),
                         stage=stage,
                     )
                 )
     return tasks
+
+
+def _chunks(seeds: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(seeds[i : i + size]) for i in range(0, len(seeds), size)]
 
 
 UPSCALES = "upscales/"
@@ -94,4 +89,4 @@ def tiles(job: JobSpec, plan: Plan, namespace: uuid.UUID) -> list[TaskSpec]:
 
 def image_key(plan: Plan, style: Style, style_digest: str, seed: int, digest: str) -> str:
     """Where an upscale's image is assembled (as PNG; another format swaps the suffix)."""
-    return UPSCALES + output_key(plan, style, style_digest, seed, digest)
+    return UPSCALES + output_key(plan, style.name, style_digest, seed, digest)

@@ -30,7 +30,7 @@ from shared.db.models import Artifact, Job, JobKind, PickGate, Task, TaskStatus,
 from shared.db.status import JobStatus
 from shared.db.store import first_start, serving_workers, status_from, status_of
 from shared.errors import InvalidInput, NotFound
-from shared.spec import MAX_ECHO
+from shared.spec import MAX_ECHO, SeedFamily
 from shared.training import model_url
 
 JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -127,6 +127,7 @@ def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:
     rows = session.execute(
         select(Artifact.id, Artifact.stage, Artifact.style, Artifact.look)
         .where(Artifact.job_id == job_id, Artifact.look.is_not(None), Artifact.stage.in_(LOOK_STAGES))
+        .where(Artifact.superseded_by.is_(None))  # a re-roll chain's others are not part of the set
         .order_by(Artifact.id)
     )
     for artifact_id, stage, style, signature in rows:
@@ -262,7 +263,13 @@ def sheet_page(
     if row.kind is not JobKind.RENDER:
         raise InvalidInput(f"job {job_id} is a {row.kind.value} job: only render jobs have a contact sheet")
     every_seed = _seeds(row.spec)
-    columns = list(every_seed[seed_offset : None if seeds is None else seed_offset + seeds])
+    window = slice(seed_offset, None if seeds is None else seed_offset + seeds)
+    columns = list(every_seed[window])
+    families = {  # a style pack's seed family gives its row seeds of its own
+        style["name"]: list(SeedFamily(style["seeds"], len(every_seed)).seeds()[window])
+        for style in row.spec["styles"]
+        if style.get("seeds")
+    }
     pairs = (
         select(Task.plan_digest, Task.plan_name, Task.style)
         .where(Task.job_id == job_id)
@@ -271,17 +278,19 @@ def sheet_page(
     rows_total = session.scalar(select(func.count()).select_from(pairs.subquery())) or 0
     page = session.execute(pairs.order_by(func.min(Task.ordinal)).offset(row_offset).limit(rows)).all()
     digests, styles = {r.plan_digest for r in page}, {r.style for r in page}
+    row_seeds = {style: families.get(style, columns) for style in styles}
     found = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
     found = found.where(Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles))
-    found = found.where(Artifact.stage != "tile")  # an upscale's cell is its assembled image
-    if seeds is not None:
-        found = found.where(Artifact.seed.in_(columns))
+    found = found.where(Artifact.stage != "tile", Artifact.reroll_of.is_(None))  # a cell is its first image's
+    if seeds is not None or families:
+        found = found.where(Artifact.seed.in_({seed for wanted in row_seeds.values() for seed in wanted}))
     images: dict[tuple[str, str, int], ArtifactView] = {}
     finals: dict[tuple[str, str, int], ArtifactView] = {}
     for artifact, plan in session.execute(found):
         (finals if artifact.stage == "final" else images)[(artifact.plan_digest, artifact.style, artifact.seed)] = (
             ArtifactView.of(artifact, plan)
         )
+    kept, rerolls = _rerolls(session, [image.id for image in images.values()])
     states: dict[tuple[str, str, int], str] = {}
     for digest, style, task_seeds, status in session.execute(
         select(Task.plan_digest, Task.style, Task.seeds, Task.status).where(
@@ -298,10 +307,17 @@ def sheet_page(
             plan,
             style,
             [
-                Cell(seed, "rendered", image, finals.get((digest, style, seed)))
+                Cell(
+                    seed,
+                    "rendered",
+                    kept.get(image.id, image),
+                    finals.get((digest, style, seed)),
+                    image if image.id in kept else None,
+                    rerolls.get(image.id, 0),
+                )
                 if (image := images.get((digest, style, seed)))
                 else Cell(seed, states.get((digest, style, seed), TaskStatus.QUEUED.value))
-                for seed in columns
+                for seed in row_seeds[style]
             ],
             digest,
         )
@@ -324,6 +340,24 @@ def sheet_page(
         consistency=scores,
         outliers=outliers,
     )
+
+
+def _rerolls(session: Session, firsts: list[int]) -> tuple[dict[int, ArtifactView], dict[int, int]]:
+    """For images rendered with the job's own seeds: the re-roll kept in place of each one a re-roll beat, and
+    how many re-rolls each one had (`shared.db.rerolls`)."""
+    if not firsts:
+        return {}, {}
+    counts = dict(
+        session.execute(
+            select(Artifact.reroll_of, func.count())
+            .where(Artifact.reroll_of.in_(firsts))
+            .group_by(Artifact.reroll_of)
+        ).all()
+    )
+    query = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
+    query = query.where(Artifact.reroll_of.in_(list(counts)), Artifact.superseded_by.is_(None))
+    kept = {artifact.reroll_of: ArtifactView.of(artifact, plan) for artifact, plan in session.execute(query)}
+    return kept, counts
 
 
 def _images_total(job: Job) -> int:

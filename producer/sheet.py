@@ -37,6 +37,10 @@ class Cell:
     """The image (a staged job's draft)."""
     final: ArtifactView | None = None
     """A staged job's final of this draft, once rendered."""
+    first: ArtifactView | None = None
+    """The image rendered with the cell's seed, where a re-roll that followed the plan better replaced it."""
+    rerolls: int = 0
+    """Re-rolls of the cell's image (`JobSpec.reroll`); the best of them all is `artifact`."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Sheet:
                             "state": c.state,
                             "artifact": c.artifact.id if c.artifact else None,
                             "final": c.final.id if c.final else None,
+                            "rerolls": c.rerolls,
                             "outlier": c.artifact is not None and c.artifact.id in self.outliers,
                         }
                         for c in row.cells

@@ -176,6 +176,10 @@ class ArtifactView(View):
     adherence: float | None = Field(None, description="how well its edges follow its plan's control map (0-1)")
     seam: float | None = Field(None, description="an upscale's seam score: 1 where no tile edge shows")
     picked: bool = Field(False, description="a draft picked for a final")
+    reroll_of: int | None = Field(None, description="a re-roll's first image (rendered with the job's own seed)")
+    superseded_by: int | None = Field(
+        None, description="the image kept instead of this one: its re-roll chain's best (this one is not delivered)"
+    )
     download_url: str | None = Field(None, description="a presigned GET link, where the output is on S3")
 
     @classmethod
@@ -197,4 +201,6 @@ class ArtifactView(View):
             adherence=row.adherence,
             seam=row.seam,
             picked=row.picked_at is not None,
+            reroll_of=row.reroll_of,
+            superseded_by=row.superseded_by,
         )

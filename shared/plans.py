@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ class Plan:
     url: str
     name: str
     digest: str
+
+
+def output_key(plan: Plan, style: str, style_digest: str, seed: int, profile_digest: str) -> str:
+    """`PLAN/STYLE/seed-SEED_DIGEST.png`: readable, and unique to every input that changes the image."""
+    digest = hashlib.sha256(f"{plan.digest}:{style_digest}:{seed}:{profile_digest}".encode()).hexdigest()[:12]
+    return f"{plan.name}/{style}/seed-{seed}_{digest}.png"
 
 
 def safe_name(url: str) -> str:

@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -408,6 +409,18 @@ class Style(_Strict):
     reference: Reference | None = Field(
         None, description="a style pack's mood board (`archfarm styles add --reference IMG`)"
     )
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="a style pack's seed family: the seeds its images take, in order, whatever the job's seeds "
+        "(the job's say how many); re-rolls take the next (`archfarm styles add --seeds`)",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_family(cls, seeds: list[int] | None) -> list[int] | None:
+        return seeds if seeds is None else _unique_seeds(seeds)
 
     @property
     def packed(self) -> bool:
@@ -415,14 +428,60 @@ class Style(_Strict):
         return bool(self.loras) or self.reference is not None
 
     def digest(self) -> str:
-        """A style without a LoRA or references keeps the digest (and so the output keys) it had before packs."""
-        unset = ({"loras"} if not self.loras else set()) | ({"reference"} if self.reference is None else set())
+        """A style without a LoRA, references or seed family keeps the digest (and so the output keys) it had
+        before packs."""
+        unset = {name for name in ("loras", "reference", "seeds") if not getattr(self, name)}
         return _digest(self.model_dump(mode="json", exclude=unset))
+
+
+@dataclass(frozen=True)
+class SeedFamily:
+    """A style's seeds in order: the first `count` are its images', each next block of `count` one more
+    re-roll of each of them (`JobSpec.reroll`). Past the `listed` seeds it runs on from the largest, so the
+    family of a `{start, count}` range is that range continued, and every member is distinct."""
+
+    listed: Sequence[int]
+    count: int
+
+    def member(self, index: int) -> int:
+        return self.listed[index] if index < len(self.listed) else self._top + 1 + index - len(self.listed)
+
+    def seeds(self) -> Sequence[int]:
+        """The images' seeds (a range stays a range: a job may list a million)."""
+        if len(self.listed) >= self.count:
+            return self.listed[: self.count]
+        return [*self.listed, *range(self._top + 1, self._top + 1 + self.count - len(self.listed))]
+
+    def reroll(self, seed: int, attempt: int) -> int:
+        """The seed of the `attempt`-th re-roll (from 1) of the image rendered with `seed`."""
+        return self.member(self.count * attempt + self._index(seed))
+
+    @cached_property
+    def _top(self) -> int:
+        return self.listed[-1] if isinstance(self.listed, range) else max(self.listed)
+
+    def _index(self, seed: int) -> int:
+        if seed > self._top:
+            index = len(self.listed) + seed - self._top - 1
+        else:
+            index = self.listed.index(seed)
+        if index >= self.count:
+            raise ValueError(f"seed {seed} is not one of the style's first {self.count}")
+        return index
 
 
 class SeedRange(_Strict):
     count: int = Field(ge=1, le=MAX_IMAGES_PER_JOB)
     start: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class Reroll(_Strict):
+    """Images whose geometry adherence is under `below` are rendered again with the next seeds of their
+    family (`SeedFamily`), at most `times` times each; the best of each image's renders is kept, the others
+    stay stored, marked as superseded by it."""
+
+    below: float = Field(gt=0.0, le=1.0, description="adherence (0-1) under which an image is rendered again")
+    times: int = Field(2, ge=1, le=8, description="most re-rolls of one image")
 
 
 DEFAULT_EVENTS: tuple[Event, ...] = ("finished",)
@@ -628,6 +687,7 @@ class JobSpec(_Strict):
     use: Use | None = Field(
         None, description="commercial or non-commercial: the model licences it may use; default ARCHFARM_USE"
     )
+    reroll: Reroll | None = Field(None, description="render images that do not follow their plan again")
 
     @classmethod
     def from_document(
@@ -693,14 +753,8 @@ class JobSpec(_Strict):
     @classmethod
     def _unique_seeds(cls, seeds: SeedRange | list[int]) -> SeedRange | list[int]:
         if isinstance(seeds, list):
-            if not seeds:
-                raise ValueError("no seeds")
-            seen: set[int] = set()
-            for seed in seeds:
-                if seed in seen:
-                    raise ValueError(f"duplicate seed {seed}")
-                seen.add(seed)
-        elif seeds.start + seeds.count - 1 > MAX_SEED:
+            return _unique_seeds(seeds)
+        if seeds.start + seeds.count - 1 > MAX_SEED:
             raise ValueError(f"seeds run past {MAX_SEED}")
         return seeds
 
@@ -711,9 +765,19 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _size_limit(self) -> JobSpec:
-        images = len(self.plans) * len(self.styles) * len(self.seed_values())
+        images = len(self.plans) * len(self.styles) * self.seed_count
         if images > MAX_IMAGES_PER_JOB:
             raise ValueError(f"{images} images is over the limit of {MAX_IMAGES_PER_JOB} per job")
+        return self
+
+    @model_validator(mode="after")
+    def _families(self) -> JobSpec:
+        rolls = 0 if self.reroll is None else self.reroll.times
+        for index, style in enumerate(self.resolved_styles):
+            if (last := self.family(style).member(self.seed_count * (rolls + 1) - 1)) > MAX_SEED:
+                raise ValueError(f"styles.{index}: its seeds (re-rolls included) run past {MAX_SEED} (to {last})")
+        if self.reroll is not None and (self.staged or self.revise is not None or self.upscale is not None):
+            raise ValueError("reroll: only a single-pass render re-rolls (a staged job picks its drafts by adherence)")
         return self
 
     @model_validator(mode="after")
@@ -780,9 +844,20 @@ class JobSpec(_Strict):
         return tuple(int(side * self.final.scale) // 8 * 8 for side in (draft.width, draft.height))  # type: ignore[return-value]
 
     def seed_values(self) -> list[int]:
+        return list(self._seed_sequence())
+
+    @property
+    def seed_count(self) -> int:
+        return self.seeds.count if isinstance(self.seeds, SeedRange) else len(self.seeds)
+
+    def family(self, style: Style) -> SeedFamily:
+        """A style's seed family: its pack's, else the job's seeds continued."""
+        return SeedFamily(style.seeds or self._seed_sequence(), self.seed_count)
+
+    def _seed_sequence(self) -> Sequence[int]:
         if isinstance(self.seeds, SeedRange):
-            return list(range(self.seeds.start, self.seeds.start + self.seeds.count))
-        return list(self.seeds)
+            return range(self.seeds.start, self.seeds.start + self.seeds.count)
+        return self.seeds
 
     @property
     def resolved_styles(self) -> list[Style]:
@@ -795,6 +870,17 @@ def _input_url(url: str) -> str:
     if "://" in url and not url.startswith(_PLAN_SCHEMES):
         raise ValueError(f"{url!r}: unsupported URL scheme (use a path, file:// or s3://)")
     return url
+
+
+def _unique_seeds(seeds: list[int]) -> list[int]:
+    if not seeds:
+        raise ValueError("no seeds")
+    seen: set[int] = set()
+    for seed in seeds:
+        if seed in seen:
+            raise ValueError(f"duplicate seed {seed}")
+        seen.add(seed)
+    return seeds
 
 
 def _once_each(values: list[T], what: str) -> list[T]:

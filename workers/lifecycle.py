@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.config import Settings
 from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskStatus
 from shared.db.session import DATABASE_DOWN
+from shared.db.rerolls import reroll
 from shared.db.stages import advance
 from shared.db.store import (
     blocklisted_nodes,
@@ -357,6 +358,7 @@ class Lifecycle:
             profile=job.profiles[stage],
             stage=stage,
             source=None if task["source_id"] is None else Source(task["source_id"], task["source_url"]),
+            reroll_of=task["reroll_of"],
             strength=_strength(spec, stage),
             revise=spec.revise,
             upscale=upscale,
@@ -468,7 +470,7 @@ class Lifecycle:
         given."""
         columns = (
             *(Task.id, Task.plan_url, Task.plan_name, Task.plan_digest, Task.style, Task.seeds, Task.outputs),
-            *(Task.ordinal, Task.stage, Task.source_id, Artifact.url.label("source_url")),
+            *(Task.ordinal, Task.stage, Task.source_id, Artifact.url.label("source_url"), Task.reroll_of),
         )
         query = select(*columns).outerjoin(Artifact, Artifact.id == Task.source_id).where(Task.id.in_(ids))
         found = {row.id: row._asdict() for row in session.execute(query)}
@@ -501,7 +503,7 @@ class Lifecycle:
                 self._settle(held, error)
                 return
 
-        picks_by_rule = self._jobs[work.job_id].picks_by_rule
+        job = self._jobs[work.job_id]
 
         def record(session: Session) -> tuple[bool, list[str]]:
             if work.tile is not None:
@@ -509,17 +511,21 @@ class Lifecycle:
             record_artifacts(session, rows)
             done = finish_task(session, work.task_id, self.worker)
             self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
-            if done and work.tile is not None:
+            if not done:
+                return done, []
+            if work.tile is not None:
                 return done, assemble_when_tiled(session, self._tiled(held, work))
-            return done, advance(session, work.job_id) if done and picks_by_rule else []
+            if job.picks_by_rule:
+                return done, advance(session, work.job_id)
+            return done, reroll(session, work.job_id, job.spec_model(), work.task_id)
 
         try:
-            done, finals = self._db(record, None)  # kept until the database is back: never left running for good
+            done, added = self._db(record, None)  # kept until the database is back: never left running for good
         except Exception:  # not an outage: a bug; the reaper re-runs the task when this worker ends
             log.exception("task %s: rendered and stored, but could not be recorded", work.task_id)
             return
-        if finals:
-            self._send(finals, 0.0)
+        if added:
+            self._send(added, 0.0)
         if done and self.on_done is not None:  # not done: reaped meanwhile, and whoever holds it now reports
             self.on_done(work.task_id, TaskStatus.SUCCEEDED)
 

@@ -80,6 +80,8 @@ class Work:
     upscale: Upscale | None = None
     """An upscale's image and grid: the task renders tile `tile` of it, enlarged."""
     tile: int | None = None
+    reroll_of: int | None = None
+    """A re-roll's first image: the chain its image joins (`shared.db.rerolls`)."""
 
 
 @dataclass(frozen=True)
@@ -523,6 +525,7 @@ class Renderer:
             "task_id": work.task_id,
             "stage": work.stage or "render",
             "parent_id": _parent(work),
+            "reroll_of": work.reroll_of,
             "adherence": score,
             "look": look(image),
             "plan_digest": work.plan_digest,

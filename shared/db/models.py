@@ -161,6 +161,9 @@ class Task(Base):
     source_id: Mapped[int | None] = mapped_column(
         BigInteger, default=None, comment="the artifact a final starts from (its picked draft, of the same job)"
     )
+    reroll_of: Mapped[int | None] = mapped_column(
+        BigInteger, default=None, comment="a re-roll's first image: the one rendered with the job's own seed"
+    )
     status: Mapped[TaskStatus] = mapped_column(_status, default=TaskStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
@@ -212,6 +215,16 @@ class Artifact(Base):
     look: Mapped[list[Any] | None] = mapped_column(
         default=None, comment="palette (CIELAB lightness and chroma) and texture histograms (workers.look)"
     )
+    reroll_of: Mapped[int | None] = mapped_column(
+        ForeignKey("artifacts.id", ondelete="CASCADE", name="fk_artifacts_reroll_of"),
+        default=None,
+        comment="a re-rolled image's first render (the job's own seed): the chain it belongs to",
+    )
+    superseded_by: Mapped[int | None] = mapped_column(
+        ForeignKey("artifacts.id", ondelete="SET NULL", name="fk_artifacts_superseded_by"),
+        default=None,
+        comment="the kept image of its re-roll chain, on each of the others (kept, not delivered)",
+    )
     url: Mapped[str] = mapped_column(String(2048))
     sidecar_url: Mapped[str] = mapped_column(String(2048))
     width: Mapped[int] = mapped_column(Integer)
@@ -222,6 +235,7 @@ class Artifact(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "stage", "plan_digest", "style", "seed", name="uq_artifacts_image"),
         Index("ix_artifacts_task_id", "task_id"),
+        Index("ix_artifacts_reroll_of", "reroll_of"),
     )
 
 

@@ -456,6 +456,7 @@ def record_artifacts(session: Session, rows: Sequence[dict[str, Any]]) -> None:
                 "adherence",
                 "look",
                 "parent_id",
+                "reroll_of",
                 "seam",
             )
         },
