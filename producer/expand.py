@@ -53,7 +53,9 @@ def expand(job: JobSpec, plans: Sequence[Plan], job_id: str) -> list[TaskSpec]:
                         plan=plan,
                         style=style.name,
                         seeds=chunk,
-                        outputs=tuple(folder + output_key(plan, style.name, style_digest, s, profile_digest) for s in chunk),
+                        outputs=tuple(
+                            folder + output_key(plan, style.name, style_digest, s, profile_digest) for s in chunk
+                        ),
                         stage=stage,
                     )
                 )

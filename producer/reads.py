@@ -349,9 +349,7 @@ def _rerolls(session: Session, firsts: list[int]) -> tuple[dict[int, ArtifactVie
         return {}, {}
     counts = dict(
         session.execute(
-            select(Artifact.reroll_of, func.count())
-            .where(Artifact.reroll_of.in_(firsts))
-            .group_by(Artifact.reroll_of)
+            select(Artifact.reroll_of, func.count()).where(Artifact.reroll_of.in_(firsts)).group_by(Artifact.reroll_of)
         ).all()
     )
     query = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)

@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
 from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskStatus
-from shared.db.session import DATABASE_DOWN
 from shared.db.rerolls import reroll
+from shared.db.session import DATABASE_DOWN
 from shared.db.stages import advance
 from shared.db.store import (
     blocklisted_nodes,
