@@ -347,14 +347,11 @@ def _rerolls(session: Session, firsts: list[int]) -> tuple[dict[int, ArtifactVie
     how many re-rolls each one had (`shared.db.rerolls`)."""
     if not firsts:
         return {}, {}
-    counts = dict(
-        session.execute(
-            select(Artifact.reroll_of, func.count()).where(Artifact.reroll_of.in_(firsts)).group_by(Artifact.reroll_of)
-        ).all()
-    )
+    chains = select(Artifact.reroll_of, func.count()).where(Artifact.reroll_of.in_(firsts)).group_by(Artifact.reroll_of)
+    counts = {first or 0: count for first, count in session.execute(chains)}  # never None: filtered
     query = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
     query = query.where(Artifact.reroll_of.in_(list(counts)), Artifact.superseded_by.is_(None))
-    kept = {artifact.reroll_of: ArtifactView.of(artifact, plan) for artifact, plan in session.execute(query)}
+    kept = {artifact.reroll_of or 0: ArtifactView.of(artifact, plan) for artifact, plan in session.execute(query)}
     return kept, counts
 
 
