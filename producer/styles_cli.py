@@ -52,16 +52,25 @@ def add(
     transfer: Annotated[
         str, typer.Option("--transfer", help="style: take its look, not its layout (InstantStyle); all: both.")
     ] = "style",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds", help="The pack's seed family, in order (1234,87,5150): its images' seeds in every job."
+        ),
+    ] = None,
 ) -> None:
-    """Store a style pack in the farm's storage: its prompts, its LoRA and its mood board, checked, pinned by
-    content hash and copied beside the plans. Storing a name again replaces the pack for later jobs; earlier
-    jobs keep theirs."""
+    """Store a style pack in the farm's storage: its prompts, its LoRA, its mood board and its seed family,
+    checked, pinned by content hash and copied beside the plans. Storing a name again replaces the pack for
+    later jobs; earlier jobs keep theirs."""
     from shared.spec import parse_model
 
     loras = [] if lora is None else [{"file": lora, "weight": weight}]
     document: dict[str, object] = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
     if reference:
         document["reference"] = {"images": reference, "scale": reference_scale, "transfer": transfer}
+    if seeds is not None:
+        listed = [seed.strip() for seed in seeds.split(",")]
+        document["seeds"] = [int(seed) if seed.isdigit() else seed for seed in listed]  # the rest refused by name
     stored = store_pack(_storages(), parse_model(Style, document, "styles add"))
     out.print(_describe(stored), markup=False)
 
@@ -87,4 +96,6 @@ def _describe(style: Style) -> str:
         lines += [
             f"    {url} (sha256 {digest})" for url, digest in zip(board.images, board.images_sha256 or [], strict=False)
         ]
+    if style.seeds:
+        lines.append(f"  seed family: {', '.join(map(str, style.seeds))}")
     return "\n".join(lines)

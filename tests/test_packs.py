@@ -162,21 +162,35 @@ def test_a_job_naming_a_pack_renders_with_its_lora_records_its_hash_and_rerender
     }
     board = tmp_path / "board.png"
     Image.new("RGB", (64, 64), (200, 140, 90)).save(board)
-    pack = ["villa", "--prompt", "warm oak villa", "--lora", str(loras[0]), "--reference", str(board)]
+    pack = [
+        "villa",
+        "--prompt",
+        "warm oak villa",
+        "--lora",
+        str(loras[0]),
+        "--reference",
+        str(board),
+        "--seeds",
+        "901,77",
+    ]
     added = CliRunner().invoke(app, ["styles", "add", *pack], env=env)
     assert added.exit_code == 0, added.output
     shown = CliRunner().invoke(app, ["styles", "show", "villa"], env=env).output
     assert "lora: " in shown and "weight 1" in shown and "mood board (style, scale 0.8):" in shown
+    assert "seed family: 901, 77" in shown
+    refused = CliRunner().invoke(app, ["styles", "add", "odd", "--prompt", "x", "--seeds", "1,one"], env=env)
+    assert refused.exit_code != 0 and "seeds.1" in refused.output
     settings = Settings(**{k.removeprefix("ARCHFARM_").lower(): v for k, v in env.items()}, broker_url=None)
     job = {"plans": [str(example_plan)], "styles": ["villa", "modern"], "seeds": [1, 2], "profile": "tiny"}
     with Farm(settings) as farm:
         images = farm.results(farm.submit(job))
     by_style = {(i.style, i.seed): Path(i.url.removeprefix("file://")) for i in images}
-    sidecar = json.loads(by_style["villa", 1].with_suffix(".json").read_text())
+    assert set(by_style) == {("villa", 901), ("villa", 77), ("modern", 1), ("modern", 2)}  # the pack's seeds
+    sidecar = json.loads(by_style["villa", 901].with_suffix(".json").read_text())
     pack = farm.pack("villa")
     assert pack is not None and pack.reference is not None
     assert sidecar["style"]["loras"][0]["file_sha256"] == pack.loras[0].file_sha256
     assert sidecar["style"]["reference"]["images_sha256"] == pack.reference.images_sha256
     assert sidecar["models"]["ip_adapter"]["name"] == "tiny-ip-adapter"
-    again = rerender(by_style["villa", 1].with_suffix(".json"), tmp_path / "again", settings)
+    again = rerender(by_style["villa", 901].with_suffix(".json"), tmp_path / "again", settings)
     assert again.comparison.identical, again.verdict
