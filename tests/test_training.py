@@ -34,6 +34,7 @@ from workers.training.demo import PROMPT, held_out
 from workers.training.demo import SIZE as DEMO_SIZE
 from workers.training.drawings import fitted_target
 from workers.training.synthetic import BOX_PROMPT, write_boxes, write_metadata
+from workers.training.trainer import Progress as TrainingProgress
 from workers.training.trainer import train
 
 SIZE = 64
@@ -230,6 +231,33 @@ def test_a_run_killed_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(
         assert (tmp_path / "killed" / "validation" / f"step-{step:08d}" / "0.png").is_file()
     assert checkpoints.complete(_storage(tmp_path / "killed", settings)) == [12, 14]
     assert [int(row["step"]) for row in _metrics(tmp_path / "killed")] == list(range(1, 15))
+
+
+@pytest.mark.slow
+def test_a_style_lora_stopped_and_resumed_ends_bitwise_where_an_uninterrupted_one_does(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """The same resume as a ControlNet's (the process stopped after its step-6 checkpoint, in-process here:
+    the kill itself is the test above's), for `target: lora`."""
+    write_boxes(tmp_path / "data", 12, SIZE)
+    fields = {"target": "lora", "rank": 4, "max_steps": 9, "checkpoint_every": 3, "batch_size": 2}
+    straight = train(TrainingSpec.from_document(_spec(tmp_path / "data", tmp_path / "straight", **fields)), settings)
+    stopped = TrainingSpec.from_document(_spec(tmp_path / "data", tmp_path / "stopped", **fields))
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_six(report: TrainingProgress) -> None:
+        if report.step == 7:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        train(stopped, settings, progress=stop_after_six)
+    resumed = train(stopped, settings, resume=True)
+    assert resumed.resumed_from == 6 and resumed.steps == 9
+    weights = [load_file(url.removeprefix("file://")) for url in (straight.model_url, resumed.model_url)]
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
 def _train_command(spec: Path) -> list[str]:
