@@ -377,7 +377,11 @@ def status(
     for measured in view.consistency:
         strays = f", outliers {', '.join(map(str, measured.outliers))}" if measured.outliers else ""
         stage = "" if measured.stage == "render" else f" ({measured.stage}s)"
-        line = f"  consistency {measured.style}{stage}: {measured.score:.2f} over {measured.images} images{strays}"
+        on_palette = "" if measured.palette is None else f", {measured.palette:.0%} of colour on its palette"
+        line = (
+            f"  consistency {measured.style}{stage}: {measured.score:.2f} over {measured.images} images"
+            f"{on_palette}{strays}"
+        )
         out.print(line, markup=False)
     for failure in view.failures:
         out.print(

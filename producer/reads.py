@@ -133,13 +133,21 @@ def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:
     for artifact_id, stage, style, signature in rows:
         if len(members := sets[stage, style]) < MAX_LOOKS:
             members.append((artifact_id, signature))
+    spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
+    palettes = {style["name"]: style.get("palette") for style in spec.get("styles", []) if isinstance(style, dict)}
     found = []
     for (stage, style), members in sorted(sets.items()):
-        measured = consistency([signature for _, signature in members])
+        measured = consistency([signature for _, signature in members], palettes.get(style))
         if measured is not None:
-            outliers = [members[i][0] for i in measured.outliers]
             found.append(
-                StyleConsistency(stage=stage, style=style, score=measured.score, images=len(members), outliers=outliers)
+                StyleConsistency(
+                    stage=stage,
+                    style=style,
+                    score=measured.score,
+                    images=len(members),
+                    outliers=[members[i][0] for i in measured.outliers],
+                    palette=measured.palette,
+                )
             )
     return found
 
@@ -325,7 +333,9 @@ def sheet_page(
     ]
     picking = row.gate is PickGate.OPEN
     measured = style_consistency(session, job_id)
-    scores = {m.style: m.score for m in measured if m.stage != "final"}  # the cells are the first pass's images
+    firsts = [m for m in measured if m.stage != "final"]  # the cells are the first pass's images
+    scores = {m.style: m.score for m in firsts}
+    palettes = {m.style: m.palette for m in firsts if m.palette is not None}
     outliers = frozenset(i for m in measured for i in m.outliers)
     return Sheet(
         row.id,
@@ -339,6 +349,7 @@ def sheet_page(
         picking,
         consistency=scores,
         outliers=outliers,
+        palettes=palettes,
     )
 
 

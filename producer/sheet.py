@@ -75,6 +75,8 @@ class Sheet:
     """Each style's consistency score across its views (`shared.consistency`), where measured."""
     outliers: frozenset[int] = frozenset()
     """Images whose palette and texture stray from their style's other views."""
+    palettes: dict[str, float] = field(default_factory=dict)
+    """For styles with a pack's palette: their views' mean share of colour on it."""
 
     @property
     def artifacts(self) -> list[ArtifactView]:
@@ -94,6 +96,7 @@ class Sheet:
                     "plan_digest": row.plan_digest,
                     "style": row.style,
                     "consistency": self.consistency.get(row.style),
+                    "palette": self.palettes.get(row.style),
                     "cells": [
                         {
                             "seed": c.seed,

@@ -52,6 +52,12 @@ def add(
     transfer: Annotated[
         str, typer.Option("--transfer", help="style: take its look, not its layout (InstantStyle); all: both.")
     ] = "style",
+    palette: Annotated[
+        str | None,
+        typer.Option(
+            "--palette", help="The pack's palette, #rrggbb colours (#d8c8b0,#6b4f3a): views are measured on it."
+        ),
+    ] = None,
     seeds: Annotated[
         str | None,
         typer.Option(
@@ -59,15 +65,17 @@ def add(
         ),
     ] = None,
 ) -> None:
-    """Store a style pack in the farm's storage: its prompts, its LoRA, its mood board and its seed family,
-    checked, pinned by content hash and copied beside the plans. Storing a name again replaces the pack for
-    later jobs; earlier jobs keep theirs."""
+    """Store a style pack in the farm's storage: its prompts, its LoRA, its mood board, its palette and its seed
+    family, checked, pinned by content hash and copied beside the plans. Storing a name again replaces the pack
+    for later jobs; earlier jobs keep theirs."""
     from shared.spec import parse_model
 
     loras = [] if lora is None else [{"file": lora, "weight": weight}]
     document: dict[str, object] = {"name": name, "prompt": prompt, "negative_prompt": negative, "loras": loras}
     if reference:
         document["reference"] = {"images": reference, "scale": reference_scale, "transfer": transfer}
+    if palette is not None:
+        document["palette"] = [colour.strip() for colour in palette.split(",")]
     if seeds is not None:
         listed = [seed.strip() for seed in seeds.split(",")]
         document["seeds"] = [int(seed) if seed.isdigit() else seed for seed in listed]  # the rest refused by name
@@ -96,6 +104,8 @@ def _describe(style: Style) -> str:
         lines += [
             f"    {url} (sha256 {digest})" for url, digest in zip(board.images, board.images_sha256 or [], strict=False)
         ]
+    if style.palette:
+        lines.append(f"  palette: {', '.join(style.palette)}")
     if style.seeds:
         lines.append(f"  seed family: {', '.join(map(str, style.seeds))}")
     return "\n".join(lines)

@@ -42,6 +42,9 @@ class StyleConsistency(View):
     score: float = Field(description="1 minus the images' mean palette-and-texture distance to the set (0-1)")
     images: int = Field(description="images measured")
     outliers: list[int] = Field(description="ids of the images that stray from the others")
+    palette: float | None = Field(
+        None, description="with a style pack's palette: the images' mean share of colour on it (0-1)"
+    )
 
 
 class TrainingProgress(View):

@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 LIGHTNESS_BINS = 8
 CHROMA_BINS = 6
 """Per axis (a*, b*): 6 × 6 chroma bins."""
+CHROMA_RANGE = 60.0
+"""a* and b* are binned over [-60, 60], clipped."""
 TEXTURE_BINS = 8
 PALETTE = slice(0, LIGHTNESS_BINS + CHROMA_BINS**2)
 """A signature's lightness and chroma bins; its texture bins follow (`workers.look`)."""
@@ -37,18 +40,48 @@ class Consistency:
     """Each image's distance to the set, in the order given."""
     outliers: list[int]
     """Indexes of the images that stray from the set."""
+    palette: float | None = None
+    """With a style pack's palette: the images' mean share of colour on it (`palette_match`)."""
 
 
-def consistency(looks: Sequence[Sequence[float]]) -> Consistency | None:
-    """The set's score, each image's distance and the outliers; None for fewer than `MIN_IMAGES` images."""
+def consistency(looks: Sequence[Sequence[float]], palette: Sequence[str] | None = None) -> Consistency | None:
+    """The set's score, each image's distance and the outliers, and with a `palette` how much of the set's
+    colour lies on it; None for fewer than `MIN_IMAGES` images."""
     if len(looks) < MIN_IMAGES:
         return None
     signatures = np.asarray(looks, dtype=np.float64)
     mean = signatures.mean(axis=0)
-    palette = 0.5 * np.abs(signatures[:, PALETTE] - mean[PALETTE]).sum(axis=1) / 2  # two histograms, each sums to 1
+    colour = 0.5 * np.abs(signatures[:, PALETTE] - mean[PALETTE]).sum(axis=1) / 2  # two histograms, each sums to 1
     texture = 0.5 * np.abs(signatures[:, TEXTURE] - mean[TEXTURE]).sum(axis=1)
-    distances = PALETTE_WEIGHT * palette + (1 - PALETTE_WEIGHT) * texture
+    distances = PALETTE_WEIGHT * colour + (1 - PALETTE_WEIGHT) * texture
     median = float(np.median(distances))
     spread = 1.4826 * float(np.median(np.abs(distances - median)))
     outliers = [i for i, d in enumerate(distances) if d > median + 3 * spread and d > OUTLIER_FLOOR]
-    return Consistency(round(1.0 - float(distances.mean()), 4), [round(float(d), 4) for d in distances], outliers)
+    on_palette = None if not palette else round(float(np.mean([palette_match(s, palette) for s in looks])), 4)
+    return Consistency(
+        round(1.0 - float(distances.mean()), 4), [round(float(d), 4) for d in distances], outliers, on_palette
+    )
+
+
+def palette_match(look: Sequence[float], palette: Sequence[str]) -> float:
+    """The share (0-1) of an image's colour that lies on `palette` (#rrggbb colours): its chroma mass in the
+    2 × 2 a*, b* bins whose centres surround each palette colour (a bin is 20 units of a* or b*: colours within
+    about 20 units count). Chroma only: lightness changes with the light, not with the materials."""
+    chroma = np.asarray(look[LIGHTNESS_BINS : PALETTE.stop], dtype=np.float64).reshape(CHROMA_BINS, CHROMA_BINS)
+    covered = np.zeros_like(chroma, dtype=bool)
+    for a, b in _bins_around(palette):
+        covered[a, b] = True
+    return min(1.0, round(float(chroma[covered].sum()), 4))  # the stored bins are rounded
+
+
+def _bins_around(colours: Sequence[str]) -> list[tuple[slice, slice]]:
+    """For each sRGB colour, the a* and b* bins (as `workers.look` bins pixels) whose centres surround it."""
+    rgb = np.array([[[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in colours]], dtype=np.float32) / 255.0
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[0]
+    width = 2 * CHROMA_RANGE / CHROMA_BINS
+
+    def around(value: float) -> slice:
+        low = int(np.floor((np.clip(value, -CHROMA_RANGE, CHROMA_RANGE) + CHROMA_RANGE) / width - 0.5))
+        return slice(max(0, low), max(0, low) + 2) if low < CHROMA_BINS - 1 else slice(CHROMA_BINS - 1, CHROMA_BINS)
+
+    return [(around(a), around(b)) for _, a, b in lab]

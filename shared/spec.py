@@ -409,6 +409,13 @@ class Style(_Strict):
     reference: Reference | None = Field(
         None, description="a style pack's mood board (`archfarm styles add --reference IMG`)"
     )
+    palette: list[Annotated[str, Field(pattern=r"^#[0-9A-Fa-f]{6}$")]] | None = Field(
+        None,
+        min_length=1,
+        max_length=12,
+        description="a style pack's palette (#rrggbb colours): each view is measured against it "
+        "(`archfarm styles add --palette`)",
+    )
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
         None,
         min_length=1,
@@ -430,7 +437,7 @@ class Style(_Strict):
     def digest(self) -> str:
         """A style without a LoRA, references or seed family keeps the digest (and so the output keys) it had
         before packs."""
-        unset = {name for name in ("loras", "reference", "seeds") if not getattr(self, name)}
+        unset = {name for name in ("loras", "reference", "palette", "seeds") if not getattr(self, name)}
         return _digest(self.model_dump(mode="json", exclude=unset))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.consistency import consistency
+from shared.consistency import consistency, palette_match
 from workers.look import look
 
 
@@ -70,6 +70,19 @@ def test_views_rendered_with_one_pack_score_above_the_same_views_each_with_a_pac
     assert one.score > each.score, (one.score, each.score)
 
 
+def test_a_palette_measures_the_share_of_each_views_colour_on_it() -> None:
+    beige = [look(_room((200, 180, 150), 6, seed)) for seed in range(4)]
+    warm, cold = ["#c8b496", "#8c6e50"], ["#3c5ac8", "#285078"]
+    assert min(palette_match(view, warm) for view in beige) > 0.9
+    assert max(palette_match(view, cold) for view in beige) < 0.05
+    half = look(Image.fromarray(np.hstack([np.asarray(_room(c, 2, 1)) for c in ((200, 180, 150), (60, 90, 200))])))
+    assert 0.4 < palette_match(half, warm) < 0.6 and palette_match(half, [*warm, cold[0]]) > 0.95
+    measured = consistency(beige, warm)
+    mean = float(np.mean([palette_match(v, warm) for v in beige]))
+    assert measured is not None and measured.palette == pytest.approx(mean, abs=1e-4)
+    assert consistency(beige) is not None and consistency(beige).palette is None  # type: ignore[union-attr]
+
+
 def test_a_signature_does_not_depend_on_the_delivery_size_and_small_sets_are_not_scored() -> None:
     view = _room((120, 140, 110), 6, 3, size=1024)  # a delivery-size render, and its preview at half the size
     large, small = np.array(look(view)), np.array(look(view.resize((512, 512), Image.Resampling.BOX)))
@@ -95,17 +108,22 @@ def test_a_jobs_status_and_sheet_carry_each_styles_score_measured_on_its_stored_
     )
     profile = {"base": "tiny-sd15", "controls": [{"kind": "plan-depth", "model": "tiny-plan"}], "steps": 4}
     profile |= {"width": 64, "height": 64}
-    job = {"plans": [str(example_plan)], "styles": ["modern", "japandi"], "seeds": {"count": 3}, "profile": profile}
+    japandi = {"name": "japandi", "prompt": "a japandi room, oak and paper", "palette": ["#c8b496", "#8c6e50"]}
+    job = {"plans": [str(example_plan)], "styles": ["modern", japandi], "seeds": {"count": 3}, "profile": profile}
     with Farm(settings) as farm:
         job_id = farm.submit(job)
         view, sheet, images = farm.status(job_id), farm.sheet(job_id), farm.results(job_id)
     assert [(m.style, m.images) for m in view.consistency] == [("japandi", 3), ("modern", 3)]
     for measured in view.consistency:
         stored = [Image.open(i.url.removeprefix("file://")) for i in images if i.style == measured.style]
-        again = consistency([look(image) for image in stored])
-        assert again is not None and again.score == measured.score
+        again = consistency(
+            [look(image) for image in stored], japandi["palette"] if measured.style == "japandi" else None
+        )
+        assert again is not None and (again.score, again.palette) == (measured.score, measured.palette)
+    assert view.consistency[0].palette is not None and view.consistency[1].palette is None
     rows = sheet.to_dict()["rows"]
     assert {row["style"]: row["consistency"] for row in rows} == {m.style: m.score for m in view.consistency}
+    assert {row["style"]: row["palette"] for row in rows} == {m.style: m.palette for m in view.consistency}
     env = {
         f"ARCHFARM_{k.upper()}": str(v)
         for k, v in settings.model_dump().items()
@@ -113,4 +131,5 @@ def test_a_jobs_status_and_sheet_carry_each_styles_score_measured_on_its_stored_
     }
     printed = CliRunner().invoke(app, ["status", job_id], env=env).output
     assert f"consistency modern: {view.consistency[1].score:.2f} over 3 images" in printed
+    assert f"{view.consistency[0].palette:.0%} of colour on its palette" in printed
     assert json.loads(CliRunner().invoke(app, ["status", job_id, "--json"], env=env).output)["consistency"]

@@ -172,12 +172,14 @@ def test_a_job_naming_a_pack_renders_with_its_lora_records_its_hash_and_rerender
         str(board),
         "--seeds",
         "901,77",
+        "--palette",
+        "#c8b496,#8c6e50",
     ]
     added = CliRunner().invoke(app, ["styles", "add", *pack], env=env)
     assert added.exit_code == 0, added.output
     shown = CliRunner().invoke(app, ["styles", "show", "villa"], env=env).output
     assert "lora: " in shown and "weight 1" in shown and "mood board (style, scale 0.8):" in shown
-    assert "seed family: 901, 77" in shown
+    assert "seed family: 901, 77" in shown and "palette: #c8b496, #8c6e50" in shown
     refused = CliRunner().invoke(app, ["styles", "add", "odd", "--prompt", "x", "--seeds", "1,one"], env=env)
     assert refused.exit_code != 0 and "seeds.1" in refused.output
     settings = Settings(**{k.removeprefix("ARCHFARM_").lower(): v for k, v in env.items()}, broker_url=None)

@@ -15,9 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from shared.consistency import CHROMA_BINS, LIGHTNESS_BINS, TEXTURE_BINS
+from shared.consistency import CHROMA_BINS, CHROMA_RANGE, LIGHTNESS_BINS, TEXTURE_BINS
 
-CHROMA_RANGE = 60.0
 _MAX_LOG_GRADIENT = float(np.log1p(400.0))  # Sobel of L* (0-100) reaches a few hundred at hard edges
 _SIDE = 256
 """Images are measured at this long side: the signature must not depend on the delivery size."""
