@@ -25,10 +25,10 @@ from producer.views import (
     WorkerView,
 )
 from shared.consistency import consistency
-from shared.db.clock import database_time
-from shared.db.models import Artifact, Job, JobKind, PickGate, Task, TaskStatus, Worker
+from shared.db.clock import aware, database_time
+from shared.db.models import Artifact, Job, JobCounts, JobKind, PickGate, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
-from shared.db.store import first_start, serving_workers, status_from, status_of
+from shared.db.store import job_counts, serving_workers, status_from
 from shared.errors import InvalidInput, NotFound
 from shared.spec import MAX_ECHO, SeedFamily
 from shared.training import model_url
@@ -39,7 +39,9 @@ _ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
 MAX_FAILURES = 100
 MAX_FAILURE_GROUPS = 50
 """A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
-MAX_LOOKS = 5000
+MAX_LOOKS = 500
+SHEET_STAGES = ("render", "draft", "final", "upscale")
+"""The passes whose images are a sheet's cells (an upscale's tiles are not)."""
 LOOK_STAGES = ("render", "draft", "final")
 """The passes whose images are a set of views (an upscale's tiles and results are not)."""
 
@@ -60,8 +62,10 @@ def job_view(
     row = session.get(Job, job_id)
     if row is None:
         raise NotFound(f"no job {job_id!r}")
-    status, counts = status_of(session, row)
-    started, now = first_start(session, job_id)
+    kept = job_counts(session, job_id)
+    counts = kept.by_status()
+    status = status_from(row, counts)
+    started, now = (None if kept.started_at is None else aware(kept.started_at)), database_time(session)
     workers, live = (
         (
             serving_workers(session, row, heartbeat_timeout, blocklist_after),
@@ -70,7 +74,6 @@ def job_view(
         if farm
         else (None, None)
     )
-    images_done = session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
     failures = [  # a task of a kind other than render names no plan, style or seeds
         Failure(
             task=task_id, plan=plan or "", style=style or "", seeds=",".join(map(str, seeds or [])), error=error or ""
@@ -110,8 +113,8 @@ def job_view(
         paused=row.paused_at is not None,
         owner=row.owner,
         pool=row.spec.get("pool"),
-        images_total=_images_total(row) + _finals(session, row),
-        images_done=images_done or 0,
+        images_total=_images_total(row) + kept.finals,
+        images_done=kept.images,
         training=_training(session, row),
         pick_gate=row.gate,
         picks_close_at=row.picks_close_at,
@@ -122,33 +125,36 @@ def job_view(
 
 def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:
     """Each (pass, style) of the job's images: how alike they look, measured on at most `MAX_LOOKS` images
-    each (the first stored: a sample of a catalogue job says as much as all of it)."""
-    sets: dict[tuple[str, str], list[tuple[int, list[float]]]] = defaultdict(list)
-    rows = session.execute(
-        select(Artifact.id, Artifact.stage, Artifact.style, Artifact.look)
-        .where(Artifact.job_id == job_id, Artifact.look.is_not(None), Artifact.stage.in_(LOOK_STAGES))
-        .where(Artifact.superseded_by.is_(None))  # a re-roll chain's others are not part of the set
-        .order_by(Artifact.id)
-    )
-    for artifact_id, stage, style, signature in rows:
-        if len(members := sets[stage, style]) < MAX_LOOKS:
-            members.append((artifact_id, signature))
+    each (the lowest seeds: a sample of a catalogue job says as much as all of it), read style by style
+    through the (job, style, seed) index, so a million-image job costs what its samples cost."""
     spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
-    palettes = {style["name"]: style.get("palette") for style in spec.get("styles", []) if isinstance(style, dict)}
+    styles = [style for style in spec.get("styles", []) if isinstance(style, dict)]
     found = []
-    for (stage, style), members in sorted(sets.items()):
-        measured = consistency([signature for _, signature in members], palettes.get(style))
-        if measured is not None:
-            found.append(
-                StyleConsistency(
-                    stage=stage,
-                    style=style,
-                    score=measured.score,
-                    images=len(members),
-                    outliers=[members[i][0] for i in measured.outliers],
-                    palette=measured.palette,
+    for style in sorted(styles, key=lambda s: s["name"]):
+        sets: dict[str, list[tuple[int, list[float]]]] = defaultdict(list)
+        rows = session.execute(
+            select(Artifact.id, Artifact.stage, Artifact.look)
+            .where(Artifact.job_id == job_id, Artifact.style == style["name"], Artifact.stage.in_(LOOK_STAGES))
+            .where(Artifact.look.is_not(None), Artifact.superseded_by.is_(None))  # a re-roll's others: not views
+            .order_by(Artifact.seed, Artifact.id)
+            .limit(MAX_LOOKS * len(LOOK_STAGES))
+        )
+        for artifact_id, stage, signature in rows:
+            if len(members := sets[stage]) < MAX_LOOKS:
+                members.append((artifact_id, signature))
+        for stage, members in sorted(sets.items()):
+            measured = consistency([signature for _, signature in members], style.get("palette"))
+            if measured is not None:
+                found.append(
+                    StyleConsistency(
+                        stage=stage,
+                        style=style["name"],
+                        score=measured.score,
+                        images=len(members),
+                        outliers=[members[i][0] for i in measured.outliers],
+                        palette=measured.palette,
+                    )
                 )
-            )
     return found
 
 
@@ -278,18 +284,24 @@ def sheet_page(
         for style in row.spec["styles"]
         if style.get("seeds")
     }
-    pairs = (
+    # Expansion is plan-major, then style, each pair's tasks together (`producer.expand`): the page's rows are
+    # found by the ordinals of their first tasks, through the (job, ordinal) index, whatever the job's size.
+    rows_total = len(row.spec["plans"]) * len(row.spec["styles"])
+    per_pair = -(-len(every_seed) // row.spec["profile"].get("seeds_per_task", 1))
+    start = min(row_offset, rows_total)  # an offset past the end (however far) is an empty page
+    wanted = range(start, rows_total if rows is None else min(rows_total, start + rows))
+    firsts = [r * per_pair for r in wanted]
+    page = session.execute(
         select(Task.plan_digest, Task.plan_name, Task.style)
-        .where(Task.job_id == job_id)
-        .group_by(Task.plan_digest, Task.plan_name, Task.style)
-    )
-    rows_total = session.scalar(select(func.count()).select_from(pairs.subquery())) or 0
-    page = session.execute(pairs.order_by(func.min(Task.ordinal)).offset(row_offset).limit(rows)).all()
+        .where(Task.job_id == job_id, Task.ordinal.in_(firsts))
+        .order_by(Task.ordinal)
+    ).all()
     digests, styles = {r.plan_digest for r in page}, {r.style for r in page}
+    first_pass = (Task.ordinal >= wanted.start * per_pair, Task.ordinal < wanted.stop * per_pair)
     row_seeds = {style: families.get(style, columns) for style in styles}
     found = select(Artifact, Task.plan_name).join(Task, Task.id == Artifact.task_id)
     found = found.where(Artifact.job_id == job_id, Artifact.plan_digest.in_(digests), Artifact.style.in_(styles))
-    found = found.where(Artifact.stage != "tile", Artifact.reroll_of.is_(None))  # a cell is its first image's
+    found = found.where(Artifact.stage.in_(SHEET_STAGES), Artifact.reroll_of.is_(None))  # a cell: its first image
     if seeds is not None or families:
         found = found.where(Artifact.seed.in_({seed for wanted in row_seeds.values() for seed in wanted}))
     images: dict[tuple[str, str, int], ArtifactView] = {}
@@ -304,9 +316,7 @@ def sheet_page(
         select(Task.plan_digest, Task.style, Task.seeds, Task.status).where(
             Task.job_id == job_id,
             Task.status.in_((TaskStatus.RUNNING, TaskStatus.FAILED, TaskStatus.CANCELLED)),
-            Task.plan_digest.in_(digests),
-            Task.style.in_(styles),
-            or_(Task.stage.is_(None), Task.stage != "final"),  # a cell's state is its draft's
+            *first_pass,  # a cell's state is its first pass's (a draft's, not its final's)
         )
     ):
         states.update({(digest, style, seed): status.value for seed in task_seeds})
@@ -373,14 +383,6 @@ def _images_total(job: Job) -> int:
     return len(job.spec["plans"]) * len(job.spec["styles"]) * len(_seeds(job.spec))
 
 
-def _finals(session: Session, job: Job) -> int:
-    """The finals a staged job's picks have added so far (one image each); none for other jobs."""
-    if job.gate is None:
-        return 0
-    count = select(func.count()).select_from(Task).where(Task.job_id == job.id, Task.stage == "final")
-    return session.scalar(count) or 0
-
-
 def _training(session: Session, job: Job) -> TrainingProgress | None:
     """A training job's progress as its worker last wrote it, and where its model is published."""
     if job.kind is not JobKind.TRAIN:
@@ -404,23 +406,20 @@ def _in_status(
     chunk: int = 500,
 ) -> Iterator[str]:
     """Ids of the jobs `jobs_query` lists (id, cancelled_at, paused_at, gate), in its order, those in `status` only
-    (all for None). A job's status is derived from its tasks, so it is worked out here for `chunk` jobs per
-    query (one grouped count over the tasks index)."""
+    (all for None). A job's status is derived from its task counts, so it is worked out here for `chunk` jobs
+    per query."""
     seen = 0
     while jobs := session.execute(jobs_query.offset(seen).limit(chunk)).all():
         if status is None:
             yield from (job.id for job in jobs)
             seen += len(jobs)
             continue
-        counts: dict[str, dict[TaskStatus, int]] = defaultdict(dict)
-        for job_id, task_status, count in session.execute(
-            select(Task.job_id, Task.status, func.count())
-            .where(Task.job_id.in_([job.id for job in jobs]))
-            .group_by(Task.job_id, Task.status)
-        ):
-            counts[job_id][task_status] = count
+        counts = {
+            kept.job_id: kept.by_status()
+            for kept in session.scalars(select(JobCounts).where(JobCounts.job_id.in_([job.id for job in jobs])))
+        }
         for job in jobs:
-            if status_from(job, counts[job.id]) is status:  # type: ignore[arg-type]
+            if status_from(job, counts.get(job.id, {})) is status:  # type: ignore[arg-type]
                 yield job.id
         seen += len(jobs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from producer.expand import expand
+from producer.expand import TaskSpec, expand
 from producer.submit import PreparedJob, persist
 from shared.db.clock import database_time, db_now
 from shared.db.models import Artifact, Base, Job, JobKind, Task, TaskStatus, Worker
@@ -21,6 +22,7 @@ from shared.db.session import make_engine, session_factory, upgrade
 from shared.db.status import JobStatus, job_status
 from shared.db.store import (
     Stranded,
+    add_tasks,
     cancel_job,
     cancel_task,
     claim_task,
@@ -29,6 +31,7 @@ from shared.db.store import (
     finish_task,
     heartbeat,
     idle_queues,
+    job_counts,
     reap,
     record_artifacts,
     register_worker,
@@ -36,6 +39,7 @@ from shared.db.store import (
     retry_job,
     status_of,
     sweep,
+    task_counts,
     worker_progress,
 )
 from shared.plans import Plan
@@ -194,6 +198,79 @@ def test_cancel_stops_queued_tasks_and_running_ones_cannot_finish_as_queued(
     with sessions.begin() as session:
         assert len(retry_job(session, JOB_ID)) == 3
     assert status(sessions)[0] is JobStatus.QUEUED
+
+
+def test_job_counts_follow_every_change_of_its_tasks_whoever_makes_it(
+    sessions: sessionmaker[Session], job: PreparedJob
+) -> None:
+    """The counts the triggers keep equal a count of the rows after claims, finishes, failures, hand-backs, a
+    reap, a cancel of many at once, a retry, tasks added to a running job and images stored (twice: a
+    redelivered task's images are updated, not counted again); the first start is the earliest claim's."""
+
+    def check(session: Session) -> None:
+        rows = session.execute(select(Task.status, func.count()).where(Task.job_id == JOB_ID).group_by(Task.status))
+        assert task_counts(session, JOB_ID) == {TaskStatus(status): count for status, count in rows}
+        counts = job_counts(session, JOB_ID)
+        images = select(func.count()).select_from(Artifact).where(Artifact.job_id == JOB_ID)
+        finals = select(func.count()).select_from(Task).where(Task.job_id == JOB_ID, Task.stage == "final")
+        assert (counts.images, counts.finals) == (session.scalar(images), session.scalar(finals))
+
+    a, b, c = (t.id for t in job.tasks)
+    steps = [
+        lambda s: [claim_task(s, t, "w") for t in (a, b)],
+        lambda s: (finish_task(s, a, "w"), fail_task(s, b, "w", "boom")),
+        lambda s: (claim_task(s, c, "gone"), heartbeat(s, "gone")),
+        lambda s: record_artifacts(s, [_artifact(job.tasks[0], seed) for seed in (0, 1)]),
+        lambda s: record_artifacts(s, [_artifact(job.tasks[0], seed) for seed in (0, 1, 2)]),
+        lambda s: s.execute(update(Worker).where(Worker.id == "gone").values(heartbeat_at=db_now(-600))),
+        lambda s: reap(s, 60),
+        lambda s: add_tasks(s, [_final(job, "f1"), _final(job, "f2")]),
+        lambda s: cancel_job(s, JOB_ID),
+        lambda s: retry_job(s, JOB_ID),
+        lambda s: requeue_task(s, c, "nobody"),
+    ]
+    with sessions.begin() as session:
+        register_worker(session, "gone", "node", "cpu", 1, ["archfarm"])
+        check(session)
+    for step in steps:
+        with sessions.begin() as session:
+            step(session)
+            check(session)
+    with sessions() as session:
+        assert job_counts(session, JOB_ID).started_at is not None  # the first claim's, kept through the retry
+
+
+def _artifact(task: TaskSpec, seed: int) -> dict[str, object]:
+    return {
+        "job_id": JOB_ID,
+        "task_id": task.id,
+        "plan_digest": task.plan.digest,
+        "style": task.style,
+        "seed": seed,
+        "url": f"file:///out/{seed}.png",
+        "sidecar_url": f"file:///out/{seed}.json",
+        "width": 8,
+        "height": 8,
+        "size_bytes": 1,
+    }
+
+
+def _final(job: PreparedJob, name: str) -> dict[str, object]:
+    task = job.tasks[0]
+    return {
+        "id": str(uuid.uuid5(uuid.UUID(JOB_ID), name)),
+        "job_id": JOB_ID,
+        "ordinal": 100 + len(name),
+        "plan_url": task.plan.url,
+        "plan_name": task.plan.name,
+        "plan_digest": task.plan.digest,
+        "style": task.style,
+        "seeds": [0],
+        "outputs": [f"finals/{name}.png"],
+        "stage": "final",
+        "status": TaskStatus.QUEUED.value,
+        "attempts": 0,
+    }
 
 
 def test_artifacts_are_unique_per_image(sessions: sessionmaker[Session], job: PreparedJob) -> None:

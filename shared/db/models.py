@@ -181,9 +181,35 @@ class Task(Base):
     )
 
     __table_args__ = (
-        Index("ix_tasks_job_status", "job_id", "status"),
+        Index("ix_tasks_job_status", "job_id", "status", "ordinal"),
+        Index("ix_tasks_job_ordinal", "job_id", "ordinal"),
         Index("ix_tasks_status_due", "status", "due_at"),
+        Index("ix_tasks_finished_at", "finished_at"),
     )
+
+
+class JobCounts(Base):
+    """A job's tasks by status, its finals and images, and its first start, kept by the database itself.
+
+    Triggers on `tasks` and `artifacts` (migration 0016) change a job's row in the same statement as its
+    tasks, so the counts can never be out of step with the rows, whoever changes them; every read of a job
+    (status, the API, `/metrics`, the dashboard) costs one row, however many tasks the job has."""
+
+    __tablename__ = "job_counts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer, server_default="0")
+    running: Mapped[int] = mapped_column(Integer, server_default="0")
+    succeeded: Mapped[int] = mapped_column(Integer, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, server_default="0")
+    cancelled: Mapped[int] = mapped_column(Integer, server_default="0")
+    finals: Mapped[int] = mapped_column(Integer, server_default="0", comment="final tasks a staged job's picks added")
+    images: Mapped[int] = mapped_column(Integer, server_default="0", comment="artifacts stored")
+    started_at: Mapped[datetime | None] = mapped_column(default=None, comment="when its first task started")
+
+    def by_status(self) -> dict[TaskStatus, int]:
+        """The statuses the job has tasks in, with how many."""
+        return {status: count for status in TaskStatus if (count := getattr(self, status.value))}
 
 
 class Artifact(Base):
@@ -236,6 +262,7 @@ class Artifact(Base):
         UniqueConstraint("job_id", "stage", "plan_digest", "style", "seed", name="uq_artifacts_image"),
         Index("ix_artifacts_task_id", "task_id"),
         Index("ix_artifacts_reroll_of", "reroll_of"),
+        Index("ix_artifacts_job_style_seed", "job_id", "style", "seed", "id"),
     )
 
 

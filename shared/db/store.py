@@ -17,7 +17,18 @@ from sqlalchemy import and_, delete, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.clock import aware, database_time, db_now
-from shared.db.models import Artifact, FailureKind, Job, JobKind, PickGate, Task, TaskFailure, TaskStatus, Worker
+from shared.db.models import (
+    Artifact,
+    FailureKind,
+    Job,
+    JobCounts,
+    JobKind,
+    PickGate,
+    Task,
+    TaskFailure,
+    TaskStatus,
+    Worker,
+)
 from shared.db.session import dialect_insert
 from shared.db.status import JobStatus, job_status
 from shared.spec import JobSpec
@@ -415,9 +426,15 @@ def is_cancelled(session: Session, job_id: str) -> bool:
     return session.scalar(select(Job.cancelled_at).where(Job.id == job_id)) is not None
 
 
+def job_counts(session: Session, job_id: str) -> JobCounts:
+    """The job's counts as the database keeps them (all zero before its first task is stored)."""
+    query = select(JobCounts).where(JobCounts.job_id == job_id).execution_options(populate_existing=True)
+    found = session.scalar(query)  # fresh: the triggers change it behind the session's back
+    return found or JobCounts(job_id=job_id, **dict.fromkeys(("finals", "images", *(s.value for s in TaskStatus)), 0))
+
+
 def task_counts(session: Session, job_id: str) -> dict[TaskStatus, int]:
-    rows = session.execute(select(Task.status, func.count()).where(Task.job_id == job_id).group_by(Task.status)).all()
-    return {status: count for status, count in rows}
+    return job_counts(session, job_id).by_status()
 
 
 def status_of(session: Session, job: Job) -> tuple[JobStatus, dict[TaskStatus, int]]:
@@ -650,9 +667,3 @@ def sweep(session: Session, stranded: Sequence[Stranded], limit: int) -> list[st
             .execution_options(synchronize_session=False)
         )
     )
-
-
-def first_start(session: Session, job_id: str) -> tuple[datetime | None, datetime]:
-    """When the job's first task started, and the database's time now (for rates and ETAs)."""
-    started = session.scalar(select(func.min(Task.started_at)).where(Task.job_id == job_id))
-    return (None if started is None else aware(started)), database_time(session)
