@@ -29,7 +29,7 @@ from producer.database import open_database
 from producer.kinds import prepare_for_farm
 from producer.sheet import Sheet
 from producer.views import ArtifactView, JobView, WorkerView
-from shared.broker import Message, make_celery, messages_for, send_tasks
+from shared.broker import make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db import stages
 from shared.db.models import Job
@@ -44,6 +44,7 @@ from shared.db.store import (
     set_priority,
 )
 from shared.db.tokens import Caller, caller_of
+from shared.dispatch import top_up
 from shared.errors import (
     ArchfarmError,
     BrokerUnavailable,
@@ -55,7 +56,7 @@ from shared.errors import (
     one_line,
 )
 from shared.images import content_hash, decode_image
-from shared.kinds import Packs, Spec, load_spec, parse_spec, time_limit
+from shared.kinds import Packs, Spec, load_spec, parse_spec
 from shared.packs import load_pack
 from shared.plans import store_input
 from shared.sidecar import Sidecar
@@ -115,15 +116,16 @@ class Farm:
         owner: str | None = None,
         remote: bool = False,
     ) -> str:
-        """Validate, store the job and its tasks in one transaction, then send them; returns the job id.
+        """Validate, store the job and its tasks in one transaction, then send the first window of them
+        (`shared.dispatch`: the workers' heartbeats send the rest as they go); returns the job id.
 
         `job`: a spec of any kind (`shared.kinds`), a document naming its `kind` (render when it names none), or a
         file. Nothing is stored when validation fails. `on_stored(job_id, tasks)` is called as soon as the job is
-        stored, before its messages go out (a large job takes a while). A broker that refuses the messages is a
-        `SubmitWarning`, not an error: the tasks are stored and the workers' sweeper sends them once the broker
-        is back. Without a broker a render job is rendered here and now; other kinds run on a farm's workers
-        only (`archfarm train SPEC` trains in this process). A `remote` job (the REST API's, checked by
-        `producer.remote`) never has a model name taken for a folder relative to this process.
+        stored, before its messages go out. A broker that refuses the messages is a `SubmitWarning`, not an
+        error: the tasks are stored and the workers send them once the broker is back. Without a broker a render
+        job is rendered here and now; other kinds run on a farm's workers only (`archfarm train SPEC` trains in
+        this process). A `remote` job (the REST API's, checked by `producer.remote`) never has a model name taken
+        for a folder relative to this process.
         """
         spec = _as_spec(job, self.pack)
         if self._celery is None:
@@ -134,20 +136,17 @@ class Farm:
                 )
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
             return self._embedded_farm().render(spec, on_prepared=stored).job_id
-        limit = time_limit(spec, self.settings)
         prepared = prepare_for_farm(spec, self.settings, owner=owner, remote=remote)
         with self.sessions.begin() as session:
             prepared.persist(session)
-        tasks = prepared.task_ids
         if on_stored is not None:
-            on_stored(prepared.id, len(tasks))
-        messages = (Message(task_id, prepared.id, prepared.queue, spec.priority, limit) for task_id in tasks)
+            on_stored(prepared.id, len(prepared.task_ids))
         try:
-            send_tasks(self._celery, messages)
+            self._dispatch([prepared.queue])
         except BrokerUnavailable as error:
             warnings.warn(
-                f"job {prepared.id} is stored with {len(tasks)} task(s), but {error}; workers send them once the "
-                f"broker is back (or run `archfarm retry {prepared.id}`)",
+                f"job {prepared.id} is stored with {len(prepared.task_ids)} task(s), but {error}; workers send them "
+                f"once the broker is back (or run `archfarm retry {prepared.id}`)",
                 SubmitWarning,
                 stacklevel=2,
             )
@@ -195,18 +194,19 @@ class Farm:
             return cancel_job(session, job_id)
 
     def retry(self, job_id: str) -> int:
-        """Requeue failed and cancelled tasks and (re)send every queued task; returns how many were sent. The
-        job's notifications start afresh when something is requeued.
+        """Requeue failed and cancelled tasks and let every queued task take its turn again; returns how many
+        are queued. The job's notifications start afresh when something is requeued.
 
-        Re-sending tasks that are already queued is harmless (a task is claimed once) and repairs a submit
+        Sending tasks that are already queued again is harmless (a task is claimed once) and repairs a submit
         whose sending was cut off by a broker outage.
         """
         self.status(job_id)
-        broker = self._broker("retry")
+        self._broker("retry")
         with self.sessions.begin() as session:
             rearm(session, job_id)
             queued = retry_job(session, job_id)
-        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+        self._dispatch([self._queue(job_id)])
+        return len(queued)
 
     def pause(self, job_id: str) -> bool:
         """Queued tasks wait, running ones finish; False when the job was paused already."""
@@ -303,22 +303,32 @@ class Farm:
         return spec
 
     def resume(self, job_id: str) -> int:
-        """Let a paused job's queued tasks run; returns how many were sent."""
+        """Let a paused job's queued tasks take their turn; returns how many were sent now."""
         self.status(job_id)
-        broker = self._broker("resume")
+        self._broker("resume")
         with self.sessions.begin() as session:
-            queued = resume_job(session, job_id)
-        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+            resume_job(session, job_id)
+        return self._dispatch([self._queue(job_id)])
 
     def set_priority(self, job_id: str, priority: int) -> int:
-        """The job's priority (0-100, higher first) for its queued tasks; returns how many were sent again."""
+        """The job's priority (0-100, higher first) for its queued tasks; returns how many were sent now."""
         if not 0 <= priority <= 100:
             raise InvalidInput(f"priority must be 0-100, not {priority}")
         self.status(job_id)
-        broker = self._broker("reprioritise")
+        self._broker("reprioritise")
         with self.sessions.begin() as session:
-            queued = set_priority(session, job_id, priority)
-        return send_tasks(broker, messages_for(self.sessions, self.settings, queued))
+            set_priority(session, job_id, priority)
+        return 0 if self.status(job_id).paused else self._dispatch([self._queue(job_id)])
+
+    def _queue(self, job_id: str) -> str:
+        with self.sessions() as session:
+            return session.scalar(select(Job.queue).where(Job.id == job_id)) or self.settings.queue
+
+    def _dispatch(self, queues: list[str]) -> int:
+        """Top `queues` up to their windows (`shared.dispatch`) and send what that took; how many were sent."""
+        with self.sessions.begin() as session:
+            taken = top_up(session, self.settings.heartbeat_timeout, queues)
+        return send_tasks(self._broker("send tasks"), messages_for(self.sessions, self.settings, taken))
 
     def caller(self, token: str) -> Caller | None:
         """Who an API token names, or None for an unknown or revoked one."""

@@ -32,16 +32,20 @@ from shared.db.store import (
     heartbeat,
     idle_queues,
     job_counts,
+    pause_job,
     reap,
     record_artifacts,
     register_worker,
     requeue_task,
+    resume_job,
     retry_job,
+    set_priority,
     status_of,
     sweep,
     task_counts,
     worker_progress,
 )
+from shared.dispatch import MIN_WINDOW, top_up
 from shared.plans import Plan
 from shared.spec import JobSpec
 from workers.upkeep import stranded
@@ -363,6 +367,10 @@ def test_the_sweeper_resends_overdue_tasks_only_while_a_worker_on_their_queue_id
         assert idle_queues(session, 60) == set()  # just started: idle, but not for long
     backdate(sessions, 600, tasks=True, workers=True)
     with sessions.begin() as session:
+        assert sweep(session, stranded_now(session, 60), 100) == []  # held: no message to lose, it waits its turn
+        assert len(top_up(session, 60)) == 3  # sent
+    backdate(sessions, 600, tasks=True, workers=True)
+    with sessions.begin() as session:
         assert idle_queues(session, 60) == {"archfarm", "other-queue"}
         now = database_time(session)
         assert sweep(session, [Stranded("other-queue", now)], 100) == []  # the job's tasks are on another queue
@@ -400,6 +408,7 @@ def test_tasks_a_busy_worker_passed_over_are_resent_most_urgent_first(
         persist(session, urgent)
         persist(session, background)
         register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        assert len(top_up(session, 60)) == 7
         take(session, "w#1", background.tasks[0].id)
         assert sweep(session, stranded_now(session, 60), 100) == []  # the urgent tasks fell due just now
     with sessions.begin() as session:  # ten minutes on: the urgent job's messages are gone
@@ -409,6 +418,43 @@ def test_tasks_a_busy_worker_passed_over_are_resent_most_urgent_first(
         swept = sweep(session, stranded_now(session, 60), 100)
         assert sorted(swept) == sorted(t.id for t in urgent.tasks)  # the background's own are not overdue
         assert sweep(session, stranded_now(session, 60), 100) == []  # sent: due now
+
+
+def test_tasks_are_sent_a_window_at_a_time_in_turn_and_what_waits_obeys_pauses_and_priorities(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A queue holds at most its window of messages (`MIN_WINDOW` with few workers); a top-up fills it by job
+    priority, then age, then expansion order; a claim makes room; a paused job's tasks wait; a priority change
+    and a retry send a job's queued tasks again in turn; nothing held, or paused, is swept."""
+    big = dataclasses.replace(prepared(seeds=100), spec=prepared().spec.model_copy(update={"priority": 50}))
+    urgent = dataclasses.replace(
+        prepared(URGENT_ID, seeds=10), spec=prepared().spec.model_copy(update={"priority": 90})
+    )
+    with sessions.begin() as session:
+        persist(session, big)
+        persist(session, urgent)
+        register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        first = top_up(session, 60)
+        assert first == [t.id for t in urgent.tasks] + [t.id for t in big.tasks[: MIN_WINDOW - 10]]
+        assert top_up(session, 60) == []  # full
+        for task in big.tasks[:5]:
+            claim_task(session, task.id, "w#1")  # claimed without its message: a batch's extra tasks
+        assert top_up(session, 60) == [t.id for t in big.tasks[MIN_WINDOW - 10 : MIN_WINDOW - 5]]
+        claim_task(session, urgent.tasks[0].id, "w#1")
+        pause_job(session, JOB_ID)
+        assert top_up(session, 60) == []  # the room is there, but the only job with tasks waiting is paused
+    backdate(sessions, 600, tasks=True, workers=True)
+    with sessions.begin() as session:
+        swept = sweep(session, stranded_now(session, 60), 1000)  # the sent ones of jobs not paused: the urgent's
+        assert sorted(swept) == sorted(t.id for t in urgent.tasks[1:])
+        set_priority(session, JOB_ID, 95)
+        resume_job(session, JOB_ID)
+        again = top_up(session, 60)  # the big job's sent tasks were held again: sent again first, at 95
+        assert again[0] == big.tasks[5].id and len(again) == MIN_WINDOW - 9
+        assert len(retry_job(session, URGENT_ID)) == 9
+        assert again == [t.id for t in big.tasks[5 : 5 + MIN_WINDOW - 9]]
+        # The urgent job's sent tasks wait again, and the room goes to the job now ahead of it (95 > 90).
+        assert top_up(session, 60) == [t.id for t in big.tasks[5 + MIN_WINDOW - 9 : 5 + MIN_WINDOW]]
 
 
 def test_heartbeats_and_reaping_use_the_databases_clock(

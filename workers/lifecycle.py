@@ -60,6 +60,7 @@ from shared.db.store import (
     worker_progress,
 )
 from shared.db.upscales import TiledImage, assemble_when_tiled, lock_job, tile_artifacts
+from shared.dispatch import hold
 from shared.errors import ArchfarmError, InputError, InvalidInput, NotFound, PermanentError, TransientError, one_line
 from shared.limits import batch_cap
 from shared.logs import outage
@@ -254,7 +255,8 @@ class Lifecycle:
         job_id, status, stage = row
         if status is not TaskStatus.QUEUED:
             return TaskStatus(status)
-        if is_paused(session, job_id):  # its message is spent; `resume` sends the task again
+        if is_paused(session, job_id):  # its message is spent: it waits for its turn again once resumed
+            hold(session, [task_id])
             return TaskStatus.QUEUED
         if job_id not in self._jobs:
             if len(self._jobs) >= JOB_CACHE:  # a long-lived worker sees many jobs; each is small, but bound them

@@ -1,6 +1,9 @@
-"""A worker's housekeeping beside its tasks, once per heartbeat: heartbeat, reaper, sweeper, notifications.
+"""A worker's housekeeping beside its tasks, once per heartbeat: heartbeat, dispatch, reaper, sweeper,
+notifications.
 
 - The heartbeat proves this worker alive (database clock).
+- Dispatch (`shared.dispatch`) sends the next tasks of the farm's jobs in turn, keeping each queue's messages
+  to a window sized from its live workers.
 - The reaper declares workers silent for `heartbeat_timeout` dead and hands their tasks back: interrupted,
   not failed (the policy holds nothing against a task or node for it).
 - The sweeper re-sends tasks that have no message: queued, due more than `stranded_after` ago, on a queue a
@@ -47,6 +50,7 @@ from shared.db.store import (
     stop_worker,
     sweep,
 )
+from shared.dispatch import top_up
 from workers.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -81,9 +85,19 @@ class Upkeep:
         if time.monotonic() - self._healthy_since >= self.settings.heartbeat_timeout:
             self.reap()
             self.sweep()
+        self.dispatch()
         self.pick_by_rule()
         self.close_expired_picks()
         return alive
+
+    def dispatch(self) -> list[str]:
+        """Top every queue up to its window (`shared.dispatch`) and send what that took: the next tasks of the
+        farm's jobs, in turn."""
+        with self.sessions.begin() as session:
+            taken = top_up(session, self.settings.heartbeat_timeout)
+        if taken:
+            self.send(taken, 0)
+        return taken
 
     def reap(self) -> list[str]:
         with self.sessions.begin() as session:

@@ -104,6 +104,10 @@ def _stored(kind: type[enum.Enum], name: str, constraint: bool = True) -> Enum:
 
 
 _status = _stored(TaskStatus, "task_status")
+HELD = text("status = 'queued' AND dispatched_at IS NULL")
+"""Queued tasks without a message: they wait in the database for their turn (`shared.dispatch`)."""
+SENT = text("status = 'queued' AND dispatched_at IS NOT NULL")
+"""Queued tasks with a message in the broker (or lost with it: the sweeper's)."""
 
 
 class Job(Base):
@@ -179,12 +183,19 @@ class Task(Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(
         default=None, comment="a training task's latest step, loss and rate, written by the worker that runs it"
     )
+    dispatched_at: Mapped[datetime | None] = mapped_column(
+        default=None,
+        comment="when its message was sent (database clock); null while a queued task waits in the database for "
+        "its turn (shared.dispatch)",
+    )
 
     __table_args__ = (
         Index("ix_tasks_job_status", "job_id", "status", "ordinal"),
         Index("ix_tasks_job_ordinal", "job_id", "ordinal"),
         Index("ix_tasks_status_due", "status", "due_at"),
         Index("ix_tasks_finished_at", "finished_at"),
+        Index("ix_tasks_held", "job_id", "ordinal", postgresql_where=HELD, sqlite_where=HELD),
+        Index("ix_tasks_sent", "due_at", postgresql_where=SENT, sqlite_where=SENT),
     )
 
 

@@ -359,7 +359,8 @@ def close_gate(session: Session, job_id: str, gates: Sequence[PickGate] = (PickG
 
 
 def retry_job(session: Session, job_id: str) -> list[str]:
-    """Failed and cancelled tasks back to queued, plus every queued one; returns their ids, to be sent now.
+    """Failed and cancelled tasks back to queued, and with every queued one back to waiting for its turn
+    (`shared.dispatch` sends them: a message lost with a broker is sent again too); returns their ids.
 
     The job's failure history goes too: a retry says the cause was fixed, so no worker stays blocklisted.
     """
@@ -375,7 +376,7 @@ def retry_job(session: Session, job_id: str) -> list[str]:
         session.scalars(
             update(Task)
             .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
-            .values(due_at=db_now())
+            .values(due_at=db_now(), dispatched_at=None)
             .returning(Task.id)
             .execution_options(synchronize_session=False)
         )
@@ -388,33 +389,21 @@ def pause_job(session: Session, job_id: str) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def resume_job(session: Session, job_id: str) -> list[str]:
-    """Let the job's queued tasks run again; returns them, to be sent (their messages were dropped while it
-    was paused)."""
+def resume_job(session: Session, job_id: str) -> None:
+    """Let the job's queued tasks run again: they take their turn (`shared.dispatch`); those whose messages
+    were spent while it was paused were held again by the workers that drew them."""
     session.execute(update(Job).where(Job.id == job_id).values(paused_at=None))
-    return queued_tasks(session, job_id)
 
 
-def set_priority(session: Session, job_id: str, priority: int) -> list[str]:
-    """The job's new priority; returns its queued tasks, to be sent again at it (their old messages find the
-    tasks taken, or run them first: either way each runs once). None to send while the job is paused."""
+def set_priority(session: Session, job_id: str, priority: int) -> None:
+    """The job's new priority: its held tasks take their turn at it, and so do its sent ones, held again to be
+    sent at it (their old messages find the tasks taken, or run them first: either way each runs once)."""
     session.execute(update(Job).where(Job.id == job_id).values(priority=priority))
-    return [] if is_paused(session, job_id) else queued_tasks(session, job_id)
-
-
-def queued_tasks(session: Session, job_id: str) -> list[str]:
-    """The job's queued tasks in expansion order, their messages due now: they are about to be sent (a due
-    time says when a task's latest message became deliverable, which the sweeper reads)."""
     session.execute(
         update(Task)
-        .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED)
-        .values(due_at=db_now())
+        .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.dispatched_at.is_not(None))
+        .values(dispatched_at=None)
         .execution_options(synchronize_session=False)
-    )
-    return list(
-        session.scalars(
-            select(Task.id).where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED).order_by(Task.ordinal)
-        )
     )
 
 
@@ -448,9 +437,12 @@ def status_from(job: Job, counts: dict[TaskStatus, int]) -> JobStatus:
 
 
 def add_tasks(session: Session, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Insert task rows added to a running job (a pick's finals, an upscale's assembly), each under an id derived
-    from what it is: one already there is left alone. Returns the ids inserted now, to be sent."""
-    inserted = dialect_insert(session, Task).values(list(rows)).on_conflict_do_nothing(index_elements=["id"])
+    """Insert task rows added to a running job (a pick's finals, an upscale's assembly, a re-roll), each under an
+    id derived from what it is: one already there is left alone. Returns the ids inserted now, to be sent at
+    once (so they are marked dispatched: a few tasks that continue a job need no turn)."""
+    now = database_time(session)
+    dispatched = [{**row, "dispatched_at": now} for row in rows]
+    inserted = dialect_insert(session, Task).values(dispatched).on_conflict_do_nothing(index_elements=["id"])
     return list(session.scalars(inserted.returning(Task.id)))
 
 
@@ -648,6 +640,7 @@ def sweep(session: Session, stranded: Sequence[Stranded], limit: int) -> list[st
             .join(Job, Job.id == Task.job_id)
             .where(
                 Task.status == TaskStatus.QUEUED,
+                Task.dispatched_at.is_not(None),  # a held task has no message by design: it waits its turn
                 Job.paused_at.is_(None),  # a paused job's tasks wait without messages; resume sends them
                 where,
             )
