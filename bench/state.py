@@ -3,8 +3,10 @@ half done, and the broker's dispatch rate.
 
     python bench/state.py [--quick] [--json]
 
-Per size (10⁴, 10⁵ and 10⁶ tasks; 10⁴ with --quick): a job of 10 plans × 4 styles × size/40 seeds is expanded
-and stored, half its tasks are marked done with an image each (as workers would leave it mid-run), and each
+Per size (10⁴, 10⁵ and 10⁶ tasks; 10⁴ with --quick): a job of 10 plans × 4 styles × size/40 seeds is submitted
+as `Farm.submit` does it (expanded, stored, its first window of messages sent to Redis: submit-to-return, and
+the messages and bytes the broker then holds), half its tasks are marked done with an image each (as workers
+would leave it mid-run), and each
 read path is timed 30 times over HTTP through the API (in-process, no auth): the job (`GET /jobs/{id}`: what
 `archfarm status` reads), the jobs list, a page of results, a page of the contact sheet, the dashboard's job
 page and `/metrics`; then a task's claim and finish. Needs PostgreSQL and Redis on 127.0.0.1
@@ -35,11 +37,12 @@ from bench.common import REDIS_URL, report, scratch_database
 from producer.api import create_app
 from producer.expand import expand
 from producer.submit import PreparedJob, persist
-from shared.broker import Message, make_celery, send_tasks
+from shared.broker import Message, make_celery, messages_for, queue_depth, send_tasks
 from shared.config import Settings
 from shared.db.models import Task
 from shared.db.session import make_engine, session_factory
 from shared.db.store import claim_task, finish_task
+from shared.dispatch import top_up
 from shared.plans import Plan
 from shared.spec import JobSpec
 
@@ -85,6 +88,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
     sessions = session_factory(engine)
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     settings = Settings(database_url=url, broker_url=None, api_auth="off", storage_url="s3://bench/farm")
+    app, broker = make_celery(Settings(broker_url=REDIS_URL, queue=queue)), redis.Redis.from_url(REDIS_URL)
     for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # results' links are signed, never fetched
         os.environ.setdefault(variable, "bench")
     results: dict[str, Any] = {}
@@ -97,7 +101,14 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 tasks = expand(spec, refs, job_id)
                 with sessions.begin() as session:
                     persist(session, PreparedJob(job_id, spec, "s3://bench/out", queue, tasks))
-                results[f"{size}_store_s"] = round(time.perf_counter() - started, 2)
+                with sessions.begin() as session:
+                    first = top_up(session, settings.heartbeat_timeout, [queue])
+                send_tasks(app, messages_for(sessions, settings, first))
+                results[f"{size}_submit_s"] = round(time.perf_counter() - started, 2)
+                results[f"{size}_broker_messages"] = queue_depth(broker, queue)
+                results[f"{size}_broker_kib"] = round(
+                    sum(broker.memory_usage(k) or 0 for k in broker.scan_iter(f"{queue}*")) / 1024
+                )
                 sample = [t.id for t in random.sample(tasks[size // 2 :], 100)]
                 del tasks
                 half_done(engine, job_id, size // 2)
@@ -112,14 +123,12 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 results[f"{size}_claim_and_finish_ms"] = percentiles(times)
         with sessions() as session:
             ids = list(session.scalars(select(Task.id).limit(2000 if args.quick else 10_000)))
-        app = make_celery(Settings(broker_url=REDIS_URL, queue=queue))
         started = time.perf_counter()
         send_tasks(app, (Message(task_id, "bench", queue, 50, 3600) for task_id in ids))
         results["dispatch_messages"] = len(ids)
         results["dispatch_per_s"] = round(len(ids) / (time.perf_counter() - started))
     finally:
         engine.dispose()
-        broker = redis.Redis.from_url(REDIS_URL)
         for key in broker.scan_iter(f"{queue}*"):
             broker.delete(key)
     return results

@@ -460,7 +460,7 @@ def retry(
     with _farm() as farm:
         job_id = farm.resolve(job_id)
         sent = farm.retry(job_id)
-    out.print(f"{job_id}: sent {sent} task(s)", markup=False)
+    out.print(f"{job_id}: {sent} task(s) queued again", markup=False)
 
 
 @app.command()
@@ -556,11 +556,11 @@ def priority(
     job_id: JobId,
     value: Annotated[int, typer.Argument(metavar="N", help="0-100, higher first.")],
 ) -> None:
-    """Change a job's priority; its queued tasks are sent again at it."""
+    """Change a job's priority; its queued tasks take their turn at it."""
     with _farm() as farm:
         job_id = farm.resolve(job_id)
         sent = farm.set_priority(job_id, value)
-    out.print(f"{job_id}: priority {value}, {sent} queued task(s) sent again", markup=False)
+    out.print(f"{job_id}: priority {value}, {sent} queued task(s) sent at it now", markup=False)
 
 
 @app.command()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 LIGHTNESS_BINS = 8
@@ -74,10 +73,24 @@ def palette_match(look: Sequence[float], palette: Sequence[str]) -> float:
     return min(1.0, round(float(chroma[covered].sum()), 4))  # the stored bins are rounded
 
 
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values in 0-1, as OpenCV's float conversion gives it to the pixels `workers.look`
+    bins (the API reads palettes without loading OpenCV): linearised sRGB, to XYZ, to L*a*b*."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ _SRGB_TO_XYZ.T / _D65
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+_SRGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_D65 = np.array([0.950456, 1.0, 1.088754])
+
+
 def _bins_around(colours: Sequence[str]) -> list[tuple[slice, slice]]:
     """For each sRGB colour, the a* and b* bins (as `workers.look` bins pixels) whose centres surround it."""
-    rgb = np.array([[[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in colours]], dtype=np.float32) / 255.0
-    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[0]
+    lab = srgb_to_lab(np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in colours]) / 255.0)
     width = 2 * CHROMA_RANGE / CHROMA_BINS
 
     def around(value: float) -> slice:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.dispatch import MIN_WINDOW
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -86,7 +88,8 @@ def test_train_bench_quick(models_dir: Path) -> None:
 @pytest.mark.redis
 def test_state_quick(postgres_url: str, redis_url: str, models_dir: Path) -> None:
     out = run_bench("state.py", "--quick", models_dir=models_dir, redis_url=redis_url)
-    assert out["dispatch_messages"] == 2000 and positive(out["10000_store_s"]) and positive(out["dispatch_per_s"])
+    assert out["dispatch_messages"] == 2000 and positive(out["10000_submit_s"]) and positive(out["dispatch_per_s"])
+    assert out["10000_broker_messages"] == MIN_WINDOW and positive(out["10000_broker_kib"])  # a window, not the job
     for path in ("job", "jobs_list", "results_page", "sheet_page", "dashboard_job", "metrics", "claim_and_finish"):
         p50, p95 = out[f"10000_{path}_ms"]
         assert 0 < p50 <= p95, path

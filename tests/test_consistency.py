@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.consistency import consistency, palette_match
+from shared.consistency import consistency, palette_match, srgb_to_lab
 from workers.look import look
 
 
@@ -71,6 +71,11 @@ def test_views_rendered_with_one_pack_score_above_the_same_views_each_with_a_pac
 
 
 def test_a_palette_measures_the_share_of_each_views_colour_on_it() -> None:
+    import cv2
+
+    colours = np.random.default_rng(0).uniform(0, 1, (200, 3))
+    expected = cv2.cvtColor(colours[None].astype(np.float32), cv2.COLOR_RGB2LAB)[0]
+    assert np.abs(srgb_to_lab(colours) - expected).max() < 0.5  # OpenCV rounds; a bin is 20 units wide
     beige = [look(_room((200, 180, 150), 6, seed)) for seed in range(4)]
     warm, cold = ["#c8b496", "#8c6e50"], ["#3c5ac8", "#285078"]
     assert min(palette_match(view, warm) for view in beige) > 0.9
