@@ -17,6 +17,7 @@ removes both.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -148,11 +149,11 @@ def half_done(engine: Any, job_id: str, done: int) -> None:
         connection.execute(
             text(
                 "INSERT INTO artifacts (job_id, task_id, stage, plan_digest, style, seed, url, sidecar_url, width, "
-                "height, size_bytes, adherence, created_at) SELECT job_id, id, 'render', plan_digest, style, "
+                "height, size_bytes, adherence, look, created_at) SELECT job_id, id, 'render', plan_digest, style, "
                 "(seeds->>0)::bigint, 's3://bench/out/' || (outputs->>0), 's3://bench/out/x.json', 512, 512, "
-                "400000, 0.5, now() FROM tasks WHERE job_id = :job AND status = 'succeeded'"
+                "400000, 0.5, CAST(:look AS json), now() FROM tasks WHERE job_id = :job AND status = 'succeeded'"
             ),
-            {"job": job_id},
+            {"job": job_id, "look": json.dumps([1 / 8] * 8 + [1 / 36] * 36 + [1 / 8] * 8)},  # as workers store one
         )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM ANALYZE"))

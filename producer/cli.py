@@ -402,7 +402,8 @@ def _summary(view: JobView) -> str:
         return line + f"); pick drafts to finish with `archfarm pick {view.id} ID...`, or end it with `--done`"
     if view.workers == 0:
         return line + "); no live worker can take its tasks: start `archfarm worker` on its queue"
-    return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + ")"
+    left = "" if view.work_left_s is None else f"; ≈ {view.work_left_s:.0f} GPU-s of work left"
+    return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + left + ")"
 
 
 def _training_line(training: TrainingProgress) -> str:

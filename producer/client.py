@@ -382,8 +382,8 @@ class Farm:
     ) -> list[ArtifactView]:
         """The job's images, `limit` of them (all by default) from `offset` or after the image `after`, in a
         stable order (style, seed); an upscale's tiles too with `tiles`."""
-        self.status(job_id)
         with self.sessions() as session:
+            reads.job_row(session, job_id)  # NotFound for an unknown job, not an empty list
             return reads.artifact_views(session, job_id, offset, limit, after, tiles)
 
     def artifact(self, artifact_id: int) -> ArtifactView:

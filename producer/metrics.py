@@ -18,9 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from producer.client import Farm
 from shared.broker import queue_depth
-from shared.config import Settings
+from shared.config import DEFAULT_POOL, Settings
+from shared.db import costs
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Job, JobCounts, Task, TaskStatus, Worker
+from shared.dispatch import live_workers
 
 RENDER_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 """Seconds per task, claim to done: a tiny CPU render takes under a second, an SDXL batch minutes."""
@@ -42,6 +44,7 @@ class FarmCollector(Collector):
         with farm.sessions() as session:
             yield from _tasks(session)
             yield from _workers(session)
+            yield from _capacity(session, farm.settings)
         yield from _queues(farm.sessions, farm.settings)
 
 
@@ -110,3 +113,18 @@ def _queues(sessions: sessionmaker[Session], settings: Settings) -> Iterator[Met
         finally:
             client.close()
     yield depth
+
+
+def _capacity(session: Session, settings: Settings) -> Iterator[Metric]:
+    """Per pool: the GPU-seconds of work queued or running (`shared.db.costs`) and the live workers that take
+    it, what an autoscaler scales on."""
+    backlog = GaugeMetricFamily(
+        "archfarm_backlog_seconds", "GPU-seconds of queued and running images of a pool's jobs", labels=["pool"]
+    )
+    capacity = GaugeMetricFamily("archfarm_capacity", "Live workers consuming a pool's queue", labels=["pool"])
+    work, live = costs.backlog(session), live_workers(session, settings.heartbeat_timeout)
+    for queue in sorted(set(work) | set(live) | {settings.queue}):
+        pool = DEFAULT_POOL if queue == settings.queue else queue.removeprefix(f"{settings.queue}.")
+        backlog.add_metric([pool], work.get(queue, 0.0))
+        capacity.add_metric([pool], live[queue])
+    yield from (backlog, capacity)

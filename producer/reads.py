@@ -5,7 +5,6 @@ session; the CLI, the Python API, the dashboard and the REST API all read throug
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from itertools import islice
@@ -26,6 +25,7 @@ from producer.views import (
 )
 from shared.consistency import consistency
 from shared.db.clock import aware, database_time
+from shared.db.costs import remaining
 from shared.db.models import Artifact, Job, JobCounts, JobKind, PickGate, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from shared.db.store import job_counts, serving_workers, status_from
@@ -39,11 +39,10 @@ _ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},8}}(-[0-9a-f-]{{0,27}})?")
 MAX_FAILURES = 100
 MAX_FAILURE_GROUPS = 50
 """A job's failed tasks listed one by one, and its (plan, reason) groups: a view stays small however many fail."""
-MAX_LOOKS = 500
+MAX_LOOKS = 200
+"""Images a (pass, style)'s consistency is measured on: enough for its score, read in milliseconds."""
 SHEET_STAGES = ("render", "draft", "final", "upscale")
 """The passes whose images are a sheet's cells (an upscale's tiles are not)."""
-LOOK_STAGES = ("render", "draft", "final")
-"""The passes whose images are a set of views (an upscale's tiles and results are not)."""
 
 
 def check_id(job_id: str) -> None:
@@ -53,15 +52,21 @@ def check_id(job_id: str) -> None:
         raise NotFound(f"no job {job_id[:MAX_ECHO]!r}")
 
 
+def job_row(session: Session, job_id: str) -> Job:
+    """The job's row; NotFound for an unknown id, also for one that is not an id at all."""
+    check_id(job_id)
+    row = session.get(Job, job_id)
+    if row is None:
+        raise NotFound(f"no job {job_id!r}")
+    return row
+
+
 def job_view(
     session: Session, job_id: str, heartbeat_timeout: float, blocklist_after: int | None, farm: bool
 ) -> JobView:
     """The job's view; NotFound for an unknown id, also for one that is not an id at all. `farm`: workers
     render it (their count is part of the view; without a broker this process renders it)."""
-    check_id(job_id)
-    row = session.get(Job, job_id)
-    if row is None:
-        raise NotFound(f"no job {job_id!r}")
+    row = job_row(session, job_id)
     kept = job_counts(session, job_id)
     counts = kept.by_status()
     status = status_from(row, counts)
@@ -119,30 +124,27 @@ def job_view(
         pick_gate=row.gate,
         picks_close_at=row.picks_close_at,
         consistency=style_consistency(session, job_id),
+        work_left_s=left.seconds if (left := remaining(session, [job_id]).get(job_id)) else None,
     )
     return _with_eta(view, started, now)
 
 
 def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:
     """Each (pass, style) of the job's images: how alike they look, measured on at most `MAX_LOOKS` images
-    each (the lowest seeds: a sample of a catalogue job says as much as all of it), read style by style
-    through the (job, style, seed) index, so a million-image job costs what its samples cost."""
+    each (the lowest seeds: a sample of a catalogue job says as much as all of it), read pass by pass and
+    style by style through the indexes, so a million-image job costs what its samples cost."""
     spec = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
-    styles = [style for style in spec.get("styles", []) if isinstance(style, dict)]
+    styles = sorted((style for style in spec.get("styles", []) if isinstance(style, dict)), key=lambda s: s["name"])
     found = []
-    for style in sorted(styles, key=lambda s: s["name"]):
-        sets: dict[str, list[tuple[int, list[float]]]] = defaultdict(list)
-        rows = session.execute(
-            select(Artifact.id, Artifact.stage, Artifact.look)
-            .where(Artifact.job_id == job_id, Artifact.style == style["name"], Artifact.stage.in_(LOOK_STAGES))
-            .where(Artifact.look.is_not(None), Artifact.superseded_by.is_(None))  # a re-roll's others: not views
-            .order_by(Artifact.seed, Artifact.id)
-            .limit(MAX_LOOKS * len(LOOK_STAGES))
-        )
-        for artifact_id, stage, signature in rows:
-            if len(members := sets[stage]) < MAX_LOOKS:
-                members.append((artifact_id, signature))
-        for stage, members in sorted(sets.items()):
+    for style in styles:
+        for stage in ("draft", "final") if spec.get("pick") else ("render",):
+            members = session.execute(
+                select(Artifact.id, Artifact.look)
+                .where(Artifact.job_id == job_id, Artifact.style == style["name"], Artifact.stage == stage)
+                .where(Artifact.look.is_not(None), Artifact.superseded_by.is_(None))  # a re-roll's others: not views
+                .order_by(Artifact.seed, Artifact.id)
+                .limit(MAX_LOOKS)
+            ).all()
             measured = consistency([signature for _, signature in members], style.get("palette"))
             if measured is not None:
                 found.append(
@@ -270,10 +272,7 @@ def sheet_page(
 ) -> Sheet:
     """A page of the job's contact sheet: `rows` plan × style rows from `row_offset` and `seeds` columns from
     `seed_offset` (None: all of them), each cell with its image or its task's state."""
-    check_id(job_id)
-    row = session.get(Job, job_id)
-    if row is None:
-        raise NotFound(f"no job {job_id!r}")
+    row = job_row(session, job_id)
     if row.kind is not JobKind.RENDER:
         raise InvalidInput(f"job {job_id} is a {row.kind.value} job: only render jobs have a contact sheet")
     every_seed = _seeds(row.spec)

@@ -69,6 +69,11 @@ class JobView(View):
     output_url: str
     created_at: datetime
     eta_s: float | None = None
+    work_left_s: float | None = Field(
+        None,
+        description="GPU-seconds of its queued and running images: their profile's measured cost per image "
+        "(shared.db.costs), else a prior from its family, size, steps and units",
+    )
     failures: list[Failure] = Field(
         default_factory=list, description="the first failed tasks (100 at most), one by one, with their reasons"
     )

@@ -397,9 +397,15 @@ def test_metrics_follow_a_real_job(api: TestClient, start_workers, s3_plan: str)
     queued = api.get("/metrics").text
     assert metric(queued, "archfarm_tasks", job=job_id, status="queued") == 4
     assert sample(queued, "archfarm_queue_messages") >= 4
+    work_left = api.get(f"/jobs/{job_id}").json()["work_left_s"]  # nobody measured it yet: the prior's
+    assert work_left > 0 and sample(queued, "archfarm_backlog_seconds", pool="default") == pytest.approx(work_left)
+    assert sample(queued, "archfarm_capacity", pool="default") == 0
     start_workers("cpu:1")
     wait_for(lambda: api.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120, "the job to finish")
+    assert api.get(f"/jobs/{job_id}").json()["work_left_s"] is None
     done = api.get("/metrics").text
+    assert sample(done, "archfarm_backlog_seconds", pool="default") == 0
+    assert sample(done, "archfarm_capacity", pool="default") == 1
     assert metric(done, "archfarm_tasks", job=job_id, status="succeeded") == 4
     assert metric(done, "archfarm_tasks", job=job_id, status="queued") is None
     assert sample(done, "archfarm_images_rendered_total") >= 4

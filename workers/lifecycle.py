@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import Settings
+from shared.db.costs import record_cost
 from shared.db.models import Artifact, FailureKind, Job, JobKind, Task, TaskStatus
 from shared.db.rerolls import reroll
 from shared.db.session import DATABASE_DOWN
@@ -506,6 +507,7 @@ class Lifecycle:
                 return
 
         job = self._jobs[work.job_id]
+        digest, device = work.profile.digest(), self.renderer.device_model
 
         def record(session: Session) -> tuple[bool, list[str]]:
             if work.tile is not None:
@@ -515,6 +517,7 @@ class Lifecycle:
             self._progress(session, finished=work.task_id, images=len(rows) if done else 0)
             if not done:
                 return done, []
+            record_cost(session, digest, device, rendered.timings["render_s"] / rendered.call["images"])
             if work.tile is not None:
                 return done, assemble_when_tiled(session, self._tiled(held, work))
             if job.picks_by_rule:

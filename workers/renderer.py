@@ -127,6 +127,8 @@ class Renderer:
     def __init__(self, settings: Settings, farm_storage: Storage | None = None) -> None:
         self.settings = settings
         self.device = pick_device(settings.device)
+        self.device_model = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        """What the farm's cost model files this worker's measures under (`shared.db.costs`)."""
         self.cache = ModelCache(
             settings.models_dir,
             self.device,

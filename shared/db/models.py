@@ -277,6 +277,18 @@ class Artifact(Base):
     )
 
 
+class Cost(Base):
+    """Measured GPU-seconds per image of a profile on a device model, a moving average (`shared.db.costs`)."""
+
+    __tablename__ = "costs"
+
+    profile_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(128), primary_key=True, comment="the device model: NVIDIA H100, cpu")
+    seconds_per_image: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(server_default=text("CURRENT_TIMESTAMP"))
+
+
 class Worker(Base):
     """One worker process incarnation (a restart is a new row), with its heartbeat.
 

@@ -23,29 +23,35 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def _postgresql() -> list[str]:
-    def deltas(new: str, old: str | None) -> str:
-        columns = [
-            f"({new}.status = '{s}')::int" + (f" - ({old}.status = '{s}')::int" if old else "") for s in STATUSES
-        ]
-        final = f"({new}.stage IS NOT DISTINCT FROM 'final')::int" if old is None else "0"
-        return ", ".join([*columns, final])
+    def signed(rows: str, sign: str) -> str:
+        """Each row's statuses as 0/1 columns, `sign`ed: the new rows add, the old rows take away."""
+        return ", ".join(f"{sign}({rows}.status = '{s}')::int" for s in STATUSES)
 
     counted = ", ".join(STATUSES)
-    upsert = f"""
-        INSERT INTO job_counts AS c (job_id, {counted}, finals, started_at)
-        SELECT job_id, {", ".join(f"sum({s})" for s in STATUSES)}, sum(finals), min(started_at)
-        FROM changed GROUP BY job_id ORDER BY job_id
-        ON CONFLICT (job_id) DO UPDATE SET
-            {", ".join(f"{s} = c.{s} + excluded.{s}" for s in STATUSES)}, finals = c.finals + excluded.finals,
-            started_at = LEAST(c.started_at, excluded.started_at);
-    """
     names = f"job_id, {counted}, finals, started_at"
+
+    def upsert(having: str = "") -> str:
+        return f"""
+            INSERT INTO job_counts AS c (job_id, {counted}, finals, started_at)
+            SELECT job_id, {", ".join(f"sum({s})" for s in STATUSES)}, sum(finals), min(started_at)
+            FROM changed GROUP BY job_id {having} ORDER BY job_id
+            ON CONFLICT (job_id) DO UPDATE SET
+                {", ".join(f"{s} = c.{s} + excluded.{s}" for s in STATUSES)}, finals = c.finals + excluded.finals,
+                started_at = LEAST(c.started_at, excluded.started_at);
+        """
+
+    # An update's change is its new rows' counts less its old rows': two scans, no join (transition tables
+    # have no index, and a join of a million rows to a million would take minutes).
+    moved = " OR ".join(f"sum({s}) <> 0" for s in STATUSES)
     return [
         f"""
         CREATE FUNCTION archfarm_tasks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            WITH changed ({names}) AS (SELECT n.job_id, {deltas("n", None)}, n.started_at FROM new_rows n)
-            {upsert}
+            WITH changed ({names}) AS (
+                SELECT n.job_id, {signed("n", "")}, (n.stage IS NOT DISTINCT FROM 'final')::int, n.started_at
+                FROM new_rows n
+            )
+            {upsert()}
             RETURN NULL;
         END $$;
         """,
@@ -53,12 +59,12 @@ def _postgresql() -> list[str]:
         CREATE FUNCTION archfarm_tasks_updated() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             WITH changed ({names}) AS (
-                SELECT n.job_id, {deltas("n", "o")},
-                       CASE WHEN n.status = 'running' THEN n.started_at END
-                FROM new_rows n JOIN old_rows o ON o.id = n.id
-                WHERE n.status <> o.status
+                SELECT n.job_id, {signed("n", "")}, 0, CASE WHEN n.status = 'running' THEN n.started_at END
+                FROM new_rows n
+                UNION ALL
+                SELECT o.job_id, {signed("o", "-")}, 0, NULL FROM old_rows o
             )
-            {upsert}
+            {upsert(f"HAVING {moved}")}
             RETURN NULL;
         END $$;
         """,

@@ -1,0 +1,106 @@
+"""The cost model: GPU-seconds per image, measured by the workers, and the work left in them.
+
+A message is not a unit of work: an SDXL or FLUX image costs 10-50 times an SD 1.5 one. Every worker records
+the seconds each call took per image under the profile it rendered (its digest: the stack, size, steps,
+sampler and guidance, everything that decides the cost but the batch) and its device model, as a moving
+average (`costs`). A job's remaining work is its queued and running images times its profile's cost: the
+mean over the devices that measured it, else a prior from the base's family, the size, the steps and the
+units, until a worker has measured it. A pool's backlog is the sum over its jobs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.db.clock import db_now
+from shared.db.models import Cost, Job, JobCounts, JobKind
+from shared.db.session import dialect_insert
+from shared.registry import known_family
+from shared.spec import Profile
+
+SMOOTHING = 0.2
+"""The weight of a new measure in the moving average: recent calls count most, one odd call little."""
+PRIOR_PER_MEGAPIXEL_STEP = {"sd15": 0.19, "sdxl": 0.16, "flux": 0.51, "flux-control": 0.51, "sd3": 0.34}
+"""Seconds per megapixel per step on a data-centre GPU with one control unit: SD 1.5 at 512² and 20 steps
+≈ 1 s, SDXL at 1024² and 30 steps ≈ 5 s, FLUX.1 [dev] at 1024² and 28 steps ≈ 15 s, SD 3.5 Large ≈ 10 s."""
+PRIOR_PER_UNIT = 0.25
+"""Each control unit past the first adds about a quarter (its network runs beside the base at every step)."""
+
+
+@dataclass(frozen=True)
+class Remaining:
+    """A job's work left: its images queued or running, and their GPU-seconds."""
+
+    images: int
+    seconds: float
+    measured: bool
+    """Whether the cost is a worker's measure (else the prior)."""
+
+
+def record_cost(session: Session, profile_digest: str, device: str, seconds_per_image: float) -> None:
+    """A call's seconds per image of a profile on a device model, into its moving average."""
+    insert = dialect_insert(session, Cost).values(
+        profile_digest=profile_digest, device=device, seconds_per_image=seconds_per_image, samples=1
+    )
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["profile_digest", "device"],
+            set_={
+                "seconds_per_image": Cost.seconds_per_image * (1 - SMOOTHING)
+                + insert.excluded.seconds_per_image * SMOOTHING,
+                "samples": Cost.samples + 1,
+                "updated_at": db_now(),
+            },
+        )
+    )
+
+
+def prior(profile: Profile) -> float:
+    """Seconds per image of a profile nobody has measured yet."""
+    family = known_family(profile.base) or ("sdxl" if profile.width * profile.height >= 1024 * 1024 else "sd15")
+    per_step = PRIOR_PER_MEGAPIXEL_STEP[family] * profile.width * profile.height / 1e6
+    return per_step * profile.steps * (1 + PRIOR_PER_UNIT * max(0, len(profile.controls) - 1))
+
+
+def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, Remaining]:
+    """Every unfinished render job's work left (of `job_ids`, or all), by job id."""
+    query = (
+        select(Job.id, Job.spec, JobCounts.queued + JobCounts.running)
+        .join(JobCounts, JobCounts.job_id == Job.id)
+        .where(Job.kind == JobKind.RENDER, JobCounts.queued + JobCounts.running > 0)
+    )
+    if job_ids is not None:
+        query = query.where(Job.id.in_(job_ids))
+    jobs = [(job_id, Profile.model_validate(spec["profile"]), tasks) for job_id, spec, tasks in session.execute(query)]
+    measured = _measured(session, {profile.digest() for _, profile, _ in jobs})
+    found = {}
+    for job_id, profile, tasks in jobs:
+        images = tasks * profile.seeds_per_task
+        cost = measured.get(profile.digest())
+        found[job_id] = Remaining(images, images * (prior(profile) if cost is None else cost), cost is not None)
+    return found
+
+
+def backlog(session: Session) -> dict[str, float]:
+    """GPU-seconds of work queued or running per broker queue (a pool's)."""
+    left = remaining(session)
+    rows = session.execute(select(Job.id, Job.queue).where(Job.id.in_(list(left))))
+    queues = {job_id: queue for job_id, queue in rows}
+    totals: dict[str, float] = defaultdict(float)
+    for job_id, work in left.items():
+        totals[queues[job_id]] += work.seconds
+    return dict(totals)
+
+
+def _measured(session: Session, digests: set[str]) -> dict[str, float]:
+    """The mean over device models of each profile's measured seconds per image."""
+    rows = session.execute(
+        select(Cost.profile_digest, func.avg(Cost.seconds_per_image))
+        .where(Cost.profile_digest.in_(digests))
+        .group_by(Cost.profile_digest)
+    )
+    return {digest: float(seconds) for digest, seconds in rows}
