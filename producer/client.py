@@ -152,8 +152,9 @@ class Farm:
             )
         return prepared.id
 
-    def status(self, job_id: str) -> JobView:
-        """The job's view; NotFound for an unknown id, also for one that is not an id at all."""
+    def status(self, job_id: str, *, brief: bool = False) -> JobView:
+        """The job's view; NotFound for an unknown id, also for one that is not an id at all. `brief`: without
+        its failures and consistency, as lists of jobs show it."""
         with self.sessions() as session:
             return reads.job_view(
                 session,
@@ -161,6 +162,7 @@ class Farm:
                 self.settings.heartbeat_timeout,
                 self.settings.blocklist_after or None,
                 farm=self._celery is not None,
+                brief=brief,
             )
 
     def resolve(self, job_id: str) -> str:
@@ -172,10 +174,11 @@ class Farm:
         self, limit: int = 50, offset: int = 0, status: JobStatus | None = None, after: str | None = None
     ) -> list[JobView]:
         """Recent jobs, newest first; with `status`, only the jobs in that status; by `offset` or after the job
-        `after` (a cursor: pages stay steady while jobs are added)."""
+        `after` (a cursor: pages stay steady while jobs are added). Each view is brief: without its failures and
+        consistency (ask for the job)."""
         with self.sessions() as session:
             ids = reads.job_ids(session, limit, offset, status, after)
-        return [self.status(job_id) for job_id in ids]
+        return [self.status(job_id, brief=True) for job_id in ids]
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> JobView:
         """Block until the job is finished (any terminal outcome), waits for a pick, or `timeout` seconds pass."""

@@ -62,10 +62,17 @@ def job_row(session: Session, job_id: str) -> Job:
 
 
 def job_view(
-    session: Session, job_id: str, heartbeat_timeout: float, blocklist_after: int | None, farm: bool
+    session: Session,
+    job_id: str,
+    heartbeat_timeout: float,
+    blocklist_after: int | None,
+    farm: bool,
+    brief: bool = False,
 ) -> JobView:
     """The job's view; NotFound for an unknown id, also for one that is not an id at all. `farm`: workers
-    render it (their count is part of the view; without a broker this process renders it)."""
+    render it (their count is part of the view; without a broker this process renders it). `brief`: as a list
+    of jobs shows it, without its failures and consistency (a page lists many jobs; each job's own view has
+    them)."""
     row = job_row(session, job_id)
     kept = job_counts(session, job_id)
     counts = kept.by_status()
@@ -79,27 +86,39 @@ def job_view(
         if farm
         else (None, None)
     )
-    failures = [  # a task of a kind other than render names no plan, style or seeds
-        Failure(
-            task=task_id, plan=plan or "", style=style or "", seeds=",".join(map(str, seeds or [])), error=error or ""
-        )
-        for task_id, plan, style, seeds, error in session.execute(
-            select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
-            .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
-            .order_by(Task.ordinal)
-            .limit(MAX_FAILURES)
-        )
-    ]
-    groups = [
-        FailureGroup(plan=plan or "", error=error or "", count=count)
-        for plan, error, count in session.execute(
-            select(Task.plan_name, Task.error, func.count())
-            .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
-            .group_by(Task.plan_digest, Task.plan_name, Task.error)
-            .order_by(func.count().desc(), func.min(Task.ordinal))
-            .limit(MAX_FAILURE_GROUPS)
-        )
-    ]
+    failures = (
+        []
+        if brief
+        else [  # a task of a kind other than render names no plan, style or seeds
+            Failure(
+                task=task_id,
+                plan=plan or "",
+                style=style or "",
+                seeds=",".join(map(str, seeds or [])),
+                error=error or "",
+            )
+            for task_id, plan, style, seeds, error in session.execute(
+                select(Task.id, Task.plan_name, Task.style, Task.seeds, Task.error)
+                .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+                .order_by(Task.ordinal)
+                .limit(MAX_FAILURES)
+            )
+        ]
+    )
+    groups = (
+        []
+        if brief
+        else [
+            FailureGroup(plan=plan or "", error=error or "", count=count)
+            for plan, error, count in session.execute(
+                select(Task.plan_name, Task.error, func.count())
+                .where(Task.job_id == job_id, Task.status == TaskStatus.FAILED)
+                .group_by(Task.plan_digest, Task.plan_name, Task.error)
+                .order_by(func.count().desc(), func.min(Task.ordinal))
+                .limit(MAX_FAILURE_GROUPS)
+            )
+        ]
+    )
     by_value = {s.value: counts.get(s, 0) for s in TaskStatus}
     view = JobView(
         id=row.id,
@@ -123,7 +142,7 @@ def job_view(
         training=_training(session, row),
         pick_gate=row.gate,
         picks_close_at=row.picks_close_at,
-        consistency=style_consistency(session, job_id),
+        consistency=[] if brief else style_consistency(session, job_id),
         work_left_s=left.seconds if (left := remaining(session, [job_id]).get(job_id)) else None,
     )
     return _with_eta(view, started, now)

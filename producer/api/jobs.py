@@ -50,7 +50,7 @@ def jobs(
 ) -> list[JobView]:
     """Recent jobs, newest first; `status` keeps the jobs in that status. A full page links the next one
     (`Link: <...>; rel="next"`), whose `cursor` is the last job of this one: pages stay steady while jobs
-    are added."""
+    are added. Each job is listed without its failures and consistency: `GET /jobs/{id}` has them."""
     views = farm(request).jobs(limit=limit, status=dashboard.job_status(status), after=cursor)
     if len(views) == limit:
         link_next(request, response, views[-1].id)
