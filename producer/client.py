@@ -38,6 +38,7 @@ from shared.db.status import JobStatus
 from shared.db.store import (
     cancel_job,
     close_gate,
+    is_paused,
     pause_job,
     resume_job,
     retry_job,
@@ -321,7 +322,8 @@ class Farm:
         self._broker("reprioritise")
         with self.sessions.begin() as session:
             set_priority(session, job_id, priority)
-        return 0 if self.status(job_id).paused else self._dispatch([self._queue(job_id)])
+            paused = is_paused(session, job_id)
+        return 0 if paused else self._dispatch([self._queue(job_id)])
 
     def _queue(self, job_id: str) -> str:
         with self.sessions() as session:

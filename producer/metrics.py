@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from producer.client import Farm
 from shared.broker import queue_depth
-from shared.config import DEFAULT_POOL, Settings
+from shared.config import Settings
 from shared.db import costs
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Job, JobCounts, Task, TaskStatus, Worker
@@ -124,7 +124,6 @@ def _capacity(session: Session, settings: Settings) -> Iterator[Metric]:
     capacity = GaugeMetricFamily("archfarm_capacity", "Live workers consuming a pool's queue", labels=["pool"])
     work, live = costs.backlog(session), live_workers(session, settings.heartbeat_timeout)
     for queue in sorted(set(work) | set(live) | {settings.queue}):
-        pool = DEFAULT_POOL if queue == settings.queue else queue.removeprefix(f"{settings.queue}.")
-        backlog.add_metric([pool], work.get(queue, 0.0))
-        capacity.add_metric([pool], live[queue])
+        backlog.add_metric([settings.pool_of(queue)], work.get(queue, 0.0))
+        capacity.add_metric([settings.pool_of(queue)], live[queue])
     yield from (backlog, capacity)

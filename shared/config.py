@@ -213,6 +213,10 @@ class Settings(BaseSettings):
         `default` or not named at all, is `queue` itself."""
         return self.queue if pool in (None, DEFAULT_POOL) else f"{self.queue}.{pool}"
 
+    def pool_of(self, queue: str) -> str:
+        """The pool whose queue `queue` is (`queue_for` undone); a queue named otherwise is its own name."""
+        return DEFAULT_POOL if queue == self.queue else queue.removeprefix(f"{self.queue}.")
+
 
 DEFAULT_POOL = "default"
 """The pool of jobs that name none, and of workers started without `--pool`."""

@@ -3,6 +3,8 @@
 A million-task job's status, its API answer, `/metrics` and its dashboard page each read one row instead of
 grouping its task rows. PostgreSQL's triggers run once per statement over its transition tables (a COPY of a
 million tasks, or a cancel of all of them, adds one aggregate); SQLite's run per row (embedded jobs are small).
+A later migration that rebuilds `tasks` or `artifacts` on SQLite (a batch "move and copy") drops their
+triggers with the old table and must create them again.
 
 Revision ID: 0016
 Revises: 0015
