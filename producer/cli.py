@@ -7,6 +7,7 @@ import os
 import re
 import time
 import warnings
+from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -403,7 +404,22 @@ def _summary(view: JobView) -> str:
     if view.workers == 0:
         return line + "); no live worker can take its tasks: start `archfarm worker` on its queue"
     left = "" if view.work_left_s is None else f"; ≈ {view.work_left_s:.0f} GPU-s of work left"
-    return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + left + ")"
+    return line + ("" if view.eta_s is None else f"; ETA {view.eta_s:.0f} s") + left + _deadline_line(view) + ")"
+
+
+def _deadline_line(view: JobView) -> str:
+    """`; deadline 07:00 (Mon 08 Dec), expected 05:12: on time`, in this machine's zone; `AT RISK` when the farm
+    expects to miss it."""
+    if view.deadline_at is None:
+        return ""
+
+    def when(at: datetime) -> str:
+        return at.astimezone().strftime("%H:%M %Z (%a %d %b)")
+
+    line = f"; deadline {when(view.deadline_at)}"
+    if view.expected_at is not None:
+        line += f", expected {when(view.expected_at)}"
+    return line + (": AT RISK" if view.at_risk else ": on time" if view.expected_at is not None else "")
 
 
 def _training_line(training: TrainingProgress) -> str:

@@ -34,6 +34,7 @@ from shared.config import Settings
 from shared.db import stages
 from shared.db.models import Job
 from shared.db.notifications import rearm
+from shared.db.shares import check_quota
 from shared.db.status import JobStatus
 from shared.db.store import (
     cancel_job,
@@ -137,6 +138,8 @@ class Farm:
                 )
             stored = None if on_stored is None else (lambda job: on_stored(job.id, len(job.tasks)))
             return self._embedded_farm().render(spec, on_prepared=stored).job_id
+        with self.sessions() as session:
+            check_quota(session, self.settings, owner)
         prepared = prepare_for_farm(spec, self.settings, owner=owner, remote=remote)
         with self.sessions.begin() as session:
             prepared.persist(session)
@@ -332,7 +335,7 @@ class Farm:
     def _dispatch(self, queues: list[str]) -> int:
         """Top `queues` up to their windows (`shared.dispatch`) and send what that took; how many were sent."""
         with self.sessions.begin() as session:
-            taken = top_up(session, self.settings.heartbeat_timeout, queues)
+            taken = top_up(session, self.settings, queues)
         return send_tasks(self._broker("send tasks"), messages_for(self.sessions, self.settings, taken))
 
     def caller(self, token: str) -> Caller | None:

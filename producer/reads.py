@@ -29,6 +29,7 @@ from shared.db.costs import remaining
 from shared.db.models import Artifact, Job, JobCounts, JobKind, PickGate, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
 from shared.db.store import job_counts, serving_workers, status_from
+from shared.deadlines import forecast
 from shared.errors import InvalidInput, NotFound
 from shared.spec import MAX_ECHO, SeedFamily
 from shared.training import model_url
@@ -144,8 +145,19 @@ def job_view(
         picks_close_at=row.picks_close_at,
         consistency=[] if brief else style_consistency(session, job_id),
         work_left_s=left.seconds if (left := remaining(session, [job_id]).get(job_id)) else None,
+        deadline_at=None if row.deadline_at is None else aware(row.deadline_at),
+        **({} if brief or not farm else _deadline(session, row, heartbeat_timeout, status)),
     )
     return _with_eta(view, started, now)
+
+
+def _deadline(session: Session, row: Job, heartbeat_timeout: float, status: JobStatus) -> dict[str, Any]:
+    """The job's forecast finish (`shared.deadlines`) and whether it misses its deadline: by the forecast
+    now, or, with none (paused, no live worker), by the one that flagged it."""
+    found = forecast(session, heartbeat_timeout).get(row.id)
+    if found is not None:
+        return {"expected_at": found.expected_at, "at_risk": found.at_risk}
+    return {"at_risk": row.expected_at is not None and not status.ended}
 
 
 def style_consistency(session: Session, job_id: str) -> list[StyleConsistency]:

@@ -11,6 +11,7 @@ import uuid
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -73,6 +74,8 @@ def prepare(
     been checked, so workers on other machines read the same bytes (content-addressed: stored once); models
     are checked on this machine otherwise, since it is the one that renders.
     """
+    if spec.deadline is not None and spec.deadline <= datetime.now(UTC):
+        raise InvalidInput(f"deadline: {spec.deadline.isoformat()} has already passed")
     if farm:  # a task outliving the broker's visibility timeout would be delivered twice while it runs
         check_fits_visibility(spec.profile, settings)
     job_id = str(uuid.uuid4())

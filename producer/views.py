@@ -74,6 +74,14 @@ class JobView(View):
         description="GPU-seconds of its queued and running images: their profile's measured cost per image "
         "(shared.db.costs), else a prior from its family, size, steps and units",
     )
+    deadline_at: datetime | None = Field(None, description="when it should be done (`deadline:`)")
+    expected_at: datetime | None = Field(
+        None,
+        description="when the farm expects it done: its work left and that of the jobs ahead of it in its pool, "
+        "over the pool's live workers (shared.deadlines); null while paused, without a live worker, and in "
+        "lists of jobs",
+    )
+    at_risk: bool = Field(False, description="whether the farm expects it to finish after its deadline")
     failures: list[Failure] = Field(
         default_factory=list, description="the first failed tasks (100 at most), one by one, with their reasons"
     )

@@ -90,6 +90,22 @@ class Settings(BaseSettings):
         description="A queued task whose message was due this long ago, while a worker on its queue sat idle as "
         "long, has lost its message (broker restart, interrupted submit, dead worker): it is sent again.",
     )
+    shares: dict[str, float] = Field(
+        default_factory=dict,
+        description='Fair-share weights of owners (token names; `""` for jobs from the CLI or Python) within a '
+        'pool, as JSON (`{"alice": 2, "bob": 1}`); an owner not named weighs 1.',
+    )
+    share_window: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds of past work that fair share weighs: each owner's GPU-seconds finished this recently, "
+        "plus its work in flight, over its weight, decides who is served next.",
+    )
+    quotas: dict[str, float] = Field(
+        default_factory=dict,
+        description='GPU-seconds an owner may use per 24 hours, as JSON (`{"bob": 36000}`): its jobs are refused '
+        "once the quota is spent, and their tasks past it wait until usage of the last 24 hours falls below it.",
+    )
     transient_budget: float = Field(
         900.0,
         gt=0,
@@ -182,6 +198,18 @@ class Settings(BaseSettings):
         description="Seconds before a failed notification's first retry; each later wait is six times longer, at "
         "most two hours (5 s, 30 s, 3 min, 18 min, 1.8 h, 2 h, 2 h: 8 attempts over 6.5 hours).",
     )
+
+    @field_validator("shares", "quotas")
+    @classmethod
+    def _positive(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = [owner for owner, weight in weights.items() if not weight > 0]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: a weight or quota must be a positive number")
+        return weights
+
+    def share_of(self, owner: str | None) -> float:
+        """An owner's fair-share weight."""
+        return self.shares.get(owner or "", 1.0)
 
     @field_validator("notify_urls")
     @classmethod

@@ -3,9 +3,10 @@
 A job of a million tasks is stored at once, but its messages are sent only as far ahead of the workers as
 they need: each queue holds at most a window of messages (`window`: a few per live worker that consumes it,
 at least `MIN_WINDOW`, so small jobs go out whole and a starting worker finds work). The rest wait in the
-database, queued with no message (`tasks.dispatched_at` null: held), where a pause, a priority change or a
-cancel acts on them directly. Whoever tops a queue up takes its next held tasks by job priority, then job
-age, then expansion order. Top-ups run at submit (the first window), on resume, retry and priority changes,
+database, queued with no message (`tasks.dispatched_at` null: held), where a pause, a priority change, a
+cancel, fair share and deadlines act on them directly. Whoever tops a queue up takes its next held tasks in
+turn (`shared.db.shares`): owners by their fair share, an owner's jobs by priority, deadline and age, a job's
+tasks in expansion order. Top-ups run at submit (the first window), on resume, retry and priority changes,
 and on every worker's heartbeat (`workers.upkeep`). Marking tasks dispatched and sending their messages are
 two steps: a send that fails leaves dispatched tasks without a message, which the sweeper finds like any
 message lost with a broker.
@@ -14,14 +15,16 @@ message lost with a broker.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from shared.config import Settings
 from shared.db.clock import db_now
 from shared.db.models import Job, JobCounts, Task, TaskStatus, Worker
+from shared.db.shares import turns
 
 MIN_WINDOW = 64
 """Messages a queue may hold whatever its workers: a small job goes out whole at its submit."""
@@ -35,13 +38,14 @@ def window(workers: int) -> int:
     return max(MIN_WINDOW, workers * WINDOW_PER_WORKER)
 
 
-def top_up(session: Session, heartbeat_timeout: float, queues: Iterable[str] | None = None) -> list[str]:
+def top_up(session: Session, settings: Settings, queues: Iterable[str] | None = None) -> list[str]:
     """Mark the next held tasks of each of `queues` (every queue with held tasks by default) dispatched, up to
-    its window; returns their ids, to be sent once this transaction commits."""
-    live = live_workers(session, heartbeat_timeout)
+    its window, in the owners' and jobs' turns (`shared.db.shares`); returns their ids, to be sent once this
+    transaction commits."""
+    live = live_workers(session, settings.heartbeat_timeout)
     picked: list[str] = []
     for queue in sorted(set(queues) if queues is not None else _waiting_queues(session)):
-        picked += _take(session, queue, window(live[queue]))
+        picked += _take(session, settings, queue, window(live[queue]))
     return picked
 
 
@@ -75,7 +79,7 @@ def _waiting_queues(session: Session) -> list[str]:
     return list(session.scalars(query))
 
 
-def _take(session: Session, queue: str, limit: int) -> list[str]:
+def _take(session: Session, settings: Settings, queue: str, limit: int) -> list[str]:
     if session.get_bind().dialect.name == "postgresql" and not session.scalar(
         select(func.pg_try_advisory_xact_lock(_lock_key(queue)))
     ):
@@ -89,22 +93,19 @@ def _take(session: Session, queue: str, limit: int) -> list[str]:
     room = limit - (sent or 0)
     if room <= 0:
         return []
-    jobs = session.scalars(
-        select(Job.id)
-        .join(JobCounts, JobCounts.job_id == Job.id)
-        .where(Job.queue == queue, JobCounts.queued > 0, Job.paused_at.is_(None), Job.cancelled_at.is_(None))
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-    ).all()
-    picked: list[str] = []
-    for job_id in jobs:
-        picked += session.scalars(
-            select(Task.id)
-            .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.dispatched_at.is_(None))
-            .order_by(Task.ordinal)
-            .limit(room - len(picked))
+    order = turns(session, settings, queue, room)
+    held = {
+        job_id: deque(
+            session.scalars(
+                select(Task.id)
+                .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.dispatched_at.is_(None))
+                .order_by(Task.ordinal)
+                .limit(count)
+            )
         )
-        if len(picked) >= room:
-            break
+        for job_id, count in Counter(order).items()
+    }
+    picked = [held[job_id].popleft() for job_id in order if held[job_id]]
     if not picked:
         return []
     marked = set(
@@ -116,7 +117,7 @@ def _take(session: Session, queue: str, limit: int) -> list[str]:
             .execution_options(synchronize_session=False)
         )
     )
-    return [task_id for task_id in picked if task_id in marked]  # in turn order: a job's tasks back to back
+    return [task_id for task_id in picked if task_id in marked]  # in turn order
 
 
 def _lock_key(queue: str) -> int:

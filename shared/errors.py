@@ -47,6 +47,10 @@ class Forbidden(ArchfarmError):
     """A valid token asking for what its holder may not do: another owner's job (403)."""
 
 
+class QuotaSpent(ArchfarmError):
+    """The job's owner has spent its GPU-seconds of the last 24 hours (`ARCHFARM_QUOTAS`): nothing was stored (429)."""
+
+
 class ConfigError(ArchfarmError):
     """The farm's configuration or machine cannot do what was asked: fix the setup, not the job."""
 

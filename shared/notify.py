@@ -5,7 +5,8 @@ A job's `notify:` (or the farm's `ARCHFARM_NOTIFY_URLS`) names URLs that get one
 - `finished`: the job ended, however it ended (succeeded, partially_succeeded, failed, cancelled);
 - `failed`: the job ended failed or partially_succeeded;
 - `first_failure`: a task of the job failed for good (retries exhausted), while the others may still run;
-- `pick_needed`: a staged job's drafts are done and it waits for a person to pick (once per run).
+- `pick_needed`: a staged job's drafts are done and it waits for a person to pick (once per run);
+- `deadline_at_risk`: the farm expects the job to finish after its `deadline` (once per job), with both times.
 
 The body is fixed when the event happens, so every attempt sends the same bytes; it is signed with
 HMAC-SHA256 under `ARCHFARM_NOTIFY_SECRET` and carries a delivery id that stays the same across attempts,
@@ -22,7 +23,7 @@ from datetime import datetime
 from typing import Literal
 from urllib.parse import urlsplit
 
-Event = Literal["finished", "failed", "first_failure", "pick_needed"]
+Event = Literal["finished", "failed", "first_failure", "pick_needed", "deadline_at_risk"]
 
 SHEET_PATH = "/ui/jobs/{job_id}"
 """A job's contact sheet in the dashboard, under `ARCHFARM_PUBLIC_URL`."""
@@ -58,9 +59,11 @@ def body(
     counts: Mapping[str, int],
     public_url: str | None,
     error: str | None = None,
+    deadline: tuple[datetime, datetime] | None = None,
 ) -> str:
     """The JSON sent: the event, the job (id, name, status, task counts, and its sheet's link where the farm
-    has a public address) and, for `first_failure`, the reason the first task failed."""
+    has a public address), for `first_failure` the reason the first task failed, and for `deadline_at_risk`
+    the deadline and the finish expected."""
     payload = {
         "event": event,
         "delivery": delivery,
@@ -76,6 +79,8 @@ def body(
     }
     if error is not None:
         payload["error"] = error
+    if deadline is not None:
+        payload["deadline"] = {"at": deadline[0].isoformat(), "expected": deadline[1].isoformat()}
     return json.dumps(payload, separators=(",", ":"), sort_keys=True)
 
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import InvalidInput
 from shared.licences import Use
@@ -501,9 +510,10 @@ class Notify(_Strict):
     events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS),
         min_length=1,
-        max_length=4,
+        max_length=5,
         description="finished (the job ended, however), failed (ended failed or partially_succeeded), "
-        "first_failure (a task failed for good), pick_needed (a staged job's drafts wait for a pick)",
+        "first_failure (a task failed for good), pick_needed (a staged job's drafts wait for a pick), "
+        "deadline_at_risk (the farm expects to finish it after its `deadline`)",
     )
 
     @field_validator("urls")
@@ -675,6 +685,12 @@ class JobSpec(_Strict):
     kind: Literal["render"] = "render"
     name: Name = "job"
     priority: int = Field(50, ge=0, le=100, description="0-100, higher runs first")
+    deadline: AwareDatetime | None = Field(
+        None,
+        strict=False,  # JSON and YAML give a string (or YAML a datetime)
+        description="when it should be done, with its zone (`2026-12-08T07:00:00+01:00`): earliest first within a "
+        "priority; flagged, and `deadline_at_risk` notified, once the farm expects to miss it",
+    )
     plans: list[Annotated[str, Field(min_length=1, max_length=2048)]] = Field(min_length=1, max_length=10_000)
     styles: list[Name | Style] = Field(min_length=1, max_length=1000)
     seeds: SeedRange | list[Annotated[int, Field(ge=0, le=MAX_SEED)]]

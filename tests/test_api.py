@@ -9,6 +9,7 @@ import tracemalloc
 import urllib.error
 import urllib.request
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,13 @@ from producer.cli import app as cli
 from producer.dashboard import MAX_OFFSET, MAX_ROW_ID
 from producer.remote import check_remote
 from shared.config import Settings
+from shared.db.costs import record_cost
 from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
-from shared.db.store import record_failure, register_worker
+from shared.db.session import make_engine, session_factory
+from shared.db.store import claim_task, finish_task, record_failure, register_worker
 from shared.db.tokens import create_token
 from shared.errors import InvalidInput
-from shared.spec import MAX_ECHO, JobSpec
+from shared.spec import MAX_ECHO, JobSpec, Profile
 from shared.storage import Storages
 from tests.conftest import queued_messages
 from tests.processes import wait_for
@@ -724,3 +727,34 @@ def test_the_schema_describes_requests_and_answers_as_they_are(
         assert conforms(value, schema, components), path
     problem = api.get("/jobs/00000000-0000-0000-0000-000000000000").json()
     assert conforms(problem, {"$ref": "#/components/schemas/Problem"}, components)
+
+
+def test_a_deadline_at_risk_shows_everywhere_and_a_spent_quota_refuses_the_next_job(
+    farm_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, s3_plan: str
+) -> None:
+    for key, value in farm_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ARCHFARM_QUOTAS", '{"": 50}')  # the owner of jobs sent without a token
+    settings = Settings()
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    with TestClient(create_app(settings)) as api:
+        job_id = api.post("/jobs", json=job(s3_plan, deadline=soon.isoformat())).json()["id"]
+        view = api.get(f"/jobs/{job_id}").json()
+        assert view["deadline_at"] and view["expected_at"] is None and not view["at_risk"]  # no worker: no forecast
+        sessions = session_factory(make_engine(settings.database_url))
+        with sessions.begin() as session:
+            digest = Profile.model_validate(session.get_one(Job, job_id).spec["profile"]).digest()
+            record_cost(session, digest, "cpu", 100.0)  # 4 tasks, 400 s on the one worker: past the 5 minutes
+            register_worker(session, "w#1", "w", "cpu", 1, [settings.queue])
+        view = api.get(f"/jobs/{job_id}").json()
+        assert view["at_risk"] and datetime.fromisoformat(view["expected_at"]) > soon
+        assert "at risk" in api.get(f"/ui/jobs/{job_id}").text
+        assert "AT RISK" in CliRunner().invoke(cli, ["status", job_id]).output
+        with sessions.begin() as session:
+            for task_id in session.scalars(select(Task.id).where(Task.job_id == job_id)).all():
+                assert claim_task(session, task_id, "w#1") and finish_task(session, task_id, "w#1")
+        refused = api.post("/jobs", json=job(s3_plan))
+    assert refused.status_code == 429
+    assert "'(local)' has used 400 of its 50 GPU-seconds of the last 24 hours" in refused.json()["detail"]
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1  # nothing stored

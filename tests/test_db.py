@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from producer.expand import TaskSpec, expand
 from producer.submit import PreparedJob, persist
+from shared.config import Settings
 from shared.db.clock import database_time, db_now
 from shared.db.models import Artifact, Base, Job, JobKind, Task, TaskStatus, Worker
 from shared.db.session import make_engine, session_factory, upgrade
@@ -51,6 +52,7 @@ from shared.spec import JobSpec
 from workers.upkeep import stranded
 
 JOB_ID = "0b9f6a52-8d3e-4f4e-9d0c-7a1b2c3d4e5f"
+FARM = Settings(heartbeat_timeout=60)
 PLAN = Plan(url="file:///plans/ground.png", name="ground", digest="d" * 64)
 
 
@@ -368,7 +370,7 @@ def test_the_sweeper_resends_overdue_tasks_only_while_a_worker_on_their_queue_id
     backdate(sessions, 600, tasks=True, workers=True)
     with sessions.begin() as session:
         assert sweep(session, stranded_now(session, 60), 100) == []  # held: no message to lose, it waits its turn
-        assert len(top_up(session, 60)) == 3  # sent
+        assert len(top_up(session, FARM)) == 3  # sent
     backdate(sessions, 600, tasks=True, workers=True)
     with sessions.begin() as session:
         assert idle_queues(session, 60) == {"archfarm", "other-queue"}
@@ -408,7 +410,7 @@ def test_tasks_a_busy_worker_passed_over_are_resent_most_urgent_first(
         persist(session, urgent)
         persist(session, background)
         register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
-        assert len(top_up(session, 60)) == 7
+        assert len(top_up(session, FARM)) == 7
         take(session, "w#1", background.tasks[0].id)
         assert sweep(session, stranded_now(session, 60), 100) == []  # the urgent tasks fell due just now
     with sessions.begin() as session:  # ten minutes on: the urgent job's messages are gone
@@ -434,27 +436,27 @@ def test_tasks_are_sent_a_window_at_a_time_in_turn_and_what_waits_obeys_pauses_a
         persist(session, big)
         persist(session, urgent)
         register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
-        first = top_up(session, 60)
+        first = top_up(session, FARM)
         assert first == [t.id for t in urgent.tasks] + [t.id for t in big.tasks[: MIN_WINDOW - 10]]
-        assert top_up(session, 60) == []  # full
+        assert top_up(session, FARM) == []  # full
         for task in big.tasks[:5]:
             claim_task(session, task.id, "w#1")  # claimed without its message: a batch's extra tasks
-        assert top_up(session, 60) == [t.id for t in big.tasks[MIN_WINDOW - 10 : MIN_WINDOW - 5]]
+        assert top_up(session, FARM) == [t.id for t in big.tasks[MIN_WINDOW - 10 : MIN_WINDOW - 5]]
         claim_task(session, urgent.tasks[0].id, "w#1")
         pause_job(session, JOB_ID)
-        assert top_up(session, 60) == []  # the room is there, but the only job with tasks waiting is paused
+        assert top_up(session, FARM) == []  # the room is there, but the only job with tasks waiting is paused
     backdate(sessions, 600, tasks=True, workers=True)
     with sessions.begin() as session:
         swept = sweep(session, stranded_now(session, 60), 1000)  # the sent ones of jobs not paused: the urgent's
         assert sorted(swept) == sorted(t.id for t in urgent.tasks[1:])
         set_priority(session, JOB_ID, 95)
         resume_job(session, JOB_ID)
-        again = top_up(session, 60)  # the big job's sent tasks were held again: sent again first, at 95
+        again = top_up(session, FARM)  # the big job's sent tasks were held again: sent again first, at 95
         assert again[0] == big.tasks[5].id and len(again) == MIN_WINDOW - 9
         assert len(retry_job(session, URGENT_ID)) == 9
         assert again == [t.id for t in big.tasks[5 : 5 + MIN_WINDOW - 9]]
         # The urgent job's sent tasks wait again, and the room goes to the job now ahead of it (95 > 90).
-        assert top_up(session, 60) == [t.id for t in big.tasks[5 + MIN_WINDOW - 9 : 5 + MIN_WINDOW]]
+        assert top_up(session, FARM) == [t.id for t in big.tasks[5 + MIN_WINDOW - 9 : 5 + MIN_WINDOW]]
 
 
 def test_heartbeats_and_reaping_use_the_databases_clock(

@@ -13,8 +13,9 @@ from sqlalchemy import func, select
 
 from producer.client import Farm
 from shared.broker import broker_priority
-from shared.db.models import Task, TaskStatus, Worker
+from shared.db.models import Artifact, Job, Task, TaskStatus, Worker
 from shared.db.status import JobStatus
+from shared.dispatch import MIN_WINDOW
 from tests.conftest import queued_messages
 from tests.processes import alive, children_of, live_workers, wait_for, wait_for_value
 from tests.test_farm import FAST, SLOW, assert_exactly_one_artifact_per_image, job, pid_of, running_task
@@ -120,3 +121,43 @@ def test_an_urgent_jobs_lost_messages_are_sent_again_while_the_workers_stay_busy
     assert farm.wait(urgent, timeout=120).status is JobStatus.SUCCEEDED
     assert counts(farm, background).get(TaskStatus.QUEUED, 0) > 0  # the long job was still going
     farm.cancel(background)
+
+
+def test_a_small_job_of_another_owner_finishes_long_before_a_big_one_submitted_first(
+    farm: Farm, start_workers, example_plan: Path, s3_server, s3_bucket: str
+) -> None:
+    """Fair share with a real worker: alice's 400-task job runs, bob submits 40 tasks; the worker's next free
+    places go to bob until he has caught up, so his job ends long before alice's, and nothing is lost."""
+    quick = {**FAST, "steps": 2}
+    alice = farm.submit(job(example_plan, quick, seeds=200), owner="alice")
+    start_workers("cpu:1")
+    wait_for(lambda: counts(farm, alice).get(TaskStatus.SUCCEEDED, 0) >= 20, 180, "alice's first renders")
+    bob = farm.submit(job(example_plan, quick, seeds=20), owner="bob")
+    for job_id, tasks in ((bob, 40), (alice, 400)):
+        view = farm.wait(job_id, timeout=600)
+        assert view.status is JobStatus.SUCCEEDED and view.counts["succeeded"] == tasks
+    with farm.sessions() as session:
+        submitted = session.scalar(select(Job.created_at).where(Job.id == bob))
+        ends = {
+            job_id: session.scalar(select(func.max(Task.finished_at)).where(Task.job_id == job_id))
+            for job_id in (alice, bob)
+        }
+        alice_by_then = session.scalar(
+            select(func.count()).where(Task.job_id == alice, Task.finished_at <= ends[bob]).select_from(Task)
+        )
+        before = session.scalar(
+            select(func.count()).where(Task.job_id == alice, Task.finished_at <= submitted).select_from(Task)
+        )
+        images = {
+            job_id: session.scalars(select(Artifact.id).where(Artifact.job_id == job_id)).all() for job_id in ends
+        }
+    took = {job_id: (end - submitted).total_seconds() for job_id, end in ends.items()}
+    print(
+        f"\nfair share: bob's 40 tasks done {took[bob]:.1f} s after his submit, alice's 400 {took[alice]:.1f} s after "
+        f"it; alice had {before} done at bob's submit and {alice_by_then} when bob's last ended"
+    )
+    # Bob waited at most for alice's messages already in the window, not for her job: in submission order he
+    # would have waited for all 400.
+    assert alice_by_then - (before or 0) <= MIN_WINDOW + 40
+    assert took[bob] < took[alice] / 2
+    assert {job_id: len(ids) for job_id, ids in images.items()} == {alice: 400, bob: 40}

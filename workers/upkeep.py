@@ -2,8 +2,11 @@
 notifications.
 
 - The heartbeat proves this worker alive (database clock).
-- Dispatch (`shared.dispatch`) sends the next tasks of the farm's jobs in turn, keeping each queue's messages
-  to a window sized from its live workers.
+- Dispatch (`shared.dispatch`) sends the next tasks of the farm's jobs in turn (owners by fair share, an
+  owner's jobs by priority and deadline), keeping each queue's messages to a window sized from its live
+  workers.
+- Deadlines (`shared.deadlines`): a job newly forecast to finish after its deadline is flagged, which
+  fires its `deadline_at_risk` notification.
 - The reaper declares workers silent for `heartbeat_timeout` dead and hands their tasks back: interrupted,
   not failed (the policy holds nothing against a task or node for it).
 - The sweeper re-sends tasks that have no message: queued, due more than `stranded_after` ago, on a queue a
@@ -50,6 +53,7 @@ from shared.db.store import (
     stop_worker,
     sweep,
 )
+from shared.deadlines import flag_at_risk
 from shared.dispatch import top_up
 from workers.notify import Notifier
 
@@ -81,6 +85,8 @@ class Upkeep:
             self._healthy_since = None
             raise
         self._healthy_since = self._healthy_since or time.monotonic()
+        with self.sessions.begin() as session:
+            flag_at_risk(session, self.settings.heartbeat_timeout)  # before the notifier's sweep, which fires them
         self.notifier.kick()
         if time.monotonic() - self._healthy_since >= self.settings.heartbeat_timeout:
             self.reap()
@@ -94,7 +100,7 @@ class Upkeep:
         """Top every queue up to its window (`shared.dispatch`) and send what that took: the next tasks of the
         farm's jobs, in turn."""
         with self.sessions.begin() as session:
-            taken = top_up(session, self.settings.heartbeat_timeout)
+            taken = top_up(session, self.settings)
         if taken:
             self.send(taken, 0)
         return taken

@@ -36,6 +36,7 @@ from shared.errors import (
     Forbidden,
     InvalidInput,
     NotFound,
+    QuotaSpent,
     TransientError,
     Unauthenticated,
 )
@@ -46,6 +47,7 @@ _STATUS: dict[type[ArchfarmError], int] = {
     InvalidInput: 422,
     Unauthenticated: 401,
     Forbidden: 403,
+    QuotaSpent: 429,
     NotFound: 404,
     ConfigError: 503,
     TransientError: 503,

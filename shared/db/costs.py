@@ -11,7 +11,9 @@ units, until a worker has measured it. A pool's backlog is the sum over its jobs
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -75,13 +77,34 @@ def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, R
     )
     if job_ids is not None:
         query = query.where(Job.id.in_(job_ids))
-    jobs = [(job_id, Profile.model_validate(spec["profile"]), tasks) for job_id, spec, tasks in session.execute(query)]
-    measured = _measured(session, {profile.digest() for _, profile, _ in jobs})
+    rows = session.execute(query).all()
+    costs = _per_task(session, {job_id: spec for job_id, spec, _ in rows})
     found = {}
-    for job_id, profile, tasks in jobs:
-        images = tasks * profile.seeds_per_task
+    for job_id, spec, tasks in rows:
+        cost, measured = costs[job_id]
+        found[job_id] = Remaining(
+            tasks * Profile.model_validate(spec["profile"]).seeds_per_task, tasks * cost, measured
+        )
+    return found
+
+
+def per_task(session: Session, job_ids: Iterable[str]) -> dict[str, float]:
+    """GPU-seconds of one task of each render job (its images times its profile's cost per image); a training
+    job's tasks are left out (0): one runs for hours on a GPU of its own, ordered by priority alone."""
+    ids = list(job_ids)
+    rows = session.execute(select(Job.id, Job.spec).where(Job.id.in_(ids), Job.kind == JobKind.RENDER))
+    costs = _per_task(session, {job_id: spec for job_id, spec in rows})
+    return {job_id: costs[job_id][0] if job_id in costs else 0.0 for job_id in ids}
+
+
+def _per_task(session: Session, specs: dict[str, dict[str, Any]]) -> dict[str, tuple[float, bool]]:
+    """Each render job's seconds per task and whether a worker measured them (else the prior)."""
+    profiles = {job_id: Profile.model_validate(spec["profile"]) for job_id, spec in specs.items()}
+    measured = _measured(session, {profile.digest() for profile in profiles.values()})
+    found = {}
+    for job_id, profile in profiles.items():
         cost = measured.get(profile.digest())
-        found[job_id] = Remaining(images, images * (prior(profile) if cost is None else cost), cost is not None)
+        found[job_id] = (profile.seeds_per_task * (prior(profile) if cost is None else cost), cost is not None)
     return found
 
 

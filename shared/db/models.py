@@ -143,6 +143,13 @@ class Job(Base):
     picks_close_at: Mapped[datetime | None] = mapped_column(
         default=None, comment="when an open pick gate closes by itself (`pick.timeout`; database clock)"
     )
+    deadline_at: Mapped[datetime | None] = mapped_column(
+        default=None, comment="when the job should be done (`deadline:`): earliest first within a priority"
+    )
+    expected_at: Mapped[datetime | None] = mapped_column(
+        default=None,
+        comment="the finish the farm forecast when it first expected the job to miss its deadline (notified)",
+    )
 
     __table_args__ = (Index("ix_jobs_created_at", "created_at"),)
 

@@ -64,6 +64,7 @@ def rearm(session: Session, job_id: str) -> None:
     ended = (TaskStatus.FAILED, TaskStatus.CANCELLED)
     if not session.scalar(select(exists().where(Task.job_id == job_id, Task.status.in_(ended)))):
         return
+    session.execute(update(Job).where(Job.id == job_id).values(expected_at=None))  # a new run, a new forecast
     session.execute(
         update(Notification)
         .where(Notification.job_id == job_id, Notification.state != State.ARMED)
@@ -81,13 +82,16 @@ def rearm(session: Session, job_id: str) -> None:
     )
 
 
-def verdict(event: str, outcome: JobStatus | None, failed: bool) -> bool | None:
+def verdict(event: str, outcome: JobStatus | None, failed: bool, at_risk: bool = False) -> bool | None:
     """Whether `event` happened (True), never will in this run (False) or may yet (None); `outcome` is the
-    job's status once nothing is queued or running (else None), `failed` whether a task failed for good. A
-    staged job waiting for a pick has not ended: only `pick_needed` happens then."""
+    job's status once nothing is queued or running (else None), `failed` whether a task failed for good,
+    `at_risk` whether the farm expected it to miss its deadline. A staged job waiting for a pick has not
+    ended: only `pick_needed` happens then."""
     ended = outcome is not None and outcome.ended
     if event == "first_failure":
         return True if failed else (False if ended else None)
+    if event == "deadline_at_risk":
+        return True if at_risk else (False if ended else None)
     if event == "pick_needed":
         return True if outcome is JobStatus.WAITING_FOR_PICK else (False if ended else None)
     if not ended:
@@ -106,7 +110,8 @@ def armed_job(session: Session, task_id: str) -> str | None:
 
 
 def noticeable(session: Session, limit: int) -> list[str]:
-    """Jobs with an armed event that may have happened: nothing left to run, or a failure for `first_failure`.
+    """Jobs with an armed event that may have happened: nothing left to run, a failure for `first_failure`, a
+    forecast past the deadline for `deadline_at_risk`.
     One query, so every worker can afford it on every heartbeat."""
 
     def tasks_in(statuses: tuple[TaskStatus, ...]) -> Exists:
@@ -123,7 +128,11 @@ def noticeable(session: Session, limit: int) -> list[str]:
             .join(Job, Job.id == Notification.job_id)
             .where(
                 Notification.state == State.ARMED,
-                or_(still, and_(Notification.event == "first_failure", tasks_in((TaskStatus.FAILED,)))),
+                or_(
+                    still,
+                    and_(Notification.event == "first_failure", tasks_in((TaskStatus.FAILED,))),
+                    and_(Notification.event == "deadline_at_risk", Job.expected_at.is_not(None)),
+                ),
             )
             .distinct()
             .limit(limit)
@@ -152,10 +161,11 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
             .order_by(Task.finished_at, Task.ordinal)
             .limit(1)
         ).first()
+    at_risk = job.deadline_at is not None and job.expected_at is not None
     decided = [
         (row_id, event, run, happened)
         for row_id, event, run in armed
-        if (happened := verdict(event, None if state is None else state[0], failure is not None)) is not None
+        if (happened := verdict(event, None if state is None else state[0], failure is not None, at_risk)) is not None
     ]
     if not decided:
         return 0
@@ -175,6 +185,9 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
                 counts={s.value: counts.get(s, 0) for s in TaskStatus},
                 public_url=public_url,
                 error=None if event != "first_failure" or failure is None else failure[0] or "",
+                deadline=(aware(job.deadline_at), aware(job.expected_at))
+                if event == "deadline_at_risk" and job.deadline_at and job.expected_at
+                else None,
             )
             values = {"state": State.DUE, "body": sent, "fired_at": db_now(), "next_attempt_at": db_now()}
         result = session.execute(

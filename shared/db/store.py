@@ -82,6 +82,7 @@ def add_job(
             owner=owner,
             gate=_gate(spec),
             picks_close_at=_picks_close_at(session, spec),
+            deadline_at=spec.deadline if isinstance(spec, JobSpec) else None,
         )
     )
     session.flush()
