@@ -715,6 +715,38 @@ def worker(
 
 
 @app.command()
+def kube(
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pool",
+            metavar="NAME[=PROFILE]",
+            help="A pool of GPU workers and its heaviest profile (built-in name or YAML), which sizes its pods' "
+            "grace period; repeatable (default: the default pool, sd15-archviz).",
+        ),
+    ] = None,
+    min_workers: Annotated[int, typer.Option("--min-workers", min=0, help="Warm workers per pool (0: to zero).")] = 0,
+    max_workers: Annotated[int, typer.Option("--max-workers", min=1, help="Most workers per pool.")] = 8,
+    target: Annotated[int, typer.Option("--target", min=1, help="GPU-seconds of a pool's backlog per worker.")] = 1800,
+    image: Annotated[str, typer.Option("--image", help="The producer image (API).")] = "archfarm/producer:latest",
+    worker_image: Annotated[str, typer.Option("--worker-image")] = "archfarm/worker:latest",
+    flower: Annotated[bool, typer.Option("--flower", help="Add Celery's Flower.")] = False,
+) -> None:
+    """Print Kubernetes manifests for this farm: the API, a worker Deployment per pool scaled by KEDA on its
+    backlog in GPU-seconds, and Prometheus (`kubectl apply -f -`; the `archfarm` Secret is yours to create)."""
+    from producer.kube import Pool, dump, manifests, parse_pool
+
+    pools = []
+    for text in pool or [DEFAULT_POOL]:
+        name, profile = parse_pool(text, "sd15-archviz")
+        try:
+            pools.append(Pool(name, load_profile(profile), min_workers, max_workers, target))
+        except ValueError as error:
+            _fail(str(error))
+    out.print(dump(manifests(pools, Settings(), image, worker_image, flower)), markup=False, end="")
+
+
+@app.command()
 def warmup(
     profile: Annotated[str, typer.Argument(help="Built-in profile name or a YAML file.")],
     batch: Annotated[

@@ -47,6 +47,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A worker reserves no message beside the one it renders (Celery ≥ 5.6, Redis only; kombu's Redis QoS
+        # otherwise lets reservations drift under late acks): a scaled-down or stopped worker hoards nothing.
+        worker_disable_prefetch=settings.broker_url.startswith(("redis://", "rediss://")),
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
