@@ -136,15 +136,17 @@ def _service(name: str, component: str, port: int) -> Manifest:
 
 
 def _api(image: str) -> list[Manifest]:
-    probe = {"httpGet": {"path": "/healthz", "port": API_PORT}, "periodSeconds": 30}
+    def probe(path: str, period_s: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": API_PORT}, "periodSeconds": period_s}
+
     container = {
         "name": "api",
         "image": image,
         "args": ["api", "--host", "0.0.0.0", "--port", str(API_PORT)],
         "envFrom": _env(),
         "ports": [{"name": "http", "containerPort": API_PORT}],
-        "livenessProbe": probe,
-        "readinessProbe": {**probe, "httpGet": {**probe["httpGet"], "path": "/readyz"}, "periodSeconds": 10},
+        "livenessProbe": probe("/healthz", 30),
+        "readinessProbe": probe("/readyz", 10),
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
     }
     migrate = {"name": "migrate", "image": image, "args": ["db", "upgrade"], "envFrom": _env()}
