@@ -10,19 +10,19 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
-import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from producer.client import Farm
-from shared.broker import queue_depth
+from shared.broker import queue_depths
 from shared.config import Settings
 from shared.db import costs
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Job, JobCounts, Task, TaskStatus, Worker
 from shared.dispatch import live_workers
+from shared.errors import BrokerUnavailable
 
 RENDER_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 """Seconds per task, claim to done: a tiny CPU render takes under a second, an SDXL batch minutes."""
@@ -99,19 +99,17 @@ def _workers(session: Session) -> Iterator[Metric]:
 
 
 def _queues(sessions: sessionmaker[Session], settings: Settings) -> Iterator[Metric]:
-    """Messages waiting per queue of recent jobs, over kombu's per-priority Redis lists."""
+    """Messages waiting per queue of recent jobs: over kombu's per-priority Redis lists, or RabbitMQ's ready
+    messages."""
     depth = GaugeMetricFamily("archfarm_queue_messages", "Messages waiting in a broker queue", labels=["queue"])
-    if settings.broker_url and settings.broker_url.startswith("redis"):
+    if settings.broker_url:
         with sessions() as session:
-            queues = set(session.scalars(select(Job.queue).where(Job.created_at >= db_now(-RECENT_S))))
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+            queues = sorted(set(session.scalars(select(Job.queue).where(Job.created_at >= db_now(-RECENT_S)))))
         try:
-            for queue in sorted(queues | {settings.queue}):
-                depth.add_metric([queue], queue_depth(client, queue))
-        except redis.RedisError:
+            for queue, messages in queue_depths(settings.broker_url, sorted({*queues, settings.queue})).items():
+                depth.add_metric([queue], messages)
+        except BrokerUnavailable:
             pass  # the broker is away: no depth this scrape, the rest still reports
-        finally:
-            client.close()
     yield depth
 
 

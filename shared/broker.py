@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from amqp.exceptions import AMQPError
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis import Redis
@@ -23,6 +24,7 @@ from shared.config import Settings
 from shared.db.models import Job, Task
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.kinds import stored_spec, time_limit
+from shared.rabbitmq import is_rabbitmq, queue_arguments, quorum_amqp, quorum_queue, ready_messages
 
 RENDER_TASK = "archfarm.render"
 PRIORITY_LEVELS = 10
@@ -35,10 +37,14 @@ T = TypeVar("T")
 
 
 def make_celery(settings: Settings) -> Celery:
-    """Celery configured for long GPU tasks: JSON only, late acks, one message per worker at a time."""
+    """Celery configured for long GPU tasks: JSON only, late acks, one message per worker at a time; on
+    RabbitMQ, quorum queues (`shared.rabbitmq`)."""
     if not settings.broker_url:
         raise ConfigError("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
-    app = Celery("archfarm", broker=settings.broker_url, set_as_current=False)
+    rabbitmq = is_rabbitmq(settings.broker_url)
+    app = Celery(
+        "archfarm", broker=settings.broker_url, set_as_current=False, amqp=quorum_amqp(settings) if rabbitmq else None
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -49,22 +55,34 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # A worker reserves no message beside the one it renders (Celery ≥ 5.6, Redis only; kombu's Redis QoS
         # otherwise lets reservations drift under late acks): a scaled-down or stopped worker hoards nothing.
-        worker_disable_prefetch=settings.broker_url.startswith(("redis://", "rediss://")),
+        # RabbitMQ's prefetch of 1 is exact already.
+        worker_disable_prefetch=not rabbitmq,
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            # Above the longest task (submit refuses longer ones), or a running task is delivered twice.
-            "visibility_timeout": settings.visibility_timeout,
-            "queue_order_strategy": "priority",
-            "priority_steps": list(range(PRIORITY_LEVELS)),
-            "sep": ":",
-        },
+        broker_transport_options=_rabbitmq_options() if rabbitmq else _redis_options(settings),
         # Events and heartbeats: what Flower and `celery events` show (a few small messages per task).
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
+    if rabbitmq:
+        app.conf.task_queues = [quorum_queue(settings.queue, queue_arguments(settings))]
     return app
+
+
+def _redis_options(settings: Settings) -> dict[str, Any]:
+    return {
+        # Above the longest task (submit refuses longer ones), or a running task is delivered twice.
+        "visibility_timeout": settings.visibility_timeout,
+        "queue_order_strategy": "priority",
+        "priority_steps": list(range(PRIORITY_LEVELS)),
+        "sep": ":",
+    }
+
+
+def _rabbitmq_options() -> dict[str, Any]:
+    # A send returns once the quorum queue has stored the message on a majority of its nodes.
+    return {"confirm_publish": True}
 
 
 def queue_depth(client: Redis, queue: str) -> int:
@@ -72,6 +90,20 @@ def queue_depth(client: Redis, queue: str) -> int:
     `QUEUE:1` ... with this app's separator)."""
     keys = [queue, *(f"{queue}:{level}" for level in range(1, PRIORITY_LEVELS))]
     return sum(int(client.llen(key)) for key in keys)
+
+
+def queue_depths(broker_url: str, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue, on either broker; raises `BrokerUnavailable` when it is away."""
+    try:
+        if is_rabbitmq(broker_url):
+            return ready_messages(broker_url, queues)
+        client = Redis.from_url(broker_url, socket_timeout=2)
+        try:
+            return {queue: queue_depth(client, queue) for queue in queues}
+        finally:
+            client.close()
+    except (OSError, KombuError, AMQPError, RedisError) as error:
+        raise BrokerUnavailable(f"the broker did not answer: {error}") from error
 
 
 def broker_priority(job_priority: int) -> int:
@@ -114,7 +146,7 @@ def messages_for(sessions: sessionmaker[Session], settings: Settings, task_ids: 
     return [found[i] for i in ids if i in found]
 
 
-def send_tasks(app: Celery, messages: Iterable[Message], countdown: float = 0) -> int:
+def send_tasks(app: Celery, messages: Iterable[Message]) -> int:
     """Send one message per task, in order, a connection per chunk of `SEND_CHUNK`; returns how many were
     sent. Raises `BrokerUnavailable` when the broker refuses; the tasks not sent stay queued in the database,
     and the sweeper sends them once they are overdue.
@@ -125,14 +157,14 @@ def send_tasks(app: Celery, messages: Iterable[Message], countdown: float = 0) -
     sent = 0
     for chunk in _batched(messages, SEND_CHUNK):
         try:
-            sent += _send_chunk(app, chunk, countdown)
+            sent += _send_chunk(app, chunk)
         except (OSError, KombuError, RedisError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BrokerUnavailable(f"the broker refused messages after {sent} were sent: {reason}") from error
     return sent
 
 
-def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> int:
+def _send_chunk(app: Celery, messages: Sequence[Message]) -> int:
     with app.producer_or_acquire() as producer:
         for message in messages:
             app.send_task(
@@ -143,7 +175,6 @@ def _send_chunk(app: Celery, messages: Sequence[Message], countdown: float) -> i
                 priority=broker_priority(message.priority),
                 time_limit=message.time_limit,
                 soft_time_limit=None if message.time_limit is None else int(message.time_limit * 0.9),
-                countdown=countdown or None,
                 producer=producer,
             )
     return len(messages)

@@ -99,6 +99,7 @@ def _take(session: Session, settings: Settings, queue: str, limit: int) -> list[
             session.scalars(
                 select(Task.id)
                 .where(Task.job_id == job_id, Task.status == TaskStatus.QUEUED, Task.dispatched_at.is_(None))
+                .where(Task.due_at <= db_now())  # a retry's or a hand-on's delay not yet over: it waits
                 .order_by(Task.ordinal)
                 .limit(count)
             )

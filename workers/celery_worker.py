@@ -77,8 +77,12 @@ _stop = threading.Event()
 
 
 def send(task_ids: list[str], delay: float) -> None:
+    """Send tasks due now; delayed ones are held in the database (`requeue_task`), and the dispatch of any
+    worker's heartbeat sends them once due."""
+    if delay > 0:
+        return
     try:
-        send_tasks(app, messages_for(_sessions, settings, task_ids), countdown=delay)
+        send_tasks(app, messages_for(_sessions, settings, task_ids))
     except BrokerUnavailable as error:
         BROKER.failed(error)
         raise

@@ -4,14 +4,14 @@ notifications.
 - The heartbeat proves this worker alive (database clock).
 - Dispatch (`shared.dispatch`) sends the next tasks of the farm's jobs in turn (owners by fair share, an
   owner's jobs by priority and deadline), keeping each queue's messages to a window sized from its live
-  workers.
+  workers; a task retried or handed on after a delay waits here until due (no broker countdowns).
 - Deadlines (`shared.deadlines`): a job newly forecast to finish after its deadline is flagged, which
   fires its `deadline_at_risk` notification.
 - The reaper declares workers silent for `heartbeat_timeout` dead and hands their tasks back: interrupted,
   not failed (the policy holds nothing against a task or node for it).
 - The sweeper re-sends tasks that have no message: queued, due more than `stranded_after` ago, on a queue a
   live worker has watched idle for as long, or passed over by a worker that took a message sorting after
-  theirs (`stranded`). A message held by a killed worker (a countdown), lost with a broker restarted without
+  theirs (`stranded`). A message lost with a killed worker, or with a broker restarted without
   persistence, never sent by an interrupted submit, or not sent because the broker was down when a task was
   requeued: each ends up here, and is sent again, the most urgent first.
 - Notifications (`workers.notify`): the job events nobody noticed are fired and whatever is due is sent, on

@@ -173,7 +173,9 @@ def cancel_task(session: Session, task_id: str, worker: str) -> bool:
 
 
 def requeue_task(session: Session, task_id: str, worker: str, delay_s: float = 0.0) -> bool:
-    """running → queued for the holding worker; its next message is due `delay_s` from now."""
+    """running → queued for the holding worker; its next message is due `delay_s` from now. A delayed task
+    waits without a message (held) until then: the dispatch sends it once due, so no broker holds a
+    countdown (a worker holding one hoards it; quorum queues have none)."""
     return _transition(
         session,
         task_id,
@@ -183,15 +185,17 @@ def requeue_task(session: Session, task_id: str, worker: str, delay_s: float = 0
         worker=None,
         started_at=None,
         due_at=db_now(delay_s),
+        **({"dispatched_at": None} if delay_s > 0 else {}),
     )
 
 
 def postpone_task(session: Session, task_id: str, delay_s: float) -> bool:
-    """A queued task's next message is due `delay_s` from now (it is being handed on with that delay)."""
+    """A queued task is handed on: held, without a message, until `delay_s` from now, when the dispatch sends
+    it again for whichever worker takes it."""
     result = session.execute(
         update(Task)
         .where(Task.id == task_id, Task.status == TaskStatus.QUEUED)
-        .values(due_at=db_now(delay_s))
+        .values(due_at=db_now(delay_s), dispatched_at=None)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]

@@ -1,36 +1,54 @@
-"""The chaos suite's services (its own PostgreSQL, Redis and S3 server, so they can be killed) and its
-report: per scenario, tasks lost, duplicated and stranded, and the time to recover."""
+"""The chaos suite's services (its own PostgreSQL, brokers and S3 server, so they can be killed) and its
+report: per scenario and broker, tasks lost, duplicated and stranded, and the time to recover."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.chaos.farm import HEADER, Outcome
-from tests.chaos.services import PrivatePostgres, PrivateRedis, PrivateS3
+from tests.chaos.services import Broker, PrivatePostgres, PrivateRabbitMQ, PrivateRedis, PrivateS3
 from tests.conftest import service_missing
 
 OUTCOMES: list[Outcome] = []
 
 
 @pytest.fixture(scope="session")
-def chaos_services(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[PrivatePostgres, PrivateRedis, PrivateS3]]:
+def chaos_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrivatePostgres, PrivateS3]]:
     folder = tmp_path_factory.mktemp("chaos-services")
     try:
         postgres = PrivatePostgres()
     except (FileNotFoundError, OSError) as error:
         service_missing(f"cannot run a private PostgreSQL for the chaos suite: {error}")
-    redis = PrivateRedis(folder)
     s3 = PrivateS3(folder)
-    yield postgres, redis, s3
+    yield postgres, s3
     s3.close()
-    redis.close()
     postgres.close()
+
+
+@pytest.fixture(scope="session")
+def chaos_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Broker]]:
+    """The suite's brokers, each started the first time a scenario asks for it: `redis` (no persistence),
+    `redis-aof` (appendonly, fsync every second) and `rabbitmq` (quorum queues)."""
+    folder = tmp_path_factory.mktemp("chaos-brokers")
+    started: dict[str, Broker] = {}
+
+    def broker(kind: str) -> Broker:
+        if kind not in started:
+            try:
+                started[kind] = (
+                    PrivateRabbitMQ(folder) if kind == "rabbitmq" else PrivateRedis(folder, kind == "redis-aof")
+                )
+            except (FileNotFoundError, OSError, AssertionError) as error:
+                service_missing(f"cannot run a private {kind} for the chaos suite: {error}")
+        return started[kind]
+
+    yield broker
+    for running in started.values():
+        running.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import func, select
 
 from producer.client import Farm
@@ -29,7 +28,7 @@ from shared.db.clock import aware, database_time
 from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.session import make_engine, upgrade
 from shared.db.status import JobStatus
-from tests.chaos.services import PrivatePostgres, PrivateRedis, PrivateS3
+from tests.chaos.services import Broker, PrivatePostgres, PrivateS3
 from tests.conftest import empty_postgres
 from tests.processes import children_of
 
@@ -42,6 +41,7 @@ class Outcome:
     (database clock, from the end of the fault: the next task done, and the job done)."""
 
     scenario: str
+    broker: str
     tasks: int
     succeeded: int = 0
     lost: int = 0
@@ -53,13 +53,14 @@ class Outcome:
 
     def row(self) -> str:
         return (
-            f"{self.scenario:<28} {self.tasks:>5} {self.succeeded:>9} {self.lost:>4} {self.duplicated:>10} "
-            f"{self.stranded:>8} {self.resumed_s:>9.1f} {self.finished_s:>10.1f}  {len(self.faults)} fault(s)"
+            f"{self.scenario:<28} {self.broker:<9} {self.tasks:>5} {self.succeeded:>9} {self.lost:>4} "
+            f"{self.duplicated:>10} {self.stranded:>8} {self.resumed_s:>9.1f} {self.finished_s:>10.1f}  "
+            f"{len(self.faults)} fault(s)"
         )
 
 
 HEADER = (
-    f"{'scenario':<28} {'tasks':>5} {'succeeded':>9} {'lost':>4} {'duplicated':>10} {'stranded':>8} "
+    f"{'scenario':<28} {'broker':<9} {'tasks':>5} {'succeeded':>9} {'lost':>4} {'duplicated':>10} {'stranded':>8} "
     f"{'resumed_s':>9} {'finished_s':>10}"
 )
 
@@ -131,12 +132,12 @@ class ChaosFarm:
         self,
         folder: Path,
         postgres: PrivatePostgres,
-        broker: PrivateRedis,
+        broker: Broker,
         s3: PrivateS3,
         models_dir: Path,
         **settings: str,
     ) -> None:
-        self.folder, self.postgres, self.redis, self.s3 = folder, postgres, broker, s3
+        self.folder, self.postgres, self.broker, self.s3 = folder, postgres, broker, s3
         self.bucket = f"chaos-{folder.name.lower().replace('_', '-')[-40:]}".rstrip("-")
         s3.server.client().create_bucket(Bucket=self.bucket)
         engine = make_engine(postgres.url())
@@ -223,7 +224,7 @@ class ChaosFarm:
         with self.farm.sessions() as session:
             return database_time(session)
 
-    def outcome(self, scenario: str, job_id: str, fault_end: datetime, faults: list[str]) -> Outcome:
+    def outcome(self, scenario: str, broker: str, job_id: str, fault_end: datetime, faults: list[str]) -> Outcome:
         """Count what the suite promises: every task succeeded once, one artifact row per seed, one object
         per output key, nothing queued or running."""
         with self.farm.sessions() as session:
@@ -245,6 +246,7 @@ class ChaosFarm:
         succeeded = sum(1 for status, _ in tasks if status is TaskStatus.SUCCEEDED)
         return Outcome(
             scenario=scenario,
+            broker=broker,
             tasks=len(tasks),
             succeeded=succeeded,
             lost=len(tasks) - succeeded + len(expected - set(pngs)),
@@ -276,7 +278,7 @@ class ChaosFarm:
         self.farm.close()
         self._restore_environment()
         empty_postgres(self.postgres.url())
-        redis.Redis.from_url(self.redis.url).flushall()
+        self.broker.empty()
 
 
 def dump(outcomes: list[Outcome]) -> str:

@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+import kombu
 import redis
 from sqlalchemy import create_engine, text
 
@@ -104,10 +106,13 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """redis-server without persistence: a kill loses every message, as the issue's outage did."""
+    """redis-server, by default without persistence: a kill loses every message, as the issue's outage did.
+    With `aof`, every write is appended and fsynced each second, and a restarted server reads it back."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, aof: bool = False) -> None:
+        self.folder = folder / ("redis-aof" if aof else "redis")
+        self.folder.mkdir(exist_ok=True)
+        self.aof = aof
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -117,20 +122,105 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence]
         log = (self.folder / "redis.log").open("ab")
         self.proc = subprocess.Popen([*command, "--dir", str(self.folder)], stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: redis.Redis(port=self.port, socket_connect_timeout=0.5).ping(), 20, "redis to start")
 
     def stop(self) -> None:
-        """SIGKILL: with no persistence, every message goes with it."""
+        """SIGKILL: without persistence every message goes with it; with AOF, the last second's may."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def empty(self) -> None:
+        redis.Redis.from_url(self.url).flushall()
+
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own (ports, data and name), run as the `rabbitmq` user where root runs the
+    tests. Its quorum queues keep their messages on disk: a SIGKILLed node comes back with them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="archfarm-chaos-rabbitmq-"))  # the rabbitmq user must reach it
+        self.port, self.dist_port = free_port(), free_port()
+        self.node = f"archfarm-chaos-{uuid.uuid4().hex[:8]}@localhost"
+        for sub in ("data", "log"):
+            (self.root / sub).mkdir()
+        (self.root / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {self.port}\nloopback_users = none\n"
+            # Above the longest task of the suite (RabbitMQ before 3.12 ignores the queues' own argument).
+            "consumer_timeout = 21600000\n"
+        )
+        (self.root / "plugins").write_text("[].\n")
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "rabbitmq", str(self.root)], check=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.root / "data"),
+            "RABBITMQ_LOG_BASE": str(self.root / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),
+        }
+        # The server script itself, not Debian's wrapper, whose `su` moves the node into a session of its own
+        # where a kill of this process group would miss it.
+        server = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        command = [server if Path(server).exists() else "rabbitmq-server"]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "rabbitmq", "--", *command]
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._answers, 90, "rabbitmq to start")
+
+    def _answers(self) -> bool:
+        with kombu.Connection(self.url, connect_timeout=0.5) as connection:
+            connection.connect()
+        return True
+
+    def stop(self) -> None:
+        """SIGKILL of the whole node (the Erlang VM and its helpers), as a crash would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        wait_until(lambda: not _listening(self.port), 10, "rabbitmq to go down")
+
+    def empty(self) -> None:
+        with kombu.Connection(self.url) as connection:
+            channel = connection.channel()
+            for queue in ("chaos",):
+                channel.queue_delete(queue)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+Broker = PrivateRedis | PrivateRabbitMQ
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 class PrivateS3:
