@@ -29,6 +29,8 @@ SMOOTHING = 0.2
 PRIOR_PER_MEGAPIXEL_STEP = {"sd15": 0.19, "sdxl": 0.16, "flux": 0.51, "flux-control": 0.51, "sd3": 0.34}
 """Seconds per megapixel per step on a data-centre GPU with one control unit: SD 1.5 at 512² and 20 steps
 ≈ 1 s, SDXL at 1024² and 30 steps ≈ 5 s, FLUX.1 [dev] at 1024² and 28 steps ≈ 15 s, SD 3.5 Large ≈ 10 s."""
+PROFILE = Job.spec["profile"]
+"""A job's stored profile alone: a catalogue job's spec lists thousands of plans that no cost needs."""
 PRIOR_PER_UNIT = 0.25
 """Each control unit past the first adds about a quarter (its network runs beside the base at every step)."""
 
@@ -71,19 +73,19 @@ def prior(profile: Profile) -> float:
 def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, Remaining]:
     """Every unfinished render job's work left (of `job_ids`, or all), by job id."""
     query = (
-        select(Job.id, Job.spec, JobCounts.queued + JobCounts.running)
+        select(Job.id, PROFILE, JobCounts.queued + JobCounts.running)
         .join(JobCounts, JobCounts.job_id == Job.id)
         .where(Job.kind == JobKind.RENDER, JobCounts.queued + JobCounts.running > 0)
     )
     if job_ids is not None:
         query = query.where(Job.id.in_(job_ids))
     rows = session.execute(query).all()
-    costs = _per_task(session, {job_id: spec for job_id, spec, _ in rows})
+    costs = _per_task(session, {job_id: profile for job_id, profile, _ in rows})
     found = {}
-    for job_id, spec, tasks in rows:
+    for job_id, profile, tasks in rows:
         cost, measured = costs[job_id]
         found[job_id] = Remaining(
-            tasks * Profile.model_validate(spec["profile"]).seeds_per_task, tasks * cost, measured
+            tasks * Profile.model_validate(profile).seeds_per_task, tasks * cost, measured
         )
     return found
 
@@ -92,14 +94,14 @@ def per_task(session: Session, job_ids: Iterable[str]) -> dict[str, float]:
     """GPU-seconds of one task of each render job (its images times its profile's cost per image); a training
     job's tasks are left out (0): one runs for hours on a GPU of its own, ordered by priority alone."""
     ids = list(job_ids)
-    rows = session.execute(select(Job.id, Job.spec).where(Job.id.in_(ids), Job.kind == JobKind.RENDER))
-    costs = _per_task(session, {job_id: spec for job_id, spec in rows})
+    rows = session.execute(select(Job.id, PROFILE).where(Job.id.in_(ids), Job.kind == JobKind.RENDER))
+    costs = _per_task(session, {job_id: profile for job_id, profile in rows})
     return {job_id: costs[job_id][0] if job_id in costs else 0.0 for job_id in ids}
 
 
-def _per_task(session: Session, specs: dict[str, dict[str, Any]]) -> dict[str, tuple[float, bool]]:
+def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, tuple[float, bool]]:
     """Each render job's seconds per task and whether a worker measured them (else the prior)."""
-    profiles = {job_id: Profile.model_validate(spec["profile"]) for job_id, spec in specs.items()}
+    profiles = {job_id: Profile.model_validate(profile) for job_id, profile in stored.items()}
     measured = _measured(session, {profile.digest() for profile in profiles.values()})
     found = {}
     for job_id, profile in profiles.items():
