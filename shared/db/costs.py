@@ -84,9 +84,7 @@ def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, R
     found = {}
     for job_id, profile, tasks in rows:
         cost, measured = costs[job_id]
-        found[job_id] = Remaining(
-            tasks * Profile.model_validate(profile).seeds_per_task, tasks * cost, measured
-        )
+        found[job_id] = Remaining(tasks * Profile.model_validate(profile).seeds_per_task, tasks * cost, measured)
     return found
 
 
