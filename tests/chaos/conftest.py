@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.farm import HEADER, Outcome
+from tests.chaos.modes import BROKERS
 from tests.chaos.services import Broker, PrivatePostgres, PrivateRabbitMQ, PrivateRedis, PrivateS3
 from tests.conftest import service_missing
 
@@ -49,6 +50,21 @@ def chaos_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     yield broker
     for running in started.values():
         running.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The scenarios grouped by broker, in place (every other test keeps its slot), so that each broker's
+    surviving farm starts once."""
+    order = {broker: rank for rank, broker in enumerate(BROKERS)}
+
+    def broker(item: pytest.Item) -> str | None:
+        callspec = getattr(item, "callspec", None)
+        return None if callspec is None else callspec.params.get("broker")
+
+    slots = [i for i, item in enumerate(items) if broker(item) is not None]
+    grouped = sorted((items[i] for i in slots), key=lambda item: order.get(broker(item) or "", len(order)))
+    for slot, item in zip(slots, grouped, strict=True):
+        items[slot] = item
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,6 @@ from shared.db.models import Artifact, Task, TaskStatus, Worker
 from shared.db.session import make_engine, upgrade
 from shared.db.status import JobStatus
 from tests.chaos.services import Broker, PrivatePostgres, PrivateS3
-from tests.conftest import empty_postgres
 from tests.processes import children_of
 
 KILLS = ("pool", "main", "tree")
@@ -140,12 +140,13 @@ class ChaosFarm:
         self.folder, self.postgres, self.broker, self.s3 = folder, postgres, broker, s3
         self.bucket = f"chaos-{folder.name.lower().replace('_', '-')[-40:]}".rstrip("-")
         s3.server.client().create_bucket(Bucket=self.bucket)
-        engine = make_engine(postgres.url())
+        self.database = f"chaos_{uuid.uuid4().hex[:12]}"
+        engine = make_engine(postgres.create(self.database))
         upgrade(engine)
         engine.dispose()
         self.env = {
             "ARCHFARM_BROKER_URL": broker.url,
-            "ARCHFARM_DATABASE_URL": postgres.url(),
+            "ARCHFARM_DATABASE_URL": postgres.url(self.database),
             "ARCHFARM_STORAGE_URL": f"s3://{self.bucket}/renders",
             "ARCHFARM_MODELS_DIR": str(models_dir),
             "ARCHFARM_QUEUE": "chaos",
@@ -277,7 +278,7 @@ class ChaosFarm:
             worker.wait_stopped()
         self.farm.close()
         self._restore_environment()
-        empty_postgres(self.postgres.url())
+        self.postgres.drop(self.database)
         self.broker.empty()
 
 

@@ -71,13 +71,23 @@ class PrivatePostgres:
             capture_output=True,
         )
         self.start()
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create(self, database: str) -> str:
+        """A database of its own (a farm's: farms side by side never see each other's workers); its URL."""
+        self._admin(f"CREATE DATABASE {database}")
+        return self.url(database)
+
+    def drop(self, database: str) -> None:
+        self._admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+    def _admin(self, statement: str) -> None:
         admin = create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT")
         with admin.connect() as connection:
-            connection.execute(text("CREATE DATABASE archfarm"))
+            connection.execute(text(statement))
         admin.dispose()
-
-    def url(self, database: str = "archfarm") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
         # Test-only speed: no fsync. Fault tolerance here is about the clients, not the disk.

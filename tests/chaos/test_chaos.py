@@ -76,18 +76,25 @@ def survivors(
     tmp_path_factory: pytest.TempPathFactory,
     models_dir: Path,
 ) -> Iterator[Callable[[str], ChaosFarm]]:
-    """Per broker, three workers on three hosts that live through every outage scenario, one job each."""
-    farms: dict[str, ChaosFarm] = {}
-    with ExitStack() as stack:
+    """Three workers on three hosts on a broker, living through every outage scenario, one job each. One such
+    farm at a time: asking for another broker's closes the last one (the scenarios run grouped by broker)."""
+    current: dict[str, tuple[ExitStack, ChaosFarm]] = {}
 
-        def on(broker: str) -> ChaosFarm:
-            if broker not in farms:
-                folder = tmp_path_factory.mktemp(f"outages-{broker}")
-                farms[broker] = stack.enter_context(a_farm(folder, chaos_services, chaos_brokers(broker), models_dir))
-                farms[broker].start_workers(3, hosts=True)
-            return farms[broker]
+    def on(broker: str) -> ChaosFarm:
+        if broker not in current:
+            for stack, _ in current.values():
+                stack.close()
+            current.clear()
+            stack = ExitStack()
+            folder = tmp_path_factory.mktemp(f"outages-{broker}")
+            farm = stack.enter_context(a_farm(folder, chaos_services, chaos_brokers(broker), models_dir))
+            current[broker] = (stack, farm)
+            farm.start_workers(3, hosts=True)
+        return current[broker][1]
 
-        yield on
+    yield on
+    for stack, _ in current.values():
+        stack.close()
 
 
 def settle(outcome: Outcome, outcomes: list[Outcome]) -> None:
