@@ -26,7 +26,7 @@ import yaml
 
 from shared.config import DEFAULT_POOL, Settings
 from shared.limits import task_time_limit
-from shared.spec import NAME_PATTERN, Profile
+from shared.spec import Profile
 
 GRACE_MARGIN_S = 60
 """Beyond a task's time limit: Celery stopping the call, the launcher handing back what was claimed."""
@@ -34,6 +34,8 @@ API_PORT = 8000
 SECRET = "archfarm"
 """The Secret every pod reads its credentials from (ARCHFARM_DATABASE_URL, ARCHFARM_BROKER_URL, AWS_*)."""
 PROMETHEUS = "http://archfarm-prometheus:9090"
+KUBE_NAME = r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?"
+"""A pool name that is a valid part of its workers' object names and labels (DNS-1123, 63 characters)."""
 
 Manifest = dict[str, Any]
 
@@ -51,14 +53,17 @@ class Pool:
     """GPU-seconds of backlog per worker: at 1800, a backlog of two hours' work runs on four GPUs."""
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(NAME_PATTERN, self.name):
-            raise ValueError(f"pool {self.name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+        if not re.fullmatch(KUBE_NAME, self.name):
+            raise ValueError(
+                f"pool {self.name!r}: on Kubernetes, lowercase letters, digits and inner '-' (at most 40), as its "
+                "workers' object names must be"
+            )
         if not 0 <= self.min_workers <= self.max_workers or self.max_workers < 1 or self.target < 1:
             raise ValueError(f"pool {self.name!r}: needs 0 ≤ min ≤ max, max ≥ 1 and a positive target")
 
     @property
     def workload(self) -> str:
-        return f"archfarm-worker-{self.name.lower().replace('_', '-').replace('.', '-')}"
+        return f"archfarm-worker-{self.name}"
 
     def grace_s(self, settings: Settings) -> int:
         return task_time_limit(self.profile, settings) + GRACE_MARGIN_S
@@ -174,7 +179,7 @@ def _worker(pool: Pool, settings: Settings, image: str) -> Manifest:
         "volumes": [{"name": "models", "emptyDir": {}}],
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     }
-    return _deployment(pool.workload, "worker", pod, pool.min_workers)
+    return _deployment(pool.workload, "worker", pod, None)  # KEDA sets the replicas: a re-apply keeps them
 
 
 def _scaler(pool: Pool) -> Manifest:

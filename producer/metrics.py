@@ -21,6 +21,7 @@ from shared.config import Settings
 from shared.db import costs
 from shared.db.clock import aware, database_time, db_now
 from shared.db.models import Job, JobCounts, Task, TaskStatus, Worker
+from shared.db.shares import over_quota_owners
 from shared.dispatch import live_workers
 from shared.errors import BrokerUnavailable
 
@@ -117,10 +118,14 @@ def _capacity(session: Session, settings: Settings) -> Iterator[Metric]:
     """Per pool: the GPU-seconds of work queued or running (`shared.db.costs`) and the live workers that take
     it, what an autoscaler scales on."""
     backlog = GaugeMetricFamily(
-        "archfarm_backlog_seconds", "GPU-seconds of queued and running images of a pool's jobs", labels=["pool"]
+        "archfarm_backlog_seconds",
+        "GPU-seconds of a pool's running images and of those queued that a worker may take (not paused, not held "
+        "by a quota)",
+        labels=["pool"],
     )
     capacity = GaugeMetricFamily("archfarm_capacity", "Live workers consuming a pool's queue", labels=["pool"])
-    work, live = costs.backlog(session), live_workers(session, settings.heartbeat_timeout)
+    work = costs.backlog(session, over_quota_owners(session, settings))
+    live = live_workers(session, settings.heartbeat_timeout)
     for queue in sorted(set(work) | set(live) | {settings.queue}):
         backlog.add_metric([settings.pool_of(queue)], work.get(queue, 0.0))
         capacity.add_metric([settings.pool_of(queue)], live[queue])

@@ -146,7 +146,7 @@ def job_view(
         consistency=[] if brief else style_consistency(session, job_id),
         work_left_s=left.seconds if (left := remaining(session, [job_id]).get(job_id)) else None,
         deadline_at=None if row.deadline_at is None else aware(row.deadline_at),
-        **({} if brief or not farm else _deadline(session, row, heartbeat_timeout, status)),
+        **({} if brief or not farm or row.deadline_at is None else _deadline(session, row, heartbeat_timeout, status)),
     )
     return _with_eta(view, started, now)
 
@@ -154,7 +154,7 @@ def job_view(
 def _deadline(session: Session, row: Job, heartbeat_timeout: float, status: JobStatus) -> dict[str, Any]:
     """The job's forecast finish (`shared.deadlines`) and whether it misses its deadline: by the forecast
     now, or, with none (paused, no live worker), by the one that flagged it."""
-    found = forecast(session, heartbeat_timeout).get(row.id)
+    found = forecast(session, heartbeat_timeout, [row.queue]).get(row.id)
     if found is not None:
         return {"expected_at": found.expected_at, "at_risk": found.at_risk}
     return {"at_risk": row.expected_at is not None and not status.ended}

@@ -24,7 +24,7 @@ from shared.config import Settings
 from shared.db.models import Job, Task
 from shared.errors import BrokerUnavailable, ConfigError
 from shared.kinds import stored_spec, time_limit
-from shared.rabbitmq import is_rabbitmq, queue_arguments, quorum_amqp, quorum_queue, ready_messages
+from shared.rabbitmq import CONSUMER_TIMEOUT_S, QuorumAMQP, is_rabbitmq, quorum_queue, ready_messages
 
 RENDER_TASK = "archfarm.render"
 PRIORITY_LEVELS = 10
@@ -42,9 +42,12 @@ def make_celery(settings: Settings) -> Celery:
     if not settings.broker_url:
         raise ConfigError("no broker configured: set ARCHFARM_BROKER_URL (e.g. redis://host:6379/0)")
     rabbitmq = is_rabbitmq(settings.broker_url)
-    app = Celery(
-        "archfarm", broker=settings.broker_url, set_as_current=False, amqp=quorum_amqp(settings) if rabbitmq else None
-    )
+    if rabbitmq and settings.visibility_timeout > CONSUMER_TIMEOUT_S:
+        raise ConfigError(
+            f"ARCHFARM_VISIBILITY_TIMEOUT={settings.visibility_timeout} lets tasks run past RabbitMQ queues' consumer "
+            f"timeout of {CONSUMER_TIMEOUT_S} s: lower it"
+        )
+    app = Celery("archfarm", broker=settings.broker_url, set_as_current=False, amqp=QuorumAMQP if rabbitmq else None)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -66,7 +69,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     if rabbitmq:
-        app.conf.task_queues = [quorum_queue(settings.queue, queue_arguments(settings))]
+        app.conf.task_queues = [quorum_queue(settings.queue)]
     return app
 
 
@@ -97,6 +100,8 @@ def queue_depths(broker_url: str, queues: Iterable[str]) -> dict[str, int]:
     try:
         if is_rabbitmq(broker_url):
             return ready_messages(broker_url, queues)
+        if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return {}  # a transport whose queues this farm does not read
         client = Redis.from_url(broker_url, socket_timeout=2)
         try:
             return {queue: queue_depth(client, queue) for queue in queues}
@@ -158,13 +163,14 @@ def send_tasks(app: Celery, messages: Iterable[Message]) -> int:
     for chunk in _batched(messages, SEND_CHUNK):
         try:
             sent += _send_chunk(app, chunk)
-        except (OSError, KombuError, RedisError) as error:
+        except (OSError, KombuError, AMQPError, RedisError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BrokerUnavailable(f"the broker refused messages after {sent} were sent: {reason}") from error
     return sent
 
 
 def _send_chunk(app: Celery, messages: Sequence[Message]) -> int:
+    rabbitmq = is_rabbitmq(app.conf.broker_url)
     with app.producer_or_acquire() as producer:
         for message in messages:
             app.send_task(
@@ -172,7 +178,9 @@ def _send_chunk(app: Celery, messages: Sequence[Message]) -> int:
                 args=[message.task_id],
                 kwargs={"job_id": message.job_id},
                 queue=message.queue,
-                priority=broker_priority(message.priority),
+                # Redis's priority steps; RabbitMQ's quorum queues read priorities otherwise (4.x: 5 and
+                # over are "high"), and the window's order decides there.
+                priority=None if rabbitmq else broker_priority(message.priority),
                 time_limit=message.time_limit,
                 soft_time_limit=None if message.time_limit is None else int(message.time_limit * 0.9),
                 producer=producer,

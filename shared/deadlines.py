@@ -13,10 +13,11 @@ its `deadline_at_risk` notification once.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import and_, exists, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.clock import aware, database_time
@@ -35,9 +36,13 @@ class Forecast:
         return self.deadline_at is not None and self.expected_at > self.deadline_at
 
 
-def forecast(session: Session, heartbeat_timeout: float) -> dict[str, Forecast]:
-    """Every unfinished, unpaused render job's forecast whose pool has a live worker, by job id."""
-    left = remaining(session)
+def forecast(session: Session, heartbeat_timeout: float, queues: Iterable[str] | None = None) -> dict[str, Forecast]:
+    """The forecast of every unfinished, unpaused render job (of `queues`, or all) whose pool has a live
+    worker, by job id."""
+    waiting = select(Job.id).join(JobCounts, JobCounts.job_id == Job.id).where(JobCounts.queued + JobCounts.running > 0)
+    if queues is not None:
+        waiting = waiting.where(Job.queue.in_(list(queues)))
+    left = remaining(session, list(session.scalars(waiting)))
     rows = session.execute(
         select(Job.id, Job.queue, Job.deadline_at)
         .where(Job.id.in_(list(left)), Job.paused_at.is_(None), Job.cancelled_at.is_(None))
@@ -58,16 +63,16 @@ def forecast(session: Session, heartbeat_timeout: float) -> dict[str, Forecast]:
 def flag_at_risk(session: Session, heartbeat_timeout: float) -> list[str]:
     """Record the forecast of each job newly expected to miss its deadline; returns their ids. Costs one
     query while no unfinished job with a deadline is unflagged."""
-    unflagged = exists().where(
-        Job.id == JobCounts.job_id,
-        JobCounts.queued + JobCounts.running > 0,
+    unflagged = and_(
+        exists().where(JobCounts.job_id == Job.id, JobCounts.queued + JobCounts.running > 0),
         Job.deadline_at.is_not(None),
         Job.expected_at.is_(None),
     )
-    if not session.scalar(select(unflagged)):
+    queues = set(session.scalars(select(Job.queue).where(unflagged).distinct()))
+    if not queues:
         return []
     flagged = []
-    for job_id, found in forecast(session, heartbeat_timeout).items():
+    for job_id, found in forecast(session, heartbeat_timeout, queues).items():
         if found.at_risk:
             marked = session.execute(
                 update(Job).where(Job.id == job_id, Job.expected_at.is_(None)).values(expected_at=found.expected_at)

@@ -34,6 +34,7 @@ from shared.db.store import (
     idle_queues,
     job_counts,
     pause_job,
+    postpone_task,
     reap,
     record_artifacts,
     register_worker,
@@ -457,6 +458,30 @@ def test_tasks_are_sent_a_window_at_a_time_in_turn_and_what_waits_obeys_pauses_a
         assert again == [t.id for t in big.tasks[5 : 5 + MIN_WINDOW - 9]]
         # The urgent job's sent tasks wait again, and the room goes to the job now ahead of it (95 > 90).
         assert top_up(session, FARM) == [t.id for t in big.tasks[5 + MIN_WINDOW - 9 : 5 + MIN_WINDOW]]
+
+
+def test_a_task_retried_or_handed_on_after_a_delay_waits_without_a_message_until_due(
+    sessions: sessionmaker[Session], job: PreparedJob
+) -> None:
+    """No broker countdown: a delayed task is held in the database, and the first top-up after it falls due
+    sends it; the sweeper never mistakes it for a lost message meanwhile."""
+    first, second, third = (task.id for task in job.tasks)
+    with sessions.begin() as session:
+        register_worker(session, "w#1", "w", "cpu", 1, ["archfarm"])
+        assert top_up(session, FARM) == [first, second, third]
+        claim_task(session, first, "w#1")
+        assert requeue_task(session, first, "w#1", delay_s=30)  # a transient error's backoff
+        assert postpone_task(session, second, 30)  # handed on for another node
+        assert top_up(session, FARM) == []  # not due yet
+        later = prepared(URGENT_ID, seeds=2)
+        persist(session, later)
+        assert top_up(session, FARM) == [t.id for t in later.tasks]  # their places go to the next job
+    backdate(sessions, 600, workers=True)
+    with sessions.begin() as session:
+        assert sweep(session, stranded_now(session, 60), 100) == []  # held by design, not lost
+        session.execute(update(Task).where(Task.id.in_([first, second])).values(due_at=db_now(-1)))
+        assert top_up(session, FARM) == [first, second]  # due: sent again, in expansion order
+        assert sweep(session, stranded_now(session, 60), 100) == []
 
 
 def test_heartbeats_and_reaping_use_the_databases_clock(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select, update
@@ -16,11 +16,11 @@ from producer.expand import expand
 from producer.submit import PreparedJob, persist, prepare
 from shared.config import Settings
 from shared.db.clock import db_now
-from shared.db.costs import record_cost
+from shared.db.costs import backlog, record_cost
 from shared.db.models import Job, Notification, Task
 from shared.db.notifications import fire, noticeable
-from shared.db.shares import Waiting, allocate, check_quota, spent_today
-from shared.db.store import claim_task, finish_task, pause_job, register_worker
+from shared.db.shares import Waiting, allocate, check_quota, over_quota_owners, spent_today
+from shared.db.store import cancel_job, claim_task, finish_task, pause_job, register_worker, resume_job
 from shared.deadlines import flag_at_risk, forecast
 from shared.dispatch import MIN_WINDOW, top_up
 from shared.errors import InvalidInput, QuotaSpent
@@ -107,9 +107,14 @@ def test_a_later_small_job_of_another_owner_is_sent_before_the_big_one_goes_on(
 
 
 def test_an_owner_past_its_quota_waits_and_is_refused_new_jobs(sessions: sessionmaker[Session]) -> None:
+    """Only work that ran counts (a cancelled job costs nothing); past its quota an owner's tasks wait, and
+    the backlog an autoscaler reads leaves them out, as it leaves out a paused job's."""
     quota = Settings(heartbeat_timeout=60, quotas={"bob": 30.0})
-    bob, alice = prepared(40, "bob"), prepared(40, "alice")
-    stored(sessions, bob, alice)
+    bob, alice, dropped = prepared(40, "bob"), prepared(40, "alice"), prepared(20, "bob")
+    stored(sessions, bob, alice, dropped)
+    with sessions.begin() as session:
+        cancel_job(session, dropped.id)  # its 20 tasks end without running
+        assert spent_today(session, "bob") == 0
     with sessions.begin() as session:
         record_cost(session, bob.spec.profile.digest(), "cpu", 2.0)  # 2 GPU-s a task
         check_quota(session, quota, "bob")
@@ -125,6 +130,13 @@ def test_an_owner_past_its_quota_waits_and_is_refused_new_jobs(sessions: session
         check_quota(session, quota, "alice")  # no quota
         taken = top_up(session, quota)
     assert set(owners_of(sessions, taken)) == {"alice"} and len(taken) == 8  # bob's room went to alice
+    with sessions.begin() as session:
+        everything = backlog(session)["archfarm"]
+        assert everything == pytest.approx(2.0 * (40 - 15 + 40))  # a prior's worth of nothing: one cost, 2 s
+        assert backlog(session, over_quota_owners(session, quota))["archfarm"] == pytest.approx(2.0 * 40)
+        pause_job(session, alice.id)
+        assert backlog(session, over_quota_owners(session, quota))["archfarm"] == 0
+        resume_job(session, alice.id)
     with sessions.begin() as session:  # a day on, bob's work has aged out of his quota
         session.execute(update(Task).where(Task.finished_at.is_not(None)).values(finished_at=db_now(-25 * 3600)))
         check_quota(session, quota, "bob")
@@ -139,7 +151,8 @@ def test_a_job_expected_to_finish_after_its_deadline_is_flagged_and_notified_onc
     now = datetime.now(UTC)
     notify = {"urls": ["https://hooks.example/farm"], "events": ["deadline_at_risk", "finished"]}
     ahead = prepared(100, None, priority=60)
-    tight = prepared(10, None, deadline=(now + timedelta(seconds=600)).isoformat(), notify=notify)
+    paris = timezone(timedelta(hours=1))  # a zone other than the database's: stored, it must mean the same time
+    tight = prepared(10, None, deadline=(now + timedelta(seconds=600)).astimezone(paris).isoformat(), notify=notify)
     loose = prepared(10, None, deadline=(now + timedelta(hours=5)).isoformat(), notify=notify)
     stored(sessions, ahead, tight, loose)
     with sessions.begin() as session:

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.broker import JOB_PRIORITIES, broker_priority, make_celery, messages_for, send_tasks
 from shared.config import Settings
 from shared.db.clock import database_time
-from shared.db.session import make_engine, session_factory
+from shared.db.session import DATABASE_DOWN, make_engine, session_factory
 from shared.db.stages import advance, ripe
 from shared.db.store import (
     Delivery,
@@ -85,8 +85,7 @@ class Upkeep:
             self._healthy_since = None
             raise
         self._healthy_since = self._healthy_since or time.monotonic()
-        with self.sessions.begin() as session:
-            flag_at_risk(session, self.settings.heartbeat_timeout)  # before the notifier's sweep, which fires them
+        self.flag_deadlines()  # before the notifier's sweep, which fires their notifications
         self.notifier.kick()
         if time.monotonic() - self._healthy_since >= self.settings.heartbeat_timeout:
             self.reap()
@@ -95,6 +94,18 @@ class Upkeep:
         self.pick_by_rule()
         self.close_expired_picks()
         return alive
+
+    def flag_deadlines(self) -> list[str]:
+        """Flag the jobs newly forecast past their deadline. A forecast that fails (a bug, a stored job this
+        version cannot read) is logged: it must not stop the dispatch after it."""
+        try:
+            with self.sessions.begin() as session:
+                return flag_at_risk(session, self.settings.heartbeat_timeout)
+        except DATABASE_DOWN:
+            raise
+        except Exception:
+            log.exception("could not forecast the deadlines")
+            return []
 
     def dispatch(self) -> list[str]:
         """Top every queue up to its window (`shared.dispatch`) and send what that took: the next tasks of the

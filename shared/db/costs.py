@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +30,7 @@ SMOOTHING = 0.2
 PRIOR_PER_MEGAPIXEL_STEP = {"sd15": 0.19, "sdxl": 0.16, "flux": 0.51, "flux-control": 0.51, "sd3": 0.34}
 """Seconds per megapixel per step on a data-centre GPU with one control unit: SD 1.5 at 512² and 20 steps
 ≈ 1 s, SDXL at 1024² and 30 steps ≈ 5 s, FLUX.1 [dev] at 1024² and 28 steps ≈ 15 s, SD 3.5 Large ≈ 10 s."""
-PROFILE = Job.spec["profile"]
+PROFILE = Job.spec["profile"].label("profile")
 """A job's stored profile alone: a catalogue job's spec lists thousands of plans that no cost needs."""
 PRIOR_PER_UNIT = 0.25
 """Each control unit past the first adds about a quarter (its network runs beside the base at every step)."""
@@ -83,6 +84,8 @@ def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, R
     costs = _per_task(session, {job_id: profile for job_id, profile, _ in rows})
     found = {}
     for job_id, profile, tasks in rows:
+        if job_id not in costs:
+            continue
         cost, measured = costs[job_id]
         found[job_id] = Remaining(tasks * Profile.model_validate(profile).seeds_per_task, tasks * cost, measured)
     return found
@@ -98,8 +101,15 @@ def per_task(session: Session, job_ids: Iterable[str]) -> dict[str, float]:
 
 
 def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, tuple[float, bool]]:
-    """Each render job's seconds per task and whether a worker measured them (else the prior)."""
-    profiles = {job_id: Profile.model_validate(profile) for job_id, profile in stored.items()}
+    """Each render job's seconds per task and whether a worker measured them (else the prior); a job whose
+    stored profile this version no longer reads is left out (it costs nothing here, and fails where it runs)
+    rather than stopping every estimate of the farm."""
+    profiles: dict[str, Profile] = {}
+    for job_id, data in stored.items():
+        try:
+            profiles[job_id] = Profile.model_validate(data)
+        except ValidationError:
+            continue
     measured = _measured(session, {profile.digest() for profile in profiles.values()})
     found = {}
     for job_id, profile in profiles.items():
@@ -108,14 +118,23 @@ def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, 
     return found
 
 
-def backlog(session: Session) -> dict[str, float]:
-    """GPU-seconds of work queued or running per broker queue (a pool's)."""
-    left = remaining(session)
-    rows = session.execute(select(Job.id, Job.queue).where(Job.id.in_(list(left))))
-    queues = {job_id: queue for job_id, queue in rows}
+def backlog(session: Session, held_owners: Iterable[str] = ()) -> dict[str, float]:
+    """GPU-seconds of work a worker could take per broker queue (a pool's): running tasks, and queued ones
+    but those of paused jobs and of owners held by their quota (`held_owners`), which no new worker would
+    get, so an autoscaler keeps no GPU up for them."""
+    held = set(held_owners)
+    rows = session.execute(
+        select(Job.id, Job.queue, Job.owner, Job.paused_at, PROFILE, JobCounts.queued, JobCounts.running)
+        .join(JobCounts, JobCounts.job_id == Job.id)
+        .where(Job.kind == JobKind.RENDER, JobCounts.queued + JobCounts.running > 0)
+    ).all()
+    costs = _per_task(session, {row.id: row.profile for row in rows})
     totals: dict[str, float] = defaultdict(float)
-    for job_id, work in left.items():
-        totals[queues[job_id]] += work.seconds
+    for row in rows:
+        if row.id not in costs:
+            continue
+        takeable = row.paused_at is None and (row.owner or "") not in held
+        totals[row.queue] += costs[row.id][0] * (row.running + (row.queued if takeable else 0))
     return dict(totals)
 
 

@@ -161,7 +161,10 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
             .order_by(Task.finished_at, Task.ordinal)
             .limit(1)
         ).first()
-    at_risk = job.deadline_at is not None and job.expected_at is not None
+    now = database_time(session)
+    # At risk: flagged by a forecast, or ended past its deadline without one (it ran late between two).
+    late = job.deadline_at is not None and state is not None and state[0].ended and now > aware(job.deadline_at)
+    at_risk = job.deadline_at is not None and (job.expected_at is not None or late)
     decided = [
         (row_id, event, run, happened)
         for row_id, event, run in armed
@@ -170,7 +173,6 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
     if not decided:
         return 0
     status, counts = state or status_of(session, job)
-    now = database_time(session)
     fired = 0
     for row_id, event, run, happened in decided:
         values: dict[str, object] = {"state": State.SKIPPED}
@@ -185,8 +187,8 @@ def fire(session: Session, job_id: str, public_url: str | None) -> int:
                 counts={s.value: counts.get(s, 0) for s in TaskStatus},
                 public_url=public_url,
                 error=None if event != "first_failure" or failure is None else failure[0] or "",
-                deadline=(aware(job.deadline_at), aware(job.expected_at))
-                if event == "deadline_at_risk" and job.deadline_at and job.expected_at
+                deadline=(aware(job.deadline_at), aware(job.expected_at) if job.expected_at else now)
+                if event == "deadline_at_risk" and job.deadline_at
                 else None,
             )
             values = {"state": State.DUE, "body": sent, "fired_at": db_now(), "next_attempt_at": db_now()}

@@ -11,7 +11,8 @@ is served at once until it has caught up. Within an owner, jobs take turns by pr
 
 An owner with a quota (`ARCHFARM_QUOTAS`, GPU-seconds per 24 hours) that has spent it gets no place: its
 queued tasks wait, without a message, until the work of its last 24 hours falls below the quota, and a job
-it submits meanwhile is refused. Training jobs cost 0 here (one task runs for hours on a GPU of its own).
+it submits meanwhile is refused. The check is made per top-up, so an owner just under its quota may go over
+it by what one window holds. Training jobs cost 0 here (one task runs for hours on a GPU of its own).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from shared.db.models import Job, JobCounts, Task, TaskStatus
 from shared.errors import QuotaSpent
 
 DAY_S = 24 * 3600.0
+RAN = Task.started_at.is_not(None)
+"""Tasks that ended having run: a cancel or a failed input ends queued tasks too, which cost nothing."""
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,10 @@ def turns(session: Session, settings: Settings, queue: str, room: int) -> list[s
     ).all()
     owners = {owner or "" for _, owner, _ in rows}
     spent = [owner for owner in owners if owner in settings.quotas and over_quota(session, settings, owner)]
-    sent = _sent(session, queue)
+    sent, later = _sent(session, queue), _not_due(session, queue)
     costs = per_task(session, [job_id for job_id, _, _ in rows]) if len(owners) > 1 else {}
     waiting = [
-        Waiting(job_id, owner or "", queued - sent.get(job_id, 0), costs.get(job_id, 0.0))
+        Waiting(job_id, owner or "", queued - sent.get(job_id, 0) - later.get(job_id, 0), costs.get(job_id, 0.0))
         for job_id, owner, queued in rows
         if (owner or "") not in spent
     ]
@@ -94,7 +97,7 @@ def usage(session: Session, settings: Settings, queue: str) -> dict[str, float]:
     finished = session.execute(
         select(Task.job_id, func.count())
         .join(Job, Job.id == Task.job_id)
-        .where(Job.queue == queue, Task.finished_at >= db_now(-settings.share_window))
+        .where(Job.queue == queue, Task.finished_at >= db_now(-settings.share_window), RAN)
         .group_by(Task.job_id)
     ).all()
     running = session.execute(
@@ -130,7 +133,7 @@ def spent_today(session: Session, owner: str | None) -> float:
     finished = session.execute(
         select(Task.job_id, func.count())
         .join(Job, Job.id == Task.job_id)
-        .where(mine, Task.finished_at >= db_now(-DAY_S))
+        .where(mine, Task.finished_at >= db_now(-DAY_S), RAN)
         .group_by(Task.job_id)
     ).all()
     running = session.execute(
@@ -154,6 +157,23 @@ def _costed(session: Session, tasks: dict[str, int]) -> dict[str, float]:
     for job_id, count in tasks.items():
         used[owners[job_id] or ""] += count * costs[job_id]
     return dict(used)
+
+
+def _not_due(session: Session, queue: str) -> dict[str, int]:
+    """The queue's queued tasks waiting out a delay (a retry's backoff, a hand-on), per job: no place in a
+    window goes to them before they are due. Read through the (status, due) index: the delayed ones alone."""
+    rows = session.execute(
+        select(Task.job_id, func.count())
+        .join(Job, Job.id == Task.job_id)
+        .where(Task.status == TaskStatus.QUEUED, Task.due_at > db_now(), Job.queue == queue)
+        .group_by(Task.job_id)
+    )
+    return {job_id: count for job_id, count in rows}
+
+
+def over_quota_owners(session: Session, settings: Settings) -> set[str]:
+    """Owners with a quota they have spent: their queued tasks are held, not backlog a new worker could take."""
+    return {owner for owner in settings.quotas if over_quota(session, settings, owner)}
 
 
 def _sent(session: Session, queue: str) -> dict[str, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, true, update
@@ -82,7 +82,8 @@ def add_job(
             owner=owner,
             gate=_gate(spec),
             picks_close_at=_picks_close_at(session, spec),
-            deadline_at=spec.deadline if isinstance(spec, JobSpec) else None,
+            # In UTC: SQLite keeps a time's wall clock and drops its offset.
+            deadline_at=spec.deadline.astimezone(UTC) if isinstance(spec, JobSpec) and spec.deadline else None,
         )
     )
     session.flush()
