@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
                 with sessions.begin() as session:
                     persist(session, PreparedJob(job_id, spec, "s3://bench/out", queue, tasks))
                 with sessions.begin() as session:
-                    first = top_up(session, settings.heartbeat_timeout, [queue])
+                    first = top_up(session, settings, [queue])
                 send_tasks(app, messages_for(sessions, settings, first))
                 results[f"{size}_submit_s"] = round(time.perf_counter() - started, 2)
                 results[f"{size}_broker_messages"] = queue_depth(broker, queue)
