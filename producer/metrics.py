@@ -105,7 +105,7 @@ def _queues(sessions: sessionmaker[Session], settings: Settings) -> Iterator[Met
     depth = GaugeMetricFamily("archfarm_queue_messages", "Messages waiting in a broker queue", labels=["queue"])
     if settings.broker_url:
         with sessions() as session:
-            queues = sorted(set(session.scalars(select(Job.queue).where(Job.created_at >= db_now(-RECENT_S)))))
+            queues = set(session.scalars(select(Job.queue).where(Job.created_at >= db_now(-RECENT_S))))
         try:
             for queue, messages in queue_depths(settings.broker_url, sorted({*queues, settings.queue})).items():
                 depth.add_metric([queue], messages)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from shared.db.clock import aware, database_time
 from shared.db.costs import remaining
 from shared.db.models import Job, JobCounts
+from shared.db.shares import TURN_ORDER
 from shared.dispatch import live_workers
 
 
@@ -46,7 +47,7 @@ def forecast(session: Session, heartbeat_timeout: float, queues: Iterable[str] |
     rows = session.execute(
         select(Job.id, Job.queue, Job.deadline_at)
         .where(Job.id.in_(list(left)), Job.paused_at.is_(None), Job.cancelled_at.is_(None))
-        .order_by(Job.priority.desc(), Job.deadline_at.is_(None), Job.deadline_at, Job.created_at, Job.id)
+        .order_by(*TURN_ORDER)
     )
     live = live_workers(session, heartbeat_timeout)
     now = database_time(session)

@@ -79,21 +79,12 @@ def _waiting_queues(session: Session) -> list[str]:
     return list(session.scalars(query))
 
 
-def _take(session: Session, settings: Settings, queue: str, limit: int) -> list[str]:
+def _take(session: Session, settings: Settings, queue: str, window: int) -> list[str]:
     if session.get_bind().dialect.name == "postgresql" and not session.scalar(
         select(func.pg_try_advisory_xact_lock(_lock_key(queue)))
     ):
         return []  # another process is topping this queue up now
-    sent = session.scalar(
-        select(func.count())
-        .select_from(Task)
-        .join(Job, Job.id == Task.job_id)
-        .where(Job.queue == queue, Task.status == TaskStatus.QUEUED, Task.dispatched_at.is_not(None))
-    )
-    room = limit - (sent or 0)
-    if room <= 0:
-        return []
-    order = turns(session, settings, queue, room)
+    order = turns(session, settings, queue, window)
     held = {
         job_id: deque(
             session.scalars(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
@@ -82,13 +82,11 @@ def remaining(session: Session, job_ids: list[str] | None = None) -> dict[str, R
         query = query.where(Job.id.in_(job_ids))
     rows = session.execute(query).all()
     costs = _per_task(session, {job_id: profile for job_id, profile, _ in rows})
-    found = {}
-    for job_id, profile, tasks in rows:
-        if job_id not in costs:
-            continue
-        cost, measured = costs[job_id]
-        found[job_id] = Remaining(tasks * Profile.model_validate(profile).seeds_per_task, tasks * cost, measured)
-    return found
+    return {
+        job_id: Remaining(tasks * cost.images, tasks * cost.seconds, cost.measured)
+        for job_id, _, tasks in rows
+        if (cost := costs.get(job_id)) is not None
+    }
 
 
 def per_task(session: Session, job_ids: Iterable[str]) -> dict[str, float]:
@@ -97,11 +95,18 @@ def per_task(session: Session, job_ids: Iterable[str]) -> dict[str, float]:
     ids = list(job_ids)
     rows = session.execute(select(Job.id, PROFILE).where(Job.id.in_(ids), Job.kind == JobKind.RENDER))
     costs = _per_task(session, {job_id: profile for job_id, profile in rows})
-    return {job_id: costs[job_id][0] if job_id in costs else 0.0 for job_id in ids}
+    return {job_id: costs[job_id].seconds if job_id in costs else 0.0 for job_id in ids}
 
 
-def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, tuple[float, bool]]:
-    """Each render job's seconds per task and whether a worker measured them (else the prior); a job whose
+class _Task(NamedTuple):
+    seconds: float
+    images: int
+    measured: bool
+    """Whether a worker measured its cost (else the prior)."""
+
+
+def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, _Task]:
+    """One task of each render job: its GPU-seconds, its images and whether they were measured; a job whose
     stored profile this version no longer reads is left out (it costs nothing here, and fails where it runs)
     rather than stopping every estimate of the farm."""
     profiles: dict[str, Profile] = {}
@@ -114,7 +119,8 @@ def _per_task(session: Session, stored: dict[str, dict[str, Any]]) -> dict[str, 
     found = {}
     for job_id, profile in profiles.items():
         cost = measured.get(profile.digest())
-        found[job_id] = (profile.seeds_per_task * (prior(profile) if cost is None else cost), cost is not None)
+        per_image = prior(profile) if cost is None else cost
+        found[job_id] = _Task(profile.seeds_per_task * per_image, profile.seeds_per_task, cost is not None)
     return found
 
 
@@ -134,7 +140,7 @@ def backlog(session: Session, held_owners: Iterable[str] = ()) -> dict[str, floa
         if row.id not in costs:
             continue
         takeable = row.paused_at is None and (row.owner or "") not in held
-        totals[row.queue] += costs[row.id][0] * (row.running + (row.queued if takeable else 0))
+        totals[row.queue] += costs[row.id].seconds * (row.running + (row.queued if takeable else 0))
     return dict(totals)
 
 

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
@@ -32,8 +32,8 @@ from shared.db.models import Job, JobCounts, Task, TaskStatus
 from shared.errors import QuotaSpent
 
 DAY_S = 24 * 3600.0
-RAN = Task.started_at.is_not(None)
-"""Tasks that ended having run: a cancel or a failed input ends queued tasks too, which cost nothing."""
+TURN_ORDER = (Job.priority.desc(), Job.deadline_at.is_(None), Job.deadline_at, Job.created_at, Job.id)
+"""An owner's jobs in turn: priority, then the earliest deadline, then age (the forecast serves them so too)."""
 
 
 @dataclass(frozen=True)
@@ -71,42 +71,37 @@ def allocate(room: int, waiting: Iterable[Waiting], used: dict[str, float], weig
     return picked
 
 
-def turns(session: Session, settings: Settings, queue: str, room: int) -> list[str]:
-    """The jobs of the queue's next `room` messages, one entry per message, in the order they go out."""
+def turns(session: Session, settings: Settings, queue: str, window: int) -> list[str]:
+    """The jobs of the messages that fill the queue up to its `window`, one entry per message, in the order
+    they go out."""
+    sent = _sent(session, queue)
+    room = window - sum(sent.values())
+    if room <= 0:
+        return []
     rows = session.execute(
         select(Job.id, Job.owner, JobCounts.queued)
         .join(JobCounts, JobCounts.job_id == Job.id)
         .where(Job.queue == queue, JobCounts.queued > 0, Job.paused_at.is_(None), Job.cancelled_at.is_(None))
-        .order_by(Job.priority.desc(), Job.deadline_at.is_(None), Job.deadline_at, Job.created_at, Job.id)
+        .order_by(*TURN_ORDER)
     ).all()
     owners = {owner or "" for _, owner, _ in rows}
     spent = [owner for owner in owners if owner in settings.quotas and over_quota(session, settings, owner)]
-    sent, later = _sent(session, queue), _not_due(session, queue)
+    later = _not_due(session, queue)
     costs = per_task(session, [job_id for job_id, _, _ in rows]) if len(owners) > 1 else {}
     waiting = [
         Waiting(job_id, owner or "", queued - sent.get(job_id, 0) - later.get(job_id, 0), costs.get(job_id, 0.0))
         for job_id, owner, queued in rows
         if (owner or "") not in spent
     ]
-    used = usage(session, settings, queue) if len(owners - set(spent)) > 1 else {}
+    used = usage(session, settings, queue, sent) if len(owners - set(spent)) > 1 else {}
     return allocate(room, waiting, used, {owner: settings.share_of(owner) for owner in owners})
 
 
-def usage(session: Session, settings: Settings, queue: str) -> dict[str, float]:
-    """Each owner's GPU-seconds in the queue: its tasks finished in the share window and those in flight."""
-    finished = session.execute(
-        select(Task.job_id, func.count())
-        .join(Job, Job.id == Task.job_id)
-        .where(Job.queue == queue, Task.finished_at >= db_now(-settings.share_window), RAN)
-        .group_by(Task.job_id)
-    ).all()
-    running = session.execute(
-        select(JobCounts.job_id, JobCounts.running)
-        .join(Job, Job.id == JobCounts.job_id)
-        .where(Job.queue == queue, JobCounts.running > 0)
-    ).all()
-    counts: dict[str, int] = defaultdict(int)
-    for job_id, tasks in [*finished, *running, *_sent(session, queue).items()]:
+def usage(session: Session, settings: Settings, queue: str, sent: dict[str, int]) -> dict[str, float]:
+    """Each owner's GPU-seconds in the queue: its tasks that ran in the share window, and those in flight
+    (running, or `sent`: the queue's tasks with a message, per job)."""
+    counts = _ran(session, Job.queue == queue, settings.share_window)
+    for job_id, tasks in sent.items():
         counts[job_id] += tasks
     return _costed(session, counts)
 
@@ -119,32 +114,37 @@ def over_quota(session: Session, settings: Settings, owner: str | None) -> bool:
 
 def check_quota(session: Session, settings: Settings, owner: str | None) -> None:
     """Refuse a new job of an owner that has spent its quota (`QuotaSpent`), before anything is stored."""
-    if over_quota(session, settings, owner):
-        spent = spent_today(session, owner)
+    quota = settings.quotas.get(owner or "")
+    if quota is not None and (spent := spent_today(session, owner)) >= quota:
         raise QuotaSpent(
-            f"owner {owner or '(local)'!r} has used {spent:,.0f} of its {settings.quotas[owner or '']:,.0f} "
-            "GPU-seconds of the last 24 hours: submit again once earlier work has aged out of them"
+            f"owner {owner or '(local)'!r} has used {spent:,.0f} of its {quota:,.0f} GPU-seconds of the last 24 "
+            "hours: submit again once earlier work has aged out of them"
         )
 
 
 def spent_today(session: Session, owner: str | None) -> float:
-    """The owner's GPU-seconds over the last 24 hours, across pools: finished and running tasks."""
+    """The owner's GPU-seconds over the last 24 hours, across pools: its tasks that ran, and those running."""
     mine = Job.owner.is_(None) if not owner else Job.owner == owner
+    return sum(_costed(session, _ran(session, mine, DAY_S)).values())
+
+
+def _ran(session: Session, scope: ColumnElement[bool], since_s: float) -> defaultdict[str, int]:
+    """Per job in `scope`: its tasks that ran and finished in the last `since_s` seconds, and those running."""
+    counts: defaultdict[str, int] = defaultdict(int)
     finished = session.execute(
         select(Task.job_id, func.count())
         .join(Job, Job.id == Task.job_id)
-        .where(mine, Task.finished_at >= db_now(-DAY_S), RAN)
+        .where(scope, Task.finished_at >= db_now(-since_s), Task.started_at.is_not(None))  # a cancel ran nothing
         .group_by(Task.job_id)
-    ).all()
+    )
     running = session.execute(
         select(JobCounts.job_id, JobCounts.running)
         .join(Job, Job.id == JobCounts.job_id)
-        .where(mine, JobCounts.running > 0)
-    ).all()
-    counts: dict[str, int] = defaultdict(int)
+        .where(scope, JobCounts.running > 0)
+    )
     for job_id, tasks in [*finished, *running]:
         counts[job_id] += tasks
-    return sum(_costed(session, counts).values())
+    return counts
 
 
 def _costed(session: Session, tasks: dict[str, int]) -> dict[str, float]:
