@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from producer.cli import app
 from workers.preprocessors.resize import fit_and_pad
 from workers.training.demo import held_out
-from workers.training.drawings import agreement, fitted_footprint
+from workers.training.drawings import agreement, built, fitted_footprint
 
 SIZE = 128
 PLANS = 12
@@ -61,10 +61,11 @@ def test_demo_renders_follow_the_plan(
 def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_saw(
     profile: str, tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Plans in styles kept out of training (double-line walls, hatched walls, white on blue): most renders'
-    buildings agree with their own plan's footprint better than with any of the other eleven (chance: 1 in 12).
-    Measured: 8 of 12 with `tiny`, 7 of 12 with `tiny-archviz`; a blank page still comes out as the average
-    building (docs/tiny-models.md), which is what the demo does not yet do."""
+    """Plans in styles kept out of training (double-line walls, hatched walls, white on blue): nearly every
+    render's building agrees with its own plan's footprint better than with any of the other eleven (chance:
+    1 in 12), and an empty page comes out as paper, not as a building. Measured: 10 of 12 with `tiny`, 11 of 12
+    with `tiny-archviz` (each miss a plan whose render agrees 0.02-0.03 better with another plan as like its
+    own as 0.68 IoU), own-footprint IoU 0.74-0.94; the empty page 0% "building"."""
     monkeypatch.setenv("ARCHFARM_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plans = held_out(PLANS)
@@ -74,8 +75,10 @@ def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_
     for index, (drawing, _) in enumerate(plans):
         paths.append(folder / f"plan-{index:02d}.png")
         drawing.save(paths[-1])
+    empty = folder / "empty.png"
+    Image.new("RGB", (SIZE, SIZE), "white").save(empty)
     out = tmp_path / "renders"
-    args = ["render", *map(str, paths), "--style", "modern", "--seed", "1", "--profile", profile]
+    args = ["render", *map(str, paths), str(empty), "--style", "modern", "--seed", "1", "--profile", profile]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
 
@@ -86,4 +89,6 @@ def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_
     footprints = [fitted_footprint(plan, SIZE) for _, plan in plans]
     scores = np.array([[agreement(render(p.stem), f) for f in footprints] for p in paths])
     own_best = scores.argmax(axis=1) == np.arange(len(paths))
-    assert own_best.sum() >= len(paths) // 2, (own_best, scores.diagonal())
+    assert own_best.sum() >= len(paths) - 2, (own_best, scores.diagonal())
+    smallest = min(footprint.mean() for footprint in footprints)
+    assert built(render(empty.stem)).mean() < smallest / 3  # an empty page: far less "building" than any plan

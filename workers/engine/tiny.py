@@ -39,9 +39,12 @@ HINT_CHANNELS = (8, 16, 32, 32)
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DECODER = WEIGHTS / "tiny-vae-decoder.safetensors"
 PLAN_CONTROLNET = WEIGHTS / "tiny-plan.safetensors"
+UNET = WEIGHTS / "tiny-unet.safetensors"
 """The demo's trained parts (`workers.training.demo` makes them), each recording what it was trained against."""
 DECODER_PARTS = ("decoder.", "post_quant_conv.")
-_REBUILD = "run `python -m workers.training.demo` to train the demo's weights for this build (about 15 CPU-minutes)"
+_REBUILD = (
+    "run `python -m workers.training.demo` to train the demo's weights for this build (about 17 minutes on 2 cores)"
+)
 
 
 def _word_merges() -> list[tuple[str, str]]:
@@ -151,16 +154,21 @@ def _scheduler() -> PNDMScheduler:
         set_alpha_to_one=False,
         skip_prk_steps=True,
         steps_offset=1,
-        # v-prediction: a ControlNet trained for a minute beside the random UNet learns to use its map this way,
-        # where predicting the noise does not (`workers.training.demo`).
+        # v-prediction: a toy ControlNet learns to use its map this way within CPU-minutes, where predicting the
+        # noise does not (`workers.training.demo`).
         prediction_type="v_prediction",
     )
 
 
-def build_sd15(folder: Path, decoder: Callable[[AutoencoderKL], None] | None = None) -> None:
+def build_sd15(
+    folder: Path,
+    decoder: Callable[[AutoencoderKL], None] | None = None,
+    denoiser: Callable[[UNet2DConditionModel, AutoencoderKL], None] | None = None,
+) -> None:
     """Save an SD 1.5-shaped pipeline folder; its model_index.json names no ControlNet, no safety checker.
 
-    Its VAE decoder is trained, so renders can show a plan at all: the shipped one, or what `decoder` fits.
+    Its VAE decoder and its UNet are trained, so renders can show a plan at all and a ControlNet has a base
+    that draws buildings to steer: the shipped ones, or what `decoder` and `denoiser` give them.
     """
     with seeded(SEED):
         unet = _unet()  # first, so build_canny can recreate it from the same seed
@@ -177,7 +185,16 @@ def build_sd15(folder: Path, decoder: Callable[[AutoencoderKL], None] | None = N
             requires_safety_checker=False,
         )
     (decoder or _shipped_decoder)(autoencoder)
+    (denoiser or _shipped_unet)(unet, autoencoder)
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _shipped_unet(unet: UNet2DConditionModel, autoencoder: AutoencoderKL) -> None:
+    with safe_open(str(UNET), "pt") as f:
+        trained_for = f.metadata().get("vae")
+    if trained_for != state_digest(autoencoder.state_dict()):
+        raise ModelError(f"{UNET.name} was trained for another tiny VAE (another torch?): {_REBUILD}")
+    unet.load_state_dict(load_file(str(UNET)))
 
 
 def _shipped_decoder(autoencoder: AutoencoderKL) -> None:
@@ -232,7 +249,8 @@ def build_plan(folder: Path) -> None:
 def build_canny(folder: Path) -> None:
     """Save a ControlNet for `build_sd15`'s UNet, with live (non-zero) zero convolutions.
 
-    Like a trained ControlNet it starts from the base UNet's weights: the same seed recreates that UNet.
+    It starts from the weights the base's UNet had before it was trained (the same seed recreates them): a
+    random net whose map and scale visibly move a render, which is what the tests check.
     """
     with seeded(SEED):
         controlnet = ControlNetModel.from_unet(_unet(), conditioning_embedding_out_channels=HINT_CHANNELS)

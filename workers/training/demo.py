@@ -1,20 +1,25 @@
-"""Train the offline demo's parts, so that tiny renders follow the plan: the tiny VAE's decoder and the
-`tiny-plan` ControlNet, on synthetic plans in many drawing styles (`workers.training.drawings`).
+"""Train the offline demo's parts, so that tiny renders follow the plan: the tiny VAE's decoder, the tiny
+UNet and the `tiny-plan` ControlNet, on synthetic plans in many drawing styles (`workers.training.drawings`).
 
-With random weights everywhere, renders of six different plans came out within 1/255 of each other. Two
-things stood in the way, both measured: a random VAE decoder cannot draw a plan at all (decoding the
-encoder's own latents of a plan put edges near its walls no more often than chance), and an epsilon-
-predicting ControlNet beside a random UNet never learnt to use its map in a CPU-minute. So the tiny base
-gets a decoder trained as the decoding half of an autoencoder (its encoder stays random), a v-prediction
-scheduler and its latents' own scale, and `tiny-plan` is trained by `archfarm train` (`workers.training.
-trainer`) on Canny maps of plans at the timesteps an 8-step render visits.
+With random weights everywhere, renders of six different plans came out within 1/255 of each other. Three
+things stood in the way, each measured: a random VAE decoder cannot draw a plan at all (decoding the
+encoder's own latents of a plan put edges near its walls no more often than chance); an epsilon-predicting
+ControlNet beside a random UNet never learnt to use its map in a CPU-minute; and a v-predicting one beside
+that random UNet learnt mostly the average building (8 of 12 held-out plans agreed best with their own
+footprint). So, as a real ControlNet steers a base that already draws, the base is trained first: a decoder
+trained as the decoding half of an autoencoder (its encoder stays random), latents at their own scale, a
+v-prediction scheduler, and a UNet trained as a small diffusion model of plan targets. Then `tiny-plan` is
+trained by `archfarm train` (`workers.training.trainer`) beside it. One training sheet in four is an empty
+page, whose target is paper, so that a page without a plan renders as one.
 
-`python -m workers.training.demo` makes both again (`workers/engine/weights/`), each with a digest of what it
-was trained against, and measures the result on drawing styles it never saw.
+`python -m workers.training.demo` makes all three again (`workers/engine/weights/`, about 17 minutes on 2
+cores), each with a digest of what it was trained against; `tests/test_demo.py` measures the result on
+drawing styles it never saw.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 import tempfile
@@ -27,7 +32,7 @@ from diffusers import AutoencoderKL, ControlNetModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from workers.training.drawings import HELD_OUT, TRAINED, Layout, draw, fitted_target, layout
+from workers.training.drawings import HELD_OUT, TRAINED, Layout, blank, draw, fitted_target, layout
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +41,23 @@ SIZE = 128
 PROMPT = "a floor plan render"
 PLANS = 512
 TRAINING_SEED = 0
+UNET_STEPS = 2000
+CONTROLNET_STEPS = 3000
 
 
-def drawings(count: int, seed: int, styles: tuple[str, ...]) -> list[tuple[Image.Image, Layout]]:
-    """`count` random plans drawn in `styles` by turns, each with its layout."""
+BLANK_EVERY = 4
+"""One training sheet in this many is an empty page, so that a page without a plan renders as paper."""
+
+
+def drawings(count: int, seed: int, styles: tuple[str, ...], blanks: bool = False) -> list[tuple[Image.Image, Layout]]:
+    """`count` random plans drawn in `styles` by turns, each with its layout; with `blanks`, one sheet in
+    `BLANK_EVERY` left empty."""
     rng = random.Random(seed)
     pairs = []
     for index in range(count):
         plan = layout(rng, SIZE)
+        if blanks and index % BLANK_EVERY == BLANK_EVERY - 1:
+            plan = blank(plan)
         pairs.append((draw(plan, styles[index % len(styles)], rng), plan))
     return pairs
 
@@ -68,7 +82,7 @@ def train_decoder(vae: AutoencoderKL, steps: int = 500) -> tuple[dict[str, torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        targets = [fitted_target(plan, SIZE) for _, plan in drawings(PLANS, TRAINING_SEED, TRAINED)]
+        targets = [fitted_target(plan, SIZE) for _, plan in drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)]
         data = torch.stack([_as_tensor(t) for t in targets])
         with torch.no_grad():
             latents = vae.encode(data).latent_dist.mode()
@@ -87,10 +101,54 @@ def train_decoder(vae: AutoencoderKL, steps: int = 500) -> tuple[dict[str, torch
     return state, round(1.0 / spread, 4)
 
 
+# --- the UNet ------------------------------------------------------------------------------------------------
+
+
+def train_unet(base: Path, steps: int = UNET_STEPS) -> dict[str, torch.Tensor]:
+    """Train the base's UNet as a small diffusion model of plan targets (empty pages included), at the
+    timesteps an 8-step render visits, half the prompts empty: a base that draws buildings, for the ControlNet
+    to steer to the plan's. v-prediction MSE on the frozen VAE's latents, AdamW 1e-3, batches of 16."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL.from_pretrained(base / "vae")
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+        encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+        scheduler = DDPMScheduler.from_pretrained(base / "scheduler")
+        targets = [fitted_target(plan, SIZE) for _, plan in drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)]
+        with torch.no_grad():
+            latents = vae.encode(torch.stack([_as_tensor(t) for t in targets])).latent_dist.mode()
+            latents = latents * vae.config.scaling_factor
+            tokens = tokenizer(
+                [PROMPT, ""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+            ).input_ids
+            texts = encoder(tokens)[0]
+        timesteps = torch.tensor(_sampler_timesteps(base, 8))
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            index = torch.randint(0, len(latents), (16,), generator=generator)
+            clean = latents[index]
+            noise = torch.randn(clean.shape, generator=generator)
+            t = timesteps[torch.randint(0, len(timesteps), (16,), generator=generator)]
+            text = texts[torch.randint(0, 2, (16,), generator=generator)]
+            predicted = unet(scheduler.add_noise(clean, noise, t), t, encoder_hidden_states=text).sample
+            loss = F.mse_loss(predicted, scheduler.get_velocity(clean, noise, t))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 100 == 0:
+                log.info("unet step %d loss %.4f", step, loss.item())
+    return {k: v.detach().contiguous().clone() for k, v in unet.state_dict().items()}
+
+
 # --- the ControlNet ------------------------------------------------------------------------------------------
 
 
-def train_plan_controlnet(base: Path, folder: Path, steps: int = 3000) -> None:
+def train_plan_controlnet(base: Path, folder: Path, steps: int = CONTROLNET_STEPS) -> None:
     """`archfarm train` on synthetic plans in the trained styles: plan-depth and Canny maps in, coloured rooms
     out; the result saved to `folder`."""
     from shared.config import Settings
@@ -105,7 +163,7 @@ def train_plan_controlnet(base: Path, folder: Path, steps: int = 3000) -> None:
         work = Path(scratch)
         rows = []
         preprocessors = (PlanDepth(), AdaptiveCanny())  # by turns: the demo profiles use both
-        for index, (drawing, plan) in enumerate(drawings(PLANS, TRAINING_SEED, TRAINED)):
+        for index, (drawing, plan) in enumerate(drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)):
             control = preprocessors[index % 2](drawing, SIZE, SIZE)
             rows.append(write_pair(work / "data", f"{index:05d}", fitted_target(plan, SIZE), control, PROMPT))
         write_metadata(work / "data", rows)
@@ -152,11 +210,18 @@ def _sampler_timesteps(base: Path, steps: int) -> list[int]:
 
 
 def main() -> None:
-    """Make the shipped files again: the base is built with a decoder trained now, then `tiny-plan` is trained
-    against that base; each is saved with the digest it was trained against."""
+    """Make the shipped files again: the base is built with a decoder trained now, its UNet is trained on plan
+    targets, then `tiny-plan` is trained against that base; each is saved with the digest it was trained
+    against."""
+    from diffusers import UNet2DConditionModel
+
     from workers.engine import tiny
     from workers.engine.models import weights_sha256
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unet-steps", type=int, default=UNET_STEPS)
+    parser.add_argument("--controlnet-steps", type=int, default=CONTROLNET_STEPS)
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
     def trained_decoder(vae: AutoencoderKL) -> None:
@@ -167,11 +232,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch) / "base"
-        tiny.build_sd15(base, decoder=trained_decoder)
-        train_plan_controlnet(base, Path(scratch) / "plan")
+        tiny.build_sd15(base, decoder=trained_decoder, denoiser=lambda unet, vae: None)
+        state = train_unet(base, args.unet_steps)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        unet.load_state_dict(state)
+        unet.save_pretrained(base / "unet", safe_serialization=True)
+        vae = tiny.state_digest(AutoencoderKL.from_pretrained(base / "vae").state_dict())
+        save_file(state, str(tiny.UNET), metadata={"vae": vae})
+        train_plan_controlnet(base, Path(scratch) / "plan", args.controlnet_steps)
         trained = load_file(str(Path(scratch) / "plan" / "diffusion_pytorch_model.safetensors"))
         save_file(trained, str(tiny.PLAN_CONTROLNET), metadata={"base": weights_sha256(base)})
-    print(f"wrote {tiny.DECODER} and {tiny.PLAN_CONTROLNET}")
+    print(f"wrote {tiny.DECODER}, {tiny.UNET} and {tiny.PLAN_CONTROLNET}")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ def layout(rng: random.Random, size: int) -> Layout:
     return Layout(footprint, outer | (inner & footprint), thickness, (xs, ys), rooms)
 
 
+def blank(plan: Layout) -> Layout:
+    """`plan`'s sheet with nothing on it: an empty page, whose render should show paper and no building."""
+    empty = np.zeros_like(plan.footprint)
+    return Layout(empty, empty.copy(), plan.thickness, plan.split, [])
+
+
 def _transpose_within(mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The shape inside `box` mirrored on both axes: a cut at the top left lands at the bottom right."""
     x0, y0, x1, y1 = box
@@ -211,6 +217,8 @@ def _labels(picture: Image.Image, plan: Layout, rng: random.Random) -> None:
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
         if plan.footprint[cy, cx]:
             pen.text((cx, cy), rng.choice(_LABELS), fill=(0, 0, 0), font=font, anchor="mm")
+    if not plan.footprint.any():  # an empty page: nothing to measure
+        return
     ys, xs = np.nonzero(plan.footprint)
     left, top, right, bottom = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
     gap = max(3, plan.thickness)
