@@ -224,10 +224,17 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def plan_controlnet(base: Path) -> ControlNetModel:
-    """The ControlNet `tiny-plan` starts from: `base`'s UNet copied, zero convolutions zero, as diffusers makes it."""
+    """The ControlNet `tiny-plan` starts from: `base`'s UNet copied, zero convolutions zero, as diffusers makes
+    it, except the map's way in (the hint encoder's last convolution), which starts with small weights: the
+    residual convolutions then learn from the map at the first step, where with both at zero the map only
+    starts to count after thousands of steps (the "sudden convergence" of ControlNet training)."""
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     with seeded(0):
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            controlnet.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 0.02)
+    return controlnet
 
 
 def build_plan(folder: Path) -> None:

@@ -168,12 +168,6 @@ def train_plan_controlnet(base: Path, folder: Path, steps: int = CONTROLNET_STEP
             rows.append(write_pair(work / "data", f"{index:05d}", fitted_target(plan, SIZE), control, PROMPT))
         write_metadata(work / "data", rows)
         init = plan_controlnet(base)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            # The map's way in starts live (small weights, not zero): the residual convolutions then learn
-            # from the map at the first step, where with both at zero it only starts to count after
-            # thousands of steps (the "sudden convergence" of ControlNet training).
-            torch.manual_seed(0)
-            init.controlnet_cond_embedding.conv_out.weight.normal_(0.0, 0.02)
         init.save_pretrained(work / "init", safe_serialization=True)
         spec = TrainingSpec.from_document(
             {
