@@ -92,3 +92,15 @@ def test_demo_renders_agree_with_their_own_footprint_on_drawing_styles_it_never_
     assert own_best.sum() >= len(paths) - 2, (own_best, scores.diagonal())
     smallest = min(footprint.mean() for footprint in footprints)
     assert built(render(empty.stem)).mean() < smallest / 3  # an empty page: far less "building" than any plan
+
+
+def test_a_shipped_part_trained_for_another_build_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The shipped UNet records the VAE it was trained against: a base whose VAE differs (here its decoder left
+    random) refuses it, saying how to train the demo's weights again, instead of rendering noise."""
+    from shared.errors import ModelError
+    from workers.engine.tiny import build_sd15
+
+    with pytest.raises(
+        ModelError, match=r"tiny-unet\.safetensors was trained for another tiny VAE .*workers\.training\.demo"
+    ):
+        build_sd15(tmp_path / "base", decoder=lambda vae: None)

@@ -189,20 +189,24 @@ def build_sd15(
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def _shipped(path: Path, key: str, expected: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A shipped trained part's weights and metadata, once its metadata's `key` says it was trained against
+    `expected` (a digest of `what`); another build refuses in one line that says how to train it again."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    if meta.get(key) != expected:
+        raise ModelError(f"{path.name} was trained for another {what} (another torch?): {_REBUILD}")
+    return load_file(str(path)), meta
+
+
 def _shipped_unet(unet: UNet2DConditionModel, autoencoder: AutoencoderKL) -> None:
-    with safe_open(str(UNET), "pt") as f:
-        trained_for = f.metadata().get("vae")
-    if trained_for != state_digest(autoencoder.state_dict()):
-        raise ModelError(f"{UNET.name} was trained for another tiny VAE (another torch?): {_REBUILD}")
-    unet.load_state_dict(load_file(str(UNET)))
+    state, _ = _shipped(UNET, "vae", state_digest(autoencoder.state_dict()), "tiny VAE")
+    unet.load_state_dict(state)
 
 
 def _shipped_decoder(autoencoder: AutoencoderKL) -> None:
-    with safe_open(str(DECODER), "pt") as f:
-        meta = f.metadata()
-    if meta.get("encoder") != state_digest(autoencoder.encoder.state_dict()):
-        raise ModelError(f"{DECODER.name} was trained for another tiny VAE encoder (another torch?): {_REBUILD}")
-    load_decoder(autoencoder, load_file(str(DECODER)), float(meta["scaling_factor"]))
+    state, meta = _shipped(DECODER, "encoder", state_digest(autoencoder.encoder.state_dict()), "tiny VAE encoder")
+    load_decoder(autoencoder, state, float(meta["scaling_factor"]))
 
 
 def load_decoder(autoencoder: AutoencoderKL, state: dict[str, torch.Tensor], scaling_factor: float) -> None:
@@ -244,12 +248,9 @@ def build_plan(folder: Path) -> None:
     from workers.engine.presets import resolve
 
     base = Path(resolve("tiny-sd15", folder.parent))
-    with safe_open(str(PLAN_CONTROLNET), "pt") as f:
-        trained_for = f.metadata().get("base")
-    if trained_for != weights_sha256(base):
-        raise ModelError(f"{PLAN_CONTROLNET.name} was trained for another tiny base (another torch?): {_REBUILD}")
+    state, _ = _shipped(PLAN_CONTROLNET, "base", weights_sha256(base), "tiny base")
     controlnet = plan_controlnet(base)
-    controlnet.load_state_dict(load_file(str(PLAN_CONTROLNET)))
+    controlnet.load_state_dict(state)
     controlnet.save_pretrained(folder, safe_serialization=True)
 
 

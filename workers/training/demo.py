@@ -49,7 +49,10 @@ BLANK_EVERY = 4
 """One training sheet in this many is an empty page, so that a page without a plan renders as paper."""
 
 
-def drawings(count: int, seed: int, styles: tuple[str, ...], blanks: bool = False) -> list[tuple[Image.Image, Layout]]:
+Sheet = tuple[Image.Image, Layout]
+
+
+def drawings(count: int, seed: int, styles: tuple[str, ...], blanks: bool = False) -> list[Sheet]:
     """`count` random plans drawn in `styles` by turns, each with its layout; with `blanks`, one sheet in
     `BLANK_EVERY` left empty."""
     rng = random.Random(seed)
@@ -62,7 +65,13 @@ def drawings(count: int, seed: int, styles: tuple[str, ...], blanks: bool = Fals
     return pairs
 
 
-def held_out(count: int, seed: int = 2024) -> list[tuple[Image.Image, Layout]]:
+def training_sheets() -> list[Sheet]:
+    """What every trained part of the demo learns from: `PLANS` sheets in the trained styles, empty pages among
+    them."""
+    return drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)
+
+
+def held_out(count: int, seed: int = 2024) -> list[Sheet]:
     """Plans the demo never trained on: other buildings, in the drawing styles kept out of training."""
     return drawings(count, seed, HELD_OUT)
 
@@ -74,7 +83,7 @@ def _as_tensor(picture: Image.Image) -> torch.Tensor:
 # --- the decoder ---------------------------------------------------------------------------------------------
 
 
-def train_decoder(vae: AutoencoderKL, steps: int = 500) -> tuple[dict[str, torch.Tensor], float]:
+def train_decoder(vae: AutoencoderKL, sheets: list[Sheet], steps: int = 500) -> tuple[dict[str, torch.Tensor], float]:
     """Train the decoder (and post_quant_conv) to decode the frozen encoder's latents of plan targets: L1,
     Adam 3e-3, batches of 8, latents jittered by a tenth of their spread so sampled latents decode too.
     Returns its weights and the latents' scale (1 / their standard deviation)."""
@@ -82,7 +91,7 @@ def train_decoder(vae: AutoencoderKL, steps: int = 500) -> tuple[dict[str, torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        targets = [fitted_target(plan, SIZE) for _, plan in drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)]
+        targets = [fitted_target(plan, SIZE) for _, plan in sheets]
         data = torch.stack([_as_tensor(t) for t in targets])
         with torch.no_grad():
             latents = vae.encode(data).latent_dist.mode()
@@ -104,12 +113,15 @@ def train_decoder(vae: AutoencoderKL, steps: int = 500) -> tuple[dict[str, torch
 # --- the UNet ------------------------------------------------------------------------------------------------
 
 
-def train_unet(base: Path, steps: int = UNET_STEPS) -> dict[str, torch.Tensor]:
+def train_unet(base: Path, sheets: list[Sheet], steps: int = UNET_STEPS) -> tuple[dict[str, torch.Tensor], str]:
     """Train the base's UNet as a small diffusion model of plan targets (empty pages included), at the
     timesteps an 8-step render visits, half the prompts empty: a base that draws buildings, for the ControlNet
-    to steer to the plan's. v-prediction MSE on the frozen VAE's latents, AdamW 1e-3, batches of 16."""
+    to steer to the plan's. v-prediction MSE on the frozen VAE's latents, AdamW 1e-3, batches of 16. The
+    trained UNet replaces the base's; returns its weights and the digest of the VAE it was trained against."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from workers.engine import tiny
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -118,7 +130,7 @@ def train_unet(base: Path, steps: int = UNET_STEPS) -> dict[str, torch.Tensor]:
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
         encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
         scheduler = DDPMScheduler.from_pretrained(base / "scheduler")
-        targets = [fitted_target(plan, SIZE) for _, plan in drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)]
+        targets = [fitted_target(plan, SIZE) for _, plan in sheets]
         with torch.no_grad():
             latents = vae.encode(torch.stack([_as_tensor(t) for t in targets])).latent_dist.mode()
             latents = latents * vae.config.scaling_factor
@@ -142,13 +154,15 @@ def train_unet(base: Path, steps: int = UNET_STEPS) -> dict[str, torch.Tensor]:
             optimizer.step()
             if step % 100 == 0:
                 log.info("unet step %d loss %.4f", step, loss.item())
-    return {k: v.detach().contiguous().clone() for k, v in unet.state_dict().items()}
+    unet.save_pretrained(base / "unet", safe_serialization=True)
+    state = {k: v.detach().contiguous().clone() for k, v in unet.state_dict().items()}
+    return state, tiny.state_digest(vae.state_dict())
 
 
 # --- the ControlNet ------------------------------------------------------------------------------------------
 
 
-def train_plan_controlnet(base: Path, folder: Path, steps: int = CONTROLNET_STEPS) -> None:
+def train_plan_controlnet(base: Path, folder: Path, sheets: list[Sheet], steps: int = CONTROLNET_STEPS) -> None:
     """`archfarm train` on synthetic plans in the trained styles: plan-depth and Canny maps in, coloured rooms
     out; the result saved to `folder`."""
     from shared.config import Settings
@@ -163,7 +177,7 @@ def train_plan_controlnet(base: Path, folder: Path, steps: int = CONTROLNET_STEP
         work = Path(scratch)
         rows = []
         preprocessors = (PlanDepth(), AdaptiveCanny())  # by turns: the demo profiles use both
-        for index, (drawing, plan) in enumerate(drawings(PLANS, TRAINING_SEED, TRAINED, blanks=True)):
+        for index, (drawing, plan) in enumerate(sheets):
             control = preprocessors[index % 2](drawing, SIZE, SIZE)
             rows.append(write_pair(work / "data", f"{index:05d}", fitted_target(plan, SIZE), control, PROMPT))
         write_metadata(work / "data", rows)
@@ -207,8 +221,6 @@ def main() -> None:
     """Make the shipped files again: the base is built with a decoder trained now, its UNet is trained on plan
     targets, then `tiny-plan` is trained against that base; each is saved with the digest it was trained
     against."""
-    from diffusers import UNet2DConditionModel
-
     from workers.engine import tiny
     from workers.engine.models import weights_sha256
 
@@ -217,9 +229,10 @@ def main() -> None:
     parser.add_argument("--controlnet-steps", type=int, default=CONTROLNET_STEPS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    sheets = training_sheets()
 
     def trained_decoder(vae: AutoencoderKL) -> None:
-        state, scale = train_decoder(vae)
+        state, scale = train_decoder(vae, sheets)
         tiny.load_decoder(vae, state, scale)
         meta = {"encoder": tiny.state_digest(vae.encoder.state_dict()), "scaling_factor": str(scale)}
         save_file(state, str(tiny.DECODER), metadata=meta)
@@ -227,13 +240,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch) / "base"
         tiny.build_sd15(base, decoder=trained_decoder, denoiser=lambda unet, vae: None)
-        state = train_unet(base, args.unet_steps)
-        unet = UNet2DConditionModel.from_pretrained(base / "unet")
-        unet.load_state_dict(state)
-        unet.save_pretrained(base / "unet", safe_serialization=True)
-        vae = tiny.state_digest(AutoencoderKL.from_pretrained(base / "vae").state_dict())
-        save_file(state, str(tiny.UNET), metadata={"vae": vae})
-        train_plan_controlnet(base, Path(scratch) / "plan", args.controlnet_steps)
+        unet, vae = train_unet(base, sheets, args.unet_steps)
+        save_file(unet, str(tiny.UNET), metadata={"vae": vae})
+        train_plan_controlnet(base, Path(scratch) / "plan", sheets, args.controlnet_steps)
         trained = load_file(str(Path(scratch) / "plan" / "diffusion_pytorch_model.safetensors"))
         save_file(trained, str(tiny.PLAN_CONTROLNET), metadata={"base": weights_sha256(base)})
     print(f"wrote {tiny.DECODER}, {tiny.UNET} and {tiny.PLAN_CONTROLNET}")
