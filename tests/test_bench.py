@@ -139,10 +139,10 @@ def test_upscale_quick(postgres_url: str, redis_url: str, models_dir: Path, tmp_
     assert out["assembly_output_mib"] == 512 * 256 * 3 / 2**20 and crop.is_file()
 
 
-def gpu_bench(*args: str, models_dir: Path) -> dict:
-    """bench/gpu.py's JSON lines, one measurement each, as {label: value}."""
+def gpu_bench(*args: str, models_dir: Path, script: str = "gpu.py") -> dict:
+    """A GPU benchmark's JSON lines on a CPU with tiny models, one measurement each, as {label: value}."""
     env = {**os.environ, "ARCHFARM_MODELS_DIR": str(models_dir), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--json", *args]
+    command = [sys.executable, str(ROOT / "bench" / script), "--device", "cpu", "--tiny", "--json", *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -170,3 +170,14 @@ def test_gpu_script_smoke_on_cpu(models_dir: Path) -> None:
 def test_gpu_script_stops_at_its_time_budget_and_says_so(models_dir: Path) -> None:
     out = gpu_bench("--quick", "--budget", "0", models_dir=models_dir)
     assert out["sd15 skipped"] == out["sdxl skipped"] == "time budget spent" and positive(out["peak_tflops"])
+
+
+def test_one_ahead_of_time_package_serves_two_controlnets(models_dir: Path) -> None:
+    """bench/aot.py's AOTInductor way: a package compiled with one ControlNet's shapes and no weights of its own,
+    loaded twice with two nets' weights, agrees with each net run eagerly, and the two nets differ."""
+    out = gpu_bench("--quick", "--only", "aoti", models_dir=models_dir, script="aot.py")
+    assert not [label for label in out if label.endswith(("failed", "skipped"))], out
+    assert out["controlnet aoti-warm: difference from eager"] < 1e-4
+    assert out["controlnet aoti-warm: second net: difference from its eager"] < 1e-4
+    assert out["controlnet aoti-warm: second net: difference from the first"] > 0.1
+    assert positive(out["controlnet aoti-cold: package MB"]) and positive(out["controlnet aoti-warm: first call s"])
