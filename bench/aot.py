@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -191,8 +192,8 @@ def loaded(package: Path, model: nn.Module, single_threaded: bool = False) -> An
     `single_threaded` runs it without the loader's thread pool, which a CUDA graph capture needs
     (pytorch/pytorch#148601: "operation not permitted when stream is capturing" otherwise)."""
     runner = torch._inductor.aoti_load_package(str(package), run_single_threaded=single_threaded)
-    state = model.state_dict()
-    weights = {name: state[name] for name in runner.get_constant_fqns()}
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # buffers: persistent or not
+    weights = {name: tensors[name] for name in runner.get_constant_fqns()}
     runner.load_constants(weights, check_full_update=True, user_managed=True)
     return runner
 
@@ -248,17 +249,19 @@ def in_a_cuda_graph(runner: Any, given: tuple, expected: object, repeats: int) -
 
 
 def distinct_controlnets(folders: list[Path]) -> None:
-    """Seeded, different weights in each ControlNet's zero convolutions: built from the UNet, every net starts
-    as the same one, whose residuals are all zero, and a check that one package serves both would hold
-    vacuously."""
+    """Seeded, different weights in each ControlNet's zero convolutions, scaled to keep residuals near unit size
+    (fp16 must not overflow): built from the UNet, every net starts as the same one, whose residuals are all
+    zero, and a check that one package serves both would hold vacuously."""
     from diffusers import ControlNetModel
-
-    from workers.engine.tiny import revive_zero_convs, seeded
 
     for index, folder in enumerate(folders):
         net = ControlNetModel.from_pretrained(folder)
-        with seeded(index):
-            revive_zero_convs(net)
+        generator = torch.Generator().manual_seed(index)
+        convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for conv in convs:
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / math.sqrt(fan_in))
         net.save_pretrained(folder)
 
 
