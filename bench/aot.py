@@ -8,9 +8,10 @@ serves a batch bucket, and whether one package serves every ControlNet of an arc
 Per module (the ControlNet, then the UNet taking two ControlNets' residuals; `--quick`: the ControlNet only),
 at one batch bucket, each step in a fresh process with an inductor cache of its own, as on another machine:
 
-- **fleet compile cache** (what workers use today): `torch.compile` (inductor; CUDA graphs on a GPU) compiles
-  cold and saves its artefacts (`torch.compiler.save_cache_artifacts`); a second process loads them and makes
-  its first call, which still traces the model with dynamo and loads every graph;
+- **fleet compile cache** (what workers use today, through the engine's own `compile_module` and
+  `FleetCompileCache`): `torch.compile` (inductor; CUDA graphs on a GPU) compiles cold and stores its artefacts;
+  a second process loads them and makes its first call, which still traces the model with dynamo and loads
+  every graph;
 - **AOTInductor**: `torch.export` and `aoti_compile_and_package` with the weights kept out of the package,
   cold; a second process loads the package (`aoti_load_package`), hands it a ControlNet's own weights
   (`load_constants`, sharing the module's memory) and calls it. The same package is loaded again with another
@@ -47,6 +48,9 @@ from torch._inductor.cpu_vec_isa import pick_vec_isa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import gpu
+from shared.storage.local import LocalStorage
+from workers.engine.compile import CompileOptions, compile_module
+from workers.engine.compile_cache import CompileKey, FleetCompileCache
 
 MODULES = ("controlnet", "unet")
 WAYS = {"fleet-cache": ("compile-cold", "compile-warm"), "aoti": ("aoti-cold", "aoti-warm")}
@@ -98,10 +102,14 @@ def load(work: Path, module: str, index: int, device: torch.device, dtype: torch
     return UNetCall(unet).to(device).eval()
 
 
+def image_size(args: argparse.Namespace) -> int:
+    return 64 if args.tiny else 512
+
+
 def inputs(work: Path, module: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple:
     """Seeded inputs at the bucket: a UNet's residuals are ControlNet 0's own outputs (eager)."""
     generator = torch.Generator().manual_seed(0)
-    size = 64 if args.tiny else 512
+    size = image_size(args)
     latent = size // 8
     width = 32 if args.tiny else 768
 
@@ -138,38 +146,36 @@ def largest_difference(a: object, b: object) -> float:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One step of the evaluation in this (fresh) process; returns its measurements."""
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, dtype = gpu.bench_device(args.device)
+    sync = gpu.synchronizer(device)
     work, module, repeats = Path(args.work), args.module, args.repeats
     model = load(work, module, 0, device, dtype)
     given = inputs(work, module, args, device, dtype)
     package = work / f"{module}.pt2"
-    artefacts = work / f"{module}.mega"
     out: dict[str, Any] = {}
     if device.type == "cpu" and args.role.endswith("warm"):
         started = time.perf_counter()
         pick_vec_isa()
         out["machine probe s"] = time.perf_counter() - started
     with torch.inference_mode():
-        if args.role == "compile-cold":
-            out["eager ms"] = per_call_ms(lambda: model(*given), sync, repeats)
-            compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+        if args.role.startswith("compile"):
+            # Today's way exactly as a worker runs it: the engine's compile settings and the fleet's compile cache.
+            options = CompileOptions(mode="reduce-overhead" if device.type == "cuda" else "default")
+            key = CompileKey((module,), image_size(args), image_size(args), args.batch, str(dtype), options)
+            storage = LocalStorage(work / "fleet")
+            fleet = FleetCompileCache(storage, device)
+            if args.role == "compile-cold":
+                out["eager ms"] = per_call_ms(lambda: model(*given), sync, repeats)
+            compiled = compile_module(model, options)
             started = time.perf_counter()
-            compiled(*given)
-            sync()
-            out["first call s"] = time.perf_counter() - started
-            out["steady ms"] = per_call_ms(lambda: compiled(*given), sync, repeats)
-            blob, _ = torch.compiler.save_cache_artifacts()  # type: ignore[misc]
-            artefacts.write_bytes(blob)
-            out["artefacts MB"] = len(blob) / 1e6
-        elif args.role == "compile-warm":
-            started = time.perf_counter()
-            torch.compiler.load_cache_artifacts(artefacts.read_bytes())
-            compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
-            compiled(*given)
-            sync()
-            out["first call s"] = time.perf_counter() - started
+            with fleet.around(key) as warmth:  # loads the artefacts first when warm, stores them after when cold
+                compiled(*given)
+                sync()
+                out["first call s"] = time.perf_counter() - started
+            assert warmth.state == args.role.removeprefix("compile-"), warmth
+            if args.role == "compile-cold":
+                out["steady ms"] = per_call_ms(lambda: compiled(*given), sync, repeats)
+                out["artefacts MB"] = len(storage.get(key.object_key(device))) / 1e6
         elif args.role == "aoti-cold":
             started = time.perf_counter()
             exported = torch.export.export(model, given, strict=False)
@@ -221,8 +227,9 @@ def aoti_warm(  # the measurement's whole setting
     out["difference from eager"] = largest_difference(result, expected)
     if module == "controlnet":  # the same package with the second ControlNet's weights
         other = load(work, module, 1, device, dtype)
-        out["second net: difference from its eager"] = largest_difference(loaded(package, other)(*given), other(*given))
-        out["second net: difference from the first"] = largest_difference(other(*given), expected)
+        own = other(*given)
+        out["second net: difference from its eager"] = largest_difference(loaded(package, other)(*given), own)
+        out["second net: difference from the first"] = largest_difference(own, expected)
     if device.type == "cuda":
         out.update(in_a_cuda_graph(loaded(package, model, single_threaded=True), given, expected, repeats))
     return out
@@ -298,10 +305,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     gpu.JSON_LINES = args.json
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --tiny")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device, dtype = gpu.bench_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gpu.emit("device", name, f"device: {name}, dtype {dtype}, torch {torch.__version__}")
     stages = gpu.Stages(args.budget)

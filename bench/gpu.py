@@ -192,11 +192,24 @@ def _build(folder: Path, family: str, controlnets: int, configs: dict[str, Any],
     return base, nets
 
 
+def bench_device(name: str) -> tuple[torch.device, torch.dtype]:
+    """The device a benchmark runs on and its dtype (fp16 on CUDA, fp32 on a CPU); exits if CUDA is missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --tiny for a smoke run")
+    return device, torch.float16 if device.type == "cuda" else torch.float32
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for `device`'s queued work, so that a timer stops when the work is done."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, tiny: bool) -> float:
     """The device's fp16 (fp32 on a CPU) matmul throughput in TFLOP/s: what "share of peak" is measured against."""
     n = 512 if tiny else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(3):
         a @ b
     sync()
@@ -347,7 +360,7 @@ def bench_family(
             generator=[torch.Generator("cpu").manual_seed(s) for s in range(seeds)],
         )
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     repeats = 1 if args.quick else 3
     if family == "sd15":
         stages.run(
@@ -574,10 +587,7 @@ def main() -> None:
     args = parser.parse_args()
     global JSON_LINES
     JSON_LINES = args.json
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or pass --device cpu --tiny for a smoke run")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     emit("device", name, f"device: {name}, dtype {dtype}, torch {torch.__version__}")
     results: dict[str, Any] = {"device": name, "peak_tflops": matmul_peak(device, dtype, args.tiny)}
